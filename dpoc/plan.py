@@ -1,0 +1,211 @@
+"""The Plan: the one frozen intermediate representation between `resolve` and `render`/`run`.
+
+Every value a run needs lives here, typed; `provenance` says for each dotted path where the value came
+from (`user`, `preset:<name>`, `derived:<rule>`) and why. `plan.json` is `Plan.to_json()`, and the Plan
+hash (the build's identity) is the sha256 of exactly those bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    num_experts: int
+    topk: int
+    ffn_hidden_size: int
+    aux_loss_coeff: float
+    norm_topk_prob: bool
+    shared_expert_ffn_hidden_size: int = 0
+    load_balancing: str = "aux_loss"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer; field names follow Hugging Face configs where they exist."""
+
+    name: str
+    family: str  # qwen3 | qwen3_moe | qwen2 | llama
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_base: float
+    norm_epsilon: float
+    qk_layernorm: bool
+    qkv_bias: bool
+    tie_embeddings: bool
+    moe: MoESpec | None
+    mindspeed_name: str  # model key in MindSpeed-RL's configs/model/<name>.yaml
+    converter: str  # MindSpeed-LLM converter: "v2" (convert_ckpt_v2.py) or "legacy" (convert_ckpt.py)
+    hf_model_type: str  # --model-type-hf for that converter
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    name: str
+    device: str  # npu | cuda | cpu
+    backend: str  # hccl | nccl | gloo
+    devices_per_node: int
+    nodes: int
+    memory_gib: float
+    reserved_gib: float  # runtime, driver and communication-library reserve per device
+    peak_tflops: float  # dense bf16 per device (fp32 on cpu)
+    intra_node_gbps: float  # per device, one direction, GB/s
+    inter_node_gbps: float
+    superpod_nodes: int  # nodes on one high-bandwidth fabric (0: none beyond the node)
+    superpod_gbps: float
+    hccl_buffsize_mb: int
+    env: tuple[tuple[str, str], ...]
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parallel layout; `dp`, `edp`, `num_microbatches` and `stage_layers` are derived."""
+
+    world_size: int
+    tp: int
+    pp: int
+    vpp: int  # virtual stages per pipeline rank (1: no interleaving)
+    cp: int
+    ep: int
+    etp: int
+    dp: int
+    edp: int
+    sequence_parallel: bool
+    micro_batch_size: int  # pairs
+    global_batch_size: int  # pairs
+    num_microbatches: int  # per data-parallel rank and step
+    recompute: str  # none | selective | full
+    recompute_method: str | None  # uniform | block (full recompute)
+    recompute_num_layers: int | None
+    num_layer_list: tuple[int, ...] | None  # uneven pipeline, as given
+    noop_layers: tuple[int, ...]
+    stage_layers: tuple[int, ...]  # transformer layers (incl. no-op) per pipeline stage
+    distributed_optimizer: bool
+    moe_dispatcher: str | None
+    moe_grouped_gemm: bool
+    moe_permutation_async_comm: bool
+    moe_alltoall_overlap_comm: bool
+    moe_tp_extend_ep: bool
+    moe_mc2: bool
+
+
+@dataclass(frozen=True)
+class Training:
+    seq_length: int
+    train_iters: int
+    lr: float
+    min_lr: float
+    lr_decay_style: str
+    warmup_iters: int
+    weight_decay: float
+    clip_grad: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    seed: int
+    precision: str  # bf16 | fp16 | fp32
+    dynamic_padding: bool  # pad each micro-batch only to its longest sequence (rounded to tp·cp)
+    save_interval: int
+    log_interval: int
+
+
+@dataclass(frozen=True)
+class DPO:
+    loss: str  # sigmoid | hinge | ipo
+    beta: float
+    label_smoothing: float
+    sft_weight: float
+
+
+@dataclass(frozen=True)
+class Data:
+    input: str
+    format: str  # auto | jsonl | json | parquet
+    layout: str  # pairwise | messages
+    tokenizer: str
+    template: str
+    enable_thinking: bool
+    map_keys: tuple[tuple[str, str], ...]
+    truncate: str | None
+    output_prefix: str
+    workers: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    hf_weights: str  # Hugging Face weights directory (conversion input)
+    load: str  # initial Megatron weights the policy starts from
+    ref_model: str  # initial weights the reference always loads
+    save: str
+    save_optimizer: bool  # always true: every save is resumable
+
+
+@dataclass(frozen=True)
+class Cluster:
+    hosts: tuple[str, ...]
+    master_addr: str
+    master_port: int
+
+
+@dataclass(frozen=True)
+class Source:
+    source: str  # user | preset:<name> | derived:<rule> | default
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    dpoc_version: str
+    runtime: str  # the target the node scripts launch: dpoc | mindspeed-rl
+    model: ModelSpec
+    hardware: HardwareSpec
+    layout: Layout
+    training: Training
+    dpo: DPO
+    data: Data
+    checkpoint: Checkpoint
+    cluster: Cluster
+    run_dir: str
+    warnings: tuple[str, ...] = ()
+    provenance: tuple[tuple[str, Source], ...] = field(default=())
+
+    def source_of(self, path: str) -> Source:
+        return dict(self.provenance).get(path, Source("default"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _plain(self)
+        data["provenance"] = {path: _plain(src) for path, src in self.provenance}
+        return data
+
+    def to_json(self) -> str:
+        """Canonical text of plan.json: sorted keys, fixed indentation, trailing newline."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "provenance"}
+    if isinstance(value, tuple):
+        if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
+            return {k: _plain(v) for k, v in value}
+        return [_plain(v) for v in value]
+    return value
