@@ -1,0 +1,30 @@
+"""User-facing errors: one line per problem, `<file>: <where>: <what> (<numbers>; valid: <alternatives>)`.
+
+Every command raises `DpocError` for bad input; the CLI prints its lines to stderr and exits 2, with no
+traceback. `where` is a dotted recipe field (`parallelism.tp`) or a place in a file (`line 17`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+EXIT_USER_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.where}: {self.message}"
+
+
+class DpocError(Exception):
+    """One or more problems with the user's input; never a bug in dpoc."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
