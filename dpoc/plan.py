@@ -148,9 +148,10 @@ class Data:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    hf_weights: str  # Hugging Face weights directory (conversion input)
-    load: str  # initial Megatron weights the policy starts from
-    ref_model: str  # initial weights the reference always loads
+    init: str  # converted | random (policy and reference from the same seeded init)
+    hf_weights: str | None  # Hugging Face weights directory (conversion input)
+    load: str | None  # initial Megatron weights the policy starts from
+    ref_model: str | None  # initial weights the reference always loads
     save: str
     save_optimizer: bool  # always true: every save is resumable
 

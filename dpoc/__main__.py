@@ -1,0 +1,5 @@
+import sys
+
+from dpoc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""`dpoc` command line. Imports stay lazy: `dpoc build` must start fast and never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from dpoc.errors import EXIT_USER_ERROR, DpocError
+
+# subcommands implemented in their own packages: name -> (module with add_arguments/run, help)
+EXTERNAL = {
+    "preprocess": ("dpoc.data.cli", "tokenize preference data into the pairwise indexed dataset"),
+    "report": ("dpoc.runtime.report", "draw a run's loss, reward-margin and accuracy curves"),
+}
+
+
+def _build(args: argparse.Namespace) -> int:
+    from dpoc.compile import build
+    from dpoc.render import skipped_targets
+
+    plan, out = build(args.recipe, args.overrides, args.output)
+    lay = plan.layout
+    for warning in plan.warnings:
+        print(f"{args.recipe}: warning: {warning}", file=sys.stderr)
+    for target, reasons in skipped_targets(plan).items():
+        print(f"{args.recipe}: target {target} not rendered: {reasons[0]}", file=sys.stderr)
+    print(f"{out}: {plan.model.name} on {plan.hardware.nodes}×{plan.hardware.devices_per_node} "
+          f"{plan.hardware.name} (tp={lay.tp} pp={lay.pp} dp={lay.dp} ep={lay.ep} etp={lay.etp} cp={lay.cp}"
+          f"{f' vpp={lay.vpp}' if lay.vpp > 1 else ''}), runtime {plan.runtime}, plan {plan.hash()[:12]}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from dpoc.compile import plan_recipe
+
+    problems = []
+    for recipe in args.recipes:
+        try:
+            plan_recipe(recipe, args.overrides)
+        except DpocError as exc:
+            problems.extend(exc.problems)
+        else:
+            print(f"{recipe}: ok")
+    if problems:
+        raise DpocError(problems)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from dpoc.compile import plan_recipe
+    from dpoc.explain import explain
+
+    print(explain(plan_recipe(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from dpoc import resources
+
+    print(resources.schema_path(args.kind).read_text(), end="")
+    return 0
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    from dpoc.preflight import preflight
+
+    preflight(args.build_dir, args.mode)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpoc", description="Compile and launch DPO training jobs "
+                                     "(megatron-core / MindSpeed-RL on Ascend Atlas A2/A3).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides, e.g. training.lr=1e-7")
+
+    p = sub.add_parser("build", help="compile a recipe into a build directory")
+    p.add_argument("recipe")
+    overrides(p)
+    p.add_argument("-o", "--output", help="build directory (default: build/<recipe file stem>)")
+    p.set_defaults(func=_build)
+
+    p = sub.add_parser("validate", help="check recipes (schema and every rule); writes nothing")
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("explain", help="every resolved value, where it came from and why")
+    p.add_argument("recipe")
+    overrides(p)
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("schema", help="print a JSON Schema")
+    p.add_argument("kind", choices=["recipe", "model", "hardware", "plan", "preprocess"])
+    p.set_defaults(func=_schema)
+
+    p = sub.add_parser("preflight", help="check a node before launch (run by the node scripts)")
+    p.add_argument("build_dir")
+    p.add_argument("--mode", choices=["fresh", "resume"], default="fresh")
+    p.set_defaults(func=_preflight)
+
+    for name, (module, help_text) in EXTERNAL.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(external=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if argv and argv[0] in EXTERNAL:  # these own their arguments
+        module = importlib.import_module(EXTERNAL[argv[0]][0])
+        sub = argparse.ArgumentParser(prog=f"dpoc {argv[0]}", description=EXTERNAL[argv[0]][1])
+        module.add_arguments(sub)
+        return _run(lambda: module.run(sub.parse_args(argv[1:])))
+    args = parser.parse_args(argv)
+    return _run(lambda: args.func(args))
+
+
+def _run(call) -> int:
+    try:
+        return call()
+    except DpocError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

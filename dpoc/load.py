@@ -1,0 +1,147 @@
+"""Load: recipe YAML + named presets + `key=value` overrides → one plain dict, with where each value came from.
+
+OmegaConf does the merging, dotlist parsing and `${...}` interpolation. This is the only compiler stage that
+reads files (the recipe, presets, an optional hostfile); everything after it is pure.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dpoc import resources
+from dpoc.errors import DpocError, Problem
+
+# recipe section -> preset catalog it names
+PRESET_SECTIONS = {"model": "models", "hardware": "hardware"}
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    path: str  # as the user gave it; used in every error message
+    name: str
+    data: dict[str, Any]
+    sources: dict[str, str]  # dotted leaf path -> "user" | "user:command line" | "preset:<name>"
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
+    shown = str(path)
+    recipe = _read_yaml(Path(path), shown)
+    if not isinstance(recipe, dict):
+        raise DpocError([Problem(shown, "(top level)", "a recipe is a mapping of sections (model, hardware, ...)")])
+    cli = _parse_overrides(overrides, shown)
+
+    sources = {k: "user" for k in _leaves(recipe)}
+    sources.update({k: "user:command line" for k in _leaves(cli)})
+    merged = _auto_layout(_merge(shown, _auto_layout(recipe), cli))
+
+    for section, catalog in PRESET_SECTIONS.items():
+        body = merged.get(section)
+        if isinstance(body, dict) and isinstance(body.get("preset"), str):
+            preset = read_preset(catalog, body["preset"], shown, f"{section}.preset")
+            merged[section] = _merge(shown, preset, body)
+            for key in _leaves(preset):
+                sources.setdefault(f"{section}.{key}", f"preset:{body['preset']}")
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    except OmegaConfBaseException as exc:
+        where = getattr(exc, "full_key", None) or "(interpolation)"
+        raise DpocError([Problem(shown, str(where), f"cannot resolve interpolation: {exc.msg}")]) from None
+
+    hostfile = (data.get("hardware") or {}).get("hostfile") if isinstance(data.get("hardware"), dict) else None
+    if isinstance(hostfile, str):
+        data["hardware"]["hosts"] = read_hostfile(Path(hostfile), data["hardware"], shown)
+        sources["hardware.hosts"] = f"user:hostfile {hostfile}"
+
+    name = data.get("name") if isinstance(data.get("name"), str) else Path(path).stem
+    return LoadedRecipe(shown, name, data, sources)
+
+
+def read_preset(catalog: str, name: str, recipe_file: str, field: str) -> dict[str, Any]:
+    path = resources.preset_dir(catalog) / f"{name}.yaml"
+    if not path.is_file():
+        known = resources.preset_names(catalog)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise DpocError([Problem(recipe_file, field, f"unknown preset {name!r} ({hint}valid: {', '.join(known)})")])
+    data = _read_yaml(path, str(path))
+    return data if isinstance(data, dict) else {}
+
+
+def read_hostfile(path: Path, hardware: dict[str, Any], recipe_file: str) -> list[str]:
+    """Parse `ip slots=N` lines (comments with #); slots must equal devices per node."""
+    shown = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DpocError([Problem(recipe_file, "hardware.hostfile", f"cannot read {shown}: {exc.strerror}")]) from None
+    hosts, problems = [], []
+    per_node = hardware.get("devices_per_node")
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        host, *rest = line.split()
+        slots = next((r.split("=", 1)[1] for r in rest if r.startswith("slots=")), None)
+        if slots is not None and (not slots.isdigit() or (per_node is not None and int(slots) != per_node)):
+            problems.append(Problem(shown, f"line {lineno}",
+                                    f"slots={slots} does not match {per_node} devices per node of the hardware preset"))
+        hosts.append(host)
+    if not hosts and not problems:
+        problems.append(Problem(shown, "line 1", "no hosts (expected lines of `ip slots=N`)"))
+    if problems:
+        raise DpocError(problems)
+    return hosts
+
+
+def _read_yaml(path: Path, shown: str) -> Any:
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except FileNotFoundError:
+        raise DpocError([Problem(shown, "(file)", "no such file")]) from None
+    except OmegaConfBaseException as exc:
+        raise DpocError([Problem(shown, "(file)", f"not valid recipe YAML: {exc}")]) from None
+    except Exception as exc:  # yaml.YAMLError carries the line in its text
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        raise DpocError([Problem(shown, where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+
+
+def _parse_overrides(overrides: Sequence[str], shown: str) -> dict[str, Any]:
+    problems = [Problem(shown, o, "an override is key=value, e.g. training.lr=1e-7") for o in overrides if "=" not in o]
+    if problems:
+        raise DpocError(problems)
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
+    except OmegaConfBaseException as exc:
+        raise DpocError([Problem(shown, "(command line)", f"bad override: {exc.msg}")]) from None
+
+
+def _merge(shown: str, base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(top))
+        return OmegaConf.to_container(merged, resolve=False)
+    except OmegaConfBaseException as exc:
+        raise DpocError([Problem(shown, str(getattr(exc, "full_key", "") or "(merge)"), exc.msg)]) from None
+
+
+def _auto_layout(tree: dict[str, Any]) -> dict[str, Any]:
+    """`parallelism: auto` is an empty layout, so that `parallelism.tp=2` can pin one knob of it."""
+    return {**tree, "parallelism": {}} if tree.get("parallelism") == "auto" else tree
+
+
+def _leaves(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        out = []
+        for key, value in tree.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out.extend(_leaves(value, path) if isinstance(value, dict) and value else [path])
+        return out
+    return [prefix] if prefix else []

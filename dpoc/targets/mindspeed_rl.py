@@ -1,0 +1,186 @@
+"""The MindSpeed-RL target: `torchrun cli/train_dpo.py --config-name ...` with a Hydra config + model YAML.
+
+MindSpeed-RL turns every `MegatronConfig` attribute into a flag and aborts on unknown keys, so this emits
+only known keys, scalars only (lists become one broken token), `ref_model` always set and `norm_epsilon`
+always written (its Qwen3 model files leave it at 1e-5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpoc.family import DEFAULT_TEMPLATE
+from dpoc.plan import Plan
+from dpoc.rules import Violation
+
+NAME = "mindspeed-rl"
+DEFAULT_BETA, DEFAULT_ADAM_EPS = 0.1, 1e-8
+
+
+def unsupported(plan: Plan) -> list[Violation]:
+    why = "MindSpeed-RL's DPO config (MegatronConfig) cannot set it"
+    model, hardware, layout, training, dpo = plan.model, plan.hardware, plan.layout, plan.training, plan.dpo
+    out = []
+    if plan.checkpoint.init == "random":
+        out.append(Violation("checkpoint.init", "MindSpeed-RL always loads converted weights for policy and "
+                             "reference; valid: converted, or runtime=dpoc"))
+    if hardware.device != "npu":
+        out.append(Violation("hardware.preset", f"MindSpeed-RL runs on Ascend NPUs only (hardware {hardware.name} "
+                             f"is {hardware.device}); valid: atlas-a2, atlas-a3, or runtime=dpoc"))
+    for field, ok in (("dpo.beta", dpo.beta == DEFAULT_BETA), ("dpo.label_smoothing", dpo.label_smoothing == 0),
+                      ("dpo.sft_weight", dpo.sft_weight == 0), ("training.warmup_iters", training.warmup_iters == 0),
+                      ("training.adam_eps", training.adam_eps == DEFAULT_ADAM_EPS),
+                      ("parallelism.etp", model.moe is None or layout.etp == layout.tp),
+                      ("parallelism.recompute", layout.recompute != "selective")):
+        if not ok:
+            out.append(Violation(field, f"{why}; valid: its default, or runtime=dpoc"))
+    return out
+
+
+def model_config(plan: Plan) -> dict[str, Any]:
+    """configs/model/<name>.yaml: the architecture, under one key named like the file."""
+    m = plan.model
+    cfg: dict[str, Any] = {
+        "use_mcore_models": True,
+        "num_layers": m.num_layers + len(plan.layout.noop_layers),
+        "hidden_size": m.hidden_size,
+        "ffn_hidden_size": m.ffn_hidden_size,
+        "num_attention_heads": m.num_attention_heads,
+        "group_query_attention": m.num_query_groups != m.num_attention_heads,
+        "num_query_groups": m.num_query_groups,
+        "kv_channels": m.head_dim,
+        "max_position_embeddings": m.max_position_embeddings,
+        "padded_vocab_size": m.vocab_size,
+        "make_vocab_size_divisible_by": 1,
+        "position_embedding_type": "rope",
+        "use_rotary_position_embeddings": True,
+        "rotary_base": int(m.rope_base),
+        "normalization": "RMSNorm",
+        "norm_epsilon": m.norm_epsilon,
+        "swiglu": True,
+        "disable_bias_linear": True,
+        "add_qkv_bias": m.qkv_bias,
+        "qk_layernorm": m.qk_layernorm,
+        "untie_embeddings_and_output_weights": not m.tie_embeddings,
+        "attention_softmax_in_fp32": True,
+    }
+    if m.moe is not None:
+        cfg.update({
+            "num_experts": m.moe.num_experts,
+            "moe_router_topk": m.moe.topk,
+            "moe_ffn_hidden_size": m.moe.ffn_hidden_size,
+            "moe_router_load_balancing_type": m.moe.load_balancing,
+            "moe_aux_loss_coeff": m.moe.aux_loss_coeff,
+            "norm_topk_prob": m.moe.norm_topk_prob,
+        })
+        if m.moe.shared_expert_ffn_hidden_size:
+            cfg["n_shared_experts"] = m.moe.shared_expert_ffn_hidden_size // m.moe.ffn_hidden_size
+    return {m.mindspeed_name: _scalars(cfg)}
+
+
+def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
+    """The `megatron_training` section of dpo_<name>.yaml."""
+    lay, t, ck, m = plan.layout, plan.training, plan.checkpoint, plan.model
+    cfg: dict[str, Any] = {
+        "model": m.mindspeed_name,
+        "use_mcore_models": True,
+        "stage": "dpo",
+        "is_pairwise_dataset": True,
+        "dpo_loss_type": plan.dpo.loss,
+        "no_pad_to_seq_lengths": t.dynamic_padding,
+        "tokenizer_type": "PretrainedFromHF",
+        "tokenizer_name_or_path": plan.data.tokenizer,
+        "tokenizer_not_use_fast": True,
+        "data_path": plan.data.output_prefix,
+        "split": "100,0,0",
+        "no_shuffle": False,
+        "seq_length": t.seq_length,
+        "micro_batch_size": lay.micro_batch_size,
+        "global_batch_size": lay.global_batch_size,
+        "train_iters": t.train_iters,
+        "lr": t.lr,
+        "min_lr": t.min_lr,
+        "lr_decay_style": t.lr_decay_style,
+        "weight_decay": t.weight_decay,
+        "clip_grad": t.clip_grad,
+        "adam_beta1": t.adam_beta1,
+        "adam_beta2": t.adam_beta2,
+        "initial_loss_scale": 4096,
+        "seed": t.seed,
+        "bf16": t.precision == "bf16",
+        "norm_epsilon": m.norm_epsilon,
+        "attention_dropout": 0.0,
+        "hidden_dropout": 0.0,
+        "init_method_std": 0.02,
+        "attention_softmax_in_fp32": True,
+        "use_flash_attn": True,
+        "use_fused_rmsnorm": True,
+        "use_fused_swiglu": True,
+        "use_fused_rotary_pos_emb": True,
+        "no_masked_softmax_fusion": True,
+        "no_gradient_accumulation_fusion": True,
+        "attention_mask_type": "general",
+        "tensor_model_parallel_size": lay.tp,
+        "pipeline_model_parallel_size": lay.pp,
+        "expert_model_parallel_size": lay.ep,
+        "context_parallel_size": lay.cp,
+        "sequence_parallel": lay.sequence_parallel,
+        "use_distributed_optimizer": lay.distributed_optimizer,
+        "overlap_grad_reduce": lay.distributed_optimizer,
+        "reuse_fp32_param": lay.distributed_optimizer and t.precision == "bf16",
+        "distributed_backend": "nccl",
+        "ref_model": ck.ref_model,
+        "save": ck.save,
+        "save_interval": t.save_interval,
+        "log_interval": t.log_interval,
+        "eval_interval": t.train_iters + 1,
+        "eval_iters": 0,
+        # every save is resumable: never no_save_optim / no_save_rng
+    }
+    if resume:
+        cfg.update({"finetune": False, "load": ck.save, "no_load_optim": False, "no_load_rng": False})
+    else:
+        cfg.update({"finetune": True, "load": ck.load, "no_load_optim": True, "no_load_rng": True})
+    if lay.vpp > 1:
+        cfg["num_layers_per_virtual_pipeline_stage"] = lay.stage_layers[0] // lay.vpp
+    if lay.num_layer_list is not None:
+        cfg["num_layer_list"] = ",".join(map(str, lay.num_layer_list))
+    if lay.noop_layers:
+        cfg["noop_layers"] = ",".join(map(str, lay.noop_layers))
+    if lay.recompute == "full":
+        cfg.update({"recompute_granularity": "full", "recompute_method": lay.recompute_method,
+                    "recompute_num_layers": lay.recompute_num_layers})
+    if m.moe is not None:
+        cfg.update({
+            "moe_token_dispatcher_type": lay.moe_dispatcher,
+            "moe_grouped_gemm": lay.moe_grouped_gemm,
+            "moe_permutation_async_comm": lay.moe_permutation_async_comm,
+            "moe_alltoall_overlap_comm": lay.moe_alltoall_overlap_comm,
+            "moe_tp_extend_ep": lay.moe_tp_extend_ep,
+        })
+    return _scalars(cfg)
+
+
+def dataset_config(plan: Plan) -> dict[str, Any]:
+    """configs/datasets/<name>.yaml for MindSpeed-RL's cli/preprocess_data.py."""
+    d = plan.data
+    prompt_type = {"qwen3": "qwen3", "qwen": "qwen", "chatml": "qwen", "llama3": "llama3", "default": "default"}
+    template = DEFAULT_TEMPLATE[plan.model.family] if d.template == "tokenizer" else d.template
+    return _scalars({
+        "input": d.input,
+        "tokenizer_type": "HuggingFaceTokenizer",
+        "tokenizer_name_or_path": d.tokenizer,
+        "tokenizer_not_use_fast": True,
+        "output_prefix": d.output_prefix,
+        "handler_name": "AlpacaStylePairwiseHandler",
+        "workers": d.workers,
+        "log_interval": 1000,
+        "prompt_type": prompt_type[template],
+        "enable_thinking": d.enable_thinking,
+        "seq_length": plan.training.seq_length,
+    }) | {"map_keys": dict(d.map_keys)}
+
+
+def _scalars(cfg: dict[str, Any]) -> dict[str, Any]:
+    """MindSpeed-RL emits False/None as nothing; drop them so the file shows only what takes effect."""
+    return {k: v for k, v in cfg.items() if v is not None and v is not False}
