@@ -69,8 +69,7 @@ def resolve(loaded: LoadedRecipe) -> Plan:
         sft_weight=float(v.take("dpo.sft_weight", 0.0, why="no SFT term")),
     )
 
-    pinned = {k: v.take(f"parallelism.{k}", record=f"layout.{k}") for k in LAYOUT_KNOBS
-              if v.has(f"parallelism.{k}")}
+    pinned = {k: v.take(f"parallelism.{k}", record=f"layout.{k}") for k in LAYOUT_KNOBS if v.has(f"parallelism.{k}")}
     layout = make_layout(model, hardware, training_gbs(v), pinned)
     fills = defaults(model, hardware, pinned)
     for knob in LAYOUT_KNOBS:
@@ -78,17 +77,31 @@ def resolve(loaded: LoadedRecipe) -> Plan:
             v.derived(f"layout.{knob}", fills[knob], f"layout.{knob}", DEFAULT_WHY[knob])
     for name, why in DERIVED_WHY.items():
         v.derived(f"layout.{name}", getattr(layout, name), f"layout.{name}", why)
-    v.derived("layout.global_batch_size", layout.global_batch_size, "training.global_batch_size",
-              "pairs per step, from training.global_batch_size")
+    v.derived(
+        "layout.global_batch_size",
+        layout.global_batch_size,
+        "training.global_batch_size",
+        "pairs per step, from training.global_batch_size",
+    )
 
     runtime = v.take("runtime", "dpoc", why="dpoc's own megatron-core runtime")
     name = loaded.name
     v.derived("name", name, "name", "the recipe's name, else its file name")
     run_dir = v.take("run_dir", f"runs/{name}", why="runs/<recipe name>")
     plan = Plan(
-        name=name, dpoc_version=__version__, runtime=runtime, model=model, hardware=hardware, layout=layout,
-        training=training, dpo=dpo, data=_data(v, model), checkpoint=_checkpoint(v, name, layout, run_dir),
-        cluster=cluster, run_dir=run_dir, provenance=tuple(sorted(v.provenance.items())),
+        name=name,
+        dpoc_version=__version__,
+        runtime=runtime,
+        model=model,
+        hardware=hardware,
+        layout=layout,
+        training=training,
+        dpo=dpo,
+        data=_data(v, model),
+        checkpoint=_checkpoint(v, name, layout, run_dir),
+        cluster=cluster,
+        run_dir=run_dir,
+        provenance=tuple(sorted(v.provenance.items())),
     )
     violations = rules.check(rules.Context(model, hardware, layout, training, dpo))
     violations += targets.get(runtime).unsupported(plan)
@@ -109,21 +122,40 @@ def _model(v: _Values) -> ModelSpec:
     moe = None
     if "moe" in m:
         raw = m["moe"]
-        moe = MoESpec(num_experts=raw["num_experts"], topk=raw["topk"], ffn_hidden_size=raw["ffn_hidden_size"],
-                      aux_loss_coeff=float(raw.get("aux_loss_coeff", 0.001)),
-                      norm_topk_prob=raw.get("norm_topk_prob", True),
-                      shared_expert_ffn_hidden_size=raw.get("shared_expert_ffn_hidden_size", 0),
-                      load_balancing=raw.get("load_balancing", "aux_loss"))
-    converter = v.derived("model.converter", CONVERTER[m["family"]], "model.converter",
-                          "MindSpeed-LLM's convert_ckpt_v2.py knows qwen3/qwen3-moe; Qwen2.5 and Llama-3 need the "
-                          "legacy convert_ckpt.py")
+        moe = MoESpec(
+            num_experts=raw["num_experts"],
+            topk=raw["topk"],
+            ffn_hidden_size=raw["ffn_hidden_size"],
+            aux_loss_coeff=float(raw.get("aux_loss_coeff", 0.001)),
+            norm_topk_prob=raw.get("norm_topk_prob", True),
+            shared_expert_ffn_hidden_size=raw.get("shared_expert_ffn_hidden_size", 0),
+            load_balancing=raw.get("load_balancing", "aux_loss"),
+        )
+    converter = v.derived(
+        "model.converter",
+        CONVERTER[m["family"]],
+        "model.converter",
+        "MindSpeed-LLM's convert_ckpt_v2.py knows qwen3/qwen3-moe; Qwen2.5 and Llama-3 need the legacy convert_ckpt.py",
+    )
     return ModelSpec(
-        name=m.get("preset", "inline"), family=m["family"], num_layers=m["num_layers"], hidden_size=m["hidden_size"],
-        ffn_hidden_size=m["ffn_hidden_size"], num_attention_heads=m["num_attention_heads"],
-        num_query_groups=m["num_query_groups"], head_dim=m["head_dim"], vocab_size=m["vocab_size"],
-        max_position_embeddings=m["max_position_embeddings"], rope_base=float(m["rope_base"]),
-        norm_epsilon=float(m["norm_epsilon"]), qk_layernorm=m["qk_layernorm"], qkv_bias=m["qkv_bias"],
-        tie_embeddings=m["tie_embeddings"], moe=moe, mindspeed_name=m["mindspeed_name"], converter=converter,
+        name=m.get("preset", "inline"),
+        family=m["family"],
+        num_layers=m["num_layers"],
+        hidden_size=m["hidden_size"],
+        ffn_hidden_size=m["ffn_hidden_size"],
+        num_attention_heads=m["num_attention_heads"],
+        num_query_groups=m["num_query_groups"],
+        head_dim=m["head_dim"],
+        vocab_size=m["vocab_size"],
+        max_position_embeddings=m["max_position_embeddings"],
+        rope_base=float(m["rope_base"]),
+        norm_epsilon=float(m["norm_epsilon"]),
+        qk_layernorm=m["qk_layernorm"],
+        qkv_bias=m["qkv_bias"],
+        tie_embeddings=m["tie_embeddings"],
+        moe=moe,
+        mindspeed_name=m["mindspeed_name"],
+        converter=converter,
         hf_model_type=m["hf_model_type"],
     )
 
@@ -137,34 +169,71 @@ def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
     if hosts and not v.sources.get("hardware.nodes", "").startswith("user"):
         nodes = v.derived("hardware.nodes", len(hosts), "hardware.hosts", "one node per host")
     if hosts and len(hosts) != nodes:
-        raise DpocError([Problem(v.file, "hardware.hosts", f"lists {len(hosts)} hosts but hardware.nodes is "
-                                 f"{nodes}; valid: one host per node")])
+        raise DpocError(
+            [
+                Problem(
+                    v.file,
+                    "hardware.hosts",
+                    f"lists {len(hosts)} hosts but hardware.nodes is {nodes}; valid: one host per node",
+                )
+            ]
+        )
     if nodes > 1 and not hosts:
-        raise DpocError([Problem(v.file, "hardware.hosts", f"{nodes} nodes need their addresses; valid: "
-                                 "hardware.hosts (node 0 first) or hardware.hostfile")])
+        raise DpocError(
+            [
+                Problem(
+                    v.file,
+                    "hardware.hosts",
+                    f"{nodes} nodes need their addresses; valid: hardware.hosts (node 0 first) or hardware.hostfile",
+                )
+            ]
+        )
     hardware = HardwareSpec(
-        name=h["preset"], device=h["device"], backend=h["backend"], devices_per_node=h["devices_per_node"],
-        nodes=nodes, memory_gib=float(h["memory_gib"]), reserved_gib=float(h["reserved_gib"]),
-        peak_tflops=float(h["peak_tflops"]), intra_node_gbps=float(h["intra_node_gbps"]),
-        inter_node_gbps=float(h["inter_node_gbps"]), superpod_nodes=h["superpod_nodes"],
-        superpod_gbps=float(h["superpod_gbps"]), hccl_buffsize_mb=h["hccl_buffsize_mb"],
+        name=h["preset"],
+        device=h["device"],
+        backend=h["backend"],
+        devices_per_node=h["devices_per_node"],
+        nodes=nodes,
+        memory_gib=float(h["memory_gib"]),
+        reserved_gib=float(h["reserved_gib"]),
+        peak_tflops=float(h["peak_tflops"]),
+        intra_node_gbps=float(h["intra_node_gbps"]),
+        inter_node_gbps=float(h["inter_node_gbps"]),
+        superpod_nodes=h["superpod_nodes"],
+        superpod_gbps=float(h["superpod_gbps"]),
+        hccl_buffsize_mb=h["hccl_buffsize_mb"],
         env=tuple(sorted(h["env"].items())),
     )
     host_list = tuple(hosts) if hosts else ("127.0.0.1",)
     v.derived("cluster.hosts", host_list, "hardware.hosts", "the recipe's hosts, or this machine for one node")
-    master = v.take("hardware.master_addr", host_list[0], rule="hardware.hosts", why="node 0's address",
-                    record="cluster.master_addr")
-    port = v.take("hardware.master_port", DEFAULT_MASTER_PORT, why="MindSpeed-RL's default master port",
-                  record="cluster.master_port")
+    master = v.take(
+        "hardware.master_addr",
+        host_list[0],
+        rule="hardware.hosts",
+        why="node 0's address",
+        record="cluster.master_addr",
+    )
+    port = v.take(
+        "hardware.master_port",
+        DEFAULT_MASTER_PORT,
+        why="MindSpeed-RL's default master port",
+        record="cluster.master_port",
+    )
     return hardware, Cluster(hosts=host_list, master_addr=master, master_port=port)
 
 
 def _training(v: _Values, hardware: HardwareSpec) -> Training:
     iters = v.take("training.train_iters")
-    precision = v.take("training.precision", "fp32" if hardware.device == "cpu" else "bf16",
-                       rule="hardware.device", why="bf16 on accelerators; fp32 on cpu, where bf16 matmuls are slow")
+    precision = v.take(
+        "training.precision",
+        "fp32" if hardware.device == "cpu" else "bf16",
+        rule="hardware.device",
+        why="bf16 on accelerators; fp32 on cpu, where bf16 matmuls are slow",
+    )
     return Training(
-        seq_length=v.take("training.seq_length"), train_iters=iters, lr=float(v.take("training.lr")),
+        seq_length=v.take("training.seq_length"),
+        train_iters=iters,
+        lr=float(v.take("training.lr")),
         min_lr=float(v.take("training.min_lr", 0.0, why="no decay floor")),
         lr_decay_style=v.take("training.lr_decay_style", "constant", why="DPO fine-tuning default"),
         warmup_iters=v.take("training.warmup_iters", 0, why="no warm-up"),
@@ -175,37 +244,65 @@ def _training(v: _Values, hardware: HardwareSpec) -> Training:
         adam_eps=float(v.take("training.adam_eps", 1e-8, why="Adam default")),
         seed=v.take("training.seed", 1234, why="Megatron's default seed"),
         precision=precision,
-        dynamic_padding=v.take("training.dynamic_padding", True,
-                               why="pad to the micro-batch's longest pair: no FLOPs on padding"),
-        save_interval=v.take("training.save_interval", iters, rule="training.train_iters",
-                             why="save once, at the end"),
+        dynamic_padding=v.take(
+            "training.dynamic_padding", True, why="pad to the micro-batch's longest pair: no FLOPs on padding"
+        ),
+        save_interval=v.take("training.save_interval", iters, rule="training.train_iters", why="save once, at the end"),
         log_interval=v.take("training.log_interval", 1, why="log every step"),
     )
 
 
 def _data(v: _Values, model: ModelSpec) -> Data:
-    path = v.take("dataset.path")
+    path = v.take("dataset.path", record="data.input")
     default_keys = {"prompt": "question", "query": "", "system": "system"} if "orca" in path else {}
-    map_keys = v.take("dataset.map_keys", default_keys, rule="dataset.path",
-                      why="orca-style columns (system, question, chosen, rejected)" if default_keys
-                      else "MindSpeed-RL's default columns")
+    map_keys = v.take(
+        "dataset.map_keys",
+        record="data.map_keys",
+        default=default_keys,
+        rule="dataset.path",
+        why="orca-style columns (system, question, chosen, rejected)"
+        if default_keys
+        else "MindSpeed-RL's default columns",
+    )
     if not v.has("model.tokenizer") and not v.has("model.hf_weights"):
         raise DpocError([Problem(v.file, "model.tokenizer", "is required when model.hf_weights is not given")])
-    tokenizer = v.take("model.tokenizer", v.data["model"].get("hf_weights"), rule="model.hf_weights",
-                       why="the tokenizer that ships with the weights")
+    tokenizer = v.take(
+        "model.tokenizer",
+        v.data["model"].get("hf_weights"),
+        rule="model.hf_weights",
+        record="data.tokenizer",
+        why="the tokenizer that ships with the weights",
+    )
     return Data(
         input=path,
-        format=v.take("dataset.format", "auto", why="from the file extension"),
-        layout=v.take("dataset.layout", "pairwise", why="prompt/chosen/rejected columns"),
+        format=v.take("dataset.format", record="data.format", default="auto", why="from the file extension"),
+        layout=v.take("dataset.layout", record="data.layout", default="pairwise", why="prompt/chosen/rejected columns"),
         tokenizer=tokenizer,
-        template=v.take("dataset.template", DEFAULT_TEMPLATE[model.family], rule="model.family",
-                        why=f"the chat template of the {model.family} family"),
-        enable_thinking=v.take("dataset.enable_thinking", False, why="no empty think block"),
+        template=v.take(
+            "dataset.template",
+            record="data.template",
+            default=DEFAULT_TEMPLATE[model.family],
+            rule="model.family",
+            why=f"the chat template of the {model.family} family",
+        ),
+        enable_thinking=v.take(
+            "dataset.enable_thinking", record="data.enable_thinking", default=False, why="no empty think block"
+        ),
         map_keys=tuple(sorted(map_keys.items())),
-        truncate=v.take("dataset.truncate", None, why="pairs too long are dropped, as MindSpeed-RL does"),
-        output_prefix=v.take("dataset.output_prefix", str(PurePosixPath(path).with_suffix("")),
-                             rule="dataset.path", why="next to the input, without its extension"),
-        workers=v.take("dataset.workers", 4, why="four tokenizer processes"),
+        truncate=v.take(
+            "dataset.truncate",
+            record="data.truncate",
+            default=None,
+            why="pairs too long are dropped, as MindSpeed-RL does",
+        ),
+        output_prefix=v.take(
+            "dataset.output_prefix",
+            record="data.output_prefix",
+            default=str(PurePosixPath(path).with_suffix("")),
+            rule="dataset.path",
+            why="next to the input, without its extension",
+        ),
+        workers=v.take("dataset.workers", record="data.workers", default=4, why="four tokenizer processes"),
     )
 
 
@@ -224,19 +321,46 @@ def _checkpoint(v: _Values, name: str, layout, run_dir: str) -> Checkpoint:
     if init == "random":
         load = ref = None
         v.derived("checkpoint.load", None, "checkpoint.init", "random init: nothing to load")
-        v.derived("checkpoint.ref_model", None, "checkpoint.init", "random init: the reference starts from the "
-                  "policy's seeded init")
+        v.derived(
+            "checkpoint.ref_model",
+            None,
+            "checkpoint.init",
+            "random init: the reference starts from the policy's seeded init",
+        )
     else:
         if hf_weights is None and not v.has("checkpoint.load"):
-            raise DpocError([Problem(v.file, "model.hf_weights", "is required to convert the initial weights "
-                                     "(or give checkpoint.load, or checkpoint.init=random)")])
-        load = v.take("checkpoint.load", f"./model_weights/{name}-{layout_tag(layout)}", rule="layout",
-                      why="converted weights for exactly this layout (MindSpeed-LLM checkpoints are per rank)")
-        ref = v.take("checkpoint.ref_model", load, rule="checkpoint.load",
-                     why="the reference is always the initial weights, never the resumed policy")
+            raise DpocError(
+                [
+                    Problem(
+                        v.file,
+                        "model.hf_weights",
+                        "is required to convert the initial weights "
+                        "(or give checkpoint.load, or checkpoint.init=random)",
+                    )
+                ]
+            )
+        load = v.take(
+            "checkpoint.load",
+            f"./model_weights/{name}-{layout_tag(layout)}",
+            rule="layout",
+            why="converted weights for exactly this layout (MindSpeed-LLM checkpoints are per rank)",
+        )
+        ref = v.take(
+            "checkpoint.ref_model",
+            load,
+            rule="checkpoint.load",
+            why="the reference is always the initial weights, never the resumed policy",
+        )
     return Checkpoint(
-        init=init, hf_weights=hf_weights, load=load, ref_model=ref,
+        init=init,
+        hf_weights=hf_weights,
+        load=load,
+        ref_model=ref,
         save=v.take("checkpoint.save", f"{run_dir}/checkpoints", rule="run_dir", why="<run_dir>/checkpoints"),
-        save_optimizer=v.derived("checkpoint.save_optimizer", True, "resume",
-                                 "every save holds optimizer and RNG state, so every run can resume"),
+        save_optimizer=v.derived(
+            "checkpoint.save_optimizer",
+            True,
+            "resume",
+            "every save holds optimizer and RNG state, so every run can resume",
+        ),
     )

@@ -49,13 +49,18 @@ def total_layers(model: ModelSpec, layout: Layout) -> int:
 
 
 def dense_grid(c: Context) -> Iterable[Violation]:
-    lay = c.layout
+    lay, world = c.layout, c.layout.world_size
     grid = lay.tp * lay.pp * lay.cp
-    if lay.world_size % grid:
-        ok = [t for t in divisors(lay.world_size) if lay.world_size % (t * lay.pp * lay.cp) == 0]
-        yield Violation("parallelism.tp", f"tp·pp·cp = {lay.tp}·{lay.pp}·{lay.cp} = {grid} does not divide the world "
-                        f"size {lay.world_size} ({c.hardware.nodes} nodes × {c.hardware.devices_per_node} devices); "
-                        f"valid: tp in {_set(ok)} at pp={lay.pp}, cp={lay.cp}")
+    if world % grid == 0:
+        return
+    what = (f"tp·pp·cp = {lay.tp}·{lay.pp}·{lay.cp} = {grid} does not divide the world size {world} "
+            f"({c.hardware.nodes} nodes × {c.hardware.devices_per_node} devices)")
+    ok_tp = [t for t in divisors(world) if world % (t * lay.pp * lay.cp) == 0]
+    if ok_tp:
+        yield Violation("parallelism.tp", f"{what}; valid: tp in {_set(ok_tp)} at pp={lay.pp}, cp={lay.cp}")
+    else:
+        ok_pp = [p for p in divisors(world) if world % (lay.tp * p * lay.cp) == 0]
+        yield Violation("parallelism.pp", f"{what}; valid: pp in {_set(ok_pp)} at tp={lay.tp}, cp={lay.cp}")
 
 
 def expert_grid(c: Context) -> Iterable[Violation]:
@@ -64,7 +69,8 @@ def expert_grid(c: Context) -> Iterable[Violation]:
     if lay.world_size % grid:
         ok = [e for e in divisors(lay.world_size) if lay.world_size % (lay.etp * e * lay.pp) == 0]
         yield Violation("parallelism.ep", f"expert grid etp·ep·pp = {lay.etp}·{lay.ep}·{lay.pp} = {grid} does not "
-                        f"divide the world size {lay.world_size}; valid: ep in {_set(ok)} at etp={lay.etp}, pp={lay.pp}")
+                        f"divide the world size {lay.world_size}; valid: ep in {_set(ok)} at etp={lay.etp}, "
+                        f"pp={lay.pp}")
 
 
 def heads_divisible_by_tp(c: Context) -> Iterable[Violation]:
