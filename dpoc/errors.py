@@ -22,6 +22,14 @@ class Problem:
         return f"{self.file}: {self.where}: {self.message}"
 
 
+def suggest(name: str, known: list[str]) -> str:
+    """`did you mean 'x'? ` for the closest known name (a longer name it starts, else the most similar), or ''."""
+    import difflib
+
+    close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
 class DpocError(Exception):
     """One or more problems with the user's input; never a bug in dpoc."""
 

@@ -23,6 +23,8 @@ DEFAULT_WHY = {
     "recompute": "no activation recompute unless pinned",
     "recompute_method": "full recompute checkpoints layers uniformly",
     "recompute_num_layers": "full recompute: one layer per checkpoint",
+    "num_layer_list": "an even split of the layers over pipeline stages unless a list is given",
+    "noop_layers": "no placeholder layers unless given",
     "distributed_optimizer": "shards optimizer states over data-parallel ranks (needed to resume MindSpeed-LLM runs)",
     "moe_dispatcher": "alltoall: the token dispatcher both targets implement",
     "moe_grouped_gemm": "grouped GEMM kernels on npu/cuda for MoE models, none on cpu",

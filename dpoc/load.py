@@ -6,7 +6,6 @@ reads files (the recipe, presets, an optional hostfile); everything after it is 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dpoc import resources
-from dpoc.errors import DpocError, Problem
+from dpoc.errors import DpocError, Problem, suggest
 
 # recipe section -> preset catalog it names
 PRESET_SECTIONS = {"model": "models", "hardware": "hardware"}
@@ -68,8 +67,7 @@ def read_preset(catalog: str, name: str, recipe_file: str, field: str) -> dict[s
     path = resources.preset_dir(catalog) / f"{name}.yaml"
     if not path.is_file():
         known = resources.preset_names(catalog)
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = suggest(name, known)
         raise DpocError([Problem(recipe_file, field, f"unknown preset {name!r} ({hint}valid: {', '.join(known)})")])
     data = _read_yaml(path, str(path))
     return data if isinstance(data, dict) else {}

@@ -29,6 +29,11 @@ class _Values:
     def __init__(self, loaded: LoadedRecipe):
         self.file, self.data, self.sources = loaded.path, loaded.data, loaded.sources
         self.provenance: dict[str, Source] = {}
+        self.problems: list[Problem] = []
+
+    def problem(self, field: str, message: str) -> None:
+        """A problem found while resolving; all of them are raised together with the rules' findings."""
+        self.problems.append(Problem(self.file, field, message))
 
     def has(self, path: str) -> bool:
         return self._lookup(path) is not _MISSING
@@ -105,7 +110,7 @@ def resolve(loaded: LoadedRecipe) -> Plan:
     )
     violations = rules.check(rules.Context(model, hardware, layout, training, dpo))
     violations += targets.get(runtime).unsupported(plan)
-    errors = [Problem(loaded.path, x.field, x.message) for x in violations if not x.warning]
+    errors = v.problems + [Problem(loaded.path, x.field, x.message) for x in violations if not x.warning]
     if errors:
         raise DpocError(list(dict.fromkeys(errors)))
     return dataclasses.replace(plan, warnings=tuple(f"{x.field}: {x.message}" for x in violations if x.warning))
@@ -169,24 +174,11 @@ def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
     if hosts and not v.sources.get("hardware.nodes", "").startswith("user"):
         nodes = v.derived("hardware.nodes", len(hosts), "hardware.hosts", "one node per host")
     if hosts and len(hosts) != nodes:
-        raise DpocError(
-            [
-                Problem(
-                    v.file,
-                    "hardware.hosts",
-                    f"lists {len(hosts)} hosts but hardware.nodes is {nodes}; valid: one host per node",
-                )
-            ]
-        )
+        v.problem("hardware.hosts", f"lists {len(hosts)} hosts but hardware.nodes is {nodes}; valid: one host per node")
     if nodes > 1 and not hosts:
-        raise DpocError(
-            [
-                Problem(
-                    v.file,
-                    "hardware.hosts",
-                    f"{nodes} nodes need their addresses; valid: hardware.hosts (node 0 first) or hardware.hostfile",
-                )
-            ]
+        v.problem(
+            "hardware.hosts",
+            f"{nodes} nodes need their addresses; valid: hardware.hosts (node 0 first) or hardware.hostfile",
         )
     hardware = HardwareSpec(
         name=h["preset"],
@@ -265,7 +257,7 @@ def _data(v: _Values, model: ModelSpec) -> Data:
         else "MindSpeed-RL's default columns",
     )
     if not v.has("model.tokenizer") and not v.has("model.hf_weights"):
-        raise DpocError([Problem(v.file, "model.tokenizer", "is required when model.hf_weights is not given")])
+        v.problem("model.tokenizer", "is required when model.hf_weights is not given")
     tokenizer = v.take(
         "model.tokenizer",
         v.data["model"].get("hf_weights"),
@@ -329,15 +321,9 @@ def _checkpoint(v: _Values, name: str, layout, run_dir: str) -> Checkpoint:
         )
     else:
         if hf_weights is None and not v.has("checkpoint.load"):
-            raise DpocError(
-                [
-                    Problem(
-                        v.file,
-                        "model.hf_weights",
-                        "is required to convert the initial weights "
-                        "(or give checkpoint.load, or checkpoint.init=random)",
-                    )
-                ]
+            v.problem(
+                "model.hf_weights",
+                "is required to convert the initial weights (or give checkpoint.load, or checkpoint.init=random)",
             )
         load = v.take(
             "checkpoint.load",

@@ -64,13 +64,17 @@ def dense_grid(c: Context) -> Iterable[Violation]:
 
 
 def expert_grid(c: Context) -> Iterable[Violation]:
-    lay = c.layout
+    lay, world = c.layout, c.layout.world_size
     grid = lay.etp * lay.ep * lay.pp
-    if lay.world_size % grid:
-        ok = [e for e in divisors(lay.world_size) if lay.world_size % (lay.etp * e * lay.pp) == 0]
-        yield Violation("parallelism.ep", f"expert grid etp·ep·pp = {lay.etp}·{lay.ep}·{lay.pp} = {grid} does not "
-                        f"divide the world size {lay.world_size}; valid: ep in {_set(ok)} at etp={lay.etp}, "
-                        f"pp={lay.pp}")
+    if world % grid == 0 or (lay.etp == lay.tp and world % (lay.tp * lay.pp)):
+        return  # fine, or the same cause as a dense-grid violation (etp = tp), which is reported there
+    what = f"expert grid etp·ep·pp = {lay.etp}·{lay.ep}·{lay.pp} = {grid} does not divide the world size {world}"
+    ok_ep = [e for e in divisors(world) if world % (lay.etp * e * lay.pp) == 0]
+    if ok_ep:
+        yield Violation("parallelism.ep", f"{what}; valid: ep in {_set(ok_ep)} at etp={lay.etp}, pp={lay.pp}")
+    else:
+        ok_etp = [e for e in divisors(world) if world % (e * lay.ep * lay.pp) == 0]
+        yield Violation("parallelism.etp", f"{what}; valid: etp in {_set(ok_etp)} at ep={lay.ep}, pp={lay.pp}")
 
 
 def heads_divisible_by_tp(c: Context) -> Iterable[Violation]:

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 from functools import cache
 from typing import Any
 
 from dpoc import resources
-from dpoc.errors import DpocError, Problem
+from dpoc.errors import DpocError, Problem, suggest
 
 SCHEMA_KINDS = ("recipe", "model", "hardware", "plan", "preprocess")
 
@@ -68,8 +67,7 @@ def _describe(error, file: str, prefix: str, kind_of_schema: str) -> list[Proble
         known = set(allowed)
         out = []
         for key in sorted(k for k in value if k not in known):
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = suggest(key, allowed)
             field = f"{where}.{key}" if where != "(top level)" else key
             out.append(Problem(file, field, f"unknown key ({hint}valid: {', '.join(allowed)})"))
         return out

@@ -22,18 +22,34 @@ def unsupported(plan: Plan) -> list[Violation]:
     model, hardware, layout, training, dpo = plan.model, plan.hardware, plan.layout, plan.training, plan.dpo
     out = []
     if plan.checkpoint.init == "random":
-        out.append(Violation("checkpoint.init", "MindSpeed-RL always loads converted weights for policy and "
-                             "reference; valid: converted, or runtime=dpoc"))
+        out.append(
+            Violation(
+                "checkpoint.init",
+                "MindSpeed-RL always loads converted weights for policy and "
+                "reference; valid: converted, or runtime=dpoc",
+            )
+        )
     if hardware.device != "npu":
-        out.append(Violation("hardware.preset", f"MindSpeed-RL runs on Ascend NPUs only (hardware {hardware.name} "
-                             f"is {hardware.device}); valid: atlas-a2, atlas-a3, or runtime=dpoc"))
-    for field, ok in (("dpo.beta", dpo.beta == DEFAULT_BETA), ("dpo.label_smoothing", dpo.label_smoothing == 0),
-                      ("dpo.sft_weight", dpo.sft_weight == 0), ("training.warmup_iters", training.warmup_iters == 0),
-                      ("training.adam_eps", training.adam_eps == DEFAULT_ADAM_EPS),
-                      ("parallelism.etp", model.moe is None or layout.etp == layout.tp),
-                      ("parallelism.recompute", layout.recompute != "selective")):
-        if not ok:
-            out.append(Violation(field, f"{why}; valid: its default, or runtime=dpoc"))
+        out.append(
+            Violation(
+                "hardware.preset",
+                f"MindSpeed-RL runs on Ascend NPUs only (hardware {hardware.name} "
+                f"is {hardware.device}); valid: atlas-a2, atlas-a3, or runtime=dpoc",
+            )
+        )
+    fixed_knobs = (
+        ("dpo.beta", dpo.beta, DEFAULT_BETA),
+        ("dpo.label_smoothing", dpo.label_smoothing, 0.0),
+        ("dpo.sft_weight", dpo.sft_weight, 0.0),
+        ("training.warmup_iters", training.warmup_iters, 0),
+        ("training.adam_eps", training.adam_eps, DEFAULT_ADAM_EPS),
+        ("parallelism.etp", layout.etp if model.moe else layout.tp, layout.tp),
+    )
+    for field, value, fixed in fixed_knobs:
+        if value != fixed:
+            out.append(Violation(field, f"{value:g}: {why} (fixed at {fixed:g}); valid: {fixed:g}, or runtime=dpoc"))
+    if layout.recompute == "selective":
+        out.append(Violation("parallelism.recompute", f"selective: {why}; valid: none, full, or runtime=dpoc"))
     return out
 
 
@@ -65,14 +81,16 @@ def model_config(plan: Plan) -> dict[str, Any]:
         "attention_softmax_in_fp32": True,
     }
     if m.moe is not None:
-        cfg.update({
-            "num_experts": m.moe.num_experts,
-            "moe_router_topk": m.moe.topk,
-            "moe_ffn_hidden_size": m.moe.ffn_hidden_size,
-            "moe_router_load_balancing_type": m.moe.load_balancing,
-            "moe_aux_loss_coeff": m.moe.aux_loss_coeff,
-            "norm_topk_prob": m.moe.norm_topk_prob,
-        })
+        cfg.update(
+            {
+                "num_experts": m.moe.num_experts,
+                "moe_router_topk": m.moe.topk,
+                "moe_ffn_hidden_size": m.moe.ffn_hidden_size,
+                "moe_router_load_balancing_type": m.moe.load_balancing,
+                "moe_aux_loss_coeff": m.moe.aux_loss_coeff,
+                "norm_topk_prob": m.moe.norm_topk_prob,
+            }
+        )
         if m.moe.shared_expert_ffn_hidden_size:
             cfg["n_shared_experts"] = m.moe.shared_expert_ffn_hidden_size // m.moe.ffn_hidden_size
     return {m.mindspeed_name: _scalars(cfg)}
@@ -148,16 +166,23 @@ def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
     if lay.noop_layers:
         cfg["noop_layers"] = ",".join(map(str, lay.noop_layers))
     if lay.recompute == "full":
-        cfg.update({"recompute_granularity": "full", "recompute_method": lay.recompute_method,
-                    "recompute_num_layers": lay.recompute_num_layers})
+        cfg.update(
+            {
+                "recompute_granularity": "full",
+                "recompute_method": lay.recompute_method,
+                "recompute_num_layers": lay.recompute_num_layers,
+            }
+        )
     if m.moe is not None:
-        cfg.update({
-            "moe_token_dispatcher_type": lay.moe_dispatcher,
-            "moe_grouped_gemm": lay.moe_grouped_gemm,
-            "moe_permutation_async_comm": lay.moe_permutation_async_comm,
-            "moe_alltoall_overlap_comm": lay.moe_alltoall_overlap_comm,
-            "moe_tp_extend_ep": lay.moe_tp_extend_ep,
-        })
+        cfg.update(
+            {
+                "moe_token_dispatcher_type": lay.moe_dispatcher,
+                "moe_grouped_gemm": lay.moe_grouped_gemm,
+                "moe_permutation_async_comm": lay.moe_permutation_async_comm,
+                "moe_alltoall_overlap_comm": lay.moe_alltoall_overlap_comm,
+                "moe_tp_extend_ep": lay.moe_tp_extend_ep,
+            }
+        )
     return _scalars(cfg)
 
 
@@ -166,19 +191,21 @@ def dataset_config(plan: Plan) -> dict[str, Any]:
     d = plan.data
     prompt_type = {"qwen3": "qwen3", "qwen": "qwen", "chatml": "qwen", "llama3": "llama3", "default": "default"}
     template = DEFAULT_TEMPLATE[plan.model.family] if d.template == "tokenizer" else d.template
-    return _scalars({
-        "input": d.input,
-        "tokenizer_type": "HuggingFaceTokenizer",
-        "tokenizer_name_or_path": d.tokenizer,
-        "tokenizer_not_use_fast": True,
-        "output_prefix": d.output_prefix,
-        "handler_name": "AlpacaStylePairwiseHandler",
-        "workers": d.workers,
-        "log_interval": 1000,
-        "prompt_type": prompt_type[template],
-        "enable_thinking": d.enable_thinking,
-        "seq_length": plan.training.seq_length,
-    }) | {"map_keys": dict(d.map_keys)}
+    return _scalars(
+        {
+            "input": d.input,
+            "tokenizer_type": "HuggingFaceTokenizer",
+            "tokenizer_name_or_path": d.tokenizer,
+            "tokenizer_not_use_fast": True,
+            "output_prefix": d.output_prefix,
+            "handler_name": "AlpacaStylePairwiseHandler",
+            "workers": d.workers,
+            "log_interval": 1000,
+            "prompt_type": prompt_type[template],
+            "enable_thinking": d.enable_thinking,
+            "seq_length": plan.training.seq_length,
+        }
+    ) | {"map_keys": dict(d.map_keys)}
 
 
 def _scalars(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,131 @@
+"""Malformed recipes: exit 2, one line per problem naming the exact field, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import RECIPES, run_subprocess
+
+GOOD = RECIPES / "qwen3_30b.yaml"
+
+# (overrides on the shipped recipe, the exact field the message names, text the message contains)
+OVERRIDE_CASES = [
+    # schema: types, ranges, enums, unknown keys
+    (["training.global_batch_size=64k"], "training.global_batch_size", "must be an integer (got '64k')"),
+    (["training.global_batch_size=0"], "training.global_batch_size", "must be >= 1 (got 0)"),
+    (["training.lr=-1"], "training.lr", "must be > 0 (got -1)"),
+    (["training.lr_decay_style=exponential"], "training.lr_decay_style",
+     "must be one of 'constant', 'linear', 'cosine' (got 'exponential')"),
+    (["training.precision=bf32"], "training.precision", "must be one of 'bf16', 'fp16', 'fp32'"),
+    (["training.adam_beta2=1.0"], "training.adam_beta2", "must be < 1 (got 1.0)"),
+    (["training.lrr=1e-7"], "training.lrr", "unknown key (did you mean 'lr'?"),
+    (["training.sed=1"], "training.sed", "unknown key (did you mean 'seed'?"),
+    (["parallelism.tpp=2"], "parallelism.tpp", "unknown key (did you mean 'tp'?"),
+    (["parallelism.tp=0"], "parallelism.tp", "must be >= 1 (got 0)"),
+    (["parallelism.recompute=partial"], "parallelism.recompute", "must be one of 'none', 'selective', 'full'"),
+    (["dpo.loss=kto"], "dpo.loss", "must be one of 'sigmoid', 'hinge', 'ipo' (got 'kto')"),
+    (["dpo.beta=0"], "dpo.beta", "must be > 0 (got 0)"),
+    (["dpo.label_smoothing=0.7"], "dpo.label_smoothing", "must be <= 0.5 (got 0.7)"),
+    (["dataset.template=vicuna"], "dataset.template", "must be one of 'tokenizer', 'qwen3'"),
+    (["dataset.map_keys.answer=x"], "dataset.map_keys.answer",
+     "unknown key (valid: chosen, history, prompt, query, rejected, system)"),
+    (["dataset.workers=0"], "dataset.workers", "must be >= 1 (got 0)"),
+    (["model.num_layers=0"], "model.num_layers", "must be >= 1 (got 0)"),
+    (["model.hidden=4096"], "model.hidden", "unknown key (did you mean"),
+    (["model.family=gpt"], "model.family", "must be one of 'qwen3', 'qwen3_moe', 'qwen2', 'llama'"),
+    (["hardware.nodes=0"], "hardware.nodes", "must be >= 1 (got 0)"),
+    (["hardware.master_port=70000"], "hardware.master_port", "must be <= 65535 (got 70000)"),
+    (["runtime=slurm"], "runtime", "must be one of 'dpoc', 'mindspeed-rl' (got 'slurm')"),
+    (["checkpoint.resume=true"], "checkpoint.resume", "unknown key (valid: init, load, ref_model, save)"),
+    (["model.preset=qwen3-30b"], "model.preset", "unknown preset 'qwen3-30b' (did you mean 'qwen3-30b-a3b'?"),
+    (["hardware.preset=atlas-a5"], "hardware.preset", "unknown preset 'atlas-a5' (did you mean"),
+    # semantic rules, through the whole pipeline
+    (["parallelism.tp=3"], "parallelism.tp", "tp=3: 32 attention heads and 4 KV heads need tp in {1, 2, 4}"),
+    (["parallelism.pp=5"], "parallelism.pp", "pp=5 does not divide 48 layers"),
+    (["parallelism.ep=3"], "parallelism.ep", "ep=3 does not divide 128 experts"),
+    (["training.global_batch_size=63"], "training.global_batch_size", "63 pairs is not a multiple of"),
+    (["training.seq_length=65536"], "training.seq_length", "exceeds the model's max_position_embeddings 40960"),
+    (["parallelism.sequence_parallel=false"], "parallelism.sequence_parallel", "a MoE model with tp=2 needs"),
+    (["parallelism.vpp=4"], "parallelism.vpp", "vpp=4 does not divide the 6 layers per pipeline stage"),
+    (["parallelism.cp=2"], "parallelism.cp", "the dpoc runtime (megatron-core, local layers) has no context parallelism"),
+    (["parallelism.moe_dispatcher=alltoall_seq"], "parallelism.moe_dispatcher", "has no alltoall_seq dispatcher"),
+    (["runtime=mindspeed-rl", "dpo.beta=0.2"], "dpo.beta", "MindSpeed-RL's DPO config (MegatronConfig) cannot set it"),
+    (["hardware.hosts=[10.0.0.1]"], "hardware.hosts", "lists 1 hosts but hardware.nodes is 2"),
+    (["parallelism.num_layer_list=[12,12,12,12]"], "parallelism.num_layer_list", "has 4 entries but pp=8"),
+    (["training.warmup_iters=2000"], "training.warmup_iters", "2000 exceeds train_iters 1000"),
+    (["dpo.loss=hinge", "dpo.label_smoothing=0.1"], "dpo.label_smoothing", "applies to the sigmoid loss only"),
+    (["parallelism.moe_grouped_gemm=true", "hardware.preset=cpu", "hardware.devices_per_node=16"],
+     "parallelism.moe_grouped_gemm", "grouped GEMM kernels exist only on npu and cuda devices"),
+]
+
+
+@pytest.mark.parametrize("overrides, field, text", OVERRIDE_CASES, ids=[" ".join(c[0]) for c in OVERRIDE_CASES])
+def test_bad_override_names_the_field(dpoc_cli, tmp_path, overrides, field, text):
+    out = tmp_path / "build"
+    result = dpoc_cli("build", GOOD, *overrides, "-o", out)
+    assert result.code == 2, result.out
+    lines = result.err.strip().splitlines()
+    matching = [ln for ln in lines if ln.startswith(f"{GOOD}: {field}: ")]
+    assert matching, f"no line names {field}: {lines}"
+    assert any(text in ln for ln in matching), lines
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+RECIPE_TEXT_CASES = [
+    ("model: {preset: qwen3-8b}\nhardware: @cpu\n", "line 2", "not valid YAML"),
+    ("- a list\n- not a mapping\n", "(top level)", "a recipe is a mapping of sections"),
+    ("model: {preset: qwen3-8b, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n",
+     "training", "is required"),
+    ("model: {preset: qwen3-8b}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
+     "training: {seq_length: 8, global_batch_size: 8, train_iters: 1, lr: 0.1}\n",
+     "model.hf_weights", "is required to convert the initial weights"),
+    ("model: {preset: qwen3-8b, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
+     "training: {seq_length: '${training.missing}', global_batch_size: 8, train_iters: 1, lr: 0.1}\n",
+     "training.seq_length", "cannot resolve interpolation"),
+    ("model: {preset: qwen3-8b, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
+     "training: {seq_length: 8, global_batch_size: 8, train_iters: 1, lr: 0.1}\nextra: 1\n",
+     "extra", "unknown key (valid: checkpoint, dataset, dpo, hardware, model, name, parallelism, run_dir, runtime, "
+     "training)"),
+]
+
+
+@pytest.mark.parametrize("text, field, message", RECIPE_TEXT_CASES, ids=[c[1] for c in RECIPE_TEXT_CASES])
+def test_bad_recipe_file_names_the_field(dpoc_cli, tmp_path, text, field, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    result = dpoc_cli("build", recipe, "-o", tmp_path / "out")
+    assert result.code == 2
+    assert any(ln.startswith(f"{recipe}: {field}: ") and message in ln for ln in result.err.splitlines()), result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_problems_are_reported_one_per_line(dpoc_cli, tmp_path):
+    result = dpoc_cli("validate", GOOD, "--set", "training.lr=-1", "--set", "dpo.beta=0")
+    assert result.code == 2
+    assert sorted(result.err.splitlines()) == [
+        f"{GOOD}: dpo.beta: must be > 0 (got 0)",
+        f"{GOOD}: training.lr: must be > 0 (got -1)",
+    ]
+
+
+def test_hostfile_errors_name_the_line(dpoc_cli, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# cluster\n10.0.0.1 slots=16\n10.0.0.2 slots=8\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GOOD.read_text().replace("hosts: [192.168.1.10, 192.168.1.11]", f"hostfile: {hostfile}"))
+    result = dpoc_cli("build", recipe, "-o", tmp_path / "o")
+    assert result.code == 2
+    assert result.err.strip() == f"{hostfile}: line 3: slots=8 does not match 16 devices per node of the hardware preset"
+
+
+def test_real_process_exits_2_without_traceback(tmp_path):
+    proc = run_subprocess("build", GOOD, "parallelism.tp=3", "-o", tmp_path / "o")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"{GOOD}: parallelism.tp: tp·pp·cp = 3·8·1 = 24 does not divide the world size 32 (2 nodes × 16 devices); "
+        "valid: tp in {1, 2, 4} at pp=8, cp=1",
+        f"{GOOD}: parallelism.tp: tp=3: 32 attention heads and 4 KV heads need tp in {{1, 2, 4}}",
+        f"{GOOD}: parallelism.tp: tp=3 would put a tensor-parallel group across nodes over the slow inter-node link "
+        "(16 devices per node); valid: tp in {1, 2, 4, 8, 16}",
+    ]
