@@ -1,0 +1,283 @@
+"""The build directory: its contract, its determinism and atomicity, and scripts that run as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpoc import megatron_args, validate
+from dpoc.compile import build, plan_recipe
+from tests.conftest import RECIPES, REPO, run_subprocess
+
+CONTRACT = ["plan.json", "megatron.args", "resume/megatron.args", "nodes/node-0.sh", "nodes/node-1.sh", "launch.sh",
+            "preprocess.yaml", "preprocess.sh", "convert/hf_to_mcore.sh", "convert/mcore_to_hf.sh",
+            "mindspeed-rl/dpo_qwen3_30b.yaml", "mindspeed-rl/dpo_qwen3_30b_resume.yaml",
+            "mindspeed-rl/model/qwen3_30b_a3b.yaml", "mindspeed-rl/datasets/qwen3_30b.yaml",
+            "mindspeed-rl/nodes/node-0.sh", "mindspeed-rl/nodes/node-1.sh", "manifest.json"]
+MINDSPEED_FIELDS = {ln for ln in (REPO / "tests/fixtures/mindspeed_megatron_config_fields.txt").read_text().split("\n")
+                    if ln and not ln.startswith("#")}
+
+
+@pytest.fixture(scope="module")
+def guide_build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("b") / "qwen3_30b"
+    build(RECIPES / "qwen3_30b.yaml", out=out)
+    return out
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_guide_build_has_the_whole_contract(guide_build):
+    assert sorted(files_of(guide_build)) == sorted(CONTRACT)
+    plan = json.loads((guide_build / "plan.json").read_text())
+    assert (plan["layout"]["tp"], plan["layout"]["pp"], plan["layout"]["dp"], plan["layout"]["ep"]) == (2, 8, 2, 1)
+    assert validate.check("plan", plan, "plan.json") == []
+
+
+def test_manifest_lists_every_file_with_its_hash(guide_build):
+    import hashlib
+
+    manifest = json.loads((guide_build / "manifest.json").read_text())
+    files = files_of(guide_build)
+    del files["manifest.json"]
+    assert manifest["files"] == {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
+    assert manifest["plan_hash"] == hashlib.sha256(files["plan.json"]).hexdigest()
+    assert manifest["skipped_targets"] == {}
+
+
+def test_megatron_args_parse_with_the_runtime_parser(guide_build):
+    args = megatron_args.parse([f"@{guide_build / 'megatron.args'}"])
+    plan = plan_recipe(RECIPES / "qwen3_30b.yaml")
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size,
+            args.expert_tensor_parallel_size) == (2, 8, 1, 2)
+    assert args.lr == 5e-8 and args.global_batch_size == 64 and args.seq_length == 4096 and args.seed == 42
+    assert args.num_experts == 128 and args.moe_router_topk == 8 and args.norm_epsilon == 1e-6
+    assert args.ref_model == args.load == "./model_weights/Qwen3-30B-TP2-PP8-EP1"
+    assert args.finetune and args.no_load_optim and args.no_load_rng
+    assert args.dpoc_plan_hash == plan.hash()
+
+
+def test_resume_flips_exactly_what_must_flip(guide_build):
+    fresh = (guide_build / "megatron.args").read_text().splitlines()
+    resume = (guide_build / "resume/megatron.args").read_text().splitlines()
+    assert sorted(set(fresh) - set(resume)) == ["--finetune", "--load ./model_weights/Qwen3-30B-TP2-PP8-EP1",
+                                                 "--no-load-optim", "--no-load-rng"]
+    assert sorted(set(resume) - set(fresh)) == ["--load ./ckpt"]
+    assert "--ref-model ./model_weights/Qwen3-30B-TP2-PP8-EP1" in resume  # the reference stays the initial weights
+
+
+def test_mindspeed_config_uses_only_known_scalar_keys(guide_build):
+    for name in ("dpo_qwen3_30b.yaml", "dpo_qwen3_30b_resume.yaml"):
+        cfg = yaml.safe_load((guide_build / "mindspeed-rl" / name).read_text())
+        assert cfg["defaults"] == [{"model": ["qwen3_30b_a3b"]}]
+        train = cfg["megatron_training"]
+        # `model` selects the model YAML entry; MindSpeed-RL pops it before building MegatronConfig
+        assert set(train) - {"model"} <= MINDSPEED_FIELDS, set(train) - MINDSPEED_FIELDS
+        assert all(not isinstance(v, (list, dict)) for v in train.values())
+        assert train["ref_model"] == "./model_weights/Qwen3-30B-TP2-PP8-EP1"
+        assert train["norm_epsilon"] == 1e-6
+        assert "no_save_optim" not in train and "no_save_rng" not in train
+    model = yaml.safe_load((guide_build / "mindspeed-rl/model/qwen3_30b_a3b.yaml").read_text())
+    assert list(model) == ["qwen3_30b_a3b"]
+    assert set(model["qwen3_30b_a3b"]) <= MINDSPEED_FIELDS
+    assert model["qwen3_30b_a3b"]["norm_epsilon"] == 1e-6
+    resume = yaml.safe_load((guide_build / "mindspeed-rl/dpo_qwen3_30b_resume.yaml").read_text())["megatron_training"]
+    assert resume["load"] == "./ckpt" and "finetune" not in resume and "no_load_optim" not in resume
+
+
+def test_converter_gets_tp_extend_ep_exactly_when_training_sets_it(tmp_path):
+    for extend in (False, True):
+        out = tmp_path / str(extend)
+        build(RECIPES / "qwen3_30b.yaml", [f"parallelism.moe_tp_extend_ep={str(extend).lower()}",
+                                           "runtime=mindspeed-rl"], out=out)
+        convert = (out / "convert/hf_to_mcore.sh").read_text()
+        train = yaml.safe_load((out / "mindspeed-rl/dpo_qwen3_30b.yaml").read_text())["megatron_training"]
+        assert ("--moe-tp-extend-ep" in convert) is extend is bool(train.get("moe_tp_extend_ep"))
+        assert "--target-tensor-parallel-size 2 \\\n  --target-pipeline-parallel-size 8" in convert
+        assert "--moe-grouped-gemm" in convert and "--model-type-hf qwen3-moe" in convert
+
+
+def test_legacy_converter_for_llama(tmp_path):
+    out = tmp_path / "llama"
+    build(RECIPES / "qwen3_30b_a2.yaml", ["model.preset=llama3-8b", "dataset.template=llama3"], out=out)
+    convert = (out / "convert/hf_to_mcore.sh").read_text()
+    assert "convert_ckpt.py" in convert and "--model-type GPT" in convert and "--model-type-hf llama2" in convert
+
+
+def test_same_recipe_gives_byte_identical_builds(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        proc = run_subprocess("build", RECIPES / "qwen3_30b.yaml", "-o", out)
+        assert proc.returncode == 0, proc.stderr
+    assert files_of(a) == files_of(b)
+
+
+def test_failed_build_leaves_the_old_build_untouched(tmp_path, dpoc_cli):
+    out = tmp_path / "b"
+    assert dpoc_cli("build", RECIPES / "qwen3_30b.yaml", "-o", out).code == 0
+    before = files_of(out)
+    assert dpoc_cli("build", RECIPES / "qwen3_30b.yaml", "parallelism.tp=3", "-o", out).code == 2
+    assert files_of(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary siblings left
+
+
+def test_rebuild_replaces_the_whole_directory(tmp_path, dpoc_cli):
+    out = tmp_path / "b"
+    assert dpoc_cli("build", RECIPES / "qwen3_30b.yaml", "-o", out).code == 0
+    (out / "stale.txt").write_text("from an older build")
+    assert dpoc_cli("build", RECIPES / "qwen3_30b.yaml", "training.lr=1e-7", "-o", out).code == 0
+    assert not (out / "stale.txt").exists()
+    assert "--lr 1e-07" in (out / "megatron.args").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_write_failure_midway_keeps_old_build(tmp_path, monkeypatch):
+    from dpoc import build as build_module
+
+    out = tmp_path / "b"
+    build(RECIPES / "qwen3_30b.yaml", out=out)
+    before = files_of(out)
+    calls = []
+    real_write = Path.write_text
+
+    def failing_write(self, text, *a, **k):
+        calls.append(self)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real_write(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", failing_write)
+    with pytest.raises(OSError):
+        build_module.write_tree(out, {f"f{i}.txt": "x" for i in range(10)})
+    assert files_of(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_build_does_not_import_torch(tmp_path):
+    code = ("import sys; from dpoc.cli import main; rc = main(['build', 'recipes/qwen3_30b.yaml', '-o', sys.argv[1]]);"
+            "bad = [m for m in ('torch', 'megatron', 'transformers', 'numpy') if m in sys.modules];"
+            "print(rc, bad)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stderr
+
+
+def test_shipped_scripts_pass_shellcheck(guide_build, tmp_path):
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    tiny = tmp_path / "tiny"
+    build(RECIPES / "tiny_cpu.yaml", out=tiny)
+    scripts = sorted(guide_build.rglob("*.sh")) + sorted(tiny.rglob("*.sh"))
+    assert len(scripts) == 11
+    proc = subprocess.run([shellcheck, "--severity=style", *map(str, scripts)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+HOSTILE = "./data dir/it's \"quoted\" $(touch PWNED) `touch PWNED2`;x"
+
+
+def test_hostile_paths_stay_literal_when_scripts_run(tmp_path):
+    """A node script runs with stub python/torchrun that record their argv: paths arrive verbatim, nothing runs."""
+    out = tmp_path / "build"
+    build(RECIPES / "tiny_cpu.yaml", [f"dataset.output_prefix={HOSTILE}", f"run_dir={HOSTILE}/run"], out=out)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "argv.log"
+    for tool in ("python", "torchrun"):
+        (stubs / tool).write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> "{log}"\n')
+        (stubs / tool).chmod(0o755)
+    work = tmp_path / "job"
+    work.mkdir()
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=work, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    argv = log.read_text().splitlines()
+    assert argv[:4] == ["-m", "dpoc", "preflight", str(out)]
+    assert f"@{out}/megatron.args" in argv
+    proc = subprocess.run(["bash", str(out / "preprocess.sh")], cwd=work, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "data dir").is_dir()  # mkdir of the literal prefix directory
+    assert not list(work.rglob("PWNED*")) and not list(tmp_path.rglob("PWNED*"))
+    args = megatron_args.parse([f"@{out / 'megatron.args'}"])
+    assert args.data_path == HOSTILE and args.dpoc_run_dir == f"{HOSTILE}/run"
+
+
+def test_master_address_and_port_overrides(tmp_path):
+    out = tmp_path / "build"
+    build(RECIPES / "qwen3_30b.yaml", out=out)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "argv.log"
+    for tool in ("python", "torchrun"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
+        (stubs / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(out / "nodes/node-1.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
+    env.update(DPOC_MASTER_ADDR="10.9.9.9", DPOC_MASTER_PORT="7777")
+    subprocess.run(["bash", str(out / "nodes/node-1.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
+    runs = [ln for ln in log.read_text().splitlines() if ln.startswith("--nnodes")]
+    assert runs[0].startswith("--nnodes 2 --node_rank 1 --nproc_per_node 16 --master_addr 192.168.1.10 --master_port 6005")
+    assert runs[1].startswith("--nnodes 2 --node_rank 1 --nproc_per_node 16 --master_addr 10.9.9.9 --master_port 7777")
+
+
+def test_resume_mode_is_picked_from_the_save_directory(tmp_path):
+    out = tmp_path / "build"
+    build(RECIPES / "tiny_cpu.yaml", ["checkpoint.save=ckpt"], out=out)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "argv.log"
+    for tool in ("python", "torchrun"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
+        (stubs / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt/latest_checkpointed_iteration.txt").write_text("10")
+    subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
+    bad = subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env={**env, "DPOC_RESUME": "yes"},
+                         capture_output=True, text=True)
+    lines = log.read_text().splitlines()
+    assert lines[0] == f"-m dpoc preflight {out} --mode fresh" and lines[1].endswith(f"@{out}/megatron.args")
+    assert lines[2] == f"-m dpoc preflight {out} --mode resume" and lines[3].endswith(f"@{out}/resume/megatron.args")
+    assert bad.returncode == 2 and "DPOC_RESUME must be auto, 1 or 0 (got yes)" in bad.stderr
+
+
+def test_cpu_recipe_skips_mindspeed_with_the_reason(tmp_path, dpoc_cli):
+    result = dpoc_cli("build", RECIPES / "tiny_cpu.yaml", "-o", tmp_path / "t")
+    assert result.code == 0
+    assert not (tmp_path / "t/mindspeed-rl").exists() and not (tmp_path / "t/convert").exists()
+    manifest = json.loads((tmp_path / "t/manifest.json").read_text())
+    assert manifest["skipped_targets"]["mindspeed-rl"][0].startswith("checkpoint.init: MindSpeed-RL always loads")
+    assert "target mindspeed-rl not rendered: checkpoint.init" in result.err
+    args = megatron_args.parse([f"@{tmp_path / 't/megatron.args'}"])
+    assert args.load is None and args.ref_model is None and args.dpoc_device == "cpu" and not args.bf16
+
+
+def test_schema_command_prints_the_shipped_schema(dpoc_cli):
+    result = dpoc_cli("schema", "recipe")
+    assert result.code == 0 and json.loads(result.out) == validate.schema("recipe")
+
+
+def test_explain_shows_sources(dpoc_cli):
+    result = dpoc_cli("explain", RECIPES / "qwen3_30b.yaml", "training.lr=1e-7")
+    rows = {ln.split()[0]: ln for ln in result.out.splitlines()}
+    assert "user:command line" in rows["training.lr"]
+    assert "preset:qwen3-30b-a3b" in rows["model.num_layers"]
+    assert "derived:layout.dp" in rows["layout.dp"] and "world size / (tp·pp·cp)" in rows["layout.dp"]
+    assert "derived:layout.etp" in rows["layout.etp"]
+    assert rows["layout.tp"].split()[1:3] == ["2", "user"]
+
+
+def test_validate_accepts_every_shipped_recipe(dpoc_cli):
+    recipes = sorted(RECIPES.glob("*.yaml"))
+    result = dpoc_cli("validate", *recipes)
+    assert result.code == 0, result.err
+    assert result.out.splitlines() == [f"{r}: ok" for r in recipes]
