@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 
@@ -194,12 +195,16 @@ class Plan:
         data["provenance"] = {path: _plain(src) for path, src in self.provenance}
         return data
 
-    def to_json(self) -> str:
-        """Canonical text of plan.json: sorted keys, fixed indentation, trailing newline."""
+    @cached_property
+    def _json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
+    def to_json(self) -> str:
+        """Canonical text of plan.json: sorted keys, fixed indentation, trailing newline."""
+        return self._json
+
     def hash(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        return hashlib.sha256(self._json.encode()).hexdigest()
 
 
 def _plain(value: Any) -> Any:

@@ -32,10 +32,25 @@ def _env():
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resources.data_dir("templates"))),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
-        autoescape=False,
+        autoescape=False, bytecode_cache=_bytecode_cache(),
     )
     env.filters["q"] = lambda v: shlex.quote(str(v))
     return env
+
+
+def _bytecode_cache():
+    """Compiled templates cached per user (keyed by template source checksum), so a build skips compiling."""
+    import os
+
+    import jinja2
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(base, "dpoc", "jinja")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return None  # read-only home: compile every time
+    return jinja2.FileSystemBytecodeCache(directory)
 
 
 def _template(template: str, **values: Any) -> str:

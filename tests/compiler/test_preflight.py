@@ -1,0 +1,51 @@
+"""Node preflight: the checks that need the node's files, with one line per problem and exit 2."""
+
+from __future__ import annotations
+
+import os
+
+from dpoc.compile import build
+from tests.conftest import RECIPES
+
+PARTS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
+def test_preflight_names_what_is_missing_then_passes(tmp_path, dpoc_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "b"
+    build(RECIPES / "tiny_cpu.yaml", ["checkpoint.save=ck"], out=out)
+    result = dpoc_cli("preflight", out)
+    assert result.code == 2
+    assert result.err.splitlines() == [
+        "runs/tiny_cpu/dataset/orca_tiny_packed_chosen_input_ids_document.bin: (file): missing preprocessed dataset; "
+        f"run {out}/preprocess.sh first",
+        "runs/tiny_cpu/dataset/orca_tiny_packed_chosen_labels_document.bin: (file): missing preprocessed dataset; "
+        f"run {out}/preprocess.sh first",
+        "runs/tiny_cpu/dataset/orca_tiny_packed_rejected_input_ids_document.bin: (file): missing preprocessed dataset; "
+        f"run {out}/preprocess.sh first",
+        "runs/tiny_cpu/dataset/orca_tiny_packed_rejected_labels_document.bin: (file): missing preprocessed dataset; "
+        f"run {out}/preprocess.sh first",
+        "./assets/tiny/tokenizer: (directory): tokenizer directory not found on this node",
+    ]
+    os.makedirs("runs/tiny_cpu/dataset")
+    for part in PARTS:
+        for ext in ("bin", "idx"):
+            open(f"runs/tiny_cpu/dataset/orca_tiny_packed_{part}_document.{ext}", "wb").close()
+    os.makedirs("assets/tiny/tokenizer")
+    assert dpoc_cli("preflight", out).code == 0
+    result = dpoc_cli("preflight", out, "--mode", "resume")
+    assert result.code == 2 and result.err == ("ck: latest_checkpointed_iteration.txt: no checkpoint to resume from; "
+                                               "valid: DPOC_RESUME=0\n")
+
+
+def test_preflight_refuses_an_edited_build(tmp_path, dpoc_cli):
+    out = tmp_path / "b"
+    build(RECIPES / "qwen3_30b.yaml", out=out)
+    with open(out / "megatron.args", "a") as f:
+        f.write("--lr 1.0\n")
+    result = dpoc_cli("preflight", out)
+    assert result.code == 2
+    assert result.err.splitlines()[0] == (f"{out}/megatron.args: (file): differs from manifest.json: the build was "
+                                          "edited or is incomplete; rebuild it with dpoc build")
+    assert f"./model_weights/Qwen3-30B-TP2-PP8-EP1: (directory): checkpoint.load not found on this node; run " \
+           f"{out}/convert/hf_to_mcore.sh first" in result.err
