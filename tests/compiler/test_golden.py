@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from dpoc.compile import build
-from tests.conftest import REPO, RECIPES
+from tests.conftest import RECIPES, REPO
 
 GOLDEN = REPO / "tests" / "golden"
 
