@@ -66,7 +66,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _preflight(args: argparse.Namespace) -> int:
     from dpoc.preflight import preflight
 
-    preflight(args.build_dir, args.mode)
+    preflight(args.build_dir, args.mode, args.target)
     return 0
 
 
@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preflight", help="check a node before launch (run by the node scripts)")
     p.add_argument("build_dir")
     p.add_argument("--mode", choices=["fresh", "resume"], default="fresh")
+    p.add_argument("--target", choices=["dpoc", "mindspeed-rl"], default="dpoc")
     p.set_defaults(func=_preflight)
 
     for name, (module, help_text) in EXTERNAL.items():

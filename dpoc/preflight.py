@@ -1,8 +1,9 @@
-"""Node preflight: checks that need the node's own files, run by each node script before torchrun.
+"""Node preflight: the checks that need the node's own files, run by each node script before torchrun.
 
 The compiler never touches cluster paths (resolve is pure); this is where they are checked: the build is
 intact (files match manifest.json), the dataset, tokenizer and initial weights exist, and on resume the
-checkpoint is there. Exit 2 with one line per problem.
+checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank, the checkpoint's layout must be
+exactly the Plan's; a mismatch is refused with the conversion that fixes it. Exit 2, one line per problem.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from dpoc.errors import DpocError, Problem
 
@@ -17,37 +19,75 @@ DATASET_PARTS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rej
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def preflight(build_dir: str | Path, mode: str) -> None:
+def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
     build = Path(build_dir)
-    problems: list[Problem] = []
     manifest_path = build / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
         raise DpocError([Problem(str(manifest_path), "(file)", f"cannot read the build's manifest: {exc}")]) from None
-    for rel, digest in manifest["files"].items():
-        path = build / rel
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            problems.append(Problem(str(path), "(file)", "differs from manifest.json: the build was edited or is "
-                                    "incomplete; rebuild it with dpoc build"))
+    problems = _edited_files(build, manifest)
     plan = json.loads((build / "plan.json").read_text())
-    data, ck = plan["data"], plan["checkpoint"]
-    for part in DATASET_PARTS:
-        for ext in ("bin", "idx"):
-            path = Path(f"{data['output_prefix']}_packed_{part}_document.{ext}")
-            if not path.is_file():
-                problems.append(Problem(str(path), "(file)", "missing preprocessed dataset; run "
-                                        f"{build / 'preprocess.sh'} first"))
-                break
-    if not Path(data["tokenizer"]).is_dir():
-        problems.append(Problem(data["tokenizer"], "(directory)", "tokenizer directory not found on this node"))
+    problems += _inputs(build, plan)
+    ck = plan["checkpoint"]
     if mode == "resume":
         if not (Path(ck["save"]) / TRACKER).is_file():
             problems.append(Problem(ck["save"], TRACKER, "no checkpoint to resume from; valid: DPOC_RESUME=0"))
+        elif target == "mindspeed-rl":
+            problems += legacy_layout_problems(ck["save"], plan["layout"], build)
     else:
         for key in ("load", "ref_model"):
             if ck[key] is not None and not Path(ck[key]).is_dir():
                 problems.append(Problem(ck[key], "(directory)", f"checkpoint.{key} not found on this node; run "
                                         f"{build / 'convert' / 'hf_to_mcore.sh'} first"))
+            elif ck[key] is not None and target == "mindspeed-rl":
+                problems += legacy_layout_problems(ck[key], plan["layout"], build)
     if problems:
         raise DpocError(list(dict.fromkeys(problems)))
+
+
+def _edited_files(build: Path, manifest: dict[str, Any]) -> list[Problem]:
+    out = []
+    for rel, digest in manifest["files"].items():
+        path = build / rel
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            out.append(Problem(str(path), "(file)", "differs from manifest.json: the build was edited or is "
+                               "incomplete; rebuild it with dpoc build"))
+    return out
+
+
+def _inputs(build: Path, plan: dict[str, Any]) -> list[Problem]:
+    data, out = plan["data"], []
+    for part in DATASET_PARTS:
+        path = Path(f"{data['output_prefix']}_packed_{part}_document.bin")
+        if not path.is_file() or not path.with_suffix(".idx").is_file():
+            out.append(Problem(str(path), "(file)", f"missing preprocessed dataset; run {build / 'preprocess.sh'} "
+                               "first"))
+    if not Path(data["tokenizer"]).is_dir():
+        out.append(Problem(data["tokenizer"], "(directory)", "tokenizer directory not found on this node"))
+    return out
+
+
+def expected_rank_dirs(layout: dict[str, Any]) -> set[str]:
+    """MindSpeed-LLM legacy checkpoint folders: mp_rank_TT[_PPP][_EEE], suffixes only when pp>1 / ep>1."""
+    tp, pp, ep = layout["tp"], layout["pp"], layout["ep"]
+    return {f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
+            for t in range(tp) for p in range(pp) for e in range(ep)}
+
+
+def legacy_layout_problems(checkpoint: str, layout: dict[str, Any], build: Path) -> list[Problem]:
+    tracker = Path(checkpoint) / TRACKER
+    if not tracker.is_file():
+        return [Problem(checkpoint, TRACKER, "not a Megatron checkpoint (no tracker file)")]
+    it = tracker.read_text().strip()
+    name = "release" if it == "release" else f"iter_{int(it):07d}"
+    folder = Path(checkpoint) / name
+    found = {p.name for p in folder.glob("mp_rank_*") if p.is_dir()}
+    expected = expected_rank_dirs(layout)
+    if found == expected:
+        return []
+    lay = f"tp={layout['tp']} pp={layout['pp']} ep={layout['ep']}"
+    span = f"{min(expected)} … {max(expected)}"
+    return [Problem(f"{checkpoint}/{name}", "(layout)", f"holds {len(found)} rank folders, but {lay} needs {len(expected)} "
+                    f"({span}); MindSpeed-RL checkpoints are per rank: reconvert with "
+                    f"{build / 'convert' / 'hf_to_mcore.sh'}")]

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import REPO, RECIPES
+from tests.conftest import RECIPES, REPO
 
 
 @pytest.fixture(scope="module")

@@ -49,3 +49,28 @@ def test_preflight_refuses_an_edited_build(tmp_path, dpoc_cli):
                                           "edited or is incomplete; rebuild it with dpoc build")
     assert f"./model_weights/Qwen3-30B-TP2-PP8-EP1: (directory): checkpoint.load not found on this node; run " \
            f"{out}/convert/hf_to_mcore.sh first" in result.err
+
+
+def test_mindspeed_checkpoint_must_have_the_plans_layout(tmp_path, dpoc_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "b"
+    build(RECIPES / "qwen3_30b.yaml", ["runtime=mindspeed-rl"], out=out)
+    os.makedirs("dataset")
+    for part in PARTS:
+        for ext in ("bin", "idx"):
+            open(f"dataset/dpo_packed_{part}_document.{ext}", "wb").close()
+    os.makedirs("model_from_hf/Qwen3-30B-A3B")
+    weights = tmp_path / "model_weights/Qwen3-30B-TP2-PP8-EP1"
+    for tp in range(2):  # converted with pp=4 by mistake
+        for pp in range(4):
+            os.makedirs(weights / f"iter_0000001/mp_rank_{tp:02d}_{pp:03d}")
+    (weights / "latest_checkpointed_iteration.txt").write_text("1\n")
+    result = dpoc_cli("preflight", out, "--target", "mindspeed-rl")
+    assert result.code == 2
+    assert result.err == (f"./model_weights/Qwen3-30B-TP2-PP8-EP1/iter_0000001: (layout): holds 8 rank folders, but "
+                          "tp=2 pp=8 ep=1 needs 16 (mp_rank_00_000 … mp_rank_01_007); MindSpeed-RL checkpoints are per "
+                          f"rank: reconvert with {out}/convert/hf_to_mcore.sh\n")
+    for tp in range(2):
+        for pp in range(4, 8):
+            os.makedirs(weights / f"iter_0000001/mp_rank_{tp:02d}_{pp:03d}")
+    assert dpoc_cli("preflight", out, "--target", "mindspeed-rl").code == 0

@@ -29,13 +29,18 @@ export CLOSE_MATMUL_K_SHIFT=1
 export PYTHONPATH="$MINDSPEED_RL_HOME${PYTHONPATH:+:$PYTHONPATH}"
 
 save_dir=./ckpt
-config=dpo_qwen3_30b_a2
+mode=fresh
 case "${DPOC_RESUME:-auto}" in
-  1) config=dpo_qwen3_30b_a2_resume ;;
+  1) mode=resume ;;
   0) ;;
-  auto) if [ -f "$save_dir/latest_checkpointed_iteration.txt" ]; then config=dpo_qwen3_30b_a2_resume; fi ;;
+  auto) if [ -f "$save_dir/latest_checkpointed_iteration.txt" ]; then mode=resume; fi ;;
   *) echo "DPOC_RESUME must be auto, 1 or 0 (got ${DPOC_RESUME})" >&2; exit 2 ;;
 esac
+config=dpo_qwen3_30b_a2
+if [ "$mode" = resume ]; then config=dpo_qwen3_30b_a2_resume; fi
+
+# dpoc itself is light (no torch): `pip install dpoc` in the MindSpeed-RL environment
+python -m dpoc preflight "$HERE/.." --mode "$mode" --target mindspeed-rl
 
 mkdir -p logs
 torchrun \
