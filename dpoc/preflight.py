@@ -88,6 +88,6 @@ def legacy_layout_problems(checkpoint: str, layout: dict[str, Any], build: Path)
         return []
     lay = f"tp={layout['tp']} pp={layout['pp']} ep={layout['ep']}"
     span = f"{min(expected)} … {max(expected)}"
-    return [Problem(f"{checkpoint}/{name}", "(layout)", f"holds {len(found)} rank folders, but {lay} needs {len(expected)} "
-                    f"({span}); MindSpeed-RL checkpoints are per rank: reconvert with "
+    return [Problem(f"{checkpoint}/{name}", "(layout)", f"holds {len(found)} rank folders, but {lay} needs "
+                    f"{len(expected)} ({span}); MindSpeed-RL checkpoints are per rank: reconvert with "
                     f"{build / 'convert' / 'hf_to_mcore.sh'}")]
