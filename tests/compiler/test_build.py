@@ -94,6 +94,25 @@ def test_mindspeed_config_uses_only_known_scalar_keys(guide_build):
     assert resume["load"] == "./ckpt" and "finetune" not in resume and "no_load_optim" not in resume
 
 
+# MindSpeed-RL DataHandlerConfig keys (shared/reference/mindspeed-dpo-facts.md §9); unknown keys are an error there
+DATA_HANDLER_KEYS = {
+    "input", "output_prefix", "handler_name", "tokenizer_type", "tokenizer_name_or_path", "tokenizer_not_use_fast",
+    "vocab_file", "merge_file", "prompt_type", "prompt_type_path", "enable_thinking", "seq_length", "map_keys",
+    "json_keys", "dataset_additional_keys", "workers", "n_subs", "pack", "neat_pack", "append_eod", "streaming",
+    "split_sentences", "keep_newlines", "interleave_probs", "overwrite_cache", "seed", "cache_dir", "script_data_dir",
+    "make_vocab_size_divisible_by", "pad_vocab_size_to", "placeholder_token", "reward_tokens", "dataset_impl",
+    "log_interval", "merge_group_keys",
+}
+
+
+def test_mindspeed_dataset_config_is_the_guides(guide_build):
+    cfg = yaml.safe_load((guide_build / "mindspeed-rl/datasets/qwen3_30b.yaml").read_text())
+    assert set(cfg) <= DATA_HANDLER_KEYS
+    assert cfg["handler_name"] == "AlpacaStylePairwiseHandler" and cfg["prompt_type"] == "qwen3"
+    assert cfg["map_keys"] == {"prompt": "question", "query": "", "system": "system"}
+    assert cfg["enable_thinking"] is True and cfg["seq_length"] == 4096 and cfg["output_prefix"] == "./dataset/dpo"
+
+
 def test_converter_gets_tp_extend_ep_exactly_when_training_sets_it(tmp_path):
     for extend in (False, True):
         out = tmp_path / str(extend)
