@@ -73,6 +73,11 @@ def specs():
     """The builders above, as one namespace for the tests."""
     class Specs:
         pass
-    for f in (model, qwen3_30b_a3b, hardware, layout, training):
+    for f in (model, qwen3_30b_a3b, hardware, layout, training, build):
         setattr(Specs, f.__name__, staticmethod(f))
     return Specs
+
+
+def build(model_spec: ModelSpec, hw: HardwareSpec, global_batch_size: int, knobs: dict[str, Any]) -> Layout:
+    """The compiler's knobs -> Layout step, reduced to the knobs the planner tests use."""
+    return layout(hw.world_size, gbs=global_batch_size, layers=model_spec.num_layers, **knobs)
