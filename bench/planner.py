@@ -40,7 +40,8 @@ def build_layout(model: ModelSpec, hardware: HardwareSpec, global_batch_size: in
     return Layout(
         world_size=world, tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, dp=dp, edp=world // (etp * ep * pp),
         sequence_parallel=tp > 1, micro_batch_size=mbs, global_batch_size=global_batch_size,
-        num_microbatches=global_batch_size // (mbs * dp), recompute=knobs.get("recompute", "none"),
+        num_microbatches=global_batch_size // (mbs * dp) if dp else 0,
+        recompute=knobs.get("recompute", "none"),
         recompute_method=knobs.get("recompute_method"),
         recompute_num_layers=knobs.get("recompute_num_layers"),
         num_layer_list=tuple(layer_list) if layer_list else None, noop_layers=noop, stage_layers=stage_layers,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.params import Shard, kv_width, q_width, real_layers_per_stage, stage_shard
@@ -60,7 +61,7 @@ class MemoryEstimate:
     stages: tuple[StageMemory, ...]
     capacity: float  # bytes of device memory
 
-    @property
+    @cached_property
     def peak(self) -> StageMemory:
         return max(self.stages, key=lambda s: s.total)
 
@@ -112,10 +113,12 @@ def layer_activation_bytes(model: ModelSpec, layout: Layout, training: Training,
         return attention + a * tok.local * 2 * h + a * tok.full * 3 * model.ffn_hidden_size / tp
     mlp = a * tok.local * 2 * h + FP32 * tok.local * 2 * moe.num_experts  # router logits and probabilities
     mlp += a * tok.full * 3 * moe.shared_expert_ffn_hidden_size / tp
-    # each local token goes to top-k experts and is gathered across the expert-tensor group; a copy keeps
-    # fc1 input (h), SwiGLU and fc2 inputs (3F/etp), the expert output for unpermute (h), its routing prob
-    copies = moe.topk * tok.local * layout.etp
-    mlp += copies * (a * (2 * h + 3 * moe.ffn_hidden_size / layout.etp) + FP32)
+    # each local token goes to top-k experts; the experts see the copies of the whole expert-tensor group
+    # (gathered) and keep fc1 input (h) and SwiGLU and fc2 inputs (3F/etp) per copy; back on this rank,
+    # unpermute keeps each local copy's expert output (h) and routing probability
+    local_copies = moe.topk * tok.local
+    mlp += local_copies * layout.etp * a * (h + 3 * moe.ffn_hidden_size / layout.etp)
+    mlp += local_copies * (a * h + FP32)
     return attention + mlp
 
 
@@ -143,20 +146,36 @@ def in_flight_chunks(layout: Layout, stage: int) -> int:
     return min(layout.pp * (layout.vpp + 1) - 1 - 2 * stage, layout.num_microbatches * layout.vpp)
 
 
-def chunk_saved_bytes(
-    model: ModelSpec, layout: Layout, training: Training, layers: float
-) -> tuple[float, float]:
+@dataclass(frozen=True)
+class _PerLayer:
+    """Per-micro-batch quantities every stage shares (computed once per layout)."""
+
+    full: float  # bytes a layer saves without recompute
+    kept: float  # bytes a layer keeps under full recompute (its input)
+    dispatch: float  # MoE dispatch buffers
+    tokens: _Tokens
+
+    @classmethod
+    def of(cls, model: ModelSpec, layout: Layout, training: Training) -> _PerLayer:
+        sequences = SEQUENCES_PER_PAIR * layout.micro_batch_size
+        return cls(
+            full=layer_activation_bytes(model, layout, training, sequences),
+            kept=layer_input_bytes(model, layout, training, sequences),
+            dispatch=dispatch_bytes(model, layout, training, sequences),
+            tokens=_tokens(layout, training.seq_length, sequences),
+        )
+
+
+def chunk_saved_bytes(layout: Layout, per_layer: _PerLayer, layers: float) -> tuple[float, float]:
     """(saved, recompute working set) bytes of one micro-batch through a chunk of `layers` layers."""
-    sequences = SEQUENCES_PER_PAIR * layout.micro_batch_size
-    full = layer_activation_bytes(model, layout, training, sequences)
+    full = per_layer.full
     if layout.recompute != "full":
         return layers * full, 0.0
-    kept = layer_input_bytes(model, layout, training, sequences)
     n = layout.recompute_num_layers or 1
     if layout.recompute_method == "block":
         recomputed = min(n, layers)
-        return recomputed * kept + (layers - recomputed) * full, full
-    return math.ceil(layers / n) * kept, min(n, layers) * full
+        return recomputed * per_layer.kept + (layers - recomputed) * full, full
+    return math.ceil(layers / n) * per_layer.kept, min(n, layers) * full
 
 
 def communicators(layout: Layout, model: ModelSpec, stage: int) -> int:
@@ -171,27 +190,26 @@ def communicators(layout: Layout, model: ModelSpec, stage: int) -> int:
 
 
 def stage_memory(
-    model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, stage: int, layers: int
+    model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, stage: int, layers: int,
+    per_layer: _PerLayer,
 ) -> StageMemory:
     shard = stage_shard(model, layout, stage, layers)
     weights, gradients, optimizer, reference = static_bytes(shard, layout, training)
     a = element_bytes(training)
-    sequences = SEQUENCES_PER_PAIR * layout.micro_batch_size
     chunks = in_flight_chunks(layout, stage)
-    saved, recompute_set = chunk_saved_bytes(model, layout, training, layers / layout.vpp)
-    tokens = _tokens(layout, training.seq_length, sequences)
-    last = stage == layout.pp - 1
+    saved, recompute_set = chunk_saved_bytes(layout, per_layer, layers / layout.vpp)
+    tokens = per_layer.tokens
     activations = chunks * saved
     logits = 0.0
-    if last:
+    if stage == layout.pp - 1:
         # final norm and head inputs, the policy's vocab-parallel logits and their fp32 softmax
         activations += 2 * a * tokens.local * model.hidden_size
         logits = tokens.full * model.vocab_size / layout.tp * (a + FP32)
     receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
     # policy and reference hidden states travel together: [s, 4 * mbs, h] per held micro-batch
     pipeline_buffers = chunks * 2 * a * tokens.local * model.hidden_size if receives else 0.0
-    reference_forward = layer_activation_bytes(model, layout, training, sequences) if layers else 0.0
-    transient = max(recompute_set, reference_forward) + dispatch_bytes(model, layout, training, sequences)
+    reference_forward = per_layer.full if layers else 0.0
+    transient = max(recompute_set, reference_forward) + (per_layer.dispatch if layers else 0.0)
     return StageMemory(
         stage=stage, layers=layers, params=shard.total,
         weights=weights, gradients=gradients, optimizer=optimizer, reference=reference,
@@ -209,6 +227,9 @@ def estimate_memory(
     Every DPO loss (sigmoid, hinge, ipo, with or without the SFT term) trains on chosen + rejected against
     the frozen reference, so the `DPO` settings do not change the memory.
     """
-    layers = real_layers_per_stage(layout)
-    stages = tuple(stage_memory(model, hardware, layout, training, i, n) for i, n in enumerate(layers))
+    per_layer = _PerLayer.of(model, layout, training)
+    stages = tuple(
+        stage_memory(model, hardware, layout, training, i, n, per_layer)
+        for i, n in enumerate(real_layers_per_stage(layout))
+    )
     return MemoryEstimate(stages, hardware.memory_gib * GIB)

@@ -7,6 +7,7 @@ with a `moe` section is an MoE layer. Counts follow Megatron's layer structure (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from dpoc.plan import Layout, ModelSpec
 
@@ -42,6 +43,7 @@ def kv_width(model: ModelSpec) -> int:
     return model.num_query_groups * model.head_dim
 
 
+@cache
 def layer_params(model: ModelSpec) -> LayerParams:
     h, q, kv = model.hidden_size, q_width(model), kv_width(model)
     attention = 2 * h * q + 2 * h * kv + ((q + 2 * kv) if model.qkv_bias else 0)
@@ -71,6 +73,8 @@ def real_layers_per_stage(layout: Layout) -> tuple[int, ...]:
 
     With interleaving (vpp > 1) stage i runs virtual chunks i, i + pp, i + 2pp, ... of equal size.
     """
+    if not layout.noop_layers:
+        return layout.stage_layers
     noop = set(layout.noop_layers)
     starts = [sum(layout.stage_layers[:i]) for i in range(layout.pp)]
     counts = []

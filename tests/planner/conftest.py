@@ -51,7 +51,7 @@ def layout(world: int, *, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, et
     return Layout(
         world_size=world, tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, dp=dp, edp=world // (etp * ep * pp),
         sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
-        micro_batch_size=mbs, global_batch_size=gbs, num_microbatches=gbs // (mbs * dp),
+        micro_batch_size=mbs, global_batch_size=gbs, num_microbatches=gbs // (mbs * dp) if dp else 0,
         recompute=recompute, recompute_method=recompute_method, recompute_num_layers=recompute_num_layers,
         num_layer_list=stage_layers, noop_layers=noop,
         stage_layers=stage_layers or (total // pp,) * pp, distributed_optimizer=distributed_optimizer,

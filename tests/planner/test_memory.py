@@ -149,13 +149,17 @@ def test_moe_layer_activations_by_hand(specs):
     # s 4, 2 sequences: 8 tokens, tp 2 + SP -> 4 local tokens, etp 1
     #   attention: 2*4*16 = 128 (inputs, local) + 2*8*(8+4+4+8)/2 = 192 + fp32 stats 4*8*2/2 = 32 -> 352
     #   router: 2*4*16 = 128 (norm/router inputs) + 4*4*2*4 = 128 (fp32 logits + probs)
-    #   experts: 2 * 4 local tokens = 8 copies, each 2*(2*8 + 3*4) + 4 = 60 -> 480
+    #   experts: 2 * 4 local tokens = 8 copies, each fc1 input 2*8 + SwiGLU/fc2 inputs 2*3*4 = 40,
+    #            plus unpermute's output 2*8 and prob 4 = 20 -> 8 * 60 = 480
     m = _toy_moe(specs)
     lay = specs.layout(8, tp=2, ep=4, etp=1)
     assert layer_activation_bytes(m, lay, specs.training(), 2) == 352 + 128 + 128 + 480
     (stage,) = estimate_memory(m, specs.hardware(), lay, specs.training()).stages
     # transient: the reference forward through one layer + dispatch send/recv 2 * 2*(2 * 4 tokens * 8)
     assert stage.transient == 1088 + 256
+    # etp 2: the experts see both tp ranks' copies (16), each 2*8 + 2*3*4/2 = 28; unpermute still 8 * 20
+    lay = specs.layout(8, tp=2, ep=2, etp=2)
+    assert layer_activation_bytes(m, lay, specs.training(), 2) == 352 + 128 + 128 + 16 * 28 + 8 * 20
 
 
 def test_hccl_buffers_and_reserve(specs):
