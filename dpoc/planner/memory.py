@@ -191,15 +191,17 @@ def communicators(layout: Layout, model: ModelSpec, stage: int) -> int:
 
 def stage_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, stage: int, layers: int,
-    per_layer: _PerLayer,
+    per_layer: _PerLayer, length_ratio: float,
 ) -> StageMemory:
+    """`length_ratio`: mean / longest sequence of the micro-batches held besides the longest one."""
     shard = stage_shard(model, layout, stage, layers)
     weights, gradients, optimizer, reference = static_bytes(shard, layout, training)
     a = element_bytes(training)
     chunks = in_flight_chunks(layout, stage)
+    held = min(chunks, 1) + max(chunks - 1, 0) * length_ratio  # in micro-batches of the longest length
     saved, recompute_set = chunk_saved_bytes(layout, per_layer, layers / layout.vpp)
     tokens = per_layer.tokens
-    activations = chunks * saved
+    activations = held * saved
     logits = 0.0
     if stage == layout.pp - 1:
         # final norm and head inputs, the policy's vocab-parallel logits and their fp32 softmax
@@ -207,7 +209,7 @@ def stage_memory(
         logits = tokens.full * model.vocab_size / layout.tp * (a + FP32)
     receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
     # policy and reference hidden states travel together: [s, 4 * mbs, h] per held micro-batch
-    pipeline_buffers = chunks * 2 * a * tokens.local * model.hidden_size if receives else 0.0
+    pipeline_buffers = held * 2 * a * tokens.local * model.hidden_size if receives else 0.0
     reference_forward = per_layer.full if layers else 0.0
     transient = max(recompute_set, reference_forward) + (per_layer.dispatch if layers else 0.0)
     return StageMemory(
@@ -220,16 +222,21 @@ def stage_memory(
 
 
 def estimate_memory(
-    model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training
+    model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training,
+    mean_seq_length: float | None = None,
 ) -> MemoryEstimate:
     """Memory per device for every pipeline stage of a DPO run.
 
+    Static padding: every held micro-batch is `seq_length` long. Dynamic padding with a known mean padded
+    length: one held micro-batch at `seq_length` (the peak a long pair causes) and the others at the mean.
     Every DPO loss (sigmoid, hinge, ipo, with or without the SFT term) trains on chosen + rejected against
     the frozen reference, so the `DPO` settings do not change the memory.
     """
     per_layer = _PerLayer.of(model, layout, training)
+    dynamic = training.dynamic_padding and mean_seq_length is not None
+    ratio = min(mean_seq_length / training.seq_length, 1.0) if dynamic else 1.0
     stages = tuple(
-        stage_memory(model, hardware, layout, training, i, n, per_layer)
+        stage_memory(model, hardware, layout, training, i, n, per_layer, ratio)
         for i, n in enumerate(real_layers_per_stage(layout))
     )
     return MemoryEstimate(stages, hardware.memory_gib * GIB)

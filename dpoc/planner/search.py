@@ -8,7 +8,7 @@ twice. It only decides which values are worth trying (`SearchSpace`), and pins w
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
 
@@ -114,7 +114,11 @@ def search(
     efficiency: Efficiency, mean_seq_length: float, pinned: dict[str, Any] | None = None,
     space: SearchSpace | None = None, keep_too_big: int = 5,
 ) -> SearchResult:
-    """Every layout of `space` (pinned knobs fixed) that `validate` accepts and that fits, ranked."""
+    """Every layout of `space` (pinned knobs fixed) that `validate` accepts and that fits, ranked.
+
+    `build(knobs)` is the compiler's knobs -> Layout step; `validate(layout)` its rules (problems, empty when
+    valid); `mean_seq_length` the mean padded sequence length (throughput, and memory under dynamic padding).
+    """
     pinned = pinned or {}
     space = space or default_space(model, hardware, training)
     ranked, too_big = [], []
@@ -131,7 +135,7 @@ def search(
         if problems:
             rule_rejected += 1
             continue
-        memory = estimate_memory(model, hardware, layout, training)
+        memory = estimate_memory(model, hardware, layout, training, mean_seq_length)
         peak = memory.peak
         if not memory.fits:
             over = (peak.total - memory.capacity) / 2**30
@@ -144,3 +148,22 @@ def search(
     ranked.sort(key=lambda c: (-c.throughput.samples_per_s, c.memory.peak.total))
     too_big.sort(key=lambda c: c.memory.peak.total)
     return SearchResult(tuple(ranked), tuple(too_big[:keep_too_big]), rule_rejected, evaluated)
+
+
+def smallest_fitting_nodes(
+    model: ModelSpec, hardware: HardwareSpec, training: Training,
+    prepare: Callable[[HardwareSpec], tuple[Build, Validate]], efficiency: Efficiency, mean_seq_length: float,
+    pinned: dict[str, Any] | None = None, max_nodes: int = 1024,
+) -> int | None:
+    """The fewest nodes (doubling from the hardware's count) on which some valid layout fits, for the
+    "does not fit, smallest need is N devices" message; None if even `max_nodes` is not enough.
+    `prepare(hardware)` gives the build and validate callables for that cluster size."""
+    nodes = hardware.nodes
+    while nodes <= max_nodes:
+        bigger = replace(hardware, nodes=nodes)
+        build, validate = prepare(bigger)
+        found = search(model, bigger, training, build, validate, efficiency, mean_seq_length, pinned)
+        if found.ranked:
+            return nodes
+        nodes *= 2
+    return None

@@ -60,11 +60,11 @@ def layout(world: int, *, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, et
     )
 
 
-def training(seq_length: int = 4, precision: str = "bf16") -> Training:
+def training(seq_length: int = 4, precision: str = "bf16", dynamic_padding: bool = False) -> Training:
     return Training(
         seq_length=seq_length, train_iters=1, lr=1e-6, min_lr=0.0, lr_decay_style="constant", warmup_iters=0,
         weight_decay=0.0, clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, seed=1,
-        precision=precision, dynamic_padding=False, save_interval=1, log_interval=1,
+        precision=precision, dynamic_padding=dynamic_padding, save_interval=1, log_interval=1,
     )
 
 
@@ -80,4 +80,6 @@ def specs():
 
 def build(model_spec: ModelSpec, hw: HardwareSpec, global_batch_size: int, knobs: dict[str, Any]) -> Layout:
     """The compiler's knobs -> Layout step, reduced to the knobs the planner tests use."""
-    return layout(hw.world_size, gbs=global_batch_size, layers=model_spec.num_layers, **knobs)
+    names = {"micro_batch_size": "mbs", "num_layer_list": "stage_layers", "noop_layers": "noop"}
+    args = {names.get(k, k): v for k, v in knobs.items()}
+    return layout(hw.world_size, gbs=global_batch_size, layers=model_spec.num_layers, **args)

@@ -206,3 +206,15 @@ def test_worked_example_qwen3_30b_tp2_pp8_32_dies(specs):
     first = estimate_memory(specs.qwen3_30b_a3b(), specs.hardware(), lay, specs.training(4096)).stages[0]
     assert first.static == 272_026_624 * 11 + 905_969_664 * 20
     assert first.static / GIB == pytest.approx(19.7, abs=0.1)
+
+
+def test_dynamic_padding_holds_one_long_micro_batch_and_the_rest_at_the_mean(specs):
+    # pp 4, one toy layer per stage; stage 0 holds 4 micro-batches: one at the cap (4 tokens per sequence),
+    # three at the mean 2 -> 1 + 3 * 2/4 = 2.5 micro-batches of 1728 bytes
+    lay = specs.layout(4, pp=4, gbs=8, layers=4)
+    dynamic = specs.training(dynamic_padding=True)
+    est = estimate_memory(specs.model(num_layers=4), specs.hardware(), lay, dynamic, mean_seq_length=2)
+    assert est.stages[0].activations == 2.5 * 1728
+    assert est.stages[1].pipeline_buffers == (1 + 2 * 0.5) * 256
+    static = estimate_memory(specs.model(num_layers=4), specs.hardware(), lay, specs.training(), 2)
+    assert static.stages[0].activations == 4 * 1728  # static padding ignores the mean
