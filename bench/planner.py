@@ -9,19 +9,37 @@ import json
 import os
 import sys
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpoc.plan import HardwareSpec, Layout, ModelSpec
+from dpoc.plan import HardwareSpec, Layout, ModelSpec, MoESpec
 from dpoc.planner.calibration import (
     CALIBRATION,
     DPO_HELD_OUT,
     ORCA_DPO_MEAN_PADDED_TOKENS,
+    QWEN3_30B_A3B,
+    atlas_a2,
+    atlas_a3,
     fit,
     implied_mean_length,
     predicted,
+    training,
+)
+from dpoc.planner.memory import estimate_memory
+from dpoc.planner.search import search
+from dpoc.planner.throughput import Efficiency
+
+QWEN3_235B_A22B = ModelSpec(
+    name="qwen3-235b-a22b", family="qwen3_moe", num_layers=94, hidden_size=4096, ffn_hidden_size=12288,
+    num_attention_heads=64, num_query_groups=4, head_dim=128, vocab_size=151936,
+    max_position_embeddings=40960,
+    rope_base=1e6, norm_epsilon=1e-6, qk_layernorm=True, qkv_bias=False, tie_embeddings=False,
+    moe=MoESpec(num_experts=128, topk=8, ffn_hidden_size=1536, aux_loss_coeff=0.001, norm_topk_prob=True),
+    mindspeed_name="qwen3_235b_a22b", converter="v2", hf_model_type="qwen3-moe",
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "planner.json"
@@ -84,17 +102,88 @@ def calibration_report() -> dict[str, Any]:
         p = predicted(case, eff, build_layout)
         err = p / case.measured - 1
         implied = implied_mean_length(case, eff, build_layout)
+        padded = predicted(case, eff, build_layout, float(case.seq_length))
+        layout = build_layout(case.model, case.hardware, case.global_batch_size, case.knobs)
+        dynamic = replace(training(case.seq_length), dynamic_padding=True)
+        peak = estimate_memory(case.model, case.hardware, layout, dynamic, ORCA_DPO_MEAN_PADDED_TOKENS).peak
+        full = estimate_memory(case.model, case.hardware, layout, training(case.seq_length)).peak
         held.append({"case": case.label, "unit": case.unit, "measured": case.measured, "predicted": p,
-                     "error": err, "implied_mean_padded_tokens": implied, "source": case.source,
-                     "assumed": case.assumed})
-        print(f"  {case.label:<40} {case.measured:>6.2f} pairs/s  predicted {p:>6.2f}  error {err:>+7.1%}  "
-              f"(matches at a mean padded length of {implied:.0f} tokens)")
+                     "error": err, "implied_mean_padded_tokens": implied,
+                     "predicted_if_padded_to_seq_length": padded,
+                     "error_if_padded_to_seq_length": padded / case.measured - 1,
+                     "peak_memory_gib_dynamic": peak.total / 2**30,
+                     "peak_memory_gib_padded": full.total / 2**30,
+                     "source": case.source, "assumed": case.assumed})
+        implied_text = f">= {case.seq_length}" if implied >= case.seq_length else f"{implied:.0f}"
+        print(f"  {case.label:<40} {case.measured:>6.2f} pairs/s  predicted {p:>6.2f}  error {err:>+7.1%}")
+        print(f"    padded to {case.seq_length}: {padded:.2f} ({padded / case.measured - 1:+.1%}); the model "
+              f"matches at a mean padded length of {implied_text} tokens; peak memory "
+              f"{peak.total / 2**30:.1f} GiB (dynamic), {full.total / 2**30:.1f} GiB (all padded)")
     return {"calibration": rows, "efficiency": {"dense": eff.dense, "experts": eff.experts},
             "held_out_dpo": held, "orca_mean_padded_tokens_assumed": ORCA_DPO_MEAN_PADDED_TOKENS}
 
 
+def stand_in_rules(model: ModelSpec, hardware: HardwareSpec, global_batch_size: int):
+    """The compiler's main layout rules, until the planner runs with `dpoc.rules` (the lead's module)."""
+    world = hardware.world_size
+
+    def validate(layout: Layout) -> list[str]:
+        checks = {
+            "dense grid": layout.dp > 0 and world % (layout.tp * layout.pp * layout.cp) == 0,
+            "expert grid": world % (layout.etp * layout.ep * layout.pp) == 0,
+            "heads": model.num_attention_heads % layout.tp == 0 and model.num_query_groups % layout.tp == 0,
+            "experts": model.moe is None or model.moe.num_experts % layout.ep == 0,
+            "batch": layout.dp > 0 and global_batch_size % (layout.micro_batch_size * layout.dp) == 0,
+            "vpp": layout.vpp == 1 or (layout.num_layer_list is None
+                                       and layout.stage_layers[0] % layout.vpp == 0),
+            "microbatches": layout.pp == 1 or layout.num_microbatches >= layout.pp,
+        }
+        return [name for name, ok in checks.items() if not ok]
+    return validate
+
+
+SEARCHES = (
+    ("Qwen3-30B-A3B DPO on A2 2x8", QWEN3_30B_A3B, atlas_a2(2), 64),
+    ("Qwen3-30B-A3B DPO on A3 2x16", QWEN3_30B_A3B, atlas_a3(2), 64),
+    ("Qwen3-235B-A22B DPO on A3 64x16", QWEN3_235B_A22B, atlas_a3(64), 1024),
+)
+
+
+def search_report(efficiency: Efficiency, repeats: int = 5) -> list[dict[str, Any]]:
+    rows = []
+    mean = ORCA_DPO_MEAN_PADDED_TOKENS
+    print(f"Search (seq 4096, dynamic padding, mean {mean:.0f} tokens; best time of {repeats}):")
+    train = replace(training(4096), dynamic_padding=True)
+    for label, model, hw, gbs in SEARCHES:
+        rules = stand_in_rules(model, hw, gbs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = search(model, hw, train, lambda k, m=model, h=hw, g=gbs: build_layout(m, h, g, k), rules,
+                            efficiency, ORCA_DPO_MEAN_PADDED_TOKENS)
+            times.append(time.perf_counter() - start)
+        best = result.best
+        knobs = dict(best.knobs) if best else None
+        print(f"  {label:<34} {min(times) * 1000:7.0f} ms  {result.evaluated:>5} layouts, "
+              f"{result.rule_rejected} rule-rejected, {len(result.ranked)} fit")
+        if best:
+            print(f"    best: {_knob_text(knobs)}  {best.throughput.samples_per_s:.2f} pairs/s, "
+                  f"peak {best.memory.peak.total / 2**30:.1f} GiB (stage {best.memory.peak.stage})")
+        rows.append({"case": label, "seconds": min(times), "evaluated": result.evaluated,
+                     "rule_rejected": result.rule_rejected, "fitting": len(result.ranked),
+                     "best": knobs, "best_pairs_per_s": best.throughput.samples_per_s if best else None})
+    return rows
+
+
+def _knob_text(knobs: dict[str, Any]) -> str:
+    order = ("tp", "pp", "vpp", "cp", "ep", "etp", "micro_batch_size", "recompute", "num_layer_list")
+    return " ".join(f"{k}={knobs[k]}" for k in order if k in knobs)
+
+
 def main() -> None:
-    report = {"calibration": calibration_report()}
+    calibration = calibration_report()
+    efficiency = Efficiency(**calibration["efficiency"])
+    report = {"calibration": calibration, "search": search_report(efficiency)}
     _write_json(RESULTS, report)
     print(f"wrote {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
 
