@@ -90,18 +90,29 @@ class SearchResult:
         return self.ranked[0] if self.ranked else None
 
 
-def _knob_sets(model: ModelSpec, space: SearchSpace, pinned: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _knob_sets(
+    model: ModelSpec, world: int, space: SearchSpace, pinned: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """Knob sets to try. Only parallel grids that tile the world (tp*pp*cp and etp*ep*pp dividing it) are
+    generated, as any factorising search does; the rules judge everything, including a grid the user
+    pinned that does not tile."""
     def values(name: str) -> tuple[Any, ...]:
         return (pinned[name],) if name in pinned else getattr(space, name)
 
     moe = model.moe is not None
-    experts = list(product(values("ep"), values("etp"))) if moe else [(None, None)]
+    grid_knobs = ("tp", "pp", "cp", "ep", "etp") if moe else ("tp", "pp", "cp")
+    grid_pinned = all(k in pinned for k in grid_knobs)
+    experts = list(product(values("ep"), values("etp"))) if moe else [(1, SAME_AS_TP)]
     grid = product(values("tp"), values("pp"), values("cp"), experts, values("micro_batch_size"),
                    values("recompute"))
     for tp, pp, cp, (ep, etp), mbs, recompute in grid:
+        etp = tp if etp == SAME_AS_TP else etp
+        tiles = world % (tp * pp * cp) == 0 and world % (etp * ep * pp) == 0
+        if not tiles and not grid_pinned:
+            continue
         knobs: dict[str, Any] = {"tp": tp, "pp": pp, "cp": cp, "micro_batch_size": mbs}
         if moe:
-            knobs.update(ep=ep, etp=tp if etp == SAME_AS_TP else etp)
+            knobs.update(ep=ep, etp=etp)
         knobs.update(FULL_RECOMPUTE if recompute == "full" else {"recompute": recompute})
         if model.num_layers % pp and "noop_layers" not in pinned:
             knobs["num_layer_list"] = balanced_layer_list(model.num_layers, pp)
@@ -124,7 +135,7 @@ def search(
     ranked, too_big = [], []
     rule_rejected = evaluated = 0
     seen: set[tuple[tuple[str, Any], ...]] = set()
-    for knobs in _knob_sets(model, space, pinned):
+    for knobs in _knob_sets(model, hardware.world_size, space, pinned):
         key = tuple(sorted(knobs.items()))
         if key in seen:
             continue

@@ -31,12 +31,12 @@ def test_balanced_layer_lists():
 
 
 def test_search_enumerates_validates_and_ranks(specs):
-    # 4 devices, 2-layer toy: tp {1, 2, 4} x (pp 1 | pp 2 with vpp {1, 2, 4}) x mbs {1, 2} x recompute
-    # {none, full} = 3 * 4 * 2 * 2 = 48 layouts. Valid: (tp, pp) in (1,1) (1,2) (2,1) (2,2) (4,1) with vpp 1,
-    # each with 4 mbs/recompute variants = 20.
+    # 4 devices, 2-layer toy: tp {1, 2, 4} x pp {1, 2}; tp 4 x pp 2 does not tile 4 devices and is not
+    # generated. pp 1: 3 grids; pp 2 (tp 1, 2) with vpp {1, 2, 4}: 6 -> 9 x mbs {1, 2} x recompute
+    # {none, full} = 36 layouts. The rules reject vpp > 1 (2 x 2 x 4 = 16); 20 remain.
     result = _toy_search(specs, specs.hardware(devices_per_node=4))
-    assert result.evaluated == 48
-    assert result.rule_rejected == 28
+    assert result.evaluated == 36
+    assert result.rule_rejected == 16
     assert len(result.ranked) == 20 and not result.too_big
     rates = [c.throughput.samples_per_s for c in result.ranked]
     assert rates == sorted(rates, reverse=True)
@@ -48,6 +48,13 @@ def test_pinned_knobs_are_kept(specs):
     result = _toy_search(specs, specs.hardware(devices_per_node=4), pinned={"tp": 2, "recompute": "full"})
     assert result.evaluated == 8  # pp 1 | pp 2 x vpp {1, 2, 4}, x mbs {1, 2}
     assert {(c.layout.tp, c.layout.recompute) for c in result.ranked} == {(2, "full")}
+
+
+def test_a_pinned_grid_that_does_not_tile_goes_to_the_rules(specs):
+    result = _toy_search(specs, specs.hardware(devices_per_node=4), pinned={"tp": 4, "pp": 2, "cp": 1})
+    # vpp {1, 2, 4} x mbs {1, 2} x recompute {none, full}
+    assert result.evaluated == result.rule_rejected == 12
+    assert not result.ranked
 
 
 def test_layouts_over_memory_are_reported_smallest_first(specs):
