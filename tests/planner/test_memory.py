@@ -218,3 +218,19 @@ def test_dynamic_padding_holds_one_long_micro_batch_and_the_rest_at_the_mean(spe
     assert est.stages[1].pipeline_buffers == (1 + 2 * 0.5) * 256
     static = estimate_memory(specs.model(num_layers=4), specs.hardware(), lay, specs.training(), 2)
     assert static.stages[0].activations == 4 * 1728  # static padding ignores the mean
+
+
+def test_mindspeed_ci_llama3_8b_dpo_static(specs):
+    """MindSpeed-LLM CI: 8-layer Llama3-8B DPO, TP2 PP2 VPP2 CP2 on 8 devices (DP 1), no distributed optimizer
+
+    Per layer and rank: attention (2*4096*4096 + 2*4096*1024)/2 + SwiGLU 3*4096*14336/2 + norms 8192
+      = 109,060,096; 4 layers + embedding 128256*4096/2 = 262,668,288 -> 698,908,672 params (the CI note's
+      699 M), x 20 B = 13,330.5 MiB. (The CI run allocates 16,079 MiB: workspaces this model leaves out.)
+    """
+    llama = specs.model(name="llama3-8b", family="llama", num_layers=8, hidden_size=4096,
+                        ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8, head_dim=128,
+                        vocab_size=128256)
+    lay = specs.layout(8, tp=2, pp=2, vpp=2, cp=2, layers=8, gbs=16, distributed_optimizer=False)
+    first = estimate_memory(llama, specs.hardware(), lay, specs.training(2048)).stages[0]
+    assert first.params == 4 * 109_060_096 + 262_668_288
+    assert first.static == 20 * 698_908_672
