@@ -30,6 +30,7 @@ from dpoc.planner.calibration import (
     training,
 )
 from dpoc.planner.memory import estimate_memory
+from dpoc.planner.report import knob_text
 from dpoc.planner.search import search
 from dpoc.planner.throughput import Efficiency
 
@@ -167,17 +168,12 @@ def search_report(efficiency: Efficiency, repeats: int = 5) -> list[dict[str, An
         print(f"  {label:<34} {min(times) * 1000:7.0f} ms  {result.evaluated:>5} layouts, "
               f"{result.rule_rejected} rule-rejected, {len(result.ranked)} fit")
         if best:
-            print(f"    best: {_knob_text(knobs)}  {best.throughput.samples_per_s:.2f} pairs/s, "
+            print(f"    best: {knob_text(knobs)}  {best.throughput.samples_per_s:.2f} pairs/s, "
                   f"peak {best.memory.peak.total / 2**30:.1f} GiB (stage {best.memory.peak.stage})")
         rows.append({"case": label, "seconds": min(times), "evaluated": result.evaluated,
                      "rule_rejected": result.rule_rejected, "fitting": len(result.ranked),
                      "best": knobs, "best_pairs_per_s": best.throughput.samples_per_s if best else None})
     return rows
-
-
-def _knob_text(knobs: dict[str, Any]) -> str:
-    order = ("tp", "pp", "vpp", "cp", "ep", "etp", "micro_batch_size", "recompute", "num_layer_list")
-    return " ".join(f"{k}={knobs[k]}" for k in order if k in knobs)
 
 
 def main() -> None:

@@ -81,8 +81,9 @@ class Candidate:
 @dataclass(frozen=True)
 class SearchResult:
     ranked: tuple[Candidate, ...]  # valid and fitting, best predicted throughput first
-    too_big: tuple[Candidate, ...]  # valid but over memory, smallest overshoot first
+    too_big: tuple[Candidate, ...]  # the nearest of the valid layouts over memory, smallest need first
     rule_rejected: int
+    over_memory: int
     evaluated: int
 
     @property
@@ -158,7 +159,7 @@ def search(
         ranked.append(Candidate(key, layout, memory, throughput, ()))
     ranked.sort(key=lambda c: (-c.throughput.samples_per_s, c.memory.peak.total))
     too_big.sort(key=lambda c: c.memory.peak.total)
-    return SearchResult(tuple(ranked), tuple(too_big[:keep_too_big]), rule_rejected, evaluated)
+    return SearchResult(tuple(ranked), tuple(too_big[:keep_too_big]), rule_rejected, len(too_big), evaluated)
 
 
 def smallest_fitting_nodes(
