@@ -223,9 +223,13 @@ def stage_memory(
 
 def estimate_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training,
-    mean_seq_length: float | None = None,
+    mean_seq_length: float | None = None, peak_candidates_only: bool = False,
 ) -> MemoryEstimate:
     """Memory per device for every pipeline stage of a DPO run.
+
+    `peak_candidates_only` (for the search) keeps only the stages that can hold the peak: the first, the
+    last, and of the middle stages the first with each layer count (a later one with as many layers holds
+    fewer micro-batches and the same state), so `peak` and `fits` are exact at a fraction of the cost.
 
     Static padding: every held micro-batch is `seq_length` long. Dynamic padding with a known mean padded
     length: one held micro-batch at `seq_length` (the peak a long pair causes) and the others at the mean.
@@ -235,8 +239,12 @@ def estimate_memory(
     per_layer = _PerLayer.of(model, layout, training)
     dynamic = training.dynamic_padding and mean_seq_length is not None
     ratio = min(mean_seq_length / training.seq_length, 1.0) if dynamic else 1.0
+    layers = real_layers_per_stage(layout)
+    indices = range(len(layers))
+    if peak_candidates_only:
+        first_with = {n: i for i, n in reversed(list(enumerate(layers[1:-1], 1)))}
+        indices = sorted({0, len(layers) - 1, *first_with.values()})
     stages = tuple(
-        stage_memory(model, hardware, layout, training, i, n, per_layer, ratio)
-        for i, n in enumerate(real_layers_per_stage(layout))
+        stage_memory(model, hardware, layout, training, i, layers[i], per_layer, ratio) for i in indices
     )
     return MemoryEstimate(stages, hardware.memory_gib * GIB)

@@ -6,8 +6,10 @@ with a `moe` section is an MoE layer. Counts follow Megatron's layer structure (
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import cache
+from itertools import accumulate
 
 from dpoc.plan import Layout, ModelSpec
 
@@ -75,18 +77,13 @@ def real_layers_per_stage(layout: Layout) -> tuple[int, ...]:
     """
     if not layout.noop_layers:
         return layout.stage_layers
-    noop = set(layout.noop_layers)
-    starts = [sum(layout.stage_layers[:i]) for i in range(layout.pp)]
-    counts = []
-    for stage in range(layout.pp):
-        if layout.vpp == 1:
-            indices = range(starts[stage], starts[stage] + layout.stage_layers[stage])
-        else:
-            chunk = layout.stage_layers[stage] // layout.vpp
-            indices = [
-                (v * layout.pp + stage) * chunk + i for v in range(layout.vpp) for i in range(chunk)
-            ]
-        counts.append(sum(1 for i in indices if i not in noop))
+    counts = list(layout.stage_layers)
+    bounds = list(accumulate(layout.stage_layers))
+    chunk = max(layout.stage_layers[0] // layout.vpp, 1)
+    for index in set(layout.noop_layers):
+        stage = bisect_right(bounds, index) if layout.vpp == 1 else index // chunk % layout.pp
+        if stage < layout.pp:  # an index past the last layer is the rules' to report
+            counts[stage] -= 1
     return tuple(counts)
 
 

@@ -25,7 +25,9 @@ FULL_RECOMPUTE = {"recompute": "full", "recompute_method": "uniform", "recompute
 @dataclass(frozen=True)
 class SearchSpace:
     """Values tried per knob. Selective recompute is left out by default: with flash attention it saves no
-    memory in this model and costs time, so it can never win."""
+    memory in this model and costs time, so it can never win. `uneven` says how a pipeline that does not
+    divide the layers is made: an uneven `num_layer_list`, or `noop_layers` padding the layer count up to
+    a multiple of pp * vpp (MindSpeed's way for Qwen3-235B)."""
 
     tp: tuple[int, ...]
     pp: tuple[int, ...]
@@ -35,6 +37,7 @@ class SearchSpace:
     etp: tuple[int, ...] = (SAME_AS_TP, 1)
     micro_batch_size: tuple[int, ...] = (1, 2)
     recompute: tuple[str, ...] = ("none", "full")
+    uneven: tuple[str, ...] = ("num_layer_list", "noop_layers")
 
 
 def _divisors(n: int) -> tuple[int, ...]:
@@ -115,10 +118,23 @@ def _knob_sets(
         if moe:
             knobs.update(ep=ep, etp=etp)
         knobs.update(FULL_RECOMPUTE if recompute == "full" else {"recompute": recompute})
-        if model.num_layers % pp and "noop_layers" not in pinned:
-            knobs["num_layer_list"] = balanced_layer_list(model.num_layers, pp)
         for vpp in values("vpp") if pp > 1 else (1,):
-            yield {**knobs, "vpp": vpp, **pinned}
+            for layers in _layer_knobs(model.num_layers, pp, vpp, space.uneven, pinned):
+                yield {**knobs, "vpp": vpp, **layers, **pinned}
+
+
+def _layer_knobs(
+    layers: int, pp: int, vpp: int, uneven: tuple[str, ...], pinned: dict[str, Any]
+) -> list[dict[str, Any]]:
+    if layers % pp == 0 or "num_layer_list" in pinned or "noop_layers" in pinned:
+        return [{}]
+    options = []
+    if "num_layer_list" in uneven:
+        options.append({"num_layer_list": balanced_layer_list(layers, pp)})
+    if "noop_layers" in uneven:
+        padded = -(-layers // (pp * vpp)) * pp * vpp
+        options.append({"noop_layers": tuple(range(layers, padded))})
+    return options
 
 
 def search(
@@ -147,7 +163,8 @@ def search(
         if problems:
             rule_rejected += 1
             continue
-        memory = estimate_memory(model, hardware, layout, training, mean_seq_length)
+        memory = estimate_memory(model, hardware, layout, training, mean_seq_length,
+                                 peak_candidates_only=True)
         peak = memory.peak
         if not memory.fits:
             over = (peak.total - memory.capacity) / 2**30

@@ -234,3 +234,18 @@ def test_mindspeed_ci_llama3_8b_dpo_static(specs):
     first = estimate_memory(llama, specs.hardware(), lay, specs.training(2048)).stages[0]
     assert first.params == 4 * 109_060_096 + 262_668_288
     assert first.static == 20 * 698_908_672
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(pp=4, layers=8),
+    dict(pp=4, layers=7, stage_layers=(1, 2, 2, 2)),
+    dict(pp=4, layers=6, noop=(6, 7)),
+    dict(pp=2, vpp=2, layers=8),
+])
+def test_peak_candidates_give_the_same_peak(specs, knobs):
+    m = specs.model(num_layers=knobs["layers"])
+    lay = specs.layout(4, gbs=8, **knobs)
+    full = estimate_memory(m, specs.hardware(), lay, specs.training())
+    short = estimate_memory(m, specs.hardware(), lay, specs.training(), peak_candidates_only=True)
+    assert short.peak == full.peak
+    assert len(short.stages) <= len(full.stages)

@@ -70,7 +70,9 @@ def test_uneven_pipeline_gets_a_layer_list(specs):
     hw = specs.hardware(devices_per_node=2)
     result = search(m, hw, specs.training(), lambda k: specs.build(m, hw, 8, k), toy_rules, EFF, 4,
                     pinned={"pp": 2, "tp": 1})
-    assert {c.layout.stage_layers for c in result.ranked} == {(2, 1)}
+    # 3 layers on 2 stages: a (2, 1) layer list, or one no-op layer (index 3) making 2 + 2
+    assert {(c.layout.stage_layers, c.layout.noop_layers) for c in result.ranked} == {((2, 1), ()),
+                                                                                       ((2, 2), (3,))}
 
 
 def test_mindspeed_qwen3_30b_layout_is_found_on_a3(specs):
@@ -108,3 +110,15 @@ def test_smallest_fitting_nodes(specs):
     assert smallest_fitting_nodes(m, hw, specs.training(), prepare, EFF, 4, pinned) == 2
     assert smallest_fitting_nodes(m, specs.hardware(devices_per_node=1, memory_gib=1e-7), specs.training(),
                                   prepare, EFF, 4, max_nodes=4) is None
+
+
+def test_noop_padding_follows_mindspeed_for_94_layers(specs):
+    # Qwen3-235B's 94 layers on pp 4 x vpp 2: padded to 96 with no-op layers 94 and 95 (MindSpeed's script)
+    m = specs.model(num_layers=94)
+    hw = specs.hardware(devices_per_node=4)
+    result = search(m, hw, specs.training(), lambda k: specs.build(m, hw, 8, k), lambda lay: [], EFF, 4,
+                    pinned={"tp": 1, "pp": 4, "vpp": 2, "micro_batch_size": 1, "recompute": "none"})
+    assert {c.layout.noop_layers for c in result.ranked} == {(), (94, 95)}
+    padded = next(c for c in result.ranked if c.layout.noop_layers)
+    # the last stage runs virtual chunks 3 and 7 of 12 layers: 36-47 and 84-95, of which 94, 95 are no-ops
+    assert padded.memory.stages[-1].layers == 22
