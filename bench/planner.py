@@ -30,7 +30,7 @@ from dpoc.planner.calibration import (
     training,
 )
 from dpoc.planner.memory import estimate_memory
-from dpoc.planner.report import knob_text
+from dpoc.planner.report import explain
 from dpoc.planner.search import search
 from dpoc.planner.throughput import Efficiency
 
@@ -167,9 +167,8 @@ def search_report(efficiency: Efficiency, repeats: int = 5) -> list[dict[str, An
         knobs = dict(best.knobs) if best else None
         print(f"  {label:<34} {min(times) * 1000:7.0f} ms  {result.evaluated:>5} layouts, "
               f"{result.rule_rejected} rule-rejected, {len(result.ranked)} fit")
-        if best:
-            print(f"    best: {knob_text(knobs)}  {best.throughput.samples_per_s:.2f} pairs/s, "
-                  f"peak {best.memory.peak.total / 2**30:.1f} GiB (stage {best.memory.peak.stage})")
+        for line in explain(result, top=3):
+            print(f"    {line}")
         rows.append({"case": label, "seconds": min(times), "evaluated": result.evaluated,
                      "rule_rejected": result.rule_rejected, "fitting": len(result.ranked),
                      "best": knobs, "best_pairs_per_s": best.throughput.samples_per_s if best else None})

@@ -27,7 +27,7 @@ class SearchSpace:
     """Values tried per knob. Selective recompute is left out by default: with flash attention it saves no
     memory in this model and costs time, so it can never win. `uneven` says how a pipeline that does not
     divide the layers is made: an uneven `num_layer_list`, or `noop_layers` padding the layer count up to
-    a multiple of pp * vpp (MindSpeed's way for Qwen3-235B)."""
+    a multiple of pp * vpp with fewer no-ops than stages (MindSpeed's way for Qwen3-235B: 94 + 2)."""
 
     tp: tuple[int, ...]
     pp: tuple[int, ...]
@@ -131,8 +131,8 @@ def _layer_knobs(
     options = []
     if "num_layer_list" in uneven:
         options.append({"num_layer_list": balanced_layer_list(layers, pp)})
-    if "noop_layers" in uneven:
-        padded = -(-layers // (pp * vpp)) * pp * vpp
+    padded = -(-layers // (pp * vpp)) * pp * vpp
+    if "noop_layers" in uneven and padded - layers < pp:  # fewer no-ops than stages, as MindSpeed pads
         options.append({"noop_layers": tuple(range(layers, padded))})
     return options
 
