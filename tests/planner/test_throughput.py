@@ -100,3 +100,35 @@ def test_fit_recovers_the_efficiencies_that_produced_the_numbers(specs):
     result = fit(specs.build, cases)
     assert result.efficiency.dense == pytest.approx(0.4, rel=1e-6)
     assert result.efficiency.experts == pytest.approx(0.2, rel=1e-6)
+
+
+def _slow_link(specs, devices):
+    """Links at 1e6 bytes/s once the 0.7 efficiency is applied; compute effectively free."""
+    return specs.hardware(devices_per_node=devices, intra_node_gbps=1e-3 / 0.7, peak_tflops=1e12)
+
+
+def test_tensor_parallel_collectives(specs):
+    # tp 2 + SP, 1 pair of 4-token sequences: one [4 tokens, 2 seqs, h 8] bf16 activation = 128 bytes.
+    # Passes per layer: policy forward, backward, reference forward = 3; 4 collectives per layer and pass
+    # -> 3 * 2 layers * 4 = 24 ops, each moving (2-1)/2 * 128 = 64 bytes: 1536 bytes at 1e6 B/s + 24 x 10 us
+    lay = specs.layout(2, tp=2, gbs=1)
+    t = predict(specs.model(), _slow_link(specs, 2), lay, specs.training(), Efficiency(1, 1), 4)
+    assert t.communication_s == pytest.approx(1536e-6 + 24 * 10e-6)
+
+
+def test_expert_all_to_all(specs):
+    # ep 2, tp 1: each of 3 passes x 2 layers dispatches and combines (12 ops) the top-2 copies of the
+    # 128-byte activation, half of which leave the rank: 12 * 2 * 128 / 2 = 1536 bytes + 12 x 10 us
+    moe = MoESpec(num_experts=4, topk=2, ffn_hidden_size=4, aux_loss_coeff=0.0, norm_topk_prob=True)
+    m = specs.model(moe=moe, family="qwen3_moe")
+    lay = specs.layout(2, ep=2, etp=1, gbs=2)
+    t = predict(m, _slow_link(specs, 2), lay, specs.training(), Efficiency(1, 1), 4)
+    assert t.communication_s == pytest.approx(1536e-6 + 12 * 10e-6)
+
+
+def test_data_parallel_reduce_scatter_and_all_gather(specs):
+    # dp 2, distributed optimizer: fp32 gradients reduce-scattered (4 B) and bf16 weights all-gathered (2 B)
+    # for the 1704 parameters, half of each leaving the rank: 1704 * 6 / 2 = 5112 bytes + 2 ops x 10 us
+    t = predict(specs.model(), _slow_link(specs, 2), specs.layout(2, gbs=2), specs.training(),
+                Efficiency(1, 1), 4)
+    assert t.data_parallel_s == pytest.approx(5112e-6 + 2 * 10e-6)
