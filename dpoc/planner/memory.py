@@ -9,8 +9,9 @@ Activations: bytes autograd keeps per layer for the policy's 2 * mbs sequences (
 attention (no s^2 term, so selective recompute of core attention saves nothing), SwiGLU, GQA with q != h,
 qk-norm, sequence and context parallelism and MoE top-k routing; times the micro-batches a 1F1B stage holds
 (pp - stage, or the interleaved warm-up count). On top: the pipeline's received [s, 4 * mbs, h] tensors, the
-last stage's logits, one layer's transient working set (the reference forward, a recomputed layer, the MoE
-dispatch buffers), 2 x HCCL_BUFFSIZE per communicator, and the hardware's runtime reserve.
+last stage's logits, one transient working set (the reference forward through a layer or, on the last
+stage, its logits; a recomputed layer; the MoE dispatch buffers), 2 x HCCL_BUFFSIZE per communicator, and
+the hardware's runtime reserve. Transients are added to the held memory, not overlapped (an upper bound).
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ def stage_memory(
     receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
     # policy and reference hidden states travel together: [s, 4 * mbs, h] per held micro-batch
     pipeline_buffers = held * 2 * a * tokens.local * model.hidden_size if receives else 0.0
-    reference_forward = per_layer.full if layers else 0.0
+    # the reference's forward: one layer's working set, and on the last stage its logits (freed once its
+    # log-probabilities are gathered, before the policy's own logits exist)
+    reference_forward = max(per_layer.full if layers else 0.0, logits)
     transient = max(recompute_set, reference_forward) + (per_layer.dispatch if layers else 0.0)
     return StageMemory(
         stage=stage, layers=layers, params=shard.total,

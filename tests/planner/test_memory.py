@@ -249,3 +249,11 @@ def test_peak_candidates_give_the_same_peak(specs, knobs):
     short = estimate_memory(m, specs.hardware(), lay, specs.training(), peak_candidates_only=True)
     assert short.peak == full.peak
     assert len(short.stages) <= len(full.stages)
+
+
+def test_reference_logits_are_a_last_stage_transient(specs):
+    # vocab 256: 8 tokens * 256 * (2 + 4) = 12,288 bytes of logits, more than a layer's 1,728
+    (stage,) = estimate_memory(specs.model(vocab_size=256), specs.hardware(), specs.layout(1),
+                               specs.training()).stages
+    assert stage.logits == 12_288  # the policy's
+    assert stage.transient == 12_288  # the reference's, before the policy's exist
