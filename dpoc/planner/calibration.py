@@ -22,6 +22,10 @@ from dpoc.planner.throughput import DPO_PAIRS, PRETRAIN, Efficiency, Workload, p
 # which the model would match each published DPO number.
 ORCA_DPO_MEAN_PADDED_TOKENS = 500.0
 
+# `fit(build)` on CALIBRATION, rounded: what `dpoc build` / `dpoc plan` use without refitting at every run.
+# tests/planner/test_throughput.py checks it against a fresh fit; `python bench/planner.py` prints the fit.
+FITTED = Efficiency(dense=0.474, experts=0.167)
+
 LayoutBuilder = Callable[[ModelSpec, HardwareSpec, int, dict[str, Any]], Layout]
 
 

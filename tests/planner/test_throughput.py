@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from dpoc.plan import MoESpec
-from dpoc.planner.calibration import Published, fit, predicted
+from dpoc.planner.calibration import FITTED, Published, fit, predicted
 from dpoc.planner.throughput import (
     PRETRAIN,
     Efficiency,
@@ -132,3 +132,9 @@ def test_data_parallel_reduce_scatter_and_all_gather(specs):
     t = predict(specs.model(), _slow_link(specs, 2), specs.layout(2, gbs=2), specs.training(),
                 Efficiency(1, 1), 4)
     assert t.data_parallel_s == pytest.approx(5112e-6 + 2 * 10e-6)
+
+
+def test_shipped_efficiencies_match_a_fresh_fit_on_the_published_non_dpo_numbers(specs):
+    fresh = fit(specs.build).efficiency
+    assert fresh.dense == pytest.approx(FITTED.dense, abs=5e-4)
+    assert fresh.experts == pytest.approx(FITTED.experts, abs=5e-4)
