@@ -29,25 +29,25 @@ FITTED = Efficiency(dense=0.474, experts=0.167)
 LayoutBuilder = Callable[[ModelSpec, HardwareSpec, int, dict[str, Any]], Layout]
 
 
-def _model(name: str, layers: int, hidden: int, ffn: int, heads: int, groups: int, vocab: int,
-           moe: MoESpec | None = None, qk_norm: bool = True) -> ModelSpec:
+def _model(name: str, family: str, layers: int, hidden: int, ffn: int, heads: int, groups: int, vocab: int,
+           moe: MoESpec | None = None) -> ModelSpec:
     """A published shape (hardware-and-models §5): only what the throughput model reads is meaningful."""
     return ModelSpec(
-        name=name, family="qwen3_moe" if moe else "qwen3", num_layers=layers, hidden_size=hidden,
+        name=name, family=family, num_layers=layers, hidden_size=hidden,
         ffn_hidden_size=ffn, num_attention_heads=heads, num_query_groups=groups, head_dim=128,
         vocab_size=vocab, max_position_embeddings=32768, rope_base=1e6, norm_epsilon=1e-6,
-        qk_layernorm=qk_norm, qkv_bias=False, tie_embeddings=False, moe=moe, mindspeed_name=name,
-        converter="v2", hf_model_type="qwen3",
+        qk_layernorm=family.startswith("qwen3"), qkv_bias=False, tie_embeddings=False, moe=moe,
+        mindspeed_name=name, converter="v2", hf_model_type=family.replace("_", "-"),
     )
 
 
-QWEN3_8B = _model("qwen3-8b", 36, 4096, 12288, 32, 8, 151936)
-QWEN3_30B_A3B = _model("qwen3-30b-a3b", 48, 2048, 6144, 32, 4, 151936,
+QWEN3_8B = _model("qwen3-8b", "qwen3", 36, 4096, 12288, 32, 8, 151936)
+QWEN3_30B_A3B = _model("qwen3-30b-a3b", "qwen3_moe", 48, 2048, 6144, 32, 4, 151936,
                        MoESpec(num_experts=128, topk=8, ffn_hidden_size=768, aux_loss_coeff=0.001,
                                norm_topk_prob=True))
-LLAMA2_7B = _model("llama2-7b", 32, 4096, 11008, 32, 32, 32000, qk_norm=False)
-LLAMA3_8B = _model("llama3-8b", 32, 4096, 14336, 32, 8, 128256, qk_norm=False)
-LLAMA3_70B = _model("llama3-70b", 80, 8192, 28672, 64, 8, 128256, qk_norm=False)
+LLAMA2_7B = _model("llama2-7b", "llama", 32, 4096, 11008, 32, 32, 32000)
+LLAMA3_8B = _model("llama3-8b", "llama", 32, 4096, 14336, 32, 8, 128256)
+LLAMA3_70B = _model("llama3-70b", "llama", 80, 8192, 28672, 64, 8, 128256)
 
 _ASCEND = dict(device="npu", backend="hccl", memory_gib=64, reserved_gib=4.9, peak_tflops=353.9,
                intra_node_gbps=196, inter_node_gbps=25, hccl_buffsize_mb=256, env=())
