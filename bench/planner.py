@@ -108,7 +108,9 @@ def calibration_report() -> dict[str, Any]:
         dynamic = replace(training(case.seq_length), dynamic_padding=True)
         peak = estimate_memory(case.model, case.hardware, layout, dynamic, ORCA_DPO_MEAN_PADDED_TOKENS).peak
         full = estimate_memory(case.model, case.hardware, layout, training(case.seq_length)).peak
+        by_length = {n: predicted(case, eff, build_layout, float(n)) for n in (250, 500, 1000, 2000, 4096)}
         held.append({"case": case.label, "unit": case.unit, "measured": case.measured, "predicted": p,
+                     "predicted_by_mean_padded_tokens": by_length,
                      "error": err, "implied_mean_padded_tokens": implied,
                      "predicted_if_padded_to_seq_length": padded,
                      "error_if_padded_to_seq_length": padded / case.measured - 1,
@@ -120,6 +122,8 @@ def calibration_report() -> dict[str, Any]:
         print(f"    padded to {case.seq_length}: {padded:.2f} ({padded / case.measured - 1:+.1%}); the model "
               f"matches at a mean padded length of {implied_text} tokens; peak memory "
               f"{peak.total / 2**30:.1f} GiB (dynamic), {full.total / 2**30:.1f} GiB (all padded)")
+        print("    pairs/s by mean padded length: "
+              + ", ".join(f"{n}: {v:.2f}" for n, v in by_length.items()))
     return {"calibration": rows, "efficiency": {"dense": eff.dense, "experts": eff.experts},
             "held_out_dpo": held, "orca_mean_padded_tokens_assumed": ORCA_DPO_MEAN_PADDED_TOKENS}
 
