@@ -1,0 +1,253 @@
+"""Per-device memory of a DPO run, per pipeline stage: static state, activations, buffers and reserve.
+
+Static part (formulas-and-anchors §1.3, hardware-and-models §7): bf16 weights 2 B, fp32 main gradients 4 B,
+fp32 master + Adam m + v 12 B (8 B in fp32 training, where the weights are the master copy), the optimizer
+state sharded over dp * cp for dense parameters and over the expert data-parallel group for routed experts
+when the distributed optimizer is on; the frozen reference holds weights only, with the policy's sharding.
+
+Activations: bytes autograd keeps per layer for the policy's 2 * mbs sequences (chosen + rejected) with flash
+attention (no s^2 term, so selective recompute of core attention saves nothing), SwiGLU, GQA with q != h,
+qk-norm, sequence and context parallelism and MoE top-k routing; times the micro-batches a 1F1B stage holds
+(pp - stage, or the interleaved warm-up count). On top: the pipeline's received [s, 4 * mbs, h] tensors, the
+last stage's logits, one transient working set (the reference forward through a layer or, on the last
+stage, its logits; a recomputed layer; the MoE dispatch buffers), 2 x HCCL_BUFFSIZE per communicator, and
+the hardware's runtime reserve. Transients are added to the held memory, not overlapped (an upper bound).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.planner.params import Shard, kv_width, q_width, real_layers_per_stage, stage_shard
+
+GIB = 2**30
+MIB = 2**20
+FP32 = 4
+SEQUENCES_PER_PAIR = 2  # chosen and rejected
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one device of a pipeline stage."""
+
+    stage: int
+    layers: int  # transformer layers with weights
+    params: int  # policy parameters on this device
+    weights: float
+    gradients: float
+    optimizer: float
+    reference: float
+    activations: float
+    pipeline_buffers: float
+    logits: float
+    transient: float
+    comm_buffers: float
+    reserve: float
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.reference
+
+    @property
+    def total(self) -> float:
+        dynamic = self.activations + self.pipeline_buffers + self.logits + self.transient
+        return self.static + dynamic + self.comm_buffers + self.reserve
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    stages: tuple[StageMemory, ...]
+    capacity: float  # bytes of device memory
+
+    @cached_property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.total <= self.capacity
+
+
+def element_bytes(training: Training) -> int:
+    return 4 if training.precision == "fp32" else 2
+
+
+def static_bytes(shard: Shard, layout: Layout, training: Training) -> tuple[float, float, float, float]:
+    """(weights, gradients, optimizer, reference) bytes of one shard."""
+    weight = element_bytes(training)
+    state = 8 if training.precision == "fp32" else 12  # (master +) Adam m, v
+    dense_group = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    expert_group = layout.edp if layout.distributed_optimizer else 1
+    optimizer = state * (shard.dense / dense_group + shard.experts / expert_group)
+    return weight * shard.total, FP32 * shard.total, optimizer, weight * shard.total
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """Tokens one rank sees in a layer for `sequences` sequences of length s."""
+
+    full: float  # s * b / cp: tensors split over heads or columns (then divided by tp)
+    local: float  # sequence-parallel share: full / tp with SP, else full
+
+
+def _tokens(layout: Layout, seq_length: int, sequences: int) -> _Tokens:
+    full = seq_length * sequences / layout.cp
+    return _Tokens(full, full / layout.tp if layout.sequence_parallel else full)
+
+
+def layer_activation_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int) -> float:
+    """Bytes one layer saves for backward on one rank, no recompute, for `sequences` sequences."""
+    a = element_bytes(training)
+    tok = _tokens(layout, training.seq_length, sequences)
+    h, q, kv, tp = model.hidden_size, q_width(model), kv_width(model), layout.tp
+    # attention: norm input and qkv input (2h, sequence-sharded); q, k, v and the flash output o; qk-norm
+    # inputs; the flash softmax statistics (fp32 per head)
+    attention = a * tok.local * 2 * h
+    attention += a * tok.full * (q + 2 * kv + q + (q + kv if model.qk_layernorm else 0)) / tp
+    attention += FP32 * tok.full * model.num_attention_heads / tp
+    moe = model.moe
+    if moe is None:
+        # norm input and fc1 input; SwiGLU input (2F) and fc2 input (F)
+        return attention + a * tok.local * 2 * h + a * tok.full * 3 * model.ffn_hidden_size / tp
+    mlp = a * tok.local * 2 * h + FP32 * tok.local * 2 * moe.num_experts  # router logits and probabilities
+    mlp += a * tok.full * 3 * moe.shared_expert_ffn_hidden_size / tp
+    # each local token goes to top-k experts; the experts see the copies of the whole expert-tensor group
+    # (gathered) and keep fc1 input (h) and SwiGLU and fc2 inputs (3F/etp) per copy; back on this rank,
+    # unpermute keeps each local copy's expert output (h) and routing probability
+    local_copies = moe.topk * tok.local
+    mlp += local_copies * layout.etp * a * (h + 3 * moe.ffn_hidden_size / layout.etp)
+    mlp += local_copies * (a * h + FP32)
+    return attention + mlp
+
+
+def layer_input_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int) -> float:
+    """What full recompute keeps per layer: its input."""
+    return element_bytes(training) * _tokens(layout, training.seq_length, sequences).local * model.hidden_size
+
+
+def dispatch_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int) -> float:
+    """MoE all-to-all send and receive buffers of permuted tokens (transient, one layer at a time)."""
+    if model.moe is None:
+        return 0.0
+    tok = _tokens(layout, training.seq_length, sequences)
+    return 2 * element_bytes(training) * model.moe.topk * tok.local * model.hidden_size
+
+
+def in_flight_chunks(layout: Layout, stage: int) -> int:
+    """Micro-batch chunks whose activations a 1F1B stage holds at its peak (after warm-up).
+
+    Plain 1F1B: pp - stage. Interleaved (Megatron's warm-up + 1): pp * (vpp + 1) - 1 - 2 * stage chunks of
+    stage_layers / vpp layers each. Never more than the step has.
+    """
+    if layout.vpp == 1:
+        return min(layout.pp - stage, layout.num_microbatches)
+    return min(layout.pp * (layout.vpp + 1) - 1 - 2 * stage, layout.num_microbatches * layout.vpp)
+
+
+@dataclass(frozen=True)
+class _PerLayer:
+    """Per-micro-batch quantities every stage shares (computed once per layout)."""
+
+    full: float  # bytes a layer saves without recompute
+    kept: float  # bytes a layer keeps under full recompute (its input)
+    dispatch: float  # MoE dispatch buffers
+    tokens: _Tokens
+
+    @classmethod
+    def of(cls, model: ModelSpec, layout: Layout, training: Training) -> _PerLayer:
+        sequences = SEQUENCES_PER_PAIR * layout.micro_batch_size
+        return cls(
+            full=layer_activation_bytes(model, layout, training, sequences),
+            kept=layer_input_bytes(model, layout, training, sequences),
+            dispatch=dispatch_bytes(model, layout, training, sequences),
+            tokens=_tokens(layout, training.seq_length, sequences),
+        )
+
+
+def chunk_saved_bytes(layout: Layout, per_layer: _PerLayer, layers: float) -> tuple[float, float]:
+    """(saved, recompute working set) bytes of one micro-batch through a chunk of `layers` layers."""
+    full = per_layer.full
+    if layout.recompute != "full":
+        return layers * full, 0.0
+    n = layout.recompute_num_layers or 1
+    if layout.recompute_method == "block":
+        recomputed = min(n, layers)
+        return recomputed * per_layer.kept + (layers - recomputed) * full, full
+    return math.ceil(layers / n) * per_layer.kept, min(n, layers) * full
+
+
+def communicators(layout: Layout, model: ModelSpec, stage: int) -> int:
+    """Collective communicators a rank of `stage` uses (each holds 2 x HCCL_BUFFSIZE on Ascend)."""
+    groups = [layout.tp, layout.cp, layout.dp * layout.cp, layout.pp, layout.tp * layout.pp]
+    if model.moe is not None:
+        groups += [layout.ep, layout.etp, layout.edp]
+    count = sum(1 for size in groups if size > 1)
+    if layout.pp > 1 and stage in (0, layout.pp - 1) and model.tie_embeddings:
+        count += 1  # embedding group (tied weights' gradient sync)
+    return count
+
+
+def stage_memory(
+    model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, stage: int, layers: int,
+    per_layer: _PerLayer, length_ratio: float,
+) -> StageMemory:
+    """`length_ratio`: mean / longest sequence of the micro-batches held besides the longest one."""
+    shard = stage_shard(model, layout, stage, layers)
+    weights, gradients, optimizer, reference = static_bytes(shard, layout, training)
+    a = element_bytes(training)
+    chunks = in_flight_chunks(layout, stage)
+    held = min(chunks, 1) + max(chunks - 1, 0) * length_ratio  # in micro-batches of the longest length
+    saved, recompute_set = chunk_saved_bytes(layout, per_layer, layers / layout.vpp)
+    tokens = per_layer.tokens
+    activations = held * saved
+    logits = 0.0
+    if stage == layout.pp - 1:
+        # final norm and head inputs, the policy's vocab-parallel logits and their fp32 softmax
+        activations += 2 * a * tokens.local * model.hidden_size
+        logits = tokens.full * model.vocab_size / layout.tp * (a + FP32)
+    receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
+    # policy and reference hidden states travel together: [s, 4 * mbs, h] per held micro-batch
+    pipeline_buffers = held * 2 * a * tokens.local * model.hidden_size if receives else 0.0
+    # the reference's forward: one layer's working set, and on the last stage its logits (freed once its
+    # log-probabilities are gathered, before the policy's own logits exist)
+    reference_forward = max(per_layer.full if layers else 0.0, logits)
+    transient = max(recompute_set, reference_forward) + (per_layer.dispatch if layers else 0.0)
+    return StageMemory(
+        stage=stage, layers=layers, params=shard.total,
+        weights=weights, gradients=gradients, optimizer=optimizer, reference=reference,
+        activations=activations, pipeline_buffers=pipeline_buffers, logits=logits, transient=transient,
+        comm_buffers=communicators(layout, model, stage) * 2 * hardware.hccl_buffsize_mb * MIB,
+        reserve=hardware.reserved_gib * GIB,
+    )
+
+
+def estimate_memory(
+    model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training,
+    mean_seq_length: float | None = None, peak_candidates_only: bool = False,
+) -> MemoryEstimate:
+    """Memory per device for every pipeline stage of a DPO run.
+
+    `peak_candidates_only` (for the search) keeps only the stages that can hold the peak: the first, the
+    last, and of the middle stages the first with each layer count (a later one with as many layers holds
+    fewer micro-batches and the same state), so `peak` and `fits` are exact at a fraction of the cost.
+
+    Static padding: every held micro-batch is `seq_length` long. Dynamic padding with a known mean padded
+    length: one held micro-batch at `seq_length` (the peak a long pair causes) and the others at the mean.
+    Every DPO loss (sigmoid, hinge, ipo, with or without the SFT term) trains on chosen + rejected against
+    the frozen reference, so the `DPO` settings do not change the memory.
+    """
+    per_layer = _PerLayer.of(model, layout, training)
+    dynamic = training.dynamic_padding and mean_seq_length is not None
+    ratio = min(mean_seq_length / training.seq_length, 1.0) if dynamic else 1.0
+    layers = real_layers_per_stage(layout)
+    indices = range(len(layers))
+    if peak_candidates_only:
+        first_with = {n: i for i, n in reversed(list(enumerate(layers[1:-1], 1)))}
+        indices = sorted({0, len(layers) - 1, *first_with.values()})
+    stages = tuple(
+        stage_memory(model, hardware, layout, training, i, layers[i], per_layer, ratio) for i in indices
+    )
+    return MemoryEstimate(stages, hardware.memory_gib * GIB)

@@ -1,0 +1,103 @@
+"""Parameter counts of a decoder layer and of one rank's shard, split by how each part is sharded.
+
+All models dpoc knows use SwiGLU MLPs (gate, up and down projections) and RMSNorm; every layer of a model
+with a `moe` section is an MoE layer. Counts follow Megatron's layer structure (formulas-and-anchors §1.1).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from functools import cache
+from itertools import accumulate
+
+from dpoc.plan import Layout, ModelSpec
+
+SWIGLU_MATRICES = 3  # gate, up, down
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """Parameters of one transformer layer, by sharding group."""
+
+    tensor_parallel: int  # attention projections, qkv bias, dense MLP or shared expert: split over tp
+    replicated: int  # norms, qk-norms, router: a full copy on every rank
+    experts: int  # routed experts: split over ep * etp
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Parameters one rank holds, split by the data-parallel group its optimizer state is sharded over."""
+
+    dense: int  # sharded over dp * cp by the distributed optimizer
+    experts: int  # sharded over the expert data-parallel group
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.experts
+
+
+def q_width(model: ModelSpec) -> int:
+    return model.num_attention_heads * model.head_dim
+
+
+def kv_width(model: ModelSpec) -> int:
+    return model.num_query_groups * model.head_dim
+
+
+@cache
+def layer_params(model: ModelSpec) -> LayerParams:
+    h, q, kv = model.hidden_size, q_width(model), kv_width(model)
+    attention = 2 * h * q + 2 * h * kv + ((q + 2 * kv) if model.qkv_bias else 0)
+    norms = 2 * h + (2 * model.head_dim if model.qk_layernorm else 0)
+    moe = model.moe
+    if moe is None:
+        return LayerParams(attention + SWIGLU_MATRICES * h * model.ffn_hidden_size, norms, 0)
+    shared = SWIGLU_MATRICES * h * moe.shared_expert_ffn_hidden_size
+    routed = moe.num_experts * SWIGLU_MATRICES * h * moe.ffn_hidden_size
+    return LayerParams(attention + shared, norms + h * moe.num_experts, routed)
+
+
+def embedding_params(model: ModelSpec) -> int:
+    return model.vocab_size * model.hidden_size
+
+
+def total_params(model: ModelSpec) -> int:
+    """Every parameter of the unsharded model (the head counted once when tied)."""
+    layer = layer_params(model)
+    heads = 1 if model.tie_embeddings else 2
+    per_layer = layer.tensor_parallel + layer.replicated + layer.experts
+    return model.num_layers * per_layer + heads * embedding_params(model) + model.hidden_size
+
+
+def real_layers_per_stage(layout: Layout) -> tuple[int, ...]:
+    """Transformer layers with weights per pipeline stage; no-op layers (padding to even stages) hold none.
+
+    With interleaving (vpp > 1) stage i runs virtual chunks i, i + pp, i + 2pp, ... of equal size.
+    """
+    if not layout.noop_layers:
+        return layout.stage_layers
+    counts = list(layout.stage_layers)
+    bounds = list(accumulate(layout.stage_layers))
+    chunk = max(layout.stage_layers[0] // layout.vpp, 1)
+    for index in set(layout.noop_layers):
+        stage = bisect_right(bounds, index) if layout.vpp == 1 else index // chunk % layout.pp
+        if stage < layout.pp:  # an index past the last layer is the rules' to report
+            counts[stage] -= 1
+    return tuple(counts)
+
+
+def stage_shard(model: ModelSpec, layout: Layout, stage: int, layers: int) -> Shard:
+    """Parameters on one rank of `stage` holding `layers` real layers (first stage: embedding; last: head)."""
+    layer = layer_params(model)
+    dense = layers * (layer.tensor_parallel // layout.tp + layer.replicated)
+    experts = layers * layer.experts // (layout.ep * layout.etp)
+    embedding = embedding_params(model) // layout.tp
+    first, last = stage == 0, stage == layout.pp - 1
+    if first:
+        dense += embedding
+    if last:
+        dense += model.hidden_size  # final norm
+        if not model.tie_embeddings or not first:
+            dense += embedding  # untied head, or the tied copy the last stage keeps when pp > 1
+    return Shard(dense, experts)

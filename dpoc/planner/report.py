@@ -1,0 +1,63 @@
+"""Plain data and text of planner results, for plan.json, `dpoc plan --json` and the `dpoc plan` table.
+
+Values are rounded so that plan.json stays byte-stable and readable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpoc.planner.memory import GIB, MemoryEstimate, StageMemory
+from dpoc.planner.search import Candidate, SearchResult
+from dpoc.planner.throughput import Throughput
+
+PARTS = ("weights", "gradients", "optimizer", "reference", "activations", "pipeline_buffers", "logits",
+         "transient", "comm_buffers", "reserve")
+KNOB_ORDER = ("tp", "pp", "vpp", "cp", "ep", "etp", "micro_batch_size", "recompute", "num_layer_list",
+              "noop_layers")
+
+
+def _gib(nbytes: float) -> float:
+    return round(nbytes / GIB, 3)
+
+
+def stage_summary(stage: StageMemory) -> dict[str, Any]:
+    return {"stage": stage.stage, "layers": stage.layers, "params": stage.params,
+            **{f"{part}_gib": _gib(getattr(stage, part)) for part in PARTS}, "total_gib": _gib(stage.total)}
+
+
+def memory_summary(memory: MemoryEstimate) -> dict[str, Any]:
+    return {"capacity_gib": _gib(memory.capacity), "fits": memory.fits, "peak_stage": memory.peak.stage,
+            "peak_gib": _gib(memory.peak.total), "stages": [stage_summary(s) for s in memory.stages]}
+
+
+def throughput_summary(throughput: Throughput) -> dict[str, Any]:
+    return {"step_s": round(throughput.step_s, 4), "samples_per_s": round(throughput.samples_per_s, 3),
+            "tokens_per_s": round(throughput.tokens_per_s, 1), "mfu": round(throughput.mfu, 4),
+            "dpo_mfu": round(throughput.dpo_mfu, 4)}
+
+
+def knob_text(knobs: dict[str, Any]) -> str:
+    def show(value: Any) -> str:
+        return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+    return " ".join(f"{k}={show(knobs[k])}" for k in KNOB_ORDER if k in knobs and knobs[k] not in ((), None))
+
+
+def candidate_line(candidate: Candidate) -> str:
+    text = knob_text(dict(candidate.knobs))
+    peak = candidate.memory.peak if candidate.memory else None
+    if candidate.throughput is not None and peak is not None:
+        t = candidate.throughput
+        return (f"{text}: {t.samples_per_s:.2f} pairs/s, MFU {t.mfu:.1%} (DPO {t.dpo_mfu:.1%}), "
+                f"peak {peak.total / GIB:.1f} GiB on stage {peak.stage}")
+    return f"{text}: {'; '.join(candidate.problems)}"
+
+
+def explain(result: SearchResult, top: int = 5) -> list[str]:
+    """The winner, the runners-up, and the nearest layouts memory rejected."""
+    lines = [f"{result.evaluated} layouts tried: {result.rule_rejected} break a rule, "
+             f"{result.over_memory} do not fit, {len(result.ranked)} fit"]
+    for rank, candidate in enumerate(result.ranked[:top], 1):
+        lines.append(f"{rank}. {candidate_line(candidate)}")
+    lines += [f"over memory: {candidate_line(c)}" for c in result.too_big]
+    return lines
