@@ -15,7 +15,8 @@ from dpoc.errors import DpocError, Problem
 from dpoc.family import CONVERTER, DEFAULT_TEMPLATE
 from dpoc.layout import DEFAULT_WHY, DERIVED_WHY, defaults, make_layout
 from dpoc.load import LoadedRecipe
-from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, ModelSpec, MoESpec, Plan, Source, Training
+from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, ModelSpec, Plan, Source, Training
+from dpoc.specs import hardware_spec, model_spec
 
 _MISSING = object()
 
@@ -124,45 +125,10 @@ def _model(v: _Values) -> ModelSpec:
     m = v.data["model"]
     for key in m:
         v.take(f"model.{key}")
-    moe = None
-    if "moe" in m:
-        raw = m["moe"]
-        moe = MoESpec(
-            num_experts=raw["num_experts"],
-            topk=raw["topk"],
-            ffn_hidden_size=raw["ffn_hidden_size"],
-            aux_loss_coeff=float(raw.get("aux_loss_coeff", 0.001)),
-            norm_topk_prob=raw.get("norm_topk_prob", True),
-            shared_expert_ffn_hidden_size=raw.get("shared_expert_ffn_hidden_size", 0),
-            load_balancing=raw.get("load_balancing", "aux_loss"),
-        )
-    converter = v.derived(
-        "model.converter",
-        CONVERTER[m["family"]],
-        "model.converter",
-        "MindSpeed-LLM's convert_ckpt_v2.py knows qwen3/qwen3-moe; Qwen2.5 and Llama-3 need the legacy convert_ckpt.py",
-    )
-    return ModelSpec(
-        name=m.get("preset", "inline"),
-        family=m["family"],
-        num_layers=m["num_layers"],
-        hidden_size=m["hidden_size"],
-        ffn_hidden_size=m["ffn_hidden_size"],
-        num_attention_heads=m["num_attention_heads"],
-        num_query_groups=m["num_query_groups"],
-        head_dim=m["head_dim"],
-        vocab_size=m["vocab_size"],
-        max_position_embeddings=m["max_position_embeddings"],
-        rope_base=float(m["rope_base"]),
-        norm_epsilon=float(m["norm_epsilon"]),
-        qk_layernorm=m["qk_layernorm"],
-        qkv_bias=m["qkv_bias"],
-        tie_embeddings=m["tie_embeddings"],
-        moe=moe,
-        mindspeed_name=m["mindspeed_name"],
-        converter=converter,
-        hf_model_type=m["hf_model_type"],
-    )
+    v.derived("model.converter", CONVERTER[m["family"]], "model.family",
+              "MindSpeed-LLM's convert_ckpt_v2.py knows qwen3/qwen3-moe; Qwen2.5 and Llama-3 need the legacy "
+              "convert_ckpt.py")
+    return model_spec(m.get("preset", "inline"), m)
 
 
 def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
@@ -180,22 +146,7 @@ def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
             "hardware.hosts",
             f"{nodes} nodes need their addresses; valid: hardware.hosts (node 0 first) or hardware.hostfile",
         )
-    hardware = HardwareSpec(
-        name=h["preset"],
-        device=h["device"],
-        backend=h["backend"],
-        devices_per_node=h["devices_per_node"],
-        nodes=nodes,
-        memory_gib=float(h["memory_gib"]),
-        reserved_gib=float(h["reserved_gib"]),
-        peak_tflops=float(h["peak_tflops"]),
-        intra_node_gbps=float(h["intra_node_gbps"]),
-        inter_node_gbps=float(h["inter_node_gbps"]),
-        superpod_nodes=h["superpod_nodes"],
-        superpod_gbps=float(h["superpod_gbps"]),
-        hccl_buffsize_mb=h["hccl_buffsize_mb"],
-        env=tuple(sorted(h["env"].items())),
-    )
+    hardware = hardware_spec(h["preset"], h, nodes)
     host_list = tuple(hosts) if hosts else ("127.0.0.1",)
     v.derived("cluster.hosts", host_list, "hardware.hosts", "the recipe's hosts, or this machine for one node")
     master = v.take(
