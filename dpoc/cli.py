@@ -56,6 +56,12 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from dpoc.plan_command import plan_command
+
+    return plan_command(args.recipe, args.overrides, args.json, args.top, args.chart)
+
+
 def _schema(args: argparse.Namespace) -> int:
     from dpoc import resources
 
@@ -93,6 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     overrides(p)
     p.set_defaults(func=_explain)
+
+    p = sub.add_parser("plan", help="rank the valid layouts: per-device memory breakdown, predicted speed, why")
+    p.add_argument("recipe")
+    overrides(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--top", type=int, default=10, help="how many ranked layouts to show")
+    p.add_argument("--chart", metavar="FILE.svg", help="write the memory per pipeline stage of the best layout")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("schema", help="print a JSON Schema")
     p.add_argument("kind", choices=["recipe", "model", "hardware", "plan", "preprocess"])

@@ -184,6 +184,7 @@ class Plan:
     checkpoint: Checkpoint
     cluster: Cluster
     run_dir: str
+    estimate: dict[str, Any] | None = None  # the planner's memory breakdown and predicted throughput
     warnings: tuple[str, ...] = ()
     provenance: tuple[tuple[str, Source], ...] = field(default=())
 

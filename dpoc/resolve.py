@@ -10,12 +10,13 @@ import dataclasses
 from pathlib import PurePosixPath
 from typing import Any
 
-from dpoc import __version__, rules, targets
+from dpoc import __version__, autolayout, rules, targets
+from dpoc.autolayout import LayoutInputs
 from dpoc.errors import DpocError, Problem
 from dpoc.family import CONVERTER, DEFAULT_TEMPLATE
-from dpoc.layout import DEFAULT_WHY, DERIVED_WHY, defaults, make_layout
+from dpoc.layout import DEFAULT_WHY, DERIVED_WHY, defaults
 from dpoc.load import LoadedRecipe
-from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, ModelSpec, Plan, Source, Training
+from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, Layout, ModelSpec, Plan, Source, Training
 from dpoc.specs import hardware_spec, model_spec
 
 _MISSING = object()
@@ -31,6 +32,7 @@ class _Values:
         self.file, self.data, self.sources = loaded.path, loaded.data, loaded.sources
         self.provenance: dict[str, Source] = {}
         self.problems: list[Problem] = []
+        self.layout_warnings: list[rules.Violation] = []
 
     def problem(self, field: str, message: str) -> None:
         """A problem found while resolving; all of them are raised together with the rules' findings."""
@@ -63,8 +65,16 @@ class _Values:
         return node
 
 
-def resolve(loaded: LoadedRecipe) -> Plan:
+def layout_inputs(loaded: LoadedRecipe) -> LayoutInputs:
+    """What the layout choice depends on (for `dpoc plan`, which shows the search rather than one Plan)."""
     v = _Values(loaded)
+    inputs, _ = _inputs(v)
+    if v.problems:
+        raise DpocError(v.problems)
+    return inputs
+
+
+def _inputs(v: _Values) -> tuple[LayoutInputs, Cluster]:
     model = _model(v)
     hardware, cluster = _hardware(v)
     training = _training(v, hardware)
@@ -74,23 +84,25 @@ def resolve(loaded: LoadedRecipe) -> Plan:
         label_smoothing=float(v.take("dpo.label_smoothing", 0.0, why="no label smoothing")),
         sft_weight=float(v.take("dpo.sft_weight", 0.0, why="no SFT term")),
     )
-
-    pinned = {k: v.take(f"parallelism.{k}", record=f"layout.{k}") for k in LAYOUT_KNOBS if v.has(f"parallelism.{k}")}
-    layout = make_layout(model, hardware, training_gbs(v), pinned)
-    fills = defaults(model, hardware, pinned)
-    for knob in LAYOUT_KNOBS:
-        if knob not in pinned:
-            v.derived(f"layout.{knob}", fills[knob], f"layout.{knob}", DEFAULT_WHY[knob])
-    for name, why in DERIVED_WHY.items():
-        v.derived(f"layout.{name}", getattr(layout, name), f"layout.{name}", why)
-    v.derived(
-        "layout.global_batch_size",
-        layout.global_batch_size,
-        "training.global_batch_size",
-        "pairs per step, from training.global_batch_size",
-    )
-
     runtime = v.take("runtime", "dpoc", why="dpoc's own megatron-core runtime")
+    pinned = {k: v.take(f"parallelism.{k}", record=f"layout.{k}") for k in LAYOUT_KNOBS if v.has(f"parallelism.{k}")}
+    mean = v.take(
+        "training.mean_seq_length",
+        training.seq_length,
+        rule="training.seq_length",
+        why="pair lengths unknown: plan as if every micro-batch were full length",
+        record="estimate.mean_seq_length",
+    )
+    gbs = v.take("training.global_batch_size", record="layout.global_batch_size")
+    return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, mean), cluster
+
+
+def resolve(loaded: LoadedRecipe) -> Plan:
+    v = _Values(loaded)
+    inputs, cluster = _inputs(v)
+    model, hardware, training, dpo, runtime = inputs.model, inputs.hardware, inputs.training, inputs.dpo, inputs.runtime
+    layout, estimate = _layout(v, inputs)
+
     name = loaded.name
     v.derived("name", name, "name", "the recipe's name, else its file name")
     run_dir = v.take("run_dir", f"runs/{name}", why="runs/<recipe name>")
@@ -107,9 +119,10 @@ def resolve(loaded: LoadedRecipe) -> Plan:
         checkpoint=_checkpoint(v, name, layout, run_dir),
         cluster=cluster,
         run_dir=run_dir,
+        estimate=estimate,
         provenance=tuple(sorted(v.provenance.items())),
     )
-    violations = rules.check(rules.Context(model, hardware, layout, training, dpo))
+    violations = v.layout_warnings + rules.check(rules.Context(model, hardware, layout, training, dpo))
     violations += targets.get(runtime).unsupported(plan)
     errors = v.problems + [Problem(loaded.path, x.field, x.message) for x in violations if not x.warning]
     if errors:
@@ -117,17 +130,50 @@ def resolve(loaded: LoadedRecipe) -> Plan:
     return dataclasses.replace(plan, warnings=tuple(f"{x.field}: {x.message}" for x in violations if x.warning))
 
 
-def training_gbs(v: _Values) -> int:
-    return v.take("training.global_batch_size")
+def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any]]:
+    """The pinned knobs, the planner's choice for the open ones, defaults for the rest; and the estimate."""
+    from dpoc.planner import report
+
+    pinned = inputs.pinned
+    try:
+        choice = autolayout.choose(inputs)
+    except autolayout.LayoutError as exc:
+        raise DpocError(v.problems + [Problem(v.file, x.field, x.message) for x in exc.violations]) from None
+    layout = choice.layout
+    v.layout_warnings = list(choice.warnings)
+    if choice.result is not None:
+        r, t = choice.result, choice.throughput
+        why = (
+            f"the planner's best of {len(r.ranked)} valid layouts that fit ({r.evaluated} tried): "
+            f"{t.samples_per_s:.3g} pairs/s predicted"
+        )
+    fills = defaults(inputs.model, inputs.hardware, {**pinned, **{k: getattr(layout, k) for k in choice.chosen}})
+    for knob in LAYOUT_KNOBS:
+        if knob in choice.chosen:
+            v.derived(f"layout.{knob}", getattr(layout, knob), "planner", why)
+        elif knob not in pinned:
+            v.derived(f"layout.{knob}", fills[knob], f"layout.{knob}", DEFAULT_WHY[knob])
+    for name, text in DERIVED_WHY.items():
+        v.derived(f"layout.{name}", getattr(layout, name), f"layout.{name}", text)
+    estimate = {
+        "mean_seq_length": inputs.mean_seq_length,
+        "efficiency": {"dense": autolayout.FITTED.dense, "experts": autolayout.FITTED.experts},
+        "memory": report.memory_summary(choice.memory),
+        "throughput": report.throughput_summary(choice.throughput),
+    }
+    return layout, estimate
 
 
 def _model(v: _Values) -> ModelSpec:
     m = v.data["model"]
     for key in m:
         v.take(f"model.{key}")
-    v.derived("model.converter", CONVERTER[m["family"]], "model.family",
-              "MindSpeed-LLM's convert_ckpt_v2.py knows qwen3/qwen3-moe; Qwen2.5 and Llama-3 need the legacy "
-              "convert_ckpt.py")
+    v.derived(
+        "model.converter",
+        CONVERTER[m["family"]],
+        "model.family",
+        "MindSpeed-LLM's convert_ckpt_v2.py knows qwen3/qwen3-moe; Qwen2.5 and Llama-3 need the legacy convert_ckpt.py",
+    )
     return model_spec(m.get("preset", "inline"), m)
 
 

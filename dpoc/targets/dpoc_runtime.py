@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dpoc.megatron_args import Arg
 from dpoc.plan import Plan
+from dpoc.planner.search import SearchSpace
 from dpoc.rules import Violation
 
 NAME = "dpoc"
@@ -141,3 +144,8 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         ("--dpoc-plan-hash", plan.hash()),
     ]
     return args
+
+
+def restrict_search(space: SearchSpace) -> SearchSpace:
+    """The planner searches only what megatron-core's local layers can run: no cp, no no-op layers."""
+    return replace(space, cp=(1,), uneven=tuple(u for u in space.uneven if u != "noop_layers"))

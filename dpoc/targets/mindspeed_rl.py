@@ -7,10 +7,12 @@ always written (its Qwen3 model files leave it at 1e-5).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from dpoc.family import DEFAULT_TEMPLATE
 from dpoc.plan import Plan
+from dpoc.planner.search import SAME_AS_TP, SearchSpace
 from dpoc.rules import Violation
 
 NAME = "mindspeed-rl"
@@ -211,3 +213,8 @@ def dataset_config(plan: Plan) -> dict[str, Any]:
 def _scalars(cfg: dict[str, Any]) -> dict[str, Any]:
     """MindSpeed-RL emits False/None as nothing; drop them so the file shows only what takes effect."""
     return {k: v for k, v in cfg.items() if v is not None and v is not False}
+
+
+def restrict_search(space: SearchSpace) -> SearchSpace:
+    """MindSpeed-RL cannot set expert tensor parallelism: experts are split like attention (etp = tp)."""
+    return replace(space, etp=(SAME_AS_TP,))

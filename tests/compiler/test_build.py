@@ -291,7 +291,7 @@ def test_explain_shows_sources(dpoc_cli):
     assert "user:command line" in rows["training.lr"]
     assert "preset:qwen3-30b-a3b" in rows["model.num_layers"]
     assert "derived:layout.dp" in rows["layout.dp"] and "world size / (tp·pp·cp)" in rows["layout.dp"]
-    assert "derived:layout.etp" in rows["layout.etp"]
+    assert "derived:layout.sequence_parallel" in rows["layout.sequence_parallel"]
     assert rows["layout.tp"].split()[1:3] == ["2", "user"]
 
 

@@ -102,15 +102,15 @@ def test_bad_override_names_the_field(dpoc_cli, tmp_path, overrides, field, text
 RECIPE_TEXT_CASES = [
     ("model: {preset: qwen3-8b}\nhardware: @cpu\n", "line 2", "not valid YAML"),
     ("- a list\n- not a mapping\n", "(top level)", "a recipe is a mapping of sections"),
-    ("model: {preset: qwen3-8b, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n",
+    ("model: {preset: tiny-qwen3, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n",
      "training", "is required"),
-    ("model: {preset: qwen3-8b}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
+    ("model: {preset: tiny-qwen3}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
      "training: {seq_length: 8, global_batch_size: 8, train_iters: 1, lr: 0.1}\n",
      "model.hf_weights", "is required to convert the initial weights"),
-    ("model: {preset: qwen3-8b, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
+    ("model: {preset: tiny-qwen3, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
      "training: {seq_length: '${training.missing}', global_batch_size: 8, train_iters: 1, lr: 0.1}\n",
      "training.seq_length", "cannot resolve interpolation"),
-    ("model: {preset: qwen3-8b, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
+    ("model: {preset: tiny-qwen3, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
      "training: {seq_length: 8, global_batch_size: 8, train_iters: 1, lr: 0.1}\nextra: 1\n",
      "extra", "unknown key (valid: checkpoint, dataset, dpo, hardware, model, name, parallelism, run_dir, runtime, "
      "training)"),
@@ -156,4 +156,6 @@ def test_real_process_exits_2_without_traceback(tmp_path):
         f"{GOOD}: parallelism.tp: tp=3: 32 attention heads and 4 KV heads need tp in {{1, 2, 4}}",
         f"{GOOD}: parallelism.tp: tp=3 would put a tensor-parallel group across nodes over the slow inter-node link "
         "(16 devices per node); valid: tp in {1, 2, 4, 8, 16}",
+        f"{GOOD}: parallelism.etp: etp=2: experts are split either like attention or not at all (the weight "
+        "converter accepts only these); valid: etp in {1, 3}",
     ]

@@ -1,0 +1,86 @@
+"""The planner inside the compiler: open knobs are chosen, pinned ones kept, and memory is checked."""
+
+from __future__ import annotations
+
+import json
+
+from dpoc.compile import plan_recipe
+from tests.conftest import RECIPES
+
+GUIDE, A2 = RECIPES / "qwen3_30b.yaml", RECIPES / "qwen3_30b_a2.yaml"
+
+
+def test_auto_layout_is_chosen_by_the_planner_and_fits():
+    plan = plan_recipe(GUIDE, ["parallelism=auto"])
+    assert plan.source_of("layout.tp").source == "derived:planner"
+    assert "the planner's best of" in plan.source_of("layout.ep").why
+    assert plan.estimate["memory"]["fits"] is True
+    assert plan.estimate["memory"]["peak_gib"] <= 64
+    assert plan.estimate["throughput"]["samples_per_s"] > 0
+
+
+def test_pinned_knobs_are_kept_and_the_rest_chosen(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    text = GUIDE.read_text()
+    recipe.write_text(text[:text.index("parallelism:")] + "parallelism: {tp: 1}\n" + text[text.index("checkpoint:"):])
+    plan = plan_recipe(recipe)
+    assert plan.layout.tp == 1 and plan.source_of("layout.tp").source == "user"
+    assert plan.source_of("layout.pp").source == "derived:planner"
+    assert plan.source_of("layout.ep").source == "derived:planner"
+
+
+def test_each_target_searches_only_what_it_can_express():
+    dpoc_plan = plan_recipe(GUIDE, ["parallelism=auto", "training.seq_length=16384"])
+    assert dpoc_plan.layout.cp == 1 and dpoc_plan.layout.noop_layers == ()
+    ms_plan = plan_recipe(GUIDE, ["parallelism=auto", "runtime=mindspeed-rl"])
+    assert ms_plan.layout.etp == ms_plan.layout.tp
+
+
+def test_too_small_hardware_says_how_many_devices_are_needed(dpoc_cli, tmp_path):
+    result = dpoc_cli("build", A2, "parallelism=auto", "hardware.nodes=1", "hardware.hosts=[10.0.0.1]",
+                      "-o", tmp_path / "o")
+    assert result.code == 2
+    (line,) = result.err.splitlines()
+    assert line.startswith(f"{A2}: hardware.nodes: does not fit: pipeline stage ")
+    assert line.endswith("on 1 × 8 atlas-a2; smallest need is 16 devices (2 nodes)")
+
+
+def test_pinned_layout_whose_weights_do_not_fit_is_refused(dpoc_cli, tmp_path):
+    result = dpoc_cli("build", A2, "parallelism.pp=1", "parallelism.tp=1", "parallelism.etp=1", "-o", tmp_path / "o")
+    assert result.code == 2
+    assert f"{A2}: hardware.nodes: does not fit: pipeline stage 0 needs " in result.err
+    assert "valid: unpin knobs and let the planner choose, or see `dpoc plan` for layouts that fit" in result.err
+
+
+def test_pinned_guide_layout_builds_with_a_memory_warning(dpoc_cli, tmp_path):
+    result = dpoc_cli("build", GUIDE, "-o", tmp_path / "o")
+    assert result.code == 0
+    assert ("warning: parallelism: may not fit: pipeline stage 0 needs up to 68.3 GiB per device of 64 GiB "
+            "(26.4 GiB static") in result.err
+    plan = json.loads((tmp_path / "o/plan.json").read_text())
+    assert plan["estimate"]["memory"]["fits"] is False and plan["estimate"]["memory"]["peak_stage"] == 0
+    quiet = dpoc_cli("build", GUIDE, "training.mean_seq_length=600", "-o", tmp_path / "p")
+    assert quiet.code == 0 and "may not fit" not in quiet.err
+
+
+def test_guide_static_memory_is_the_worked_example():
+    """formulas-and-anchors §1.6: TP2 PP8 EP1 on 32 dies holds 22.6 GiB policy + 3.8 GiB reference."""
+    stage0 = plan_recipe(GUIDE).estimate["memory"]["stages"][0]
+    policy = stage0["weights_gib"] + stage0["gradients_gib"] + stage0["optimizer_gib"]
+    assert round(policy, 1) == 22.6 and round(stage0["reference_gib"], 1) == 3.8
+
+
+def test_plan_command_ranks_layouts(dpoc_cli, tmp_path):
+    chart = tmp_path / "mem.svg"
+    result = dpoc_cli("plan", GUIDE, "parallelism=auto", "--json", "--top", "5", "--chart", chart)
+    assert result.code == 0
+    data = json.loads(result.out)
+    speeds = [c["throughput"]["samples_per_s"] for c in data["ranked"]]
+    assert len(speeds) == 5 and speeds == sorted(speeds, reverse=True)
+    assert all(c["memory"]["fits"] for c in data["ranked"])
+    assert all(not c["memory"]["fits"] for c in data["nearest_over_memory"])
+    assert data["evaluated"] > data["rule_rejected"] + data["over_memory"]
+    svg = chart.read_text()
+    assert svg.startswith("<svg") and svg.count("<rect") >= 10 and "pipeline stage" in svg
+    table = dpoc_cli("plan", GUIDE, "parallelism=auto", "--top", "3")
+    assert table.code == 0 and "Chosen: tp=" in table.out and "layouts tried:" in table.out
