@@ -8,15 +8,17 @@ reported by the rules; a valid one that does not fit says how many devices the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpoc import rules, targets
 from dpoc.layout import make_layout
 from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.calibration import FITTED
 from dpoc.planner.memory import GIB, MemoryEstimate, estimate_memory
-from dpoc.planner.search import SearchResult, default_space, search, smallest_fitting_nodes
 from dpoc.planner.throughput import Throughput, predict
+
+if TYPE_CHECKING:
+    from dpoc.planner.search import SearchResult
 
 # the knobs the planner chooses when the recipe leaves them open
 SEARCHED = ("tp", "pp", "vpp", "cp", "ep", "etp", "micro_batch_size", "recompute")
@@ -65,6 +67,8 @@ def open_knobs(model: ModelSpec, pinned: dict[str, Any]) -> list[str]:
 
 def search_layouts(i: LayoutInputs, hardware: HardwareSpec | None = None) -> SearchResult:
     """Every layout the target can express, with the pinned knobs fixed, that passes the rules; ranked."""
+    from dpoc.planner.search import default_space, search
+
     hw = hardware or i.hardware
     space = targets.get(i.runtime).restrict_search(default_space(i.model, hw, i.training))
     return search(
@@ -105,6 +109,8 @@ def choose(i: LayoutInputs) -> Choice:
 
 def explain_failure(i: LayoutInputs, result: SearchResult) -> list[rules.Violation]:
     """Why no layout was found: too little memory (and how much would do), or the pinned knobs break a rule."""
+    from dpoc.planner.search import smallest_fitting_nodes
+
     if result.too_big:
 
         def prepare(hw: HardwareSpec):

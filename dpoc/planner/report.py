@@ -5,11 +5,13 @@ Values are rounded so that plan.json stays byte-stable and readable.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpoc.planner.memory import GIB, MemoryEstimate, StageMemory
-from dpoc.planner.search import Candidate, SearchResult
 from dpoc.planner.throughput import Throughput
+
+if TYPE_CHECKING:
+    from dpoc.planner.search import Candidate, SearchResult
 
 PARTS = ("weights", "gradients", "optimizer", "reference", "activations", "pipeline_buffers", "logits",
          "transient", "comm_buffers", "reserve")

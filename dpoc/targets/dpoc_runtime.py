@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from dpoc.megatron_args import Arg
 from dpoc.plan import Plan
-from dpoc.planner.search import SearchSpace
 from dpoc.rules import Violation
+
+if TYPE_CHECKING:
+    from dpoc.planner.search import SearchSpace
 
 NAME = "dpoc"
 

@@ -8,12 +8,14 @@ always written (its Qwen3 model files leave it at 1e-5).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpoc.family import DEFAULT_TEMPLATE
 from dpoc.plan import Plan
-from dpoc.planner.search import SAME_AS_TP, SearchSpace
 from dpoc.rules import Violation
+
+if TYPE_CHECKING:
+    from dpoc.planner.search import SearchSpace
 
 NAME = "mindspeed-rl"
 DEFAULT_BETA, DEFAULT_ADAM_EPS = 0.1, 1e-8
@@ -217,4 +219,6 @@ def _scalars(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def restrict_search(space: SearchSpace) -> SearchSpace:
     """MindSpeed-RL cannot set expert tensor parallelism: experts are split like attention (etp = tp)."""
+    from dpoc.planner.search import SAME_AS_TP
+
     return replace(space, etp=(SAME_AS_TP,))
