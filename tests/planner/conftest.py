@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from dpoc import rules
 from dpoc.layout import make_layout
-from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
+from dpoc.rules import Violation
 from dpoc.specs import preset_model
 
 
@@ -57,11 +60,20 @@ def training(seq_length: int = 4, precision: str = "bf16", dynamic_padding: bool
     )
 
 
+def compiler_rules(model_spec: ModelSpec, hw: HardwareSpec, train: Training) -> Callable[[Layout], list[Violation]]:
+    """The compiler's rules as the search's `validate`: the violations that are not warnings."""
+    dpo = DPO(loss="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)
+
+    def validate(lay: Layout) -> list[Violation]:
+        return [v for v in rules.check(rules.Context(model_spec, hw, lay, train, dpo)) if not v.warning]
+    return validate
+
+
 @pytest.fixture
 def specs():
     """The builders above, as one namespace for the tests."""
     class Specs:
         pass
-    for f in (model, qwen3_30b_a3b, hardware, layout, training):
+    for f in (model, qwen3_30b_a3b, hardware, layout, training, compiler_rules):
         setattr(Specs, f.__name__, staticmethod(f))
     return Specs
