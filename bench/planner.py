@@ -21,10 +21,9 @@ from dpoc import rules
 from dpoc.layout import make_layout
 from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.calibration import (
-    CALIBRATION,
-    DPO_HELD_OUT,
     ORCA_DPO_MEAN_PADDED_TOKENS,
-    QWEN3_30B_A3B,
+    calibration_set,
+    dpo_held_out,
     fit,
     implied_mean_length,
     predicted,
@@ -55,7 +54,7 @@ def calibration_report() -> dict[str, Any]:
     rows = []
     print("Calibration set (published non-DPO throughput):")
     print(f"  {'case':<40} {'measured':>10} {'predicted':>10} {'error':>7}  own-fit eff  unit / assumed")
-    for case in CALIBRATION:
+    for case in calibration_set():
         p = predicted(case, eff)
         err = p / case.measured - 1
         own = singles.get(case.label)
@@ -68,7 +67,7 @@ def calibration_report() -> dict[str, Any]:
     print(f"Fitted efficiency: dense {eff.dense:.3f}, routed experts {eff.experts:.3f}")
     held = []
     print(f"Held-out DPO (mean padded length assumed {ORCA_DPO_MEAN_PADDED_TOKENS:.0f} tokens):")
-    for case in DPO_HELD_OUT:
+    for case in dpo_held_out():
         p = predicted(case, eff)
         err = p / case.measured - 1
         implied = implied_mean_length(case, eff)
@@ -109,8 +108,8 @@ def compiler_rules(model: ModelSpec, hardware: HardwareSpec, train: Training) ->
 
 
 SEARCHES = (
-    ("Qwen3-30B-A3B DPO on A2 2x8", QWEN3_30B_A3B, preset_hardware("atlas-a2", 2), 64),
-    ("Qwen3-30B-A3B DPO on A3 2x16", QWEN3_30B_A3B, preset_hardware("atlas-a3", 2), 64),
+    ("Qwen3-30B-A3B DPO on A2 2x8", preset_model("qwen3-30b-a3b"), preset_hardware("atlas-a2", 2), 64),
+    ("Qwen3-30B-A3B DPO on A3 2x16", preset_model("qwen3-30b-a3b"), preset_hardware("atlas-a3", 2), 64),
     ("Qwen3-235B-A22B DPO on A3 64x16", preset_model("qwen3-235b-a22b"), preset_hardware("atlas-a3", 64), 1024),
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from dpoc.layout import make_layout
@@ -24,23 +25,19 @@ from dpoc.specs import model_spec, preset_hardware, preset_model
 # which the model would match each published DPO number.
 ORCA_DPO_MEAN_PADDED_TOKENS = 500.0
 
-# `fit()` on CALIBRATION, rounded: what `dpoc build` / `dpoc plan` use without refitting at every run.
+# `fit()` on the calibration set, rounded: what `dpoc build` / `dpoc plan` use without refitting at every run.
 # tests/planner/test_throughput.py checks it against a fresh fit; `python bench/planner.py` prints the fit.
 FITTED = Efficiency(dense=0.474, experts=0.167)
 
 # LLaMA2-7B is not a preset (no recipe trains it); its architecture from meta-llama/Llama-2-7b-hf config.json
 # (hidden 4096, intermediate 11008, 32 layers, 32 heads, no GQA, vocab 32000, rope_theta 1e4, rms_norm_eps
 # 1e-5, max_position_embeddings 4096, untied).
-LLAMA2_7B = model_spec("llama2-7b", {
+LLAMA2_7B = {
     "family": "llama", "num_layers": 32, "hidden_size": 4096, "ffn_hidden_size": 11008,
     "num_attention_heads": 32, "num_query_groups": 32, "head_dim": 128, "vocab_size": 32000,
     "max_position_embeddings": 4096, "rope_base": 10000, "norm_epsilon": 1e-5, "qk_layernorm": False,
     "qkv_bias": False, "tie_embeddings": False, "mindspeed_name": "llama2_7b", "hf_model_type": "llama2",
-})
-QWEN3_8B = preset_model("qwen3-8b")
-QWEN3_30B_A3B = preset_model("qwen3-30b-a3b")
-LLAMA3_8B = preset_model("llama3-8b")
-LLAMA3_70B = preset_model("llama3-70b")
+}
 
 
 def training(seq_length: int) -> Training:
@@ -76,28 +73,40 @@ README = "MindSpeed-LLM docs/zh/pytorch/features/README.md @ c77308a1"
 PODC = "MindSpeed-LLM README @ a27b45f0 (A2 PODc table)"
 
 A2, A3 = "atlas-a2", "atlas-a3"
-
-CALIBRATION = (
-    Published("Qwen3-8B pretrain 4K, A3 1x16", QWEN3_8B, preset_hardware(A3, 1), 128, {"tp": 2}, 4096,
-              PRETRAIN, 7617.0 / 2, README + " (7617 tokens/s per card = 2 dies)", "recompute none"),
-    Published("Qwen3-30B-A3B pretrain 4K, A2 2x8", QWEN3_30B_A3B, preset_hardware(A2, 2), 256,
-              {"pp": 2, "ep": 8, "etp": 1, **FULL_RECOMPUTE}, 4096, PRETRAIN, 2318.4, README,
-              "recompute uniform 1 layer"),
-    Published("LLaMA2-7B pretrain 4K, A2 1x8", LLAMA2_7B, preset_hardware(A2, 1), 256, {}, 4096, PRETRAIN,
-              4200.0, PODC, "TP1 PP1 DP8, GBS 256, no recompute"),
-    Published("LLaMA3-8B pretrain 8K, A2 1x8", LLAMA3_8B, preset_hardware(A2, 1), 64, {"tp": 2}, 8192,
-              PRETRAIN, 2483.0, PODC, "TP2 PP1 DP4, GBS 64, no recompute"),
-    Published("LLaMA3-70B pretrain 8K, A2 8x8", LLAMA3_70B, preset_hardware(A2, 8), 512, {"tp": 8, "pp": 4},
-              8192, PRETRAIN, 283.0, PODC, "TP8 PP4 DP2, GBS 512, no recompute"),
-)
-
 DPO_SOURCE = "MindSpeed-RL docs/zh/algorithms/dpo.md"
-DPO_HELD_OUT = (
-    Published("Qwen3-30B-A3B DPO, A2 2x8, TP2 PP8 DP1", QWEN3_30B_A3B, preset_hardware(A2, 2), 64,
-              {"tp": 2, "pp": 8}, 4096, DPO_PAIRS, 2.78, DPO_SOURCE, "swap_attention (on in the source) not modelled"),
-    Published("Qwen3-30B-A3B DPO, A3 2x16, TP2 PP8 DP2", QWEN3_30B_A3B, preset_hardware(A3, 2), 64,
-              {"tp": 2, "pp": 8}, 4096, DPO_PAIRS, 7.19, DPO_SOURCE),
-)
+
+
+@cache
+def calibration_set() -> tuple[Published, ...]:
+    """The published non-DPO runs (built on first use: `FITTED` alone must not read the presets)."""
+    qwen3_30b = preset_model("qwen3-30b-a3b")
+    return (
+        Published("Qwen3-8B pretrain 4K, A3 1x16", preset_model("qwen3-8b"), preset_hardware(A3, 1), 128,
+                  {"tp": 2}, 4096, PRETRAIN, 7617.0 / 2, README + " (7617 tokens/s per card = 2 dies)",
+                  "recompute none"),
+        Published("Qwen3-30B-A3B pretrain 4K, A2 2x8", qwen3_30b, preset_hardware(A2, 2), 256,
+                  {"pp": 2, "ep": 8, "etp": 1, **FULL_RECOMPUTE}, 4096, PRETRAIN, 2318.4, README,
+                  "recompute uniform 1 layer"),
+        Published("LLaMA2-7B pretrain 4K, A2 1x8", model_spec("llama2-7b", LLAMA2_7B), preset_hardware(A2, 1),
+                  256, {}, 4096, PRETRAIN, 4200.0, PODC, "TP1 PP1 DP8, GBS 256, no recompute"),
+        Published("LLaMA3-8B pretrain 8K, A2 1x8", preset_model("llama3-8b"), preset_hardware(A2, 1), 64,
+                  {"tp": 2}, 8192, PRETRAIN, 2483.0, PODC, "TP2 PP1 DP4, GBS 64, no recompute"),
+        Published("LLaMA3-70B pretrain 8K, A2 8x8", preset_model("llama3-70b"), preset_hardware(A2, 8), 512,
+                  {"tp": 8, "pp": 4}, 8192, PRETRAIN, 283.0, PODC, "TP8 PP4 DP2, GBS 512, no recompute"),
+    )
+
+
+@cache
+def dpo_held_out() -> tuple[Published, ...]:
+    """The two published DPO runs, never fitted on."""
+    qwen3_30b = preset_model("qwen3-30b-a3b")
+    return (
+        Published("Qwen3-30B-A3B DPO, A2 2x8, TP2 PP8 DP1", qwen3_30b, preset_hardware(A2, 2), 64,
+                  {"tp": 2, "pp": 8}, 4096, DPO_PAIRS, 2.78, DPO_SOURCE,
+                  "swap_attention (on in the source) not modelled"),
+        Published("Qwen3-30B-A3B DPO, A3 2x16, TP2 PP8 DP2", qwen3_30b, preset_hardware(A3, 2), 64,
+                  {"tp": 2, "pp": 8}, 4096, DPO_PAIRS, 7.19, DPO_SOURCE),
+    )
 
 
 def _mean_length(case: Published) -> float:
@@ -132,9 +141,11 @@ class Fit:
     per_case: tuple[tuple[str, float], ...]  # the dense efficiency each dense case alone would give
 
 
-def fit(cases: tuple[Published, ...] = CALIBRATION) -> Fit:
+def fit(cases: tuple[Published, ...] | None = None) -> Fit:
     """Dense efficiency: geometric mean of the per-case exact fits on dense models; expert efficiency: the
-    exact fit on the MoE cases (one published point today) given that dense efficiency."""
+    exact fit on the MoE cases (one published point today) given that dense efficiency. Default: the
+    calibration set."""
+    cases = calibration_set() if cases is None else cases
     dense = [c for c in cases if c.model.moe is None]
     moe = [c for c in cases if c.model.moe is not None]
     singles = []
