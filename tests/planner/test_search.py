@@ -21,7 +21,7 @@ def _search(specs, m, hw, training=None, gbs=8, mean=4, **kwargs):
 
 
 def _toy_search(specs, hw, **kwargs):
-    """The toy with 4 heads of 2 in 2 KV groups: the same sizes as conftest.model, but tp 2 divides the heads."""
+    """The toy with 4 heads of 2 in 2 KV groups: conftest.model's weight shapes, but tp 2 divides the KV heads."""
     return _search(specs, specs.model(num_attention_heads=4, num_query_groups=2, head_dim=2), hw, **kwargs)
 
 
