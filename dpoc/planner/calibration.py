@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
-from dpoc.plan import HardwareSpec, Layout, ModelSpec, MoESpec, Training
+from dpoc.layout import make_layout
+from dpoc.plan import HardwareSpec, ModelSpec, Training
 from dpoc.planner.throughput import DPO_PAIRS, PRETRAIN, Efficiency, Workload, predict
+from dpoc.specs import model_spec, preset_hardware, preset_model
 
 # Mean tokens per sequence after dynamic padding (chosen and rejected padded to the longer of the pair) for
 # Intel/orca_dpo_pairs under the Qwen3 chat template. Not measured (hardware-and-models §6.1): assumed from
@@ -22,47 +25,19 @@ from dpoc.planner.throughput import DPO_PAIRS, PRETRAIN, Efficiency, Workload, p
 # which the model would match each published DPO number.
 ORCA_DPO_MEAN_PADDED_TOKENS = 500.0
 
-# `fit(build)` on CALIBRATION, rounded: what `dpoc build` / `dpoc plan` use without refitting at every run.
+# `fit()` on the calibration set, rounded: what `dpoc build` / `dpoc plan` use without refitting at every run.
 # tests/planner/test_throughput.py checks it against a fresh fit; `python bench/planner.py` prints the fit.
 FITTED = Efficiency(dense=0.474, experts=0.167)
 
-LayoutBuilder = Callable[[ModelSpec, HardwareSpec, int, dict[str, Any]], Layout]
-
-
-def _model(name: str, family: str, layers: int, hidden: int, ffn: int, heads: int, groups: int, vocab: int,
-           moe: MoESpec | None = None) -> ModelSpec:
-    """A published shape (hardware-and-models §5): only what the throughput model reads is meaningful."""
-    return ModelSpec(
-        name=name, family=family, num_layers=layers, hidden_size=hidden,
-        ffn_hidden_size=ffn, num_attention_heads=heads, num_query_groups=groups, head_dim=128,
-        vocab_size=vocab, max_position_embeddings=32768, rope_base=1e6, norm_epsilon=1e-6,
-        qk_layernorm=family.startswith("qwen3"), qkv_bias=False, tie_embeddings=False, moe=moe,
-        mindspeed_name=name, converter="v2", hf_model_type=family.replace("_", "-"),
-    )
-
-
-QWEN3_8B = _model("qwen3-8b", "qwen3", 36, 4096, 12288, 32, 8, 151936)
-QWEN3_30B_A3B = _model("qwen3-30b-a3b", "qwen3_moe", 48, 2048, 6144, 32, 4, 151936,
-                       MoESpec(num_experts=128, topk=8, ffn_hidden_size=768, aux_loss_coeff=0.001,
-                               norm_topk_prob=True))
-LLAMA2_7B = _model("llama2-7b", "llama", 32, 4096, 11008, 32, 32, 32000)
-LLAMA3_8B = _model("llama3-8b", "llama", 32, 4096, 14336, 32, 8, 128256)
-LLAMA3_70B = _model("llama3-70b", "llama", 80, 8192, 28672, 64, 8, 128256)
-
-_ASCEND = dict(device="npu", backend="hccl", memory_gib=64, reserved_gib=4.9, peak_tflops=353.9,
-               intra_node_gbps=196, inter_node_gbps=25, hccl_buffsize_mb=256, env=())
-
-
-def atlas_a2(nodes: int) -> HardwareSpec:
-    """8 x 910B per node, HCCS inside, RoCE across (same values as the atlas-a2 preset)."""
-    return HardwareSpec(name="atlas-a2", devices_per_node=8, nodes=nodes, superpod_nodes=0,
-                        superpod_gbps=25, **_ASCEND)
-
-
-def atlas_a3(nodes: int) -> HardwareSpec:
-    """16 dies per node on a 48-node SuperPoD fabric (same values as the atlas-a3 preset)."""
-    return HardwareSpec(name="atlas-a3", devices_per_node=16, nodes=nodes, superpod_nodes=48,
-                        superpod_gbps=196, **_ASCEND)
+# LLaMA2-7B is not a preset (no recipe trains it); its architecture from meta-llama/Llama-2-7b-hf config.json
+# (hidden 4096, intermediate 11008, 32 layers, 32 heads, no GQA, vocab 32000, rope_theta 1e4, rms_norm_eps
+# 1e-5, max_position_embeddings 4096, untied).
+LLAMA2_7B = {
+    "family": "llama", "num_layers": 32, "hidden_size": 4096, "ffn_hidden_size": 11008,
+    "num_attention_heads": 32, "num_query_groups": 32, "head_dim": 128, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rope_base": 10000, "norm_epsilon": 1e-5, "qk_layernorm": False,
+    "qkv_bias": False, "tie_embeddings": False, "mindspeed_name": "llama2_7b", "hf_model_type": "llama2",
+}
 
 
 def training(seq_length: int) -> Training:
@@ -97,40 +72,52 @@ FULL_RECOMPUTE = {"recompute": "full", "recompute_method": "uniform", "recompute
 README = "MindSpeed-LLM docs/zh/pytorch/features/README.md @ c77308a1"
 PODC = "MindSpeed-LLM README @ a27b45f0 (A2 PODc table)"
 
-CALIBRATION = (
-    Published("Qwen3-8B pretrain 4K, A3 1x16", QWEN3_8B, atlas_a3(1), 128, {"tp": 2}, 4096, PRETRAIN,
-              7617.0 / 2, README + " (7617 tokens/s per card = 2 dies)", "recompute none"),
-    Published("Qwen3-30B-A3B pretrain 4K, A2 2x8", QWEN3_30B_A3B, atlas_a2(2), 256,
-              {"pp": 2, "ep": 8, "etp": 1, **FULL_RECOMPUTE}, 4096, PRETRAIN, 2318.4, README,
-              "recompute uniform 1 layer"),
-    Published("LLaMA2-7B pretrain 4K, A2 1x8", LLAMA2_7B, atlas_a2(1), 256, {}, 4096, PRETRAIN, 4200.0, PODC,
-              "TP1 PP1 DP8, GBS 256, no recompute"),
-    Published("LLaMA3-8B pretrain 8K, A2 1x8", LLAMA3_8B, atlas_a2(1), 64, {"tp": 2}, 8192, PRETRAIN, 2483.0,
-              PODC, "TP2 PP1 DP4, GBS 64, no recompute"),
-    Published("LLaMA3-70B pretrain 8K, A2 8x8", LLAMA3_70B, atlas_a2(8), 512, {"tp": 8, "pp": 4}, 8192,
-              PRETRAIN, 283.0, PODC, "TP8 PP4 DP2, GBS 512, no recompute"),
-)
+A2, A3 = "atlas-a2", "atlas-a3"
+DPO_SOURCE = "MindSpeed-RL docs/zh/algorithms/dpo.md"
 
-DPO_HELD_OUT = (
-    Published("Qwen3-30B-A3B DPO, A2 2x8, TP2 PP8 DP1", QWEN3_30B_A3B, atlas_a2(2), 64, {"tp": 2, "pp": 8},
-              4096, DPO_PAIRS, 2.78, "MindSpeed-RL docs/zh/algorithms/dpo.md",
-              "swap_attention (on in the source) not modelled"),
-    Published("Qwen3-30B-A3B DPO, A3 2x16, TP2 PP8 DP2", QWEN3_30B_A3B, atlas_a3(2), 64, {"tp": 2, "pp": 8},
-              4096, DPO_PAIRS, 7.19, "MindSpeed-RL docs/zh/algorithms/dpo.md"),
-)
+
+@cache
+def calibration_set() -> tuple[Published, ...]:
+    """The published non-DPO runs (built on first use: `FITTED` alone must not read the presets)."""
+    qwen3_30b = preset_model("qwen3-30b-a3b")
+    return (
+        Published("Qwen3-8B pretrain 4K, A3 1x16", preset_model("qwen3-8b"), preset_hardware(A3, 1), 128,
+                  {"tp": 2}, 4096, PRETRAIN, 7617.0 / 2, README + " (7617 tokens/s per card = 2 dies)",
+                  "recompute none"),
+        Published("Qwen3-30B-A3B pretrain 4K, A2 2x8", qwen3_30b, preset_hardware(A2, 2), 256,
+                  {"pp": 2, "ep": 8, "etp": 1, **FULL_RECOMPUTE}, 4096, PRETRAIN, 2318.4, README,
+                  "recompute uniform 1 layer"),
+        Published("LLaMA2-7B pretrain 4K, A2 1x8", model_spec("llama2-7b", LLAMA2_7B), preset_hardware(A2, 1),
+                  256, {}, 4096, PRETRAIN, 4200.0, PODC, "TP1 PP1 DP8, GBS 256, no recompute"),
+        Published("LLaMA3-8B pretrain 8K, A2 1x8", preset_model("llama3-8b"), preset_hardware(A2, 1), 64,
+                  {"tp": 2}, 8192, PRETRAIN, 2483.0, PODC, "TP2 PP1 DP4, GBS 64, no recompute"),
+        Published("LLaMA3-70B pretrain 8K, A2 8x8", preset_model("llama3-70b"), preset_hardware(A2, 8), 512,
+                  {"tp": 8, "pp": 4}, 8192, PRETRAIN, 283.0, PODC, "TP8 PP4 DP2, GBS 512, no recompute"),
+    )
+
+
+@cache
+def dpo_held_out() -> tuple[Published, ...]:
+    """The two published DPO runs, never fitted on."""
+    qwen3_30b = preset_model("qwen3-30b-a3b")
+    return (
+        Published("Qwen3-30B-A3B DPO, A2 2x8, TP2 PP8 DP1", qwen3_30b, preset_hardware(A2, 2), 64,
+                  {"tp": 2, "pp": 8}, 4096, DPO_PAIRS, 2.78, DPO_SOURCE,
+                  "swap_attention (on in the source) not modelled"),
+        Published("Qwen3-30B-A3B DPO, A3 2x16, TP2 PP8 DP2", qwen3_30b, preset_hardware(A3, 2), 64,
+                  {"tp": 2, "pp": 8}, 4096, DPO_PAIRS, 7.19, DPO_SOURCE),
+    )
 
 
 def _mean_length(case: Published) -> float:
     return ORCA_DPO_MEAN_PADDED_TOKENS if case.workload is DPO_PAIRS else float(case.seq_length)
 
 
-def predicted(case: Published, efficiency: Efficiency, build: LayoutBuilder, mean_length: float | None = None
-              ) -> float:
+def predicted(case: Published, efficiency: Efficiency, mean_length: float | None = None) -> float:
     """The model's value of the case's published quantity."""
-    layout = build(case.model, case.hardware, case.global_batch_size, case.knobs)
+    layout = make_layout(case.model, case.hardware, case.global_batch_size, case.knobs)
     length = _mean_length(case) if mean_length is None else mean_length
-    t = predict(case.model, case.hardware, layout, training(case.seq_length), efficiency, length,
-                case.workload)
+    t = predict(case.model, case.hardware, layout, training(case.seq_length), efficiency, length, case.workload)
     if case.workload is DPO_PAIRS:
         return t.samples_per_s
     return t.tokens_per_s / case.hardware.world_size
@@ -154,26 +141,28 @@ class Fit:
     per_case: tuple[tuple[str, float], ...]  # the dense efficiency each dense case alone would give
 
 
-def fit(build: LayoutBuilder, cases: tuple[Published, ...] = CALIBRATION) -> Fit:
+def fit(cases: tuple[Published, ...] | None = None) -> Fit:
     """Dense efficiency: geometric mean of the per-case exact fits on dense models; expert efficiency: the
-    exact fit on the MoE cases (one published point today) given that dense efficiency."""
+    exact fit on the MoE cases (one published point today) given that dense efficiency. Default: the
+    calibration set."""
+    cases = calibration_set() if cases is None else cases
     dense = [c for c in cases if c.model.moe is None]
     moe = [c for c in cases if c.model.moe is not None]
     singles = []
     for c in dense:
-        e = _bisect(lambda x, c=c: predicted(c, Efficiency(x, x), build) - c.measured, 1e-3, 1.0)
+        e = _bisect(lambda x, c=c: predicted(c, Efficiency(x, x)) - c.measured, 1e-3, 1.0)
         singles.append((c.label, e))
     dense_eff = math.exp(sum(math.log(e) for _, e in singles) / len(singles))
     expert_fits = [
-        _bisect(lambda x, c=c: predicted(c, Efficiency(dense_eff, x), build) - c.measured, 1e-3, 1.0)
+        _bisect(lambda x, c=c: predicted(c, Efficiency(dense_eff, x)) - c.measured, 1e-3, 1.0)
         for c in moe
     ]
     experts = math.exp(sum(math.log(e) for e in expert_fits) / len(expert_fits)) if expert_fits else dense_eff
     return Fit(Efficiency(dense_eff, experts), tuple(singles))
 
 
-def implied_mean_length(case: Published, efficiency: Efficiency, build: LayoutBuilder) -> float:
+def implied_mean_length(case: Published, efficiency: Efficiency) -> float:
     """The mean padded sequence length at which the model reproduces a published DPO number."""
     def excess(length: float) -> float:  # increasing in length: predicted pairs/s falls as length grows
-        return case.measured - predicted(case, efficiency, build, length)
+        return case.measured - predicted(case, efficiency, length)
     return _bisect(excess, 16.0, float(case.seq_length))

@@ -201,8 +201,14 @@ def predict(
 def _data_parallel_s(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, layer_list: tuple[int, ...]
 ) -> float:
-    """Gradient reduce-scatter + parameter all-gather (distributed optimizer) or all-reduce, per step."""
-    shard = max((stage_shard(model, layout, s, n) for s, n in enumerate(layer_list)), key=lambda x: x.total)
+    """Gradient reduce-scatter + parameter all-gather (distributed optimizer) or all-reduce, per step, of the
+    largest stage: the first, the last, or the middle one with the most layers (middle stages differ only in
+    their layer count)."""
+    last = len(layer_list) - 1
+    candidates = {0: layer_list[0], last: layer_list[last]}
+    if last > 1:
+        candidates[1] = max(layer_list[1:-1])
+    shard = max((stage_shard(model, layout, s, n) for s, n in candidates.items()), key=lambda x: x.total)
     per_param = GRAD_BYTES + element_bytes(training) if layout.distributed_optimizer else 2 * GRAD_BYTES
     span = hardware.world_size // layout.pp
     total = 0.0

@@ -1,12 +1,18 @@
-"""Specs built by hand for the planner tests: small enough to count, plus the published Qwen3 shapes."""
+"""Specs for the planner tests: toys small enough to count by hand, plus the Qwen3-30B-A3B preset."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from dpoc.plan import HardwareSpec, Layout, ModelSpec, MoESpec, Training
+from dpoc import rules
+from dpoc.layout import make_layout
+from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
+from dpoc.rules import Violation
+from dpoc.specs import preset_model
 
 
 def model(**overrides: Any) -> ModelSpec:
@@ -22,12 +28,8 @@ def model(**overrides: Any) -> ModelSpec:
 
 
 def qwen3_30b_a3b(num_layers: int = 48) -> ModelSpec:
-    moe = MoESpec(num_experts=128, topk=8, ffn_hidden_size=768, aux_loss_coeff=0.001, norm_topk_prob=True)
-    return model(
-        name="qwen3-30b-a3b", family="qwen3_moe", num_layers=num_layers, hidden_size=2048,
-        ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4, head_dim=128,
-        vocab_size=151936, max_position_embeddings=40960, qk_layernorm=True, moe=moe,
-    )
+    """The preset, optionally cut to fewer layers (MindSpeed's CI runs 4)."""
+    return replace(preset_model("qwen3-30b-a3b"), num_layers=num_layers)
 
 
 def hardware(**overrides: Any) -> HardwareSpec:
@@ -40,24 +42,14 @@ def hardware(**overrides: Any) -> HardwareSpec:
     return HardwareSpec(**{**base, **overrides})
 
 
-def layout(world: int, *, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, etp: int | None = None,
-           vpp: int = 1, mbs: int = 1, gbs: int = 8, layers: int = 2, recompute: str = "none",
-           recompute_method: str | None = None, recompute_num_layers: int | None = None,
-           stage_layers: tuple[int, ...] | None = None, noop: tuple[int, ...] = (),
-           distributed_optimizer: bool = True, sequence_parallel: bool | None = None) -> Layout:
-    etp = tp if etp is None else etp
-    dp = world // (tp * pp * cp)
-    total = layers + len(noop)
-    return Layout(
-        world_size=world, tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, dp=dp, edp=world // (etp * ep * pp),
-        sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
-        micro_batch_size=mbs, global_batch_size=gbs, num_microbatches=gbs // (mbs * dp) if dp else 0,
-        recompute=recompute, recompute_method=recompute_method, recompute_num_layers=recompute_num_layers,
-        num_layer_list=stage_layers, noop_layers=noop,
-        stage_layers=stage_layers or (total // pp,) * pp, distributed_optimizer=distributed_optimizer,
-        moe_dispatcher=None, moe_grouped_gemm=False, moe_permutation_async_comm=False,
-        moe_alltoall_overlap_comm=False, moe_tp_extend_ep=False, moe_mc2=False,
-    )
+def layout(world: int, *, layers: int = 2, gbs: int = 8, mbs: int = 1, stage_layers: tuple[int, ...] | None = None,
+           noop: tuple[int, ...] = (), **knobs: Any) -> Layout:
+    """The compiler's `make_layout` for the toy with `layers` layers on `world` devices of one node; other
+    keywords are layout knobs (tp, pp, ep, etp, vpp, recompute, ...)."""
+    knobs.update(micro_batch_size=mbs, noop_layers=noop)
+    if stage_layers is not None:
+        knobs["num_layer_list"] = stage_layers
+    return make_layout(model(num_layers=layers), hardware(devices_per_node=world), gbs, knobs)
 
 
 def training(seq_length: int = 4, precision: str = "bf16", dynamic_padding: bool = False) -> Training:
@@ -68,18 +60,20 @@ def training(seq_length: int = 4, precision: str = "bf16", dynamic_padding: bool
     )
 
 
+def compiler_rules(model_spec: ModelSpec, hw: HardwareSpec, train: Training) -> Callable[[Layout], list[Violation]]:
+    """The compiler's rules as the search's `validate`: the violations that are not warnings."""
+    dpo = DPO(loss="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)
+
+    def validate(lay: Layout) -> list[Violation]:
+        return [v for v in rules.check(rules.Context(model_spec, hw, lay, train, dpo)) if not v.warning]
+    return validate
+
+
 @pytest.fixture
 def specs():
     """The builders above, as one namespace for the tests."""
     class Specs:
         pass
-    for f in (model, qwen3_30b_a3b, hardware, layout, training, build):
+    for f in (model, qwen3_30b_a3b, hardware, layout, training, compiler_rules):
         setattr(Specs, f.__name__, staticmethod(f))
     return Specs
-
-
-def build(model_spec: ModelSpec, hw: HardwareSpec, global_batch_size: int, knobs: dict[str, Any]) -> Layout:
-    """The compiler's knobs -> Layout step, reduced to the knobs the planner tests use."""
-    names = {"micro_batch_size": "mbs", "num_layer_list": "stage_layers", "noop_layers": "noop"}
-    args = {names.get(k, k): v for k, v in knobs.items()}
-    return layout(hw.world_size, gbs=global_batch_size, layers=model_spec.num_layers, **args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dpoc.layout import make_layout
 from dpoc.planner.memory import estimate_memory
 from dpoc.planner.report import explain, knob_text, memory_summary
 from dpoc.planner.search import search
@@ -27,11 +28,13 @@ def test_explain_names_counts_winner_and_nearest_rejections(specs):
     m = specs.model()
     # 25,000 bytes: dp 2 with no recompute (18,744 static + 6,976 dynamic) is over, sharded layouts fit
     hw = specs.hardware(devices_per_node=2, memory_gib=25_000 / 2**30)
-    result = search(m, hw, specs.training(), lambda k: specs.build(m, hw, 8, k), lambda lay: [],
+    training = specs.training()
+    result = search(m, hw, training, lambda k: make_layout(m, hw, 8, k), specs.compiler_rules(m, hw, training),
                     Efficiency(0.5, 0.5), 4)
     lines = explain(result, top=2)
-    assert lines[0] == (f"{result.evaluated} layouts tried: 0 break a rule, {result.over_memory} do not fit, "
-                        f"{len(result.ranked)} fit")
+    # 2 devices: tp 1 or 2 at pp 1 (x mbs {1, 2} x recompute {none, full} = 8), pp 2 x vpp {1, 2, 4} (12) = 20;
+    # the rules reject tp 2 (one KV group; 4) and vpp > 1 with one layer per stage (8)
+    assert lines[0] == f"20 layouts tried: 12 break a rule, {result.over_memory} do not fit, {len(result.ranked)} fit"
     assert result.over_memory > 0 and result.ranked
     assert lines[1].startswith("1. tp=") and "pairs/s" in lines[1]
     assert lines[3].startswith("over memory: ") and "GiB of 0 GiB" in lines[3]

@@ -93,11 +93,11 @@ def test_fit_recovers_the_efficiencies_that_produced_the_numbers(specs):
 
     def case(m, knobs):
         probe = Published("probe", m, hw, 8, knobs, 4, PRETRAIN, 1.0, "synthetic")
-        value = predicted(probe, truth, specs.build)
+        value = predicted(probe, truth)
         return Published(m.name, m, hw, 8, knobs, 4, PRETRAIN, value, "synthetic")
 
     cases = (case(dense_model, {"tp": 2}), case(dense_model, {}), case(moe_model, {"ep": 2, "etp": 1}))
-    result = fit(specs.build, cases)
+    result = fit(cases)
     assert result.efficiency.dense == pytest.approx(0.4, rel=1e-6)
     assert result.efficiency.experts == pytest.approx(0.2, rel=1e-6)
 
@@ -135,6 +135,6 @@ def test_data_parallel_reduce_scatter_and_all_gather(specs):
 
 
 def test_shipped_efficiencies_match_a_fresh_fit_on_the_published_non_dpo_numbers(specs):
-    fresh = fit(specs.build).efficiency
+    fresh = fit().efficiency
     assert fresh.dense == pytest.approx(FITTED.dense, abs=5e-4)
     assert fresh.experts == pytest.approx(FITTED.experts, abs=5e-4)
