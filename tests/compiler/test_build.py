@@ -200,6 +200,17 @@ def test_shipped_scripts_pass_shellcheck(guide_build, tmp_path):
     assert proc.returncode == 0, proc.stdout
 
 
+def stub_tools(tmp_path: Path, one_arg_per_line: bool = False) -> tuple[dict[str, str], Path]:
+    """`python` and `torchrun` stand-ins that record their arguments, so node scripts run without a runtime."""
+    stubs, log = tmp_path / "bin", tmp_path / "argv.log"
+    stubs.mkdir()
+    record = 'for a in "$@"; do printf "%s\\n" "$a"; done' if one_arg_per_line else 'echo "$@"'
+    for tool in ("python", "torchrun"):
+        (stubs / tool).write_text(f'#!/bin/sh\n{record} >> "{log}"\n')
+        (stubs / tool).chmod(0o755)
+    return {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}, log
+
+
 HOSTILE = "./data dir/it's \"quoted\" $(touch PWNED) `touch PWNED2`;x"
 
 
@@ -207,15 +218,9 @@ def test_hostile_paths_stay_literal_when_scripts_run(tmp_path):
     """A node script runs with stub python/torchrun that record their argv: paths arrive verbatim, nothing runs."""
     out = tmp_path / "build"
     build(RECIPES / "tiny_cpu.yaml", [f"dataset.output_prefix={HOSTILE}", f"run_dir={HOSTILE}/run"], out=out)
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    log = tmp_path / "argv.log"
-    for tool in ("python", "torchrun"):
-        (stubs / tool).write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> "{log}"\n')
-        (stubs / tool).chmod(0o755)
+    env, log = stub_tools(tmp_path, one_arg_per_line=True)
     work = tmp_path / "job"
     work.mkdir()
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=work, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     argv = log.read_text().splitlines()
@@ -232,13 +237,7 @@ def test_hostile_paths_stay_literal_when_scripts_run(tmp_path):
 def test_master_address_and_port_overrides(tmp_path):
     out = tmp_path / "build"
     build(RECIPES / "qwen3_30b.yaml", out=out)
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    log = tmp_path / "argv.log"
-    for tool in ("python", "torchrun"):
-        (stubs / tool).write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
-        (stubs / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+    env, log = stub_tools(tmp_path)
     subprocess.run(["bash", str(out / "nodes/node-1.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
     env.update(DPOC_MASTER_ADDR="10.9.9.9", DPOC_MASTER_PORT="7777")
     subprocess.run(["bash", str(out / "nodes/node-1.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
@@ -250,13 +249,7 @@ def test_master_address_and_port_overrides(tmp_path):
 def test_resume_mode_is_picked_from_the_save_directory(tmp_path):
     out = tmp_path / "build"
     build(RECIPES / "tiny_cpu.yaml", ["checkpoint.save=ckpt"], out=out)
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    log = tmp_path / "argv.log"
-    for tool in ("python", "torchrun"):
-        (stubs / tool).write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
-        (stubs / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+    env, log = stub_tools(tmp_path)
     subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt/latest_checkpointed_iteration.txt").write_text("10")

@@ -26,7 +26,6 @@ export TASK_QUEUE_ENABLE=2
 
 # Resume: DPOC_RESUME=auto (default) resumes when the save directory holds a checkpoint, 1 forces, 0 starts fresh.
 save_dir=./ckpt
-args_file="$BUILD_DIR/megatron.args"
 mode=fresh
 case "${DPOC_RESUME:-auto}" in
   1) mode=resume ;;
@@ -34,6 +33,7 @@ case "${DPOC_RESUME:-auto}" in
   auto) if [ -f "$save_dir/latest_checkpointed_iteration.txt" ]; then mode=resume; fi ;;
   *) echo "DPOC_RESUME must be auto, 1 or 0 (got ${DPOC_RESUME})" >&2; exit 2 ;;
 esac
+args_file="$BUILD_DIR/megatron.args"
 if [ "$mode" = resume ]; then args_file="$BUILD_DIR/resume/megatron.args"; fi
 
 python -m dpoc preflight "$BUILD_DIR" --mode "$mode"

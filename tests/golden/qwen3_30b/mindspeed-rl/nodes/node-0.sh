@@ -28,11 +28,12 @@ export HYDRA_FULL_ERROR=1
 export CLOSE_MATMUL_K_SHIFT=1
 export PYTHONPATH="$MINDSPEED_RL_HOME${PYTHONPATH:+:$PYTHONPATH}"
 
+# Resume: DPOC_RESUME=auto (default) resumes when the save directory holds a checkpoint, 1 forces, 0 starts fresh.
 save_dir=./ckpt
 mode=fresh
 case "${DPOC_RESUME:-auto}" in
   1) mode=resume ;;
-  0) ;;
+  0) mode=fresh ;;
   auto) if [ -f "$save_dir/latest_checkpointed_iteration.txt" ]; then mode=resume; fi ;;
   *) echo "DPOC_RESUME must be auto, 1 or 0 (got ${DPOC_RESUME})" >&2; exit 2 ;;
 esac
