@@ -99,9 +99,11 @@ class PairEncoder:
         data = row.data
         if isinstance(data, bytes):
             try:
-                data = json.loads(data)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise BadRow(f"not valid JSON ({exc})") from None
+                data = json.loads(data.rstrip(b"\r\n").decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise BadRow(f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
+            except json.JSONDecodeError as exc:
+                raise BadRow(f"not valid JSON ({exc.msg} at column {exc.pos + 1})") from None
         return to_conversation(data, self.config.map_keys, self.config.layout)
 
     def _fit(self, where: str, prompt: list[int], chosen: list[int], rejected: list[int]) -> Outcome:

@@ -59,6 +59,7 @@ def to_conversation(row: Any, map_keys: Mapping[str, str], layout: str) -> Conve
 
 def _pairwise_prompt(get: _Getter) -> list[Message]:
     messages = []
+    user = "\n".join(part for part in (get.field("prompt", str), get.field("query", str)) if part)
     system = get.field("system", str)
     if system:
         messages.append({"role": "system", "content": system})
@@ -67,7 +68,6 @@ def _pairwise_prompt(get: _Getter) -> list[Message]:
             raise BadRow(f"{get.name('history')} must be a list of [user, assistant] string pairs "
                          f"(got {turn!r})")
         messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-    user = "\n".join(part for part in (get.field("prompt", str), get.field("query", str)) if part)
     messages.append({"role": "user", "content": user})
     return messages
 
@@ -103,7 +103,7 @@ class _Getter:
             if field not in self.map_keys and (field in _OPTIONAL_DEFAULTS or prompt_in_messages):
                 return None
             raise BadRow(f"{self.name(field)} not found (columns: {', '.join(sorted(map(str, self.row)))}; "
-                         f'map a column with map_keys.{field}, or disable it with map_keys.{field}: ""')
+                         f'map a column with map_keys.{field}, or disable it with map_keys.{field}: "")')
         value = self.row[column]
         if value is None:
             return None

@@ -113,7 +113,8 @@ class PairwiseDataset:
         return len(self.datasets[FIELDS[0]])
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {f: d[index] for f, d in self.datasets.items()}
+        # copies: megatron views into its memory map, which closes when the dataset is collected
+        return {f: np.array(d[index]) for f, d in self.datasets.items()}
 
 
 def open_pairwise(prefix: str) -> PairwiseDataset:
