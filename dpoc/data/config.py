@@ -78,8 +78,7 @@ def schema_problems(values: dict[str, Any], source: str) -> list[Problem]:
 
     schema = json.loads(schema_path().read_text(encoding="utf-8"))
     problems = []
-    errors = Draft202012Validator(schema).iter_errors(values)
-    for error in sorted(errors, key=lambda e: list(map(str, e.path))):
+    for error in Draft202012Validator(schema).iter_errors(values):
         where = ".".join(str(p) for p in error.path) or "(top level)"
         kind, got = error.validator, error.instance
         if kind == "additionalProperties":
@@ -100,4 +99,5 @@ def schema_problems(values: dict[str, Any], source: str) -> list[Problem]:
             problems.append(Problem(source, where, "must not be empty"))
         else:
             problems.append(Problem(source, where, error.message))
-    return problems
+    # "required" reports once per missing key, each time listing all of them
+    return sorted(set(problems), key=lambda p: p.where)
