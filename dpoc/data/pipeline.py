@@ -66,9 +66,14 @@ class EncoderPool:
         if self.config.workers > 1:
             import multiprocessing
 
-            # spawn: the parent may already hold torch/megatron state that must not be forked
-            context = multiprocessing.get_context("spawn")
+            global _worker_encoder
+            # fork (where there is one) hands the loaded tokenizer to the workers for free; it happens
+            # before the writer imports megatron/torch state and before the parent tokenizes anything
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            _worker_encoder = self.encoder
+            context = multiprocessing.get_context(method)
             self.pool = context.Pool(self.config.workers, initializer=_init_worker, initargs=(self.config,))
+            _worker_encoder = None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,7 +109,8 @@ _worker_encoder: PairEncoder | None = None
 def _init_worker(config: PreprocessConfig) -> None:
     global _worker_encoder
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _worker_encoder = PairEncoder(config)
+    if _worker_encoder is None:  # spawned, not forked
+        _worker_encoder = PairEncoder(config)
 
 
 def _encode_in_worker(rows) -> list[Outcome] | tuple[str, tuple[Problem, ...]]:
