@@ -55,7 +55,9 @@ def generate(path: Path, megabytes: int, seed: int = 0) -> int:
 
 def job_dpoc(path: str, workers: int, out: str) -> dict:
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (imports are not part of the timing)
-    import transformers  # noqa: F401
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(TOKENIZER))  # the first load scans transformers: untimed, as below
 
     from dpoc.data.config import build_config
     from dpoc.data.pipeline import preprocess

@@ -71,20 +71,14 @@ class PairEncoder:
         texts: list[tuple[int, str, str, str]] = []
         for i, row in enumerate(rows):
             try:
-                conversation = self._conversation(row)
+                rendered = self._render(row)
             except BadRow as exc:
                 outcomes[i] = Outcome(row.where, problem=str(exc))
                 continue
-            if conversation is None:
+            if rendered is None:
                 outcomes[i] = Outcome(row.where, dropped="empty")
                 continue
-            prompt, chosen = self.template.render(conversation.prompt, conversation.chosen)
-            prompt_again, rejected = self.template.render(conversation.prompt, conversation.rejected)
-            if prompt_again != prompt:  # a template whose prompt depended on the response
-                outcomes[i] = Outcome(row.where, problem="the template renders different prompts for chosen "
-                                      "and rejected")
-                continue
-            texts.append((i, prompt, chosen, rejected))
+            texts.append((i, *rendered))
         if texts:
             ids = self.tokenize([t for _, *parts in texts for t in parts])
             for n, (i, *_) in enumerate(texts):
@@ -94,6 +88,17 @@ class PairEncoder:
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _render(self, row: Row) -> tuple[str, str, str] | None:
+        """(prompt, chosen response, rejected response) texts, or None for a row to drop as empty."""
+        conversation = self._conversation(row)
+        if conversation is None:
+            return None
+        prompt, chosen = self.template.render(conversation.prompt, conversation.chosen)
+        prompt_again, rejected = self.template.render(conversation.prompt, conversation.rejected)
+        if prompt_again != prompt:  # a chat template whose prompt depends on the response
+            raise BadRow("the template renders different prompts for chosen and rejected")
+        return prompt, chosen, rejected
 
     def _conversation(self, row: Row) -> Conversation | None:
         data = row.data

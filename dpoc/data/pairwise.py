@@ -36,8 +36,9 @@ def output_files(prefix: str) -> list[str]:
 class PairwiseWriter:
     """Writes into a hidden temporary directory next to the output; `commit` swaps all files in together.
 
-    Until `commit`, nothing at the output prefix changes. `commit` moves any existing outputs aside first
-    and puts them back if placing the new ones fails, so the prefix holds either the old set or the new one.
+    The output's directory must exist. Until `commit`, nothing at the output prefix changes. `commit`
+    moves existing outputs aside first and puts them back if placing the new ones fails, so the prefix
+    holds either the old set or the new one.
     """
 
     def __init__(self, prefix: str):
@@ -45,8 +46,6 @@ class PairwiseWriter:
 
         self.prefix = prefix
         out_dir, self.stem = os.path.split(os.path.abspath(prefix))
-        os.makedirs(out_dir, exist_ok=True)
-        self.out_dir = out_dir
         self.tmp = Path(out_dir) / f".{self.stem}.dpoc-tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()

@@ -25,6 +25,7 @@ def preprocess(config: PreprocessConfig) -> Stats:
     from dpoc.data.pairwise import PairwiseWriter
 
     source = open_source(config.input, config.format, config.source)
+    _make_output_dir(config)
     stats = Stats(config)
     with EncoderPool(config) as encoder, PairwiseWriter(config.output_prefix) as writer:
         progress = Progress(source.total, source.unit)  # started once the tokenizer and workers are up
@@ -40,6 +41,16 @@ def preprocess(config: PreprocessConfig) -> Stats:
             raise DpocError([Problem(config.input, "(file)", f"no pairs left to write ({stats.summary()})")])
         writer.commit(stats.to_json())
     return stats
+
+
+def _make_output_dir(config: PreprocessConfig) -> None:
+    """Unlike MindSpeed-RL, create the output directory instead of requiring it."""
+    directory = os.path.dirname(os.path.abspath(config.output_prefix))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise DpocError([Problem(config.source, "output_prefix", f"cannot create the directory {directory} "
+                                 f"({exc.strerror})")]) from None
 
 
 def _account(outcome: Outcome, stats: Stats, config: PreprocessConfig) -> None:

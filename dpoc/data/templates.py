@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dpoc.data.fields import Message
+from dpoc.data.fields import BadRow, Message
 from dpoc.errors import DpocError, Problem
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -44,7 +44,7 @@ class ChatFormat:
                 content = _THOUGHT.sub("", m["content"]) if self.reasoning else m["content"]
                 text += content + self.assistant_end + self.separator
             else:
-                raise ValueError(f"role {m['role']!r} after the first message (valid: user, assistant)")
+                raise BadRow(f"has a {m['role']!r} message after the first (valid there: user, assistant)")
         if self.reasoning:
             if not enable_thinking:
                 response = _THOUGHT.sub("", response)
@@ -94,8 +94,13 @@ class Template:
             return self.format.render(prompt, response, self.enable_thinking)
         apply = self.tokenizer.apply_chat_template
         kwargs = dict(tokenize=False, enable_thinking=self.enable_thinking)
-        head = apply(prompt, add_generation_prompt=True, **kwargs)
-        full = apply([*prompt, {"role": "assistant", "content": response}], **kwargs)
+        from jinja2 import TemplateError
+
+        try:
+            head = apply(prompt, add_generation_prompt=True, **kwargs)
+            full = apply([*prompt, {"role": "assistant", "content": response}], **kwargs)
+        except TemplateError as exc:
+            raise BadRow(f"the tokenizer's chat template rejects this conversation ({exc})") from None
         if not full.startswith(head):
             raise DpocError([Problem(self.config_file, "template", "the tokenizer's chat template renders "
                                      "the prompt differently inside the full conversation, so the response "

@@ -116,3 +116,11 @@ def test_truncation_keeps_prompt_end_or_response_start(tmp_path, run, orca_file,
     assert (cut["chosen_input_ids"] == whole["chosen_input_ids"][: n + min(budget, chosen_len)]).all()
     assert (cut["rejected_input_ids"] == whole["rejected_input_ids"][: n + min(budget, rejected_len)]).all()
     assert max(len(cut["chosen_input_ids"]), len(cut["rejected_input_ids"])) == limit - 1
+
+
+def test_output_directory_that_cannot_be_made_is_an_error(tmp_path, run, orca_file):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DpocError) as exc:
+        run(orca_file, output_prefix=str(tmp_path / "file" / "dpo"))
+    assert str(exc.value) == (f"test.yaml: output_prefix: cannot create the directory {tmp_path / 'file'} "
+                              "(File exists)")

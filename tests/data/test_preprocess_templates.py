@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dpoc.data.fields import BadRow
 from dpoc.data.templates import Template
 from dpoc.errors import DpocError
 
@@ -81,3 +82,8 @@ def test_tokenizer_without_chat_template_is_an_error(tokenizer_dir):
         Template("tokenizer", bare, False, "cfg.yaml")
     assert str(exc.value) == ("cfg.yaml: template: the tokenizer has no chat template "
                               "(valid: chatml, llama3, qwen, qwen3, default)")
+
+
+def test_unexpected_roles_are_bad_rows(tokenizer):
+    with pytest.raises(BadRow, match=r"has a .tool. message after the first \(valid there: user, "):
+        render(tokenizer, "chatml", [*USER, {"role": "tool", "content": "x"}, *USER], "4")
