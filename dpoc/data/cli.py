@@ -56,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
         show(config, args.show, sys.stdout)
         return 0
-    from dpoc.data.pairwise import output_files
     from dpoc.data.pipeline import preprocess
 
     stats = preprocess(config)
-    print(f"{config.output_prefix}: {stats.summary()}; wrote {', '.join(output_files(config.output_prefix))}")
+    prefix = config.output_prefix
+    print(f"{prefix}: {stats.summary()}; wrote {prefix}_packed_*_document.{{bin,idx}}, {prefix}_stats.json")
     return 0
 
 
