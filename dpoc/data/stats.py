@@ -1,0 +1,70 @@
+"""`{prefix}_stats.json`: what came in, what was kept or dropped and why, token counts, length histogram.
+
+Deterministic (no timings), so the same input gives the same file whatever the worker count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpoc.data.config import PreprocessConfig
+from dpoc.data.encode import Outcome
+
+HISTOGRAM_BINS = 16
+_EXAMPLES_KEPT = 10
+
+
+class Stats:
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
+        self.pairs_in = self.pairs_kept = self.truncated = 0
+        self.dropped = {"too_long": 0, "empty": 0, "bad_rows": 0}
+        self.bad_row_examples: list[str] = []
+        self.tokens = {"prompt": 0, "chosen_response": 0, "rejected_response": 0}
+        self.longest = {"chosen": 0, "rejected": 0}
+        self.bin_width = -(-config.seq_length // HISTOGRAM_BINS)
+        self.histogram = {"chosen": [0] * HISTOGRAM_BINS, "rejected": [0] * HISTOGRAM_BINS}
+
+    def add(self, outcome: Outcome) -> None:
+        self.pairs_in += 1
+        if outcome.problem is not None:
+            self.dropped["bad_rows"] += 1
+            if len(self.bad_row_examples) < _EXAMPLES_KEPT:
+                self.bad_row_examples.append(f"{outcome.where}: {outcome.problem}")
+            return
+        if outcome.dropped is not None:
+            self.dropped[outcome.dropped] += 1
+            return
+        pair = outcome.pair
+        self.pairs_kept += 1
+        self.truncated += pair.truncated
+        self.tokens["prompt"] += pair.prompt_length
+        for side, ids in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            self.tokens[f"{side}_response"] += len(ids) - pair.prompt_length
+            self.longest[side] = max(self.longest[side], len(ids))
+            self.histogram[side][len(ids) // self.bin_width] += 1
+
+    @property
+    def tokens_total(self) -> int:
+        """Tokens written to the input-id datasets (the prompt counts once per sequence)."""
+        return 2 * self.tokens["prompt"] + self.tokens["chosen_response"] + self.tokens["rejected_response"]
+
+    def summary(self) -> str:
+        d = self.dropped
+        return (f"{self.pairs_in} rows read, {self.pairs_kept} kept, {d['too_long']} dropped for length "
+                f">= seq_length {self.config.seq_length}, {d['empty']} with an empty prompt or response, "
+                f"{d['bad_rows']} bad rows skipped, {self.truncated} truncated")
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "input": c.input, "layout": c.layout, "template": c.template,
+            "enable_thinking": c.enable_thinking, "seq_length": c.seq_length, "truncate": c.truncate,
+            "pairs_in": self.pairs_in, "pairs_kept": self.pairs_kept, "dropped": dict(self.dropped),
+            "truncated": self.truncated, "bad_row_examples": list(self.bad_row_examples),
+            "tokens": {**self.tokens, "total": self.tokens_total},
+            "longest": dict(self.longest),
+            "length_histogram": {
+                "bin_edges": [i * self.bin_width for i in range(HISTOGRAM_BINS)] + [c.seq_length],
+                **{k: list(v) for k, v in self.histogram.items()}},
+        }
