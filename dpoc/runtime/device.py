@@ -84,7 +84,7 @@ def running_on(device: Device) -> Iterator[None]:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Tensor factories and `.to()` calls that name a CUDA device (or a bare integer device) get the CPU.
+    """Tensor factories that name a CUDA device (or a bare integer device index) get the CPU.
 
     Function modes are not active during autograd's backward; allocations there go through
     `torch.cuda.current_device()`, which the bridge maps to the CPU device.
@@ -94,13 +94,7 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs:
             kwargs["device"] = _cpu_if_cuda(kwargs["device"])
-        if func in _MOVES:
-            args = tuple(_cpu_if_cuda(a) if i > 0 else a for i, a in enumerate(args))
         return func(*args, **kwargs)
-
-
-_MOVES = {torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones,
-          torch.Tensor.new_full, torch.Tensor.new_tensor}
 
 
 def _cpu_if_cuda(device: object) -> object:
@@ -114,34 +108,20 @@ def _cpu_if_cuda(device: object) -> object:
 
 
 class _InertStream:
-    """Streams and events: the CPU executes eagerly, so waiting and recording are no-ops."""
+    """A stream that is also its own event: the CPU executes eagerly, so the MoE dispatcher's waits,
+    recorded events and synchronisations have nothing to wait for."""
 
     def __init__(self, *args, **kwargs):
         pass
 
-    def __enter__(self):
+    def wait_stream(self, other: object) -> None:
+        pass
+
+    def record_event(self) -> _InertStream:
         return self
 
-    def __exit__(self, *exc):
-        return False
-
-    def wait_stream(self, *args, **kwargs):
+    def synchronize(self) -> None:
         pass
-
-    def wait_event(self, *args, **kwargs):
-        pass
-
-    def record_event(self, *args, **kwargs):
-        return _InertStream()
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
 
 
 class _CpuBridge:
@@ -167,30 +147,17 @@ class _CpuBridge:
         mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
         mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
         torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-        torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
         torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
-        # torch.manual_seed itself calls cuda.manual_seed_all: forwarding it back would recurse
-        torch.cuda.manual_seed_all = lambda seed: None
 
     @staticmethod
     def _runtime() -> None:
-        """Device queries, streams, events and memory statistics."""
+        """The current device (allocations inside backward), synchronisation (pipeline shape exchange) and
+        streams (MoE dispatcher)."""
         cpu = torch.device("cpu")
         torch.cuda.current_device = lambda: cpu
-        torch.cuda.device_count = lambda: 1
-        torch.cuda.set_device = lambda *a, **k: None
         torch.cuda.synchronize = lambda *a, **k: None
         torch.cuda.Stream = _InertStream
-        torch.cuda.Event = _InertStream
         torch.cuda.current_stream = lambda *a, **k: _InertStream()
-        torch.cuda.default_stream = lambda *a, **k: _InertStream()
-        torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
-        torch.cuda.memory_allocated = lambda *a, **k: 0
-        torch.cuda.max_memory_allocated = lambda *a, **k: 0
-        torch.cuda.empty_cache = lambda: None
-        torch.Tensor.cuda = lambda self, *a, **k: self
-        torch.Tensor.pin_memory = lambda self, *a, **k: self
-        torch.Tensor.record_stream = lambda self, *a, **k: None
 
     @staticmethod
     def _tensor_type_name() -> None:

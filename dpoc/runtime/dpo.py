@@ -32,6 +32,14 @@ class Objective:
         total = (token_logps * mask).sum(-1)
         return total / mask.sum(-1).clamp(min=1) if self.loss_type == "ipo" else total
 
+    def loss_from_tokens(self, token_nll: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss from the policy's per-token negative log-likelihoods [2n, L] (vocab-parallel cross
+        entropy), the response mask and the reference's sequence log-probs."""
+        n = token_nll.shape[0] // 2
+        chosen_nll = (token_nll[:n] * mask[:n]).sum(-1) / mask[:n].sum(-1).clamp(min=1)
+        return self.loss(self.sequence_logps(-token_nll, mask), reference, chosen_nll)
+
     def loss(self, policy: torch.Tensor, reference: torch.Tensor, chosen_nll: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses averaged over the micro-batch, and per-micro-batch metric means.

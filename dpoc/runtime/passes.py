@@ -47,15 +47,11 @@ def _forward(data_iterator, model):
     return batch, out
 
 
-def _sequence_logps(objective: Objective, batch: MicroBatch, token_nll: torch.Tensor) -> torch.Tensor:
-    return objective.sequence_logps(-token_nll, batch.mask)
-
-
 def _reference_step(objective: Objective, data_iterator, model):
     batch, out = _forward(data_iterator, model)
 
     def store(token_nll):
-        batch.reference_logps = _sequence_logps(objective, batch, token_nll).detach()
+        batch.reference_logps = objective.sequence_logps(-token_nll, batch.mask).detach()
         return token_nll.sum() * 0, {}
 
     return out, store
@@ -63,11 +59,4 @@ def _reference_step(objective: Objective, data_iterator, model):
 
 def _policy_step(objective: Objective, data_iterator, model):
     batch, out = _forward(data_iterator, model)
-
-    def loss(token_nll):
-        n = batch.pairs
-        chosen_mask = batch.mask[:n]
-        chosen_nll = (token_nll[:n] * chosen_mask).sum(-1) / chosen_mask.sum(-1).clamp(min=1)
-        return objective.loss(_sequence_logps(objective, batch, token_nll), batch.reference_logps, chosen_nll)
-
-    return out, loss
+    return out, lambda token_nll: objective.loss_from_tokens(token_nll, batch.mask, batch.reference_logps)
