@@ -2,7 +2,7 @@
 
 megatron-core has no device abstraction: it hard-codes `device="cuda"`, `torch.cuda.current_device()`, CUDA
 RNG states, streams and a CUDA tensor-type check. On cpu, `_CpuBridge` maps exactly those assumptions onto
-the CPU (each one has a test in tests/runtime/test_device.py); on npu and cuda nothing here is patched.
+the CPU (each has a test in tests/runtime/test_runtime_device.py); on npu and cuda nothing here is patched.
 """
 
 from __future__ import annotations

@@ -21,9 +21,8 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def transformer_config(args: argparse.Namespace, device: Device, args_file: str) -> TransformerConfig:
+def transformer_config(args: argparse.Namespace, device: Device) -> TransformerConfig:
     """Every architectural and layout knob from the args; kernel fusions only where the device has them."""
-    check_supported(args, args_file)
     dtype = params_dtype(args)
     fused = device.kind == "cuda"  # megatron's fused kernels are CUDA (jit/triton)
     moe = bool(args.num_experts)

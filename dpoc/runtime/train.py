@@ -35,6 +35,7 @@ from dpoc.runtime.data import PairwiseDataset, rank_micro_batches
 from dpoc.runtime.dpo import METRIC_KEYS, Objective
 from dpoc.runtime.model import (
     build_chunks,
+    check_supported,
     params_dtype,
     transformer_config,
     uniform_micro_batch_length,
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = megatron_args.parse(argv)
     try:
         device = devices.select(args.dpoc_device, args.distributed_backend, args_file)
+        check_supported(args, args_file)
         check_layout(args, _world_size(), args_file)
         _init_distributed(device)
         with devices.running_on(device):
@@ -144,7 +146,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> N
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    config = transformer_config(args, device, args_file)
+    config = transformer_config(args, device)
     policy, reference = build_models(args, config)
     optimizer, scheduler = build_optimizer(args, policy)
     config.no_sync_func = [c.no_sync for c in policy] if len(policy) > 1 else policy[0].no_sync
@@ -174,6 +176,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> N
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         per_micro_batch = policy_pass(policy, batches, objective)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         record = _step_metrics(per_micro_batch, sum(b.real_tokens for b in batches), dp_size, device)
@@ -182,7 +185,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> N
         tokens = record.pop("tokens")
         if log:
             log.step({"step": step + 1, **record, "grad_norm": float(grad_norm or 0.0),
-                      "lr": optimizer.param_groups[0]["lr"],
+                      "lr": lr,
                       "samples_per_s": args.global_batch_size / elapsed,
                       "tokens_per_s": tokens / elapsed})
     if log:

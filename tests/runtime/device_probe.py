@@ -1,4 +1,4 @@
-"""Run in a fresh process by test_device.py: each megatron-core CUDA assumption, first without the CPU
+"""Run in a fresh process by test_runtime_device.py: each megatron-core CUDA assumption, first without the CPU
 bridge (recording the failure), then with it. Prints one JSON object."""
 
 import json
