@@ -96,6 +96,15 @@ def check_supported(args: argparse.Namespace, args_file: str) -> None:
             args_file, "--context-parallel-size",
             f"the dpoc runtime builds megatron-core's local attention, which has no context parallelism "
             f"(got {args.context_parallel_size}; valid: 1, or runtime: mindspeed-rl)"))
+    if args.num_layer_list:
+        counts = [int(n) for n in args.num_layer_list.split(",")]
+        if (len(counts) != args.pipeline_model_parallel_size or sum(counts) != args.num_layers
+                or min(counts) < 1 or args.num_layers_per_virtual_pipeline_stage is not None):
+            problems.append(Problem(
+                args_file, "--num-layer-list",
+                f"{args.num_layer_list} must give each of the {args.pipeline_model_parallel_size} pipeline "
+                f"stages at least one layer, {args.num_layers} layers in all, without a virtual pipeline "
+                f"(got {len(counts)} stages, {sum(counts)} layers)"))
     if args.num_experts and not args.disable_bias_linear:
         problems.append(Problem(
             args_file, "--disable-bias-linear",

@@ -159,13 +159,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> N
     pad_multiple = args.tensor_model_parallel_size * args.context_parallel_size
     if not args.no_pad_to_seq_lengths:
         pad_multiple = args.seq_length
-    log = None
-    if dist.get_rank() == 0:
-        log = RunLog(args.dpoc_run_dir, args.train_iters, 0, args.tensorboard_dir)
-    if log:
-        log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
-                 f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
-                 f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
+    log = _open_log(args, device, dp_size) if dist.get_rank() == 0 else None
     for step in range(args.train_iters):
         started = time.perf_counter()
         batches = rank_micro_batches(dataset, step, args.global_batch_size, args.micro_batch_size,
@@ -190,6 +184,19 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> N
                       "tokens_per_s": tokens / elapsed})
     if log:
         log.close()
+
+
+def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int) -> RunLog:
+    log = RunLog(args.dpoc_run_dir, args.train_iters, 0, args.tensorboard_dir)
+    log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
+             f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
+             f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
+    ignored = [flag for flag, value in (("--load", args.load), ("--ref-model", args.ref_model),
+                                        ("--save", args.save)) if value]
+    if ignored:
+        log.line(f"note: {', '.join(ignored)} given, but this runtime does not read or write checkpoints "
+                 f"yet; policy and reference start from the same seeded random init (--seed {args.seed})")
+    return log
 
 
 def _step_metrics(per_micro_batch: list[dict], rank_tokens: int, dp_size: int, device: devices.Device

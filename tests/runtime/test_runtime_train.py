@@ -32,7 +32,9 @@ LAYOUTS = {
                      ("--num-layers-per-virtual-pipeline-stage", 1)], False),
     "dp2": (2, [], False),
     "ep2-moe": (2, [("--expert-model-parallel-size", 2)], True),
-    "tp2xpp2": (4, [("--tensor-model-parallel-size", 2), ("--pipeline-model-parallel-size", 2)], False),
+    # 4 processes, and an uneven pipeline (MindSpeed's --num-layer-list) as megatron-core's stage layout
+    "tp2xpp2-uneven": (4, [("--tensor-model-parallel-size", 2), ("--pipeline-model-parallel-size", 2),
+                           ("--num-layer-list", "3,1")], False),
 }
 
 
