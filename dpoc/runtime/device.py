@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from dpoc.errors import DpocError, Problem
@@ -137,6 +138,7 @@ class _CpuBridge:
         cls._runtime()
         cls._tensor_type_name()
         cls._moe_split_sizes()
+        cls._uneven_collectives()
         cls.installed = True
 
     @staticmethod
@@ -186,6 +188,41 @@ class _CpuBridge:
 
         moe_utils.maybe_move_tensor_to_cpu = to_host
         token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
+    @staticmethod
+    def _uneven_collectives() -> None:
+        """Expert-tensor parallelism gathers and reduce-scatters token blocks of different sizes per rank;
+        gloo accepts neither uneven all_gather lists nor reduce_scatter. Pad to the largest block."""
+        all_gather = dist.all_gather
+
+        def gather(tensor_list, tensor, group=None, async_op=False):
+            sizes = [t.shape[0] for t in tensor_list]
+            if len(set(sizes)) == 1 or async_op:
+                return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+            blocks = [tensor.new_empty((max(sizes), *tensor.shape[1:])) for _ in sizes]
+            all_gather(blocks, _padded(tensor, max(sizes)), group=group)
+            for out, block, size in zip(tensor_list, blocks, sizes, strict=True):
+                out.copy_(block[:size])
+            return None
+
+        def reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            longest = max(t.shape[0] for t in input_list)
+            stacked = torch.stack([_padded(t, longest) for t in input_list])
+            dist.all_reduce(stacked, op=op, group=group)
+            output.copy_(stacked[dist.get_rank(group)][: output.shape[0]])
+            return None
+
+        dist.all_gather = gather
+        dist.reduce_scatter = reduce_scatter
+
+
+def _padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor.contiguous()
+    out = tensor.new_zeros((rows, *tensor.shape[1:]))
+    out[: tensor.shape[0]] = tensor
+    return out
 
 
 def fill_megatron_gaps() -> None:

@@ -105,6 +105,11 @@ def check_supported(args: argparse.Namespace, args_file: str) -> None:
                 f"{args.num_layer_list} must give each of the {args.pipeline_model_parallel_size} pipeline "
                 f"stages at least one layer, {args.num_layers} layers in all, without a virtual pipeline "
                 f"(got {len(counts)} stages, {sum(counts)} layers)"))
+    if args.num_experts and args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        problems.append(Problem(
+            args_file, "--sequence-parallel",
+            f"megatron-core refuses MoE with tensor parallelism (tp={args.tensor_model_parallel_size}) "
+            "without sequence parallelism (valid: set the flag)"))
     if args.num_experts and not args.disable_bias_linear:
         problems.append(Problem(
             args_file, "--disable-bias-linear",

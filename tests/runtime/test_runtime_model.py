@@ -56,3 +56,12 @@ def test_bad_layer_list_is_refused(tmp_path):
     assert str(err.value) == (
         "m.args: --num-layer-list: 3,2 must give each of the 2 pipeline stages at least one layer, "
         "4 layers in all, without a virtual pipeline (got 2 stages, 5 layers)")
+
+
+def test_moe_with_tensor_parallelism_needs_sequence_parallelism(tmp_path):
+    args = parse(tmp_path, moe=True, layout=[("--tensor-model-parallel-size", 2)])
+    with pytest.raises(DpocError) as err:
+        check_supported(args, "m.args")
+    assert str(err.value) == (
+        "m.args: --sequence-parallel: megatron-core refuses MoE with tensor parallelism (tp=2) without "
+        "sequence parallelism (valid: set the flag)")

@@ -24,18 +24,24 @@ STEPS = 4
 COMPARED = ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
             "rewards/margins", "rewards/accuracies", "grad_norm")
 
-LAYOUTS = {
-    "tp2": (2, [("--tensor-model-parallel-size", 2)], False),
-    "tp2-sp": (2, [("--tensor-model-parallel-size", 2), ("--sequence-parallel", True)], False),
-    "pp2": (2, [("--pipeline-model-parallel-size", 2)], False),
+NO_AUX = [("--moe-aux-loss-coeff", 0.0)]
+LAYOUTS = {  # name: (processes, layout flags, reference run)
+    "tp2": (2, [("--tensor-model-parallel-size", 2)], "dense"),
+    "tp2-sp": (2, [("--tensor-model-parallel-size", 2), ("--sequence-parallel", True)], "dense"),
+    "pp2": (2, [("--pipeline-model-parallel-size", 2)], "dense"),
     "pp2-vpp2": (2, [("--pipeline-model-parallel-size", 2),
-                     ("--num-layers-per-virtual-pipeline-stage", 1)], False),
-    "dp2": (2, [], False),
-    "ep2-moe": (2, [("--expert-model-parallel-size", 2)], True),
+                     ("--num-layers-per-virtual-pipeline-stage", 1)], "dense"),
+    "dp2": (2, [], "dense"),
+    "ep2-moe": (2, [("--expert-model-parallel-size", 2)], "moe"),
     # 4 processes, and an uneven pipeline (MindSpeed's --num-layer-list) as megatron-core's stage layout
     "tp2xpp2-uneven": (4, [("--tensor-model-parallel-size", 2), ("--pipeline-model-parallel-size", 2),
-                           ("--num-layer-list", "3,1")], False),
+                           ("--num-layer-list", "3,1")], "dense"),
+    # expert-TP gathers uneven token blocks (gloo bridge). megatron's aux loss is computed per sequence
+    # shard under sequence parallelism, so it is off here to compare with one process exactly
+    "ep2xtp2-sp-moe": (4, [("--expert-model-parallel-size", 2), ("--tensor-model-parallel-size", 2),
+                           ("--sequence-parallel", True), *NO_AUX], "moe-no-aux"),
 }
+REFERENCE_RUNS = {"dense": dict(moe=False), "moe": dict(moe=True), "moe-no-aux": dict(moe=True, extra=NO_AUX)}
 
 
 def _free_port() -> int:
@@ -74,17 +80,24 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process(workdir) -> dict[bool, list[dict]]:
-    """The reference runs: one process, dense and MoE."""
-    return {moe: run(workdir, f"single-{'moe' if moe else 'dense'}", steps=STEPS, moe=moe)
-            for moe in (False, True)}
+def one_process(workdir):
+    """The one-process reference runs, each made once when a test first needs it."""
+    made: dict[str, list[dict]] = {}
+
+    def get(name: str) -> list[dict]:
+        if name not in made:
+            made[name] = run(workdir, f"single-{name}", steps=STEPS, **REFERENCE_RUNS[name])
+        return made[name]
+
+    return get
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_gives_the_one_process_losses(workdir, one_process, layout):
-    processes, flags, moe = LAYOUTS[layout]
-    got = run(workdir, layout, processes, steps=STEPS, layout=flags, moe=moe)
-    expected = one_process[moe]
+    processes, flags, reference = LAYOUTS[layout]
+    # later flags win, so a layout's --moe-aux-loss-coeff overrides the model's
+    got = run(workdir, layout, processes, steps=STEPS, layout=flags, moe=reference != "dense")
+    expected = one_process(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for mine, theirs in zip(got, expected, strict=True):
         for key in COMPARED:
@@ -92,7 +105,7 @@ def test_layout_gives_the_one_process_losses(workdir, one_process, layout):
 
 
 def test_first_line_is_measured_before_the_first_update(one_process):
-    first = one_process[False][0]
+    first = one_process("dense")[0]
     # policy and reference start from the same seeded weights: z = 0 for every pair
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert first["rewards/margins"] == 0.0 and first["rewards/accuracies"] == 0.0
