@@ -26,6 +26,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 
 from dpoc import megatron_args
 from dpoc.errors import EXIT_USER_ERROR, DpocError, Problem
@@ -113,13 +114,20 @@ def build_models(args: argparse.Namespace, config) -> tuple[list, list]:
     policy = []
     for i, chunk in enumerate(build_chunks(policy_config, args)):
         seeded_init.initialize([chunk], config, args.seed)
-        policy.append(DistributedDataParallel(policy_config, ddp_config, chunk, disable_bucketing=i > 0))
-    reference = build_chunks(reference_config, args)
-    seeded_init.initialize(reference, config, args.seed)
-    for chunk in reference:
+        policy.append(DistributedDataParallel(policy_config, ddp_config, _in_precision(policy_config, chunk),
+                                              disable_bucketing=i > 0))
+    reference = []
+    for chunk in build_chunks(reference_config, args):
+        seeded_init.initialize([chunk], config, args.seed)
         chunk.eval()
         chunk.requires_grad_(False)
+        reference.append(_in_precision(reference_config, chunk))
     return policy, reference
+
+
+def _in_precision(config, chunk: torch.nn.Module) -> torch.nn.Module:
+    """bf16/fp16 runs wrap each chunk as megatron does: half-precision weights, float32 loss inputs."""
+    return Float16Module(config, chunk) if config.bf16 or config.fp16 else chunk
 
 
 def build_optimizer(args: argparse.Namespace, policy: list):
