@@ -1,0 +1,76 @@
+"""DPO objectives on per-sequence log-probabilities (MindSpeed-LLM's formulas), and the metrics they log.
+
+A micro-batch holds `n` pairs as 2n sequences ordered [chosen_1..n, rejected_1..n]. The policy's and the
+reference's log-probability of each sequence's response tokens is summed (IPO: averaged over the
+response length). With z = (pi_c - pi_r) - (ref_c - ref_r):
+  sigmoid: -log s(beta z) (1 - ls) - log s(-beta z) ls
+  hinge:   relu(1 - beta z)
+  ipo:     (z - 1 / (2 beta))^2
+plus, with --pref-ftx w, w times the chosen response's mean token negative log-likelihood.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss_type: str = "sigmoid"  # sigmoid | hinge | ipo
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+
+    def sequence_logps(self, token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Sum (IPO: mean) of response-token log-probs per sequence; `mask` is 1 on response tokens."""
+        total = (token_logps * mask).sum(-1)
+        return total / mask.sum(-1).clamp(min=1) if self.loss_type == "ipo" else total
+
+    def loss_from_tokens(self, token_nll: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss from the policy's per-token negative log-likelihoods [2n, L] (vocab-parallel cross
+        entropy), the response mask and the reference's sequence log-probs."""
+        n = token_nll.shape[0] // 2
+        chosen_nll = (token_nll[:n] * mask[:n]).sum(-1) / mask[:n].sum(-1).clamp(min=1)
+        return self.loss(self.sequence_logps(-token_nll, mask), reference, chosen_nll)
+
+    def loss(self, policy: torch.Tensor, reference: torch.Tensor, chosen_nll: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses averaged over the micro-batch, and per-micro-batch metric means.
+
+        `policy`/`reference`: [2n] sequence log-probs, chosen first. `chosen_nll`: [n] mean token NLL of
+        each chosen response under the policy (the SFT term)."""
+        n = policy.shape[0] // 2
+        pi_c, pi_r = policy[:n], policy[n:]
+        ref_c, ref_r = reference[:n].detach(), reference[n:].detach()
+        z = (pi_c - pi_r) - (ref_c - ref_r)
+        if self.loss_type == "sigmoid":
+            losses = (-F.logsigmoid(self.beta * z) * (1 - self.label_smoothing)
+                      - F.logsigmoid(-self.beta * z) * self.label_smoothing)
+        elif self.loss_type == "hinge":
+            losses = torch.relu(1 - self.beta * z)
+        elif self.loss_type == "ipo":
+            losses = (z - 1 / (2 * self.beta)) ** 2
+        else:
+            raise ValueError(f"unknown DPO loss type {self.loss_type!r}")
+        if self.sft_weight:
+            losses = losses + self.sft_weight * chosen_nll
+        chosen_rewards = self.beta * (pi_c - ref_c).detach()
+        rejected_rewards = self.beta * (pi_r - ref_r).detach()
+        loss = losses.mean()
+        metrics = {
+            "loss": loss.detach().clone(),  # megatron scales the returned loss in place
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": pi_c.detach().mean(),
+            "logps/rejected": pi_r.detach().mean(),
+        }
+        return loss, metrics

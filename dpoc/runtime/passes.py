@@ -1,0 +1,62 @@
+"""One DPO step's two pipeline passes through megatron-core's schedules.
+
+The reference pass (forward only) stores each micro-batch's reference log-probs on the micro-batch; the
+policy pass then computes the DPO loss against them and back-propagates. Both passes see the same
+micro-batches in the same order, so pipeline, tensor, expert and data parallelism apply to both alike.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from dpoc.runtime.data import MicroBatch, repeat_for_chunks
+from dpoc.runtime.dpo import Objective
+
+
+def reference_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch], objective: Objective) -> None:
+    with torch.no_grad():
+        _run(chunks, batches, partial(_reference_step, objective), forward_only=True)
+
+
+def policy_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch], objective: Objective
+                ) -> list[dict[str, torch.Tensor]]:
+    """Forward and backward over all micro-batches; the per-micro-batch metrics (last stage only)."""
+    return _run(chunks, batches, partial(_policy_step, objective), forward_only=False)
+
+
+def _run(chunks, batches, step_fn, forward_only: bool):
+    return get_forward_backward_func()(
+        forward_step_func=step_fn,
+        data_iterator=repeat_for_chunks(batches, len(chunks)),
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=batches[0].tokens.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def _forward(data_iterator, model):
+    batch = next(data_iterator)
+    # with labels, GPTModel's last stage returns the per-token cross entropy [b, s] computed by
+    # megatron-core's vocab-parallel cross entropy; earlier stages return hidden states
+    out = model(batch.tokens, batch.position_ids, None, labels=batch.targets)
+    return batch, out
+
+
+def _reference_step(objective: Objective, data_iterator, model):
+    batch, out = _forward(data_iterator, model)
+
+    def store(token_nll):
+        batch.reference_logps = objective.sequence_logps(-token_nll, batch.mask).detach()
+        return token_nll.sum() * 0, {}
+
+    return out, store
+
+
+def _policy_step(objective: Objective, data_iterator, model):
+    batch, out = _forward(data_iterator, model)
+    return out, lambda token_nll: objective.loss_from_tokens(token_nll, batch.mask, batch.reference_logps)

@@ -1,0 +1,229 @@
+"""DPO training with megatron-core: `torchrun ... -m dpoc.runtime.train @build/<name>/megatron.args`.
+
+The args file is the only input besides the torchrun environment. Each step: a forward-only pass of the
+frozen reference, a forward/backward pass of the policy (both through megatron-core's pipeline
+schedules), one distributed-optimizer step with gradient clipping, one LR-schedule step, one metrics line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from dpoc import megatron_args
+from dpoc.errors import EXIT_USER_ERROR, DpocError, Problem
+from dpoc.runtime import device as devices
+from dpoc.runtime import seeded_init
+from dpoc.runtime.data import PairwiseDataset, rank_micro_batches
+from dpoc.runtime.dpo import METRIC_KEYS, Objective
+from dpoc.runtime.model import (
+    build_chunks,
+    check_supported,
+    params_dtype,
+    transformer_config,
+    uniform_micro_batch_length,
+    virtual_pipeline_size,
+)
+from dpoc.runtime.passes import policy_pass, reference_pass
+from dpoc.runtime.run_log import RunLog
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args_file = next((a[1:] for a in argv if a.startswith("@")), "megatron.args")
+    args = megatron_args.parse(argv)
+    try:
+        device = devices.select(args.dpoc_device, args.distributed_backend, args_file)
+        check_supported(args, args_file)
+        check_layout(args, _world_size(), args_file)
+        _init_distributed(device)
+        with devices.running_on(device):
+            train(args, device, args_file)
+    except DpocError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        if dist.is_initialized():
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+    return 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_layout(args: argparse.Namespace, world: int, args_file: str) -> None:
+    """The layout must tile the processes torchrun started, and the batch the data-parallel ranks."""
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size \
+        * args.context_parallel_size
+    if world % model_parallel:
+        raise DpocError([Problem(args_file, "--tensor-model-parallel-size",
+                                 f"tp*pp*cp = {model_parallel} does not divide the {world} processes started "
+                                 f"(valid: launch a multiple of {model_parallel} processes)")])
+    dp = world // model_parallel
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size % per_step:
+        raise DpocError([Problem(args_file, "--global-batch-size",
+                                 f"{args.global_batch_size} pairs are not a multiple of micro-batch "
+                                 f"{args.micro_batch_size} x data-parallel {dp} = {per_step}")])
+
+
+def _init_distributed(device: devices.Device) -> None:
+    """Join torchrun's process group; a bare `python -m` run becomes a one-process group on loopback."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.kind != "cpu":
+        getattr(torch, device.kind).set_device(local_rank)
+    dist.init_process_group(backend=device.backend, timeout=datetime.timedelta(minutes=30))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_models(args: argparse.Namespace, config) -> tuple[list, list]:
+    """Policy (DDP-wrapped chunks) and frozen reference with the same sharding, from the same seeded
+    layout-independent init."""
+    policy_config, reference_config = config, copy.copy(config)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer)
+    policy = []
+    for i, chunk in enumerate(build_chunks(policy_config, args)):
+        seeded_init.initialize([chunk], config, args.seed)
+        policy.append(DistributedDataParallel(policy_config, ddp_config, _in_precision(policy_config, chunk),
+                                              disable_bucketing=i > 0))
+    reference = []
+    for chunk in build_chunks(reference_config, args):
+        seeded_init.initialize([chunk], config, args.seed)
+        chunk.eval()
+        chunk.requires_grad_(False)
+        reference.append(_in_precision(reference_config, chunk))
+    return policy, reference
+
+
+def _in_precision(config, chunk: torch.nn.Module) -> torch.nn.Module:
+    """bf16/fp16 runs wrap each chunk as megatron does: half-precision weights, float32 loss inputs."""
+    return Float16Module(config, chunk) if config.bf16 or config.fp16 else chunk
+
+
+def build_optimizer(args: argparse.Namespace, policy: list):
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=params_dtype(args),
+        use_distributed_optimizer=args.use_distributed_optimizer), policy)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> None:
+    devices.fill_megatron_gaps()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    config = transformer_config(args, device)
+    policy, reference = build_models(args, config)
+    optimizer, scheduler = build_optimizer(args, policy)
+    config.no_sync_func = [c.no_sync for c in policy] if len(policy) > 1 else policy[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+    dataset = PairwiseDataset(args.data_path, args.seq_length, args_file)
+    objective = Objective(args.dpo_loss_type, args.dpo_beta, args.dpo_label_smoothing, args.pref_ftx)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    pad_multiple = args.tensor_model_parallel_size * args.context_parallel_size
+    if not args.no_pad_to_seq_lengths:
+        pad_multiple = args.seq_length
+    log = _open_log(args, device, dp_size) if dist.get_rank() == 0 else None
+    for step in range(args.train_iters):
+        started = time.perf_counter()
+        batches = rank_micro_batches(dataset, step, args.global_batch_size, args.micro_batch_size,
+                                     dp_rank, dp_size, args.seed, pad_multiple, device.current(),
+                                     uniform_micro_batch_length(args))
+        reference_pass(reference, batches, objective)
+        for chunk in policy:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        per_micro_batch = policy_pass(policy, batches, objective)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        record = _step_metrics(per_micro_batch, sum(b.real_tokens for b in batches), dp_size, device)
+        device.synchronize()
+        elapsed = time.perf_counter() - started
+        tokens = record.pop("tokens")
+        if log:
+            log.step({"step": step + 1, **record, "grad_norm": float(grad_norm or 0.0),
+                      "lr": lr,
+                      "samples_per_s": args.global_batch_size / elapsed,
+                      "tokens_per_s": tokens / elapsed})
+    if log:
+        log.close()
+
+
+def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int) -> RunLog:
+    log = RunLog(args.dpoc_run_dir, args.train_iters, 0, args.tensorboard_dir)
+    log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
+             f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
+             f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
+    ignored = [flag for flag, value in (("--load", args.load), ("--ref-model", args.ref_model),
+                                        ("--save", args.save)) if value]
+    if ignored:
+        log.line(f"note: {', '.join(ignored)} given, but this runtime does not read or write checkpoints "
+                 f"yet; policy and reference start from the same seeded random init (--seed {args.seed})")
+    return log
+
+
+def _step_metrics(per_micro_batch: list[dict], rank_tokens: int, dp_size: int, device: devices.Device
+                  ) -> dict[str, float]:
+    """Means over all pairs of the step: the last pipeline stage's first tensor-parallel rank of each
+    data-parallel replica contributes its micro-batch means; one all-reduce over the world sums them."""
+    contributes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                   and parallel_state.get_tensor_model_parallel_rank() == 0
+                   and parallel_state.get_context_parallel_rank() == 0)
+    values = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=device.current())
+    if contributes:
+        for metrics in per_micro_batch:
+            values[:-1] += torch.stack([metrics[k].double() for k in METRIC_KEYS]) / len(per_micro_batch)
+        values[-1] = rank_tokens
+    dist.all_reduce(values)
+    record = {k: float(v) / dp_size for k, v in zip(METRIC_KEYS, values[:-1].tolist(), strict=True)}
+    record["tokens"] = float(values[-1])
+    return record
+
+
+if __name__ == "__main__":  # dist checkpointing spawns helper processes that re-import this module
+    sys.exit(main())

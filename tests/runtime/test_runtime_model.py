@@ -1,0 +1,67 @@
+"""Model configuration from megatron.args: what reaches megatron-core, and what is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch.nn.functional as F
+from megatron.core.transformer.enums import LayerType
+
+from dpoc import megatron_args
+from dpoc.errors import DpocError
+from dpoc.runtime.device import Device
+from dpoc.runtime.model import check_supported, transformer_config
+from tests.runtime.synthetic import write_args
+
+CPU = Device("cpu", "gloo", supports_grouped_gemm=False)
+
+
+def parse(tmp_path: Path, **kwargs):
+    path = write_args(tmp_path / "m.args", "data/pairs", tmp_path / "run", **kwargs)
+    return megatron_args.parse([f"@{path}"])
+
+
+def test_qwen3_moe_architecture_reaches_megatron(tmp_path):
+    config = transformer_config(parse(tmp_path, moe=True, extra=[("--moe-grouped-gemm", True)]), CPU)
+    assert (config.num_query_groups, config.kv_channels, config.normalization) == (2, 16, "RMSNorm")
+    assert config.gated_linear_unit and config.activation_func is F.silu and not config.add_bias_linear
+    assert config.qk_layernorm and config.layernorm_epsilon == 1e-6
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (4, 2, 32)
+    assert not config.moe_router_pre_softmax  # softmax over the top-k logits = normalised top-k probs
+    assert config.moe_aux_loss_coeff == 0.001
+    assert not config.moe_grouped_gemm  # asked for, but the CPU has no grouped GEMM kernel
+    assert config.use_cpu_initialization and not config.gradient_accumulation_fusion
+
+
+def test_uneven_pipeline_becomes_a_stage_layout(tmp_path):
+    args = parse(tmp_path, layout=[("--pipeline-model-parallel-size", 2), ("--num-layer-list", "3,1")])
+    layout = transformer_config(args, CPU).pipeline_model_parallel_layout.layout
+    assert [stage[0].count(LayerType.decoder) for stage in layout] == [3, 1]
+    assert layout[0][0][0] == LayerType.embedding and layout[1][0][-1] == LayerType.loss
+
+
+def test_interleaved_pipeline_on_two_stages_avoids_batched_p2p(tmp_path):
+    args = parse(tmp_path, layout=[("--pipeline-model-parallel-size", 2),
+                                   ("--num-layers-per-virtual-pipeline-stage", 1)])
+    config = transformer_config(args, CPU)
+    assert config.virtual_pipeline_model_parallel_size == 2
+    assert not config.batch_p2p_comm and not config.variable_seq_lengths
+
+
+def test_bad_layer_list_is_refused(tmp_path):
+    args = parse(tmp_path, layout=[("--pipeline-model-parallel-size", 2), ("--num-layer-list", "3,2")])
+    with pytest.raises(DpocError) as err:
+        check_supported(args, "m.args")
+    assert str(err.value) == (
+        "m.args: --num-layer-list: 3,2 must give each of the 2 pipeline stages at least one layer, "
+        "4 layers in all, without a virtual pipeline (got 2 stages, 5 layers)")
+
+
+def test_moe_with_tensor_parallelism_needs_sequence_parallelism(tmp_path):
+    args = parse(tmp_path, moe=True, layout=[("--tensor-model-parallel-size", 2)])
+    with pytest.raises(DpocError) as err:
+        check_supported(args, "m.args")
+    assert str(err.value) == (
+        "m.args: --sequence-parallel: megatron-core refuses MoE with tensor parallelism (tp=2) without "
+        "sequence parallelism (valid: set the flag)")

@@ -1,0 +1,143 @@
+"""The runtime trains from a rendered megatron.args on CPU: every parallel layout gives the one-process
+losses, and a run learns the synthetic preference.
+
+Each run is a real `python -m dpoc.runtime.train @file` (one process) or `torchrun` (2 and 4 processes,
+gloo on 127.0.0.1), reading indexed datasets written with megatron-core's IndexedDatasetBuilder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.runtime.synthetic import write_args, write_pairs
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 4
+COMPARED = ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
+            "rewards/margins", "rewards/accuracies", "grad_norm")
+
+NO_AUX = [("--moe-aux-loss-coeff", 0.0)]
+LAYOUTS = {  # name: (processes, layout flags, reference run)
+    "tp2": (2, [("--tensor-model-parallel-size", 2)], "dense"),
+    "tp2-sp": (2, [("--tensor-model-parallel-size", 2), ("--sequence-parallel", True)], "dense"),
+    "pp2": (2, [("--pipeline-model-parallel-size", 2)], "dense"),
+    "pp2-vpp2": (2, [("--pipeline-model-parallel-size", 2),
+                     ("--num-layers-per-virtual-pipeline-stage", 1)], "dense"),
+    "dp2": (2, [], "dense"),
+    "ep2-moe": (2, [("--expert-model-parallel-size", 2)], "moe"),
+    # 4 processes, and an uneven pipeline (MindSpeed's --num-layer-list) as megatron-core's stage layout
+    "tp2xpp2-uneven": (4, [("--tensor-model-parallel-size", 2), ("--pipeline-model-parallel-size", 2),
+                           ("--num-layer-list", "3,1")], "dense"),
+    # expert-TP gathers uneven token blocks (gloo bridge). megatron's aux loss is computed per sequence
+    # shard under sequence parallelism, so it is off here to compare with one process exactly
+    "ep2xtp2-sp-moe": (4, [("--expert-model-parallel-size", 2), ("--tensor-model-parallel-size", 2),
+                           ("--sequence-parallel", True), *NO_AUX], "moe-no-aux"),
+}
+REFERENCE_RUNS = {"dense": dict(moe=False), "moe": dict(moe=True), "moe-no-aux": dict(moe=True, extra=NO_AUX)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(args_file: Path, processes: int) -> subprocess.CompletedProcess:
+    module = ["-m", "dpoc.runtime.train", f"@{args_file}"]
+    if processes == 1:
+        command = [sys.executable, *module]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+                   "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *module]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(tmp: Path, name: str, processes: int = 1, **kwargs) -> list[dict]:
+    args_file = write_args(tmp / f"{name}.args", str(tmp / "pairs"), tmp / "runs" / name, **kwargs)
+    done = train(args_file, processes)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return metrics(tmp / "runs" / name)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("runtime")
+    write_pairs(tmp / "pairs", pairs=64)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir):
+    """The one-process reference runs, each made once when a test first needs it."""
+    made: dict[str, list[dict]] = {}
+
+    def get(name: str) -> list[dict]:
+        if name not in made:
+            made[name] = run(workdir, f"single-{name}", steps=STEPS, **REFERENCE_RUNS[name])
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_gives_the_one_process_losses(workdir, one_process, layout):
+    processes, flags, reference = LAYOUTS[layout]
+    # later flags win, so a layout's --moe-aux-loss-coeff overrides the model's
+    got = run(workdir, layout, processes, steps=STEPS, layout=flags, moe=reference != "dense")
+    expected = one_process(reference)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for mine, theirs in zip(got, expected, strict=True):
+        for key in COMPARED:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (layout, mine["step"], key)
+
+
+def test_first_line_is_measured_before_the_first_update(one_process):
+    first = one_process("dense")[0]
+    # policy and reference start from the same seeded weights: z = 0 for every pair
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert first["rewards/margins"] == 0.0 and first["rewards/accuracies"] == 0.0
+    assert set(first) == {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                          "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr",
+                          "samples_per_s", "tokens_per_s"}
+
+
+def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir):
+    steps, warmup, lr = 20, 3, 2e-3
+    got = run(workdir, "learn", steps=steps, lr=lr, extra=[
+        ("--lr-decay-style", "cosine"), ("--lr-warmup-iters", warmup), ("--min-lr", 1e-4)])
+    late = got[-5:]
+    assert sum(r["rewards/accuracies"] for r in late) / len(late) >= 0.9
+    assert max(r["loss"] for r in late) < 0.5 < got[0]["loss"]
+    assert all(r["rewards/margins"] > 0.3 for r in late)
+    for r in got:  # megatron-core's schedule: linear warmup from 0, then cosine to min-lr
+        done = r["step"] - 1
+        if done <= warmup:
+            expected = lr * done / warmup
+        else:
+            expected = 1e-4 + (lr - 1e-4) * 0.5 * (1 + math.cos(math.pi * (done - warmup) / (steps - warmup)))
+        assert r["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-12), r["step"]
+    log = (workdir / "runs" / "learn" / "train.log").read_text().splitlines()
+    assert log[-1].startswith(f"step {steps}/{steps} | loss ") and " samples/s | " in log[-1]
+    assert "ETA 0:00:00" in log[-1]
+
+
+def test_context_parallel_is_refused_with_the_reason(workdir):
+    args_file = write_args(workdir / "cp2.args", str(workdir / "pairs"), workdir / "runs" / "cp2",
+                           layout=[("--context-parallel-size", 2)])
+    done = train(args_file, 2)
+    assert done.returncode != 0
+    assert (f"{args_file}: --context-parallel-size: the dpoc runtime builds megatron-core's local attention, "
+            "which has no context parallelism (got 2; valid: 1, or runtime: mindspeed-rl)") in done.stderr
