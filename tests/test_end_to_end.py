@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from dpoc.compile import build
-from tests.conftest import REPO, RECIPES
+from tests.conftest import RECIPES, REPO
 
 
 def _free_port() -> int:
