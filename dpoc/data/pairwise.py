@@ -15,6 +15,8 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpoc.errors import DpocError, Problem
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -111,11 +113,20 @@ class PairwiseDataset:
     def __init__(self, prefix: str):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        missing = [p for p in output_files(prefix)[:-1] if not os.path.isfile(p)]
+        if missing:
+            raise DpocError([Problem(prefix, "(dataset)", f"incomplete pairwise dataset: missing "
+                                     f"{', '.join(missing)} (run dpoc preprocess to write it)")])
         self.prefix = prefix
         self.datasets = {f: IndexedDataset(dataset_prefix(prefix, f)) for f in FIELDS}
         sizes = {f: len(d) for f, d in self.datasets.items()}
         if len(set(sizes.values())) != 1:
-            raise ValueError(f"{prefix}: the four pairwise datasets differ in length ({sizes})")
+            raise DpocError([Problem(prefix, "(dataset)", f"the four pairwise datasets differ in length "
+                                     f"({sizes}); rerun dpoc preprocess")])
+
+    def lengths(self, field: str) -> np.ndarray:
+        """Every sequence's length in one dataset, without reading tokens (for length-bucketed batching)."""
+        return self.datasets[field].sequence_lengths
 
     def __len__(self) -> int:
         return len(self.datasets[FIELDS[0]])
