@@ -3,6 +3,7 @@
 `{prefix}_packed_{chosen_input_ids,chosen_labels,rejected_input_ids,rejected_labels}_document.{bin,idx}`,
 int32, one document (one sequence) per preference pair, written with megatron-core's own
 `IndexedDatasetBuilder` and read back with its `IndexedDataset`. The training `data_path` is `prefix`.
+The names (`FIELDS`, `output_files`) import nothing heavy, so the compiler's preflight can use them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import os
 import shutil
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from dpoc.errors import DpocError, Problem
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FIELDS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
@@ -42,6 +46,7 @@ class PairwiseWriter:
     """
 
     def __init__(self, prefix: str):
+        import numpy as np
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix = prefix
@@ -108,16 +113,27 @@ class PairwiseDataset:
     def __init__(self, prefix: str):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        missing = [p for p in output_files(prefix)[:-1] if not os.path.isfile(p)]
+        if missing:
+            raise DpocError([Problem(prefix, "(dataset)", f"incomplete pairwise dataset: missing "
+                                     f"{', '.join(missing)} (run dpoc preprocess to write it)")])
         self.prefix = prefix
         self.datasets = {f: IndexedDataset(dataset_prefix(prefix, f)) for f in FIELDS}
         sizes = {f: len(d) for f, d in self.datasets.items()}
         if len(set(sizes.values())) != 1:
-            raise ValueError(f"{prefix}: the four pairwise datasets differ in length ({sizes})")
+            raise DpocError([Problem(prefix, "(dataset)", f"the four pairwise datasets differ in length "
+                                     f"({sizes}); rerun dpoc preprocess")])
+
+    def lengths(self, field: str) -> np.ndarray:
+        """Every sequence's length in one dataset, without reading tokens (for length-bucketed batching)."""
+        return self.datasets[field].sequence_lengths
 
     def __len__(self) -> int:
         return len(self.datasets[FIELDS[0]])
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        import numpy as np
+
         # copies: megatron views into its memory map, which closes when the dataset is collected
         return {f: np.array(d[index]) for f, d in self.datasets.items()}
 

@@ -8,7 +8,7 @@ named templates follow the MindSpeed-RL / LLaMA-Factory formats of the same name
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dpoc.data.fields import BadRow, Message
@@ -27,7 +27,7 @@ class ChatFormat:
     user: str  # includes the assistant header that opens the reply
     assistant_end: str  # closes a reply; part of the response, so the model learns to stop
     separator: str = ""  # after a finished reply, before the next turn (so it is prompt, not response)
-    prefix: str = ""  # e.g. BOS text
+    prefix: str = ""  # text before everything (llama3: the tokenizer's BOS token)
     default_system: str = ""
     reasoning: bool = False  # qwen3: think blocks (see `render`)
 
@@ -57,17 +57,18 @@ class ChatFormat:
 
 
 _CHATML = dict(system="<|im_start|>system\n{content}<|im_end|>\n",
-               user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-               assistant_end="<|im_end|>", separator="\n")
+               user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n")
 
 NAMED = {
-    "chatml": ChatFormat(**_CHATML),
-    "qwen": ChatFormat(**_CHATML, default_system="You are a helpful assistant."),
-    "qwen3": ChatFormat(**_CHATML, reasoning=True),
+    "chatml": ChatFormat(**_CHATML, assistant_end="<|im_end|>", separator="\n"),
+    "qwen": ChatFormat(**_CHATML, assistant_end="<|im_end|>", separator="\n",
+                       default_system="You are a helpful assistant."),
+    # qwen3 ends a reply with "<|im_end|>\n" (trained on) instead of a separator before the next turn
+    "qwen3": ChatFormat(**_CHATML, assistant_end="<|im_end|>\n", reasoning=True),
     "llama3": ChatFormat(system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
                          user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
                               "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                         assistant_end="<|eot_id|>", prefix="<|begin_of_text|>"),
+                         assistant_end="<|eot_id|>"),
 }
 
 
@@ -86,6 +87,8 @@ class Template:
                 raise DpocError([Problem(config_file, "template", "the tokenizer has no chat template "
                                          f"(valid: {', '.join(sorted(NAMED))}, default)")])
             self.format = None
+        elif name == "llama3":
+            self.format = replace(NAMED[name], prefix=tokenizer.bos_token or "")
         else:
             self.format = NAMED[name]
 

@@ -72,3 +72,21 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path, run):
     assert stats.pairs_kept == ROWS - 1 and stats.dropped["empty"] == 1
     assert list(_snapshot(one).values()) == list(_snapshot(two).values())
     assert json.loads(Path(two + "_stats.json").read_text())["pairs_kept"] == ROWS - 1
+
+
+def test_a_template_error_in_a_worker_reaches_the_user(tmp_path, run, orca_file, tokenizer_dir):
+    import shutil
+
+    odd = tmp_path / "odd-tokenizer"
+    shutil.copytree(tokenizer_dir, odd)
+    # renders the generation prompt, but not the same header once the reply is there
+    (odd / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(DpocError) as exc:
+        run(orca_file, tokenizer=str(odd), template="tokenizer", workers=2)
+    assert str(exc.value) == (
+        "test.yaml: template: the tokenizer's chat template renders the prompt differently inside the full "
+        "conversation, so the response cannot be separated from it (use a named template: qwen3, qwen, "
+        "chatml, llama3, default)")
+    assert output_names(str(tmp_path / "out" / "dpo")) == []

@@ -124,3 +124,17 @@ def test_output_directory_that_cannot_be_made_is_an_error(tmp_path, run, orca_fi
         run(orca_file, output_prefix=str(tmp_path / "file" / "dpo"))
     assert str(exc.value) == (f"test.yaml: output_prefix: cannot create the directory {tmp_path / 'file'} "
                               "(File exists)")
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 13, 1 << 20])
+def test_json_array_reader_matches_json_load_at_any_block_size(tmp_path, monkeypatch, block):
+    elements = [{"q": "a ] tricky, string", "n": 12345, "nested": [1, [2, {"x": "}"}]]},
+                {"q": 'line\nbreak " \\ \u00e9\u4e2d', "n": -0.5e-3}, {}, {"t": True, "f": None}]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(elements, ensure_ascii=False, indent=2), encoding="utf-8")
+    monkeypatch.setattr(readers, "_READ_BLOCK", block)
+    chunks = list(readers.read_chunks(readers.Source(str(path), "json", path.stat().st_size, "B"), 3))
+    assert [row.data for chunk in chunks for row in chunk.rows] == elements
+    assert [row.where for row in chunks[0].rows] == ["element 1 (line 2)", "element 2 (line 15)",
+                                                     "element 3 (line 19)"]
+    assert chunks[-1].position == path.stat().st_size - 1  # everything up to the closing bracket

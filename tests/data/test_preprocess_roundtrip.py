@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from dpoc.data.pairwise import FIELDS, dataset_prefix, open_pairwise, output_files
+from dpoc.errors import DpocError
 from tests.data.conftest import output_names, write_jsonl
 
 CHATML_PROMPT_1 = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -40,6 +42,7 @@ def test_orca_style_round_trip_through_megatron_reader(orca_file, run, tokenizer
     pairwise = open_pairwise(prefix)
     assert len(pairwise) == 3
     assert all((pairwise[1][f] == samples[1][f]).all() for f in FIELDS)
+    assert pairwise.lengths("rejected_labels").tolist() == [len(s["rejected_labels"]) for s in samples]
     assert stats.pairs_kept == 3
 
 
@@ -78,3 +81,13 @@ def test_messages_layout(tmp_path, run, tokenizer):
     _check_pair(pairwise[0], tokenizer, CHATML_PROMPT_2, "Paris.<|im_end|>", "Rome, I think.<|im_end|>")
     _check_pair(pairwise[1], tokenizer, "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n",
                 "Hello!<|im_end|>", "No.<|im_end|>")
+
+
+def test_opening_an_incomplete_dataset_is_an_error(orca_file, run):
+    _, prefix = run(orca_file)
+    Path(dataset_prefix(prefix, "rejected_labels") + ".idx").unlink()
+    with pytest.raises(DpocError) as exc:
+        open_pairwise(prefix)
+    missing = f"{prefix}_packed_rejected_labels_document.idx"
+    assert str(exc.value) == (f"{prefix}: (dataset): incomplete pairwise dataset: missing {missing} "
+                              "(run dpoc preprocess to write it)")

@@ -38,23 +38,27 @@ QWEN3_HEAD = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im
 
 def test_qwen3_thinking_puts_empty_thought_into_the_response(tokenizer):
     assert render(tokenizer, "qwen3", HISTORY + USER, "4", enable_thinking=True) == (
-        QWEN3_HEAD, "<think>\n\n</think>\n\n4<|im_end|>")
+        QWEN3_HEAD, "<think>\n\n</think>\n\n4<|im_end|>\n")
 
 
 def test_qwen3_without_thinking_puts_empty_thought_into_the_prompt(tokenizer):
     assert render(tokenizer, "qwen3", HISTORY + USER, "4") == (
-        QWEN3_HEAD + "<think>\n\n</think>\n\n", "4<|im_end|>")
+        QWEN3_HEAD + "<think>\n\n</think>\n\n", "4<|im_end|>\n")
 
 
 def test_qwen3_keeps_or_removes_a_real_thought(tokenizer):
     response = "<think>\n2 and 2\n</think>\n\n4"
-    assert render(tokenizer, "qwen3", USER, response, enable_thinking=True)[1] == response + "<|im_end|>"
+    assert render(tokenizer, "qwen3", USER, response, enable_thinking=True)[1] == response + "<|im_end|>\n"
     prompt, answer = render(tokenizer, "qwen3", USER, response)
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert answer == "4<|im_end|>"
+    assert answer == "4<|im_end|>\n"
 
 
-def test_llama3(tokenizer):
+def test_llama3_starts_with_the_tokenizer_bos(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.bos_token = "<|begin_of_text|>"
     assert render(tokenizer, "llama3", SYSTEM + USER, "4") == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
