@@ -44,7 +44,7 @@ def check(kind: str, instance: Any, file: str, prefix: str = "") -> list[Problem
         if error.context:  # oneOf/anyOf: report the branch that came closest
             error = best_match(error.context)
         problems.extend(_describe(error, file, prefix, kind))
-    return problems
+    return list(dict.fromkeys(problems))  # jsonschema reports `required` once per missing key
 
 
 def require(kind: str, instance: Any, file: str, prefix: str = "") -> None:

@@ -6,7 +6,6 @@ directory (the job directory), never to the config file.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +34,6 @@ class PreprocessConfig:
     source: str = "command line"  # what error lines name: the config file, or "command line"
 
 
-def schema_path() -> Path:
-    """The schema ships inside the wheel as `dpoc/_data/schemas`; in a checkout it is `schemas/`."""
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "_data" / "schemas", package.parent / "schemas"):
-        if (candidate / "preprocess.schema.json").is_file():
-            return candidate / "preprocess.schema.json"
-    raise FileNotFoundError("preprocess.schema.json is not installed with dpoc")
-
-
 def read_config_file(path: str) -> dict[str, Any]:
     """The YAML mapping in `path`; unreadable or non-mapping files are user errors naming the file."""
     import yaml
@@ -66,38 +56,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def build_config(values: dict[str, Any], source: str) -> PreprocessConfig:
     """Validate `values` against the schema and freeze them; every problem becomes one DpocError line."""
-    problems = schema_problems(values, source)
-    if problems:
-        raise DpocError(problems)
+    from dpoc import validate
+
+    validate.require("preprocess", values, source)
     return PreprocessConfig(**values, source=source)
-
-
-def schema_problems(values: dict[str, Any], source: str) -> list[Problem]:
-    # A deliberately small rewrite of jsonschema errors into dpoc's one-line form.
-    from jsonschema import Draft202012Validator
-
-    schema = json.loads(schema_path().read_text(encoding="utf-8"))
-    problems = []
-    for error in Draft202012Validator(schema).iter_errors(values):
-        where = ".".join(str(p) for p in error.path) or "(top level)"
-        kind, got = error.validator, error.instance
-        if kind == "additionalProperties":
-            allowed = sorted(error.schema.get("properties", {}))
-            prefix = "" if where == "(top level)" else where + "."
-            problems += [Problem(source, prefix + k, f"unknown key (valid: {', '.join(allowed)})")
-                         for k in sorted(set(got) - set(allowed))]
-        elif kind == "required":
-            problems += [Problem(source, k, "is required") for k in error.validator_value if k not in got]
-        elif kind == "enum":
-            valid = ", ".join("null" if v is None else str(v) for v in error.validator_value)
-            problems.append(Problem(source, where, f"must be one of {valid} (got {got!r})"))
-        elif kind == "type":
-            problems.append(Problem(source, where, f"must be of type {error.validator_value} (got {got!r})"))
-        elif kind == "minimum":
-            problems.append(Problem(source, where, f"must be >= {error.validator_value} (got {got!r})"))
-        elif kind == "minLength":
-            problems.append(Problem(source, where, "must not be empty"))
-        else:
-            problems.append(Problem(source, where, error.message))
-    # "required" reports once per missing key, each time listing all of them
-    return sorted(set(problems), key=lambda p: p.where)

@@ -47,12 +47,12 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path):
     (tmp_path / "pre.yaml").write_text("input: x.jsonl\ntemplate: qwen4\nseq_lenght: 10\nworkers: 0\n")
     done = _run(tmp_path, "pre.yaml")
     assert done.returncode == 2
-    assert done.stderr.splitlines() == [
+    assert sorted(done.stderr.splitlines()) == [
         "pre.yaml: output_prefix: is required",
-        "pre.yaml: seq_lenght: unknown key (valid: enable_thinking, format, input, layout, map_keys, "
-        "output_prefix, seq_length, skip_bad_lines, template, tokenizer, truncate, workers)",
+        "pre.yaml: seq_lenght: unknown key (did you mean 'seq_length'? valid: enable_thinking, format, input, "
+        "layout, map_keys, output_prefix, seq_length, skip_bad_lines, template, tokenizer, truncate, workers)",
         "pre.yaml: seq_length: is required",
-        "pre.yaml: template: must be one of tokenizer, qwen3, qwen, chatml, llama3, default (got 'qwen4')",
+        "pre.yaml: template: must be one of 'tokenizer', 'qwen3', 'qwen', 'chatml', 'llama3', 'default' (got 'qwen4')",
         "pre.yaml: tokenizer: is required",
         "pre.yaml: workers: must be >= 1 (got 0)",
     ]
