@@ -15,7 +15,6 @@ from typing import Any
 
 from dpoc.errors import DpocError, Problem
 
-DATASET_PARTS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -57,12 +56,14 @@ def _edited_files(build: Path, manifest: dict[str, Any]) -> list[Problem]:
 
 
 def _inputs(build: Path, plan: dict[str, Any]) -> list[Problem]:
+    from dpoc.data.pairwise import output_files
+
     data, out = plan["data"], []
-    for part in DATASET_PARTS:
-        path = Path(f"{data['output_prefix']}_packed_{part}_document.bin")
-        if not path.is_file() or not path.with_suffix(".idx").is_file():
-            out.append(Problem(str(path), "(file)", f"missing preprocessed dataset; run {build / 'preprocess.sh'} "
-                               "first"))
+    expected = output_files(data["output_prefix"])
+    missing = [f for f in expected if not Path(f).is_file()]
+    if missing:
+        out.append(Problem(missing[0], "(file)", f"missing preprocessed dataset ({len(missing)} of {len(expected)} "
+                           f"files absent); run {build / 'preprocess.sh'} first"))
     if not Path(data["tokenizer"]).is_dir():
         out.append(Problem(data["tokenizer"], "(directory)", "tokenizer directory not found on this node"))
     return out

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 
 from dpoc.compile import build
+from dpoc.data.pairwise import FIELDS as PARTS
 from tests.conftest import RECIPES
-
-PARTS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
 def test_preflight_names_what_is_missing_then_passes(tmp_path, dpoc_cli, monkeypatch):
@@ -17,20 +16,15 @@ def test_preflight_names_what_is_missing_then_passes(tmp_path, dpoc_cli, monkeyp
     result = dpoc_cli("preflight", out)
     assert result.code == 2
     assert result.err.splitlines() == [
-        "runs/tiny_cpu/dataset/orca_tiny_packed_chosen_input_ids_document.bin: (file): missing preprocessed dataset; "
-        f"run {out}/preprocess.sh first",
-        "runs/tiny_cpu/dataset/orca_tiny_packed_chosen_labels_document.bin: (file): missing preprocessed dataset; "
-        f"run {out}/preprocess.sh first",
-        "runs/tiny_cpu/dataset/orca_tiny_packed_rejected_input_ids_document.bin: (file): missing preprocessed dataset; "
-        f"run {out}/preprocess.sh first",
-        "runs/tiny_cpu/dataset/orca_tiny_packed_rejected_labels_document.bin: (file): missing preprocessed dataset; "
-        f"run {out}/preprocess.sh first",
+        "./runs/tiny_cpu/dataset/orca_tiny_packed_chosen_input_ids_document.bin: (file): missing preprocessed "
+        f"dataset (9 of 9 files absent); run {out}/preprocess.sh first",
         "./assets/tiny/tokenizer: (directory): tokenizer directory not found on this node",
     ]
     os.makedirs("runs/tiny_cpu/dataset")
     for part in PARTS:
         for ext in ("bin", "idx"):
             open(f"runs/tiny_cpu/dataset/orca_tiny_packed_{part}_document.{ext}", "wb").close()
+    open("runs/tiny_cpu/dataset/orca_tiny_stats.json", "w").close()
     os.makedirs("assets/tiny/tokenizer")
     assert dpoc_cli("preflight", out).code == 0
     result = dpoc_cli("preflight", out, "--mode", "resume")
@@ -59,6 +53,7 @@ def test_mindspeed_checkpoint_must_have_the_plans_layout(tmp_path, dpoc_cli, mon
     for part in PARTS:
         for ext in ("bin", "idx"):
             open(f"dataset/dpo_packed_{part}_document.{ext}", "wb").close()
+    open("dataset/dpo_stats.json", "w").close()
     os.makedirs("model_from_hf/Qwen3-30B-A3B")
     weights = tmp_path / "model_weights/Qwen3-30B-TP2-PP8-EP1"
     for tp in range(2):  # converted with pp=4 by mistake
