@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
             for key in _leaves(preset):
                 sources.setdefault(f"{section}.{key}", f"preset:{body['preset']}")
 
-    try:
-        data = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
-    except OmegaConfBaseException as exc:
-        where = getattr(exc, "full_key", None) or "(interpolation)"
-        raise DpocError([Problem(shown, str(where), f"cannot resolve interpolation: {exc.msg}")]) from None
+    data = _interpolate(merged, shown)
 
     hostfile = (data.get("hardware") or {}).get("hostfile") if isinstance(data.get("hardware"), dict) else None
     if isinstance(hostfile, str):
@@ -99,13 +96,30 @@ def read_hostfile(path: Path, hardware: dict[str, Any], recipe_file: str) -> lis
     return hosts
 
 
+@cache
+def _yaml_loader():
+    """PyYAML's safe loader (libyaml when present) reading exponent floats such as `5e-8` as numbers, as
+    OmegaConf and Hydra do (YAML 1.1 would read a string); plain data, no DictConfig to build."""
+    import re
+
+    import yaml
+
+    class RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        pass
+
+    RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789"))
+    return RecipeLoader
+
+
 def _read_yaml(path: Path, shown: str) -> Any:
+    import yaml
+
     try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        return yaml.load(path.read_text(), Loader=_yaml_loader())
     except FileNotFoundError:
         raise DpocError([Problem(shown, "(file)", "no such file")]) from None
-    except OmegaConfBaseException as exc:
-        raise DpocError([Problem(shown, "(file)", f"not valid recipe YAML: {exc}")]) from None
     except Exception as exc:  # yaml.YAMLError carries the line in its text
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(file)"
@@ -116,6 +130,8 @@ def _parse_overrides(overrides: Sequence[str], shown: str) -> dict[str, Any]:
     problems = [Problem(shown, o, "an override is key=value, e.g. training.lr=1e-7") for o in overrides if "=" not in o]
     if problems:
         raise DpocError(problems)
+    if not overrides:
+        return {}
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
     except OmegaConfBaseException as exc:
@@ -123,11 +139,23 @@ def _parse_overrides(overrides: Sequence[str], shown: str) -> dict[str, Any]:
 
 
 def _merge(shown: str, base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, mappings merged key by key (OmegaConf.merge's semantics for plain data)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(shown, out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _interpolate(tree: dict[str, Any], shown: str) -> dict[str, Any]:
+    """Resolve `${...}` interpolations with OmegaConf, when the recipe uses any."""
+    if "${" not in repr(tree):
+        return tree
     try:
-        merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(top))
-        return OmegaConf.to_container(merged, resolve=False)
+        return OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
     except OmegaConfBaseException as exc:
-        raise DpocError([Problem(shown, str(getattr(exc, "full_key", "") or "(merge)"), exc.msg)]) from None
+        where = getattr(exc, "full_key", None) or "(interpolation)"
+        raise DpocError([Problem(shown, str(where), f"cannot resolve interpolation: {exc.msg}")]) from None
 
 
 def _auto_layout(tree: dict[str, Any]) -> dict[str, Any]:
