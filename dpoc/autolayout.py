@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 from dpoc import rules, targets
 from dpoc.layout import make_layout
 from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
-from dpoc.planner.calibration import FITTED
 from dpoc.planner.memory import GIB, MemoryEstimate, estimate_memory
-from dpoc.planner.throughput import Throughput, predict
+from dpoc.planner.throughput import FITTED, Throughput, predict
 
 if TYPE_CHECKING:
     from dpoc.planner.search import SearchResult

@@ -29,9 +29,9 @@ def load_and_check(recipe: str | Path, overrides: Sequence[str] = ()) -> LoadedR
 
 
 def plan_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Plan:
-    plan = resolve(load_and_check(recipe, overrides))
-    validate.require("plan", plan.to_dict(), "plan.json")
-    return plan
+    """The Plan of a recipe. plan.json's schema validity is the compiler's own promise, checked in the tests for
+    every shipped recipe rather than at every build."""
+    return resolve(load_and_check(recipe, overrides))
 
 
 def build(recipe: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None) -> tuple[Plan, Path]:

@@ -11,10 +11,10 @@ from typing import Any
 from dpoc.autolayout import LayoutError, choose, search_layouts
 from dpoc.compile import load_and_check
 from dpoc.errors import DpocError, Problem
-from dpoc.planner.calibration import FITTED
 from dpoc.planner.memory import GIB, estimate_memory
 from dpoc.planner.report import knob_text, memory_summary, throughput_summary
 from dpoc.planner.search import Candidate, SearchResult
+from dpoc.planner.throughput import FITTED
 from dpoc.resolve import layout_inputs
 
 

@@ -25,9 +25,6 @@ from dpoc.specs import model_spec, preset_hardware, preset_model
 # which the model would match each published DPO number.
 ORCA_DPO_MEAN_PADDED_TOKENS = 500.0
 
-# `fit()` on the calibration set, rounded: what `dpoc build` / `dpoc plan` use without refitting at every run.
-# tests/planner/test_throughput.py checks it against a fresh fit; `python bench/planner.py` prints the fit.
-FITTED = Efficiency(dense=0.474, experts=0.167)
 
 # LLaMA2-7B is not a preset (no recipe trains it); its architecture from meta-llama/Llama-2-7b-hf config.json
 # (hidden 4096, intermediate 11008, 32 layers, 32 heads, no GQA, vocab 32000, rope_theta 1e4, rms_norm_eps
@@ -78,7 +75,7 @@ DPO_SOURCE = "MindSpeed-RL docs/zh/algorithms/dpo.md"
 
 @cache
 def calibration_set() -> tuple[Published, ...]:
-    """The published non-DPO runs (built on first use: `FITTED` alone must not read the presets)."""
+    """The published non-DPO runs (built on first use: importing this module must not read the presets)."""
     qwen3_30b = preset_model("qwen3-30b-a3b")
     return (
         Published("Qwen3-8B pretrain 4K, A3 1x16", preset_model("qwen3-8b"), preset_hardware(A3, 1), 128,

@@ -48,6 +48,12 @@ class Efficiency:
     experts: float
 
 
+# `calibration.fit()` on the published non-DPO runs, rounded: what `dpoc build` / `dpoc plan` use without
+# refitting at every run (and without importing the calibration set). tests/planner/test_throughput.py checks
+# it against a fresh fit; `python bench/planner.py` prints the fit.
+FITTED = Efficiency(dense=0.474, experts=0.167)
+
+
 @dataclass(frozen=True)
 class Throughput:
     step_s: float

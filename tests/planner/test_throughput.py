@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 
 from dpoc.plan import MoESpec
-from dpoc.planner.calibration import FITTED, Published, fit, predicted
+from dpoc.planner.calibration import Published, fit, predicted
 from dpoc.planner.throughput import (
+    FITTED,
     PRETRAIN,
     Efficiency,
     link_gbps,
