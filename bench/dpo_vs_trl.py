@@ -211,8 +211,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):  # alternate the order: a shared machine's load hits all alike
             peaks.append(matmul_rate())
-            for name, run in variants if round_ % 2 == 0 else variants[::-1]:
-                work = Path(tmp) / f"{round_}-{len(runs[name])}-{name.split(',')[0].split()[0]}"
+            order = list(enumerate(variants))
+            for number, (name, run) in order if round_ % 2 == 0 else order[::-1]:
+                work = Path(tmp) / f"round{round_}-variant{number}"
                 work.mkdir()
                 result = run(work)
                 runs[name].append(result)
