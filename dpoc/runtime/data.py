@@ -9,49 +9,35 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from dpoc.data.pairwise import FIELDS, open_pairwise
 from dpoc.errors import DpocError, Problem
 
 IGNORE_INDEX = -100
-PARTS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-
-
-def part_prefix(data_path: str, part: str) -> str:
-    return f"{data_path}_packed_{part}_document"
 
 
 class PairwiseDataset:
-    """The four aligned indexed datasets; item i is (chosen ids, chosen labels, rejected ids, rejected
-    labels) as int64 arrays, truncated to `seq_length` tokens."""
+    """The training view of `dpoc.data.pairwise`'s dataset: item i is (chosen ids, chosen labels, rejected ids,
+    rejected labels) as int64 arrays truncated to `seq_length` tokens; `pair_lengths` drive length batching."""
 
     def __init__(self, data_path: str, seq_length: int, args_file: str = "megatron.args"):
-        missing = [part_prefix(data_path, p) + ext for p in PARTS for ext in (".bin", ".idx")
-                   if not Path(part_prefix(data_path, p) + ext).is_file()]
-        if missing:
-            raise DpocError([Problem(
-                args_file, "--data-path",
-                f"pairwise dataset {data_path!r} is incomplete: missing {', '.join(missing)} "
-                "(valid: the prefix `dpoc preprocess` printed; run build/<name>/preprocess.sh)")])
-        self.parts = [IndexedDataset(part_prefix(data_path, p)) for p in PARTS]
-        sizes = {p: len(d) for p, d in zip(PARTS, self.parts, strict=True)}
-        if len(set(sizes.values())) != 1:
-            raise DpocError([Problem(
-                args_file, "--data-path",
-                f"pairwise dataset {data_path!r} has parts of different lengths ({sizes})")])
+        try:
+            self.data = open_pairwise(data_path)
+        except DpocError as exc:
+            raise DpocError([Problem(args_file, "--data-path", f"{data_path!r}: {p.message}")
+                             for p in exc.problems]) from None
         self.seq_length = seq_length
-        lengths = [d.sequence_lengths for d in self.parts]
-        self.pair_lengths = np.minimum(np.maximum(lengths[0], lengths[2]), seq_length)
+        chosen, rejected = self.data.lengths("chosen_input_ids"), self.data.lengths("rejected_input_ids")
+        self.pair_lengths = np.minimum(np.maximum(chosen, rejected), seq_length)
 
     def __len__(self) -> int:
-        return len(self.parts[0])
+        return len(self.data)
 
     def __getitem__(self, i: int) -> list[np.ndarray]:
-        return [np.asarray(d[i][: self.seq_length], dtype=np.int64) for d in self.parts]
+        return [np.asarray(self.data.datasets[f][i][: self.seq_length], dtype=np.int64) for f in FIELDS]
 
 
 @dataclass

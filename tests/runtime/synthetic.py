@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from dpoc.data.pairwise import FIELDS as PARTS
+from dpoc.data.pairwise import dataset_prefix as part_prefix
 from dpoc.megatron_args import format_args
-from dpoc.runtime.data import IGNORE_INDEX, PARTS, part_prefix
+from dpoc.runtime.data import IGNORE_INDEX
 
 VOCAB = 128
 

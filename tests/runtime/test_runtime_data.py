@@ -63,6 +63,6 @@ def test_missing_parts_are_named(tmp_path):
         PairwiseDataset(str(tmp_path / "nothing"), 64, "build/x/megatron.args")
     message = str(err.value)
     assert message.startswith(
-        f"build/x/megatron.args: --data-path: pairwise dataset '{tmp_path}/nothing' is incomplete: missing "
+        f"build/x/megatron.args: --data-path: '{tmp_path}/nothing': incomplete pairwise dataset: missing "
         f"{tmp_path}/nothing_packed_chosen_input_ids_document.bin, ")
-    assert message.endswith("(valid: the prefix `dpoc preprocess` printed; run build/<name>/preprocess.sh)")
+    assert message.endswith("(run dpoc preprocess to write it)")

@@ -10,8 +10,6 @@ import pytest
 from dpoc.errors import DpocError
 from dpoc.runtime import report
 
-pytest.importorskip("matplotlib")
-
 
 def _run(*argv: str) -> int:
     parser = argparse.ArgumentParser()
