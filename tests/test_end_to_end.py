@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from dpoc.compile import build
 from tests.conftest import RECIPES, REPO
 
@@ -19,31 +21,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_tiny_recipe_preprocesses_and_trains_on_two_local_nodes(tmp_path):
-    out = tmp_path / "build"
-    build(RECIPES / "tiny_cpu.yaml", [
-        "hardware.hosts=[127.0.0.1,127.0.0.1]", "hardware.nodes=2", "hardware.devices_per_node=1",
-        "training.train_iters=4", f"dataset.output_prefix={tmp_path}/data/orca_tiny", f"run_dir={tmp_path}/run",
-    ], out=out)
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "DPOC_MASTER_PORT": str(_free_port())}
+LAYOUTS = {  # name: build overrides (1, 2 and 4 processes)
+    "1 process": ["hardware.devices_per_node=1"],
+    "2 local nodes": ["hardware.hosts=[127.0.0.1,127.0.0.1]", "hardware.nodes=2", "hardware.devices_per_node=1"],
+    "4 processes tp2 pp2": ["hardware.devices_per_node=4", "parallelism.tp=2", "parallelism.pp=2"],
+}
 
-    pre = subprocess.run(["bash", str(out / "preprocess.sh")], cwd=REPO, env=env, capture_output=True, text=True,
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The tiny recipe's data, preprocessed once by the rendered preprocess.sh."""
+    tmp = tmp_path_factory.mktemp("data")
+    out = tmp / "build"
+    build(RECIPES / "tiny_cpu.yaml", [f"dataset.output_prefix={tmp}/orca_tiny"], out=out)
+    pre = subprocess.run(["bash", str(out / "preprocess.sh")], cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=300)
     assert pre.returncode == 0, pre.stderr[-2000:]
-    stats = json.loads((tmp_path / "data/orca_tiny_stats.json").read_text())
-    assert stats["pairs_kept"] == 256
+    assert json.loads((tmp / "orca_tiny_stats.json").read_text())["pairs_kept"] == 256
+    return tmp / "orca_tiny"
 
-    run = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "[dpoc] node 0/2: fresh run" in run.stderr and "[dpoc] node 1/2: fresh run" in run.stderr
-    steps = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1, 2, 3, 4]
-    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-            "logps/rejected", "grad_norm", "lr", "samples_per_s", "tokens_per_s"} <= set(steps[0])
-    # policy and reference start from the same seeded init: before the first update the margin is exactly zero
-    assert steps[0]["rewards/margins"] == 0.0 and abs(steps[0]["loss"] - 0.6931471805599453) < 1e-6
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+            "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "DPOC_MASTER_PORT": str(_free_port())}
+
+
+def test_tiny_recipe_trains_from_its_rendered_files_in_1_2_and_4_processes(dataset, tmp_path):
+    losses = {}
+    for name, overrides in LAYOUTS.items():
+        out, run_dir = tmp_path / name / "build", tmp_path / name / "run"
+        build(RECIPES / "tiny_cpu.yaml", [*overrides, "training.train_iters=4", f"dataset.output_prefix={dataset}",
+                                          f"run_dir={run_dir}"], out=out)
+        run = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=_env(), capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "[dpoc] node 0/" in run.stderr and "fresh run" in run.stderr
+        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in steps] == [1, 2, 3, 4]
+        assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "samples_per_s", "tokens_per_s"} <= set(steps[0])
+        # policy and reference start from the same seeded init: before the first update the margin is zero
+        assert steps[0]["rewards/margins"] == 0.0 and abs(steps[0]["loss"] - 0.6931471805599453) < 1e-6
+        losses[name] = [s["loss"] for s in steps]
+    # the compiler's layouts are real: every layout trains the same model on the same batches
+    one = losses["1 process"]
+    for name, seen in losses.items():
+        assert seen == pytest.approx(one, rel=1e-5), name
 
 
 def test_a_failing_node_fails_the_launch(tmp_path):
