@@ -107,7 +107,8 @@ def measure(plan: Plan, data: str, run_dir: Path) -> list[dict]:
 
 def unfused_extras(plan: Plan) -> tuple[float, float]:
     """(per layer, last stage) bytes the CPU runtime's unfused kernels save beyond the fused ones the model
-    assumes, for one micro-batch (dense layers; for MoE the expert MLPs are not adjusted)."""
+    assumes, for one micro-batch. Each term was matched tensor by tensor against the saved-tensor log of a
+    one-process dense run."""
     m, lay, t = plan.model, plan.layout, plan.training
     a, s, tp = element_bytes(t), t.seq_length, lay.tp
     sequences = SEQUENCES_PER_PAIR * lay.micro_batch_size
@@ -117,15 +118,23 @@ def unfused_extras(plan: Plan) -> tuple[float, float]:
     extra = 2 * hidden_norm
     if m.qk_layernorm:
         # normalized q and k with their 1/rms per head; k's norm input is a view of the fused qkv output,
-        # which keeps the whole [q + 2 kv] storage, and q's is a copy: q + kv beyond the model's inputs
-        extra += a * tok.full / tp * (2 * (q + kv) + heads + groups)
+        # which keeps the whole [q + 2 kv] storage, and q's is a copy of its slice unless the rank holds
+        # one query group (then the reshape is a view of the same storage): q + kv or kv beyond the model
+        q_copy = q if groups // tp > 1 else 0
+        extra += a * tok.full / tp * (q + kv + q_copy + kv + heads + groups)
     extra += 2 * a * tok.full / tp * (q - kv)  # k and v saved expanded to every query head (GQA)
     extra += 4 * a * s * m.head_dim  # rotary cos and sin for q and k
     # unfused core attention: softmax probabilities [b, heads, s, s] and the causal mask instead of the
     # flash statistics
     extra += a * sequences * heads / tp * s * s + s * s - FP32 * tok.full * heads / tp
+    # SwiGLU's silu output and product (2F per token), in the dense MLP or, for MoE, in the shared expert
+    # and in the routed experts for every one of the top-k copies of this rank's tokens (as the model: the
+    # expert-tensor group's copies, each with F / etp)
     if m.moe is None:
-        extra += 2 * a * tok.full / tp * m.ffn_hidden_size  # SwiGLU's silu output and product
+        extra += 2 * a * tok.full / tp * m.ffn_hidden_size
+    else:
+        extra += 2 * a * tok.full / tp * m.moe.shared_expert_ffn_hidden_size
+        extra += 2 * a * m.moe.topk * tok.local * m.moe.ffn_hidden_size
     return extra, hidden_norm
 
 
