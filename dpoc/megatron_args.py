@@ -128,6 +128,8 @@ def build_parser(prog: str = "dpoc.runtime.train") -> argparse.ArgumentParser:
     lg.add_argument("--tensorboard-dir", type=str, default=None)
     lg.add_argument("--dpoc-run-dir", type=str, required=True)
     lg.add_argument("--dpoc-plan-hash", type=str, default=None)
+    lg.add_argument("--dpoc-measure-memory", **flag,
+                    help="count this rank's memory on step 1 into <run-dir>/memory/rank-<r>.json, then stop")
     return p
 
 

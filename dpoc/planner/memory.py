@@ -205,9 +205,10 @@ def stage_memory(
     activations = held * saved
     logits = 0.0
     if stage == layout.pp - 1:
-        # final norm and head inputs, the policy's vocab-parallel logits and their fp32 softmax
+        # final norm and head inputs, the policy's vocab-parallel logits and their fp32 softmax (in fp32
+        # training the cross entropy's float() is the logits themselves: one copy, measured on CPU)
         activations += 2 * a * tokens.local * model.hidden_size
-        logits = tokens.full * model.vocab_size / layout.tp * (a + FP32)
+        logits = tokens.full * model.vocab_size / layout.tp * (FP32 if a == FP32 else a + FP32)
     receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
     # policy and reference hidden states travel together: [s, 4 * mbs, h] per held micro-batch
     pipeline_buffers = held * 2 * a * tokens.local * model.hidden_size if receives else 0.0

@@ -8,6 +8,7 @@ schedules), one distributed-optimizer step with gradient clipping, one LR-schedu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import os
@@ -31,7 +32,7 @@ from megatron.core.transformer.module import Float16Module
 from dpoc import megatron_args
 from dpoc.errors import EXIT_USER_ERROR, DpocError, Problem
 from dpoc.runtime import device as devices
-from dpoc.runtime import seeded_init
+from dpoc.runtime import memory_probe, seeded_init
 from dpoc.runtime.data import PairwiseDataset, rank_micro_batches
 from dpoc.runtime.dpo import METRIC_KEYS, Objective
 from dpoc.runtime.model import (
@@ -177,9 +178,14 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> N
         for chunk in policy:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        per_micro_batch = policy_pass(policy, batches, objective)
+        saved = memory_probe.SavedTensors(policy) if args.dpoc_measure_memory else None
+        with saved.recording() if saved else contextlib.nullcontext():
+            per_micro_batch = policy_pass(policy, batches, objective)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         _, grad_norm, _ = optimizer.step()
+        if saved:  # after the first update, when the optimizer's state exists
+            memory_probe.write(args.dpoc_run_dir, memory_probe.static_bytes(policy, reference, optimizer), saved)
+            break
         scheduler.step(increment=1)
         record = _step_metrics(per_micro_batch, sum(b.real_tokens for b in batches), dp_size, device)
         device.synchronize()

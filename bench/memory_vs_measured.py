@@ -1,0 +1,215 @@
+"""The planner's memory model against the tensors of real runs on this machine (CPU, gloo, fp32).
+
+For each layout: compile `recipes/tiny_cpu.yaml` with overrides (`plan_recipe`), render its megatron.args
+(`dpoc_runtime.megatron_args`), point it at a synthetic pairwise dataset, add `--dpoc-measure-memory` and
+run the real runtime under torchrun for one step. Every rank writes what it holds
+(`dpoc/runtime/memory_probe.py`); each is compared with `estimate_memory(...)` for its pipeline stage.
+
+What is compared, per rank:
+- static: policy weights, gradient buffers (`main_grad` storages, bucket padding included), optimizer state
+  (Adam m and v; fp32 has no master copy), reference weights. Target: within 2 %.
+- activations: the bytes autograd saves during ONE micro-batch's policy forward (2 * mbs sequences of
+  `seq_length` tokens, padded: dynamic padding off) against the model's held activations for one
+  micro-batch plus its logits term. The global batch is one micro-batch per data-parallel rank, so the
+  model holds exactly one micro-batch (in-flight count 1) and nothing is multiplied. Target: within 15 %.
+  The transformer layers' share is also compared alone (model: layers x `layer_activation_bytes`).
+
+The memory model describes the fused kernels of the Ascend stack (flash attention, fused RMSNorm and
+SwiGLU). The CPU runtime runs megatron-core's local layers with unfused kernels, which save more; the
+"model+cpu" columns add exactly those extra tensors (`unfused_extras`), so the model's own terms are checked
+apples to apples. Both the raw and the adjusted errors are reported.
+
+Run: `/work/venv/bin/python bench/memory_vs_measured.py` (a few minutes on 2 cores); writes
+`bench/results/memory_vs_measured.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpoc.compile import plan_recipe  # noqa: E402
+from dpoc.megatron_args import format_args  # noqa: E402
+from dpoc.plan import Plan  # noqa: E402
+from dpoc.planner.memory import (  # noqa: E402
+    FP32,
+    SEQUENCES_PER_PAIR,
+    _PerLayer,
+    _tokens,
+    element_bytes,
+    estimate_memory,
+)
+from dpoc.planner.params import kv_width, q_width  # noqa: E402
+from dpoc.runtime.memory_probe import MEMORY_DIR  # noqa: E402
+from dpoc.targets import dpoc_runtime  # noqa: E402
+from tests.runtime.synthetic import write_pairs  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
+SEQ_LENGTH = 64
+MICRO_BATCH = 2
+STATIC_PARTS = ("weights", "gradients", "optimizer", "reference")
+STATIC_TARGET, ACTIVATION_TARGET = 0.02, 0.15
+DENSE, MOE = "tiny-qwen3", "tiny-qwen3-moe"
+LAYOUTS = {  # name: (model preset, processes, parallelism overrides)
+    "single": (DENSE, 1, {}),
+    "dp2": (DENSE, 2, {}),
+    "tp2-sp": (DENSE, 2, {"tp": 2}),
+    "pp2": (DENSE, 2, {"pp": 2}),
+    "ep2-moe": (MOE, 2, {"ep": 2}),
+    "tp2xpp2": (DENSE, 4, {"tp": 2, "pp": 2}),
+    "ep2xtp2-moe": (MOE, 4, {"ep": 2, "tp": 2}),
+}
+
+
+def compile_layout(preset: str, processes: int, parallelism: dict[str, int]) -> Plan:
+    tp, pp = parallelism.get("tp", 1), parallelism.get("pp", 1)
+    dp = processes // (tp * pp)
+    overrides = [f"model.preset={preset}", f"hardware.devices_per_node={processes}",
+                 f"training.seq_length={SEQ_LENGTH}", "training.dynamic_padding=false",
+                 f"parallelism.micro_batch_size={MICRO_BATCH}",
+                 f"training.global_batch_size={MICRO_BATCH * dp}",  # one micro-batch per replica
+                 *(f"parallelism.{k}={v}" for k, v in parallelism.items())]
+    return plan_recipe(RECIPE, overrides)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(plan: Plan, data: str, run_dir: Path) -> list[dict]:
+    """Run the plan's megatron.args for one step with the memory probe; each rank's counts."""
+    replaced = {"--data-path": data, "--dpoc-run-dir": str(run_dir)}  # the probe stops after step 1
+    args = [(flag, replaced.get(flag, value)) for flag, value in dpoc_runtime.megatron_args(plan, resume=False)]
+    args_file = run_dir.with_suffix(".args")
+    args_file.write_text(format_args([*args, ("--dpoc-measure-memory", True)]), encoding="utf-8")
+    processes = plan.hardware.world_size
+    module = ["-m", "dpoc.runtime.train", f"@{args_file}"]
+    command = [sys.executable, *module] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+        "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *module]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+    files = sorted((run_dir / MEMORY_DIR).glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    return [json.loads(f.read_text()) for f in files]
+
+
+def unfused_extras(plan: Plan) -> tuple[float, float]:
+    """(per layer, last stage) bytes the CPU runtime's unfused kernels save beyond the fused ones the model
+    assumes, for one micro-batch. Each term was matched tensor by tensor against the saved-tensor log of a
+    one-process dense run."""
+    m, lay, t = plan.model, plan.layout, plan.training
+    a, s, tp = element_bytes(t), t.seq_length, lay.tp
+    sequences = SEQUENCES_PER_PAIR * lay.micro_batch_size
+    tok = _tokens(lay, s, sequences)
+    q, kv, heads, groups = q_width(m), kv_width(m), m.num_attention_heads, m.num_query_groups
+    hidden_norm = a * tok.local * m.hidden_size + FP32 * tok.local  # normalized output and 1/rms
+    extra = 2 * hidden_norm
+    if m.qk_layernorm:
+        # normalized q and k with their 1/rms per head; k's norm input is a view of the fused qkv output,
+        # which keeps the whole [q + 2 kv] storage, and q's is a copy of its slice unless the rank holds
+        # one query group (then the reshape is a view of the same storage): q + kv or kv beyond the model
+        q_copy = q if groups // tp > 1 else 0
+        extra += a * tok.full / tp * (q + kv + q_copy + kv + heads + groups)
+    extra += 2 * a * tok.full / tp * (q - kv)  # k and v saved expanded to every query head (GQA)
+    extra += 4 * a * s * m.head_dim  # rotary cos and sin for q and k
+    # unfused core attention: softmax probabilities [b, heads, s, s] and the causal mask instead of the
+    # flash statistics
+    extra += a * sequences * heads / tp * s * s + s * s - FP32 * tok.full * heads / tp
+    # SwiGLU's silu output and product (2F per token), in the dense MLP or, for MoE, in the shared expert
+    # and in the routed experts for every one of the top-k copies of this rank's tokens (as the model: the
+    # expert-tensor group's copies, each with F / etp)
+    if m.moe is None:
+        extra += 2 * a * tok.full / tp * m.ffn_hidden_size
+    else:
+        extra += 2 * a * tok.full / tp * m.moe.shared_expert_ffn_hidden_size
+        extra += 2 * a * m.moe.topk * tok.local * m.moe.ffn_hidden_size
+    return extra, hidden_norm
+
+
+def compare(plan: Plan, ranks: list[dict]) -> list[dict]:
+    """Predicted against measured bytes, one row per rank."""
+    estimate = estimate_memory(plan.model, plan.hardware, plan.layout, plan.training)
+    per_layer = _PerLayer.of(plan.model, plan.layout, plan.training)
+    per_layer_extra, last_extra = unfused_extras(plan)
+    rows = []
+    for measured in ranks:
+        stage = estimate.stages[measured["pp_rank"]]
+        predicted = {part: float(getattr(stage, part)) for part in STATIC_PARTS}
+        predicted["static"] = stage.static
+        predicted["activations_layers"] = stage.layers * per_layer.full
+        predicted["activations"] = stage.activations + stage.logits
+        adjusted = stage.layers * per_layer_extra + (last_extra if stage.stage == plan.layout.pp - 1 else 0)
+        predicted["cpu_activations_layers"] = predicted["activations_layers"] + stage.layers * per_layer_extra
+        predicted["cpu_activations"] = predicted["activations"] + adjusted
+        got = {part: measured[part] for part in STATIC_PARTS}
+        got["static"] = sum(got.values())
+        got["activations_layers"] = measured["activations_layers"]
+        got["activations"] = measured["activations_layers"] + measured["activations_other"]
+        got["cpu_activations_layers"], got["cpu_activations"] = got["activations_layers"], got["activations"]
+        rows.append({
+            "rank": measured["rank"], "stage": stage.stage, "params": measured["params"],
+            "predicted_params": stage.params, "gradients_unpadded": measured["gradients_unpadded"],
+            "predicted": predicted, "measured": got,
+            "error": {k: (predicted[k] - got[k]) / got[k] if got[k] else 0.0 for k in predicted},
+        })
+    return rows
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:9.1f}"
+
+
+def print_table(name: str, plan: Plan, rows: list[dict]) -> None:
+    lay = plan.layout
+    sequences = SEQUENCES_PER_PAIR * lay.micro_batch_size
+    print(f"\n{name}: {plan.model.name if hasattr(plan.model, 'name') else ''} world={lay.world_size} "
+          f"tp={lay.tp} pp={lay.pp} ep={lay.ep} dp={lay.dp} sp={lay.sequence_parallel} "
+          f"dist-opt={lay.distributed_optimizer}; one micro-batch = {sequences} x {plan.training.seq_length} "
+          "tokens; KiB predicted / measured / error")
+    keys = (*STATIC_PARTS, "static", "activations", "cpu_activations_layers", "cpu_activations")
+    print(f"{'rank':>4} {'stage':>5} " + " ".join(f"{k:>30}" for k in keys))
+    for row in rows:
+        cells = [f"{_kib(row['predicted'][k])}/{_kib(row['measured'][k])} {row['error'][k]:+6.1%}" for k in keys]
+        print(f"{row['rank']:>4} {row['stage']:>5} " + " ".join(f"{c:>30}" for c in cells))
+
+
+def main() -> int:
+    results, worst = {}, {"static": 0.0, "activations": 0.0, "cpu_activations": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_pairs(Path(tmp) / "pairs", pairs=32)
+        for name, (preset, processes, parallelism) in LAYOUTS.items():
+            plan = compile_layout(preset, processes, parallelism)
+            rows = compare(plan, measure(plan, data, Path(tmp) / name))
+            print_table(f"{name} ({preset})", plan, rows)
+            results[name] = {"model": preset, "processes": processes, "parallelism": parallelism,
+                             "seq_length": SEQ_LENGTH, "micro_batch_size": MICRO_BATCH, "ranks": rows}
+            for row in rows:
+                for key in worst:
+                    worst[key] = max(worst[key], abs(row["error"][key]))
+    summary = {"worst_static_error": worst["static"], "static_target": STATIC_TARGET,
+               "worst_activation_error_raw": worst["activations"],
+               "worst_activation_error_cpu_kernels": worst["cpu_activations"], "activation_target": ACTIVATION_TARGET}
+    print(f"\nworst |error|: static {worst['static']:.2%} (target {STATIC_TARGET:.0%}), "
+          f"activations {worst['activations']:.2%} raw, {worst['cpu_activations']:.2%} with the CPU kernels' "
+          f"extras (target {ACTIVATION_TARGET:.0%})")
+    out = ROOT / "bench" / "results" / "memory_vs_measured.json"
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps({"summary": summary, "layouts": results}, indent=1) + "\n", encoding="utf-8")
+    tmp_out.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

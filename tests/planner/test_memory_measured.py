@@ -1,0 +1,29 @@
+"""The memory model's static part agrees with the tensors of a real run of the runtime (CPU, fp32).
+
+Each case compiles the tiny recipe for a layout, runs the runtime for one step with `--dpoc-measure-memory`
+(`bench/memory_vs_measured.py` has the full set of layouts and the activation comparison) and checks every
+rank's weights, gradient buffers, optimizer state and reference weights against `estimate_memory`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.memory_vs_measured import LAYOUTS, STATIC_PARTS, STATIC_TARGET, compare, compile_layout, measure
+from tests.runtime.synthetic import write_pairs
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> str:
+    return write_pairs(tmp_path_factory.mktemp("memory") / "pairs", pairs=16)
+
+
+@pytest.mark.parametrize("layout", ["single", "tp2-sp"])
+def test_static_memory_matches_the_runtime_tensors(pairs, tmp_path, layout):
+    plan = compile_layout(*LAYOUTS[layout])
+    rows = compare(plan, measure(plan, pairs, tmp_path / layout))
+    assert [row["rank"] for row in rows] == list(range(plan.layout.world_size))
+    for row in rows:
+        assert row["params"] == row["predicted_params"], row
+        for part in (*STATIC_PARTS, "static"):
+            assert abs(row["error"][part]) <= STATIC_TARGET, (layout, row["rank"], part, row)
