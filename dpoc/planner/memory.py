@@ -155,16 +155,50 @@ class _PerLayer:
     kept: float  # bytes a layer keeps under full recompute (its input)
     dispatch: float  # MoE dispatch buffers
     tokens: _Tokens
+    last_stage_extra: float = 0.0  # the final norm's unfused saves (0 with fused kernels)
 
     @classmethod
-    def of(cls, model: ModelSpec, layout: Layout, training: Training) -> _PerLayer:
+    def of(cls, model: ModelSpec, layout: Layout, training: Training, fused: bool = True) -> _PerLayer:
         sequences = SEQUENCES_PER_PAIR * layout.micro_batch_size
+        layer_extra, last_extra = (0.0, 0.0) if fused else unfused_kernel_bytes(model, layout, training, sequences)
         return cls(
-            full=layer_activation_bytes(model, layout, training, sequences),
+            full=layer_activation_bytes(model, layout, training, sequences) + layer_extra,
             kept=layer_input_bytes(model, layout, training, sequences),
             dispatch=dispatch_bytes(model, layout, training, sequences),
             tokens=_tokens(layout, training.seq_length, sequences),
+            last_stage_extra=last_extra,
         )
+
+
+def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int
+                         ) -> tuple[float, float]:
+    """(per layer, last stage) bytes that unfused kernels save beyond the fused ones assumed above (flash
+    attention, fused RMSNorm, SwiGLU and rotary): megatron-core's local layers as the runtime runs them on
+    CPU. Each term was matched tensor by tensor against autograd's saved-tensor log (bench/memory_vs_measured.py).
+    """
+    a, s, tp = element_bytes(training), training.seq_length, layout.tp
+    tok = _tokens(layout, s, sequences)
+    q, kv, heads, groups = q_width(model), kv_width(model), model.num_attention_heads, model.num_query_groups
+    hidden_norm = a * tok.local * model.hidden_size + FP32 * tok.local  # normalized output and 1/rms
+    extra = 2 * hidden_norm
+    if model.qk_layernorm:
+        # normalized q and k with their 1/rms per head; k's norm input is a view of the fused qkv output,
+        # which keeps the whole [q + 2 kv] storage, and q's is a copy of its slice unless the rank holds
+        # one query group (then the reshape is a view of the same storage)
+        q_copy = q if groups // tp > 1 else 0
+        extra += a * tok.full / tp * (q + kv + q_copy + kv + heads + groups)
+    extra += 2 * a * tok.full / tp * (q - kv)  # k and v saved expanded to every query head (GQA)
+    extra += 4 * a * s * model.head_dim  # rotary cos and sin for q and k
+    # core attention: softmax probabilities [b, heads, s, s] and the causal mask instead of flash statistics
+    extra += a * sequences * heads / tp * s * s + s * s - FP32 * tok.full * heads / tp
+    # SwiGLU's silu output and product (2F per token): the dense MLP, or the shared expert and every one of
+    # the top-k copies of this rank's tokens in the routed experts
+    if model.moe is None:
+        extra += 2 * a * tok.full / tp * model.ffn_hidden_size
+    else:
+        extra += 2 * a * tok.full / tp * model.moe.shared_expert_ffn_hidden_size
+        extra += 2 * a * model.moe.topk * tok.local * model.moe.ffn_hidden_size
+    return extra, hidden_norm
 
 
 def chunk_saved_bytes(layout: Layout, per_layer: _PerLayer, layers: float) -> tuple[float, float]:
@@ -207,7 +241,7 @@ def stage_memory(
     if stage == layout.pp - 1:
         # final norm and head inputs, the policy's vocab-parallel logits and their fp32 softmax (in fp32
         # training the cross entropy's float() is the logits themselves: one copy, measured on CPU)
-        activations += 2 * a * tokens.local * model.hidden_size
+        activations += 2 * a * tokens.local * model.hidden_size + per_layer.last_stage_extra
         logits = tokens.full * model.vocab_size / layout.tp * (FP32 if a == FP32 else a + FP32)
     receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
     # policy and reference hidden states travel together: [s, 4 * mbs, h] per held micro-batch
@@ -240,7 +274,8 @@ def estimate_memory(
     Every DPO loss (sigmoid, hinge, ipo, with or without the SFT term) trains on chosen + rejected against
     the frozen reference, so the `DPO` settings do not change the memory.
     """
-    per_layer = _PerLayer.of(model, layout, training)
+    # fused kernels (flash attention, fused norms) on npu/cuda; megatron-core's unfused local layers on cpu
+    per_layer = _PerLayer.of(model, layout, training, fused=hardware.device != "cpu")
     dynamic = training.dynamic_padding and mean_seq_length is not None
     ratio = min(mean_seq_length / training.seq_length, 1.0) if dynamic else 1.0
     layers = real_layers_per_stage(layout)
