@@ -1,4 +1,5 @@
-"""The command as a user runs it: `python -m dpoc.data`, exit 2 and plain lines on bad input."""
+"""The command as a user runs it: `dpoc preprocess` (`python -m dpoc preprocess`), exit 2 and plain lines on bad
+input."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ output_prefix: ./dataset/dpo
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "dpoc.data", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dpoc", "preprocess", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
