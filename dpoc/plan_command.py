@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dpoc.autolayout import LayoutError, choose, search_layouts
+from dpoc.autolayout import SEARCHED, Choice, LayoutError, choose, explain_failure, search_layouts
 from dpoc.compile import load_and_check
 from dpoc.errors import DpocError, Problem
+from dpoc.plan import Layout
 from dpoc.planner.memory import GIB, estimate_memory
 from dpoc.planner.report import knob_text, memory_summary, throughput_summary
 from dpoc.planner.search import Candidate, SearchResult
@@ -19,28 +21,43 @@ from dpoc.resolve import layout_inputs
 
 
 def plan_command(recipe: str, overrides: Sequence[str], as_json: bool, top: int, chart: str | None) -> int:
+    """Rank every layout the recipe's target can run (pins lifted), and show where the recipe's own stands."""
     loaded = load_and_check(recipe, overrides)
     inputs = layout_inputs(loaded)
-    result = search_layouts(inputs)
+    open_inputs = replace(inputs, pinned={})
+    result = search_layouts(open_inputs)
+    try:
+        own: Choice | None = choose(inputs)
+        problems: list[Problem] = []
+    except LayoutError as exc:
+        own, problems = None, [Problem(loaded.path, v.field, v.message) for v in exc.violations]
     if as_json:
-        print(json.dumps(_as_data(inputs, result, top), indent=2, sort_keys=True))
+        print(json.dumps(_as_data(inputs, result, own, problems, top), indent=2, sort_keys=True))
     else:
-        _print_table(recipe, inputs, result, top)
-    shown = result.best or (result.too_big[0] if result.too_big else None)
-    if chart and shown is not None:
+        _print_table(recipe, inputs, result, top, own, problems)
+    if chart:
         from dpoc.plan_chart import memory_svg
 
-        memory = estimate_memory(inputs.model, inputs.hardware, shown.layout, inputs.training,
-                                 inputs.mean_seq_length)
-        Path(chart).write_text(memory_svg(memory, f"{loaded.name}: {knob_text(dict(shown.knobs))}"))
+        layout = own.layout if own else result.best.layout if result.best else None
+        if layout is not None:
+            memory = estimate_memory(inputs.model, inputs.hardware, layout, inputs.training, inputs.mean_seq_length)
+            Path(chart).write_text(memory_svg(memory, f"{loaded.name}: {knob_text(_knobs(layout))}"))
     if result.best is None:
-        try:  # a fully pinned layout whose weights fit is built with a warning, not refused: say the same here
-            choice = choose(inputs)
-        except LayoutError as exc:
-            raise DpocError([Problem(loaded.path, v.field, v.message) for v in exc.violations]) from None
-        for warning in choice.warnings:
-            print(f"{loaded.path}: warning: {warning.field}: {warning.message}", file=sys.stderr)
+        problems += [Problem(loaded.path, v.field, v.message) for v in explain_failure(open_inputs, result)]
+    if problems:
+        raise DpocError(list(dict.fromkeys(problems)))
+    for warning in own.warnings:
+        print(f"{loaded.path}: warning: {warning.field}: {warning.message}", file=sys.stderr)
     return 0
+
+
+def _knobs(layout: Layout) -> dict[str, Any]:
+    return {k: getattr(layout, k) for k in SEARCHED}
+
+
+def _rank(result: SearchResult, own: Choice) -> int:
+    """1 + how many fitting layouts are predicted faster than the recipe's own."""
+    return 1 + sum(c.throughput.samples_per_s > own.throughput.samples_per_s * (1 + 1e-9) for c in result.ranked)
 
 
 def _candidate_data(c: Candidate) -> dict[str, Any]:
@@ -53,8 +70,15 @@ def _candidate_data(c: Candidate) -> dict[str, Any]:
     return data
 
 
-def _as_data(inputs, result: SearchResult, top: int) -> dict[str, Any]:
+def _as_data(inputs, result: SearchResult, own: Choice | None, problems: list[Problem], top: int
+             ) -> dict[str, Any]:
+    recipe: dict[str, Any] = {"problems": [str(p) for p in problems]}
+    if own is not None:
+        recipe.update(knobs=_knobs(own.layout), rank=_rank(result, own), memory=memory_summary(own.memory),
+                      throughput=throughput_summary(own.throughput),
+                      warnings=[f"{w.field}: {w.message}" for w in own.warnings])
     return {
+        "recipe_layout": recipe,
         "pinned": {k: list(v) if isinstance(v, tuple | list) else v for k, v in inputs.pinned.items()},
         "mean_seq_length": inputs.mean_seq_length,
         "efficiency": {"dense": FITTED.dense, "experts": FITTED.experts},
@@ -64,7 +88,8 @@ def _as_data(inputs, result: SearchResult, top: int) -> dict[str, Any]:
     }
 
 
-def _print_table(recipe: str, inputs, result: SearchResult, top: int) -> None:
+def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choice | None,
+                 problems: list[Problem]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -85,13 +110,21 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int) -> None:
                   "(fitted on published non-DPO runs; see bench/planner.py).")
     if result.best is not None:
         best = result.best.throughput
-        line = f"Chosen: {knob_text(dict(result.best.knobs))} — {best.samples_per_s:.2f} pairs/s predicted"
+        line = f"Best: {knob_text(dict(result.best.knobs))} — {best.samples_per_s:.2f} pairs/s predicted"
         if len(result.ranked) > 1:
             second = result.ranked[1].throughput
             line += f", {best.samples_per_s / second.samples_per_s - 1:.1%} ahead of #2"
         console.print(line)
     for c in result.too_big[:3]:
         console.print(f"Rejected: {knob_text(dict(c.knobs))} — {'; '.join(c.problems)}")
+    if own is not None:
+        t, peak = own.throughput, own.memory.peak
+        fit = "fits" if own.memory.fits else "may not fit"
+        console.print(f"Recipe's layout: {knob_text(_knobs(own.layout))} — {t.samples_per_s:.2f} pairs/s predicted, "
+                      f"rank {_rank(result, own)} of {len(result.ranked)}; peak {peak.total / GIB:.1f} GiB on stage "
+                      f"{peak.stage} ({fit})")
+    elif problems:
+        console.print("Recipe's layout is invalid: see the errors below")
 
 
 def _numbers(c: Candidate) -> list[str]:

@@ -83,4 +83,19 @@ def test_plan_command_ranks_layouts(dpoc_cli, tmp_path):
     svg = chart.read_text()
     assert svg.startswith("<svg") and svg.count("<rect") >= 10 and "pipeline stage" in svg
     table = dpoc_cli("plan", GUIDE, "parallelism=auto", "--top", "3")
-    assert table.code == 0 and "Chosen: tp=" in table.out and "layouts tried:" in table.out
+    assert table.code == 0 and "Best: tp=" in table.out and "layouts tried:" in table.out
+
+
+def test_plan_command_shows_where_the_pinned_layout_ranks(dpoc_cli):
+    result = dpoc_cli("plan", GUIDE, "--json", "--top", "3")
+    assert result.code == 0
+    data = json.loads(result.out)
+    own = data["recipe_layout"]
+    assert (own["knobs"]["tp"], own["knobs"]["pp"], own["knobs"]["ep"]) == (2, 8, 1)
+    # slower than every shown layout, so ranked below them
+    assert own["throughput"]["samples_per_s"] < data["ranked"][-1]["throughput"]["samples_per_s"]
+    assert own["rank"] > 3
+    assert own["memory"]["fits"] is False and own["warnings"][0].startswith("parallelism: may not fit")
+    assert len(data["ranked"]) == 3  # pins lifted: the whole space is ranked
+    bad = dpoc_cli("plan", GUIDE, "parallelism.tp=3")
+    assert bad.code == 2 and "parallelism.tp: tp=3: 32 attention heads and 4 KV heads need tp in {1, 2, 4}" in bad.err
