@@ -39,13 +39,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
 
     sources = {k: "user" for k in _leaves(recipe)}
     sources.update({k: "user:command line" for k in _leaves(cli)})
-    merged = _auto_layout(_merge(shown, _auto_layout(recipe), cli))
+    merged = _auto_layout(_merge(_auto_layout(recipe), cli))
 
     for section, catalog in PRESET_SECTIONS.items():
         body = merged.get(section)
         if isinstance(body, dict) and isinstance(body.get("preset"), str):
             preset = read_preset(catalog, body["preset"], shown, f"{section}.preset")
-            merged[section] = _merge(shown, preset, body)
+            merged[section] = _merge(preset, body)
             for key in _leaves(preset):
                 sources.setdefault(f"{section}.{key}", f"preset:{body['preset']}")
 
@@ -138,11 +138,11 @@ def _parse_overrides(overrides: Sequence[str], shown: str) -> dict[str, Any]:
         raise DpocError([Problem(shown, "(command line)", f"bad override: {exc.msg}")]) from None
 
 
-def _merge(shown: str, base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """`top` over `base`, mappings merged key by key (OmegaConf.merge's semantics for plain data)."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = _merge(shown, out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
             else value
     return out
 

@@ -14,7 +14,7 @@ from dpoc import __version__, autolayout, rules, targets
 from dpoc.autolayout import LayoutInputs
 from dpoc.errors import DpocError, Problem
 from dpoc.family import CONVERTER, DEFAULT_TEMPLATE
-from dpoc.layout import DEFAULT_WHY, DERIVED_WHY, defaults
+from dpoc.layout import DEFAULT_WHY, DERIVED_WHY
 from dpoc.load import LoadedRecipe
 from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, Layout, ModelSpec, Plan, Source, Training
 from dpoc.specs import hardware_spec, model_spec
@@ -32,7 +32,6 @@ class _Values:
         self.file, self.data, self.sources = loaded.path, loaded.data, loaded.sources
         self.provenance: dict[str, Source] = {}
         self.problems: list[Problem] = []
-        self.layout_warnings: list[rules.Violation] = []
 
     def problem(self, field: str, message: str) -> None:
         """A problem found while resolving; all of them are raised together with the rules' findings."""
@@ -101,7 +100,7 @@ def resolve(loaded: LoadedRecipe) -> Plan:
     v = _Values(loaded)
     inputs, cluster = _inputs(v)
     model, hardware, training, dpo, runtime = inputs.model, inputs.hardware, inputs.training, inputs.dpo, inputs.runtime
-    layout, estimate = _layout(v, inputs)
+    layout, estimate, layout_warnings = _layout(v, inputs)
 
     name = loaded.name
     v.derived("name", name, "name", "the recipe's name, else its file name")
@@ -122,7 +121,7 @@ def resolve(loaded: LoadedRecipe) -> Plan:
         estimate=estimate,
         provenance=tuple(sorted(v.provenance.items())),
     )
-    violations = v.layout_warnings + rules.check(rules.Context(model, hardware, layout, training, dpo))
+    violations = layout_warnings + rules.check(rules.Context(model, hardware, layout, training, dpo))
     violations += targets.get(runtime).unsupported(plan)
     errors = v.problems + [Problem(loaded.path, x.field, x.message) for x in violations if not x.warning]
     if errors:
@@ -130,8 +129,9 @@ def resolve(loaded: LoadedRecipe) -> Plan:
     return dataclasses.replace(plan, warnings=tuple(f"{x.field}: {x.message}" for x in violations if x.warning))
 
 
-def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any]]:
-    """The pinned knobs, the planner's choice for the open ones, defaults for the rest; and the estimate."""
+def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], list[rules.Violation]]:
+    """The pinned knobs, the planner's choice for the open ones, defaults for the rest; the estimate; and the
+    memory warnings of a pinned layout."""
     from dpoc.planner import report
 
     pinned = inputs.pinned
@@ -140,19 +140,17 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any]]:
     except autolayout.LayoutError as exc:
         raise DpocError(v.problems + [Problem(v.file, x.field, x.message) for x in exc.violations]) from None
     layout = choice.layout
-    v.layout_warnings = list(choice.warnings)
     if choice.result is not None:
         r, t = choice.result, choice.throughput
         why = (
             f"the planner's best of {len(r.ranked)} valid layouts that fit ({r.evaluated} tried): "
             f"{t.samples_per_s:.3g} pairs/s predicted"
         )
-    fills = defaults(inputs.model, inputs.hardware, {**pinned, **{k: getattr(layout, k) for k in choice.chosen}})
     for knob in LAYOUT_KNOBS:
         if knob in choice.chosen:
             v.derived(f"layout.{knob}", getattr(layout, knob), "planner", why)
         elif knob not in pinned:
-            v.derived(f"layout.{knob}", fills[knob], f"layout.{knob}", DEFAULT_WHY[knob])
+            v.derived(f"layout.{knob}", getattr(layout, knob), f"layout.{knob}", DEFAULT_WHY[knob])
     for name, text in DERIVED_WHY.items():
         v.derived(f"layout.{name}", getattr(layout, name), f"layout.{name}", text)
     estimate = {
@@ -161,7 +159,7 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any]]:
         "memory": report.memory_summary(choice.memory),
         "throughput": report.throughput_summary(choice.throughput),
     }
-    return layout, estimate
+    return layout, estimate, list(choice.warnings)
 
 
 def _model(v: _Values) -> ModelSpec:

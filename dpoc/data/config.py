@@ -13,8 +13,16 @@ from typing import Any
 
 from dpoc.errors import DpocError, Problem
 
-TEMPLATES = ("tokenizer", "qwen3", "qwen", "chatml", "llama3", "default")
-MAP_KEYS = ("prompt", "query", "system", "chosen", "rejected", "history")
+
+def _schema_properties() -> dict[str, Any]:
+    from dpoc.validate import schema
+
+    return schema("preprocess")["properties"]
+
+
+# the CLI's choices come from the schema the config file is validated against: one list of each
+TEMPLATES = tuple(_schema_properties()["template"]["enum"])
+MAP_KEYS = tuple(_schema_properties()["map_keys"]["properties"])
 
 
 @dataclass(frozen=True)
