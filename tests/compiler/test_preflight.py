@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 
 from dpoc.compile import build
-from dpoc.data.pairwise import FIELDS as PARTS
+from dpoc.data.pairwise import output_files
 from tests.conftest import RECIPES
+
+
+def touch_dataset(prefix: str) -> None:
+    """Empty stand-ins for every file a finished preprocessing run leaves (preflight checks presence only)."""
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    for path in output_files(prefix):
+        open(path, "wb").close()
 
 
 def test_preflight_names_what_is_missing_then_passes(tmp_path, dpoc_cli, monkeypatch):
@@ -20,11 +27,7 @@ def test_preflight_names_what_is_missing_then_passes(tmp_path, dpoc_cli, monkeyp
         f"dataset (9 of 9 files absent); run {out}/preprocess.sh first",
         "./assets/tiny/tokenizer: (directory): tokenizer directory not found on this node",
     ]
-    os.makedirs("runs/tiny_cpu/dataset")
-    for part in PARTS:
-        for ext in ("bin", "idx"):
-            open(f"runs/tiny_cpu/dataset/orca_tiny_packed_{part}_document.{ext}", "wb").close()
-    open("runs/tiny_cpu/dataset/orca_tiny_stats.json", "w").close()
+    touch_dataset("runs/tiny_cpu/dataset/orca_tiny")
     os.makedirs("assets/tiny/tokenizer")
     assert dpoc_cli("preflight", out).code == 0
     result = dpoc_cli("preflight", out, "--mode", "resume")
@@ -49,11 +52,7 @@ def test_mindspeed_checkpoint_must_have_the_plans_layout(tmp_path, dpoc_cli, mon
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "b"
     build(RECIPES / "qwen3_30b.yaml", ["runtime=mindspeed-rl"], out=out)
-    os.makedirs("dataset")
-    for part in PARTS:
-        for ext in ("bin", "idx"):
-            open(f"dataset/dpo_packed_{part}_document.{ext}", "wb").close()
-    open("dataset/dpo_stats.json", "w").close()
+    touch_dataset("dataset/dpo")
     os.makedirs("model_from_hf/Qwen3-30B-A3B")
     weights = tmp_path / "model_weights/Qwen3-30B-TP2-PP8-EP1"
     for tp in range(2):  # converted with pp=4 by mistake
