@@ -25,7 +25,14 @@ def schema(kind: str) -> dict[str, Any]:
 def _registry():
     from referencing import Registry, Resource
 
-    return Registry().with_resources((schema(k)["$id"], Resource.from_contents(schema(k))) for k in SCHEMA_KINDS)
+    return Registry().with_resources((_uri(k), Resource.from_contents(schema(k))) for k in SCHEMA_KINDS)
+
+
+def _uri(kind: str) -> str:
+    """A schema's file name is its URI: the shipped schemas have no `$id`, so a relative `$ref`
+    (`model.schema.json#/$defs/architecture`) names the sibling file, and standard tools (check-jsonschema,
+    yaml-language-server) resolve it offline from wherever the schemas lie."""
+    return resources.schema_path(kind).name
 
 
 @cache
@@ -63,7 +70,7 @@ def _describe(error, file: str, prefix: str, kind_of_schema: str) -> list[Proble
     where = _field(error.absolute_path, prefix)
     kind, value = error.validator, error.instance
     if kind in ("additionalProperties", "unevaluatedProperties"):
-        allowed = sorted(_allowed_keys(error.schema, _registry().resolver(schema(kind_of_schema)["$id"])))
+        allowed = sorted(_allowed_keys(error.schema, _registry().resolver(_uri(kind_of_schema))))
         known = set(allowed)
         out = []
         for key in sorted(k for k in value if k not in known):
