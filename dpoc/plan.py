@@ -102,7 +102,6 @@ class Layout:
     moe_permutation_async_comm: bool
     moe_alltoall_overlap_comm: bool
     moe_tp_extend_ep: bool
-    moe_mc2: bool
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,17 @@ from dpoc.errors import DpocError, Problem, suggest
 
 SCHEMA_KINDS = ("recipe", "model", "hardware", "plan", "preprocess")
 
+# recipe keys dpoc once had, and why they went: an old recipe that sets one learns why, not just "unknown key"
+REMOVED_RECIPE_KEYS = {
+    "parallelism.moe_mc2": "no target can express it: MindSpeed's MC2 fuses tensor-parallel linear layers with their "
+    "communication and does not apply to MoE models with grouped GEMM, and MindSpeed-RL's DPO config has no field "
+    "for it",
+}
+
 
 @cache
 def schema(kind: str) -> dict[str, Any]:
     return json.loads(resources.schema_path(kind).read_text())
-
-
-@cache
-def _registry():
-    from referencing import Registry, Resource
-
-    return Registry().with_resources((_uri(k), Resource.from_contents(schema(k))) for k in SCHEMA_KINDS)
 
 
 def _uri(kind: str) -> str:
@@ -33,6 +33,13 @@ def _uri(kind: str) -> str:
     (`model.schema.json#/$defs/architecture`) names the sibling file, and standard tools (check-jsonschema,
     yaml-language-server) resolve it offline from wherever the schemas lie."""
     return resources.schema_path(kind).name
+
+
+@cache
+def _registry():
+    from referencing import Registry, Resource
+
+    return Registry().with_resources((_uri(k), Resource.from_contents(schema(k))) for k in SCHEMA_KINDS)
 
 
 @cache
@@ -74,9 +81,12 @@ def _describe(error, file: str, prefix: str, kind_of_schema: str) -> list[Proble
         known = set(allowed)
         out = []
         for key in sorted(k for k in value if k not in known):
-            hint = suggest(key, allowed)
             field = f"{where}.{key}" if where != "(top level)" else key
-            out.append(Problem(file, field, f"unknown key ({hint}valid: {', '.join(allowed)})"))
+            removed = REMOVED_RECIPE_KEYS.get(field) if kind_of_schema == "recipe" else None
+            if removed:
+                out.append(Problem(file, field, f"unknown key: removed, because {removed}; remove the key"))
+            else:
+                out.append(Problem(file, field, f"unknown key ({suggest(key, allowed)}valid: {', '.join(allowed)})"))
         return out
     if kind == "required":
         missing = [k for k in error.validator_value if k not in value]
