@@ -313,5 +313,12 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# field -> the field its valid values are stated relative to: while that one is wrong, a violation of this one
+# is a follow-on (tp=3 makes a pinned etp=2 "not in {1, 3}"), and only the root cause is reported
+FOLLOW_ON = {"parallelism.etp": "parallelism.tp"}
+
+
 def check(context: Context) -> list[Violation]:
-    return [v for rule in RULES for v in rule(context)]
+    found = [v for rule in RULES for v in rule(context)]
+    wrong = {v.field for v in found if not v.warning}
+    return [v for v in found if FOLLOW_ON.get(v.field) not in wrong]

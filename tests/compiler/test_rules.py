@@ -114,5 +114,14 @@ def test_ep_across_nodes_on_a2_is_flagged_as_a_warning():
     assert v.warning and "spans nodes over the 25 GB/s inter-node link" in v.message
 
 
+def test_a_follow_on_violation_is_left_out_while_its_root_cause_stands():
+    """tp=3 makes the pinned etp=2 invalid too ("valid: etp in {1, 3}"): only tp, the root cause, is reported."""
+    alone = list(rules.expert_tensor_parallel(context(knobs={"tp": 3, "etp": 2})))
+    assert [v.field for v in alone] == ["parallelism.etp"]
+    fields = {v.field for v in rules.check(context(knobs={"tp": 3, "etp": 2}))}
+    assert "parallelism.tp" in fields and "parallelism.etp" not in fields
+    assert [v.field for v in rules.check(context(knobs={"tp": 2, "etp": 4}))] == ["parallelism.etp"]
+
+
 def test_shipped_guide_layouts_pass_every_rule():
     assert rules.check(context()) == []
