@@ -65,17 +65,18 @@ class _Values:
 
 
 def layout_inputs(loaded: LoadedRecipe) -> LayoutInputs:
-    """What the layout choice depends on (for `dpoc plan`, which shows the search rather than one Plan)."""
+    """What the layout choice depends on (for `dpoc plan`, which shows the search rather than one Plan): no
+    host list, so a what-if question about any size needs no addresses."""
     v = _Values(loaded)
-    inputs, _ = _inputs(v)
+    inputs = _inputs(v)
     if v.problems:
         raise DpocError(v.problems)
     return inputs
 
 
-def _inputs(v: _Values) -> tuple[LayoutInputs, Cluster]:
+def _inputs(v: _Values) -> LayoutInputs:
     model = _model(v)
-    hardware, cluster = _hardware(v)
+    hardware = _hardware(v)
     training = _training(v, hardware)
     dpo = DPO(
         loss=v.take("dpo.loss", "sigmoid", why="the standard DPO loss"),
@@ -93,12 +94,13 @@ def _inputs(v: _Values) -> tuple[LayoutInputs, Cluster]:
         record="estimate.mean_seq_length",
     )
     gbs = v.take("training.global_batch_size", record="layout.global_batch_size")
-    return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, mean), cluster
+    return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, mean)
 
 
 def resolve(loaded: LoadedRecipe) -> Plan:
     v = _Values(loaded)
-    inputs, cluster = _inputs(v)
+    inputs = _inputs(v)
+    cluster = _cluster(v, inputs.hardware.nodes)
     model, hardware, training, dpo, runtime = inputs.model, inputs.hardware, inputs.training, inputs.dpo, inputs.runtime
     layout, estimate, layout_warnings = _layout(v, inputs)
 
@@ -175,7 +177,8 @@ def _model(v: _Values) -> ModelSpec:
     return model_spec(m.get("preset", "inline"), m)
 
 
-def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
+def _hardware(v: _Values) -> HardwareSpec:
+    """The node type and how many nodes; planning needs no more (the host list is `_cluster`'s)."""
     h = v.data["hardware"]
     for key in h:
         v.take(f"hardware.{key}")
@@ -183,6 +186,12 @@ def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
     nodes = h["nodes"]
     if hosts and not v.sources.get("hardware.nodes", "").startswith("user"):
         nodes = v.derived("hardware.nodes", len(hosts), "hardware.hosts", "one node per host")
+    return hardware_spec(h["preset"], h, nodes)
+
+
+def _cluster(v: _Values, nodes: int) -> Cluster:
+    """Where the nodes are: one address per node, node 0 first, and the rendezvous address."""
+    hosts = v.data["hardware"].get("hosts")
     if hosts and len(hosts) != nodes:
         v.problem("hardware.hosts", f"lists {len(hosts)} hosts but hardware.nodes is {nodes}; valid: one host per node")
     if nodes > 1 and not hosts:
@@ -190,7 +199,6 @@ def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
             "hardware.hosts",
             f"{nodes} nodes need their addresses; valid: hardware.hosts (node 0 first) or hardware.hostfile",
         )
-    hardware = hardware_spec(h["preset"], h, nodes)
     host_list = tuple(hosts) if hosts else ("127.0.0.1",)
     v.derived("cluster.hosts", host_list, "hardware.hosts", "the recipe's hosts, or this machine for one node")
     master = v.take(
@@ -206,7 +214,7 @@ def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
         why="MindSpeed-RL's default master port",
         record="cluster.master_port",
     )
-    return hardware, Cluster(hosts=host_list, master_addr=master, master_port=port)
+    return Cluster(hosts=host_list, master_addr=master, master_port=port)
 
 
 def _training(v: _Values, hardware: HardwareSpec) -> Training:
