@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides, e.g. training.lr=1e-7")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotlist overrides, e.g. training.lr=1e-7; ~KEY deletes a recipe key")
 
     p = sub.add_parser("build", help="compile a recipe into a build directory")
     p.add_argument("recipe")
