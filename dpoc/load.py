@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dpoc import resources
+from dpoc.dotted import flatten, paths
 from dpoc.errors import DpocError, Problem, suggest
 
 # recipe section -> preset catalog it names
@@ -43,7 +44,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
         if isinstance(body, dict) and isinstance(body.get("preset"), str):
             preset = read_preset(catalog, body["preset"], shown, f"{section}.preset")
             merged[section] = _merge(preset, body)
-            for key in _leaves(preset):
+            for key in flatten(preset):
                 sources.setdefault(f"{section}.{key}", f"preset:{body['preset']}")
 
     data = _interpolate(merged, shown)
@@ -128,7 +129,7 @@ def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str], shown: st
     """The recipe with the command line applied in order, as Hydra does: `key=value` sets a key (OmegaConf's
     dotlist syntax), `~key` deletes one, so that the preset's value or the default applies again."""
     tree = _auto_layout(recipe)
-    sources = {k: "user" for k in _leaves(recipe)}
+    sources = {k: "user" for k in flatten(recipe)}
     problems = []
     for override in overrides:
         if override.startswith("~"):
@@ -147,7 +148,7 @@ def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str], shown: st
         except OmegaConfBaseException as exc:
             problems.append(Problem(shown, "(command line)", f"bad override: {exc.msg}"))
             continue
-        for key in _leaves(parsed):
+        for key in flatten(parsed):
             _forget(sources, key)
             sources[key] = "user:command line"
         tree = _auto_layout(_merge(tree, parsed))
@@ -174,11 +175,11 @@ def _delete(tree: dict[str, Any], override: str, shown: str) -> Problem | None:
     if parents and parents[0] in PRESET_SECTIONS and isinstance(section, dict) \
             and isinstance(section.get("preset"), str):
         preset = read_preset(PRESET_SECTIONS[parents[0]], section["preset"], shown, f"{parents[0]}.preset")
-        if ".".join([*parents[1:], last]) in _paths(preset):
+        if ".".join([*parents[1:], last]) in paths(preset):
             return Problem(shown, override, f"comes from preset {section['preset']!r}, not the recipe: nothing to "
                            f"delete (set {path}=... to change it)")
     prefix = "".join(f"{p}." for p in parents[:depth])
-    return Problem(shown, override, f"the recipe has no such key to delete ({suggest(path, _paths(tree))}valid: "
+    return Problem(shown, override, f"the recipe has no such key to delete ({suggest(path, paths(tree))}valid: "
                    f"{', '.join(prefix + k for k in sorted(node))})")
 
 
@@ -211,24 +212,3 @@ def _interpolate(tree: dict[str, Any], shown: str) -> dict[str, Any]:
 def _auto_layout(tree: dict[str, Any]) -> dict[str, Any]:
     """`parallelism: auto` is an empty layout, so that `parallelism.tp=2` can pin one knob of it."""
     return {**tree, "parallelism": {}} if tree.get("parallelism") == "auto" else tree
-
-
-def _leaves(tree: Any, prefix: str = "") -> list[str]:
-    if isinstance(tree, dict):
-        out = []
-        for key, value in tree.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
-            out.extend(_leaves(value, path) if isinstance(value, dict) and value else [path])
-        return out
-    return [prefix] if prefix else []
-
-
-def _paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    """Every dotted key of `tree`, sections and leaves alike."""
-    out = []
-    for key, value in tree.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        out.append(path)
-        if isinstance(value, dict):
-            out.extend(_paths(value, path))
-    return out

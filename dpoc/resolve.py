@@ -12,11 +12,12 @@ from typing import Any
 
 from dpoc import __version__, autolayout, rules, targets
 from dpoc.autolayout import LayoutInputs
+from dpoc.dotted import flatten
 from dpoc.errors import DpocError, Problem
 from dpoc.family import CONVERTER, DEFAULT_TEMPLATE
 from dpoc.layout import DEFAULT_WHY, DERIVED_WHY
 from dpoc.load import LoadedRecipe
-from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, Layout, ModelSpec, Plan, Source, Training
+from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, Layout, ModelSpec, MoESpec, Plan, Source, Training
 from dpoc.specs import hardware_spec, model_spec
 
 _MISSING = object()
@@ -44,12 +45,19 @@ class _Values:
         """The recipe's value at `path`, else `default` (from `rule` when given); provenance under `record`."""
         value = self._lookup(path)
         key = record or path
+        if isinstance(value, dict) and value:  # a mapping (hardware.env, model.moe): each entry has its own source
+            for leaf in flatten(value):
+                self._given(f"{path}.{leaf}", f"{key}.{leaf}")
+            return value
         if value is not _MISSING:
-            src = self.sources.get(path, "user")
-            self.provenance[key] = Source(src, "from the recipe" if src.startswith("user") else "from the preset")
+            self._given(path, key)
             return value
         self.provenance[key] = Source(f"derived:{rule}" if rule else "default", why)
         return default
+
+    def _given(self, path: str, key: str) -> None:
+        src = self.sources.get(path, "user")
+        self.provenance[key] = Source(src, "from the recipe" if src.startswith("user") else "from the preset")
 
     def derived(self, path: str, value: Any, rule: str, why: str) -> Any:
         self.provenance[path] = Source(f"derived:{rule}", why)
@@ -109,7 +117,7 @@ def resolve(loaded: LoadedRecipe) -> Plan:
     run_dir = v.take("run_dir", f"runs/{name}", why="runs/<recipe name>")
     plan = Plan(
         name=name,
-        dpoc_version=__version__,
+        dpoc_version=v.derived("dpoc_version", __version__, "dpoc", "the dpoc release that resolved this plan"),
         runtime=runtime,
         model=model,
         hardware=hardware,
@@ -155,6 +163,12 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], l
             v.derived(f"layout.{knob}", getattr(layout, knob), f"layout.{knob}", DEFAULT_WHY[knob])
     for name, text in DERIVED_WHY.items():
         v.derived(f"layout.{name}", getattr(layout, name), f"layout.{name}", text)
+    v.derived("estimate.efficiency", None, "planner.calibration",
+              "fraction of peak FLOPs reached, fitted on published non-DPO runs (bench/planner.py)")
+    v.derived("estimate.memory", None, "planner.memory", "per-device memory model of this layout: weights, "
+              "gradients, optimizer, frozen reference, activations at mean_seq_length, buffers, reserve")
+    v.derived("estimate.throughput", None, "planner.throughput", "predicted from this layout, the fitted "
+              "efficiency and mean_seq_length; samples are preference pairs (pairs/s)")
     estimate = {
         "mean_seq_length": inputs.mean_seq_length,
         "efficiency": {"dense": autolayout.FITTED.dense, "experts": autolayout.FITTED.experts},
@@ -168,13 +182,20 @@ def _model(v: _Values) -> ModelSpec:
     m = v.data["model"]
     for key in m:
         v.take(f"model.{key}")
+    if isinstance(m.get("moe"), dict):
+        for field in dataclasses.fields(MoESpec):
+            v.take(f"model.moe.{field.name}", why="the model schema's default")
+    else:
+        v.take("model.moe", why="no experts: a dense model")
+    name = v.derived("model.name", m.get("preset", "inline"), "model.preset",
+                     "the preset's name, or inline when the recipe defines the architecture")
     v.derived(
         "model.converter",
         CONVERTER[m["family"]],
         "model.family",
         "MindSpeed-LLM's convert_ckpt_v2.py knows qwen3/qwen3-moe; Qwen2.5 and Llama-3 need the legacy convert_ckpt.py",
     )
-    return model_spec(m.get("preset", "inline"), m)
+    return model_spec(name, m)
 
 
 def _hardware(v: _Values) -> HardwareSpec:
@@ -186,6 +207,7 @@ def _hardware(v: _Values) -> HardwareSpec:
     nodes = h["nodes"]
     if hosts and not v.sources.get("hardware.nodes", "").startswith("user"):
         nodes = v.derived("hardware.nodes", len(hosts), "hardware.hosts", "one node per host")
+    v.derived("hardware.name", h["preset"], "hardware.preset", "the hardware preset's name")
     return hardware_spec(h["preset"], h, nodes)
 
 
