@@ -83,6 +83,16 @@ def make_layout(model: ModelSpec, hardware: HardwareSpec, global_batch_size: int
     )
 
 
+def layout_tag(layout: Layout) -> str:
+    """`tp2-pp8-ep1[-vpp2][-tpextendep]`: names converted weights after the layout they are split for."""
+    tag = f"tp{layout.tp}-pp{layout.pp}-ep{layout.ep}"
+    if layout.vpp > 1:
+        tag += f"-vpp{layout.vpp}"
+    if layout.moe_tp_extend_ep:
+        tag += "-tpextendep"
+    return tag
+
+
 DERIVED_WHY = {
     "world_size": "nodes × devices per node",
     "dp": "world size / (tp·pp·cp)",

@@ -10,12 +10,12 @@ import dataclasses
 from pathlib import PurePosixPath
 from typing import Any
 
-from dpoc import __version__, autolayout, rules, targets
+from dpoc import __version__, autolayout, rules, stale_paths, targets
 from dpoc.autolayout import LayoutInputs
 from dpoc.dotted import flatten
 from dpoc.errors import DpocError, Problem
 from dpoc.family import CONVERTER, DEFAULT_TEMPLATE
-from dpoc.layout import DEFAULT_WHY, DERIVED_WHY
+from dpoc.layout import DEFAULT_WHY, DERIVED_WHY, layout_tag
 from dpoc.load import LoadedRecipe
 from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, Layout, ModelSpec, MoESpec, Plan, Source, Training
 from dpoc.specs import hardware_spec, model_spec
@@ -133,6 +133,7 @@ def resolve(loaded: LoadedRecipe) -> Plan:
     )
     violations = layout_warnings + rules.check(rules.Context(model, hardware, layout, training, dpo))
     violations += targets.get(runtime).unsupported(plan)
+    violations += stale_paths.check(plan)
     errors = v.problems + [Problem(loaded.path, x.field, x.message) for x in violations if not x.warning]
     if errors:
         raise DpocError(list(dict.fromkeys(errors)))
@@ -321,15 +322,6 @@ def _data(v: _Values, model: ModelSpec) -> Data:
         ),
         workers=v.take("dataset.workers", record="data.workers", default=4, why="four tokenizer processes"),
     )
-
-
-def layout_tag(layout) -> str:
-    tag = f"tp{layout.tp}-pp{layout.pp}-ep{layout.ep}"
-    if layout.vpp > 1:
-        tag += f"-vpp{layout.vpp}"
-    if layout.moe_tp_extend_ep:
-        tag += "-tpextendep"
-    return tag
 
 
 def _checkpoint(v: _Values, name: str, layout, run_dir: str) -> Checkpoint:
