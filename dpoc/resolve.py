@@ -114,6 +114,7 @@ def resolve(loaded: LoadedRecipe) -> Plan:
 
     name = loaded.name
     v.derived("name", name, "name", "the recipe's name, else its file name")
+    v.derived("warnings", None, "rules", "what the rules and the planner flag as slow or risky; it still runs")
     run_dir = v.take("run_dir", f"runs/{name}", why="runs/<recipe name>")
     plan = Plan(
         name=name,
