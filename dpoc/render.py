@@ -128,12 +128,17 @@ def _mindspeed_files(plan: Plan, node_values: dict[str, Any]) -> dict[str, str]:
     return files
 
 
+def file_hashes(files: dict[str, str]) -> dict[str, str]:
+    """sha256 of each rendered file: manifest.json's list, which the preflight and `dpoc diff` compare."""
+    return {path: hashlib.sha256(text.encode()).hexdigest() for path, text in sorted(files.items())}
+
+
 def manifest(plan: Plan, files: dict[str, str]) -> str:
     return json.dumps({
         "dpoc_version": __version__,
         "plan_hash": plan.hash(),
         "runtime": plan.runtime,
-        "files": {path: hashlib.sha256(text.encode()).hexdigest() for path, text in sorted(files.items())},
+        "files": file_hashes(files),
         "skipped_targets": skipped_targets(plan),
         "warnings": list(plan.warnings),
     }, indent=2, sort_keys=True) + "\n"
