@@ -241,14 +241,16 @@ def _training(v: _Values, hardware: HardwareSpec) -> Training:
 
 def _data(v: _Values, model: ModelSpec) -> Data:
     path = v.take("dataset.path", record="data.input")
-    default_keys = {"prompt": "question", "query": "", "system": "system"} if "orca" in path else {}
+    layout = v.take(
+        "dataset.layout", record="data.layout", default="auto",
+        why="detected from the data's first rows when preprocessing (never from the file's name)",
+    )
     map_keys = v.take(
         "dataset.map_keys",
         record="data.map_keys",
-        default=default_keys,
-        rule="dataset.path",
-        why="orca-style columns (system, question, chosen, rejected)"
-        if default_keys
+        default={},
+        why="MindSpeed-RL's default columns; with layout auto, the prompt and system columns are detected too"
+        if layout == "auto"
         else "MindSpeed-RL's default columns",
     )
     if not v.has("model.tokenizer") and not v.has("model.hf_weights"):
@@ -263,7 +265,7 @@ def _data(v: _Values, model: ModelSpec) -> Data:
     return Data(
         input=path,
         format=v.take("dataset.format", record="data.format", default="auto", why="from the file extension"),
-        layout=v.take("dataset.layout", record="data.layout", default="pairwise", why="prompt/chosen/rejected columns"),
+        layout=layout,
         tokenizer=tokenizer,
         template=v.take(
             "dataset.template",

@@ -15,8 +15,9 @@ _EXAMPLES_KEPT = 10
 
 
 class Stats:
-    def __init__(self, config: PreprocessConfig):
-        self.config = config
+    def __init__(self, config: PreprocessConfig, read_as: PreprocessConfig):
+        """`config` as given; `read_as` with what `layout: auto` detected."""
+        self.config, self.read_as = config, read_as
         self.pairs_in = self.pairs_kept = self.truncated = 0
         self.dropped = {"too_long": 0, "empty": 0, "bad_rows": 0}
         self.bad_row_examples: list[str] = []
@@ -51,7 +52,8 @@ class Stats:
 
     def summary(self) -> str:
         d = self.dropped
-        return (f"{self.pairs_in} rows read, {self.pairs_kept} kept, {d['too_long']} dropped for length "
+        detected = f" (layout {self.read_as.layout}, detected)" if self.config.layout == "auto" else ""
+        return (f"{self.pairs_in} rows read{detected}, {self.pairs_kept} kept, {d['too_long']} dropped for length "
                 f">= seq_length {self.config.seq_length}, {d['empty']} with an empty prompt or response, "
                 f"{d['bad_rows']} bad rows skipped, {self.truncated} truncated")
 
@@ -60,6 +62,7 @@ class Stats:
         return {
             "input": c.input, "layout": c.layout, "template": c.template,
             "enable_thinking": c.enable_thinking, "seq_length": c.seq_length, "truncate": c.truncate,
+            "read_as": {"layout": self.read_as.layout, "map_keys": dict(self.read_as.map_keys)},
             "pairs_in": self.pairs_in, "pairs_kept": self.pairs_kept, "dropped": dict(self.dropped),
             "truncated": self.truncated, "bad_row_examples": list(self.bad_row_examples),
             "tokens": {**self.tokens, "total": self.tokens_total},
