@@ -96,15 +96,16 @@ def _inputs(v: _Values) -> tuple[LayoutInputs, Cluster]:
     return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, mean), cluster
 
 
-def resolve(loaded: LoadedRecipe) -> Plan:
+def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
+    """The Plan of `loaded` built into a directory called `build_name` (which names the build)."""
     v = _Values(loaded)
     inputs, cluster = _inputs(v)
     model, hardware, training, dpo, runtime = inputs.model, inputs.hardware, inputs.training, inputs.dpo, inputs.runtime
     layout, estimate, layout_warnings = _layout(v, inputs)
 
-    name = loaded.name
-    v.derived("name", name, "name", "the recipe's name, else its file name")
-    run_dir = v.take("run_dir", f"runs/{name}", why="runs/<recipe name>")
+    name = _name(v, build_name)
+    run_dir = v.take("run_dir", f"runs/{name}", rule="name",
+                     why="runs/<name>: each build its own metrics, logs and checkpoints")
     plan = Plan(
         name=name,
         dpoc_version=__version__,
@@ -114,8 +115,8 @@ def resolve(loaded: LoadedRecipe) -> Plan:
         layout=layout,
         training=training,
         dpo=dpo,
-        data=_data(v, model),
-        checkpoint=_checkpoint(v, name, layout, run_dir),
+        data=_data(v, model, run_dir),
+        checkpoint=_checkpoint(v, loaded.name, layout, run_dir),
         cluster=cluster,
         run_dir=run_dir,
         estimate=estimate,
@@ -127,6 +128,15 @@ def resolve(loaded: LoadedRecipe) -> Plan:
     if errors:
         raise DpocError(list(dict.fromkeys(errors)))
     return dataclasses.replace(plan, warnings=tuple(f"{x.field}: {x.message}" for x in violations if x.warning))
+
+
+def _name(v: _Values, build_name: str) -> str:
+    """The recipe's `name` when it sets one, else the build directory's: two builds of one recipe never share a
+    run directory or a dataset."""
+    if v.has("name"):
+        return v.take("name")
+    return v.derived("name", build_name, "build", "the build directory's name (build/<recipe file stem> unless -o): "
+                     "each build its own run directory and dataset")
 
 
 def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], list[rules.Violation]]:
@@ -239,7 +249,7 @@ def _training(v: _Values, hardware: HardwareSpec) -> Training:
     )
 
 
-def _data(v: _Values, model: ModelSpec) -> Data:
+def _data(v: _Values, model: ModelSpec, run_dir: str) -> Data:
     path = v.take("dataset.path", record="data.input")
     layout = v.take(
         "dataset.layout", record="data.layout", default="auto",
@@ -287,9 +297,10 @@ def _data(v: _Values, model: ModelSpec) -> Data:
         output_prefix=v.take(
             "dataset.output_prefix",
             record="data.output_prefix",
-            default=str(PurePosixPath(path).with_suffix("")),
-            rule="dataset.path",
-            why="next to the input, without its extension",
+            default=f"{run_dir}/dataset/{PurePosixPath(path).stem}",
+            rule="run_dir",
+            why="<run_dir>/dataset/<input file stem>: each build its own, so builds with other data settings never "
+            "overwrite it",
         ),
         workers=v.take("dataset.workers", record="data.workers", default=4, why="four tokenizer processes"),
     )

@@ -1,14 +1,17 @@
-"""`{prefix}_stats.json`: what came in, what was kept or dropped and why, token counts, length histogram.
+"""`{prefix}_stats.json`: the settings it was made with (`dpoc.data.identity`, checked before training), what
+came in, what was kept or dropped and why, token counts, length histogram.
 
 Deterministic (no timings), so the same input gives the same file whatever the worker count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from dpoc.data.config import PreprocessConfig
 from dpoc.data.encode import Outcome
+from dpoc.data.identity import settings
 
 HISTOGRAM_BINS = 16
 _EXAMPLES_KEPT = 10
@@ -60,8 +63,7 @@ class Stats:
     def to_json(self) -> dict[str, Any]:
         c = self.config
         return {
-            "input": c.input, "layout": c.layout, "template": c.template,
-            "enable_thinking": c.enable_thinking, "seq_length": c.seq_length, "truncate": c.truncate,
+            "settings": settings(dataclasses.asdict(c)),  # what the node preflight and the runtime check
             "read_as": {"layout": self.read_as.layout, "map_keys": dict(self.read_as.map_keys)},
             "pairs_in": self.pairs_in, "pairs_kept": self.pairs_kept, "dropped": dict(self.dropped),
             "truncated": self.truncated, "bad_row_examples": list(self.bad_row_examples),
