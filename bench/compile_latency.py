@@ -16,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _shared import arguments, write_result
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench._shared import arguments, write_result  # noqa: E402
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:

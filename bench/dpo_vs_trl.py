@@ -28,8 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _shared import arguments, write_result  # noqa: E402
-
+from bench._shared import arguments, write_result  # noqa: E402
 from dpoc.data.pairwise import FIELDS as PARTS  # noqa: E402
 from dpoc.data.pairwise import dataset_prefix as part_prefix  # noqa: E402
 from dpoc.megatron_args import format_args  # noqa: E402

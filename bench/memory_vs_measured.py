@@ -37,8 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _shared import arguments, write_result  # noqa: E402
-
+from bench._shared import arguments, write_result  # noqa: E402
 from dpoc.compile import plan_recipe  # noqa: E402
 from dpoc.megatron_args import format_args  # noqa: E402
 from dpoc.plan import Plan  # noqa: E402

@@ -14,8 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _shared import arguments, write_result
-
+from bench._shared import arguments, write_result
 from dpoc import rules
 from dpoc.layout import make_layout
 from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training

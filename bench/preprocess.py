@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 
 import psutil
-from _shared import arguments, write_result
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._shared import arguments, write_result  # noqa: E402
+
 TOKENIZER = REPO / "assets" / "tiny" / "tokenizer"
 SEQ_LENGTH = 8192  # long enough that nothing is dropped: every job tokenizes the same pairs
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "answer",

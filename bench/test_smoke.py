@@ -29,9 +29,8 @@ def test_every_benchmark_has_its_committed_result():
 
 
 def test_a_smoke_run_writes_no_result_unless_told_where(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    from _shared import RESULTS as shared_results
-    from _shared import write_result
+    from bench._shared import RESULTS as shared_results
+    from bench._shared import write_result
 
     assert shared_results == RESULTS
     assert write_result(argparse.Namespace(smoke=True, out=None), "x", {"a": 1}) is None
