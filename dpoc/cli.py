@@ -78,7 +78,8 @@ def _schema(args: argparse.Namespace) -> int:
 def _preflight(args: argparse.Namespace) -> int:
     from dpoc.preflight import preflight
 
-    preflight(args.build_dir, args.mode, args.target)
+    for warning in preflight(args.build_dir, args.mode, args.target):
+        print(f"{args.build_dir}: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -94,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="compile a recipe into a build directory")
     p.add_argument("recipe")
     overrides(p)
-    p.add_argument("-o", "--output", help="build directory (default: build/<recipe file stem>)")
+    p.add_argument("-o", "--output", help="build directory; its name names the build, its run directory "
+                   "and dataset (default: build/<recipe file stem>)")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("validate", help="check recipes (schema and every rule); writes nothing")

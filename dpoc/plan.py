@@ -138,7 +138,7 @@ class DPO:
 class Data:
     input: str
     format: str  # auto | jsonl | json | parquet
-    layout: str  # pairwise | messages
+    layout: str  # auto | pairwise | messages | hh-rlhf
     tokenizer: str
     template: str
     enable_thinking: bool

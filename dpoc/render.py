@@ -121,7 +121,8 @@ def _mindspeed_files(plan: Plan, node_values: dict[str, Any]) -> dict[str, str]:
             "megatron_training": mindspeed_rl.training_config(plan, resume=resume),
         })
     files[f"mindspeed-rl/model/{m}.yaml"] = _yaml(mindspeed_rl.model_config(plan))
-    files[f"mindspeed-rl/datasets/{name}.yaml"] = _yaml(mindspeed_rl.dataset_config(plan))
+    if plan.data.layout == "pairwise":  # MindSpeed-RL's preprocessing reads only pairwise columns
+        files[f"mindspeed-rl/datasets/{name}.yaml"] = _yaml(mindspeed_rl.dataset_config(plan))
     for rank, host in enumerate(plan.cluster.hosts):
         files[f"mindspeed-rl/nodes/node-{rank}.sh"] = _template("mindspeed_node.sh.j2", node_rank=rank, host=host,
                                                                 **node_values)

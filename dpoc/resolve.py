@@ -105,17 +105,18 @@ def _inputs(v: _Values) -> LayoutInputs:
     return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, mean)
 
 
-def resolve(loaded: LoadedRecipe) -> Plan:
+def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
+    """The Plan of `loaded` built into a directory called `build_name` (which names the build)."""
     v = _Values(loaded)
     inputs = _inputs(v)
     cluster = _cluster(v, inputs.hardware.nodes)
     model, hardware, training, dpo, runtime = inputs.model, inputs.hardware, inputs.training, inputs.dpo, inputs.runtime
     layout, estimate, layout_warnings = _layout(v, inputs)
 
-    name = loaded.name
-    v.derived("name", name, "name", "the recipe's name, else its file name")
+    name = _name(v, build_name)
     v.derived("warnings", None, "rules", "what the rules and the planner flag as slow or risky; it still runs")
-    run_dir = v.take("run_dir", f"runs/{name}", why="runs/<recipe name>")
+    run_dir = v.take("run_dir", f"runs/{name}", rule="name",
+                     why="runs/<name>: each build its own metrics, logs and checkpoints")
     plan = Plan(
         name=name,
         dpoc_version=v.derived("dpoc_version", __version__, "dpoc", "the dpoc release that resolved this plan"),
@@ -125,8 +126,8 @@ def resolve(loaded: LoadedRecipe) -> Plan:
         layout=layout,
         training=training,
         dpo=dpo,
-        data=_data(v, model),
-        checkpoint=_checkpoint(v, name, layout, run_dir),
+        data=_data(v, model, run_dir),
+        checkpoint=_checkpoint(v, loaded.name, layout, run_dir),
         cluster=cluster,
         run_dir=run_dir,
         estimate=estimate,
@@ -139,6 +140,15 @@ def resolve(loaded: LoadedRecipe) -> Plan:
     if errors:
         raise DpocError(list(dict.fromkeys(errors)))
     return dataclasses.replace(plan, warnings=tuple(f"{x.field}: {x.message}" for x in violations if x.warning))
+
+
+def _name(v: _Values, build_name: str) -> str:
+    """The recipe's `name` when it sets one, else the build directory's: two builds of one recipe never share a
+    run directory or a dataset."""
+    if v.has("name"):
+        return v.take("name")
+    return v.derived("name", build_name, "build", "the build directory's name (build/<recipe file stem> unless -o): "
+                     "each build its own run directory and dataset")
 
 
 def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], list[rules.Violation]]:
@@ -271,16 +281,18 @@ def _training(v: _Values, hardware: HardwareSpec) -> Training:
     )
 
 
-def _data(v: _Values, model: ModelSpec) -> Data:
+def _data(v: _Values, model: ModelSpec, run_dir: str) -> Data:
     path = v.take("dataset.path", record="data.input")
-    default_keys = {"prompt": "question", "query": "", "system": "system"} if "orca" in path else {}
+    layout = v.take(
+        "dataset.layout", record="data.layout", default="auto",
+        why="detected from the data's first rows when preprocessing (never from the file's name)",
+    )
     map_keys = v.take(
         "dataset.map_keys",
         record="data.map_keys",
-        default=default_keys,
-        rule="dataset.path",
-        why="orca-style columns (system, question, chosen, rejected)"
-        if default_keys
+        default={},
+        why="MindSpeed-RL's default columns; with layout auto, the prompt and system columns are detected too"
+        if layout == "auto"
         else "MindSpeed-RL's default columns",
     )
     if not v.has("model.tokenizer") and not v.has("model.hf_weights"):
@@ -295,7 +307,7 @@ def _data(v: _Values, model: ModelSpec) -> Data:
     return Data(
         input=path,
         format=v.take("dataset.format", record="data.format", default="auto", why="from the file extension"),
-        layout=v.take("dataset.layout", record="data.layout", default="pairwise", why="prompt/chosen/rejected columns"),
+        layout=layout,
         tokenizer=tokenizer,
         template=v.take(
             "dataset.template",
@@ -317,9 +329,10 @@ def _data(v: _Values, model: ModelSpec) -> Data:
         output_prefix=v.take(
             "dataset.output_prefix",
             record="data.output_prefix",
-            default=str(PurePosixPath(path).with_suffix("")),
-            rule="dataset.path",
-            why="next to the input, without its extension",
+            default=f"{run_dir}/dataset/{PurePosixPath(path).stem}",
+            rule="run_dir",
+            why="<run_dir>/dataset/<input file stem>: each build its own, so builds with other data settings never "
+            "overwrite it",
         ),
         workers=v.take("dataset.workers", record="data.workers", default=4, why="four tokenizer processes"),
     )

@@ -115,7 +115,7 @@ def test_mindspeed_dataset_config_is_the_guides(guide_build):
 
 def test_converter_gets_tp_extend_ep_exactly_when_training_sets_it(tmp_path):
     for extend in (False, True):
-        out = tmp_path / str(extend)
+        out = tmp_path / str(extend) / "qwen3_30b"
         build(RECIPES / "qwen3_30b.yaml", [f"parallelism.moe_tp_extend_ep={str(extend).lower()}",
                                            "runtime=mindspeed-rl"], out=out)
         convert = (out / "convert/hf_to_mcore.sh").read_text()
@@ -133,7 +133,7 @@ def test_legacy_converter_for_llama(tmp_path):
 
 
 def test_same_recipe_gives_byte_identical_builds(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+    a, b = tmp_path / "a" / "x", tmp_path / "b" / "x"  # the directory's name names the build
     for out in (a, b):
         proc = run_subprocess("build", RECIPES / "qwen3_30b.yaml", "-o", out)
         assert proc.returncode == 0, proc.stderr
