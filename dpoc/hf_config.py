@@ -157,6 +157,16 @@ def hf_config(arch: dict[str, Any], dtype: str) -> dict[str, Any]:
     return config
 
 
+def model_flags(arch: dict[str, Any]) -> list[tuple[str, object]]:
+    """megatron.args' model flags for an architecture: the compiler's own (dpoc_runtime.model_args)."""
+    from dpoc.family import HF_MODEL_TYPE
+    from dpoc.specs import model_spec
+    from dpoc.targets.dpoc_runtime import model_args
+
+    names = {"mindspeed_name": "model", "hf_model_type": HF_MODEL_TYPE[arch["family"]]}
+    return model_args(model_spec("model", {**arch, **names}))
+
+
 def mindspeed_name(hf_dir: str) -> str:
     """A MindSpeed-RL model key for weights known only by their directory: its name, lower-case, [a-z0-9_]."""
     name = os.path.basename(os.path.normpath(hf_dir)).lower()
@@ -233,11 +243,18 @@ _MOE_CHECKS = (
 )
 
 
-def mismatches(args: argparse.Namespace, hf_dir: str | Path, args_file: str) -> list[Problem]:
-    """Every architecture field where `<hf_dir>/config.json` and megatron.args disagree, one line each:
-    the config file, its field, and both values. Problems reading the config are raised."""
-    shown = config_path(hf_dir)
-    config = read_config(hf_dir, "(directory)", str(hf_dir))
+def mismatches(args: argparse.Namespace, hf_dir: str | Path, args_file: str, field: str = "(directory)"
+               ) -> list[Problem]:
+    """Every architecture field where `<hf_dir>/config.json` and megatron.args disagree (see
+    `config_mismatches`); a missing or unreadable config.json is raised as a problem of `field`."""
+    config = read_config(hf_dir, field, args_file)
+    return config_mismatches(config, config_path(hf_dir), args, args_file)
+
+
+def config_mismatches(config: dict[str, Any], shown: str, args: argparse.Namespace, args_file: str
+                      ) -> list[Problem]:
+    """One line per field where a config.json (`shown` names it) and megatron.args disagree: the file, its
+    field, and both values."""
     found, expected = architecture(config, shown), architecture_from_args(args)
     pairs = [(c, found[c.field], expected[c.field]) for c in _CHECKS]
     found_moe, expected_moe = found.get("moe"), expected["moe"]

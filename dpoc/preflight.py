@@ -66,7 +66,7 @@ def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:
     for field, path in sources:
         if (Path(path) / "config.json").is_file():
             try:
-                out += mismatches(megatron_args.parse([f"@{args_file}"]), path, args_file)
+                out += mismatches(megatron_args.parse([f"@{args_file}"]), path, args_file, field)
             except DpocError as exc:
                 out += exc.problems
         elif not Path(path, CHECKPOINT_MARKER).is_file() and not Path(path, TRACKER).is_file():

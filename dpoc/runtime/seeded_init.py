@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from megatron.core.dist_checkpointing.utils import extract_sharded_base
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer import TransformerConfig
+
+from dpoc.runtime.sharded import sharded_tensors
 
 # megatron-core's "output layer" init: projections that add into the residual stream are scaled down
 _RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
@@ -26,30 +27,10 @@ def initialize(chunks: Iterable[torch.nn.Module], config: TransformerConfig, see
     """Overwrite every matrix/embedding weight with its layout-independent draw; norms keep ones and
     biases zeros, as megatron-core initialises them."""
     for chunk in chunks:
-        for sh in _sharded_tensors(chunk.sharded_state_dict()):
+        for sh in sharded_tensors(chunk.sharded_state_dict()):
             std = _std(sh.key, config)
             if std is not None:
                 _fill(sh, seed, std)
-
-
-def _sharded_tensors(state: dict) -> Iterator[ShardedTensor]:
-    sharded, _ = extract_sharded_base(state)
-    for leaf in _leaves(sharded):
-        if isinstance(leaf, ShardedTensorFactory):
-            yield from (t for t in _leaves(leaf.build()) if isinstance(t, ShardedTensor))
-        elif isinstance(leaf, ShardedTensor):
-            yield leaf
-
-
-def _leaves(tree: object) -> Iterator[object]:
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _leaves(v)
-    else:
-        yield tree
 
 
 def _std(key: str, config: TransformerConfig) -> float | None:

@@ -1,0 +1,133 @@
+"""Hugging Face safetensors straight into this rank's model chunks, each rank reading only its own slices.
+
+The model's own `sharded_state_dict()` says what every parameter is globally (key, global shape, this rank's
+offset — for every tp / pp / vpp / ep / etp alike); `weight_map` says which HF rows make up that global
+tensor; `safe_open(...).get_slice(name)[rows, cols]` reads just this rank's part. Parameters that
+megatron-core stores through a factory (SwiGLU fc1 halves, grouped-GEMM expert weights) are read as the
+factory's pieces and merged back by the factory itself, so a layout megatron can checkpoint is a layout
+this loads. Peak host memory: the rank's parameters plus one tensor being read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from safetensors import safe_open
+
+from dpoc.errors import DpocError, Problem
+from dpoc.runtime import weight_map
+from dpoc.runtime.weight_map import Arch
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# tensors a Hugging Face directory may hold that no megatron weight comes from
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class HfWeights:
+    """A Hugging Face weights directory: which safetensors file holds each tensor, files opened on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        index = Path(path) / INDEX
+        if index.is_file():
+            self.files = dict(json.loads(index.read_text())["weight_map"])
+        elif (Path(path) / SINGLE).is_file():
+            with safe_open(str(Path(path) / SINGLE), "pt") as f:
+                self.files = dict.fromkeys(f.keys(), SINGLE)
+        else:
+            raise DpocError([Problem(self.path, "(directory)", f"no {SINGLE} and no {INDEX} (valid: Hugging Face "
+                                     "weights saved as safetensors)")])
+        self._open: dict[str, object] = {}
+
+    def _file(self, name: str):
+        file = self.files[name]
+        if file not in self._open:
+            self._open[file] = safe_open(os.path.join(self.path, file), "pt")
+        return self._open[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def read(self, name: str, where: tuple[slice, ...]) -> torch.Tensor:
+        """Rows/columns `where` of tensor `name`, read without the rest of the tensor."""
+        return self._file(name).get_slice(name)[where]
+
+    def problems(self, arch: Arch) -> list[Problem]:
+        """Every tensor the architecture needs that is missing or of another shape, and every tensor it would
+        silently leave out (a weight of an architecture dpoc does not map)."""
+        needed = weight_map.hf_tensors(arch)
+        out = []
+        for name, shape in needed.items():
+            if name not in self.files:
+                out.append(Problem(self.path, name, f"missing (the model needs shape {list(shape)})"))
+            elif self.shape(name) != shape:
+                out.append(Problem(self.path, name, f"shape {list(self.shape(name))} in {self.files[name]}, "
+                                   f"but the model needs {list(shape)}"))
+        tied_head = {"lm_head.weight"} if arch.tie_embeddings else set()
+        for name in sorted(set(self.files) - set(needed) - tied_head):
+            if not name.endswith(_IGNORED_SUFFIXES):
+                out.append(Problem(self.path, name, "is not a weight of this architecture: loading would drop it"))
+        return out
+
+
+@torch.no_grad()
+def load(chunks: list[torch.nn.Module], weights: HfWeights, arch: Arch) -> None:
+    """Fill every parameter of every chunk from the HF tensors, this rank's slices only."""
+    for chunk in chunks:
+        targets = {k: v for k, v in chunk.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+        filled = set()
+        for name, entry in chunk.sharded_state_dict().items():
+            if isinstance(entry, ShardedObject):
+                continue
+            if isinstance(entry, ShardedTensorFactory):
+                built = entry.build()
+                pieces = [_read(sh, weights, arch) for sh in built] if isinstance(built, list) else \
+                    _read(built, weights, arch)
+                value = entry.merge_fn(pieces)
+            elif isinstance(entry, ShardedTensor):
+                value = _read(entry, weights, arch)
+            else:
+                raise TypeError(f"{name}: unexpected sharded state entry {type(entry).__name__}")
+            targets[name].copy_(value.view(targets[name].shape))
+            filled.add(name)
+        missing = sorted(set(targets) - filled)
+        if missing:  # a parameter outside the sharded state dict would keep its random init
+            raise RuntimeError(f"parameters without a sharded-state-dict entry: {missing}")
+
+
+def _read(sh: ShardedTensor, weights: HfWeights, arch: Arch) -> torch.Tensor:
+    """This rank's part of one ShardedTensor: for each index (layer, expert) it covers, the pieces' rows in
+    its row range, its columns of the rest."""
+    k = weight_map.index_axes(sh.key)
+    offset = tuple(sh.global_offset)
+    local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+    out = torch.empty(local, dtype=sh.data.dtype)
+    for index in itertools.product(*(range(o, o + n) for o, n in zip(offset[:k], local[:k], strict=True))):
+        expected = weight_map.hf_shape(sh.key, index, arch)
+        if tuple(sh.global_shape[k:]) != expected:
+            raise RuntimeError(f"{sh.key}{list(index)}: global shape {list(sh.global_shape[k:])} in the model, "
+                               f"{list(expected)} from the Hugging Face tensors")
+        rows = range(offset[k], offset[k] + local[k])
+        rest = tuple(slice(o, o + n) for o, n in zip(offset[k + 1:], local[k + 1:], strict=True))
+        position = tuple(i - o for i, o in zip(index, offset[:k], strict=True))
+        out[position].copy_(_rows(weight_map.pieces(sh.key, index, arch), rows, rest, weights))
+    return out.view(sh.local_shape)
+
+
+def _rows(pieces: tuple[weight_map.Piece, ...], rows: range, rest: tuple[slice, ...], weights: HfWeights
+          ) -> torch.Tensor:
+    """Rows `rows` of the concatenation of `pieces`, reading only the overlapping part of each."""
+    parts, start = [], 0
+    for piece in pieces:
+        lo, hi = max(rows.start, start), min(rows.stop, start + piece.rows)
+        if lo < hi:
+            first = piece.start + lo - start
+            parts.append(weights.read(piece.name, (slice(first, first + hi - lo), *rest)))
+        start += piece.rows
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
