@@ -54,6 +54,12 @@ class HfWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file(name).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        from dpoc.runtime.safetensors_out import DTYPES
+
+        stored = self._file(name).get_slice(name).get_dtype()
+        return next(t for t, code in DTYPES.items() if code == stored)
+
     def read(self, name: str, where: tuple[slice, ...]) -> torch.Tensor:
         """Rows/columns `where` of tensor `name`, read without the rest of the tensor."""
         return self._file(name).get_slice(name)[where]
@@ -87,11 +93,11 @@ def load(chunks: list[torch.nn.Module], weights: HfWeights, arch: Arch) -> None:
                 continue
             if isinstance(entry, ShardedTensorFactory):
                 built = entry.build()
-                pieces = [_read(sh, weights, arch) for sh in built] if isinstance(built, list) else \
-                    _read(built, weights, arch)
+                pieces = [read_sharded(sh, weights, arch) for sh in built] if isinstance(built, list) else \
+                    read_sharded(built, weights, arch)
                 value = entry.merge_fn(pieces)
             elif isinstance(entry, ShardedTensor):
-                value = _read(entry, weights, arch)
+                value = read_sharded(entry, weights, arch)
             else:
                 raise TypeError(f"{name}: unexpected sharded state entry {type(entry).__name__}")
             targets[name].copy_(value.view(targets[name].shape))
@@ -101,13 +107,14 @@ def load(chunks: list[torch.nn.Module], weights: HfWeights, arch: Arch) -> None:
             raise RuntimeError(f"parameters without a sharded-state-dict entry: {missing}")
 
 
-def _read(sh: ShardedTensor, weights: HfWeights, arch: Arch) -> torch.Tensor:
-    """This rank's part of one ShardedTensor: for each index (layer, expert) it covers, the pieces' rows in
-    its row range, its columns of the rest."""
+def read_sharded(sh: ShardedTensor, weights: HfWeights, arch: Arch, dtype: torch.dtype | None = None
+                 ) -> torch.Tensor:
+    """This rank's part of one ShardedTensor (in `dtype`, default its own): for each index (layer, expert) it
+    covers, the pieces' rows in its row range, its columns of the rest."""
     k = weight_map.index_axes(sh.key)
     offset = tuple(sh.global_offset)
     local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-    out = torch.empty(local, dtype=sh.data.dtype)
+    out = torch.empty(local, dtype=dtype or sh.data.dtype)
     for index in itertools.product(*(range(o, o + n) for o, n in zip(offset[:k], local[:k], strict=True))):
         expected = weight_map.hf_shape(sh.key, index, arch)
         if tuple(sh.global_shape[k:]) != expected:

@@ -71,14 +71,14 @@ def sources(args: argparse.Namespace, args_file: str) -> tuple[WeightSource, Wei
         if not args.dpoc_hf_weights:
             problems.append(Problem(args_file, "--dpoc-hf-weights", "missing: --dpoc-init hf reads the policy from "
                                     "this Hugging Face directory"))
-        policy = _open(args.dpoc_hf_weights, "--dpoc-hf-weights", args_file, problems, kinds=("hf",))
+        policy = open_source(args.dpoc_hf_weights, "--dpoc-hf-weights", args_file, problems, kinds=("hf",))
     else:
         given("--dpoc-hf-weights", args.dpoc_hf_weights)
         if not args.load:
             problems.append(Problem(args_file, "--load", "missing: --dpoc-init converted reads the policy from this "
                                     "distributed checkpoint (with --finetune)"))
-        policy = _open(args.load, "--load", args_file, problems, kinds=("checkpoint",))
-    reference = _open(args.ref_model, "--ref-model", args_file, problems) if args.ref_model else policy
+        policy = open_source(args.load, "--load", args_file, problems, kinds=("checkpoint",))
+    reference = open_source(args.ref_model, "--ref-model", args_file, problems) if args.ref_model else policy
     if problems:
         raise DpocError(problems)
     for source in dict.fromkeys((policy, reference)):
@@ -91,7 +91,7 @@ def sources(args: argparse.Namespace, args_file: str) -> tuple[WeightSource, Wei
 _STARTS = {"random": "a seeded random init", "hf": "--dpoc-hf-weights", "converted": "--load"}
 
 
-def _open(path: str | None, flag: str, args_file: str, problems: list[Problem],
+def open_source(path: str | None, flag: str, args_file: str, problems: list[Problem],
           kinds: tuple[str, ...] = ("hf", "checkpoint")) -> WeightSource:
     """The kind of weights `path` holds; a problem when it holds none of `kinds`."""
     source = WeightSource("missing", path, flag)
@@ -138,14 +138,14 @@ def architecture_problems(source: WeightSource, args: argparse.Namespace, args_f
             problems = hf_weights.HfWeights(source.path).problems(Arch.of(hf_config.architecture_from_args(args)))
         return problems
     if source.kind == "checkpoint":
-        record = _common_state(source.path).get(COMMON_KEY)
+        record = common_state(source.path).get(COMMON_KEY)
         if record and "hf_config" in record:
             shown = f"{source.path}/common.pt ({COMMON_KEY}.hf_config)"
             return hf_config.config_mismatches(record["hf_config"], shown, args, args_file)
     return []
 
 
-def _common_state(checkpoint: str) -> dict[str, Any]:
+def common_state(checkpoint: str) -> dict[str, Any]:
     path = Path(checkpoint) / "common.pt"
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
 
@@ -192,7 +192,7 @@ def describe_weights(path: str) -> dict[str, str]:
     every start would cost more than loading it.
     """
     problems: list[Problem] = []
-    source = _open(path, "path", path, problems)
+    source = open_source(path, "path", path, problems)
     if problems:
         raise DpocError(problems)
     folder = Path(source.path)
