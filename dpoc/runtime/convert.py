@@ -52,7 +52,7 @@ from dpoc.runtime.model import build_chunks, transformer_config
 from dpoc.runtime.safetensors_out import StreamingSafetensors
 from dpoc.runtime.sharded import sharded_tensors
 from dpoc.runtime.train import initialize_parallel
-from dpoc.runtime.weight_map import Arch
+from dpoc.runtime.weight_map import Arch, index_axes
 from dpoc.runtime.weight_sources import COMMON_KEY, common_state, describe_weights, open_source
 
 SHARD_SIZE = "5GB"
@@ -136,7 +136,7 @@ class _StreamingSave(SaveShardedStrategy):
         """Give every ShardedTensor the dtype its Hugging Face tensors have (the checkpoint keeps it exactly)."""
         apply_factories(state)
         for sh in sharded_tensors(state):
-            k = weight_map.index_axes(sh.key)
+            k = index_axes(sh.key)
             name = weight_map.pieces(sh.key, tuple(sh.global_offset[:k]), self.arch)[0].name
             dtype = self.weights.dtype(name)
             sh.data = torch.empty(sh.data.shape, dtype=dtype, device="meta")
@@ -223,7 +223,7 @@ def _unit_problems(folder: str, stored: dict, units: list, arch) -> list[Problem
         if key in keys:
             continue
         keys.add(key)
-        expected = (*counts[weight_map.index_axes(key)], *weight_map.hf_shape(key, index, arch))
+        expected = (*counts[index_axes(key)], *weight_map.hf_shape(key, index, arch))
         if key not in stored:
             out.append(Problem(folder, key, f"missing (the architecture needs global shape {list(expected)})"))
         elif tuple(stored[key].size) != expected:

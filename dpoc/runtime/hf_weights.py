@@ -1,26 +1,24 @@
 """Hugging Face safetensors straight into this rank's model chunks, each rank reading only its own slices.
 
 The model's own `sharded_state_dict()` says what every parameter is globally (key, global shape, this rank's
-offset — for every tp / pp / vpp / ep / etp alike); `weight_map` says which HF rows make up that global
-tensor; `safe_open(...).get_slice(name)[rows, cols]` reads just this rank's part. Parameters that
-megatron-core stores through a factory (SwiGLU fc1 halves, grouped-GEMM expert weights) are read as the
-factory's pieces and merged back by the factory itself, so a layout megatron can checkpoint is a layout
-this loads. Peak host memory: the rank's parameters plus one tensor being read.
+offset — for every tp / pp / vpp / ep / etp alike; `sharded.fill` walks it, factories included);
+`weight_map` says which HF rows make up that global tensor; `safe_open(...).get_slice(name)[rows, cols]`
+reads just this rank's part. A layout megatron can checkpoint is a layout this loads. Peak host memory: the
+rank's parameters plus one tensor being read.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from pathlib import Path
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from safetensors import safe_open
 
 from dpoc.errors import DpocError, Problem
-from dpoc.runtime import weight_map
+from dpoc.runtime import sharded, weight_map
 from dpoc.runtime.weight_map import Arch
 
 INDEX = "model.safetensors.index.json"
@@ -82,29 +80,9 @@ class HfWeights:
         return out
 
 
-@torch.no_grad()
 def load(chunks: list[torch.nn.Module], weights: HfWeights, arch: Arch) -> None:
     """Fill every parameter of every chunk from the HF tensors, this rank's slices only."""
-    for chunk in chunks:
-        targets = {k: v for k, v in chunk.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
-        filled = set()
-        for name, entry in chunk.sharded_state_dict().items():
-            if isinstance(entry, ShardedObject):
-                continue
-            if isinstance(entry, ShardedTensorFactory):
-                built = entry.build()
-                pieces = [read_sharded(sh, weights, arch) for sh in built] if isinstance(built, list) else \
-                    read_sharded(built, weights, arch)
-                value = entry.merge_fn(pieces)
-            elif isinstance(entry, ShardedTensor):
-                value = read_sharded(entry, weights, arch)
-            else:
-                raise TypeError(f"{name}: unexpected sharded state entry {type(entry).__name__}")
-            targets[name].copy_(value.view(targets[name].shape))
-            filled.add(name)
-        missing = sorted(set(targets) - filled)
-        if missing:  # a parameter outside the sharded state dict would keep its random init
-            raise RuntimeError(f"parameters without a sharded-state-dict entry: {missing}")
+    sharded.fill(chunks, lambda sh: read_sharded(sh, weights, arch))
 
 
 def read_sharded(sh: ShardedTensor, weights: HfWeights, arch: Arch, dtype: torch.dtype | None = None
@@ -112,19 +90,15 @@ def read_sharded(sh: ShardedTensor, weights: HfWeights, arch: Arch, dtype: torch
     """This rank's part of one ShardedTensor (in `dtype`, default its own): for each index (layer, expert) it
     covers, the pieces' rows in its row range, its columns of the rest."""
     k = weight_map.index_axes(sh.key)
-    offset = tuple(sh.global_offset)
-    local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-    out = torch.empty(local, dtype=dtype or sh.data.dtype)
-    for index in itertools.product(*(range(o, o + n) for o, n in zip(offset[:k], local[:k], strict=True))):
+
+    def block(index: tuple[int, ...], rows: range, rest: tuple[slice, ...]) -> torch.Tensor:
         expected = weight_map.hf_shape(sh.key, index, arch)
         if tuple(sh.global_shape[k:]) != expected:
             raise RuntimeError(f"{sh.key}{list(index)}: global shape {list(sh.global_shape[k:])} in the model, "
                                f"{list(expected)} from the Hugging Face tensors")
-        rows = range(offset[k], offset[k] + local[k])
-        rest = tuple(slice(o, o + n) for o, n in zip(offset[k + 1:], local[k + 1:], strict=True))
-        position = tuple(i - o for i, o in zip(index, offset[:k], strict=True))
-        out[position].copy_(_rows(weight_map.pieces(sh.key, index, arch), rows, rest, weights))
-    return out.view(sh.local_shape)
+        return _rows(weight_map.pieces(sh.key, index, arch), rows, rest, weights)
+
+    return sharded.assemble(sh, block, dtype)
 
 
 def _rows(pieces: tuple[weight_map.Piece, ...], rows: range, rest: tuple[slice, ...], weights: HfWeights

@@ -1,11 +1,64 @@
-"""Walking a model's sharded state dict: every ShardedTensor, factories built (what a checkpoint stores)."""
+"""A model's sharded state dict as the one description of its parameters, for every layout.
+
+megatron-core names each weight by a layout-free key whose global tensor has leading *index axes* (the global
+layer; for routed experts also the global expert) and gives each rank its offset and shape in it. `fill`
+sets every parameter of a rank's chunks from a function that produces one ShardedTensor's local data —
+parameters stored through a factory (SwiGLU fc1 halves, grouped-GEMM expert weights) are produced as the
+factory's pieces and merged back by the factory itself, exactly as a checkpoint load does. `assemble`
+builds such local data index by index (layer, expert) from the rows and columns a rank holds.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+from dpoc.runtime.weight_map import index_axes
+
+# (global index, rows of the global tensor, slices of its other axes) -> that block's values
+Block = Callable[[tuple[int, ...], range, tuple[slice, ...]], torch.Tensor]
+
+
+def assemble(sh: ShardedTensor, block: Block, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """This rank's data of `sh` (in `dtype`, default its own), one `block` per global index it covers."""
+    k = index_axes(sh.key)
+    offset = tuple(sh.global_offset)
+    local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+    out = torch.empty(local, dtype=dtype or sh.data.dtype)
+    for index in itertools.product(*(range(o, o + n) for o, n in zip(offset[:k], local[:k], strict=True))):
+        rows = range(offset[k], offset[k] + local[k]) if len(local) > k else range(0)
+        rest = tuple(slice(o, o + n) for o, n in zip(offset[k + 1:], local[k + 1:], strict=True))
+        position = tuple(i - o for i, o in zip(index, offset[:k], strict=True))
+        out[position].copy_(block(index, rows, rest))
+    return out.view(sh.local_shape)
+
+
+@torch.no_grad()
+def fill(chunks: Iterable[torch.nn.Module], read: Callable[[ShardedTensor], torch.Tensor]) -> None:
+    """Set every parameter of every chunk from `read` (one ShardedTensor's local data at a time: peak memory
+    is the parameters plus one tensor)."""
+    for chunk in chunks:
+        targets = {k: v for k, v in chunk.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+        filled = set()
+        for name, entry in chunk.sharded_state_dict().items():
+            if isinstance(entry, ShardedObject):
+                continue
+            if isinstance(entry, ShardedTensorFactory):
+                built = entry.build()
+                value = entry.merge_fn([read(sh) for sh in built] if isinstance(built, list) else read(built))
+            elif isinstance(entry, ShardedTensor):
+                value = read(entry)
+            else:
+                raise TypeError(f"{name}: unexpected sharded state entry {type(entry).__name__}")
+            targets[name].copy_(value.view(targets[name].shape))
+            filled.add(name)
+        missing = sorted(set(targets) - filled)
+        if missing:  # a parameter outside the sharded state dict would keep whatever it held
+            raise RuntimeError(f"parameters without a sharded-state-dict entry: {missing}")
 
 
 def sharded_tensors(state: dict) -> Iterator[ShardedTensor]:

@@ -4,16 +4,25 @@ schedule, and write the full-vocabulary logits from the last pipeline stage to `
 Consecutive args files of one layout share its process groups; a new layout re-initializes them, so one
 launch covers several layouts of the same process count.
 
+Args with --moe-grouped-gemm: the weights are loaded into megatron-core's grouped-GEMM experts (GroupedMLP,
+which cannot run forward on the CPU), compared with the HF tensors directly (`<stem>.json`: largest
+difference), saved as a distributed checkpoint and loaded into the sequential experts, whose logits are written.
+
 usage: python -m tests.runtime.logits_probe TOKENS.pt OUT_DIR ARGS_FILE...
 """
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe import grouped_gemm_util as gg
+from megatron.core.transformer.moe.experts import GroupedMLP
+from safetensors import safe_open
 
 from dpoc import megatron_args
 from dpoc.runtime import device as devices
@@ -44,6 +53,37 @@ def forward(chunks, tokens):
         micro_batch_size=tokens.shape[0], forward_only=True)
 
 
+def through_grouped_experts(policy, config, args, stem: Path):
+    gg.assert_grouped_gemm_is_available = lambda: None  # building GroupedMLP needs no kernel; its forward would
+    grouped_config = dataclasses.replace(config, moe_grouped_gemm=True)
+    grouped = build_chunks(grouped_config, args)
+    weight_sources.load(policy, grouped, grouped_config, args)
+    diffs = {"weight1": 0.0, "weight2": 0.0, "experts": 0}
+    with safe_open(str(Path(policy.path) / "model.safetensors"), "pt") as hf:
+        for layer in grouped[0].decoder.layers:
+            experts, number = layer.mlp.experts, layer.layer_number - 1
+            assert isinstance(experts, GroupedMLP)
+            first = parallel_state.get_expert_model_parallel_rank() * experts.num_local_experts
+            # GroupedMLP computes x @ w1[e] with w1 = weight1.view(E_local, h, 2 ffn): fc1 transposed
+            w1 = experts.weight1.view(experts.num_local_experts, config.hidden_size, -1)
+            w2 = experts.weight2.view(experts.num_local_experts, -1, config.hidden_size)
+            for e in range(experts.num_local_experts):
+                name = f"model.layers.{number}.mlp.experts.{first + e}."
+                fc1 = torch.cat([hf.get_tensor(name + "gate_proj.weight"), hf.get_tensor(name + "up_proj.weight")])
+                diffs["weight1"] = max(diffs["weight1"], float((w1[e].t() - fc1).abs().max()))
+                diffs["weight2"] = max(diffs["weight2"], float((w2[e].t() - hf.get_tensor(name + "down_proj.weight")
+                                                                 ).abs().max()))
+                diffs["experts"] += 1
+    stem.with_suffix(".json").write_text(json.dumps(diffs))
+    checkpoint = stem.with_name(stem.name + "-checkpoint")
+    checkpoint.mkdir(exist_ok=True)
+    dist_checkpointing.save({"model0": grouped[0].sharded_state_dict()}, str(checkpoint))
+    sequential = build_chunks(config, args)
+    weight_sources.load(weight_sources.WeightSource("checkpoint", str(checkpoint), "--load"), sequential, config,
+                        args)
+    return sequential
+
+
 def main(tokens_file, out_dir, *args_files):
     tokens = torch.load(tokens_file)
     first = megatron_args.parse([f"@{args_files[0]}"])
@@ -58,8 +98,11 @@ def main(tokens_file, out_dir, *args_files):
                 initialize_parallel(args)
             policy, _ = weight_sources.sources(args, args_file)
             config = transformer_config(args, device)
-            chunks = build_chunks(config, args)
-            weight_sources.load(policy, chunks, config, args)
+            if args.moe_grouped_gemm:
+                chunks = through_grouped_experts(policy, config, args, Path(out_dir) / Path(args_file).stem)
+            else:
+                chunks = build_chunks(config, args)
+                weight_sources.load(policy, chunks, config, args)
             for chunk in chunks:
                 chunk.eval()
             with torch.no_grad():

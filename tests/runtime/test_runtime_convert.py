@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from dpoc.hf_config import architecture, read_config
 from dpoc.runtime import weight_map
-from dpoc.runtime.weight_map import Arch
+from dpoc.runtime.weight_map import Arch, index_axes
 from dpoc.runtime.weight_sources import COMMON_KEY, describe_weights
 from tests.runtime.hf_models import model_flags, save_model
 from tests.runtime.synthetic import write_args, write_pairs
@@ -110,7 +110,7 @@ def test_the_checkpoint_holds_every_weight_and_records_its_source(work):
     arch = Arch.of(architecture(read_config(work / "M", "", ""), "M"))
     stored = FileSystemReader(str(work / "mc/M")).read_metadata().state_dict_metadata
     layers = {0: (), 1: (arch.num_layers,), 2: (arch.num_layers, arch.num_experts)}
-    expected = {key: (*layers[weight_map.index_axes(key)], *weight_map.hf_shape(key, index, arch))
+    expected = {key: (*layers[index_axes(key)], *weight_map.hf_shape(key, index, arch))
                 for key, index in weight_map.units(arch)}
     assert {k: tuple(v.size) for k, v in stored.items() if hasattr(v, "size")} == expected
     record = torch.load(work / "mc/A/common.pt", weights_only=True)[COMMON_KEY]

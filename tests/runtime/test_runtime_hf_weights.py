@@ -8,6 +8,7 @@ throughout; "within 1e-4 relative" means max |ours - theirs| <= 1e-4 * max |thei
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ LAYOUTS = {  # layout: (processes, layout flags, models)
     "tp2": (2, [("--tensor-model-parallel-size", 2)], DENSE),
     "pp2": (2, [("--pipeline-model-parallel-size", 2)], ("qwen3", "tied")),
     "ep2": (2, [("--expert-model-parallel-size", 2)], ("qwen3_moe",)),
+    # loaded into grouped-GEMM experts, then (through a distributed checkpoint) into sequential ones
+    "ep2-grouped": (2, [("--expert-model-parallel-size", 2), ("--moe-grouped-gemm", True)], ("qwen3_moe",)),
     "ep2xetp2-sp": (4, [("--expert-model-parallel-size", 2), ("--tensor-model-parallel-size", 2),
                         ("--expert-tensor-parallel-size", 2), ("--sequence-parallel", True)], ("qwen3_moe",)),
 }
@@ -74,6 +77,12 @@ def test_the_sharded_checkpoint_and_the_tied_model_are_stored_as_intended(hf_dir
 
     with safe_open(str(hf_dir / "tied/model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in set(f.keys())
+
+
+def test_grouped_gemm_experts_hold_the_hf_experts(hf_dir, probe):
+    probe("ep2-grouped", "qwen3_moe")
+    diffs = json.loads((hf_dir / "logits/ep2-grouped-qwen3_moe.json").read_text())
+    assert diffs == {"weight1": 0.0, "weight2": 0.0, "experts": 4}  # rank 0: its 2 experts in each of 2 layers
 
 
 @pytest.mark.parametrize(("layout", "model"), CASES, ids=[f"{lay}-{m}" for lay, m in CASES])

@@ -1,0 +1,165 @@
+"""Weights in and out: conversion GB/s both ways, and host memory per rank when the runtime loads HF weights.
+
+Builds a Qwen3-shaped model of a few hundred MB (bf16) from a config with transformers, saves it as HF
+safetensors, then
+- `hf-to-mcore` and `mcore-to-hf` (the converter's own functions, each in a fresh process): seconds (imports
+  excluded), GB/s over the bytes converted, and the process's peak RSS next to an idle process's (torch,
+  megatron-core and transformers imported, nothing loaded);
+- the runtime's HF load (`weight_sources.load` into megatron-core chunks built from the model's megatron
+  flags) in 1 process and at tp2: per rank the parameter bytes it holds and its peak RSS.
+
+Streaming shows as peak RSS ≈ idle + one tensor for the conversions, and ≈ idle + the rank's shard (+ one
+tensor) for the load. Run: `python bench/weights.py` (`--smoke`: a few MB); writes bench/results/weights.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # Qwen3-shaped: (layers, hidden, ffn, heads, kv heads, head_dim, vocab)
+    "full": (8, 1024, 3072, 16, 8, 64, 32000),
+    "smoke": (2, 128, 256, 4, 2, 32, 1024),
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+
+
+def make_model(size: str, directory: Path) -> int:
+    import torch
+    import transformers
+
+    layers, hidden, ffn, heads, kv, head_dim, vocab = SIZES[size]
+    config = transformers.Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                                      head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size="100MB")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def in_fresh_process(code: str) -> tuple[dict, float]:
+    """Run `code` (which prints one JSON line) in a fresh interpreter: what it printed, and its peak RSS in
+    MiB from the kernel's accounting of the child (os.wait4)."""
+    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {code}")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+
+
+def load_ranks(hf_dir: Path, tp: int) -> list[dict]:
+    """`load_rank` in `tp` processes under torchrun; each rank's line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}",
+                           "--master-addr=127.0.0.1", f"--master-port={port}", __file__, "--load-rank",
+                           json.dumps([str(hf_dir), tp])], env=ENV, capture_output=True, text=True, check=True)
+    return sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
+                  key=lambda r: r["rank"])
+
+
+IDLE = ("import json, resource, torch, megatron.core, transformers, dpoc.runtime.convert;"
+        "print(json.dumps({'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+
+
+def convert_code(direction: str, source: Path, out: Path) -> str:
+    call = f"hf_to_mcore({str(source)!r}, {str(out)!r})" if direction == "hf-to-mcore" else \
+        f"mcore_to_hf({str(source)!r}, {str(out)!r})"
+    return ("import json, time; from dpoc.runtime.convert import hf_to_mcore, mcore_to_hf;"
+            f"t = time.perf_counter(); {call}; print(json.dumps({{'seconds': time.perf_counter() - t}}))")
+
+
+def load_rank(code: str) -> None:
+    """Under torchrun: build this rank's chunks for the HF model's megatron flags at the layout in `code`
+    (its tp), load the HF weights into them, print RSS before and after and the parameter bytes."""
+    import torch.distributed as dist
+
+    from dpoc import hf_config, megatron_args
+    from dpoc.runtime import device as devices
+    from dpoc.runtime import weight_sources
+    from dpoc.runtime.model import build_chunks, transformer_config
+    from dpoc.runtime.train import _init_distributed, initialize_parallel
+
+    hf_dir, tp = json.loads(code)
+    arch = hf_config.architecture(hf_config.read_config(hf_dir, "", ""), hf_dir)
+    flags = [f"{f}={v}" if v is not True else f for f, v in hf_config.model_flags(arch)]
+    args = megatron_args.parse([*flags, "--dpoc-device=cpu", "--distributed-backend=gloo", "--dpoc-init=hf",
+                                f"--dpoc-hf-weights={hf_dir}", f"--tensor-model-parallel-size={tp}"],
+                               require_job=False)
+    policy, _ = weight_sources.sources(args, "bench")
+    device = devices.select("cpu", "gloo")
+    _init_distributed(device)
+
+    def rss() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    with devices.running_on(device):
+        initialize_parallel(args)
+        before = rss()
+        config = transformer_config(args, device)
+        chunks = build_chunks(config, args)
+        built = rss()
+        started = time.perf_counter()
+        weight_sources.load(policy, chunks, config, args)
+        seconds = time.perf_counter() - started
+        params = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
+    print(json.dumps({"rank": dist.get_rank(), "rss_before_build_mb": before, "rss_after_build_mb": built,
+                      "peak_rss_after_load_mb": rss(), "param_mb": params / 2**20, "load_seconds": seconds}))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a model of a few MB (CI)")
+    parser.add_argument("--load-rank", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.load_rank:
+        load_rank(cli.load_rank)
+        return
+    size = "smoke" if cli.smoke else "full"
+    work = Path(tempfile.mkdtemp(prefix="dpoc-bench-weights-"))
+    try:
+        model_bytes = make_model(size, work / "hf")
+        idle = in_fresh_process(IDLE)[0]["rss_mb"]
+        rows = {}
+        for direction, source, out in (("hf-to-mcore", work / "hf", work / "mcore"),
+                                       ("mcore-to-hf", work / "mcore", work / "hf-back")):
+            row, peak = in_fresh_process(convert_code(direction, source, out))
+            rows[direction] = {"seconds": row["seconds"], "gb_per_s": model_bytes / row["seconds"] / 1e9,
+                               "peak_rss_mb": peak, "peak_over_idle_mb": peak - idle}
+        loads = {f"tp{tp}": load_ranks(work / "hf", tp) for tp in (1, 2)}
+        result = {"size": size, "model_mb": model_bytes / 2**20, "idle_process_rss_mb": idle,
+                  "conversion": rows, "load": loads, "cpu_count": os.cpu_count(),
+                  "note": "rough: measured on a shared 2-core machine"}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"model: {result['model_mb']:.0f} MiB (bf16); idle process RSS {idle:.0f} MiB")
+    for direction, row in rows.items():
+        print(f"{direction:12s} {row['seconds']:7.2f} s  {row['gb_per_s']:6.3f} GB/s  peak RSS "
+              f"{row['peak_rss_mb']:6.0f} MiB (+{row['peak_over_idle_mb']:.0f} over idle)")
+    for layout, ranks in loads.items():
+        for r in ranks:
+            print(f"load {layout} rank {r['rank']}: params {r['param_mb']:6.0f} MiB  RSS after build "
+                  f"{r['rss_after_build_mb']:6.0f}  peak after load {r['peak_rss_after_load_mb']:6.0f} MiB  "
+                  f"({r['load_seconds']:.2f} s)")
+    out = ROOT / "bench" / "results" / ("weights_smoke.json" if cli.smoke else "weights.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
