@@ -9,7 +9,8 @@ safetensors, then
   flags) in 1 process and at tp2: per rank the parameter bytes it holds and its peak RSS.
 
 Streaming shows as peak RSS ≈ idle + one tensor for the conversions, and ≈ idle + the rank's shard (+ one
-tensor) for the load. Run: `python bench/weights.py` (`--smoke`: a few MB); writes bench/results/weights.json.
+tensor) for the load. `process_cpu_seconds` (the whole process, imports included) is the steadier figure on a
+busy machine. Run: `python bench/weights.py` (`--smoke`: a few MB); writes bench/results/weights.json.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def in_fresh_process(code: str) -> tuple[dict, float]:
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {code}")
-    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+    row = json.loads(out.strip().splitlines()[-1])
+    row["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    return row, usage.ru_maxrss / 1024
 
 
 def load_ranks(hf_dir: Path, tp: int) -> list[dict]:
@@ -73,7 +76,7 @@ def load_ranks(hf_dir: Path, tp: int) -> list[dict]:
                   key=lambda r: r["rank"])
 
 
-IDLE = ("import json, resource, torch, megatron.core, transformers, dpoc.runtime.convert;"
+IDLE = ("import json, resource, dpoc.runtime.convert;"
         "print(json.dumps({'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
 
 
@@ -141,7 +144,8 @@ def main() -> None:
                                        ("mcore-to-hf", work / "mcore", work / "hf-back")):
             row, peak = in_fresh_process(convert_code(direction, source, out))
             rows[direction] = {"seconds": row["seconds"], "gb_per_s": model_bytes / row["seconds"] / 1e9,
-                               "peak_rss_mb": peak, "peak_over_idle_mb": peak - idle}
+                               "process_cpu_seconds": row["cpu_seconds"], "peak_rss_mb": peak,
+                               "peak_over_idle_mb": peak - idle}
         loads = {f"tp{tp}": load_ranks(work / "hf", tp) for tp in (1, 2)}
         result = {"size": size, "model_mb": model_bytes / 2**20, "idle_process_rss_mb": idle,
                   "conversion": rows, "load": loads, "cpu_count": os.cpu_count(),

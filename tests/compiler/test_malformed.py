@@ -154,6 +154,8 @@ def test_real_process_exits_2_without_traceback(tmp_path):
         f"{GOOD}: parallelism.tp: tp·pp·cp = 3·8·1 = 24 does not divide the world size 32 (2 nodes × 16 devices); "
         "valid: tp in {1, 2, 4} at pp=8, cp=1",
         f"{GOOD}: parallelism.tp: tp=3: 32 attention heads and 4 KV heads need tp in {{1, 2, 4}}",
+        f"{GOOD}: parallelism.tp: tp=3: the 151936 vocabulary rows do not split evenly; valid: tp in "
+        "{1, 2, 4, 8, 16}, or weights whose vocab_size is a multiple of tp",
         f"{GOOD}: parallelism.tp: tp=3 would put a tensor-parallel group across nodes over the slow inter-node link "
         "(16 devices per node); valid: tp in {1, 2, 4, 8, 16}",
         f"{GOOD}: parallelism.etp: etp=2: experts are split either like attention or not at all (the weight "
