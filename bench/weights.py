@@ -8,8 +8,10 @@ safetensors, then
 - the runtime's HF load (`weight_sources.load` into megatron-core chunks built from the model's megatron
   flags) in 1 process and at tp2: per rank the parameter bytes it holds and its peak RSS.
 
-Streaming shows as peak RSS ≈ idle + one tensor for the conversions, and ≈ idle + the rank's shard (+ one
-tensor) for the load. `process_cpu_seconds` (the whole process, imports included) is the steadier figure on a
+Memory is the anonymous resident memory (what the process allocated; mapped safetensors pages are
+page cache, reported apart). Streaming shows as peak ≈ idle + a tensor or two for the conversions, and ≈ the
+memory after building the chunks + one tensor for the load (its parameters are allocated by megatron-core at
+build time: the rank's shard). `process_cpu_seconds` (the whole process, imports included) is the steadier figure on a
 busy machine. Run: `python bench/weights.py` (`--smoke`: a few MB); writes bench/results/weights.json.
 """
 
@@ -51,17 +53,49 @@ def make_model(size: str, directory: Path) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def in_fresh_process(code: str) -> tuple[dict, float]:
-    """Run `code` (which prints one JSON line) in a fresh interpreter: what it printed, and its peak RSS in
-    MiB from the kernel's accounting of the child (os.wait4)."""
+class PeakMemory:
+    """Samples a process's resident memory every 10 ms: anonymous (what the process allocated) and
+    file-backed (mapped files, e.g. safetensors pages it touched: reclaimable page cache)."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.anon_mb, self.file_mb = pid, 0.0, 0.0
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while self.running:
+            try:
+                fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.pid}/status").read_text().splitlines())
+            except (OSError, ValueError):
+                return
+            if "RssAnon" not in fields:  # the process is exiting
+                return
+            self.anon_mb = max(self.anon_mb, int(fields["RssAnon"].split()[0]) / 1024)
+            self.file_mb = max(self.file_mb, int(fields["RssFile"].split()[0]) / 1024)
+            time.sleep(0.01)
+
+    def stop(self) -> PeakMemory:
+        self.running = False
+        self.thread.join()
+        return self
+
+
+def in_fresh_process(code: str) -> tuple[dict, PeakMemory]:
+    """Run `code` (which prints one JSON line) in a fresh interpreter: what it printed (with the process's CPU
+    seconds), and its peak memory."""
     proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+    memory = PeakMemory(proc.pid)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    memory.stop()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {code}")
     row = json.loads(out.strip().splitlines()[-1])
     row["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-    return row, usage.ru_maxrss / 1024
+    return row, memory
 
 
 def load_ranks(hf_dir: Path, tp: int) -> list[dict]:
@@ -76,8 +110,7 @@ def load_ranks(hf_dir: Path, tp: int) -> list[dict]:
                   key=lambda r: r["rank"])
 
 
-IDLE = ("import json, resource, dpoc.runtime.convert;"
-        "print(json.dumps({'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+IDLE = "import json, time, dpoc.runtime.convert; time.sleep(0.5); print(json.dumps({}))"
 
 
 def convert_code(direction: str, source: Path, out: Path) -> str:
@@ -89,7 +122,8 @@ def convert_code(direction: str, source: Path, out: Path) -> str:
 
 def load_rank(code: str) -> None:
     """Under torchrun: build this rank's chunks for the HF model's megatron flags at the layout in `code`
-    (its tp), load the HF weights into them, print RSS before and after and the parameter bytes."""
+    (its tp), load the HF weights into them, print anonymous memory before and while loading, and the
+    parameter bytes."""
     import torch.distributed as dist
 
     from dpoc import hf_config, megatron_args
@@ -108,21 +142,24 @@ def load_rank(code: str) -> None:
     device = devices.select("cpu", "gloo")
     _init_distributed(device)
 
-    def rss() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def anon() -> float:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(fields["RssAnon"].split()[0]) / 1024
 
     with devices.running_on(device):
         initialize_parallel(args)
-        before = rss()
         config = transformer_config(args, device)
         chunks = build_chunks(config, args)
-        built = rss()
+        built = anon()
+        memory = PeakMemory(os.getpid())
         started = time.perf_counter()
         weight_sources.load(policy, chunks, config, args)
         seconds = time.perf_counter() - started
+        memory.stop()
         params = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
-    print(json.dumps({"rank": dist.get_rank(), "rss_before_build_mb": before, "rss_after_build_mb": built,
-                      "peak_rss_after_load_mb": rss(), "param_mb": params / 2**20, "load_seconds": seconds}))
+    print(json.dumps({"rank": dist.get_rank(), "anon_after_build_mb": built, "peak_anon_mb": memory.anon_mb,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "param_mb": params / 2**20, "load_seconds": seconds}))
     dist.destroy_process_group()
 
 
@@ -138,29 +175,30 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dpoc-bench-weights-"))
     try:
         model_bytes = make_model(size, work / "hf")
-        idle = in_fresh_process(IDLE)[0]["rss_mb"]
+        idle = in_fresh_process(IDLE)[1].anon_mb
         rows = {}
         for direction, source, out in (("hf-to-mcore", work / "hf", work / "mcore"),
                                        ("mcore-to-hf", work / "mcore", work / "hf-back")):
             row, peak = in_fresh_process(convert_code(direction, source, out))
             rows[direction] = {"seconds": row["seconds"], "gb_per_s": model_bytes / row["seconds"] / 1e9,
-                               "process_cpu_seconds": row["cpu_seconds"], "peak_rss_mb": peak,
-                               "peak_over_idle_mb": peak - idle}
+                               "process_cpu_seconds": row["cpu_seconds"], "peak_anon_mb": peak.anon_mb,
+                               "peak_anon_over_idle_mb": peak.anon_mb - idle, "peak_file_backed_mb": peak.file_mb}
         loads = {f"tp{tp}": load_ranks(work / "hf", tp) for tp in (1, 2)}
-        result = {"size": size, "model_mb": model_bytes / 2**20, "idle_process_rss_mb": idle,
+        result = {"size": size, "model_mb": model_bytes / 2**20, "idle_process_anon_mb": idle,
                   "conversion": rows, "load": loads, "cpu_count": os.cpu_count(),
                   "note": "rough: measured on a shared 2-core machine"}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"model: {result['model_mb']:.0f} MiB (bf16); idle process RSS {idle:.0f} MiB")
+    print(f"model: {result['model_mb']:.0f} MiB (bf16); idle process: {idle:.0f} MiB anonymous memory")
     for direction, row in rows.items():
-        print(f"{direction:12s} {row['seconds']:7.2f} s  {row['gb_per_s']:6.3f} GB/s  peak RSS "
-              f"{row['peak_rss_mb']:6.0f} MiB (+{row['peak_over_idle_mb']:.0f} over idle)")
+        print(f"{direction:12s} {row['seconds']:7.2f} s  {row['gb_per_s']:6.3f} GB/s  peak anonymous "
+              f"{row['peak_anon_mb']:6.0f} MiB (+{row['peak_anon_over_idle_mb']:.0f} over idle), file-backed "
+              f"{row['peak_file_backed_mb']:.0f} MiB")
     for layout, ranks in loads.items():
         for r in ranks:
-            print(f"load {layout} rank {r['rank']}: params {r['param_mb']:6.0f} MiB  RSS after build "
-                  f"{r['rss_after_build_mb']:6.0f}  peak after load {r['peak_rss_after_load_mb']:6.0f} MiB  "
-                  f"({r['load_seconds']:.2f} s)")
+            print(f"load {layout} rank {r['rank']}: params {r['param_mb']:6.0f} MiB  anonymous after build "
+                  f"{r['anon_after_build_mb']:6.0f}  peak while loading {r['peak_anon_mb']:6.0f} MiB  "
+                  f"(peak RSS incl. mapped files {r['peak_rss_mb']:.0f}; {r['load_seconds']:.2f} s)")
     out = ROOT / "bench" / "results" / ("weights_smoke.json" if cli.smoke else "weights.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
 

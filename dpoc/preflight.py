@@ -39,6 +39,8 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
             problems += legacy_layout_problems(ck["save"], plan["layout"], build)
     elif target == "mindspeed-rl":
         for key in ("load", "ref_model"):
+            if ck[key] is None:
+                continue
             if not Path(ck[key]).is_dir():
                 problems.append(Problem(ck[key], "(directory)", f"checkpoint.{key} not found on this node; run "
                                         f"{build / MINDSPEED_DIR / 'hf_to_mcore.sh'} first"))

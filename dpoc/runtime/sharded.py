@@ -28,12 +28,15 @@ def assemble(sh: ShardedTensor, block: Block, dtype: torch.dtype | None = None) 
     k = index_axes(sh.key)
     offset = tuple(sh.global_offset)
     local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-    out = torch.empty(local, dtype=dtype or sh.data.dtype)
-    for index in itertools.product(*(range(o, o + n) for o, n in zip(offset[:k], local[:k], strict=True))):
-        rows = range(offset[k], offset[k] + local[k]) if len(local) > k else range(0)
-        rest = tuple(slice(o, o + n) for o, n in zip(offset[k + 1:], local[k + 1:], strict=True))
-        position = tuple(i - o for i, o in zip(index, offset[:k], strict=True))
-        out[position].copy_(block(index, rows, rest))
+    dtype = dtype or sh.data.dtype
+    rows = range(offset[k], offset[k] + local[k])
+    rest = tuple(slice(o, o + n) for o, n in zip(offset[k + 1:], local[k + 1:], strict=True))
+    indices = list(itertools.product(*(range(o, o + n) for o, n in zip(offset[:k], local[:k], strict=True))))
+    if len(indices) == 1:  # one layer/expert: the block itself, without a second buffer when no cast is due
+        return block(indices[0], rows, rest).to(dtype).reshape(sh.local_shape)
+    out = torch.empty(local, dtype=dtype)
+    for index in indices:
+        out[tuple(i - o for i, o in zip(index, offset[:k], strict=True))].copy_(block(index, rows, rest))
     return out.view(sh.local_shape)
 
 

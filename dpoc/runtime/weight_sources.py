@@ -92,7 +92,7 @@ _STARTS = {"random": "a seeded random init", "hf": "--dpoc-hf-weights", "convert
 
 
 def open_source(path: str | None, flag: str, args_file: str, problems: list[Problem],
-          kinds: tuple[str, ...] = ("hf", "checkpoint")) -> WeightSource:
+                kinds: tuple[str, ...] = ("hf", "checkpoint")) -> WeightSource:
     """The kind of weights `path` holds; a problem when it holds none of `kinds`."""
     source = WeightSource("missing", path, flag)
     if path is None:

@@ -3,7 +3,7 @@
 Every parameter is redrawn from a seeded generator — norms around 1, biases non-zero — so a weight loaded
 into the wrong place changes the logits. `MODELS` covers each family and each way weights are stored:
 Qwen3 dense (sharded safetensors with an index), Qwen3-MoE, Qwen2.5 (q/k/v biases), Llama-3 (no q/k
-norm) and a tied-embedding Qwen3 (no lm_head tensor in the file, as Qwen3-0.6B).
+norm) and a tied-embedding Qwen3 (no lm_head tensor in the file, as Qwen3-0.6B; 4 layers, for vpp).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ MODELS = {  # name: (config class, config, save_pretrained's max_shard_size)
                                          moe_intermediate_size=32, norm_topk_prob=True), None),
     "qwen2": ("Qwen2Config", dict(rope_theta=1e6), None),
     "llama": ("LlamaConfig", dict(rope_theta=5e5, rms_norm_eps=1e-5), None),
-    "tied": ("Qwen3Config", dict(head_dim=16, rope_theta=1e6, tie_word_embeddings=True), None),
+    # 4 layers: two virtual stages on each of two pipeline ranks
+    "tied": ("Qwen3Config", dict(head_dim=16, rope_theta=1e6, tie_word_embeddings=True, num_hidden_layers=4), None),
 }
 
 

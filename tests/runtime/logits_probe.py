@@ -35,11 +35,12 @@ LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_
 
 
 def forward(chunks, tokens):
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    """Logits [b, s, vocab] of `tokens` [b, s], one sequence per micro-batch (the interleaved schedule wants
+    at least as many micro-batches as pipeline stages)."""
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0)
 
     def step(data_iterator, model):
-        batch = next(data_iterator)
-        out = model(batch, positions, None)
+        out = model(next(data_iterator), positions, None)
 
         def keep(logits):
             full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
@@ -47,10 +48,12 @@ def forward(chunks, tokens):
 
         return out, keep
 
-    return get_forward_backward_func()(
-        forward_step_func=step, data_iterator=[iter([tokens]) for _ in chunks] if len(chunks) > 1 else iter([tokens]),
-        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1, seq_length=tokens.shape[1],
-        micro_batch_size=tokens.shape[0], forward_only=True)
+    rows = list(tokens.split(1))
+    stored = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=[iter(rows) for _ in chunks] if len(chunks) > 1 else iter(rows),
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(rows), seq_length=tokens.shape[1],
+        micro_batch_size=1, forward_only=True)
+    return torch.cat([s["logits"] for s in stored]) if stored else None
 
 
 def through_grouped_experts(policy, config, args, stem: Path):
@@ -110,7 +113,7 @@ def main(tokens_file, out_dir, *args_files):
             if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
                     parallel_state.get_tensor_model_parallel_rank() == 0 and \
                     parallel_state.get_data_parallel_rank() == 0:
-                torch.save(stored[0]["logits"], Path(out_dir) / f"{Path(args_file).stem}.pt")
+                torch.save(stored, Path(out_dir) / f"{Path(args_file).stem}.pt")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

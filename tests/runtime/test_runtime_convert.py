@@ -19,8 +19,10 @@ import transformers
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from safetensors import safe_open
 
+from dpoc import megatron_args
+from dpoc.errors import DpocError
 from dpoc.hf_config import architecture, read_config
-from dpoc.runtime import weight_map
+from dpoc.runtime import weight_map, weight_sources
 from dpoc.runtime.weight_map import Arch, index_axes
 from dpoc.runtime.weight_sources import COMMON_KEY, describe_weights
 from tests.runtime.hf_models import model_flags, save_model
@@ -44,14 +46,15 @@ def work(tmp_path_factory) -> Path:
     steps = [
         ["cli", "convert", "hf-to-mcore", tmp / "A", tmp / "mc/A"],
         ["cli", "convert", "mcore-to-hf", tmp / "mc/A", tmp / "out/A", "--max-shard-size", "60KB"],
-        ["cli", "convert", "hf-to-mcore", tmp / "M", tmp / "mc/M"],
-        ["cli", "convert", "mcore-to-hf", tmp / "mc/M", tmp / "out/M"],
+        ["tracked", "convert", "hf-to-mcore", tmp / "M", tmp / "mc/M"],
+        ["tracked", "convert", "mcore-to-hf", tmp / "mc/M", tmp / "out/M"],
         ["cli", "convert", "hf-to-mcore", tmp / "B", tmp / "mc/B"],
         ["training-checkpoint", tmp / "mc/A", tmp / "save", 3],
         ["cli", "convert", "mcore-to-hf", tmp / "save", tmp / "out/trained", "--plan", tmp / "plan.json",
          "--tokenizer", TOKENIZER],
         ["cli", "convert", "hf-to-mcore", tmp / "B", tmp / "mc/A"],
         ["cli", "convert", "mcore-to-hf", tmp / "save", tmp / "out/no-plan"],
+        ["checkpoint-problems", tmp / "mc/A", tmp / "save/iter_0000003", "--ffn-hidden-size=96"],
     ]
     (tmp / "steps.json").write_text(json.dumps([[str(x) for x in step] for step in steps]))
     done = run_module(["-m", "tests.runtime.convert_driver", str(tmp / "steps.json")], 1)
@@ -70,7 +73,19 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def test_every_conversion_ran_and_the_refusals_are_exit_2(work):
-    assert json.loads((work / "codes.json").read_text()) == [0, 0, 0, 0, 0, 0, 0, 2, 2]
+    codes = json.loads((work / "codes.json").read_text())
+    assert [c["code"] if isinstance(c, dict) else c for c in codes[:-1]] == [0, 0, 0, 0, 0, 0, 0, 2, 2]
+
+
+def test_conversions_stream_one_tensor_at_a_time(work):
+    """Every tensor is read only when the writer is ready for it (R), and written (W) before the next is read:
+    the converters never hold more than one (bench/weights.py measures the memory)."""
+    hf_to_mcore, mcore_to_hf = json.loads((work / "codes.json").read_text())[2:4]
+    for events, tensors_read in ((hf_to_mcore["events"], 41), (mcore_to_hf["events"], 33)):  # MoE M
+        assert events.count("R") == tensors_read and "RR" not in events and events.endswith("W")
+
+
+def test_refusals_name_the_directory(work):
     err = (work / "stderr.txt").read_text()
     assert f"{work}/mc/A: OUT_DIR: already exists (valid: remove it, or name another directory)" in err
     assert (f"{work}/save/iter_0000003: (architecture): the checkpoint records no config.json (it was not written "
@@ -116,6 +131,25 @@ def test_the_checkpoint_holds_every_weight_and_records_its_source(work):
     record = torch.load(work / "mc/A/common.pt", weights_only=True)[COMMON_KEY]
     assert record["source"] == describe_weights(str(work / "A"))
     assert record["hf_config"] == json.loads((work / "A/config.json").read_text())
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(work, tmp_path):
+    """A converted checkpoint: its recorded config.json, before any process group. Any checkpoint: its global
+    shapes against the built model's (here a training save without a record, and another ffn size)."""
+    flags = [(f, 3 if f == "--num-layers" else v) for f, v in model_flags(work / "A")]
+    args_file = write_args(tmp_path / "m.args", "pairs", tmp_path / "run", model=flags, init=[
+        ("--dpoc-init", "converted"), ("--load", str(work / "mc/A")), ("--finetune", True)])
+    with pytest.raises(DpocError) as err:
+        weight_sources.sources(megatron_args.parse([f"@{args_file}"]), "m.args")
+    assert [str(p) for p in err.value.problems] == [
+        f"{work}/mc/A/common.pt (dpoc_weights.hf_config): num_hidden_layers: 2 does not match --num-layers 3 in "
+        "m.args"]
+    shown = f"{work}/save/iter_0000003"
+    assert json.loads((work / "codes.json").read_text())[-1] == [
+        f"{shown}: decoder.layers.mlp.linear_fc1.weight: global shape [2, 256, 64] in the checkpoint, but the model "
+        "needs [2, 192, 64]",
+        f"{shown}: decoder.layers.mlp.linear_fc2.weight: global shape [2, 64, 128] in the checkpoint, but the model "
+        "needs [2, 64, 96]"]
 
 
 def test_the_content_hash_tells_weights_apart(work):

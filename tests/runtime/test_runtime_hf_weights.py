@@ -22,7 +22,9 @@ DENSE = ("qwen3", "qwen2", "llama", "tied")
 LAYOUTS = {  # layout: (processes, layout flags, models)
     "1proc": (1, [], tuple(MODELS)),
     "tp2": (2, [("--tensor-model-parallel-size", 2)], DENSE),
-    "pp2": (2, [("--pipeline-model-parallel-size", 2)], ("qwen3", "tied")),
+    "pp2": (2, [("--pipeline-model-parallel-size", 2)], ("qwen3", "tied", "qwen3_moe")),
+    "pp2-vpp2": (2, [("--pipeline-model-parallel-size", 2), ("--num-layers-per-virtual-pipeline-stage", 1)],
+                 ("tied",)),
     "ep2": (2, [("--expert-model-parallel-size", 2)], ("qwen3_moe",)),
     # loaded into grouped-GEMM experts, then (through a distributed checkpoint) into sequential ones
     "ep2-grouped": (2, [("--expert-model-parallel-size", 2), ("--moe-grouped-gemm", True)], ("qwen3_moe",)),
