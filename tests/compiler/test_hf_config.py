@@ -172,6 +172,9 @@ def test_unreadable_config_names_the_field_and_the_way_out(tmp_path, monkeypatch
     (["checkpoint.init=random", "checkpoint.ref_model=./x"],
      "checkpoint.ref_model: checkpoint.init is random: policy and reference start from the same seeded init (valid: "
      "leave it out, or checkpoint.init hf/converted)"),
+    (["runtime=mindspeed-rl", "checkpoint.init=hf"],
+     "checkpoint.init: hf: MindSpeed-RL always loads converted per-rank weights for policy and reference; valid: "
+     "converted (with checkpoint.load), or runtime=dpoc"),
 ])
 def test_checkpoint_combinations_that_mean_nothing_are_refused(overrides, line, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
