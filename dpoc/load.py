@@ -54,7 +54,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
     if isinstance(model, dict) and _architecture_from_weights(model):
         config_arch = read_hf_architecture(model["hf_weights"], shown)
         data["model"] = _merge(config_arch, model)
-        for key in _leaves(config_arch):
+        for key in flatten(config_arch):
             sources.setdefault(f"model.{key}", HF_CONFIG_SOURCE)
 
     hostfile = (data.get("hardware") or {}).get("hostfile") if isinstance(data.get("hardware"), dict) else None
