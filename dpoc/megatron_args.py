@@ -115,6 +115,7 @@ def build_parser(prog: str = "dpoc.runtime.train") -> argparse.ArgumentParser:
     c.add_argument("--no-load-rng", **flag)
     c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
     c.add_argument("--ref-model", type=str, default=None)
+    c.add_argument("--dpoc-keep-checkpoints", type=int, default=2, help="newest complete checkpoints kept")
 
     o = p.add_argument_group("dpo")
     o.add_argument("--stage", choices=["dpo"], required=True)
@@ -131,6 +132,18 @@ def build_parser(prog: str = "dpoc.runtime.train") -> argparse.ArgumentParser:
     lg.add_argument("--dpoc-measure-memory", **flag,
                     help="count this rank's memory on step 1 into <run-dir>/memory/rank-<r>.json, then stop")
     return p
+
+
+# what defines the model's tensors: the model and MoE groups, less how the experts are computed
+_ARCHITECTURE_GROUPS = ("model", "mixture of experts")
+_EXECUTION_CHOICES = ("moe_token_dispatcher_type", "moe_grouped_gemm")
+
+
+def architecture(args: argparse.Namespace) -> dict[str, object]:
+    """The architecture flags' values (by argparse dest), e.g. to tell whether a checkpoint holds this model."""
+    groups = [g for g in build_parser()._action_groups if g.title in _ARCHITECTURE_GROUPS]
+    return {a.dest: getattr(args, a.dest) for g in groups for a in g._group_actions
+            if a.dest not in _EXECUTION_CHOICES}
 
 
 def format_args(args: Iterable[Arg]) -> str:

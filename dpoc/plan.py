@@ -155,6 +155,7 @@ class Checkpoint:
     ref_model: str | None  # initial weights the reference always loads
     save: str
     save_optimizer: bool  # always true: every save is resumable
+    keep: int  # newest complete training checkpoints kept
 
 
 @dataclass(frozen=True)

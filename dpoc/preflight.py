@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dpoc.errors import DpocError, Problem
-
-TRACKER = "latest_checkpointed_iteration.txt"
+from dpoc.runtime.publish import TRACKER, earlier_run, no_checkpoint
 
 
 def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
@@ -31,10 +30,12 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
     ck = plan["checkpoint"]
     if mode == "resume":
         if not (Path(ck["save"]) / TRACKER).is_file():
-            problems.append(Problem(ck["save"], TRACKER, "no checkpoint to resume from; valid: DPOC_RESUME=0"))
+            problems.append(no_checkpoint(ck["save"]))
         elif target == "mindspeed-rl":
             problems += legacy_layout_problems(ck["save"], plan["layout"], build)
     else:
+        if target == "dpoc":
+            problems += earlier_run(ck["save"], plan["run_dir"])
         for key in ("load", "ref_model"):
             if ck[key] is not None and not Path(ck[key]).is_dir():
                 problems.append(Problem(ck[key], "(directory)", f"checkpoint.{key} not found on this node; run "

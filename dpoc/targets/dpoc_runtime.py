@@ -134,6 +134,7 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         ("--ckpt-format", "torch_dist"),
         ("--save", ck.save),
         ("--save-interval", t.save_interval),
+        ("--dpoc-keep-checkpoints", ck.keep),
     ]
     if ck.ref_model is not None:
         args.append(("--ref-model", ck.ref_model))
