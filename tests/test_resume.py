@@ -1,0 +1,178 @@
+"""Crash-safe checkpoints through the rendered node script (2 gloo processes): a job killed with SIGKILL in
+the middle of a save, preempted with SIGTERM, and killed again right after a checkpoint, then started again
+each time by the same script, logs exactly the steps of an uninterrupted run, bit for bit, each once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dpoc.compile import build
+from dpoc.data.pairwise import stats_path
+from dpoc.runtime import publish
+from dpoc.runtime.checkpoint import PAUSE_ENV
+from tests.conftest import RECIPES, REPO
+from tests.runtime.synthetic import write_pairs
+
+STEPS = 8
+TIMED = ("samples_per_s", "tokens_per_s")  # wall-clock rates differ run to run; everything else must not
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    prefix = write_pairs(tmp_path_factory.mktemp("resume-data") / "pairs", pairs=64)
+    Path(stats_path(prefix)).write_text("{}\n")  # the preflight checks that preprocessing finished
+    return prefix
+
+
+def _build(where: Path, data: str, steps: int = STEPS) -> tuple[Path, Path]:
+    out, run = where / "build", where / "run"
+    build(RECIPES / "tiny_cpu.yaml", [f"training.train_iters={steps}", "training.save_interval=2",
+                                      f"dataset.output_prefix={data}", f"run_dir={run}"], out=out)
+    return out / "nodes" / "node-0.sh", run
+
+
+class Job:
+    """One start of a node script in its own session (so the whole job can be SIGKILLed at once)."""
+
+    def __init__(self, script: Path, log: Path, **env: str):
+        self.log = log
+        self._out = open(log, "w")  # noqa: SIM115 (closed in finish/kill)
+        environment = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+                       "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "DPOC_MASTER_PORT": str(_free_port()),
+                       **env}
+        self.proc = subprocess.Popen(["bash", str(script)], cwd=REPO, env=environment, stdout=self._out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"the job ended before {what}:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n{self.text()[-3000:]}"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL to the whole session: the script, torchrun, the workers and their helpers."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._out.close()
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+def _steps(run: Path) -> list[dict]:
+    path = run / publish.METRICS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMED} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data) -> Path:
+    """The run directory of the job run once, start to end (its checkpoints inside)."""
+    where = tmp_path_factory.mktemp("uninterrupted")
+    script, run = _build(where, data)
+    job = Job(script, where / "job.log")
+    assert job.finish() == 0, job.text()[-3000:]
+    assert publish.iterations(run / "checkpoints") == [8, 6]  # checkpoint.keep = 2
+    return run
+
+
+def test_killed_preempted_and_killed_again_the_job_resumes_exactly(tmp_path, data, uninterrupted):
+    script, run = _build(tmp_path, data)
+    save = run / "checkpoints"
+
+    # 1. SIGKILL in the middle of the save of step 4: step 2's checkpoint stays the one to resume from
+    flag = tmp_path / "paused"
+    job = Job(script, tmp_path / "1.log", **{PAUSE_ENV: f"4:{flag}"})
+    job.wait_for(flag.exists, "save of step 4")
+    job.kill()
+    assert publish.iterations(save) == [2] and (save / publish.TRACKER).read_text() == "2\n"
+    assert [p.name.split(".tmp-")[0] for p in save.glob("*.tmp-*")] == ["iter_0000004"]
+    assert [r["step"] for r in _steps(run)] == [1, 2, 3, 4]
+
+    # 2. started again, it resumes from step 2; SIGTERM to the node script: a checkpoint, exit 75, the message
+    job = Job(script, tmp_path / "2.log")
+    job.wait_for(lambda: "resumed from" in (run / "train.log").read_text(), "resume")
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.finish() == 75, job.text()[-3000:]
+    text = job.text()
+    assert "[dpoc] node 0/1: resume run" in text
+    assert f"removed {save}/iter_0000004.tmp-" in text and "the temporary folder of a save that did not finish" in text
+    assert f"resumed from {save}/iter_0000002: iteration 2, 16 samples consumed" in text
+    preempted_at = int((save / publish.PREEMPTED).read_text())
+    assert (f"[dpoc] node 0/1: preempted, resumable: checkpoint of step {preempted_at} saved in {save}; run this "
+            "script again to resume") in text
+    assert preempted_at in publish.iterations(save) and preempted_at < STEPS
+    assert json.loads((save / publish.folder_name(preempted_at) / "dpoc_checkpoint.json").read_text())["reason"] \
+        == "preempted"
+
+    # 3. again; SIGKILL while it saves step 8, after the checkpoint before it and after logging steps past it
+    flag = tmp_path / "paused-again"
+    job = Job(script, tmp_path / "3.log", **{PAUSE_ENV: f"8:{flag}"})
+    job.wait_for(flag.exists, "save of step 8")
+    job.kill()
+    assert not (save / publish.PREEMPTED).exists()  # the node script clears the last run's notice
+    last = publish.iterations(save)[0]
+    assert last < 8 and [r["step"] for r in _steps(run)] == list(range(1, 9))
+
+    # 4. the last start finishes: every step once, bit-identical to the uninterrupted run
+    job = Job(script, tmp_path / "4.log")
+    assert job.finish() == 0, job.text()[-3000:]
+    assert f"resumed from {save}/{publish.folder_name(last)}" in job.text()
+    assert _untimed(_steps(run)) == _untimed(_steps(uninterrupted))
+    assert publish.iterations(save) == [8, 6] and not list(save.glob("*.tmp-*"))
+
+    # a fresh start over this run is refused before anything runs
+    job = Job(script, tmp_path / "5.log", DPOC_RESUME="0")
+    assert job.finish() == 2
+    assert f"{run}/metrics.jsonl: (file): holds 8 steps of an earlier run" in job.text()
+
+
+def test_a_longer_run_continues_from_its_last_checkpoint_on_its_own_schedule(tmp_path, data, uninterrupted):
+    """The finished 8-step job rebuilt with train_iters 12: it resumes at step 8 and follows the 12-step
+    schedule from there (warm-up 3, cosine from 1e-3 to 1e-4), so the learning rate rises again."""
+    script, run = _build(tmp_path, data, steps=12)
+    shutil.copytree(uninterrupted, run)
+    job = Job(script, tmp_path / "job.log")
+    assert job.finish() == 0, job.text()[-3000:]
+    text = job.text()
+    assert f"resumed from {run}/checkpoints/iter_0000008" in text
+    assert "LR schedule: lr_decay_steps 8 -> 12, wd_incr_steps 8 -> 12; this run's schedule applies from step 8 on" \
+        in text
+    rows = _steps(run)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert _untimed(rows[:8]) == _untimed(_steps(uninterrupted))
+    for row in rows[8:]:
+        done = row["step"] - 1
+        expected = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (done - 3) / (12 - 3)))
+        assert row["lr"] == pytest.approx(expected, rel=1e-9), row["step"]
+    assert rows[8]["lr"] > rows[7]["lr"]
