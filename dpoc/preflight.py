@@ -1,9 +1,11 @@
 """Node preflight: the checks that need the node's own files, run by each node script before torchrun.
 
 The compiler never touches cluster paths (resolve is pure); this is where they are checked: the build is
-intact (files match manifest.json), the dataset, tokenizer and initial weights exist, and on resume the
-checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank, the checkpoint's layout must be
-exactly the Plan's; a mismatch is refused with the conversion that fixes it. Exit 2, one line per problem.
+intact (files match manifest.json), the dataset, tokenizer and initial weights exist, on resume the
+checkpoint is there, and a fresh start of the dpoc runtime would not overwrite an earlier run's metrics or
+checkpoints (the runtime checks the same at its start). For MindSpeed-RL, whose legacy checkpoints are per
+rank, the checkpoint's layout must be exactly the Plan's; a mismatch is refused with the conversion that
+fixes it. Exit 2, one line per problem.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import os
+import queue
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -158,7 +158,7 @@ class Checkpointer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.data = data_order(args, pairs)
         if args.save is not None:
-            _forked_results_queue()
+            _in_process_results_queue()
 
     def due(self, iteration: int) -> bool:
         a = self.args
@@ -172,27 +172,32 @@ class Checkpointer:
         if not a.load:
             return 0, []
         root = Path(a.load)
-        notes = []
-        if self.rank == 0:
-            notes += [f"removed {p}: the temporary folder of a save that did not finish"
-                      for p in publish.remove_staging(root)]
+        notes = [f"removed {p}: the temporary folder of a save that did not finish"
+                 for p in (publish.remove_staging(root) if self.rank == 0 else ())]
         folder, skipped = self._newest_intact(root)
-        notes += skipped
         saved = json.loads((folder / RECORDS).read_text())
         current = records(a, self.world, self.data)
-        with_optimizer = not a.no_load_optim
-        problems = resume_problems(saved, current, self.args_file, str(folder), with_optimizer)
+        problems = resume_problems(saved, current, self.args_file, str(folder), not a.no_load_optim)
         if problems:
             raise DpocError(problems)
-        same_layout = saved["layout"] == current["layout"]
-        with_rng = same_layout and not a.no_load_rng
         started = time.perf_counter()
+        notes += skipped + self._load(folder, saved, restore_rng=saved["layout"] == current["layout"])
+        notes.append(f"resumed from {folder}: iteration {saved['iteration']}, {saved['consumed_samples']} "
+                     f"samples consumed, loaded in {time.perf_counter() - started:.2f} s")
+        return saved["iteration"], notes + _context_changes(saved, current)
+
+    def _load(self, folder: Path, saved: dict, restore_rng: bool) -> list[str]:
+        """Load the policy, and unless refused by a flag the optimizer, LR schedule and RNG (Megatron's
+        --no-load-optim also skips the schedule); the notes say what was left as it is."""
+        a = self.args
+        with_optimizer, with_rng = not a.no_load_optim, restore_rng and not a.no_load_rng
         if with_optimizer:
             optimizer_state.allocate(self.optimizer)
         schedule = self.scheduler.state_dict()
         loaded = dist_checkpointing.load(self._state(True, with_optimizer, with_rng), str(folder))
         for name, chunk in self._chunks():
             chunk.module.load_state_dict(loaded[name])
+        notes = []
         if with_optimizer:
             optimizer_state.restore(self.optimizer, loaded["optimizer"], saved["optimizer_step"],
                                     loaded["grad_scaler"])
@@ -203,13 +208,12 @@ class Checkpointer:
             notes.append("--no-load-optim: the optimizer and the LR schedule start afresh")
         if with_rng:
             _set_rng_state(self.device, loaded["rng_state"])
-        elif not a.no_load_rng:
-            notes.append(f"RNG: the checkpoint's layout was {layout_text(saved['layout'])}; at "
-                         f"{layout_text(current['layout'])} each rank keeps its freshly seeded generators (the "
-                         "data order does not depend on them)")
-        notes.append(f"resumed from {folder}: iteration {saved['iteration']}, {saved['consumed_samples']} "
-                     f"samples consumed, loaded in {time.perf_counter() - started:.2f} s")
-        return saved["iteration"], notes + _context_changes(saved, current)
+        elif a.no_load_rng:
+            notes.append("--no-load-rng: every rank keeps its freshly seeded generators")
+        else:
+            notes.append("RNG: the checkpoint's layout differs, so each rank keeps its freshly seeded generators "
+                         "(the data order does not depend on them)")
+        return notes
 
     def _newest_intact(self, root: Path) -> tuple[Path, list[str]]:
         """The newest published folder whose files all match its manifest (every rank re-hashes a share)."""
@@ -300,12 +304,13 @@ def _from_rank0(compute: Callable[[], object]):
     return box[0]
 
 
-def _forked_results_queue() -> None:
-    """megatron-core's writer reports through a queue served by a *spawned* manager process, made at the first
-    save; spawning re-imports this entry point (torch, megatron-core) in it, seconds of a save's time. A forked
-    one serves the same queue at once (megatron forks its writer processes the same way)."""
+def _in_process_results_queue() -> None:
+    """megatron-core's writer hands its results back through a queue served by a *spawned* manager process,
+    made at the first save: spawning re-imports this entry point (torch, megatron-core) in it, seconds of a
+    save. Our saves are synchronous, so the results never leave this process: a plain queue serves them (an
+    asynchronous save, which would need the manager, fails loudly on it: "results_queue should not be empty")."""
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _rng_state(device: Device) -> dict:
