@@ -296,7 +296,6 @@ class Checkpointer:
         return state
 
 
-
 def _from_rank0(compute: Callable[[], object]):
     """Rank 0's answer, on every rank (collective): for what needs only one look at shared files."""
     box = [compute() if dist.get_rank() == 0 else None]

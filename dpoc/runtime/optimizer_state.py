@@ -66,7 +66,7 @@ def sharded_state_dict(optimizer, model_state: dict, is_loading: bool) -> dict:
 
 def grad_scaler_state(optimizer) -> dict | None:
     """fp16's loss scale (every chained optimizer keeps the same one); None without a scaler."""
-    scaler = parts(optimizer)[0].grad_scaler
+    scaler = _grad_scaler(parts(optimizer)[0])
     return None if scaler is None else scaler.state_dict()
 
 
@@ -83,7 +83,7 @@ def restore(optimizer, loaded: dict, step: int, scaler: dict | None) -> None:
         optimizer.load_state_dict(loaded)
     _set_step(chain, step)
     for part in chain:
-        if scaler is not None and part.grad_scaler is not None:
+        if scaler is not None and _grad_scaler(part) is not None:
             part.grad_scaler.load_state_dict(scaler)
 
 
@@ -101,6 +101,10 @@ def _set_step(chain: list, step: int) -> None:
                 group.pop("step", None)
             elif "step" in group:
                 group["step"] = step
+
+
+def _grad_scaler(part):
+    return getattr(part, "grad_scaler", None)  # fp32's optimizer has none at all
 
 
 def _torch_adam(inner: torch.optim.Optimizer) -> bool:
