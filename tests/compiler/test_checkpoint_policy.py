@@ -1,4 +1,5 @@
-"""The default checkpoint interval: from the planner's predicted step time, so a crash loses ~30 minutes."""
+"""The checkpoint policy: the default interval from the planner's predicted step time (a crash loses ~30 minutes), and
+checkpoint.keep."""
 
 from __future__ import annotations
 
@@ -38,3 +39,12 @@ def test_a_recipes_interval_and_keep_reach_the_runtime(tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["provenance"]["training.save_interval"]["source"].startswith("user")
     assert plan["checkpoint"]["keep"] == 3
+
+
+def test_mindspeed_rl_cannot_express_keep(dpoc_cli, tmp_path):
+    result = dpoc_cli("build", RECIPES / "qwen3_30b.yaml", "runtime=mindspeed-rl", "checkpoint.keep=3",
+                      "-o", tmp_path / "b")
+    assert result.code == 2
+    assert result.err.strip() == (f"{RECIPES / 'qwen3_30b.yaml'}: checkpoint.keep: 3: MindSpeed-RL keeps every "
+                                  "checkpoint it saves; valid: leave it unset, or runtime=dpoc")
+    assert dpoc_cli("build", RECIPES / "qwen3_30b.yaml", "runtime=mindspeed-rl", "-o", tmp_path / "c").code == 0
