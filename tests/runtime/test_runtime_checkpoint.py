@@ -29,8 +29,8 @@ def workdir(tmp_path_factory) -> Path:
     return tmp
 
 
-def _args(workdir: Path, name: str, save: Path, load: Path | None = None, **kwargs) -> Path:
-    extra = [("--save", save), ("--save-interval", 2), *([("--load", load)] if load else [])]
+def _args(workdir: Path, name: str, save: Path, load: Path | None = None, flags=(), **kwargs) -> Path:
+    extra = [("--save", save), ("--save-interval", 2), *([("--load", load)] if load else []), *flags]
     return write_args(workdir / f"{name}.args", str(workdir / "pairs"), workdir / "runs" / name, steps=STEPS,
                       extra=extra, **kwargs)
 
@@ -69,21 +69,35 @@ def _copy(save: Path, to: Path, iterations: tuple[int, ...]) -> Path:
     return to
 
 
-@pytest.mark.parametrize(("name", "source", "layout", "moe"), [
-    ("tp2-to-pp2", "dense-tp2", PP2, False),
-    ("dp2-to-ep2", "moe-dp2", EP2, True),
+@pytest.mark.parametrize(("name", "source", "layout", "moe", "rng_note"), [
+    ("tp2-to-pp2", "dense-tp2", PP2, False, "RNG: the checkpoint's layout differs, so each rank keeps its freshly "
+                                            "seeded generators"),
+    ("dp2-to-ep2", "moe-dp2", [*EP2, ("--no-load-rng", True)], True, "--no-load-rng: every rank keeps its freshly "
+                                                                     "seeded generators"),
 ])
-def test_a_checkpoint_resumes_at_another_layout(workdir, saved, name, source, layout, moe):
+def test_a_checkpoint_resumes_at_another_layout(workdir, saved, name, source, layout, moe, rng_note):
     save, uninterrupted = saved(source)
     target = _copy(save, workdir / "saves" / name, (2,))
     out = _run(_args(workdir, name, target, target, layout=layout, moe=moe), 2)
     assert f"resumed from {target}/iter_0000002: iteration 2, 16 samples consumed" in out
-    assert "layout: resharded from tp=" in out and "RNG: the checkpoint's layout differs" in out
+    assert "layout: resharded from tp=" in out and rng_note in out
     resumed = metrics(workdir / "runs" / name)
     assert [r["step"] for r in resumed] == [3, 4]
     for mine, theirs in zip(resumed, uninterrupted[2:], strict=True):
         for key in COMPARED:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (name, mine["step"], key)
+
+
+def test_no_load_optim_keeps_megatrons_meaning(workdir, saved):
+    """The weights and the step come back, the optimizer state does not: step 3's loss (measured before its
+    update) is the uninterrupted run's, step 4's is not."""
+    save, uninterrupted = saved("plain")
+    target = _copy(save, workdir / "saves" / "no-optim", (2,))
+    args = _args(workdir, "no-optim", target, target, distributed_optimizer=False, flags=[("--no-load-optim", True)])
+    assert "--no-load-optim: the optimizer and the LR schedule start afresh" in _run(args, 1)
+    resumed = metrics(workdir / "runs" / "no-optim")
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert resumed[0]["loss"] == uninterrupted[2]["loss"] and resumed[1]["loss"] != uninterrupted[3]["loss"]
 
 
 def test_a_layout_the_checkpoint_cannot_reshard_to_is_refused_before_training(workdir, saved):
