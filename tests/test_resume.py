@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dpoc.compile import build
@@ -51,7 +52,7 @@ def _build(where: Path, data: str, steps: int = STEPS) -> tuple[Path, Path]:
 
 
 class Job:
-    """One start of a node script in its own session (so the whole job can be SIGKILLed at once)."""
+    """One start of a node script, in a session of its own."""
 
     def __init__(self, script: Path, log: Path, **env: str):
         self.log = log
@@ -60,7 +61,7 @@ class Job:
                        "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "DPOC_MASTER_PORT": str(_free_port()),
                        **env}
         self.proc = subprocess.Popen(["bash", str(script)], cwd=REPO, env=environment, stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True)  # its signals only
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -76,9 +77,13 @@ class Job:
             self.kill()
 
     def kill(self) -> None:
-        """SIGKILL to the whole session: the script, torchrun, the workers and their helpers."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL to the whole job: the script, torchrun and the workers, which torchrun starts in sessions of
+        their own (so the script's process group does not hold them)."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.proc.pid)
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
         self.proc.wait()
         self._out.close()
 
@@ -115,14 +120,19 @@ def test_killed_preempted_and_killed_again_the_job_resumes_exactly(tmp_path, dat
     job = Job(script, tmp_path / "1.log", **{PAUSE_ENV: f"4:{flag}"})
     job.wait_for(flag.exists, "save of step 4")
     job.kill()
+    flag.unlink()
     assert publish.iterations(save) == [2] and (save / publish.TRACKER).read_text() == "2\n"
     assert [p.name.split(".tmp-")[0] for p in save.glob("*.tmp-*")] == ["iter_0000004"]
     assert [r["step"] for r in _steps(run)] == [1, 2, 3, 4]
 
-    # 2. started again, it resumes from step 2; SIGTERM to the node script: a checkpoint, exit 75, the message
-    job = Job(script, tmp_path / "2.log")
-    job.wait_for(lambda: "resumed from" in (run / "train.log").read_text(), "resume")
+    # 2. started again, it resumes from step 2; SIGTERM to the node script while it saves step 4: it finishes
+    # that save, stops after step 5 with a checkpoint and exits 75, and the script says so
+    flag = tmp_path / "paused-for-sigterm"
+    job = Job(script, tmp_path / "2.log", **{PAUSE_ENV: f"4:{flag}"})
+    job.wait_for(flag.exists, "save of step 4")
     job.proc.send_signal(signal.SIGTERM)
+    time.sleep(1)  # the trap's pkill reaches the workers
+    flag.unlink()
     assert job.finish() == 75, job.text()[-3000:]
     text = job.text()
     assert "[dpoc] node 0/1: resume run" in text
@@ -131,15 +141,17 @@ def test_killed_preempted_and_killed_again_the_job_resumes_exactly(tmp_path, dat
     preempted_at = int((save / publish.PREEMPTED).read_text())
     assert (f"[dpoc] node 0/1: preempted, resumable: checkpoint of step {preempted_at} saved in {save}; run this "
             "script again to resume") in text
-    assert preempted_at in publish.iterations(save) and preempted_at < STEPS
+    assert publish.iterations(save)[:2] == [preempted_at, 4] and 4 < preempted_at < STEPS
     assert json.loads((save / publish.folder_name(preempted_at) / "dpoc_checkpoint.json").read_text())["reason"] \
         == "preempted"
+    assert [r["step"] for r in _steps(run)] == list(range(1, preempted_at + 1))
 
     # 3. again; SIGKILL while it saves step 8, after the checkpoint before it and after logging steps past it
     flag = tmp_path / "paused-again"
     job = Job(script, tmp_path / "3.log", **{PAUSE_ENV: f"8:{flag}"})
     job.wait_for(flag.exists, "save of step 8")
     job.kill()
+    flag.unlink()
     assert not (save / publish.PREEMPTED).exists()  # the node script clears the last run's notice
     last = publish.iterations(save)[0]
     assert last < 8 and [r["step"] for r in _steps(run)] == list(range(1, 9))

@@ -45,8 +45,9 @@ from dpoc.runtime.reference_identity import identity
 
 RECORDS = "dpoc_checkpoint.json"
 FORMAT = 1
-# tests only: "<iteration>:<flag file>" stops the save of that iteration after its files are written and
-# before anything is published, touching the flag file, so a test can kill the job mid-save
+# tests only: "<iteration>:<flag file>" holds the save of that iteration after its files are written and
+# before anything is published: rank 0 creates the flag file, and every rank waits until it is deleted (a
+# test kills the job there, or signals it and lets it go on)
 PAUSE_ENV = "DPOC_TEST_PAUSE_SAVE"
 _LAYOUT_KNOBS = ("tp", "pp", "vpp", "cp", "ep", "etp")
 
@@ -351,6 +352,9 @@ def _pause_for_tests(iteration: int) -> None:
     spec = os.environ.get(PAUSE_ENV)
     if not spec or int(spec.split(":", 1)[0]) != iteration:
         return
+    flag = Path(spec.split(":", 1)[1])
     if dist.get_rank() == 0:
-        Path(spec.split(":", 1)[1]).write_text(f"{iteration}\n")
-    time.sleep(3600)
+        flag.write_text(f"{iteration}\n")
+    dist.barrier()
+    while flag.exists():
+        time.sleep(0.05)
