@@ -52,7 +52,7 @@ def _build(where: Path, data: str, steps: int = STEPS) -> tuple[Path, Path]:
 
 
 class Job:
-    """One start of a node script, in a session of its own."""
+    """One start of a node script, in a session of its own (killed at the end of the test if still running)."""
 
     def __init__(self, script: Path, log: Path, **env: str):
         self.log = log
@@ -62,6 +62,7 @@ class Job:
                        **env}
         self.proc = subprocess.Popen(["bash", str(script)], cwd=REPO, env=environment, stdout=self._out,
                                      stderr=subprocess.STDOUT, start_new_session=True)  # its signals only
+        _STARTED.append(self)
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -78,17 +79,27 @@ class Job:
 
     def kill(self) -> None:
         """SIGKILL to the whole job: the script, torchrun and the workers, which torchrun starts in sessions of
-        their own (so the script's process group does not hold them)."""
-        with contextlib.suppress(psutil.NoSuchProcess):
+        their own (so the script's process group does not hold them). A finished job has none left."""
+        if self.proc.poll() is None:
             root = psutil.Process(self.proc.pid)
             for process in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.kill()
-        self.proc.wait()
+            self.proc.wait()
         self._out.close()
 
     def text(self) -> str:
         return self.log.read_text()
+
+
+_STARTED: list[Job] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left_running():
+    yield
+    while _STARTED:
+        _STARTED.pop().kill()
 
 
 def _steps(run: Path) -> list[dict]:
