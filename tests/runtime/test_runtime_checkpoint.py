@@ -70,10 +70,10 @@ def _copy(save: Path, to: Path, iterations: tuple[int, ...]) -> Path:
 
 
 @pytest.mark.parametrize(("name", "source", "layout", "moe", "rng_note"), [
-    ("tp2-to-pp2", "dense-tp2", PP2, False, "RNG: the checkpoint's layout differs, so each rank keeps its freshly "
-                                            "seeded generators"),
-    ("dp2-to-ep2", "moe-dp2", [*EP2, ("--no-load-rng", True)], True, "--no-load-rng: every rank keeps its freshly "
-                                                                     "seeded generators"),
+    pytest.param("tp2-to-pp2", "dense-tp2", PP2, False, "RNG: the checkpoint's layout differs, so each rank keeps "
+                 "its freshly seeded generators", id="tp2-to-pp2"),
+    pytest.param("dp2-to-ep2", "moe-dp2", [*EP2, ("--no-load-rng", True)], True, "--no-load-rng: every rank keeps "
+                 "its freshly seeded generators", id="dp2-to-ep2-moe"),
 ])
 def test_a_checkpoint_resumes_at_another_layout(workdir, saved, name, source, layout, moe, rng_note):
     save, uninterrupted = saved(source)
