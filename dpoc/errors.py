@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on SIGTERM after saving a checkpoint; run again to resume
 
 
 @dataclass(frozen=True)

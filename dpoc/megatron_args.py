@@ -123,6 +123,7 @@ def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> 
                    help="where the policy's initial weights come from: a seeded random init, --dpoc-hf-weights, "
                         "or the distributed checkpoint --load (with --finetune)")
     c.add_argument("--dpoc-hf-weights", type=str, default=None, help="Hugging Face weights directory")
+    c.add_argument("--dpoc-keep-checkpoints", type=int, default=2, help="newest complete checkpoints kept")
 
     o = p.add_argument_group("dpo")
     o.add_argument("--stage", choices=["dpo"], **job)
@@ -139,6 +140,18 @@ def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> 
     lg.add_argument("--dpoc-measure-memory", **flag,
                     help="count this rank's memory on step 1 into <run-dir>/memory/rank-<r>.json, then stop")
     return p
+
+
+# what defines the model's tensors: the model and MoE groups, less how the experts are computed
+_ARCHITECTURE_GROUPS = ("model", "mixture of experts")
+_EXECUTION_CHOICES = ("moe_token_dispatcher_type", "moe_grouped_gemm")
+
+
+def architecture(args: argparse.Namespace) -> dict[str, object]:
+    """The architecture flags' values (by argparse dest), e.g. to tell whether a checkpoint holds this model."""
+    groups = [g for g in build_parser()._action_groups if g.title in _ARCHITECTURE_GROUPS]
+    return {a.dest: getattr(args, a.dest) for g in groups for a in g._group_actions
+            if a.dest not in _EXECUTION_CHOICES}
 
 
 def format_args(args: Iterable[Arg]) -> str:
@@ -162,3 +175,9 @@ def format_value(value: object) -> str:
 
 def parse(argv: Sequence[str], require_job: bool = True) -> argparse.Namespace:
     return build_parser(require_job=require_job).parse_args(list(argv))
+
+
+def resuming(args: argparse.Namespace) -> bool:
+    """Megatron's convention: `--load` alone resumes a training checkpoint (model, optimizer, RNG, step);
+    `--load` with `--finetune` only starts the policy from those weights."""
+    return bool(args.load) and not args.finetune

@@ -156,6 +156,7 @@ class Checkpoint:
     ref_model: str | None  # the frozen reference's weights (HF directory or converted checkpoint)
     save: str
     save_optimizer: bool  # always true: every save is resumable
+    keep: int  # newest complete training checkpoints kept
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ The compiler never touches cluster paths (resolve is pure); this is where they a
 intact (files match manifest.json), the dataset, tokenizer and initial weights exist (a Hugging Face
 directory's config.json must match megatron.args: the runtime's own check), the dataset was made with this
 build's preprocess.yaml (its stats say so; a MindSpeed-LLM dataset without them is accepted with a warning),
-and on resume the checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank, the
-checkpoint's layout must be exactly the Plan's; a mismatch is refused with the conversion that fixes it.
-Exit 2, one line per problem.
+on resume the checkpoint is there, and a fresh start of the dpoc runtime would not overwrite an earlier run's
+metrics or checkpoints (the runtime checks the same at its start). For MindSpeed-RL, whose legacy checkpoints
+are per rank, the checkpoint's layout must be exactly the Plan's; a mismatch is refused with the conversion
+that fixes it. Exit 2, one line per problem.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 from dpoc.convert import DPOC_DIR, MINDSPEED_DIR
 from dpoc.errors import DpocError, Problem
+from dpoc.runtime.publish import TRACKER, earlier_run, no_checkpoint
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: a distributed checkpoint is complete
 
 
@@ -38,7 +39,7 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> list[st
     ck = plan["checkpoint"]
     if mode == "resume":
         if not (Path(ck["save"]) / TRACKER).is_file():
-            problems.append(Problem(ck["save"], TRACKER, "no checkpoint to resume from; valid: DPOC_RESUME=0"))
+            problems.append(no_checkpoint(ck["save"]))
         elif target == "mindspeed-rl":
             problems += legacy_layout_problems(ck["save"], plan["layout"], build)
     elif target == "mindspeed-rl":
@@ -51,6 +52,7 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> list[st
             else:
                 problems += legacy_layout_problems(ck[key], plan["layout"], build)
     else:
+        problems += earlier_run(ck["save"], plan["run_dir"])
         problems += _initial_weights(build, ck)
     if problems:
         raise DpocError(list(dict.fromkeys(problems)))

@@ -15,8 +15,10 @@ from typing import Any
 
 from dpoc import __version__, targets
 from dpoc.convert import DPOC_DIR, MINDSPEED_DIR, dpoc_conversions, mindspeed_conversions
+from dpoc.errors import EXIT_PREEMPTED
 from dpoc.megatron_args import format_args
 from dpoc.plan import Plan
+from dpoc.runtime.publish import PREEMPTED
 from dpoc.targets import dpoc_runtime, mindspeed_rl
 
 # environment scripts a node sources when they exist (CANN toolkit, NNAL/ATB)
@@ -79,7 +81,8 @@ def render(plan: Plan) -> dict[str, str]:
     for resume, path in ((False, "megatron.args"), (True, "resume/megatron.args")):
         files[path] = format_args(dpoc_runtime.megatron_args(plan, resume=resume))
     for rank, host in enumerate(cluster.hosts):
-        files[f"nodes/node-{rank}.sh"] = _template("node.sh.j2", node_rank=rank, host=host, **node_values)
+        files[f"nodes/node-{rank}.sh"] = _template("node.sh.j2", node_rank=rank, host=host, **node_values,
+                                                   preempted_marker=PREEMPTED, exit_preempted=EXIT_PREEMPTED)
     files["launch.sh"] = _template("launch.sh.j2", nodes=[{"host": h, "script": f"node-{k}.sh"}
                                                           for k, h in enumerate(cluster.hosts)], **common)
     files["preprocess.yaml"] = _yaml(preprocess_config(plan))

@@ -119,6 +119,7 @@ def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
     cluster = _cluster(v, inputs.hardware.nodes)
     model, hardware, training, dpo, runtime = inputs.model, inputs.hardware, inputs.training, inputs.dpo, inputs.runtime
     layout, estimate, layout_warnings = _layout(v, inputs)
+    training = _with_save_interval(v, training, layout, estimate)
 
     name = _name(v, build_name)
     v.derived("warnings", None, "rules", "what the rules and the planner flag as slow or risky; it still runs")
@@ -288,9 +289,34 @@ def _training(v: _Values, hardware: HardwareSpec) -> Training:
         dynamic_padding=v.take(
             "training.dynamic_padding", True, why="pad to the micro-batch's longest pair: no FLOPs on padding"
         ),
-        save_interval=v.take("training.save_interval", iters, rule="training.train_iters", why="save once, at the end"),
+        save_interval=v.take("training.save_interval", iters, rule="planner", why="from the predicted step time"),
         log_interval=v.take("training.log_interval", 1, why="log every step"),
     )
+
+
+LOST_WORK_S = 30 * 60  # the default save interval bounds the work a crash loses to about this
+
+
+def save_interval(step_s: float, train_iters: int, budget_s: float = LOST_WORK_S) -> int:
+    """Steps between checkpoints so that a crash loses at most `budget_s` of work, within [1, train_iters]."""
+    return max(1, min(train_iters, int(budget_s // step_s)))
+
+
+def _with_save_interval(v: _Values, training: Training, layout: Layout, estimate: dict[str, Any]) -> Training:
+    """The default checkpoint interval from the planner's predicted step time (global batch / pairs per s)."""
+    if v.has("training.save_interval"):
+        return training
+    pairs_per_s = estimate["throughput"]["samples_per_s"]
+    step_s = layout.global_batch_size / pairs_per_s
+    every = save_interval(step_s, training.train_iters)
+    why = (f"a crash loses at most ~{LOST_WORK_S // 60} min of work: predicted {step_s:.3g} s/step (global batch "
+           f"{layout.global_batch_size} / {pairs_per_s:g} pairs/s)")
+    if every == training.train_iters:
+        why += f"; the {training.train_iters} steps take less, so one save after the last step"
+    else:
+        why += f" -> every {every} steps (~{every * step_s / 60:.0f} min)"
+    v.derived("training.save_interval", every, "planner", why)
+    return dataclasses.replace(training, save_interval=every)
 
 
 def _data(v: _Values, model: ModelSpec, run_dir: str) -> Data:
@@ -407,4 +433,5 @@ def _checkpoint(v: _Values, name: str, layout, run_dir: str, runtime: str) -> Ch
             "resume",
             "every save holds optimizer and RNG state, so every run can resume",
         ),
+        keep=v.take("checkpoint.keep", 2, why="the newest checkpoint, and the one before it in case it is damaged"),
     )

@@ -302,8 +302,9 @@ def learning_rate_schedule(c: Context) -> Iterable[Violation]:
     t = c.training
     if t.min_lr > t.lr:
         yield Violation("training.min_lr", f"{t.min_lr:g} exceeds lr {t.lr:g}; valid: min_lr <= lr")
-    if t.warmup_iters > t.train_iters:
-        yield Violation("training.warmup_iters", f"{t.warmup_iters} exceeds train_iters {t.train_iters}")
+    if t.warmup_iters >= t.train_iters:  # megatron-core asserts warm-up < decay steps (train_iters here)
+        yield Violation("training.warmup_iters", f"{t.warmup_iters} is not below train_iters {t.train_iters}; "
+                        "valid: fewer warm-up steps than training steps")
 
 
 def label_smoothing_needs_sigmoid(c: Context) -> Iterable[Violation]:

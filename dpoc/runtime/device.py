@@ -39,6 +39,14 @@ class Device:
         if self.kind != "cpu":
             getattr(torch, self.kind).synchronize()
 
+    def rng_state(self) -> torch.Tensor | None:
+        """The accelerator's default generator, for checkpoints (the cpu's is torch's own: None here)."""
+        return None if self.kind == "cpu" else getattr(torch, self.kind).get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor | None) -> None:
+        if state is not None and self.kind != "cpu":
+            getattr(torch, self.kind).set_rng_state(state)
+
 
 def select(kind: str, backend: str, args_file: str = "megatron.args") -> Device:
     """Check that `kind` is usable here and that `backend` fits it; on cpu, install the megatron bridge."""
@@ -136,6 +144,7 @@ class _CpuBridge:
             return
         cls._rng()
         cls._runtime()
+        cls._tensor_to_cuda()
         cls._tensor_type_name()
         cls._moe_split_sizes()
         cls._uneven_collectives()
@@ -161,6 +170,12 @@ class _CpuBridge:
         torch.cuda.synchronize = lambda *a, **k: None
         torch.cuda.Stream = _InertStream
         torch.cuda.current_stream = lambda *a, **k: _InertStream()
+
+    @staticmethod
+    def _tensor_to_cuda() -> None:
+        """The distributed optimizer moves its state to the device with `Tensor.cuda()` before gathering it
+        for a fully reshardable checkpoint: on the cpu the tensor is already where it belongs."""
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
     @staticmethod
     def _tensor_type_name() -> None:

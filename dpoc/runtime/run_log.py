@@ -2,7 +2,11 @@
 and TensorBoard scalars when tensorboard is installed and `--tensorboard-dir` is given.
 
 One quantity, one name for people: the progress line says pairs/s, as the planner does. `metrics.jsonl` keeps
-the key `samples_per_s` (DESIGN's contract, MindSpeed's word): one sample is one preference pair."""
+the key `samples_per_s` (DESIGN's contract, MindSpeed's word): one sample is one preference pair.
+
+A run resumed at step k keeps `metrics.jsonl`'s rows up to k and drops the later ones (an interrupted run
+logged them after its last checkpoint; the resumed run logs them again), so each step appears once.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ import json
 import time
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"
+from dpoc.runtime.publish import METRICS as METRICS_FILE
+from dpoc.runtime.publish import write_atomically
+
 LOG_FILE = "train.log"
 
 
@@ -19,6 +25,8 @@ class RunLog:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         mode = "w" if first_step == 0 else "a"
+        if first_step:
+            keep_steps_through(self.dir / METRICS_FILE, first_step)
         self.metrics = open(self.dir / METRICS_FILE, mode, encoding="utf-8")  # noqa: SIM115 (lives with the run)
         self.log = open(self.dir / LOG_FILE, mode, encoding="utf-8")  # noqa: SIM115
         self.total_steps = total_steps
@@ -53,6 +61,17 @@ class RunLog:
         self.log.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def keep_steps_through(path: Path, step: int) -> None:
+    """Drop the rows logged after `step`, atomically (the file is replaced whole)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        write_atomically(path, "".join(kept))
 
 
 def _clock(seconds: float) -> str:

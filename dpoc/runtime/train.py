@@ -2,7 +2,8 @@
 
 The args file is the only input besides the torchrun environment. Each step: a forward-only pass of the
 frozen reference, a forward/backward pass of the policy (both through megatron-core's pipeline
-schedules), one distributed-optimizer step with gradient clipping, one LR-schedule step, one metrics line.
+schedules), one distributed-optimizer step with gradient clipping, one LR-schedule step, one metrics line;
+a checkpoint when one is due (`checkpoint.py`), and a saved, orderly stop on SIGTERM (`preemption.py`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from dpoc import megatron_args
-from dpoc.errors import EXIT_USER_ERROR, DpocError, Problem
+from dpoc.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, DpocError, Problem
 from dpoc.runtime import device as devices
 from dpoc.runtime import memory_probe, weight_sources
+from dpoc.runtime.checkpoint import Checkpointer, check_start
 from dpoc.runtime.data import PairwiseDataset, rank_micro_batches
 from dpoc.runtime.dpo import METRIC_KEYS, Objective
 from dpoc.runtime.model import (
@@ -44,6 +46,7 @@ from dpoc.runtime.model import (
     virtual_pipeline_size,
 )
 from dpoc.runtime.passes import policy_pass, reference_pass
+from dpoc.runtime.preemption import Preemption
 from dpoc.runtime.run_log import RunLog
 
 
@@ -58,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights = weight_sources.sources(args, args_file)  # before any process waits for another
         _init_distributed(device)
         with devices.running_on(device):
-            train(args, device, args_file, weights)
+            return train(args, device, args_file, weights)
     except DpocError as err:
         for problem in err.problems:
             print(problem, file=sys.stderr)
@@ -67,7 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.is_initialized():
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
-    return 0
 
 
 def _world_size() -> int:
@@ -129,7 +131,8 @@ def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer)
     chunks = build_chunks(policy_config, args)
-    weight_sources.load(policy_source, chunks, config, args)
+    if policy_source.kind != "resume":  # a resumed policy is read from its checkpoint once the optimizer exists
+        weight_sources.load(policy_source, chunks, config, args)
     policy = [DistributedDataParallel(policy_config, ddp_config, _in_precision(policy_config, chunk),
                                       disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     chunks = build_chunks(reference_config, args)
@@ -157,12 +160,18 @@ def build_optimizer(args: argparse.Namespace, policy: list):
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters, wd_incr_style="constant")
+        wd_incr_steps=args.train_iters, wd_incr_style="constant",
+        # a resumed run follows its own arguments' schedule from the saved step on (a larger train_iters
+        # stretches the decay); checkpoint.py reports what changed
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
     return optimizer, scheduler
 
 
 def train(args: argparse.Namespace, device: devices.Device, args_file: str,
-          weights: tuple[weight_sources.WeightSource, ...]) -> None:
+          weights: tuple[weight_sources.WeightSource, ...]) -> int:
+    """The training loop; returns the process's exit code (0, or EXIT_PREEMPTED after a SIGTERM's save)."""
+    preemption = Preemption(enabled=args.save is not None and not args.dpoc_measure_memory)
+    check_start(args, args_file)
     initialize_parallel(args)
     config = transformer_config(args, device)
     policy, reference = build_models(args, config, weights)
@@ -177,10 +186,15 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     pad_multiple = args.tensor_model_parallel_size * args.context_parallel_size
     if not args.no_pad_to_seq_lengths:
         pad_multiple = args.seq_length
-    log = _open_log(args, device, dp_size, weights) if dist.get_rank() == 0 else None
-    for warning in dataset.warnings if log else ():
-        log.line(f"warning: {warning}")
-    for step in range(args.train_iters):
+    checkpoints = Checkpointer(args, args_file, device, policy, optimizer, scheduler, len(dataset))
+    # the memory probe measures step 1 of a fresh model and stops: it reads and writes no checkpoint
+    start, notes = (0, ["memory probe: step 1 only, no checkpoint is read or written"]) \
+        if args.dpoc_measure_memory else checkpoints.resume()
+    log = _open_log(args, device, dp_size, start, weights) if dist.get_rank() == 0 else None
+    say = log.line if log else None
+    for note in [*(f"warning: {w}" for w in dataset.warnings), *notes] if log else ():
+        log.line(note)
+    for step in range(start, args.train_iters):
         started = time.perf_counter()
         batches = rank_micro_batches(dataset, step, args.global_batch_size, args.micro_batch_size,
                                      dp_rank, dp_size, args.seed, pad_multiple, device.current(),
@@ -207,19 +221,30 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
                       "lr": lr,
                       "samples_per_s": args.global_batch_size / elapsed,
                       "tokens_per_s": tokens / elapsed})
+        stop = preemption.agreed(device)
+        if stop or checkpoints.due(step + 1):
+            reason = "preempted" if stop else "end" if step + 1 == args.train_iters else "interval"
+            checkpoints.save(step + 1, reason, say)
+        if stop:
+            if log:
+                log.line(f"preempted (SIGTERM): stopped after step {step + 1} with its checkpoint saved; run "
+                         f"again to resume (exit {EXIT_PREEMPTED})")
+                log.close()
+            return EXIT_PREEMPTED
     if log:
+        if start >= args.train_iters:
+            log.line(f"nothing to train: the checkpoint is at step {start} of {args.train_iters}")
         log.close()
+    return 0
 
 
-def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int,
+def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, start: int,
               weights: tuple[weight_sources.WeightSource, ...]) -> RunLog:
-    log = RunLog(args.dpoc_run_dir, args.train_iters, 0, args.tensorboard_dir)
+    log = RunLog(args.dpoc_run_dir, args.train_iters, start, args.tensorboard_dir)
     log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
              f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
     log.line(f"weights: policy from {weights[0].describe()}, reference from {weights[1].describe()}")
-    if args.save:
-        log.line(f"note: --save {args.save} given, but this runtime does not write checkpoints yet")
     return log
 
 

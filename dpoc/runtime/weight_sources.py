@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from dpoc import hf_config
+from dpoc import hf_config, megatron_args
 from dpoc.errors import DpocError, Problem
 from dpoc.runtime import hf_weights, seeded_init
 from dpoc.runtime.sharded import sharded_tensors
@@ -37,11 +38,13 @@ _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 
 @dataclass(frozen=True)
 class WeightSource:
-    kind: str  # random | hf | checkpoint
+    kind: str  # random | hf | checkpoint | resume (checkpoint.py restores a training checkpoint)
     path: str | None  # the directory to read (a checkpoint's iteration folder), None for random
     flag: str  # the megatron.args flag that named it
 
     def describe(self) -> str:
+        if self.kind == "resume":
+            return f"the newest intact checkpoint in {self.path}"
         return "seeded random init" if self.kind == "random" else f"{self.kind} {self.path}"
 
 
@@ -58,20 +61,26 @@ def sources(args: argparse.Namespace, args_file: str) -> tuple[WeightSource, Wei
         raise DpocError([Problem(args_file, "--dpoc-init", "missing: the runtime never guesses where the weights "
                                  "come from (valid: hf with --dpoc-hf-weights, converted with --load and "
                                  "--finetune, random)")])
-    if args.load and not args.finetune:
-        raise DpocError([Problem(args_file, "--load", f"{args.load} without --finetune would resume training, which "
-                                 "this runtime cannot do yet (valid: --finetune, to start from its weights)")])
+    resuming = megatron_args.resuming(args)  # --load alone: checkpoint.py restores the policy from it
     if init == "random":
-        given("--load", args.load)
+        if not resuming:
+            given("--load", args.load)
         given("--dpoc-hf-weights", args.dpoc_hf_weights)
         given("--ref-model", args.ref_model)
         policy = WeightSource("random", None, "--dpoc-init")
     elif init == "hf":
-        given("--load", args.load)
+        if not resuming:
+            given("--load", args.load)
         if not args.dpoc_hf_weights:
             problems.append(Problem(args_file, "--dpoc-hf-weights", "missing: --dpoc-init hf reads the policy from "
                                     "this Hugging Face directory"))
         policy = open_source(args.dpoc_hf_weights, "--dpoc-hf-weights", args_file, problems, kinds=("hf",))
+    elif resuming:  # the converted initial weights only matter as the reference: --ref-model names them
+        given("--dpoc-hf-weights", args.dpoc_hf_weights)
+        policy = WeightSource("resume", args.load, "--load")
+        if not args.ref_model:
+            problems.append(Problem(args_file, "--ref-model", "missing: a resumed run's reference is its initial "
+                                    "weights, which --load (the save directory) no longer names"))
     else:
         given("--dpoc-hf-weights", args.dpoc_hf_weights)
         if not args.load:
@@ -81,6 +90,8 @@ def sources(args: argparse.Namespace, args_file: str) -> tuple[WeightSource, Wei
     reference = open_source(args.ref_model, "--ref-model", args_file, problems) if args.ref_model else policy
     if problems:
         raise DpocError(problems)
+    if resuming:  # the policy's initial weights are not read: the checkpoint replaces them (its own checks)
+        policy = WeightSource("resume", args.load, "--load")
     for source in dict.fromkeys((policy, reference)):
         problems += architecture_problems(source, args, args_file)
     if problems:
@@ -218,10 +229,15 @@ def _sampled(file: Path) -> bytes:
 
 
 def reference_identity(args: argparse.Namespace) -> dict[str, str]:
-    """The frozen reference's source and content hash, for training checkpoints to record (random: the seed)."""
+    """The frozen reference's source and content hash: every training checkpoint records it, and a resumed run
+    must have the same hash (the same weights, wherever they now lie). The seeded init's content is a pure
+    function of the seed and the architecture, so its hash covers exactly those."""
     if args.dpoc_init == "random" and not args.ref_model:
-        return {"kind": "random", "path": "", "sha256": hashlib.sha256(f"seed {args.seed}".encode()).hexdigest()}
-    return describe_weights(args.ref_model or args.dpoc_hf_weights or args.load)
+        source = f"seeded-init:seed={args.seed}"
+        text = source + "\n" + json.dumps(megatron_args.architecture(args), sort_keys=True)
+        return {"source": source, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    described = describe_weights(args.ref_model or args.dpoc_hf_weights)
+    return {"source": f"{described['kind']} {described['path']}", "sha256": described["sha256"]}
 
 
 def problems_everywhere(local: list[Problem]) -> list[Problem]:

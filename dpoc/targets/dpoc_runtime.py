@@ -141,6 +141,7 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         ("--ckpt-format", "torch_dist"),
         ("--save", ck.save),
         ("--save-interval", t.save_interval),
+        ("--dpoc-keep-checkpoints", ck.keep),
     ]
     args.append(("--dpoc-init", ck.init))
     if ck.init == "hf":

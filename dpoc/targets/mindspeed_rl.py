@@ -54,6 +54,9 @@ def unsupported(plan: Plan) -> list[Violation]:
             out.append(Violation(field, f"{value:g}: {why} (fixed at {fixed:g}); valid: {fixed:g}, or runtime=dpoc"))
     if layout.recompute == "selective":
         out.append(Violation("parallelism.recompute", f"selective: {why}; valid: none, full, or runtime=dpoc"))
+    if plan.source_of("checkpoint.keep").source.startswith("user"):
+        out.append(Violation("checkpoint.keep", f"{plan.checkpoint.keep}: MindSpeed-RL keeps every checkpoint it "
+                             "saves; valid: leave it unset, or runtime=dpoc"))
     return out
 
 

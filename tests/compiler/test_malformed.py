@@ -36,7 +36,7 @@ OVERRIDE_CASES = [
     (["hardware.nodes=0"], "hardware.nodes", "must be >= 1 (got 0)"),
     (["hardware.master_port=70000"], "hardware.master_port", "must be <= 65535 (got 70000)"),
     (["runtime=slurm"], "runtime", "must be one of 'dpoc', 'mindspeed-rl' (got 'slurm')"),
-    (["checkpoint.resume=true"], "checkpoint.resume", "unknown key (valid: init, load, ref_model, save)"),
+    (["checkpoint.resume=true"], "checkpoint.resume", "unknown key (valid: init, keep, load, ref_model, save)"),
     (["model.preset=qwen3-30b"], "model.preset", "unknown preset 'qwen3-30b' (did you mean 'qwen3-30b-a3b'?"),
     (["hardware.preset=atlas-a5"], "hardware.preset", "unknown preset 'atlas-a5' (did you mean"),
     # semantic rules, through the whole pipeline
@@ -52,7 +52,8 @@ OVERRIDE_CASES = [
     (["runtime=mindspeed-rl", "dpo.beta=0.2"], "dpo.beta", "MindSpeed-RL's DPO config (MegatronConfig) cannot set it"),
     (["hardware.hosts=[10.0.0.1]"], "hardware.hosts", "lists 1 hosts but hardware.nodes is 2"),
     (["parallelism.num_layer_list=[12,12,12,12]"], "parallelism.num_layer_list", "has 4 entries but pp=8"),
-    (["training.warmup_iters=2000"], "training.warmup_iters", "2000 exceeds train_iters 1000"),
+    (["training.warmup_iters=2000"], "training.warmup_iters", "2000 is not below train_iters 1000; valid: fewer "
+     "warm-up steps than training steps"),
     (["dpo.loss=hinge", "dpo.label_smoothing=0.1"], "dpo.label_smoothing", "applies to the sigmoid loss only"),
     (["parallelism.etp=4", "parallelism.ep=4", "parallelism.pp=4"], "parallelism.etp",
      "etp=4: experts are split either like attention or not at all"),

@@ -46,6 +46,7 @@ checks = {
     "integer_device": lambda: str(torch.zeros(2, device=0).device),
     "current_device": lambda: str(torch.empty(1, device=torch.cuda.current_device()).device),
     "synchronize": lambda: torch.cuda.synchronize() is None,
+    "tensor_to_cuda": lambda: str(torch.zeros(2).cuda().device),
     "streams": streams,
     "type_name": lambda: torch.nn.Parameter(torch.zeros(2)).type(),
     "type_conversion": lambda: str(torch.zeros(2).type(torch.float64).dtype),

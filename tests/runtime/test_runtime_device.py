@@ -48,7 +48,7 @@ def test_rng_tracker_uses_the_cpu_generator(probe):
     assert first["draw"] == again["draw"]  # the same seed gives the same model-parallel draws
 
 
-@pytest.mark.parametrize("check", ["factory", "integer_device", "current_device"])
+@pytest.mark.parametrize("check", ["factory", "integer_device", "current_device", "tensor_to_cuda"])
 def test_cuda_devices_become_the_cpu(probe, check):
     _failed(probe, check)
     assert _value(probe, check) == "cpu"

@@ -1,0 +1,209 @@
+"""Training checkpoints of the runtime, run for real (`torchrun`, gloo on 127.0.0.1): resuming at another
+layout through the reshardable checkpoint, a layout it cannot reshard to, damaged files, and the checks a
+resumed run makes before it loads anything."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dpoc import megatron_args
+from dpoc.errors import DpocError
+from dpoc.runtime import checkpoint, publish
+from tests.runtime.synthetic import write_args, write_pairs
+from tests.runtime.test_runtime_train import COMPARED, metrics, train
+
+STEPS = 4
+TP2 = [("--tensor-model-parallel-size", 2)]
+PP2 = [("--pipeline-model-parallel-size", 2)]
+EP2 = [("--expert-model-parallel-size", 2)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("checkpoint")
+    write_pairs(tmp / "pairs", pairs=64)
+    return tmp
+
+
+def _args(workdir: Path, name: str, save: Path, load: Path | None = None, flags=(), **kwargs) -> Path:
+    extra = [("--save", save), ("--save-interval", 2), *([("--load", load)] if load else []), *flags]
+    return write_args(workdir / f"{name}.args", str(workdir / "pairs"), workdir / "runs" / name, steps=STEPS,
+                      extra=extra, **kwargs)
+
+
+def _run(args_file: Path, processes: int) -> str:
+    done = train(args_file, processes)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def saved(workdir):
+    """Uninterrupted 4-step runs saving at steps 2 and 4: dense at tp2, MoE at dp2, and dense in one process
+    with the plain (not distributed) optimizer."""
+    made = {}
+    runs = {"dense-tp2": (2, dict(layout=TP2)), "moe-dp2": (2, dict(moe=True)),
+            "plain": (1, dict(distributed_optimizer=False))}
+
+    def get(name: str) -> tuple[Path, list[dict]]:
+        if name not in made:
+            processes, kwargs = runs[name]
+            save = workdir / "saves" / name
+            _run(_args(workdir, name, save, **kwargs), processes)
+            assert publish.iterations(save) == [4, 2]
+            made[name] = save, metrics(workdir / "runs" / name)
+        return made[name]
+
+    return get
+
+
+def _copy(save: Path, to: Path, iterations: tuple[int, ...]) -> Path:
+    """A save directory holding only some of `save`'s checkpoints, the newest named by the tracker."""
+    for iteration in iterations:
+        shutil.copytree(save / publish.folder_name(iteration), to / publish.folder_name(iteration))
+    publish.write_atomically(to / publish.TRACKER, f"{max(iterations)}\n")
+    return to
+
+
+@pytest.mark.parametrize(("name", "source", "layout", "moe", "rng_note"), [
+    pytest.param("tp2-to-pp2", "dense-tp2", PP2, False, "RNG: the checkpoint's layout differs, so each rank keeps "
+                 "its freshly seeded generators", id="tp2-to-pp2"),
+    pytest.param("dp2-to-ep2", "moe-dp2", [*EP2, ("--no-load-rng", True)], True, "--no-load-rng: every rank keeps "
+                 "its freshly seeded generators", id="dp2-to-ep2-moe"),
+])
+def test_a_checkpoint_resumes_at_another_layout(workdir, saved, name, source, layout, moe, rng_note):
+    save, uninterrupted = saved(source)
+    target = _copy(save, workdir / "saves" / name, (2,))
+    out = _run(_args(workdir, name, target, target, layout=layout, moe=moe), 2)
+    assert f"resumed from {target}/iter_0000002: iteration 2, 16 samples consumed" in out
+    assert "layout: resharded from tp=" in out and rng_note in out
+    resumed = metrics(workdir / "runs" / name)
+    assert [r["step"] for r in resumed] == [3, 4]
+    for mine, theirs in zip(resumed, uninterrupted[2:], strict=True):
+        for key in COMPARED:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (name, mine["step"], key)
+
+
+def test_no_load_optim_keeps_megatrons_meaning(workdir, saved):
+    """The weights and the step come back, the optimizer state does not: step 3's loss (measured before its
+    update) is the uninterrupted run's, step 4's is not."""
+    save, uninterrupted = saved("plain")
+    target = _copy(save, workdir / "saves" / "no-optim", (2,))
+    args = _args(workdir, "no-optim", target, target, distributed_optimizer=False, flags=[("--no-load-optim", True)])
+    assert "--no-load-optim: the optimizer and the LR schedule start afresh" in _run(args, 1)
+    resumed = metrics(workdir / "runs" / "no-optim")
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert resumed[0]["loss"] == uninterrupted[2]["loss"] and resumed[1]["loss"] != uninterrupted[3]["loss"]
+
+
+def test_a_layout_the_checkpoint_cannot_reshard_to_is_refused_before_training(workdir, saved):
+    save, _ = saved("dense-tp2")
+    target = _copy(save, workdir / "saves" / "to-plain", (4,))
+    done = train(_args(workdir, "to-plain", target, target, distributed_optimizer=False), 1)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"{target}/iter_0000004: (layout): saved at tp=2 pp=1 vpp=1 cp=1 ep=1 etp=2 dp=1 (distributed optimizer), "
+        "cannot resume at tp=1 pp=1 vpp=1 cp=1 ep=1 etp=1 dp=1 (plain optimizer): the distributed and the plain "
+        "optimizer keep their state in different forms (valid: the checkpoint's parallelism.distributed_optimizer)")
+    assert not (workdir / "runs" / "to-plain" / publish.METRICS).exists()
+
+
+def _largest_shard(folder: Path) -> Path:
+    return max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def test_damaged_checkpoints_are_named_and_never_loaded(workdir, saved):
+    """(With the plain optimizer, whose resume this also checks: megatron-core's own load path.)"""
+    save, uninterrupted = saved("plain")
+    target = _copy(save, workdir / "saves" / "damaged", (2, 4))
+    shard = _largest_shard(target / "iter_0000004")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    shard.write_bytes(bytes(data))
+    args_file = _args(workdir, "damaged", target, target, distributed_optimizer=False)
+    out = _run(args_file, 1)
+    assert (f"warning: {target}/iter_0000004 is damaged and is not loaded: {shard}: (checkpoint): corrupted: its "
+            "sha256 differs from the manifest's; trying the previous checkpoint") in out
+    assert f"resumed from {target}/iter_0000002" in out
+    run_metrics = workdir / "runs" / "damaged" / publish.METRICS
+    resumed = metrics(run_metrics.parent)
+    assert [{k: r[k] for k in COMPARED} for r in resumed] == [{k: r[k] for k in COMPARED} for r in uninterrupted[2:]]
+
+    # now both: the re-saved step 4 truncated, step 2 corrupted: the run stops before training
+    logged = run_metrics.read_text()
+    newest = _largest_shard(target / "iter_0000004")
+    size = newest.stat().st_size
+    newest.write_bytes(newest.read_bytes()[:100])
+    older = _largest_shard(target / "iter_0000002")
+    data = bytearray(older.read_bytes())
+    data[-1] ^= 0x01
+    older.write_bytes(bytes(data))
+    done = train(args_file, 1)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-3:] == [
+        f"{newest}: (checkpoint): truncated or overwritten: 100 bytes, the manifest lists {size}",
+        f"{older}: (checkpoint): corrupted: its sha256 differs from the manifest's",
+        f"{target}: (checkpoints): none of its 2 checkpoints is intact (each damaged file is named above), so "
+        "nothing was loaded (valid: restore the files, or move the save and run directories away and start afresh "
+        "with DPOC_RESUME=0)"]
+    assert run_metrics.read_text() == logged
+
+    # and a fresh start over this run is refused
+    fresh = train(_args(workdir, "damaged", target, distributed_optimizer=False), 1)
+    assert fresh.returncode == 2
+    assert f"{target}: (checkpoints): holds an earlier run's checkpoints (newest: iteration 4)" in fresh.stderr
+    assert f"{run_metrics}: (file): holds 2 steps of an earlier run" in fresh.stderr  # steps 3 and 4
+
+
+@pytest.fixture
+def parse(tmp_path):
+    def get(**kwargs) -> argparse.Namespace:
+        return megatron_args.parse([f"@{write_args(tmp_path / 'x.args', 'pairs', tmp_path / 'run', **kwargs)}"])
+    return get
+
+
+DATA = {"seed": 1234, "global_batch_size": 8, "pairs": 64, "dataset_sha256": "a" * 64}
+
+
+def test_a_resume_must_be_the_same_model_data_order_and_reference(parse):
+    saved = checkpoint.records(parse(), 2, DATA, iteration=2)
+    other = parse(extra=[("--hidden-size", 128), ("--seed", 7), ("--global-batch-size", 16)])
+    current = checkpoint.records(other, 2, {**DATA, "seed": 7, "global_batch_size": 16, "pairs": 65,
+                                            "dataset_sha256": "b" * 64})
+    lines = [str(p) for p in checkpoint.resume_problems(saved, current, "m.args", "ck/iter_0000002", True)]
+    assert lines == [
+        "m.args: --hidden-size: is 128 but ck/iter_0000002 holds a model with 64; a checkpoint resumes only its own "
+        "model (valid: 64, or a fresh run)",
+        "m.args: --seed: is 7 but ck/iter_0000002 was trained with 1234; the data order is a function of seed, "
+        "global batch and dataset, so a resumed run needs the same (valid: 1234)",
+        "m.args: --global-batch-size: is 16 but ck/iter_0000002 was trained with 8; the data order is a function of "
+        "seed, global batch and dataset, so a resumed run needs the same (valid: 8)",
+        "m.args: --data-path: holds 65 pairs (index sha256 bbbbbbbbbbbb) but ck/iter_0000002 was trained on 64 "
+        "pairs (aaaaaaaaaaaa); a resumed run needs the same dataset (valid: the dataset it was trained on)",
+        f"m.args: --ref-model: the reference is seeded-init:seed=7 (sha256 {current['reference']['sha256'][:12]}) "
+        f"but ck/iter_0000002 was trained against seeded-init:seed=1234 ({saved['reference']['sha256'][:12]}); a "
+        "resumed DPO run keeps its reference (valid: seeded-init:seed=1234)"]
+
+
+def test_the_plain_optimizers_checkpoint_keeps_its_tp_and_pp(parse):
+    saved = checkpoint.records(parse(distributed_optimizer=False, layout=TP2), 2, DATA)
+    assert checkpoint.resume_problems(saved, checkpoint.records(parse(distributed_optimizer=False, layout=TP2), 4,
+                                                                DATA), "m", "ck", True) == []  # dp 1 -> 2
+    pp2 = checkpoint.records(parse(distributed_optimizer=False, layout=PP2), 2, DATA)
+    assert [str(p) for p in checkpoint.resume_problems(saved, pp2, "m", "ck", True)] == [
+        "ck: (layout): saved at tp=2 pp=1 vpp=1 cp=1 ep=1 etp=2 dp=1 (plain optimizer), cannot resume at tp=1 "
+        "pp=2 vpp=1 cp=1 ep=1 etp=1 dp=1 (plain optimizer): only the distributed optimizer's checkpoints reshard "
+        "across tp/pp/ep (valid: resume at tp=2 pp=1 vpp=1 cp=1 ep=1 etp=2 dp=1 (plain optimizer))"]
+    assert checkpoint.resume_problems(saved, pp2, "m", "ck", with_optimizer=False) == []  # the model alone reshards
+
+
+def test_finetuning_from_converted_weights_is_refused_not_ignored(parse):
+    with pytest.raises(DpocError) as err:
+        checkpoint.check_start(parse(extra=[("--load", "w"), ("--finetune", True)]), "m.args")
+    assert str(err.value) == ("m.args: --finetune: starting from converted weights (checkpoint.init: converted) is "
+                              "not implemented in the dpoc runtime yet; it resumes its own checkpoints only (valid: "
+                              "checkpoint.init: random)")
