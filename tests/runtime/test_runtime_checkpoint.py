@@ -201,9 +201,9 @@ def test_the_plain_optimizers_checkpoint_keeps_its_tp_and_pp(parse):
     assert checkpoint.resume_problems(saved, pp2, "m", "ck", with_optimizer=False) == []  # the model alone reshards
 
 
-def test_finetuning_from_converted_weights_is_refused_not_ignored(parse):
-    with pytest.raises(DpocError) as err:
-        checkpoint.check_start(parse(extra=[("--load", "w"), ("--finetune", True)]), "m.args")
-    assert str(err.value) == ("m.args: --finetune: starting from converted weights (checkpoint.init: converted) is "
-                              "not implemented in the dpoc runtime yet; it resumes its own checkpoints only (valid: "
-                              "checkpoint.init: random)")
+def test_load_alone_resumes_and_load_with_finetune_starts_from_the_weights(parse):
+    """Megatron's convention: --finetune starts a fresh run from --load's weights (checkpoint.init: converted;
+    the fresh-start rule and no resume), --load alone resumes a training checkpoint."""
+    assert megatron_args.resuming(parse(extra=[("--load", "w")]))
+    assert not megatron_args.resuming(parse(extra=[("--load", "w"), ("--finetune", True)]))
+    assert not megatron_args.resuming(parse())

@@ -53,9 +53,9 @@ def test_random_init_takes_no_weights(tmp_path, llama):
     (hf(Path("nowhere")), "m.args: --dpoc-hf-weights: nowhere: no such directory"),
     ([("--dpoc-init", "converted"), ("--load", "LLAMA"), ("--finetune", True)],
      "m.args: --load: LLAMA holds Hugging Face weights (config.json), but --load takes a distributed checkpoint"),
-    ([("--dpoc-init", "converted"), ("--load", "LLAMA")],
-     "m.args: --load: LLAMA without --finetune would resume training, which this runtime cannot do yet "
-     "(valid: --finetune, to start from its weights)"),
+    ([("--dpoc-init", "converted"), ("--load", "LLAMA")],  # --load alone resumes: the reference needs a name
+     "m.args: --ref-model: missing: a resumed run's reference is its initial weights, which --load (the save "
+     "directory) no longer names"),
 ])
 def test_flags_that_cannot_be_honoured(tmp_path, llama, init, line):
     init = [(flag, str(llama) if value == "LLAMA" else value) for flag, value in init]
