@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from dpoc.megatron_args import Arg
+from dpoc import templating
+from dpoc.megatron_args import Arg, format_args
 from dpoc.plan import Plan
 from dpoc.rules import Violation
 
@@ -13,6 +14,21 @@ if TYPE_CHECKING:
     from dpoc.planner.search import SearchSpace
 
 NAME = "dpoc"
+
+
+def node_script(rank: int) -> str:
+    """Node `rank`'s launch script, relative to the build directory."""
+    return f"nodes/node-{rank}.sh"
+
+
+def files(plan: Plan) -> dict[str, str]:
+    """What this target renders: the argument files (fresh and resume) and one node script per node."""
+    out = {path: format_args(megatron_args(plan, resume=resume))
+           for resume, path in ((False, "megatron.args"), (True, "resume/megatron.args"))}
+    values = templating.node_values(plan)
+    for rank, host in enumerate(plan.cluster.hosts):
+        out[node_script(rank)] = templating.template("node.sh.j2", node_rank=rank, host=host, **values)
+    return out
 
 
 def unsupported(plan: Plan) -> list[Violation]:

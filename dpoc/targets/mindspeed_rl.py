@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from dpoc import templating
 from dpoc.family import DEFAULT_TEMPLATE
 from dpoc.plan import Plan
 from dpoc.rules import Violation
@@ -19,6 +20,29 @@ if TYPE_CHECKING:
 
 NAME = "mindspeed-rl"
 DEFAULT_BETA, DEFAULT_ADAM_EPS = 0.1, 1e-8
+
+
+def node_script(rank: int) -> str:
+    """Node `rank`'s launch script, relative to the build directory."""
+    return f"mindspeed-rl/nodes/node-{rank}.sh"
+
+
+def files(plan: Plan) -> dict[str, str]:
+    """What this target renders: its folder of Hydra configs (fresh and resume), model and dataset YAML, and
+    one node script per node running cli/train_dpo.py."""
+    name, m = plan.name, plan.model.mindspeed_name
+    out = {}
+    for resume, suffix in ((False, ""), (True, "_resume")):
+        out[f"mindspeed-rl/dpo_{name}{suffix}.yaml"] = templating.yaml_text({
+            "defaults": [{"model": [m]}],
+            "megatron_training": training_config(plan, resume=resume),
+        })
+    out[f"mindspeed-rl/model/{m}.yaml"] = templating.yaml_text(model_config(plan))
+    out[f"mindspeed-rl/datasets/{name}.yaml"] = templating.yaml_text(dataset_config(plan))
+    values = templating.node_values(plan)
+    for rank, host in enumerate(plan.cluster.hosts):
+        out[node_script(rank)] = templating.template("mindspeed_node.sh.j2", node_rank=rank, host=host, **values)
+    return out
 
 
 def unsupported(plan: Plan) -> list[Violation]:
