@@ -3,22 +3,36 @@
 The compiler never touches cluster paths (resolve is pure); this is where they are checked: the build is
 intact (files match manifest.json), the dataset, tokenizer and initial weights exist, and on resume the
 checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank, the checkpoint's layout must be
-exactly the Plan's; a mismatch is refused with the conversion that fixes it. Exit 2, one line per problem.
+exactly the Plan's; a mismatch is refused with the conversion that fixes it. Given the node's rank (the node
+scripts pass it), the node itself is checked too (`node_checks`): the launcher's build, the devices, the
+runtime's packages, the master. Exit 2, one line per problem.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpoc import node_checks, targets
 from dpoc.errors import DpocError, Problem
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
+@dataclass(frozen=True)
+class Node:
+    """Who runs the preflight: the node's rank, the master it will join, the Plan hash its launcher started."""
+
+    rank: int
+    master_addr: str
+    master_port: int
+    plan_hash: str | None = None  # None: started by hand, no launcher to agree with
+
+
+def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node | None = None) -> None:
     build = Path(build_dir)
     manifest_path = build / "manifest.json"
     try:
@@ -27,6 +41,8 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
         raise DpocError([Problem(str(manifest_path), "(file)", f"cannot read the build's manifest: {exc}")]) from None
     problems = _edited_files(build, manifest)
     plan = json.loads((build / "plan.json").read_text())
+    if node is not None:
+        problems += _node(build, plan, target, node)
     problems += _inputs(build, plan)
     ck = plan["checkpoint"]
     if mode == "resume":
@@ -43,6 +59,25 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
                 problems += legacy_layout_problems(ck[key], plan["layout"], build)
     if problems:
         raise DpocError(list(dict.fromkeys(problems)))
+
+
+def _node(build: Path, plan: dict[str, Any], target: str, node: Node) -> list[Problem]:
+    import socket
+
+    name = f"node {node.rank} ({socket.gethostname()})"
+    actual = hashlib.sha256((build / "plan.json").read_bytes()).hexdigest()
+    if node.plan_hash and node.plan_hash != actual:
+        return [Problem(name, str(build / "plan.json"), f"is plan {actual[:12]}, but the launcher started plan "
+                        f"{node.plan_hash[:12]}: this node holds another build; fix: copy the launching machine's "
+                        "build directory to this node at the same path (or rebuild both from the same recipe)")]
+    hw = plan["hardware"]
+    requirements = targets.get(target).requirements()
+    out = node_checks.devices(name, hw["device"], hw["devices_per_node"])
+    if hw["device"] == "npu":
+        out += node_checks.packages(name, [*requirements, node_checks.TORCH_NPU]) + node_checks.ascend_stack(name)
+    else:
+        out += node_checks.packages(name, requirements)
+    return out + node_checks.master(name, node.rank, node.master_addr, node.master_port)
 
 
 def _edited_files(build: Path, manifest: dict[str, Any]) -> list[Problem]:

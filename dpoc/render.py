@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from dpoc import __version__, targets
+from dpoc.cluster import SSH_OPTIONS
 from dpoc.convert import conversions
 from dpoc.plan import Plan
 from dpoc.templating import header_values, template, yaml_text
@@ -26,7 +27,8 @@ def render(plan: Plan) -> dict[str, str]:
             files.update(target.files(plan))
     runtime = targets.get(plan.runtime)
     files["launch.sh"] = template("launch.sh.j2", nodes=[{"host": h, "script": runtime.node_script(k)}
-                                                         for k, h in enumerate(plan.cluster.hosts)], **common)
+                                                         for k, h in enumerate(plan.cluster.hosts)],
+                                  ssh_options=SSH_OPTIONS, **common)
     files["preprocess.yaml"] = yaml_text(preprocess_config(plan))
     files["preprocess.sh"] = template("preprocess.sh.j2", input=plan.data.input,
                                       output_prefix=plan.data.output_prefix, **common)

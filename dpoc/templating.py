@@ -63,6 +63,12 @@ def header_values(plan: Plan) -> dict[str, Any]:
     return {"version": __version__, "name": plan.name, "plan_hash": plan.hash()}
 
 
+def node_hosts(plan: Plan) -> list[tuple[int, str | None]]:
+    """(rank, host) for every node; the host is None when the recipe names none (the launcher places the node)."""
+    hosts = plan.cluster.hosts
+    return [(rank, hosts[rank] if hosts else None) for rank in range(plan.hardware.nodes)]
+
+
 def node_values(plan: Plan) -> dict[str, Any]:
     """What every target's node scripts share: the world, the master, the environment, the save directory."""
     hw, cluster = plan.hardware, plan.cluster

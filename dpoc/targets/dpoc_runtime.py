@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from dpoc import templating
 from dpoc.megatron_args import Arg, format_args
+from dpoc.node_checks import Requirement
 from dpoc.plan import Plan
 from dpoc.rules import Violation
 
@@ -14,6 +15,12 @@ if TYPE_CHECKING:
     from dpoc.planner.search import SearchSpace
 
 NAME = "dpoc"
+
+
+def requirements() -> list[Requirement]:
+    """What the runtime imports on a node, at the versions of the `runtime` extra (pyproject.toml)."""
+    return [Requirement("torch", "torch", (2, 5)), Requirement("megatron.core", "megatron-core", (0, 12), (0, 20)),
+            Requirement("numpy", "numpy", (1, 24))]
 
 
 def node_script(rank: int) -> str:
@@ -26,7 +33,7 @@ def files(plan: Plan) -> dict[str, str]:
     out = {path: format_args(megatron_args(plan, resume=resume))
            for resume, path in ((False, "megatron.args"), (True, "resume/megatron.args"))}
     values = templating.node_values(plan)
-    for rank, host in enumerate(plan.cluster.hosts):
+    for rank, host in templating.node_hosts(plan):
         out[node_script(rank)] = templating.template("node.sh.j2", node_rank=rank, host=host, **values)
     return out
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpoc import templating
 from dpoc.family import DEFAULT_TEMPLATE
+from dpoc.node_checks import Requirement
 from dpoc.plan import Plan
 from dpoc.rules import Violation
 
@@ -20,6 +21,14 @@ if TYPE_CHECKING:
 
 NAME = "mindspeed-rl"
 DEFAULT_BETA, DEFAULT_ADAM_EPS = 0.1, 1e-8
+
+
+def requirements() -> list[Requirement]:
+    """What cli/train_dpo.py imports (MindSpeed-RL's install guide: torch 2.5.1 or 2.7.1; Megatron and MindSpeed
+    are source copies on its PYTHONPATH, so only their presence is checked)."""
+    return [Requirement("torch", "torch", (2, 5)), Requirement("megatron.core", "megatron-core"),
+            Requirement("mindspeed", "mindspeed"), Requirement("mindspeed_rl", "mindspeed_rl"),
+            Requirement("hydra", "hydra-core")]
 
 
 def node_script(rank: int) -> str:
@@ -40,7 +49,7 @@ def files(plan: Plan) -> dict[str, str]:
     out[f"mindspeed-rl/model/{m}.yaml"] = templating.yaml_text(model_config(plan))
     out[f"mindspeed-rl/datasets/{name}.yaml"] = templating.yaml_text(dataset_config(plan))
     values = templating.node_values(plan)
-    for rank, host in enumerate(plan.cluster.hosts):
+    for rank, host in templating.node_hosts(plan):
         out[node_script(rank)] = templating.template("mindspeed_node.sh.j2", node_rank=rank, host=host, **values)
     return out
 

@@ -256,9 +256,11 @@ def test_resume_mode_is_picked_from_the_save_directory(tmp_path):
     subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
     bad = subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env={**env, "DPOC_RESUME": "yes"},
                          capture_output=True, text=True)
-    lines = log.read_text().splitlines()
-    assert lines[0] == f"-m dpoc preflight {out} --mode fresh" and lines[1].endswith(f"@{out}/megatron.args")
-    assert lines[2] == f"-m dpoc preflight {out} --mode resume" and lines[3].endswith(f"@{out}/resume/megatron.args")
+    preflight, train = ([ln for ln in log.read_text().splitlines() if key in ln]
+                        for key in ("-m dpoc preflight", "dpoc.runtime.train"))
+    assert preflight[0].startswith(f"-m dpoc preflight {out} --mode fresh --target dpoc --node-rank 0 ")
+    assert preflight[1].startswith(f"-m dpoc preflight {out} --mode resume ")
+    assert train[0].endswith(f"@{out}/megatron.args") and train[1].endswith(f"@{out}/resume/megatron.args")
     assert bad.returncode == 2 and "DPOC_RESUME must be auto, 1 or 0 (got yes)" in bad.stderr
 
 
