@@ -13,6 +13,8 @@ from dpoc.errors import EXIT_USER_ERROR, DpocError
 EXTERNAL = {
     "preprocess": ("dpoc.data.cli", "tokenize preference data into the pairwise indexed dataset"),
     "report": ("dpoc.runtime.report", "draw a run's loss, reward-margin and accuracy curves"),
+    "launch": ("dpoc.launch.cli", "run a build here, over ssh or on Ray; stop (or restart) it when a node fails"),
+    "jobs": ("dpoc.launch.jobs", "status, logs or stop of a launch submitted to Ray (dpoc launch --submit)"),
 }
 
 
