@@ -3,6 +3,8 @@ what each node asks of Ray. The compiler (rules, rendered scripts) and the launc
 
 from __future__ import annotations
 
+import json
+
 # ssh never prompts (BatchMode: key-based login or a clear failure), gives up on an unreachable host in seconds
 # instead of waiting silently, and notices a node that dies mid-run (no reply to 4 keep-alives 15 s apart).
 SSH_CONNECT_TIMEOUT_S = 10
@@ -24,3 +26,14 @@ def is_loopback(host: str) -> bool:
 def ray_bundle(device: str, devices_per_node: int) -> dict[str, float]:
     """One node's placement-group bundle: its devices as Ray resources (cpu: one CPU per process)."""
     return {RAY_RESOURCE[device]: float(devices_per_node)}
+
+
+def ray_start_options(device: str, devices_per_node: int) -> list[str]:
+    """`ray start` options that make a node offer exactly one bundle's devices (its CPUs are Ray's own count,
+    except on cpu, where the processes are the devices: a node of fewer cores still takes its bundle)."""
+    n = str(devices_per_node)
+    if device == "cpu":
+        return ["--num-cpus", n]
+    if device == "cuda":
+        return ["--num-gpus", n]
+    return ["--resources", json.dumps({RAY_RESOURCE[device]: devices_per_node})]

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from dpoc import __version__, targets
-from dpoc.cluster import SSH_OPTIONS
+from dpoc.cluster import SSH_OPTIONS, ray_start_options
 from dpoc.convert import conversions
 from dpoc.plan import Plan
 from dpoc.templating import header_values, template, yaml_text
@@ -29,6 +29,9 @@ def render(plan: Plan) -> dict[str, str]:
     files["launch.sh"] = template("launch.sh.j2", nodes=[{"host": h, "script": runtime.node_script(k)}
                                                          for k, h in enumerate(plan.cluster.hosts)],
                                   ssh_options=SSH_OPTIONS, **common)
+    resources = ray_start_options(plan.hardware.device, plan.hardware.devices_per_node)
+    for role in ("head", "worker"):
+        files[f"ray-{role}.sh"] = template("ray_start.sh.j2", head=role == "head", resources=resources, **common)
     files["preprocess.yaml"] = yaml_text(preprocess_config(plan))
     files["preprocess.sh"] = template("preprocess.sh.j2", input=plan.data.input,
                                       output_prefix=plan.data.output_prefix, **common)

@@ -17,6 +17,7 @@ from dpoc.compile import build, plan_recipe
 from tests.conftest import RECIPES, REPO, run_subprocess
 
 CONTRACT = ["plan.json", "megatron.args", "resume/megatron.args", "nodes/node-0.sh", "nodes/node-1.sh", "launch.sh",
+            "ray-head.sh", "ray-worker.sh",
             "preprocess.yaml", "preprocess.sh", "convert/hf_to_mcore.sh", "convert/mcore_to_hf.sh",
             "mindspeed-rl/dpo_qwen3_30b.yaml", "mindspeed-rl/dpo_qwen3_30b_resume.yaml",
             "mindspeed-rl/model/qwen3_30b_a3b.yaml", "mindspeed-rl/datasets/qwen3_30b.yaml",
@@ -195,7 +196,7 @@ def test_shipped_scripts_pass_shellcheck(guide_build, tmp_path):
     tiny = tmp_path / "tiny"
     build(RECIPES / "tiny_cpu.yaml", out=tiny)
     scripts = sorted(guide_build.rglob("*.sh")) + sorted(tiny.rglob("*.sh"))
-    assert len(scripts) == 11
+    assert len(scripts) == 15
     proc = subprocess.run([shellcheck, "--severity=style", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 

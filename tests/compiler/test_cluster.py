@@ -4,6 +4,7 @@ master for remote nodes is refused, and the launch settings are part of the Plan
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 from dpoc.compile import build
@@ -67,3 +68,41 @@ def test_max_restarts_is_a_launch_setting_with_its_source(dpoc_cli):
     assert rows["launch.max_restarts"].split()[1:3] == ["3", "user:command"]
     bad = dpoc_cli("validate", RECIPES / "tiny_cpu.yaml", "--set", "launch.max_restarts=-1")
     assert bad.code == 2 and "launch.max_restarts: must be >= 0 (got -1)" in bad.err
+
+
+RECORD_ARGV = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGV_LOG"\n'
+
+
+def _ray_start(script, tmp_path, *args, **env):
+    """Run a rendered ray-*.sh with a `ray` stand-in; its argv."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "ray").write_text(RECORD_ARGV)
+    (bin_dir / "ray").chmod(0o755)
+    log = tmp_path / "argv"
+    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGV_LOG": str(log), **env}
+    run = subprocess.run(["bash", str(script), *args], env=full, capture_output=True, text=True)
+    return run, log.read_text().splitlines() if log.exists() else []
+
+
+def test_ray_scripts_offer_exactly_the_bundle_a_node_of_the_job_asks_for(tmp_path):
+    from dpoc.cluster import ray_bundle
+
+    for recipe, overrides, resources, bundle in (
+        ("qwen3_30b.yaml", [], ["--resources", '{"NPU": 16}'], {"NPU": 16.0}),
+        ("tiny_cpu.yaml", HOSTLESS, ["--num-cpus", "1"], {"CPU": 1.0}),
+        ("tiny_cpu.yaml", [*HOSTLESS, "hardware.device=cuda", "hardware.backend=nccl", "hardware.devices_per_node=2"],
+         ["--num-gpus", "2"], {"GPU": 2.0}),
+    ):
+        out = tmp_path / recipe / str(len(overrides))
+        build(RECIPES / recipe, overrides, out=out)
+        plan = json.loads((out / "plan.json").read_text())
+        assert ray_bundle(plan["hardware"]["device"], plan["hardware"]["devices_per_node"]) == bundle
+        run, head = _ray_start(out / "ray-head.sh", tmp_path, RAY_PORT="7000", RAY_NODE_IP="10.0.0.5")
+        assert run.returncode == 0, run.stderr
+        assert head == ["start", "--head", "--port", "7000", "--dashboard-host", "127.0.0.1", "--node-ip-address",
+                        "10.0.0.5", *resources]
+        run, worker = _ray_start(out / "ray-worker.sh", tmp_path, "10.0.0.5:7000", "--block")
+        assert worker == ["start", "--address", "10.0.0.5:7000", *resources, "--block"]
+    run, _ = _ray_start(out / "ray-worker.sh", tmp_path)
+    assert run.returncode != 0 and "usage: ray-worker.sh HEAD_ADDRESS:PORT (printed by ray-head.sh)" in run.stderr
