@@ -170,7 +170,7 @@ def supervise(running: Running, logs: NodeLogs) -> Failure | None:
                 logs.write(r.rank, r.lines)
             failed = [r for r in reports if r.gone or r.code not in (None, 0)]
             if failed:
-                first = failed[0]
+                first = min(failed, key=lambda r: (r.gone is None, r.rank))  # a vanished node is the likelier cause
                 running.stop()
                 for r in running.poll():  # what the stopped nodes printed on their way out
                     logs.write(r.rank, r.lines)

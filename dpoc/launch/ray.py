@@ -23,6 +23,7 @@ from dpoc.launch.process import NodeProcess
 
 PLACEMENT_TIMEOUT_S = 120.0
 POLL_TIMEOUT_S = 30.0  # an actor that does not answer a poll for this long counts as gone
+CONNECT_TIMEOUT_S = 10.0
 
 
 def import_ray():
@@ -125,6 +126,27 @@ class RayNodes:
         return f"is gone ({report.gone})" if report.gone else exit_reason(report.code)
 
 
+def _unreachable(address: str) -> str | None:
+    """Why the cluster's address does not answer, if it does not: ray.init would retry a dead address for many
+    minutes, silently. `auto` is resolved as Ray does (RAY_ADDRESS, else this machine's latest cluster)."""
+    import socket
+
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(address.split("://", 1)[-1])
+    except (ImportError, ValueError, ConnectionError) as exc:
+        return str(exc)
+    if resolved is None:
+        return "no cluster found on this machine"
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 class RayExecutor:
     """`dpoc launch BUILD --ray [ADDRESS]`: the job's nodes on an existing Ray cluster (ADDRESS, else
     RAY_ADDRESS, else the cluster this machine belongs to). Never starts a Ray instance of its own."""
@@ -132,12 +154,16 @@ class RayExecutor:
     def __init__(self, address: str | None):
         self.ray = ray = import_ray()
         target = address or os.environ.get("RAY_ADDRESS") or "auto"
-        try:
-            ray.init(address=target, log_to_driver=False, logging_level="warning")
-        except ConnectionError as exc:
-            raise DpocError([Problem("dpoc launch", "--ray", f"no Ray cluster at {target} ({exc}); valid: start one "
-                                     "with BUILD/ray-head.sh (and BUILD/ray-worker.sh HEAD on the other nodes), or "
-                                     "give --ray ADDRESS")]) from None
+        unreachable = _unreachable(target)
+        if unreachable is None:
+            try:
+                ray.init(address=target, log_to_driver=False, logging_level="warning")
+                return
+            except ConnectionError as exc:
+                unreachable = str(exc)
+        raise DpocError([Problem("dpoc launch", "--ray", f"no Ray cluster at {target} ({unreachable}); valid: start "
+                                 "one with BUILD/ray-head.sh (and BUILD/ray-worker.sh HEAD on the other nodes), or "
+                                 "give --ray ADDRESS")])
 
     def start(self, job: Job, attempt: int) -> RayNodes:
         ray = self.ray

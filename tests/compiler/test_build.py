@@ -184,7 +184,7 @@ def test_write_failure_midway_keeps_old_build(tmp_path, monkeypatch):
 
 def test_build_does_not_import_torch(tmp_path):
     code = ("import sys; from dpoc.cli import main; rc = main(['build', 'recipes/qwen3_30b.yaml', '-o', sys.argv[1]]);"
-            "bad = [m for m in ('torch', 'megatron', 'transformers', 'numpy') if m in sys.modules];"
+            "bad = [m for m in ('torch', 'megatron', 'transformers', 'numpy', 'ray') if m in sys.modules];"
             "print(rc, bad)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -106,3 +106,14 @@ def test_ray_scripts_offer_exactly_the_bundle_a_node_of_the_job_asks_for(tmp_pat
         assert worker == ["start", "--address", "10.0.0.5:7000", *resources, "--block"]
     run, _ = _ray_start(out / "ray-worker.sh", tmp_path)
     assert run.returncode != 0 and "usage: ray-worker.sh HEAD_ADDRESS:PORT (printed by ray-head.sh)" in run.stderr
+
+
+def test_launchers_start_the_recipes_runtime_target(tmp_path):
+    """A runtime: mindspeed-rl build launches MindSpeed-RL's node scripts (launch.sh and dpoc launch alike)."""
+    from dpoc.launch.job import Job
+
+    for runtime, script in (("dpoc", "nodes/node-1.sh"), ("mindspeed-rl", "mindspeed-rl/nodes/node-1.sh")):
+        out = tmp_path / runtime
+        build(RECIPES / "qwen3_30b.yaml", [f"runtime={runtime}"], out=out)
+        assert f"start_node 1 192.168.1.11 {script}\n" in (out / "launch.sh").read_text()
+        assert Job.from_build(out).node_script(1) == out / script
