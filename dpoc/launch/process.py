@@ -3,9 +3,9 @@
 The same class serves every executor: `dpoc launch` runs it for each local or ssh node, and the Ray actor of a
 node runs it on that node. The process gets a session of its own (stopping it signals its whole group, never
 the launcher), dies with its parent (Linux: a parent-death signal, so a killed launcher or Ray actor does not
-leave a node running), and its output is read line by line on a thread. Stopping sends SIGTERM to the group
-(the node script's trap then stops every process carrying its token), waits, SIGKILLs what is left, and
-sweeps the token once more.
+leave a node running), and its output is read line by line on a thread. Stopping sends SIGTERM to the script
+(its trap then stops every process carrying its token), waits, SIGKILLs what is left in its group, and sweeps
+the token once more.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class NodeProcess:
     def stop(self, grace_s: float = tree.DEFAULT_GRACE_S) -> None:
         """Stop the node's whole process tree: its trap first, then by force; bounded by about 2 × grace_s."""
         if self._proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self._proc.send_signal(signal.SIGTERM)  # to the script alone: its trap decides how its processes end
             try:
                 self._proc.wait(grace_s + 1.0)  # the trap's own SIGTERM-to-SIGKILL grace, and a margin
             except subprocess.TimeoutExpired:
