@@ -1,48 +1,12 @@
-"""What the launcher tests share: the tiny dataset preprocessed once, the environment node scripts run in, the
-processes a launch left behind, and stand-ins for torchrun."""
+"""What the launcher tests share: the processes a launch left behind, losses of a run, a torchrun stand-in."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
-from functools import cache
 from pathlib import Path
 
-from dpoc.compile import build
 from dpoc.launch import tree
-from tests.conftest import RECIPES, REPO
-
-_TEMP = tempfile.TemporaryDirectory(prefix="dpoc-launch-tests-")  # removed when the test session ends
-
-
-def launch_env(**extra: str) -> dict[str, str]:
-    """Node scripts find this checkout's dpoc and the venv's python/torchrun; one thread per gloo process."""
-    return {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-            "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra}
-
-
-@cache
-def tiny_dataset() -> str:
-    """The tiny recipe's data, preprocessed once per session by its rendered preprocess.sh; the output prefix."""
-    tmp = Path(_TEMP.name) / "data"
-    out = tmp / "build"
-    build(RECIPES / "tiny_cpu.yaml", [f"dataset.output_prefix={tmp}/orca_tiny"], out=out)
-    pre = subprocess.run(["bash", str(out / "preprocess.sh")], cwd=REPO, env=launch_env(), capture_output=True,
-                         text=True, timeout=300)
-    assert pre.returncode == 0, pre.stderr[-2000:]
-    assert json.loads((tmp / "orca_tiny_stats.json").read_text())["pairs_kept"] == 256
-    return str(tmp / "orca_tiny")
-
-
-def scratch(name: str) -> Path:
-    """A directory that lives as long as the session (for what cached helpers build)."""
-    path = Path(_TEMP.name) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def plan_hash(build_dir: Path) -> str:

@@ -17,8 +17,8 @@ from dpoc.errors import DpocError
 from dpoc.launch.job import Job, launch
 from dpoc.launch.local import LocalExecutor
 from tests.compiler.test_preflight import touch_dataset
-from tests.conftest import RECIPES, REPO
-from tests.launch.helpers import launch_env, left_running, plan_hash, stub_torchrun
+from tests.conftest import RECIPES, REPO, script_env
+from tests.launch.helpers import left_running, plan_hash, stub_torchrun
 
 TWO_NODES = ["hardware.nodes=2", "hardware.devices_per_node=1"]
 
@@ -39,7 +39,7 @@ def _build(job_dir, *overrides):
 
 
 def _launch(job_dir, out, *args, plan=""):
-    env = launch_env(STUB_DIR=str(job_dir), STUB_PLAN=plan)
+    env = script_env(STUB_DIR=str(job_dir), STUB_PLAN=plan)
     env["PATH"] = f"{stub_torchrun(job_dir)}:{env['PATH']}"
     return subprocess.run([sys.executable, "-m", "dpoc", "launch", str(out), *args], cwd=job_dir, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -98,7 +98,7 @@ def test_a_node_holding_another_build_fails_its_preflight(job_dir, monkeypatch):
     other = job_dir / "other"
     build(RECIPES / "tiny_cpu.yaml", [*TWO_NODES, "training.lr=1e-4", f"dataset.output_prefix={job_dir}/data/orca_tiny",
                                       f"run_dir={job_dir}/run"], out=other)
-    monkeypatch.setenv("PATH", launch_env()["PATH"])
+    monkeypatch.setenv("PATH", script_env()["PATH"])
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     job = replace(Job.from_build(launched, job_dir), build=other)  # as if the nodes held `other` at that path
     err, out = io.StringIO(), io.StringIO()

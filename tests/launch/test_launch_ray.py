@@ -19,8 +19,8 @@ import pytest
 
 from dpoc.compile import build
 from dpoc.preflight import TRACKER
-from tests.conftest import RECIPES, REPO
-from tests.launch.helpers import launch_env, left_running, losses, plan_hash, scratch, tiny_dataset
+from tests.conftest import RECIPES, REPO, scratch, script_env, tiny_dataset
+from tests.launch.helpers import left_running, losses, plan_hash
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
 
@@ -53,7 +53,7 @@ class RayCluster:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    env = launch_env(**RAY_ENV)
+    env = script_env(**RAY_ENV)
     env.pop("RAY_ADDRESS", None)
     with pytest.MonkeyPatch.context() as mp:  # the cluster's processes (and the actors) inherit this environment
         for key, value in env.items():
@@ -79,7 +79,7 @@ def _build(tmp_path: Path, *overrides: str) -> tuple[Path, Path]:
 
 
 def _dpoc(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpoc", *args], cwd=REPO, env=launch_env(**RAY_ENV),
+    return subprocess.run([sys.executable, "-m", "dpoc", *args], cwd=REPO, env=script_env(**RAY_ENV),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -87,7 +87,7 @@ def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     """`dpoc launch ARGS` in the background; its stderr goes to a file the test reads while it runs."""
     err = tmp_path / "launch.err"
     with (tmp_path / "launch.out").open("w") as out, err.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "dpoc", "launch", *args], cwd=REPO, env=launch_env(**RAY_ENV),
+        proc = subprocess.Popen([sys.executable, "-m", "dpoc", "launch", *args], cwd=REPO, env=script_env(**RAY_ENV),
                                 stdout=out, stderr=sink)
     return proc, err
 

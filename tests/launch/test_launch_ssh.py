@@ -14,8 +14,8 @@ import pytest
 
 from dpoc.compile import build
 from tests.compiler.test_preflight import touch_dataset
-from tests.conftest import RECIPES
-from tests.launch.helpers import launch_env, left_running, plan_hash, stub_torchrun
+from tests.conftest import RECIPES, script_env
+from tests.launch.helpers import left_running, plan_hash, stub_torchrun
 
 OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15", "-o",
            "ServerAliveCountMax=4"]
@@ -56,7 +56,7 @@ def _build(job_dir: Path, *overrides: str) -> Path:
 
 
 def _run(job_dir: Path, command: list[str], **env: str) -> subprocess.CompletedProcess:
-    full = launch_env(STUB_DIR=str(job_dir), STUB_PLAN="1:1=4", **env)
+    full = script_env(STUB_DIR=str(job_dir), STUB_PLAN="1:1=4", **env)
     full["PATH"] = f"{job_dir / 'bin'}:{full['PATH']}"
     return subprocess.run(command, cwd=job_dir, env=full, capture_output=True, text=True, timeout=300)
 

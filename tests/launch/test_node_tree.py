@@ -12,8 +12,7 @@ from pathlib import Path
 from dpoc.compile import build
 from dpoc.launch import tree
 from dpoc.launch.local import free_port
-from tests.conftest import RECIPES, REPO
-from tests.launch.helpers import launch_env, tiny_dataset
+from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
 
 
 def _argv(pid: int) -> list[str]:
@@ -35,7 +34,7 @@ def test_kill_9_of_torchrun_takes_its_workers_down(tmp_path):
     log = tmp_path / "node-0.log"
     with log.open("w") as sink:
         node = subprocess.Popen(["bash", str(out / "nodes/node-0.sh")], cwd=REPO, start_new_session=True,
-                                env=launch_env(DPOC_NODE_TOKEN=token, DPOC_MASTER_PORT=str(free_port())),
+                                env=script_env(DPOC_NODE_TOKEN=token, DPOC_MASTER_PORT=str(free_port())),
                                 stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
