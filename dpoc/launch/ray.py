@@ -58,8 +58,7 @@ class NodeHost:
         return None
 
     def read(self) -> tuple[list[str], int | None]:
-        assert self._node is not None
-        return self._node.read()
+        return self._node.read() if self._node is not None else ([], None)  # not started: its master was lost
 
     def stop(self, grace_s: float) -> None:
         if self._node is not None:
@@ -92,7 +91,8 @@ class RayNodes:
 
     def poll(self) -> list[Report]:
         ray = self.ray
-        live = {k: a.read.remote() for k, a in enumerate(self.actors) if k not in self.gone | self.start_errors.keys()}
+        done = set(self.gone) | set(self.start_errors)
+        live = {k: a.read.remote() for k, a in enumerate(self.actors) if k not in done}
         ready = set(ray.wait(list(live.values()), num_returns=len(live), timeout=POLL_TIMEOUT_S)[0]) if live else set()
         reports = []
         for k in range(len(self.actors)):
@@ -147,6 +147,17 @@ def _unreachable(address: str) -> str | None:
     return None
 
 
+def _each(ray: Any, refs: list[Any]) -> list[Any]:
+    """Each call's result, or the error of an actor that died (the others' results still count)."""
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref, timeout=POLL_TIMEOUT_S))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            out.append(exc)
+    return out
+
+
 class RayExecutor:
     """`dpoc launch BUILD --ray [ADDRESS]`: the job's nodes on an existing Ray cluster (ADDRESS, else
     RAY_ADDRESS, else the cluster this machine belongs to). Never starts a Ray instance of its own."""
@@ -182,12 +193,19 @@ class RayExecutor:
         host, options = ray.remote(NodeHost), _actor_options(bundle)
         actors = [host.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group, k)).remote()
                   for k in range(job.nodes)]
-        addresses = ray.get([a.address.remote() for a in actors])
-        master = addresses[0][:2]
-        errors = ray.get([a.start.remote(str(job.node_script(k)), job.node_env(k, attempt, master), str(job.workdir),
-                                         job.token(k, attempt)) for k, a in enumerate(actors)])
-        where = [f"{ip} (Ray node {node[:8]})" for ip, _, node in addresses]
-        return RayNodes(ray, actors, group, where, {k: e for k, e in enumerate(errors) if e})
+        addresses = _each(ray, [a.address.remote() for a in actors])
+        where = ["a lost Ray node" if isinstance(a, Exception) else f"{a[0]} (Ray node {a[2][:8]})" for a in addresses]
+        nodes = RayNodes(ray, actors, group, where, {})
+        lost = [k for k, a in enumerate(addresses) if isinstance(a, Exception)]
+        if not lost:  # every node script gets the master: bundle 0's address and a port free there
+            master = addresses[0][:2]
+            calls = [a.start.remote(str(job.node_script(k)), job.node_env(k, attempt, master), str(job.workdir),
+                                    job.token(k, attempt)) for k, a in enumerate(actors)]
+            started = _each(ray, calls)
+            lost = [k for k, e in enumerate(started) if isinstance(e, Exception)]
+            nodes.start_errors.update({k: e for k, e in enumerate(started) if isinstance(e, str)})
+        nodes.gone.update({k: "its Ray actor died before its script started" for k in lost})
+        return nodes
 
     def close(self) -> None:
         self.ray.shutdown()
