@@ -58,12 +58,17 @@ class Job:
             raise DpocError([Problem(str(build), "plan.json", "not a dpoc build directory (no plan.json); make one "
                                      "with dpoc build RECIPE")]) from None
         plan = json.loads(text)
-        hw = plan["hardware"]
-        return cls(build=build, workdir=Path(workdir or os.getcwd()).absolute(), name=plan["name"],
-                   plan_hash=hashlib.sha256(text).hexdigest(), runtime=plan["runtime"], nodes=hw["nodes"],
-                   hosts=tuple(plan["cluster"]["hosts"]), device=hw["device"], devices_per_node=hw["devices_per_node"],
-                   run_dir=plan["run_dir"], save=plan["checkpoint"]["save"],
-                   max_restarts=plan["launch"]["max_restarts"])
+        try:
+            hw = plan["hardware"]
+            return cls(build=build, workdir=Path(workdir or os.getcwd()).absolute(), name=plan["name"],
+                       plan_hash=hashlib.sha256(text).hexdigest(), runtime=plan["runtime"], nodes=hw["nodes"],
+                       hosts=tuple(plan["cluster"]["hosts"]), device=hw["device"],
+                       devices_per_node=hw["devices_per_node"], run_dir=plan["run_dir"],
+                       save=plan["checkpoint"]["save"], max_restarts=plan["launch"]["max_restarts"])
+        except KeyError as exc:
+            raise DpocError([Problem(str(build / "plan.json"), str(exc.args[0]), f"missing: built by dpoc "
+                                     f"{plan.get('dpoc_version', '?')}, older than this launcher; rebuild it with "
+                                     "dpoc build")]) from None
 
     def node_script(self, rank: int) -> Path:
         return self.build / targets.get(self.runtime).node_script(rank)
@@ -112,7 +117,7 @@ class Running(Protocol):
 
     def poll(self) -> list[Report]: ...
 
-    def stop(self) -> None: ...  # every node's process tree, in bounded time
+    def stop(self) -> list[Report]: ...  # every node's process tree, in bounded time; their last lines
 
     def explain(self, report: Report) -> str: ...  # what a failure means on this executor
 
@@ -162,26 +167,28 @@ class NodeLogs:
 
 
 def supervise(running: Running, logs: NodeLogs) -> Failure | None:
-    """Wait for every node to end; the first that fails (or disappears) stops all of them."""
+    """Wait for every node to end; the first that fails (or disappears) stops all of them. However it ends
+    (success, a failure, Ctrl-C, SIGTERM from `dpoc jobs stop`, a bug), every node's processes are stopped."""
+    first = None
     try:
-        while True:
+        while first is None:
             reports = running.poll()
             for r in reports:
                 logs.write(r.rank, r.lines)
             failed = [r for r in reports if r.gone or r.code not in (None, 0)]
             if failed:
                 first = min(failed, key=lambda r: (r.gone is None, r.rank))  # a vanished node is the likelier cause
-                running.stop()
-                for r in running.poll():  # what the stopped nodes printed on their way out
-                    logs.write(r.rank, r.lines)
-                code = first.code if first.code not in (None, 0) else 1
-                return Failure(first.rank, code, running.explain(first), list(logs.tails[first.rank]))
-            if all(r.code == 0 for r in reports):
-                return None
-            time.sleep(POLL_S)
-    except BaseException:  # Ctrl-C, SIGTERM (dpoc jobs stop), a bug: never leave the nodes running
-        running.stop()
-        raise
+            elif all(r.code == 0 for r in reports):
+                break
+            else:
+                time.sleep(POLL_S)
+    finally:
+        for r in running.stop():  # and what the nodes printed on their way out
+            logs.write(r.rank, r.lines)
+    if first is None:
+        return None
+    code = first.code if first.code not in (None, 0) else 1
+    return Failure(first.rank, code, running.explain(first), list(logs.tails[first.rank]))
 
 
 def launch(executor: Executor, job: Job, max_restarts: int | None = None, err: IO[str] = sys.stderr,

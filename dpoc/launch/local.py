@@ -25,13 +25,14 @@ class Processes:
     def poll(self) -> list[Report]:
         return [Report(rank, *node.read()) for rank, node in enumerate(self.nodes)]
 
-    def stop(self) -> None:
+    def stop(self) -> list[Report]:
         stoppers = [threading.Thread(target=node.stop) for node in self.nodes]
         for s in stoppers:
             s.start()
         for s in stoppers:
             s.join()
         tree.stop(self.job.token_prefix, prefix=True)  # this launch leaves nothing behind on this machine
+        return self.poll()
 
     def explain(self, report: Report) -> str:
         return exit_reason(report.code)

@@ -71,6 +71,7 @@ class NodeProcess:
 
     def stop(self, grace_s: float = tree.DEFAULT_GRACE_S) -> None:
         """Stop the node's whole process tree: its trap first, then by force; bounded by about 2 × grace_s."""
+        ended_well = self._proc.poll() == 0  # the script, remote or not, ran its own trap
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)  # to the script alone: its trap decides how its processes end
             try:
@@ -79,10 +80,10 @@ class NodeProcess:
                 self._signal_group(signal.SIGKILL)
                 self._proc.wait()
         self._signal_group(signal.SIGKILL)  # anything left in its group (a trap that never ran)
-        if self._remote_stop:
+        if self._remote_stop and not ended_well:
             with contextlib.suppress(subprocess.SubprocessError, OSError):  # the host may be the one that is gone
                 subprocess.run(self._remote_stop, stdin=subprocess.DEVNULL, capture_output=True, timeout=grace_s + 20)
-        else:
+        elif not self._remote_stop:
             tree.stop(self.token, grace_s)
 
     def _signal_group(self, sig: signal.Signals) -> None:

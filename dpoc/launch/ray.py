@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,9 +61,11 @@ class NodeHost:
     def read(self) -> tuple[list[str], int | None]:
         return self._node.read() if self._node is not None else ([], None)  # not started: its master was lost
 
-    def stop(self, grace_s: float) -> None:
+    def stop(self, grace_s: float) -> tuple[list[str], int | None]:
+        """Stop the node's processes; what it printed since the last read, and its exit code."""
         if self._node is not None:
             self._node.stop(grace_s)
+        return self.read()
 
 
 def _actor_options(bundle: dict[str, float]) -> dict[str, Any]:
@@ -111,16 +114,17 @@ class RayNodes:
             reports.append(Report(k, [], None, gone=self.gone[k]))
         return reports
 
-    def stop(self) -> None:
+    def stop(self) -> list[Report]:
         ray = self.ray
-        alive = [a for k, a in enumerate(self.actors) if k not in self.gone]
-        with contextlib.suppress(ray.exceptions.RayError):
-            ray.get([a.stop.remote(tree.DEFAULT_GRACE_S) for a in alive], timeout=3 * tree.DEFAULT_GRACE_S + 10)
+        alive = [k for k in range(len(self.actors)) if k not in self.gone]
+        last = _each(ray, [self.actors[k].stop.remote(tree.DEFAULT_GRACE_S) for k in alive],
+                     timeout=3 * tree.DEFAULT_GRACE_S + 10)
         for actor in self.actors:  # its node script, were it still running, would get its parent-death SIGTERM
             with contextlib.suppress(ray.exceptions.RayError):
                 ray.kill(actor)
         with contextlib.suppress(ray.exceptions.RayError):
             ray.util.remove_placement_group(self.group)
+        return [Report(k, *result) for k, result in zip(alive, last, strict=True) if not isinstance(result, Exception)]
 
     def explain(self, report: Report) -> str:
         return f"is gone ({report.gone})" if report.gone else exit_reason(report.code)
@@ -147,12 +151,13 @@ def _unreachable(address: str) -> str | None:
     return None
 
 
-def _each(ray: Any, refs: list[Any]) -> list[Any]:
+def _each(ray: Any, refs: list[Any], timeout: float = POLL_TIMEOUT_S) -> list[Any]:
     """Each call's result, or the error of an actor that died (the others' results still count)."""
     out = []
-    for ref in refs:
+    deadline = time.monotonic() + timeout
+    for ref in refs:  # the calls run concurrently: one deadline for all
         try:
-            out.append(ray.get(ref, timeout=POLL_TIMEOUT_S))
+            out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
             out.append(exc)
     return out
