@@ -1,10 +1,10 @@
 """Launches submitted to Ray's job server: `dpoc launch BUILD --ray ADDRESS --submit`, then
 `dpoc jobs status|logs|stop ID`.
 
-Ray Jobs runs `dpoc launch BUILD --ray` as the job's driver (in the submitter's working directory: paths are
-identical on every node) and keeps its status and logs, so there is no registry of our own. The submission id is
-`dpoc-<run name>-<Plan hash[:12]>`; Ray never reuses an id, so a rerun of a finished launch gets `-2`, `-3`, …,
-and a build still running is refused. ADDRESS is what Ray's job client takes: the dashboard
+Ray Jobs runs `dpoc launch BUILD --ray` as the job's driver (in the submitter's working directory and with its
+Python: paths are identical on every node) and keeps its status and logs, so there is no registry of our own.
+The submission id is `dpoc-<run name>-<Plan hash[:12]>`; Ray never reuses an id, so a rerun of a finished launch
+gets `-2`, `-3`, …, and a build still running is refused. ADDRESS is what Ray's job client takes: the dashboard
 (http://HEAD:8265), the cluster address, or `auto`; RAY_ADDRESS overrides it, as in Ray's own CLI.
 """
 

@@ -212,6 +212,8 @@ def test_a_submitted_launch_is_followed_and_stopped_through_ray_jobs(ray_cluster
     stopped = _dpoc("jobs", "stop", sid, "--address", address)
     assert stopped.stdout == f"{sid}: STOPPED\n", stopped.stderr
     assert left_running(out, wait_s=30) == []
+    followed = _dpoc("jobs", "logs", sid, "--address", address, "--follow", timeout=60)  # ends with the job
+    assert "[node 0] [dpoc] node 0/2: fresh run" in followed.stdout
     unknown = _dpoc("jobs", "status", "dpoc-nope", "--address", address)
     assert unknown.returncode == 2
     assert unknown.stderr == "dpoc jobs: dpoc-nope: no such Ray job on this cluster; valid: the id dpoc launch " \
