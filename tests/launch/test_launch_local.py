@@ -122,3 +122,14 @@ def test_launch_needs_a_build_directory(tmp_path, dpoc_cli):
     assert result.code == 2
     assert result.err == f"{tmp_path}: plan.json: not a dpoc build directory (no plan.json); make one with dpoc build " \
                          "RECIPE\n"
+
+
+def test_a_ray_submission_id_names_the_run_and_the_plan_and_is_never_reused(tmp_path):
+    from dpoc.launch.jobs import submission_id
+
+    out = tmp_path / "b"
+    build(RECIPES / "tiny_cpu.yaml", out=out)
+    job = Job.from_build(out)
+    base = f"dpoc-tiny_cpu-{plan_hash(out)[:12]}"
+    assert submission_id(job, set()) == base
+    assert submission_id(job, {base, f"{base}-2"}) == f"{base}-3"
