@@ -1,11 +1,13 @@
 """Node preflight: the checks that need the node's own files, run by each node script before torchrun.
 
 The compiler never touches cluster paths (resolve is pure); this is where they are checked: the build is
-intact (files match manifest.json), the dataset, tokenizer and initial weights exist, and on resume the
-checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank, the checkpoint's layout must be
-exactly the Plan's; a mismatch is refused with the conversion that fixes it. Given the node's rank (the node
-scripts pass it), the node itself is checked too (`node_checks`): the launcher's build, the devices, the
-runtime's packages, the master. Exit 2, one line per problem.
+intact (files match manifest.json), the dataset, tokenizer and initial weights exist (a Hugging Face
+directory's config.json must match megatron.args: the runtime's own check), the dataset was made with this
+build's preprocess.yaml (its stats say so; a MindSpeed-LLM dataset without them is accepted with a warning),
+and on resume the checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank, the
+checkpoint's layout must be exactly the Plan's; a mismatch is refused with the conversion that fixes it.
+Given the node's rank (the node scripts pass it), the node itself is checked too (`node_checks`): the
+launcher's build, the devices, the runtime's packages, the master. Exit 2, one line per problem.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from dpoc import node_checks, targets
+from dpoc.convert import DPOC_DIR, MINDSPEED_DIR
 from dpoc.errors import DpocError, Problem
 
 TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: a distributed checkpoint is complete
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ class Node:
     plan_hash: str | None = None  # None: started by hand, no launcher to agree with
 
 
-def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node | None = None) -> None:
+def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node | None = None) -> list[str]:
+    """Raise DpocError with every problem found; return the warnings (the CLI prints them)."""
     build = Path(build_dir)
     manifest_path = build / "manifest.json"
     try:
@@ -43,22 +48,54 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node
     plan = json.loads((build / "plan.json").read_text())
     if node is not None:
         problems += _node(build, plan, target, node)
-    problems += _inputs(build, plan)
+    found, warnings = _inputs(build, plan)
+    problems += found
     ck = plan["checkpoint"]
     if mode == "resume":
         if not (Path(ck["save"]) / TRACKER).is_file():
             problems.append(Problem(ck["save"], TRACKER, "no checkpoint to resume from; valid: DPOC_RESUME=0"))
         elif target == "mindspeed-rl":
             problems += legacy_layout_problems(ck["save"], plan["layout"], build)
-    else:
+    elif target == "mindspeed-rl":
         for key in ("load", "ref_model"):
-            if ck[key] is not None and not Path(ck[key]).is_dir():
+            if ck[key] is None:
+                continue
+            if not Path(ck[key]).is_dir():
                 problems.append(Problem(ck[key], "(directory)", f"checkpoint.{key} not found on this node; run "
-                                        f"{build / 'convert' / 'hf_to_mcore.sh'} first"))
-            elif ck[key] is not None and target == "mindspeed-rl":
+                                        f"{build / MINDSPEED_DIR / 'hf_to_mcore.sh'} first"))
+            else:
                 problems += legacy_layout_problems(ck[key], plan["layout"], build)
+    else:
+        problems += _initial_weights(build, ck)
     if problems:
         raise DpocError(list(dict.fromkeys(problems)))
+    return warnings
+
+
+def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:
+    """The dpoc runtime's initial weights: Hugging Face directories whose config.json fits megatron.args (the
+    runtime's own check), converted checkpoints that exist."""
+    from dpoc import megatron_args
+    from dpoc.hf_config import mismatches
+
+    args_file = str(build / "megatron.args")
+    sources = [("model.hf_weights", ck["hf_weights"])] if ck["init"] == "hf" else []
+    if ck["init"] == "converted":
+        sources.append(("checkpoint.load", ck["load"]))
+    if ck["ref_model"] is not None and ck["ref_model"] not in (ck["hf_weights"], ck["load"]):
+        sources.append(("checkpoint.ref_model", ck["ref_model"]))
+    out = []
+    for field, path in sources:
+        if (Path(path) / "config.json").is_file():
+            try:
+                out += mismatches(megatron_args.parse([f"@{args_file}"]), path, args_file, field)
+            except DpocError as exc:
+                out += exc.problems
+        elif not Path(path, CHECKPOINT_MARKER).is_file() and not Path(path, TRACKER).is_file():
+            hint = f"; run {build / DPOC_DIR / 'hf_to_mcore.sh'} first" if field == "checkpoint.load" else ""
+            out.append(Problem(path, "(directory)", f"{field} not found on this node: neither Hugging Face weights "
+                               f"(config.json) nor a distributed checkpoint ({CHECKPOINT_MARKER}){hint}"))
+    return out
 
 
 def _node(build: Path, plan: dict[str, Any], target: str, node: Node) -> list[Problem]:
@@ -90,18 +127,26 @@ def _edited_files(build: Path, manifest: dict[str, Any]) -> list[Problem]:
     return out
 
 
-def _inputs(build: Path, plan: dict[str, Any]) -> list[Problem]:
-    from dpoc.data.pairwise import output_files
+def _inputs(build: Path, plan: dict[str, Any]) -> tuple[list[Problem], list[str]]:
+    """The dataset (complete, and made with this build's preprocess.yaml) and the tokenizer."""
+    import yaml
 
-    data, out = plan["data"], []
-    expected = output_files(data["output_prefix"])
+    from dpoc.data import identity
+    from dpoc.data.pairwise import dataset_files
+
+    data, out, warnings = plan["data"], [], []
+    expected = dataset_files(data["output_prefix"])
     missing = [f for f in expected if not Path(f).is_file()]
+    rebuild = f"run bash {build / 'preprocess.sh'}"
     if missing:
         out.append(Problem(missing[0], "(file)", f"missing preprocessed dataset ({len(missing)} of {len(expected)} "
-                           f"files absent); run {build / 'preprocess.sh'} first"))
+                           f"files absent); {rebuild} first"))
+    else:
+        config = yaml.safe_load((build / "preprocess.yaml").read_text())
+        out, warnings = identity.check(data["output_prefix"], identity.settings(config), rebuild)
     if not Path(data["tokenizer"]).is_dir():
         out.append(Problem(data["tokenizer"], "(directory)", "tokenizer directory not found on this node"))
-    return out
+    return out, warnings
 
 
 def expected_rank_dirs(layout: dict[str, Any]) -> set[str]:
@@ -126,4 +171,4 @@ def legacy_layout_problems(checkpoint: str, layout: dict[str, Any], build: Path)
     span = f"{min(expected)} … {max(expected)}"
     return [Problem(f"{checkpoint}/{name}", "(layout)", f"holds {len(found)} rank folders, but {lay} needs "
                     f"{len(expected)} ({span}); MindSpeed-RL checkpoints are per rank: reconvert with "
-                    f"{build / 'convert' / 'hf_to_mcore.sh'}")]
+                    f"{build / MINDSPEED_DIR / 'hf_to_mcore.sh'}")]

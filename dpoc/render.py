@@ -13,7 +13,7 @@ from typing import Any
 
 from dpoc import __version__, targets
 from dpoc.cluster import SSH_OPTIONS, ray_start_options
-from dpoc.convert import conversions
+from dpoc.convert import DPOC_DIR, dpoc_conversions
 from dpoc.plan import Plan
 from dpoc.templating import header_values, template, yaml_text
 
@@ -35,10 +35,8 @@ def render(plan: Plan) -> dict[str, str]:
     files["preprocess.yaml"] = yaml_text(preprocess_config(plan))
     files["preprocess.sh"] = template("preprocess.sh.j2", input=plan.data.input,
                                       output_prefix=plan.data.output_prefix, **common)
-    for conv in conversions(plan):
-        files[f"convert/{conv.file}"] = template(
-            "convert.sh.j2", title=conv.title, script=conv.script, args=conv.args, load_dir=conv.load_dir,
-            save_dir=conv.save_dir, **common)
+    for conv in dpoc_conversions(plan):
+        files[f"{DPOC_DIR}/{conv.file}"] = template("convert.sh.j2", conversion=conv, **common)
     return files
 
 
@@ -60,12 +58,17 @@ def preprocess_config(plan: Plan) -> dict[str, Any]:
             "workers": d.workers}
 
 
+def file_hashes(files: dict[str, str]) -> dict[str, str]:
+    """sha256 of each rendered file: manifest.json's list, which the preflight and `dpoc diff` compare."""
+    return {path: hashlib.sha256(text.encode()).hexdigest() for path, text in sorted(files.items())}
+
+
 def manifest(plan: Plan, files: dict[str, str]) -> str:
     return json.dumps({
         "dpoc_version": __version__,
         "plan_hash": plan.hash(),
         "runtime": plan.runtime,
-        "files": {path: hashlib.sha256(text.encode()).hexdigest() for path, text in sorted(files.items())},
+        "files": file_hashes(files),
         "skipped_targets": skipped_targets(plan),
         "warnings": list(plan.warnings),
     }, indent=2, sort_keys=True) + "\n"

@@ -139,6 +139,7 @@ class _CpuBridge:
         cls._tensor_type_name()
         cls._moe_split_sizes()
         cls._uneven_collectives()
+        cls._tensor_to_cuda()
         cls.installed = True
 
     @staticmethod
@@ -215,6 +216,13 @@ class _CpuBridge:
 
         dist.all_gather = gather
         dist.reduce_scatter = reduce_scatter
+
+
+    @staticmethod
+    def _tensor_to_cuda() -> None:
+        """Tied embeddings at pp>1: the last stage's copy of the word embeddings is moved with `.cuda()`
+        (language_module.setup_embeddings_and_output_layer). On the CPU it stays where it is."""
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 def _padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:

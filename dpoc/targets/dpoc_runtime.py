@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from dpoc import templating
 from dpoc.megatron_args import Arg, format_args
 from dpoc.node_checks import Requirement
-from dpoc.plan import Plan
+from dpoc.plan import ModelSpec, Plan
 from dpoc.rules import Violation
 
 if TYPE_CHECKING:
@@ -52,16 +52,15 @@ def unsupported(plan: Plan) -> list[Violation]:
     if layout.noop_layers:
         out.append(Violation("parallelism.noop_layers", f"{why} has no no-op layers; valid: num_layer_list for "
                              "an uneven pipeline"))
-    for knob in ("moe_tp_extend_ep", "moe_alltoall_overlap_comm", "moe_permutation_async_comm", "moe_mc2"):
+    for knob in ("moe_tp_extend_ep", "moe_alltoall_overlap_comm", "moe_permutation_async_comm"):
         if getattr(layout, knob):
             out.append(Violation(f"parallelism.{knob}", f"is a MindSpeed feature {why} does not have; valid: false, "
                                  "or runtime=mindspeed-rl"))
     return out
 
 
-def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
-    """The runtime's arguments. `resume` loads the policy, optimizer, RNG and data position from `save`."""
-    m, lay, t, d, ck = plan.model, plan.layout, plan.training, plan.dpo, plan.checkpoint
+def model_args(m: ModelSpec) -> list[Arg]:
+    """The architecture's flags: what a weights directory must match (dpoc.hf_config checks them)."""
     args: list[Arg] = [
         ("--num-layers", m.num_layers),
         ("--hidden-size", m.hidden_size),
@@ -91,12 +90,20 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
             ("--moe-ffn-hidden-size", m.moe.ffn_hidden_size),
             ("--moe-aux-loss-coeff", m.moe.aux_loss_coeff),
             ("--moe-router-load-balancing-type", m.moe.load_balancing),
-            ("--moe-token-dispatcher-type", lay.moe_dispatcher),
         ]
         if m.moe.shared_expert_ffn_hidden_size:
             args.append(("--moe-shared-expert-intermediate-size", m.moe.shared_expert_ffn_hidden_size))
         if not m.moe.norm_topk_prob:
             args.append(("--moe-router-pre-softmax", True))
+    return args
+
+
+def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
+    """The runtime's arguments. `resume` loads the policy, optimizer, RNG and data position from `save`."""
+    m, lay, t, d, ck = plan.model, plan.layout, plan.training, plan.dpo, plan.checkpoint
+    args = model_args(m)
+    if m.moe is not None:
+        args.append(("--moe-token-dispatcher-type", lay.moe_dispatcher))
         if lay.moe_grouped_gemm:
             args.append(("--moe-grouped-gemm", True))
 
@@ -158,6 +165,9 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         ("--save", ck.save),
         ("--save-interval", t.save_interval),
     ]
+    args.append(("--dpoc-init", ck.init))
+    if ck.init == "hf":
+        args.append(("--dpoc-hf-weights", ck.hf_weights))
     if ck.ref_model is not None:
         args.append(("--ref-model", ck.ref_model))
     if resume:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from dpoc import templating
+from dpoc.convert import MINDSPEED_DIR, mindspeed_conversions
 from dpoc.family import DEFAULT_TEMPLATE
 from dpoc.node_checks import Requirement
 from dpoc.plan import Plan
@@ -37,8 +38,8 @@ def node_script(rank: int) -> str:
 
 
 def files(plan: Plan) -> dict[str, str]:
-    """What this target renders: its folder of Hydra configs (fresh and resume), model and dataset YAML, and
-    one node script per node running cli/train_dpo.py."""
+    """What this target renders: its folder of Hydra configs (fresh and resume), model and dataset YAML, one
+    node script per node running cli/train_dpo.py, and MindSpeed-LLM's weight conversion."""
     name, m = plan.name, plan.model.mindspeed_name
     out = {}
     for resume, suffix in ((False, ""), (True, "_resume")):
@@ -47,10 +48,15 @@ def files(plan: Plan) -> dict[str, str]:
             "megatron_training": training_config(plan, resume=resume),
         })
     out[f"mindspeed-rl/model/{m}.yaml"] = templating.yaml_text(model_config(plan))
-    out[f"mindspeed-rl/datasets/{name}.yaml"] = templating.yaml_text(dataset_config(plan))
+    if plan.data.layout == "pairwise":  # MindSpeed-RL's preprocessing reads only pairwise columns
+        out[f"mindspeed-rl/datasets/{name}.yaml"] = templating.yaml_text(dataset_config(plan))
     values = templating.node_values(plan)
     for rank, host in templating.node_hosts(plan):
         out[node_script(rank)] = templating.template("mindspeed_node.sh.j2", node_rank=rank, host=host, **values)
+    for conv in mindspeed_conversions(plan):  # MindSpeed-LLM's weight conversion for exactly this layout
+        out[f"{MINDSPEED_DIR}/{conv.file}"] = templating.template(
+            "mindspeed_convert.sh.j2", title=conv.title, script=conv.script, args=conv.args, load_dir=conv.load_dir,
+            save_dir=conv.save_dir, **templating.header_values(plan))
     return out
 
 
@@ -58,12 +64,12 @@ def unsupported(plan: Plan) -> list[Violation]:
     why = "MindSpeed-RL's DPO config (MegatronConfig) cannot set it"
     model, hardware, layout, training, dpo = plan.model, plan.hardware, plan.layout, plan.training, plan.dpo
     out = []
-    if plan.checkpoint.init == "random":
+    if plan.checkpoint.init != "converted":
         out.append(
             Violation(
                 "checkpoint.init",
-                "MindSpeed-RL always loads converted weights for policy and "
-                "reference; valid: converted, or runtime=dpoc",
+                f"{plan.checkpoint.init}: MindSpeed-RL always loads converted per-rank weights for policy and "
+                "reference; valid: converted (with checkpoint.load), or runtime=dpoc",
             )
         )
     if hardware.device != "npu":

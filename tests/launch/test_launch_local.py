@@ -87,7 +87,7 @@ def test_a_preflight_failure_is_not_restarted(job_dir, tmp_path):
     run = _launch(job_dir, out)
     assert run.returncode == 2
     assert not (job_dir / "starts.log").exists()
-    assert f"missing preprocessed dataset (9 of 9 files absent); run {out}/preprocess.sh first" in run.stderr
+    assert f"missing preprocessed dataset (8 of 8 files absent); run bash {out}/preprocess.sh first" in run.stderr
     assert run.stderr.endswith("dpoc launch: not restarting: exit 2 is a problem with the build or its inputs "
                                "(above), which a restart cannot fix\n")
 
@@ -130,6 +130,6 @@ def test_a_ray_submission_id_names_the_run_and_the_plan_and_is_never_reused(tmp_
     out = tmp_path / "b"
     build(RECIPES / "tiny_cpu.yaml", out=out)
     job = Job.from_build(out)
-    base = f"dpoc-tiny_cpu-{plan_hash(out)[:12]}"
+    base = f"dpoc-b-{plan_hash(out)[:12]}"  # the run's name: a build is named after its directory
     assert submission_id(job, set()) == base
     assert submission_id(job, {base, f"{base}-2"}) == f"{base}-3"

@@ -167,8 +167,8 @@ def test_a_node_failing_its_preflight_fails_the_job_with_its_message(ray_cluster
     assert result.returncode == 2
     assert re.search(r"dpoc launch: node \d \(127\.0\.0\.1 \(Ray node [0-9a-f]{8}\)\) failed with exit code 2",
                      result.stderr)
-    assert (f"] {tmp_path}/missing/orca_packed_chosen_input_ids_document.bin: (file): missing preprocessed dataset (9 "
-            f"of 9 files absent); run {out}/preprocess.sh first\n") in result.stderr
+    assert (f"] {tmp_path}/missing/orca_packed_chosen_input_ids_document.bin: (file): missing preprocessed dataset (8 "
+            f"of 8 files absent); run bash {out}/preprocess.sh first\n") in result.stderr
     assert "not restarting" in result.stderr and left_running(out) == []
 
 
@@ -201,7 +201,7 @@ def test_a_submitted_launch_is_followed_and_stopped_through_ray_jobs(ray_cluster
     submitted = _dpoc("launch", str(out), "--ray", address, "--submit", timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     sid = submitted.stdout.strip()
-    assert sid == f"dpoc-tiny_cpu-{plan_hash(out)[:12]}"
+    assert sid == f"dpoc-build-{plan_hash(out)[:12]}"  # the run's name (the build directory's) and the Plan hash
     _wait_for(lambda: "[node 1] [dpoc] node 1/2: fresh run" in _dpoc("jobs", "logs", sid, "--address", address).stdout,
               300, "node 1 running in the job's logs")
     assert _dpoc("jobs", "status", sid, "--address", address).stdout == f"{sid}: RUNNING (Job is currently running.)\n"
