@@ -150,7 +150,7 @@ def test_init_hf_args_name_the_weights_for_policy_and_reference(tmp_path, monkey
     args = megatron_args.parse([f"@{tmp_path / 'b/megatron.args'}"])
     assert (args.dpoc_init, args.dpoc_hf_weights, args.ref_model, args.load) == ("hf", "./weights", "./sft", None)
     resume = megatron_args.parse([f"@{tmp_path / 'b/resume/megatron.args'}"])
-    assert (resume.dpoc_init, resume.ref_model, resume.load, resume.finetune) == ("hf", "./sft", "runs/r/checkpoints",
+    assert (resume.dpoc_init, resume.ref_model, resume.load, resume.finetune) == ("hf", "./sft", "runs/b/checkpoints",
                                                                                   False)
     assert [p.name for p in (tmp_path / "b/convert").iterdir()] == ["mcore_to_hf.sh"]
 
@@ -197,7 +197,7 @@ def test_preflight_checks_the_weights_config_against_the_build(tmp_path, monkeyp
     write_config(tmp_path)
     (tmp_path / "r.yaml").write_text(RECIPE.replace("hardware:", "  tokenizer: ./weights\nhardware:"))
     build("r.yaml", out=tmp_path / "b")
-    touch_dataset("./data")
+    touch_dataset("runs/b/dataset/data", made_by=tmp_path / "b")
     assert dpoc_cli("preflight", tmp_path / "b").code == 0
     write_config(tmp_path, num_hidden_layers=6)  # the weights on this node are another model
     result = dpoc_cli("preflight", tmp_path / "b")
