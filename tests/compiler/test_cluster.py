@@ -34,6 +34,16 @@ def test_a_multi_node_recipe_without_hosts_builds_and_takes_the_master_from_the_
                         f"-m dpoc.runtime.train @{out}/megatron.args"]
 
 
+def test_the_guide_without_its_host_list_builds_for_the_launcher(tmp_path):
+    """The README's multi-node flow: the 2-node guide recipe with its hosts deleted."""
+    out = tmp_path / "q"
+    build(RECIPES / "qwen3_30b.yaml", ["~hardware.hosts"], out=out)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["hardware"]["nodes"] == 2 and plan["cluster"] == {"hosts": [], "master_addr": None,
+                                                                   "master_port": None}
+    assert "DPOC_MASTER_ADDR and DPOC_MASTER_PORT" in (out / "mindspeed-rl/nodes/node-1.sh").read_text()
+
+
 def test_launch_sh_without_hosts_says_to_use_ray_or_give_hosts(tmp_path):
     out = tmp_path / "build"
     build(RECIPES / "tiny_cpu.yaml", HOSTLESS, out=out)
