@@ -132,7 +132,8 @@ def main() -> int:
               f"{','.join(str(r['exit_code']) for r in results):<12} {sum(r['left_running'] for r in results)}")
     if not args.smoke:
         result = {"cpu_count": os.cpu_count(), "host": socket.gethostname(), "runs": rows,
-                  "note": "2-core machine shared with other jobs: rough figures"}
+                  "load_average_1min_at_end": os.getloadavg()[0],
+                  "note": "a shared 2-core machine: rough figures"}
         (REPO / "bench/results/launch_failure.json").write_text(json.dumps(result, indent=2) + "\n")
     ok = all(r["exit_code"] != 0 and r["left_running"] == 0 for results in rows.values() for r in results)
     return 0 if ok else 1
