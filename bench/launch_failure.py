@@ -2,17 +2,15 @@
 every node stopped, for the local executor (node 1's processes killed with SIGKILL) and on Ray (node 1's
 simulated node removed from a `ray.cluster_utils.Cluster`, all on 127.0.0.1).
 
-    python bench/launch_failure.py [--runs 3] [--smoke]
+    python bench/launch_failure.py [--runs 3] [--smoke] [--out FILE]
 
 Each run trains the tiny recipe as 2 nodes × 1 process, waits for the first training step, kills node 1,
 and times until the launcher exits; it also checks that no process of the job is left. Prints a table and
-writes bench/results/launch_failure.json (unless --smoke, which does one run per executor).
+writes bench/results/launch_failure.json (`--smoke`: one run per executor, no result unless `--out`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
 import socket
@@ -26,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._shared import arguments, write_result  # noqa: E402
 from dpoc.compile import build  # noqa: E402
 from dpoc.launch import tree  # noqa: E402
 
@@ -116,9 +115,8 @@ def ray_runs(tmp: Path, data: str, runs: int) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__.splitlines()[0], "launch_failure")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="one run per executor, results not written")
     args = parser.parse_args()
     runs = 1 if args.smoke else args.runs
     with tempfile.TemporaryDirectory() as name:
@@ -130,11 +128,9 @@ def main() -> int:
         each = ", ".join(f"{r['seconds']:.2f}" for r in results)
         print(f"{name:<9} {len(results):>4} {each:<28} {statistics.median(r['seconds'] for r in results):>7.2f} "
               f"{','.join(str(r['exit_code']) for r in results):<12} {sum(r['left_running'] for r in results)}")
-    if not args.smoke:
-        result = {"cpu_count": os.cpu_count(), "host": socket.gethostname(), "runs": rows,
-                  "load_average_1min_at_end": os.getloadavg()[0],
-                  "note": "a shared 2-core machine: rough figures"}
-        (REPO / "bench/results/launch_failure.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args, "launch_failure", {"cpu_count": os.cpu_count(), "host": socket.gethostname(), "runs": rows,
+                                          "load_average_1min_at_end": os.getloadavg()[0],
+                                          "note": "a shared 2-core machine: rough figures"})
     ok = all(r["exit_code"] != 0 and r["left_running"] == 0 for results in rows.values() for r in results)
     return 0 if ok else 1
 
