@@ -13,6 +13,8 @@ from dpoc.errors import EXIT_USER_ERROR, DpocError
 EXTERNAL = {
     "preprocess": ("dpoc.data.cli", "tokenize preference data into the pairwise indexed dataset"),
     "report": ("dpoc.runtime.report", "draw a run's loss, reward-margin and accuracy curves"),
+    "launch": ("dpoc.launch.cli", "run a build here, over ssh or on Ray; stop (or restart) it when a node fails"),
+    "jobs": ("dpoc.launch.jobs", "status, logs or stop of a launch submitted to Ray (dpoc launch --submit)"),
     "convert": ("dpoc.runtime.convert", "Hugging Face weights <-> distributed checkpoints (streamed, any layout)"),
 }
 
@@ -77,9 +79,12 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _preflight(args: argparse.Namespace) -> int:
-    from dpoc.preflight import preflight
+    from dpoc.preflight import Node, preflight
 
-    for warning in preflight(args.build_dir, args.mode, args.target):
+    node = None
+    if args.node_rank is not None:
+        node = Node(args.node_rank, args.master_addr, args.master_port, args.plan_hash or None)
+    for warning in preflight(args.build_dir, args.mode, args.target, node):
         print(f"{args.build_dir}: warning: {warning}", file=sys.stderr)
     return 0
 
@@ -136,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("build_dir")
     p.add_argument("--mode", choices=["fresh", "resume"], default="fresh")
     p.add_argument("--target", choices=["dpoc", "mindspeed-rl"], default="dpoc")
+    p.add_argument("--node-rank", type=int, help="check this node too: devices, packages, the master")
+    p.add_argument("--master-addr", default="127.0.0.1", help="with --node-rank: the master node 0 runs")
+    p.add_argument("--master-port", type=int, default=6005, help="with --node-rank: the master's port")
+    p.add_argument("--plan-hash", help="with --node-rank: the Plan hash the launcher started (empty: not checked)")
     p.set_defaults(func=_preflight)
 
     for name, (module, help_text) in EXTERNAL.items():

@@ -161,9 +161,14 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Cluster:
-    hosts: tuple[str, ...]
-    master_addr: str
-    master_port: int
+    hosts: tuple[str, ...]  # one per node, node 0 first; empty: the launcher places the nodes (Ray)
+    master_addr: str | None  # None: the launcher supplies DPOC_MASTER_ADDR
+    master_port: int | None  # None: the launcher supplies DPOC_MASTER_PORT
+
+
+@dataclass(frozen=True)
+class Launch:
+    max_restarts: int  # `dpoc launch` restarts a failed job this many times, resuming from the last checkpoint
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,7 @@ class Plan:
     data: Data
     checkpoint: Checkpoint
     cluster: Cluster
+    launch: Launch
     run_dir: str
     estimate: dict[str, Any] | None = None  # the planner's memory breakdown and predicted throughput
     warnings: tuple[str, ...] = ()

@@ -7,16 +7,20 @@ build's preprocess.yaml (its stats say so; a MindSpeed-LLM dataset without them 
 on resume the checkpoint is there, and a fresh start of the dpoc runtime would not overwrite an earlier run's
 metrics or checkpoints (the runtime checks the same at its start). For MindSpeed-RL, whose legacy checkpoints
 are per rank, the checkpoint's layout must be exactly the Plan's; a mismatch is refused with the conversion
-that fixes it. Exit 2, one line per problem.
+that fixes it. Given the node's rank (the node scripts pass it), the node itself is checked too
+(`node_checks`): the launcher's build, the devices, the runtime's packages, the master. Exit 2, one line per
+problem.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpoc import node_checks, targets
 from dpoc.convert import DPOC_DIR, MINDSPEED_DIR
 from dpoc.errors import DpocError, Problem
 from dpoc.runtime.publish import TRACKER, earlier_run, no_checkpoint
@@ -24,7 +28,17 @@ from dpoc.runtime.publish import TRACKER, earlier_run, no_checkpoint
 CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: a distributed checkpoint is complete
 
 
-def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> list[str]:
+@dataclass(frozen=True)
+class Node:
+    """Who runs the preflight: the node's rank, the master it will join, the Plan hash its launcher started."""
+
+    rank: int
+    master_addr: str
+    master_port: int
+    plan_hash: str | None = None  # None: started by hand, no launcher to agree with
+
+
+def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node | None = None) -> list[str]:
     """Raise DpocError with every problem found; return the warnings (the CLI prints them)."""
     build = Path(build_dir)
     manifest_path = build / "manifest.json"
@@ -34,6 +48,8 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> list[st
         raise DpocError([Problem(str(manifest_path), "(file)", f"cannot read the build's manifest: {exc}")]) from None
     problems = _edited_files(build, manifest)
     plan = json.loads((build / "plan.json").read_text())
+    if node is not None:
+        problems += _node(build, plan, target, node)
     found, warnings = _inputs(build, plan)
     problems += found
     ck = plan["checkpoint"]
@@ -83,6 +99,25 @@ def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:
             out.append(Problem(path, "(directory)", f"{field} not found on this node: neither Hugging Face weights "
                                f"(config.json) nor a distributed checkpoint ({CHECKPOINT_MARKER}){hint}"))
     return out
+
+
+def _node(build: Path, plan: dict[str, Any], target: str, node: Node) -> list[Problem]:
+    import socket
+
+    name = f"node {node.rank} ({socket.gethostname()})"
+    actual = hashlib.sha256((build / "plan.json").read_bytes()).hexdigest()
+    if node.plan_hash and node.plan_hash != actual:
+        return [Problem(name, str(build / "plan.json"), f"is plan {actual[:12]}, but the launcher started plan "
+                        f"{node.plan_hash[:12]}: this node holds another build; fix: copy the launching machine's "
+                        "build directory to this node at the same path (or rebuild both from the same recipe)")]
+    hw = plan["hardware"]
+    requirements = targets.get(target).requirements()
+    out = node_checks.devices(name, hw["device"], hw["devices_per_node"])
+    if hw["device"] == "npu":
+        out += node_checks.packages(name, [*requirements, node_checks.TORCH_NPU]) + node_checks.ascend_stack(name)
+    else:
+        out += node_checks.packages(name, requirements)
+    return out + node_checks.master(name, node.rank, node.master_addr, node.master_port)
 
 
 def _edited_files(build: Path, manifest: dict[str, Any]) -> list[Problem]:

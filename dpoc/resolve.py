@@ -12,12 +12,26 @@ from typing import Any
 
 from dpoc import __version__, autolayout, rules, stale_paths, targets
 from dpoc.autolayout import LayoutInputs
+from dpoc.cluster import is_loopback
 from dpoc.dotted import flatten
 from dpoc.errors import DpocError, Problem
 from dpoc.family import CONVERTER, DEFAULT_TEMPLATE
 from dpoc.layout import DEFAULT_WHY, DERIVED_WHY, layout_tag
 from dpoc.load import HF_CONFIG_SOURCE, LoadedRecipe
-from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, Layout, ModelSpec, MoESpec, Plan, Source, Training
+from dpoc.plan import (
+    DPO,
+    Checkpoint,
+    Cluster,
+    Data,
+    HardwareSpec,
+    Launch,
+    Layout,
+    ModelSpec,
+    MoESpec,
+    Plan,
+    Source,
+    Training,
+)
 from dpoc.specs import hardware_spec, model_spec
 
 _MISSING = object()
@@ -137,6 +151,7 @@ def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
         data=_data(v, model, run_dir),
         checkpoint=_checkpoint(v, loaded.name, layout, run_dir, runtime),
         cluster=cluster,
+        launch=Launch(max_restarts=v.take("launch.max_restarts", 0, why="a failed node fails the job: no restarts")),
         run_dir=run_dir,
         estimate=estimate,
         provenance=tuple(sorted(v.provenance.items())),
@@ -241,26 +256,33 @@ def _cluster(v: _Values, nodes: int) -> Cluster:
     hosts = v.data["hardware"].get("hosts")
     if hosts and len(hosts) != nodes:
         v.problem("hardware.hosts", f"lists {len(hosts)} hosts but hardware.nodes is {nodes}; valid: one host per node")
-    if nodes > 1 and not hosts:
-        v.problem(
-            "hardware.hosts",
-            f"{nodes} nodes need their addresses; valid: hardware.hosts (node 0 first) or hardware.hostfile",
-        )
-    host_list = tuple(hosts) if hosts else ("127.0.0.1",)
-    v.derived("cluster.hosts", host_list, "hardware.hosts", "the recipe's hosts, or this machine for one node")
+    if hosts:
+        host_list, why = tuple(hosts), "the recipe's hosts, node 0 first"
+    elif nodes == 1:
+        host_list, why = ("127.0.0.1",), "one node: this machine"
+    else:
+        host_list, why = (), "none: the launcher places the nodes (dpoc launch --ray) and supplies the master"
+    v.derived("cluster.hosts", host_list, "hardware.hosts", why)
     master = v.take(
         "hardware.master_addr",
-        host_list[0],
+        host_list[0] if host_list else None,
         rule="hardware.hosts",
-        why="node 0's address",
+        why="node 0's address" if host_list else "no hosts: the launcher supplies DPOC_MASTER_ADDR",
         record="cluster.master_addr",
     )
     port = v.take(
         "hardware.master_port",
-        DEFAULT_MASTER_PORT,
-        why="MindSpeed-RL's default master port",
+        DEFAULT_MASTER_PORT if master is not None else None,
+        why="MindSpeed-RL's default master port" if master is not None
+        else "no hosts: the launcher supplies DPOC_MASTER_PORT (a free port on node 0)",
         record="cluster.master_port",
     )
+    remote = [x for x in host_list if not is_loopback(x)]
+    if master is not None and is_loopback(master) and remote:
+        field = "hardware.master_addr" if v.has("hardware.master_addr") else "hardware.hosts"
+        v.problem(field, f"the master {master} is a loopback address, but {remote[0]} reads it as itself, so no "
+                  "other node would reach node 0; valid: node 0's network address (first in hardware.hosts), or no "
+                  "hosts and dpoc launch --ray")
     return Cluster(hosts=host_list, master_addr=master, master_port=port)
 
 

@@ -1,13 +1,19 @@
-"""Shared helpers: the repository root, and running the dpoc CLI in-process or as a real subprocess."""
+"""Shared helpers: the repository root, running the dpoc CLI in-process or as a real subprocess, the environment
+rendered scripts run in, and the tiny dataset preprocessed once per session."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
+from functools import cache
 from pathlib import Path
 
 import pytest
+
+from dpoc.compile import build
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
@@ -35,3 +41,32 @@ def run_subprocess(*args: str, cwd: Path = REPO, env: dict | None = None) -> sub
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "dpoc", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=120)
+
+
+_TEMP = tempfile.TemporaryDirectory(prefix="dpoc-tests-")  # removed when the test session ends
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """Rendered scripts find this checkout's dpoc and the venv's python/torchrun; one thread per gloo process."""
+    return {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+            "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra}
+
+
+@cache
+def tiny_dataset() -> str:
+    """The tiny recipe's data, preprocessed once per session by its rendered preprocess.sh; the output prefix."""
+    tmp = Path(_TEMP.name) / "data"
+    out = tmp / "build"
+    build(RECIPES / "tiny_cpu.yaml", [f"dataset.output_prefix={tmp}/orca_tiny"], out=out)
+    pre = subprocess.run(["bash", str(out / "preprocess.sh")], cwd=REPO, env=script_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    assert json.loads((tmp / "orca_tiny_stats.json").read_text())["pairs_kept"] == 256
+    return str(tmp / "orca_tiny")
+
+
+def scratch(name: str) -> Path:
+    """A directory that lives as long as the session (for what cached helpers build)."""
+    path = Path(_TEMP.name) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path

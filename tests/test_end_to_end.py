@@ -4,15 +4,13 @@ two "nodes" on localhost (each its own torchrun, gloo on 127.0.0.1) → training
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
 from dpoc.compile import build
-from tests.conftest import RECIPES, REPO
+from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
 
 
 def _free_port() -> int:
@@ -29,21 +27,13 @@ LAYOUTS = {  # name: build overrides (1, 2 and 4 processes)
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """The tiny recipe's data, preprocessed once by the rendered preprocess.sh."""
-    tmp = tmp_path_factory.mktemp("data")
-    out = tmp / "build"
-    build(RECIPES / "tiny_cpu.yaml", [f"dataset.output_prefix={tmp}/orca_tiny"], out=out)
-    pre = subprocess.run(["bash", str(out / "preprocess.sh")], cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=300)
-    assert pre.returncode == 0, pre.stderr[-2000:]
-    assert json.loads((tmp / "orca_tiny_stats.json").read_text())["pairs_kept"] == 256
-    return tmp / "orca_tiny"
+def dataset():
+    """The tiny recipe's data, preprocessed once per session by the rendered preprocess.sh."""
+    return tiny_dataset()
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-            "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "DPOC_MASTER_PORT": str(_free_port())}
+    return script_env(DPOC_MASTER_PORT=str(_free_port()))
 
 
 def test_tiny_recipe_trains_from_its_rendered_files_in_1_2_and_4_processes(dataset, tmp_path):
@@ -74,9 +64,7 @@ def test_a_failing_node_fails_the_launch(tmp_path):
     build(RECIPES / "tiny_cpu.yaml", ["hardware.hosts=[127.0.0.1,127.0.0.1]", "hardware.nodes=2",
                                       "hardware.devices_per_node=1", f"dataset.output_prefix={tmp_path}/none"],
           out=out)
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO)}
-    run = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=env, capture_output=True, text=True,
+    run = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=script_env(), capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2
     assert f"{tmp_path}/none_packed_chosen_input_ids_document.bin: (file): missing preprocessed dataset (8 of 8 files " \

@@ -5,14 +5,40 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from dpoc.megatron_args import Arg
+from dpoc import templating
+from dpoc.errors import EXIT_PREEMPTED
+from dpoc.megatron_args import Arg, format_args
+from dpoc.node_checks import Requirement
 from dpoc.plan import ModelSpec, Plan
 from dpoc.rules import Violation
+from dpoc.runtime.publish import PREEMPTED
 
 if TYPE_CHECKING:
     from dpoc.planner.search import SearchSpace
 
 NAME = "dpoc"
+
+
+def requirements() -> list[Requirement]:
+    """What the runtime imports on a node, at the versions of the `runtime` extra (pyproject.toml)."""
+    return [Requirement("torch", "torch", (2, 5)), Requirement("megatron.core", "megatron-core", (0, 12), (0, 20)),
+            Requirement("numpy", "numpy", (1, 24))]
+
+
+def node_script(rank: int) -> str:
+    """Node `rank`'s launch script, relative to the build directory."""
+    return f"nodes/node-{rank}.sh"
+
+
+def files(plan: Plan) -> dict[str, str]:
+    """What this target renders: the argument files (fresh and resume) and one node script per node."""
+    out = {path: format_args(megatron_args(plan, resume=resume))
+           for resume, path in ((False, "megatron.args"), (True, "resume/megatron.args"))}
+    values = templating.node_values(plan)
+    for rank, host in templating.node_hosts(plan):
+        out[node_script(rank)] = templating.template("node.sh.j2", node_rank=rank, host=host, **values,
+                                                      preempted_marker=PREEMPTED, exit_preempted=EXIT_PREEMPTED)
+    return out
 
 
 def unsupported(plan: Plan) -> list[Violation]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from dpoc import templating
+from dpoc.convert import MINDSPEED_DIR, mindspeed_conversions
 from dpoc.family import DEFAULT_TEMPLATE
+from dpoc.node_checks import Requirement
 from dpoc.plan import Plan
 from dpoc.rules import Violation
 
@@ -19,6 +22,42 @@ if TYPE_CHECKING:
 
 NAME = "mindspeed-rl"
 DEFAULT_BETA, DEFAULT_ADAM_EPS = 0.1, 1e-8
+
+
+def requirements() -> list[Requirement]:
+    """What cli/train_dpo.py imports (MindSpeed-RL's install guide: torch 2.5.1 or 2.7.1; Megatron and MindSpeed
+    are source copies on its PYTHONPATH, so only their presence is checked)."""
+    return [Requirement("torch", "torch", (2, 5)), Requirement("megatron.core", "megatron-core"),
+            Requirement("mindspeed", "mindspeed"), Requirement("mindspeed_rl", "mindspeed_rl"),
+            Requirement("hydra", "hydra-core")]
+
+
+def node_script(rank: int) -> str:
+    """Node `rank`'s launch script, relative to the build directory."""
+    return f"mindspeed-rl/nodes/node-{rank}.sh"
+
+
+def files(plan: Plan) -> dict[str, str]:
+    """What this target renders: its folder of Hydra configs (fresh and resume), model and dataset YAML, one
+    node script per node running cli/train_dpo.py, and MindSpeed-LLM's weight conversion."""
+    name, m = plan.name, plan.model.mindspeed_name
+    out = {}
+    for resume, suffix in ((False, ""), (True, "_resume")):
+        out[f"mindspeed-rl/dpo_{name}{suffix}.yaml"] = templating.yaml_text({
+            "defaults": [{"model": [m]}],
+            "megatron_training": training_config(plan, resume=resume),
+        })
+    out[f"mindspeed-rl/model/{m}.yaml"] = templating.yaml_text(model_config(plan))
+    if plan.data.layout == "pairwise":  # MindSpeed-RL's preprocessing reads only pairwise columns
+        out[f"mindspeed-rl/datasets/{name}.yaml"] = templating.yaml_text(dataset_config(plan))
+    values = templating.node_values(plan)
+    for rank, host in templating.node_hosts(plan):
+        out[node_script(rank)] = templating.template("mindspeed_node.sh.j2", node_rank=rank, host=host, **values)
+    for conv in mindspeed_conversions(plan):  # MindSpeed-LLM's weight conversion for exactly this layout
+        out[f"{MINDSPEED_DIR}/{conv.file}"] = templating.template(
+            "mindspeed_convert.sh.j2", title=conv.title, script=conv.script, args=conv.args, load_dir=conv.load_dir,
+            save_dir=conv.save_dir, **templating.header_values(plan))
+    return out
 
 
 def unsupported(plan: Plan) -> list[Violation]:

@@ -17,6 +17,7 @@ from dpoc.compile import build, plan_recipe
 from tests.conftest import RECIPES, REPO, run_subprocess
 
 CONTRACT = ["plan.json", "megatron.args", "resume/megatron.args", "nodes/node-0.sh", "nodes/node-1.sh", "launch.sh",
+            "ray-head.sh", "ray-worker.sh",
             "preprocess.yaml", "preprocess.sh", "convert/hf_to_mcore.sh", "convert/mcore_to_hf.sh",
             "mindspeed-rl/dpo_qwen3_30b.yaml", "mindspeed-rl/dpo_qwen3_30b_resume.yaml",
             "mindspeed-rl/model/qwen3_30b_a3b.yaml", "mindspeed-rl/datasets/qwen3_30b.yaml",
@@ -184,7 +185,7 @@ def test_write_failure_midway_keeps_old_build(tmp_path, monkeypatch):
 
 def test_build_does_not_import_torch(tmp_path):
     code = ("import sys; from dpoc.cli import main; rc = main(['build', 'recipes/qwen3_30b.yaml', '-o', sys.argv[1]]);"
-            "bad = [m for m in ('torch', 'megatron', 'transformers', 'numpy') if m in sys.modules];"
+            "bad = [m for m in ('torch', 'megatron', 'transformers', 'numpy', 'ray') if m in sys.modules];"
             "print(rc, bad)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -196,7 +197,7 @@ def test_shipped_scripts_pass_shellcheck(guide_build, tmp_path):
     tiny = tmp_path / "tiny"
     build(RECIPES / "tiny_cpu.yaml", out=tiny)
     scripts = sorted(guide_build.rglob("*.sh")) + sorted(tiny.rglob("*.sh"))
-    assert len(scripts) == 14
+    assert len(scripts) == 18
     proc = subprocess.run([shellcheck, "--severity=style", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
@@ -257,9 +258,11 @@ def test_resume_mode_is_picked_from_the_save_directory(tmp_path):
     subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
     bad = subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env={**env, "DPOC_RESUME": "yes"},
                          capture_output=True, text=True)
-    lines = log.read_text().splitlines()
-    assert lines[0] == f"-m dpoc preflight {out} --mode fresh" and lines[1].endswith(f"@{out}/megatron.args")
-    assert lines[2] == f"-m dpoc preflight {out} --mode resume" and lines[3].endswith(f"@{out}/resume/megatron.args")
+    preflight, train = ([ln for ln in log.read_text().splitlines() if key in ln]
+                        for key in ("-m dpoc preflight", "dpoc.runtime.train"))
+    assert preflight[0].startswith(f"-m dpoc preflight {out} --mode fresh --target dpoc --node-rank 0 ")
+    assert preflight[1].startswith(f"-m dpoc preflight {out} --mode resume ")
+    assert train[0].endswith(f"@{out}/megatron.args") and train[1].endswith(f"@{out}/resume/megatron.args")
     assert bad.returncode == 2 and "DPOC_RESUME must be auto, 1 or 0 (got yes)" in bad.stderr
 
 

@@ -25,7 +25,7 @@ def test_deleting_a_pinned_knob_lets_the_planner_choose_it():
 def test_deleting_the_host_list_for_one_node():
     plan = plan_recipe(GUIDE, ["~hardware.hosts", "hardware.nodes=1", "parallelism=auto"])
     assert plan.cluster.hosts == ("127.0.0.1",) and plan.hardware.nodes == 1
-    assert plan.source_of("cluster.hosts").why == "the recipe's hosts, or this machine for one node"
+    assert plan.source_of("cluster.hosts").why == "one node: this machine"
 
 
 def test_overrides_apply_in_order(dpoc_cli, tmp_path):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from dpoc import megatron_args
-from dpoc.errors import DpocError
 from dpoc.runtime import checkpoint, publish
 from tests.runtime.synthetic import write_args, write_pairs
 from tests.runtime.test_runtime_train import COMPARED, metrics, train
