@@ -172,9 +172,10 @@ class _PerLayer:
 
 def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int
                          ) -> tuple[float, float]:
-    """(per layer, last stage) bytes that unfused kernels save beyond the fused ones assumed above (flash
-    attention, fused RMSNorm, SwiGLU and rotary): megatron-core's local layers as the runtime runs them on
-    CPU. Each term was matched tensor by tensor against autograd's saved-tensor log (bench/memory_vs_measured.py).
+    """(per layer, last stage) bytes that the runtime's CPU kernels save beyond the fused ones assumed above
+    (flash attention, fused RMSNorm, SwiGLU and rotary): torch's SDPA flash kernel for attention, megatron-core's
+    unfused local norms, SwiGLU and rotary. Each term was matched tensor by tensor against autograd's
+    saved-tensor log (bench/memory_vs_measured.py).
     """
     a, s, tp = element_bytes(training), training.seq_length, layout.tp
     tok = _tokens(layout, s, sequences)
@@ -187,10 +188,9 @@ def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, s
         # one query group (then the reshape is a view of the same storage)
         q_copy = q if groups // tp > 1 else 0
         extra += a * tok.full / tp * (q + kv + q_copy + kv + heads + groups)
-    extra += 2 * a * tok.full / tp * (q - kv)  # k and v saved expanded to every query head (GQA)
     extra += 4 * a * s * model.head_dim  # rotary cos and sin for q and k
-    # core attention: softmax probabilities [b, heads, s, s] and the causal mask instead of flash statistics
-    extra += a * sequences * heads / tp * s * s + s * s - FP32 * tok.full * heads / tp
+    # SDPA keeps its output [b, heads, s, d]; the output projection keeps its own [s, b, q] copy of it
+    extra += a * tok.full / tp * q
     # SwiGLU's silu output and product (2F per token): the dense MLP, or the shared expert and every one of
     # the top-k copies of this rank's tokens in the routed experts
     if model.moe is None:
@@ -274,7 +274,7 @@ def estimate_memory(
     Every DPO loss (sigmoid, hinge, ipo, with or without the SFT term) trains on chosen + rejected against
     the frozen reference, so the `DPO` settings do not change the memory.
     """
-    # fused kernels (flash attention, fused norms) on npu/cuda; megatron-core's unfused local layers on cpu
+    # fused kernels (flash attention, fused norms) on npu/cuda; SDPA and unfused local layers on cpu
     per_layer = _PerLayer.of(model, layout, training, fused=hardware.device != "cpu")
     dynamic = training.dynamic_padding and mean_seq_length is not None
     ratio = min(mean_seq_length / training.seq_length, 1.0) if dynamic else 1.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from torch.overrides import TorchFunctionMode
 from dpoc.errors import DpocError, Problem
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+# the core-attention kernels each device can run (dpoc/runtime/attention.py), fastest first; `auto` takes the
+# first one available. TransformerEngine only counts when it is installed.
+ATTENTION = {"cpu": ("sdpa", "local"), "cuda": ("te", "sdpa", "local"), "npu": ("npu-fusion", "local")}
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class Device:
     kind: str  # "cpu" | "cuda" | "npu"
     backend: str  # torch.distributed backend
     supports_grouped_gemm: bool
+    attention: str = "sdpa"  # core-attention kernel (attention.core_attention_class)
 
     def current(self) -> torch.device:
         """Where this process's tensors live (set from LOCAL_RANK at start)."""
@@ -40,23 +45,35 @@ class Device:
             getattr(torch, self.kind).synchronize()
 
 
-def select(kind: str, backend: str, args_file: str = "megatron.args") -> Device:
-    """Check that `kind` is usable here and that `backend` fits it; on cpu, install the megatron bridge."""
+def select(kind: str, backend: str, args_file: str = "megatron.args", attention: str = "auto") -> Device:
+    """Check that `kind` is usable here and that `backend` fits it; choose the core-attention kernel (`auto`:
+    the device's fastest); on cpu, install the megatron bridge."""
     expected = BACKENDS[kind]
     if backend != expected:
         raise DpocError([Problem(args_file, "--distributed-backend",
                                  f"{backend} does not drive --dpoc-device {kind} (valid: {expected})")])
     if kind == "npu":
         _import_torch_npu(args_file)
-        return Device("npu", backend, supports_grouped_gemm=True)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise DpocError([Problem(args_file, "--dpoc-device",
-                                     "cuda requested but torch sees no CUDA device "
-                                     f"(torch {torch.__version__}; valid here: cpu)")])
-        return Device("cuda", backend, supports_grouped_gemm=True)
-    _CpuBridge.install()
-    return Device("cpu", backend, supports_grouped_gemm=False)
+    elif kind == "cuda" and not torch.cuda.is_available():
+        raise DpocError([Problem(args_file, "--dpoc-device",
+                                 "cuda requested but torch sees no CUDA device "
+                                 f"(torch {torch.__version__}; valid here: cpu)")])
+    elif kind == "cpu":
+        _CpuBridge.install()
+    kernel = attention_kernel(kind, attention, args_file)
+    return Device(kind, backend, supports_grouped_gemm=kind != "cpu", attention=kernel)
+
+
+def attention_kernel(kind: str, requested: str, args_file: str = "megatron.args") -> str:
+    """The core-attention kernel `kind` runs: the requested one if this device has it, else an error."""
+    available = [k for k in ATTENTION[kind] if k != "te" or importlib.util.find_spec("transformer_engine")]
+    if requested == "auto":
+        return available[0]
+    if requested not in available:
+        raise DpocError([Problem(args_file, "--dpoc-core-attention",
+                                 f"{requested} does not run on --dpoc-device {kind} here "
+                                 f"(valid: auto, {', '.join(available)})")])
+    return requested
 
 
 def _import_torch_npu(args_file: str) -> types.ModuleType:
