@@ -236,6 +236,7 @@ def _training(v: _Values, hardware: HardwareSpec) -> Training:
         ),
         save_interval=v.take("training.save_interval", iters, rule="training.train_iters", why="save once, at the end"),
         log_interval=v.take("training.log_interval", 1, why="log every step"),
+        packing=v.take("training.packing", False, why="one row per sequence, padded, as MindSpeed batches pairs"),
     )
 
 

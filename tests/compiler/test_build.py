@@ -125,6 +125,20 @@ def test_converter_gets_tp_extend_ep_exactly_when_training_sets_it(tmp_path):
         assert "--moe-grouped-gemm" in convert and "--model-type-hf qwen3-moe" in convert
 
 
+def test_packing_reaches_the_runtime_and_leaves_mindspeed_out(tmp_path):
+    out = tmp_path / "packed"
+    build(RECIPES / "qwen3_30b.yaml", ["training.packing=true"], out=out)
+    assert megatron_args.parse([f"@{out / 'megatron.args'}"]).dpoc_packing
+    assert not megatron_args.parse([f"@{RECIPES.parent / 'tests/golden/qwen3_30b/megatron.args'}"]).dpoc_packing
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped_targets"] == {"mindspeed-rl": [
+        "training.packing: true: MindSpeed-RL's pairwise DPO data has no packing (each micro-batch holds whole "
+        "padded pairs); valid: false, or runtime=dpoc"]}
+    assert not (out / "mindspeed-rl").exists()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["training"]["packing"] and plan["provenance"]["training.packing"]["source"].startswith("user")
+
+
 def test_legacy_converter_for_llama(tmp_path):
     out = tmp_path / "llama"
     build(RECIPES / "qwen3_30b_a2.yaml", ["model.preset=llama3-8b", "dataset.template=llama3"], out=out)
