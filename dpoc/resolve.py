@@ -159,6 +159,8 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], l
         "memory": report.memory_summary(choice.memory),
         "throughput": report.throughput_summary(choice.throughput),
     }
+    if inputs.training.packing:
+        estimate["packing"] = report.packing_summary(layout, inputs.training, inputs.mean_seq_length)
     return layout, estimate, list(choice.warnings)
 
 

@@ -127,7 +127,7 @@ def test_converter_gets_tp_extend_ep_exactly_when_training_sets_it(tmp_path):
 
 def test_packing_reaches_the_runtime_and_leaves_mindspeed_out(tmp_path):
     out = tmp_path / "packed"
-    build(RECIPES / "qwen3_30b.yaml", ["training.packing=true"], out=out)
+    build(RECIPES / "qwen3_30b.yaml", ["training.packing=true", "training.mean_seq_length=1500"], out=out)
     assert megatron_args.parse([f"@{out / 'megatron.args'}"]).dpoc_packing
     assert not megatron_args.parse([f"@{RECIPES.parent / 'tests/golden/qwen3_30b/megatron.args'}"]).dpoc_packing
     manifest = json.loads((out / "manifest.json").read_text())
@@ -137,6 +137,9 @@ def test_packing_reaches_the_runtime_and_leaves_mindspeed_out(tmp_path):
     assert not (out / "mindspeed-rl").exists()
     plan = json.loads((out / "plan.json").read_text())
     assert plan["training"]["packing"] and plan["provenance"]["training.packing"]["source"].startswith("user")
+    # budgets of 2 x 1 x 4096 tokens hold 2 pairs of 2 x 1500: 64 pairs -> 32 micro-batches, 16 per dp rank
+    assert plan["estimate"]["packing"] == {"budget_tokens": 8192, "micro_batches": 16, "pairs_per_micro_batch": 2.0,
+                                           "fill": 0.7324}
 
 
 def test_legacy_converter_for_llama(tmp_path):
