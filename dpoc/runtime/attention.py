@@ -43,6 +43,58 @@ NPU_CAUSAL_MASK_SIZE = 2048
 NPU_CAUSAL_SPARSE_MODE = 3
 
 
+# the CPU kernel attends a packed stream's sequences in groups of similar length, each one padded causal call:
+# a sequence joins the current group when the attention work its padding adds, (longest^2 - length^2) x
+# heads x head dim, costs less than one more call. Measured on this project's CPU (bench/attention_cpu.py):
+# a call's fixed cost, forward and backward, is about that of 2^18 such multiply-adds.
+CALL_COST = 2**18
+
+
+@dataclass(frozen=True)
+class PaddedLayout:
+    """Where each token of a packed stream goes in zero-padded groups of sequences: group g is a
+    [count, longest, ...] block of one flat buffer; padding tokens go to one spare row after it."""
+
+    groups: tuple[tuple[int, int], ...]  # (count, longest) per group
+    slots: torch.Tensor  # [t] row of each stream token in the flat buffer
+
+    @classmethod
+    def of(cls, lengths: tuple[int, ...], padding: int, width: int | None, device: torch.device) -> PaddedLayout:
+        """One group in stream order (`width` None), or longest first in groups of similar length, `width`
+        (heads x head dim) weighing their padding against CALL_COST."""
+        order = list(range(len(lengths)))
+        if width is not None:
+            order.sort(key=lambda i: (-lengths[i], i))
+        groups, base, offset = [], [0] * len(lengths), 0
+        members: list[int] = []
+        for i in [*order, None]:
+            if members and (i is None or (width is not None
+                            and (lengths[members[0]] ** 2 - lengths[i] ** 2) * width > CALL_COST)):
+                longest = max(lengths[j] for j in members)
+                for position, j in enumerate(members):
+                    base[j] = offset + position * longest
+                groups.append((len(members), longest))
+                offset += len(members) * longest
+                members = []
+            if i is not None:
+                members.append(i)
+        counts = torch.tensor(lengths, device=device)
+        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        slots = torch.repeat_interleave(torch.tensor(base, device=device), counts) + torch.arange(
+            int(counts.sum()), device=device) - starts
+        return cls(tuple(groups), torch.cat([slots, torch.full((padding,), offset, device=device)]))
+
+    def scatter(self, stream: torch.Tensor) -> list[torch.Tensor]:
+        rows = sum(c * n for c, n in self.groups)
+        flat = stream.new_zeros(rows + 1, *stream.shape[1:]).index_copy(0, self.slots, stream)[:-1]
+        blocks = flat.split([c * n for c, n in self.groups])
+        return [b.view(c, n, *stream.shape[1:]) for b, (c, n) in zip(blocks, self.groups, strict=True)]
+
+    def gather(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat([b.reshape(-1, *b.shape[2:]) for b in blocks])
+        return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])]).index_select(0, self.slots)
+
+
 @dataclass
 class PackedSequences(PackedSeqParams):
     """megatron's `thd` parameters of one packed micro-batch, plus what the kernels read on the host: each
@@ -51,7 +103,7 @@ class PackedSequences(PackedSeqParams):
 
     lengths: tuple[int, ...] = ()
     padding: int = 0
-    _slots: dict = field(default_factory=dict, repr=False, compare=False)
+    _layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, lengths: tuple[int, ...], padding: int, device: torch.device | None = None) -> PackedSequences:
@@ -71,28 +123,14 @@ class PackedSequences(PackedSeqParams):
         return (*self.lengths, self.padding) if self.padding else self.lengths
 
     def rows(self, stream: torch.Tensor) -> torch.Tensor:
-        """The real sequences of a stream [t, ...] as zero-padded rows [sequences, longest, ...]."""
-        slots, longest = self._padded_slots(stream.device)
-        buffer = stream.new_zeros(len(self.lengths) * longest + 1, *stream.shape[1:]).index_copy(0, slots, stream)
-        return buffer[:-1].view(len(self.lengths), longest, *stream.shape[1:])
+        """The real sequences of a stream [t, ...] as zero-padded rows [sequences, longest, ...], in order."""
+        return self.layout(stream.device).scatter(stream)[0]
 
-    def stream(self, rows: torch.Tensor) -> torch.Tensor:
-        """`rows` back as a stream [t, ...]: the inverse of `rows`, zeros at the padding tokens."""
-        slots, _ = self._padded_slots(rows.device)
-        flat = rows.reshape(-1, *rows.shape[2:])
-        return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])]).index_select(0, slots)
-
-    def _padded_slots(self, device: torch.device) -> tuple[torch.Tensor, int]:
-        """Each stream token's row in the padded layout (padding tokens: one spare row after the last)."""
-        if device not in self._slots:
-            longest = max(self.lengths)
-            lengths = torch.tensor(self.lengths, device=device)
-            starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-            rows = torch.repeat_interleave(torch.arange(len(self.lengths), device=device) * longest, lengths)
-            slots = rows + torch.arange(sum(self.lengths), device=device) - starts
-            spare = torch.full((self.padding,), len(self.lengths) * longest, device=device)
-            self._slots[device] = (torch.cat([slots, spare]), longest)
-        return self._slots[device]
+    def layout(self, device: torch.device, width: int | None = None) -> PaddedLayout:
+        """`PaddedLayout.of` for this stream, made once per micro-batch (every layer uses it)."""
+        if (device, width) not in self._layouts:
+            self._layouts[device, width] = PaddedLayout.of(self.lengths, self.padding, width, device)
+        return self._layouts[device, width]
 
 
 class _CoreAttention(MegatronModule):
@@ -128,10 +166,12 @@ class SdpaAttention(_CoreAttention):
                                               enable_gqa=self.heads != self.groups)
 
     def _packed(self, query, key, value, packed: PackedSequences):
-        """Each sequence of the stream [t, heads, d] attends to itself only, in one padded causal call."""
-        q, k, v = (packed.rows(x).transpose(1, 2) for x in (query, key, value))  # [sequences, heads, longest, d]
-        out = self._attend(q, k, v).transpose(1, 2)
-        return packed.stream(out.reshape(*out.shape[:2], -1))
+        """Each sequence of the stream [t, heads, d] attends to itself only: one causal call per group of
+        sequences of similar length, padded to the group's longest."""
+        layout = packed.layout(query.device, width=query.shape[1] * query.shape[2])
+        groups = zip(*(layout.scatter(x) for x in (query, key, value)), strict=True)
+        out = [self._attend(*(x.transpose(1, 2) for x in qkv)).transpose(1, 2) for qkv in groups]
+        return layout.gather([o.reshape(*o.shape[:2], -1) for o in out])
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
 from dpoc.errors import DpocError
+from dpoc.runtime import attention as attention_module
 from dpoc.runtime import device as devices
 from dpoc.runtime.attention import (
     NPU_CAUSAL_MASK_SIZE,
@@ -76,9 +77,13 @@ def _qkv(tokens: int, seed: int = 0) -> list[torch.Tensor]:
             for heads in (HEADS, GROUPS, GROUPS)]
 
 
-def test_a_packed_stream_attends_within_each_sequence():
+@pytest.mark.parametrize("call_cost", [attention_module.CALL_COST, 0])  # one padded group; one per sequence
+def test_a_packed_stream_attends_within_each_sequence(monkeypatch, call_cost):
+    monkeypatch.setattr(attention_module, "CALL_COST", call_cost)
     attention, lengths, padding = _attention(), (5, 9, 3), 3
     packed = PackedSequences.of(lengths, padding)
+    groups = packed.layout(torch.device("cpu"), width=HEADS * HEAD_DIM).groups
+    assert groups == (((3, 9),) if call_cost else ((1, 9), (1, 5), (1, 3)))
     assert packed.cu_seqlens_q.tolist() == [0, 5, 14, 17, 20] and packed.max_seqlen_q == 9
     q, k, v = _qkv(sum(lengths) + padding)
     out = attention(q, k, v, None, packed_seq_params=packed)
@@ -165,3 +170,11 @@ def test_each_device_runs_its_fastest_kernel_unless_told(monkeypatch):
     assert devices.attention_kernel("cuda", "auto") == "sdpa"  # no TransformerEngine
     monkeypatch.setattr(devices.importlib.util, "find_spec", lambda name: object())
     assert devices.attention_kernel("cuda", "auto") == "te"
+
+
+def test_the_attention_benchmark_runs_at_its_smoke_size():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "bench" / "attention_cpu.py"), "--smoke"],
+                         capture_output=True, text=True, env=env, check=True, timeout=300).stdout
+    for variant in ("padded: local", "padded: sdpa causal", "packed: grouped", "packed: block mask"):
+        assert out.count(variant) == 2, out  # both shapes
