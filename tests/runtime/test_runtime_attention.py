@@ -177,4 +177,4 @@ def test_the_attention_benchmark_runs_at_its_smoke_size():
     out = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "bench" / "attention_cpu.py"), "--smoke"],
                          capture_output=True, text=True, env=env, check=True, timeout=300).stdout
     for variant in ("padded: local", "padded: sdpa causal", "packed: grouped", "packed: block mask"):
-        assert out.count(variant) == 2, out  # both shapes
+        assert out.count(variant) == 1, out
