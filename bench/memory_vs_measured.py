@@ -154,7 +154,8 @@ def main() -> int:
             rows = compare(plan, measure(plan, data, Path(tmp) / name))
             print_table(f"{name} ({preset})", plan, rows)
             results[name] = {"model": preset, "processes": processes, "parallelism": parallelism,
-                             "overrides": overrides, "seq_length": SEQ_LENGTH, "micro_batch_size": MICRO_BATCH, "ranks": rows}
+                             "overrides": overrides, "seq_length": SEQ_LENGTH, "micro_batch_size": MICRO_BATCH,
+                             "ranks": rows}
             for row in rows:
                 for key in worst:
                     worst[key] = max(worst[key], abs(row["error"][key]))
