@@ -164,14 +164,18 @@ def rank_micro_batches(dataset: PairwiseDataset, step: int, batching: Batching, 
         groups = list(indices.reshape(-1, batching.micro_batch))
     mean_pairs = batching.global_batch / len(groups)
     mine = groups[dp_rank::dp_size]
+    # a micro-batch's length: its own (a packed stream's tokens, else its longest sequence), or the rank's
+    # longest (`same_length`), or the full one (`full_length`: the budget packed, else seq_length)
+    own = dataset.pair_tokens if batching.packing else dataset.pair_lengths
+    at_least = 0
+    if batching.full_length:
+        at_least = batching.budget if batching.packing else batching.seq_length
+    elif batching.same_length:
+        at_least = max(int(own[g].sum() if batching.packing else own[g].max()) for g in mine)
     if batching.packing:
-        at_least = batching.budget if batching.full_length else \
-            max(int(dataset.pair_tokens[g].sum()) for g in mine) if batching.same_length else 0
         batches = [collate_packed([dataset[int(i)] for i in g], batching.budget, batching.multiple_of, at_least)
                    for g in mine]
     else:
-        at_least = batching.seq_length if batching.full_length else \
-            int(dataset.pair_lengths[np.concatenate(mine)].max()) if batching.same_length else 0
         batches = [collate([dataset[int(i)] for i in g], batching.multiple_of, at_least) for g in mine]
     return [replace(b, step_mean_pairs=mean_pairs).to(device) for b in batches]
 
