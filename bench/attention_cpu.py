@@ -1,6 +1,6 @@
 """Which form of causal attention is fastest on this CPU, forward + backward, fp32, one thread.
 
-    python bench/attention_cpu.py [--rounds 7 --out FILE.json]    # --smoke: one round, tiny shapes (CI)
+    python bench/attention_cpu.py [--rounds 7 --repeats 5 --out FILE.json]    # --smoke: one round, tiny shapes
 
 Padded micro-batches [s, b, heads, d] (GQA 4 query heads on 2 groups):
   - local: megatron-core's DotProductAttention (the runtime's kernel before SDPA): scores and
@@ -18,8 +18,6 @@ Shapes: the tiny recipe's (head dim 16, sequences of 16-45 tokens) and the TRL b
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 import time
@@ -38,6 +36,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
+from bench._shared import arguments, write_result  # noqa: E402
 from dpoc.runtime import device as devices  # noqa: E402
 from dpoc.runtime.attention import PackedSequences, SdpaAttention  # noqa: E402
 
@@ -119,11 +118,9 @@ def measure(rounds: int, repeats: int, shapes: list[str]) -> dict[str, dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__.splitlines()[0], "attention_cpu")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--smoke", action="store_true", help="one round of one repeat, tiny shapes only (CI)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attention_cpu.json")
     args = parser.parse_args(argv)
     rounds, repeats = (1, 1) if args.smoke else (args.rounds, args.repeats)
     torch.set_num_threads(1)
@@ -142,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens; ms per forward + backward (best of {rounds} rounds)")
         for name, ms in r["ms"].items():
             print(f"  {name:24s} {ms:9.3f}")
-    if not args.smoke:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rounds": rounds, "repeats": repeats, "threads": 1, "results": results},
-                                  indent=1) + "\n", encoding="utf-8")
-        tmp.replace(args.out)
+    write_result(args, "attention_cpu", {"rounds": rounds, "repeats": repeats, "threads": 1, "results": results})
     return 0
 
 

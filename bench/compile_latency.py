@@ -3,13 +3,11 @@
 Paired runs, alternating, on the same machine: the ratio says what dpoc itself costs on top of the import
 floor a Python tool built on omegaconf/jinja2/jsonschema cannot avoid. Target: <= 1.5x.
 
-    python bench/compile_latency.py [--runs 21] [--recipe recipes/qwen3_30b.yaml]
+    python bench/compile_latency.py [--runs 21] [--recipe recipes/qwen3_30b.yaml] [--smoke] [--out FILE]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -19,6 +17,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench._shared import arguments, write_result  # noqa: E402
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -28,10 +29,12 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=21)
+    parser = arguments(__doc__.splitlines()[0], "compile_latency")
+    parser.add_argument("--runs", type=int, default=21, help="paired runs (--smoke: 1)")
     parser.add_argument("--recipe", default="recipes/qwen3_30b.yaml")
     args = parser.parse_args()
+    if args.smoke:
+        args.runs = 1
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory() as tmp:
         def build(run: int) -> list[str]:  # a new directory per run: every run writes the whole build
@@ -48,9 +51,7 @@ def main() -> None:
     print(f"{'dpoc build':<28}{b * 1000:8.1f} ms (median of {args.runs})")
     print(f"{'import omegaconf,jinja2,...':<28}{f * 1000:8.1f} ms")
     print(f"{'ratio (median of pairs)':<28}{result['median_paired_ratio']:8.2f} x   (target <= 1.5)")
-    out = REPO / "bench" / "results" / "compile_latency.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args, "compile_latency", result)
 
 
 if __name__ == "__main__":

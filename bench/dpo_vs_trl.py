@@ -1,6 +1,6 @@
 """Samples/s of the dpoc runtime vs TRL's DPOTrainer on the same tiny Qwen3, pairs and lengths (CPU, fp32).
 
-    /work/venv/bin/python bench/dpo_vs_trl.py [--pairs 128 --steps 8 --warmup 2 --out FILE.json]
+    python bench/dpo_vs_trl.py [--pairs 128 --steps 8 --warmup 2 --rounds 2] [--smoke] [--out FILE.json]
 
 One model config (a random Qwen3: hidden 256, 4 layers, GQA, q/k norm, vocab 8000) drives both: TRL gets
 it as a saved transformers model, dpoc as megatron.args. The pairs are synthetic token ids, written once
@@ -14,7 +14,6 @@ and each keeps its best round (the machine is shared). Needs `trl` (bench only).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -29,8 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._shared import arguments, write_result  # noqa: E402
+from dpoc.data.pairwise import FIELDS as PARTS  # noqa: E402
+from dpoc.data.pairwise import dataset_prefix as part_prefix  # noqa: E402
 from dpoc.megatron_args import format_args  # noqa: E402
-from dpoc.runtime.data import IGNORE_INDEX, PARTS, part_prefix  # noqa: E402
+from dpoc.runtime.data import IGNORE_INDEX  # noqa: E402
 
 MODEL = dict(vocab_size=8000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=1_000_000.0,
@@ -191,13 +193,15 @@ def model_flops_per_pair(pairs) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="each variant is run once per round; best kept")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "dpo_vs_trl.json"))
+    parser = arguments(__doc__.splitlines()[0], "dpo_vs_trl")
+    parser.add_argument("--pairs", type=int, default=128, help="--smoke: 16")
+    parser.add_argument("--steps", type=int, default=8, help="--smoke: 2")
+    parser.add_argument("--warmup", type=int, default=2, help="--smoke: 1")
+    parser.add_argument("--rounds", type=int, default=2, help="each variant is run once per round; best kept "
+                        "(--smoke: 1)")
     args = parser.parse_args()
+    if args.smoke:
+        args.pairs, args.steps, args.warmup, args.rounds = 16, 2, 1, 1
     pairs = make_pairs(args.pairs, seed=0)
     flops = model_flops_per_pair(pairs)
     variants = [
@@ -241,10 +245,9 @@ def main() -> None:
         "rows": rows,
         "dpoc_over_trl_live": best_dpoc / trl_live,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    out = write_result(args, "dpo_vs_trl", summary)
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; dpoc / TRL (live reference): "
-          f"{summary['dpoc_over_trl_live']:.2f}x; written {args.out}")
+          f"{summary['dpoc_over_trl_live']:.2f}x; written {out}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ SwiGLU and rotary), megatron-core's unfused local layers on cpu, which save more
 model would predict for the same run, i.e. how much of the CPU figure is kernel-specific; the fused-kernel
 terms themselves cannot be measured without the hardware.
 
-Run: `/work/venv/bin/python bench/memory_vs_measured.py` (a few minutes on 2 cores); writes
-`bench/results/memory_vs_measured.json`.
+Run: `python bench/memory_vs_measured.py [--smoke] [--out FILE]` (a few minutes on 2 cores; `--smoke`: the
+one-process and the two-process expert-parallel layouts only); writes `bench/results/memory_vs_measured.json`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._shared import arguments, write_result  # noqa: E402
 from dpoc.compile import plan_recipe  # noqa: E402
 from dpoc.megatron_args import format_args  # noqa: E402
 from dpoc.plan import Plan  # noqa: E402
@@ -144,11 +145,16 @@ def print_table(name: str, plan: Plan, rows: list[dict]) -> None:
         print(f"{row['rank']:>4} {row['stage']:>5} " + " ".join(f"{c:>30}" for c in cells))
 
 
+SMOKE_LAYOUTS = ("single", "ep2-moe")
+
+
 def main() -> int:
+    args = arguments(__doc__.splitlines()[0], "memory_vs_measured").parse_args()
+    layouts = {k: v for k, v in LAYOUTS.items() if k in SMOKE_LAYOUTS or not args.smoke}
     results, worst = {}, {"static": 0.0, "activations": 0.0, "fused_activations": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_pairs(Path(tmp) / "pairs", pairs=32)
-        for name, (preset, processes, parallelism, *other) in LAYOUTS.items():
+        for name, (preset, processes, parallelism, *other) in layouts.items():
             overrides = other[0] if other else []
             plan = compile_layout(preset, processes, parallelism, overrides)
             rows = compare(plan, measure(plan, data, Path(tmp) / name))
@@ -165,10 +171,7 @@ def main() -> int:
     print(f"\nworst |error|: static {worst['static']:.2%} (target {STATIC_TARGET:.0%}), activations "
           f"{worst['activations']:.2%} (target {ACTIVATION_TARGET:.0%}); assuming npu/cuda's fused kernels "
           f"instead would be off by {worst['fused_activations']:.2%}")
-    out = ROOT / "bench" / "results" / "memory_vs_measured.json"
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({"summary": summary, "layouts": results}, indent=1) + "\n", encoding="utf-8")
-    tmp_out.replace(out)
+    write_result(args, "memory_vs_measured", {"summary": summary, "layouts": results})
     return 0
 
 

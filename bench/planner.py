@@ -1,14 +1,11 @@
 """Planner benchmark: calibration on published non-DPO throughput, held-out DPO error, search time.
 
-    /work/venv/bin/python bench/planner.py        # prints tables, writes bench/results/planner.json
+    python bench/planner.py [--smoke] [--out FILE]   # prints tables, writes bench/results/planner.json
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,6 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._shared import arguments, write_result
 from dpoc import rules
 from dpoc.layout import make_layout
 from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
@@ -34,17 +32,6 @@ from dpoc.planner.report import explain
 from dpoc.planner.search import search
 from dpoc.planner.throughput import Efficiency
 from dpoc.specs import preset_hardware, preset_model
-
-RESULTS = Path(__file__).resolve().parent / "results" / "planner.json"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def calibration_report() -> dict[str, Any]:
@@ -114,12 +101,12 @@ SEARCHES = (
 )
 
 
-def search_report(efficiency: Efficiency, repeats: int = 5) -> list[dict[str, Any]]:
+def search_report(efficiency: Efficiency, searches=SEARCHES, repeats: int = 5) -> list[dict[str, Any]]:
     rows = []
     mean = ORCA_DPO_MEAN_PADDED_TOKENS
     print(f"Search (seq 4096, dynamic padding, mean {mean:.0f} tokens; best time of {repeats}):")
     train = replace(training(4096), dynamic_padding=True)
-    for label, model, hw, gbs in SEARCHES:
+    for label, model, hw, gbs in searches:
         validate = compiler_rules(model, hw, train)
         times = []
         for _ in range(repeats):
@@ -140,11 +127,14 @@ def search_report(efficiency: Efficiency, repeats: int = 5) -> list[dict[str, An
 
 
 def main() -> None:
+    args = arguments(__doc__.splitlines()[0], "planner").parse_args()
     calibration = calibration_report()
     efficiency = Efficiency(**calibration["efficiency"])
-    report = {"calibration": calibration, "search": search_report(efficiency)}
-    _write_json(RESULTS, report)
-    print(f"wrote {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
+    # --smoke: one search (the A2 one, the smallest space), timed once
+    searches = search_report(efficiency, SEARCHES[:1], 1) if args.smoke else search_report(efficiency)
+    out = write_result(args, "planner", {"calibration": calibration, "search": searches})
+    if out is not None:
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

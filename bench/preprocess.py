@@ -1,7 +1,7 @@
 """Benchmark `dpoc preprocess`: tokens/s on 1 and 2 workers vs a plain `datasets.map` + tokenizer loop,
 and peak RSS on a ~10 MB vs a ~200 MB generated orca-style input (streaming keeps it flat).
 
-    /work/venv/bin/python bench/preprocess.py [--small-mb 10] [--large-mb 200]
+    python bench/preprocess.py [--small-mb 10] [--large-mb 200] [--repeat 3] [--smoke] [--out FILE]
 
 Each job runs in a fresh process that imports its libraries first and then times only the work; the
 parent samples the job's process tree (workers included) for peak RSS. Prints a table and writes
@@ -10,7 +10,6 @@ bench/results/preprocess.json. Needs the `bench` extra (datasets) and the tiny t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -23,6 +22,10 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._shared import arguments, write_result  # noqa: E402
+
 TOKENIZER = REPO / "assets" / "tiny" / "tokenizer"
 SEQ_LENGTH = 8192  # long enough that nothing is dropped: every job tokenizes the same pairs
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "answer",
@@ -32,7 +35,7 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what",
          "after", "me", "you", "are", "a", "helpful", "assistant"]
 
 
-def generate(path: Path, megabytes: int, seed: int = 0) -> int:
+def generate(path: Path, megabytes: float, seed: int = 0) -> int:
     """Orca-style JSON Lines of about `megabytes` MB; returns the number of pairs."""
     rng = random.Random(seed)
 
@@ -135,19 +138,23 @@ def _best(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small-mb", type=int, default=10)
-    parser.add_argument("--large-mb", type=int, default=200)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per small-input job; the fastest counts")
+    parser = arguments(__doc__.splitlines()[0], "preprocess")
+    parser.add_argument("--small-mb", type=float, default=10, help="--smoke: 0.1")
+    parser.add_argument("--large-mb", type=float, default=200, help="--smoke: 0.3")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per small-input job; the fastest counts "
+                        "(--smoke: 1, and one worker only)")
     args = parser.parse_args()
+    if args.smoke:
+        args.small_mb, args.large_mb, args.repeat = 0.1, 0.3, 1
     with tempfile.TemporaryDirectory(prefix="dpoc-bench-") as tmp:
         scratch = Path(tmp)
-        small, large = scratch / f"orca_{args.small_mb}mb.jsonl", scratch / f"orca_{args.large_mb}mb.jsonl"
+        small, large = scratch / f"orca_{args.small_mb:g}mb.jsonl", scratch / f"orca_{args.large_mb:g}mb.jsonl"
         counts = {small.name: generate(small, args.small_mb),
                   large.name: generate(large, args.large_mb, seed=1)}
         # the machine is shared: take each small job's fastest of --repeat runs (peak RSS of all runs)
-        rows = [_best([run_job(job, small, workers, scratch) for _ in range(args.repeat)])
-                for job, workers in (("dpoc", 1), ("dpoc", 2), ("datasets.map", 1), ("datasets.map", 2))]
+        jobs = [("dpoc", 1), ("datasets.map", 1)] if args.smoke else [
+            ("dpoc", 1), ("dpoc", 2), ("datasets.map", 1), ("datasets.map", 2)]  # each job a process: few in smoke
+        rows = [_best([run_job(job, small, workers, scratch) for _ in range(args.repeat)]) for job, workers in jobs]
         rows.append(run_job("dpoc", large, 1, scratch))
     base = next(r for r in rows if r["job"] == "datasets.map" and r["workers"] == 1)["tokens_per_s"]
     print(f"{'job':<14}{'workers':>8}{'input':>10}{'pairs':>9}{'seconds':>9}{'tokens/s':>12}{'vs map':>8}"
@@ -158,13 +165,13 @@ def main() -> None:
               f"{r['tokens_per_s']:>12,.0f}{r['vs_datasets_map_1']:>7.2f}x{r['peak_rss_mb']:>13,.0f}")
     rss_small, rss_large = rows[0]["peak_rss_mb"], rows[-1]["peak_rss_mb"]
     growth = rss_large / rss_small - 1
-    print(f"peak RSS, dpoc 1 worker: {rss_small:,.0f} MB on {args.small_mb} MB -> {rss_large:,.0f} MB on "
-          f"{args.large_mb} MB ({growth:+.1%}; target within 20%)")
+    print(f"peak RSS, dpoc 1 worker: {rss_small:,.0f} MB on {args.small_mb:g} MB -> {rss_large:,.0f} MB on "
+          f"{args.large_mb:g} MB ({growth:+.1%}; target within 20%)")
     result = {"pairs_generated": counts, "seq_length": SEQ_LENGTH, "cpu_count": os.cpu_count(), "rows": rows,
               "rss_growth_small_to_large": growth}
-    out = REPO / "bench" / "results" / "preprocess.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    out = write_result(args, "preprocess", result)
+    if out is not None:
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

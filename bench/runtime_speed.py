@@ -1,6 +1,6 @@
 """Steps/s of the tiny CPU recipe under each core attention and with packing, from its rendered files.
 
-    python bench/runtime_speed.py [--rounds 3 --steps 30 --warmup 3 --out FILE.json]   # --smoke: CI size
+    python bench/runtime_speed.py [--rounds 3 --steps 30 --warmup 3 --out FILE.json]  # --smoke: 4 steps, 1 process
 
 `recipes/tiny_cpu.yaml` (tiny Qwen3, fp32, 8 pairs per step, micro-batch 2, seq_length 256, the orca-style
 data in assets/tiny) is built with `training.packing` off or on, its preprocess.sh run once, and its
@@ -14,7 +14,6 @@ shared). Also reports the fill (real tokens / row tokens) each variant logged.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._shared import arguments, write_result  # noqa: E402
 from dpoc.compile import build  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
@@ -64,12 +64,10 @@ def run(tmp: Path, data: Path, name: str, processes: int, steps: int, attention:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__.splitlines()[0], "runtime_speed")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="one round of 4 steps, 1 process (CI)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runtime_speed.json")
     args = parser.parse_args(argv)
     rounds, steps, warmup = (1, 4, 1) if args.smoke else (args.rounds, args.steps, args.warmup)
     layouts = (1,) if args.smoke else (2, 1)
@@ -92,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':34s} {'pairs/s':>9s} {'steps/s':>8s} {'fill':>6s}")
     for key, r in best.items():
         print(f"{key:34s} {r['pairs_per_s']:9.1f} {r['steps_per_s']:8.2f} {r['fill']:6.3f}")
-    if not args.smoke:
-        tmp_out = args.out.with_suffix(".tmp")
-        tmp_out.write_text(json.dumps({"rounds": rounds, "steps": steps, "warmup": warmup, "variants": best},
-                                      indent=1) + "\n", encoding="utf-8")
-        tmp_out.replace(args.out)
+    write_result(args, "runtime_speed", {"rounds": rounds, "steps": steps, "warmup": warmup, "variants": best})
     return 0
 
 

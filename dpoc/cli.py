@@ -62,6 +62,12 @@ def _plan(args: argparse.Namespace) -> int:
     return plan_command(args.recipe, args.overrides, args.json, args.top, args.chart)
 
 
+def _diff(args: argparse.Namespace) -> int:
+    from dpoc.diff import diff_command
+
+    return diff_command(args.a, args.b, args.a_overrides, args.overrides, args.json)
+
+
 def _schema(args: argparse.Namespace) -> int:
     from dpoc import resources
 
@@ -72,7 +78,8 @@ def _schema(args: argparse.Namespace) -> int:
 def _preflight(args: argparse.Namespace) -> int:
     from dpoc.preflight import preflight
 
-    preflight(args.build_dir, args.mode, args.target)
+    for warning in preflight(args.build_dir, args.mode, args.target):
+        print(f"{args.build_dir}: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -82,12 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides, e.g. training.lr=1e-7")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotlist overrides, e.g. training.lr=1e-7; ~KEY deletes a recipe key")
 
     p = sub.add_parser("build", help="compile a recipe into a build directory")
     p.add_argument("recipe")
     overrides(p)
-    p.add_argument("-o", "--output", help="build directory (default: build/<recipe file stem>)")
+    p.add_argument("-o", "--output", help="build directory; its name names the build, its run directory "
+                   "and dataset (default: build/<recipe file stem>)")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("validate", help="check recipes (schema and every rule); writes nothing")
@@ -107,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="how many ranked layouts to show")
     p.add_argument("--chart", metavar="FILE.svg", help="write the memory per pipeline stage of the best layout")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("diff", help="what differs between two recipes or build directories: every resolved value "
+                       "(with both sources) and every file; exit 1 when they differ, 0 when equal")
+    p.add_argument("a", metavar="A", help="a recipe file or a build directory (the old side)")
+    p.add_argument("b", metavar="B", help="a recipe file or a build directory (the new side)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for B (a recipe); ~KEY deletes a key")
+    p.add_argument("--a-set", dest="a_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for A (a recipe); repeatable")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_diff)
 
     p = sub.add_parser("schema", help="print a JSON Schema")
     p.add_argument("kind", choices=["recipe", "model", "hardware", "plan", "preprocess"])

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 
-from dpoc.plan import Plan
+from dpoc.plan import Plan, plan_values
 
 
 def explain(plan: Plan) -> str:
-    flat = _flatten(plan.to_dict())
-    flat.pop("provenance", None)
+    flat = plan_values(plan.to_dict())
+    flat.pop("warnings", None)  # listed below, one per line
     rows = []
     for path, value in sorted(flat.items()):
-        if path.startswith("provenance."):
-            continue
         src = plan.source_of(path)
         note = f"  ({src.why})" if src.why else ""
         rows.append((path, json.dumps(value, ensure_ascii=False), src.source, note))
@@ -22,14 +20,3 @@ def explain(plan: Plan) -> str:
     lines = [f"{p:<{width}}  {v:<{vwidth}}  {s}{n}" for p, v, s, n in rows]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines) + "\n"
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict) and value and key not in ("map_keys", "env", "moe"):
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out

@@ -31,7 +31,6 @@ DEFAULT_WHY = {
     "moe_permutation_async_comm": "off, as MindSpeed-RL's DPO config sets it",
     "moe_alltoall_overlap_comm": "off unless pinned",
     "moe_tp_extend_ep": "off unless pinned (must match the weight conversion)",
-    "moe_mc2": "off unless pinned",
 }
 
 
@@ -55,7 +54,6 @@ def defaults(model: ModelSpec, hardware: HardwareSpec, knobs: dict[str, Any]) ->
         "moe_permutation_async_comm": False,
         "moe_alltoall_overlap_comm": False,
         "moe_tp_extend_ep": False,
-        "moe_mc2": False,
     }
 
 
@@ -81,8 +79,18 @@ def make_layout(model: ModelSpec, hardware: HardwareSpec, global_batch_size: int
         moe_dispatcher=k["moe_dispatcher"], moe_grouped_gemm=k["moe_grouped_gemm"],
         moe_permutation_async_comm=k["moe_permutation_async_comm"],
         moe_alltoall_overlap_comm=k["moe_alltoall_overlap_comm"],
-        moe_tp_extend_ep=k["moe_tp_extend_ep"], moe_mc2=k["moe_mc2"],
+        moe_tp_extend_ep=k["moe_tp_extend_ep"],
     )
+
+
+def layout_tag(layout: Layout) -> str:
+    """`tp2-pp8-ep1[-vpp2][-tpextendep]`: names converted weights after the layout they are split for."""
+    tag = f"tp{layout.tp}-pp{layout.pp}-ep{layout.ep}"
+    if layout.vpp > 1:
+        tag += f"-vpp{layout.vpp}"
+    if layout.moe_tp_extend_ep:
+        tag += "-tpextendep"
+    return tag
 
 
 DERIVED_WHY = {

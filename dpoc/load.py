@@ -1,4 +1,5 @@
-"""Load: recipe YAML + named presets + `key=value` overrides → one plain dict, with where each value came from.
+"""Load: recipe YAML + named presets + `key=value` / `~key` overrides → one plain dict, with where each value
+came from.
 
 OmegaConf does the merging, dotlist parsing and `${...}` interpolation. This is the only compiler stage that
 reads files (the recipe, presets, an optional hostfile); everything after it is pure.
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dpoc import resources
+from dpoc.dotted import flatten, paths
 from dpoc.errors import DpocError, Problem, suggest
 
 # recipe section -> preset catalog it names
@@ -35,18 +37,14 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
     recipe = _read_yaml(Path(path), shown)
     if not isinstance(recipe, dict):
         raise DpocError([Problem(shown, "(top level)", "a recipe is a mapping of sections (model, hardware, ...)")])
-    cli = _parse_overrides(overrides, shown)
-
-    sources = {k: "user" for k in _leaves(recipe)}
-    sources.update({k: "user:command line" for k in _leaves(cli)})
-    merged = _auto_layout(_merge(_auto_layout(recipe), cli))
+    merged, sources = _apply_overrides(recipe, overrides, shown)
 
     for section, catalog in PRESET_SECTIONS.items():
         body = merged.get(section)
         if isinstance(body, dict) and isinstance(body.get("preset"), str):
             preset = read_preset(catalog, body["preset"], shown, f"{section}.preset")
             merged[section] = _merge(preset, body)
-            for key in _leaves(preset):
+            for key in flatten(preset):
                 sources.setdefault(f"{section}.{key}", f"preset:{body['preset']}")
 
     data = _interpolate(merged, shown)
@@ -126,16 +124,69 @@ def _read_yaml(path: Path, shown: str) -> Any:
         raise DpocError([Problem(shown, where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
 
 
-def _parse_overrides(overrides: Sequence[str], shown: str) -> dict[str, Any]:
-    problems = [Problem(shown, o, "an override is key=value, e.g. training.lr=1e-7") for o in overrides if "=" not in o]
+def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str], shown: str
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The recipe with the command line applied in order, as Hydra does: `key=value` sets a key (OmegaConf's
+    dotlist syntax), `~key` deletes one, so that the preset's value or the default applies again."""
+    tree = _auto_layout(recipe)
+    sources = {k: "user" for k in flatten(recipe)}
+    problems = []
+    for override in overrides:
+        if override.startswith("~"):
+            problem = _delete(tree, override, shown)
+            if problem is None:
+                _forget(sources, override[1:])
+            else:
+                problems.append(problem)
+            continue
+        if "=" not in override:
+            problems.append(Problem(shown, override, "an override is key=value (e.g. training.lr=1e-7), or ~key "
+                                    "to delete a key"))
+            continue
+        try:
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([override]), resolve=False)
+        except OmegaConfBaseException as exc:
+            problems.append(Problem(shown, "(command line)", f"bad override: {exc.msg}"))
+            continue
+        for key in flatten(parsed):
+            _forget(sources, key)
+            sources[key] = "user:command line"
+        tree = _auto_layout(_merge(tree, parsed))
     if problems:
         raise DpocError(problems)
-    if not overrides:
-        return {}
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
-    except OmegaConfBaseException as exc:
-        raise DpocError([Problem(shown, "(command line)", f"bad override: {exc.msg}")]) from None
+    return tree, sources
+
+
+def _delete(tree: dict[str, Any], override: str, shown: str) -> Problem | None:
+    """Delete the key `~a.b.c` names from `tree` in place; else a Problem saying why not and what exists."""
+    path = override[1:]
+    if not path or "=" in path:
+        return Problem(shown, override, "a deletion is ~key alone, e.g. ~hardware.hosts (no value)")
+    *parents, last = path.split(".")
+    node, depth = tree, 0
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            break
+        node, depth = node[part], depth + 1
+    if depth == len(parents) and last in node:
+        del node[last]
+        return None
+    section = tree.get(parents[0]) if parents else None
+    if parents and parents[0] in PRESET_SECTIONS and isinstance(section, dict) \
+            and isinstance(section.get("preset"), str):
+        preset = read_preset(PRESET_SECTIONS[parents[0]], section["preset"], shown, f"{parents[0]}.preset")
+        if ".".join([*parents[1:], last]) in paths(preset):
+            return Problem(shown, override, f"comes from preset {section['preset']!r}, not the recipe: nothing to "
+                           f"delete (set {path}=... to change it)")
+    prefix = "".join(f"{p}." for p in parents[:depth])
+    return Problem(shown, override, f"the recipe has no such key to delete ({suggest(path, paths(tree))}valid: "
+                   f"{', '.join(prefix + k for k in sorted(node))})")
+
+
+def _forget(sources: dict[str, str], path: str) -> None:
+    """Drop the provenance of `path` and everything under it."""
+    for key in [k for k in sources if k == path or k.startswith(f"{path}.")]:
+        del sources[key]
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -161,13 +212,3 @@ def _interpolate(tree: dict[str, Any], shown: str) -> dict[str, Any]:
 def _auto_layout(tree: dict[str, Any]) -> dict[str, Any]:
     """`parallelism: auto` is an empty layout, so that `parallelism.tp=2` can pin one knob of it."""
     return {**tree, "parallelism": {}} if tree.get("parallelism") == "auto" else tree
-
-
-def _leaves(tree: Any, prefix: str = "") -> list[str]:
-    if isinstance(tree, dict):
-        out = []
-        for key, value in tree.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
-            out.extend(_leaves(value, path) if isinstance(value, dict) and value else [path])
-        return out
-    return [prefix] if prefix else []

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from dpoc.dotted import flatten
+
 
 @dataclass(frozen=True)
 class MoESpec:
@@ -102,7 +104,6 @@ class Layout:
     moe_permutation_async_comm: bool
     moe_alltoall_overlap_comm: bool
     moe_tp_extend_ep: bool
-    moe_mc2: bool
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class DPO:
 class Data:
     input: str
     format: str  # auto | jsonl | json | parquet
-    layout: str  # pairwise | messages
+    layout: str  # auto | pairwise | messages | hh-rlhf
     tokenizer: str
     template: str
     enable_thinking: bool
@@ -190,7 +191,7 @@ class Plan:
     provenance: tuple[tuple[str, Source], ...] = field(default=())
 
     def source_of(self, path: str) -> Source:
-        return dict(self.provenance).get(path, Source("default"))
+        return source_at(dict(self.provenance), path)
 
     def to_dict(self) -> dict[str, Any]:
         data = _plain(self)
@@ -207,6 +208,23 @@ class Plan:
 
     def hash(self) -> str:
         return hashlib.sha256(self._json.encode()).hexdigest()
+
+
+def source_at(provenance: dict[str, Source], path: str) -> Source:
+    """Where the value at `path` came from: its own record, else that of the nearest recorded enclosing value
+    (`estimate.memory.peak_gib` is part of `estimate.memory`), else a default."""
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        found = provenance.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return Source("default")
+
+
+def plan_values(data: dict[str, Any]) -> dict[str, Any]:
+    """plan.json's values by dotted path, without the provenance: the rows `dpoc explain` prints and
+    `dpoc diff` compares."""
+    return flatten({k: v for k, v in data.items() if k != "provenance"})
 
 
 def _plain(value: Any) -> Any:

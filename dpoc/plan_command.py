@@ -11,7 +11,7 @@ from typing import Any
 
 from dpoc.autolayout import SEARCHED, Choice, LayoutError, choose, explain_failure, search_layouts
 from dpoc.compile import load_and_check
-from dpoc.errors import DpocError, Problem
+from dpoc.errors import Problem
 from dpoc.plan import Layout
 from dpoc.planner.memory import GIB, estimate_memory
 from dpoc.planner.report import knob_text, memory_summary, packing_summary, throughput_summary
@@ -21,20 +21,25 @@ from dpoc.resolve import layout_inputs
 
 
 def plan_command(recipe: str, overrides: Sequence[str], as_json: bool, top: int, chart: str | None) -> int:
-    """Rank every layout the recipe's target can run (pins lifted), and show where the recipe's own stands."""
+    """Rank every layout the recipe's target can run (pins lifted), and show where the recipe's own stands.
+
+    A what-if answer, not a build: the host list plays no part, and a recipe whose own layout is invalid for
+    the model or size asked about (or a size where nothing fits) still gets the ranking, with the reasons.
+    Exit 0 whenever the recipe itself is valid input."""
     loaded = load_and_check(recipe, overrides)
     inputs = layout_inputs(loaded)
     open_inputs = replace(inputs, pinned={})
     result = search_layouts(open_inputs)
     try:
         own: Choice | None = choose(inputs)
-        problems: list[Problem] = []
+        invalid: list[Problem] = []
     except LayoutError as exc:
-        own, problems = None, [Problem(loaded.path, v.field, v.message) for v in exc.violations]
+        own, invalid = None, _problems(loaded.path, exc.violations)
+    no_fit = _problems(loaded.path, explain_failure(open_inputs, result)) if result.best is None else []
     if as_json:
-        print(json.dumps(_as_data(inputs, result, own, problems, top), indent=2, sort_keys=True))
+        print(json.dumps(_as_data(inputs, result, own, invalid, no_fit, top), indent=2, sort_keys=True))
     else:
-        _print_table(recipe, inputs, result, top, own, problems)
+        _print_table(recipe, inputs, result, top, own, invalid, no_fit)
     if chart:
         from dpoc.plan_chart import memory_svg
 
@@ -42,13 +47,13 @@ def plan_command(recipe: str, overrides: Sequence[str], as_json: bool, top: int,
         if layout is not None:
             memory = estimate_memory(inputs.model, inputs.hardware, layout, inputs.training, inputs.mean_seq_length)
             Path(chart).write_text(memory_svg(memory, f"{loaded.name}: {knob_text(_knobs(layout))}"))
-    if result.best is None:
-        problems += [Problem(loaded.path, v.field, v.message) for v in explain_failure(open_inputs, result)]
-    if problems:
-        raise DpocError(list(dict.fromkeys(problems)))
-    for warning in own.warnings:
+    for warning in own.warnings if own else ():
         print(f"{loaded.path}: warning: {warning.field}: {warning.message}", file=sys.stderr)
     return 0
+
+
+def _problems(file: str, violations) -> list[Problem]:
+    return list(dict.fromkeys(Problem(file, v.field, v.message) for v in violations))
 
 
 def _knobs(layout: Layout) -> dict[str, Any]:
@@ -70,9 +75,9 @@ def _candidate_data(c: Candidate) -> dict[str, Any]:
     return data
 
 
-def _as_data(inputs, result: SearchResult, own: Choice | None, problems: list[Problem], top: int
-             ) -> dict[str, Any]:
-    recipe: dict[str, Any] = {"problems": [str(p) for p in problems]}
+def _as_data(inputs, result: SearchResult, own: Choice | None, invalid: list[Problem], no_fit: list[Problem],
+             top: int) -> dict[str, Any]:
+    recipe: dict[str, Any] = {"valid": own is not None, "problems": [str(p) for p in invalid]}
     if own is not None:
         recipe.update(knobs=_knobs(own.layout), rank=_rank(result, own), memory=memory_summary(own.memory),
                       throughput=throughput_summary(own.throughput),
@@ -87,11 +92,12 @@ def _as_data(inputs, result: SearchResult, own: Choice | None, problems: list[Pr
         "evaluated": result.evaluated, "rule_rejected": result.rule_rejected, "over_memory": result.over_memory,
         "ranked": [_candidate_data(c) for c in result.ranked[:top]],
         "nearest_over_memory": [_candidate_data(c) for c in result.too_big],
+        "no_fit": [str(p) for p in no_fit],
     }
 
 
 def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choice | None,
-                 problems: list[Problem]) -> None:
+                 invalid: list[Problem], no_fit: list[Problem]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -131,8 +137,12 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
             console.print(f"Packing: {p['micro_batches']} micro-batches per rank and step of up to "
                           f"{p['budget_tokens']} tokens, {p['pairs_per_micro_batch']:g} pairs each, "
                           f"fill {p['fill']:.0%}")
-    elif problems:
-        console.print("Recipe's layout is invalid: see the errors below")
+    else:
+        console.print("Recipe's layout is invalid:")
+        for problem in invalid:
+            console.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
+    for problem in no_fit:
+        console.print(f"No layout fits: {problem}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _numbers(c: Candidate) -> list[str]:

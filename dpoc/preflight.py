@@ -1,9 +1,11 @@
 """Node preflight: the checks that need the node's own files, run by each node script before torchrun.
 
 The compiler never touches cluster paths (resolve is pure); this is where they are checked: the build is
-intact (files match manifest.json), the dataset, tokenizer and initial weights exist, and on resume the
-checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank, the checkpoint's layout must be
-exactly the Plan's; a mismatch is refused with the conversion that fixes it. Exit 2, one line per problem.
+intact (files match manifest.json), the dataset, tokenizer and initial weights exist, the dataset was made
+with this build's preprocess.yaml (its stats say so; a MindSpeed-LLM dataset without them is accepted with
+a warning), and on resume the checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank,
+the checkpoint's layout must be exactly the Plan's; a mismatch is refused with the conversion that fixes
+it. Exit 2, one line per problem.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dpoc.errors import DpocError, Problem
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
+def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> list[str]:
+    """Raise DpocError with every problem found; return the warnings (the CLI prints them)."""
     build = Path(build_dir)
     manifest_path = build / "manifest.json"
     try:
@@ -27,7 +30,8 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
         raise DpocError([Problem(str(manifest_path), "(file)", f"cannot read the build's manifest: {exc}")]) from None
     problems = _edited_files(build, manifest)
     plan = json.loads((build / "plan.json").read_text())
-    problems += _inputs(build, plan)
+    found, warnings = _inputs(build, plan)
+    problems += found
     ck = plan["checkpoint"]
     if mode == "resume":
         if not (Path(ck["save"]) / TRACKER).is_file():
@@ -43,6 +47,7 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> None:
                 problems += legacy_layout_problems(ck[key], plan["layout"], build)
     if problems:
         raise DpocError(list(dict.fromkeys(problems)))
+    return warnings
 
 
 def _edited_files(build: Path, manifest: dict[str, Any]) -> list[Problem]:
@@ -55,18 +60,26 @@ def _edited_files(build: Path, manifest: dict[str, Any]) -> list[Problem]:
     return out
 
 
-def _inputs(build: Path, plan: dict[str, Any]) -> list[Problem]:
-    from dpoc.data.pairwise import output_files
+def _inputs(build: Path, plan: dict[str, Any]) -> tuple[list[Problem], list[str]]:
+    """The dataset (complete, and made with this build's preprocess.yaml) and the tokenizer."""
+    import yaml
 
-    data, out = plan["data"], []
-    expected = output_files(data["output_prefix"])
+    from dpoc.data import identity
+    from dpoc.data.pairwise import dataset_files
+
+    data, out, warnings = plan["data"], [], []
+    expected = dataset_files(data["output_prefix"])
     missing = [f for f in expected if not Path(f).is_file()]
+    rebuild = f"run bash {build / 'preprocess.sh'}"
     if missing:
         out.append(Problem(missing[0], "(file)", f"missing preprocessed dataset ({len(missing)} of {len(expected)} "
-                           f"files absent); run {build / 'preprocess.sh'} first"))
+                           f"files absent); {rebuild} first"))
+    else:
+        config = yaml.safe_load((build / "preprocess.yaml").read_text())
+        out, warnings = identity.check(data["output_prefix"], identity.settings(config), rebuild)
     if not Path(data["tokenizer"]).is_dir():
         out.append(Problem(data["tokenizer"], "(directory)", "tokenizer directory not found on this node"))
-    return out
+    return out, warnings
 
 
 def expected_rank_dirs(layout: dict[str, Any]) -> set[str]:

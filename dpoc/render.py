@@ -121,11 +121,17 @@ def _mindspeed_files(plan: Plan, node_values: dict[str, Any]) -> dict[str, str]:
             "megatron_training": mindspeed_rl.training_config(plan, resume=resume),
         })
     files[f"mindspeed-rl/model/{m}.yaml"] = _yaml(mindspeed_rl.model_config(plan))
-    files[f"mindspeed-rl/datasets/{name}.yaml"] = _yaml(mindspeed_rl.dataset_config(plan))
+    if plan.data.layout == "pairwise":  # MindSpeed-RL's preprocessing reads only pairwise columns
+        files[f"mindspeed-rl/datasets/{name}.yaml"] = _yaml(mindspeed_rl.dataset_config(plan))
     for rank, host in enumerate(plan.cluster.hosts):
         files[f"mindspeed-rl/nodes/node-{rank}.sh"] = _template("mindspeed_node.sh.j2", node_rank=rank, host=host,
                                                                 **node_values)
     return files
+
+
+def file_hashes(files: dict[str, str]) -> dict[str, str]:
+    """sha256 of each rendered file: manifest.json's list, which the preflight and `dpoc diff` compare."""
+    return {path: hashlib.sha256(text.encode()).hexdigest() for path, text in sorted(files.items())}
 
 
 def manifest(plan: Plan, files: dict[str, str]) -> str:
@@ -133,7 +139,7 @@ def manifest(plan: Plan, files: dict[str, str]) -> str:
         "dpoc_version": __version__,
         "plan_hash": plan.hash(),
         "runtime": plan.runtime,
-        "files": {path: hashlib.sha256(text.encode()).hexdigest() for path, text in sorted(files.items())},
+        "files": file_hashes(files),
         "skipped_targets": skipped_targets(plan),
         "warnings": list(plan.warnings),
     }, indent=2, sort_keys=True) + "\n"

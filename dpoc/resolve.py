@@ -10,13 +10,14 @@ import dataclasses
 from pathlib import PurePosixPath
 from typing import Any
 
-from dpoc import __version__, autolayout, rules, targets
+from dpoc import __version__, autolayout, rules, stale_paths, targets
 from dpoc.autolayout import LayoutInputs
+from dpoc.dotted import flatten
 from dpoc.errors import DpocError, Problem
 from dpoc.family import CONVERTER, DEFAULT_TEMPLATE
-from dpoc.layout import DEFAULT_WHY, DERIVED_WHY
+from dpoc.layout import DEFAULT_WHY, DERIVED_WHY, layout_tag
 from dpoc.load import LoadedRecipe
-from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, Layout, ModelSpec, Plan, Source, Training
+from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, Layout, ModelSpec, MoESpec, Plan, Source, Training
 from dpoc.specs import hardware_spec, model_spec
 
 _MISSING = object()
@@ -44,12 +45,19 @@ class _Values:
         """The recipe's value at `path`, else `default` (from `rule` when given); provenance under `record`."""
         value = self._lookup(path)
         key = record or path
+        if isinstance(value, dict) and value:  # a mapping (hardware.env, model.moe): each entry has its own source
+            for leaf in flatten(value):
+                self._given(f"{path}.{leaf}", f"{key}.{leaf}")
+            return value
         if value is not _MISSING:
-            src = self.sources.get(path, "user")
-            self.provenance[key] = Source(src, "from the recipe" if src.startswith("user") else "from the preset")
+            self._given(path, key)
             return value
         self.provenance[key] = Source(f"derived:{rule}" if rule else "default", why)
         return default
+
+    def _given(self, path: str, key: str) -> None:
+        src = self.sources.get(path, "user")
+        self.provenance[key] = Source(src, "from the recipe" if src.startswith("user") else "from the preset")
 
     def derived(self, path: str, value: Any, rule: str, why: str) -> Any:
         self.provenance[path] = Source(f"derived:{rule}", why)
@@ -65,17 +73,18 @@ class _Values:
 
 
 def layout_inputs(loaded: LoadedRecipe) -> LayoutInputs:
-    """What the layout choice depends on (for `dpoc plan`, which shows the search rather than one Plan)."""
+    """What the layout choice depends on (for `dpoc plan`, which shows the search rather than one Plan): no
+    host list, so a what-if question about any size needs no addresses."""
     v = _Values(loaded)
-    inputs, _ = _inputs(v)
+    inputs = _inputs(v)
     if v.problems:
         raise DpocError(v.problems)
     return inputs
 
 
-def _inputs(v: _Values) -> tuple[LayoutInputs, Cluster]:
+def _inputs(v: _Values) -> LayoutInputs:
     model = _model(v)
-    hardware, cluster = _hardware(v)
+    hardware = _hardware(v)
     training = _training(v, hardware)
     dpo = DPO(
         loss=v.take("dpo.loss", "sigmoid", why="the standard DPO loss"),
@@ -93,29 +102,32 @@ def _inputs(v: _Values) -> tuple[LayoutInputs, Cluster]:
         record="estimate.mean_seq_length",
     )
     gbs = v.take("training.global_batch_size", record="layout.global_batch_size")
-    return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, mean), cluster
+    return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, mean)
 
 
-def resolve(loaded: LoadedRecipe) -> Plan:
+def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
+    """The Plan of `loaded` built into a directory called `build_name` (which names the build)."""
     v = _Values(loaded)
-    inputs, cluster = _inputs(v)
+    inputs = _inputs(v)
+    cluster = _cluster(v, inputs.hardware.nodes)
     model, hardware, training, dpo, runtime = inputs.model, inputs.hardware, inputs.training, inputs.dpo, inputs.runtime
     layout, estimate, layout_warnings = _layout(v, inputs)
 
-    name = loaded.name
-    v.derived("name", name, "name", "the recipe's name, else its file name")
-    run_dir = v.take("run_dir", f"runs/{name}", why="runs/<recipe name>")
+    name = _name(v, build_name)
+    v.derived("warnings", None, "rules", "what the rules and the planner flag as slow or risky; it still runs")
+    run_dir = v.take("run_dir", f"runs/{name}", rule="name",
+                     why="runs/<name>: each build its own metrics, logs and checkpoints")
     plan = Plan(
         name=name,
-        dpoc_version=__version__,
+        dpoc_version=v.derived("dpoc_version", __version__, "dpoc", "the dpoc release that resolved this plan"),
         runtime=runtime,
         model=model,
         hardware=hardware,
         layout=layout,
         training=training,
         dpo=dpo,
-        data=_data(v, model),
-        checkpoint=_checkpoint(v, name, layout, run_dir),
+        data=_data(v, model, run_dir),
+        checkpoint=_checkpoint(v, loaded.name, layout, run_dir),
         cluster=cluster,
         run_dir=run_dir,
         estimate=estimate,
@@ -123,10 +135,20 @@ def resolve(loaded: LoadedRecipe) -> Plan:
     )
     violations = layout_warnings + rules.check(rules.Context(model, hardware, layout, training, dpo))
     violations += targets.get(runtime).unsupported(plan)
+    violations += stale_paths.check(plan)
     errors = v.problems + [Problem(loaded.path, x.field, x.message) for x in violations if not x.warning]
     if errors:
         raise DpocError(list(dict.fromkeys(errors)))
     return dataclasses.replace(plan, warnings=tuple(f"{x.field}: {x.message}" for x in violations if x.warning))
+
+
+def _name(v: _Values, build_name: str) -> str:
+    """The recipe's `name` when it sets one, else the build directory's: two builds of one recipe never share a
+    run directory or a dataset."""
+    if v.has("name"):
+        return v.take("name")
+    return v.derived("name", build_name, "build", "the build directory's name (build/<recipe file stem> unless -o): "
+                     "each build its own run directory and dataset")
 
 
 def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], list[rules.Violation]]:
@@ -153,6 +175,12 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], l
             v.derived(f"layout.{knob}", getattr(layout, knob), f"layout.{knob}", DEFAULT_WHY[knob])
     for name, text in DERIVED_WHY.items():
         v.derived(f"layout.{name}", getattr(layout, name), f"layout.{name}", text)
+    v.derived("estimate.efficiency", None, "planner.calibration",
+              "fraction of peak FLOPs reached, fitted on published non-DPO runs (bench/planner.py)")
+    v.derived("estimate.memory", None, "planner.memory", "per-device memory model of this layout: weights, "
+              "gradients, optimizer, frozen reference, activations at mean_seq_length, buffers, reserve")
+    v.derived("estimate.throughput", None, "planner.throughput", "predicted from this layout, the fitted "
+              "efficiency and mean_seq_length; samples are preference pairs (pairs/s)")
     estimate = {
         "mean_seq_length": inputs.mean_seq_length,
         "efficiency": {"dense": autolayout.FITTED.dense, "experts": autolayout.FITTED.experts},
@@ -168,16 +196,24 @@ def _model(v: _Values) -> ModelSpec:
     m = v.data["model"]
     for key in m:
         v.take(f"model.{key}")
+    if isinstance(m.get("moe"), dict):
+        for field in dataclasses.fields(MoESpec):
+            v.take(f"model.moe.{field.name}", why="the model schema's default")
+    else:
+        v.take("model.moe", why="no experts: a dense model")
+    name = v.derived("model.name", m.get("preset", "inline"), "model.preset",
+                     "the preset's name, or inline when the recipe defines the architecture")
     v.derived(
         "model.converter",
         CONVERTER[m["family"]],
         "model.family",
         "MindSpeed-LLM's convert_ckpt_v2.py knows qwen3/qwen3-moe; Qwen2.5 and Llama-3 need the legacy convert_ckpt.py",
     )
-    return model_spec(m.get("preset", "inline"), m)
+    return model_spec(name, m)
 
 
-def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
+def _hardware(v: _Values) -> HardwareSpec:
+    """The node type and how many nodes; planning needs no more (the host list is `_cluster`'s)."""
     h = v.data["hardware"]
     for key in h:
         v.take(f"hardware.{key}")
@@ -185,6 +221,13 @@ def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
     nodes = h["nodes"]
     if hosts and not v.sources.get("hardware.nodes", "").startswith("user"):
         nodes = v.derived("hardware.nodes", len(hosts), "hardware.hosts", "one node per host")
+    v.derived("hardware.name", h["preset"], "hardware.preset", "the hardware preset's name")
+    return hardware_spec(h["preset"], h, nodes)
+
+
+def _cluster(v: _Values, nodes: int) -> Cluster:
+    """Where the nodes are: one address per node, node 0 first, and the rendezvous address."""
+    hosts = v.data["hardware"].get("hosts")
     if hosts and len(hosts) != nodes:
         v.problem("hardware.hosts", f"lists {len(hosts)} hosts but hardware.nodes is {nodes}; valid: one host per node")
     if nodes > 1 and not hosts:
@@ -192,7 +235,6 @@ def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
             "hardware.hosts",
             f"{nodes} nodes need their addresses; valid: hardware.hosts (node 0 first) or hardware.hostfile",
         )
-    hardware = hardware_spec(h["preset"], h, nodes)
     host_list = tuple(hosts) if hosts else ("127.0.0.1",)
     v.derived("cluster.hosts", host_list, "hardware.hosts", "the recipe's hosts, or this machine for one node")
     master = v.take(
@@ -208,7 +250,7 @@ def _hardware(v: _Values) -> tuple[HardwareSpec, Cluster]:
         why="MindSpeed-RL's default master port",
         record="cluster.master_port",
     )
-    return hardware, Cluster(hosts=host_list, master_addr=master, master_port=port)
+    return Cluster(hosts=host_list, master_addr=master, master_port=port)
 
 
 def _training(v: _Values, hardware: HardwareSpec) -> Training:
@@ -242,16 +284,18 @@ def _training(v: _Values, hardware: HardwareSpec) -> Training:
     )
 
 
-def _data(v: _Values, model: ModelSpec) -> Data:
+def _data(v: _Values, model: ModelSpec, run_dir: str) -> Data:
     path = v.take("dataset.path", record="data.input")
-    default_keys = {"prompt": "question", "query": "", "system": "system"} if "orca" in path else {}
+    layout = v.take(
+        "dataset.layout", record="data.layout", default="auto",
+        why="detected from the data's first rows when preprocessing (never from the file's name)",
+    )
     map_keys = v.take(
         "dataset.map_keys",
         record="data.map_keys",
-        default=default_keys,
-        rule="dataset.path",
-        why="orca-style columns (system, question, chosen, rejected)"
-        if default_keys
+        default={},
+        why="MindSpeed-RL's default columns; with layout auto, the prompt and system columns are detected too"
+        if layout == "auto"
         else "MindSpeed-RL's default columns",
     )
     if not v.has("model.tokenizer") and not v.has("model.hf_weights"):
@@ -266,7 +310,7 @@ def _data(v: _Values, model: ModelSpec) -> Data:
     return Data(
         input=path,
         format=v.take("dataset.format", record="data.format", default="auto", why="from the file extension"),
-        layout=v.take("dataset.layout", record="data.layout", default="pairwise", why="prompt/chosen/rejected columns"),
+        layout=layout,
         tokenizer=tokenizer,
         template=v.take(
             "dataset.template",
@@ -288,21 +332,13 @@ def _data(v: _Values, model: ModelSpec) -> Data:
         output_prefix=v.take(
             "dataset.output_prefix",
             record="data.output_prefix",
-            default=str(PurePosixPath(path).with_suffix("")),
-            rule="dataset.path",
-            why="next to the input, without its extension",
+            default=f"{run_dir}/dataset/{PurePosixPath(path).stem}",
+            rule="run_dir",
+            why="<run_dir>/dataset/<input file stem>: each build its own, so builds with other data settings never "
+            "overwrite it",
         ),
         workers=v.take("dataset.workers", record="data.workers", default=4, why="four tokenizer processes"),
     )
-
-
-def layout_tag(layout) -> str:
-    tag = f"tp{layout.tp}-pp{layout.pp}-ep{layout.ep}"
-    if layout.vpp > 1:
-        tag += f"-vpp{layout.vpp}"
-    if layout.moe_tp_extend_ep:
-        tag += "-tpextendep"
-    return tag
 
 
 def _checkpoint(v: _Values, name: str, layout, run_dir: str) -> Checkpoint:

@@ -193,7 +193,7 @@ def expert_knobs_need_moe(c: Context) -> Iterable[Violation]:
         return
     lay = c.layout
     for field, is_set in (("ep", lay.ep > 1), ("etp", lay.etp != lay.tp), ("moe_grouped_gemm", lay.moe_grouped_gemm),
-                          ("moe_tp_extend_ep", lay.moe_tp_extend_ep), ("moe_mc2", lay.moe_mc2),
+                          ("moe_tp_extend_ep", lay.moe_tp_extend_ep),
                           ("moe_alltoall_overlap_comm", lay.moe_alltoall_overlap_comm)):
         if is_set:
             yield Violation(f"parallelism.{field}", f"{c.model.name} is a dense model (no experts); remove it")
@@ -261,19 +261,8 @@ def expert_group_placement(c: Context) -> Iterable[Violation]:
     pod = hw.superpod_nodes * hw.devices_per_node
     if pod and span <= pod:
         return  # A3: inside a SuperPoD the UB fabric is as fast as inside a node
-    if lay.moe_mc2:
-        yield Violation("parallelism.ep", f"MoE with MC2 must not span expert parallelism across SuperPoDs (ep·etp = "
-                        f"{span} devices; a SuperPoD has {pod or hw.devices_per_node}); valid: ep·etp <= "
-                        f"{pod or hw.devices_per_node}, or moe_mc2=false")
-    else:
-        yield Violation("parallelism.ep", f"the expert-parallel group (ep·etp = {span} devices) spans nodes over the "
-                        f"{hw.inter_node_gbps:g} GB/s inter-node link; all-to-all will be slow", warning=True)
-
-
-def mc2_needs_npu(c: Context) -> Iterable[Violation]:
-    if c.layout.moe_mc2 and c.hardware.device != "npu":
-        yield Violation("parallelism.moe_mc2", f"MC2 is an Ascend feature (hardware {c.hardware.name} is "
-                        f"{c.hardware.device}); valid: false")
+    yield Violation("parallelism.ep", f"the expert-parallel group (ep·etp = {span} devices) spans nodes over the "
+                    f"{hw.inter_node_gbps:g} GB/s inter-node link; all-to-all will be slow", warning=True)
 
 
 # --- recompute, schedule, loss -----------------------------------------------------------------------
@@ -319,10 +308,17 @@ RULES: tuple[Rule, ...] = (
     global_batch_divisible, sequence_fits_model, context_parallel, sequence_parallel_needs_tp,
     static_padding_divisible,
     expert_knobs_need_moe, experts_divisible_by_ep, expert_tensor_parallel, moe_needs_sequence_parallel,
-    tp_extend_ep, alltoall_overlap, grouped_gemm_device, expert_group_placement, mc2_needs_npu,
+    tp_extend_ep, alltoall_overlap, grouped_gemm_device, expert_group_placement,
     recompute_options, pipeline_has_enough_microbatches, learning_rate_schedule, label_smoothing_needs_sigmoid,
 )
 
 
+# field -> the field its valid values are stated relative to: while that one is wrong, a violation of this one
+# is a follow-on (tp=3 makes a pinned etp=2 "not in {1, 3}"), and only the root cause is reported
+FOLLOW_ON = {"parallelism.etp": "parallelism.tp"}
+
+
 def check(context: Context) -> list[Violation]:
-    return [v for rule in RULES for v in rule(context)]
+    found = [v for rule in RULES for v in rule(context)]
+    wrong = {v.field for v in found if not v.warning}
+    return [v for v in found if FOLLOW_ON.get(v.field) not in wrong]

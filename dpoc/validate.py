@@ -15,17 +15,31 @@ from dpoc.errors import DpocError, Problem, suggest
 
 SCHEMA_KINDS = ("recipe", "model", "hardware", "plan", "preprocess")
 
+# recipe keys dpoc once had, and why they went: an old recipe that sets one learns why, not just "unknown key"
+REMOVED_RECIPE_KEYS = {
+    "parallelism.moe_mc2": "no target can express it: MindSpeed's MC2 fuses tensor-parallel linear layers with their "
+    "communication and does not apply to MoE models with grouped GEMM, and MindSpeed-RL's DPO config has no field "
+    "for it",
+}
+
 
 @cache
 def schema(kind: str) -> dict[str, Any]:
     return json.loads(resources.schema_path(kind).read_text())
 
 
+def _uri(kind: str) -> str:
+    """A schema's file name is its URI: the shipped schemas have no `$id`, so a relative `$ref`
+    (`model.schema.json#/$defs/architecture`) names the sibling file, and standard tools (check-jsonschema,
+    yaml-language-server) resolve it offline from wherever the schemas lie."""
+    return resources.schema_path(kind).name
+
+
 @cache
 def _registry():
     from referencing import Registry, Resource
 
-    return Registry().with_resources((schema(k)["$id"], Resource.from_contents(schema(k))) for k in SCHEMA_KINDS)
+    return Registry().with_resources((_uri(k), Resource.from_contents(schema(k))) for k in SCHEMA_KINDS)
 
 
 @cache
@@ -63,13 +77,16 @@ def _describe(error, file: str, prefix: str, kind_of_schema: str) -> list[Proble
     where = _field(error.absolute_path, prefix)
     kind, value = error.validator, error.instance
     if kind in ("additionalProperties", "unevaluatedProperties"):
-        allowed = sorted(_allowed_keys(error.schema, _registry().resolver(schema(kind_of_schema)["$id"])))
+        allowed = sorted(_allowed_keys(error.schema, _registry().resolver(_uri(kind_of_schema))))
         known = set(allowed)
         out = []
         for key in sorted(k for k in value if k not in known):
-            hint = suggest(key, allowed)
             field = f"{where}.{key}" if where != "(top level)" else key
-            out.append(Problem(file, field, f"unknown key ({hint}valid: {', '.join(allowed)})"))
+            removed = REMOVED_RECIPE_KEYS.get(field) if kind_of_schema == "recipe" else None
+            if removed:
+                out.append(Problem(file, field, f"unknown key: removed, because {removed}; remove the key"))
+            else:
+                out.append(Problem(file, field, f"unknown key ({suggest(key, allowed)}valid: {', '.join(allowed)})"))
         return out
     if kind == "required":
         missing = [k for k in error.validator_value if k not in value]

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from dpoc.data.config import MAP_KEYS, TEMPLATES
+from dpoc.data.config import LAYOUTS, MAP_KEYS, TEMPLATES
 from dpoc.errors import DpocError, Problem
 
 # flags that override the config key of the same name
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="preprocessing config (schemas/preprocess.schema.json)")
     parser.add_argument("--input", help="JSON Lines, JSON array or Parquet file")
     parser.add_argument("--format", choices=["auto", "jsonl", "json", "parquet"])
-    parser.add_argument("--layout", choices=["pairwise", "messages"])
+    parser.add_argument("--layout", choices=LAYOUTS)
     parser.add_argument("--tokenizer", help="Hugging Face tokenizer directory")
     parser.add_argument("--template", choices=TEMPLATES)
     parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None)

@@ -22,6 +22,7 @@ def _schema_properties() -> dict[str, Any]:
 
 # the CLI's choices come from the schema the config file is validated against: one list of each
 TEMPLATES = tuple(_schema_properties()["template"]["enum"])
+LAYOUTS = tuple(_schema_properties()["layout"]["enum"])
 MAP_KEYS = tuple(_schema_properties()["map_keys"]["properties"])
 
 
@@ -32,7 +33,7 @@ class PreprocessConfig:
     output_prefix: str
     seq_length: int
     format: str = "auto"
-    layout: str = "pairwise"
+    layout: str = "auto"
     template: str = "tokenizer"
     enable_thinking: bool = False
     map_keys: Mapping[str, str] = field(default_factory=dict)

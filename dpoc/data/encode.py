@@ -7,14 +7,13 @@ process writes in input order, so the output does not depend on the number of wo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from dpoc.data.config import PreprocessConfig
 from dpoc.data.fields import BadRow, Conversation, to_conversation
-from dpoc.data.readers import Row
+from dpoc.data.readers import Row, decode
 from dpoc.data.templates import Template
 from dpoc.errors import DpocError, Problem
 
@@ -101,15 +100,7 @@ class PairEncoder:
         return prompt, chosen, rejected
 
     def _conversation(self, row: Row) -> Conversation | None:
-        data = row.data
-        if isinstance(data, bytes):
-            try:
-                data = json.loads(data.rstrip(b"\r\n").decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise BadRow(f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
-            except json.JSONDecodeError as exc:
-                raise BadRow(f"not valid JSON ({exc.msg} at column {exc.pos + 1})") from None
-        return to_conversation(data, self.config.map_keys, self.config.layout)
+        return to_conversation(decode(row), self.config.map_keys, self.config.layout)
 
     def _fit(self, where: str, prompt: list[int], chosen: list[int], rejected: list[int]) -> Outcome:
         """Apply the length policy: every sequence must stay below seq_length (MindSpeed-RL drops at >=)."""

@@ -3,7 +3,7 @@
 `{prefix}_packed_{chosen_input_ids,chosen_labels,rejected_input_ids,rejected_labels}_document.{bin,idx}`,
 int32, one document (one sequence) per preference pair, written with megatron-core's own
 `IndexedDatasetBuilder` and read back with its `IndexedDataset`. The training `data_path` is `prefix`.
-The names (`FIELDS`, `output_files`) import nothing heavy, so the compiler's preflight can use them.
+The names (`FIELDS`, `dataset_files`, `output_files`) import nothing heavy, so the compiler's preflight can use them.
 """
 
 from __future__ import annotations
@@ -31,10 +31,14 @@ def stats_path(prefix: str) -> str:
     return f"{prefix}_stats.json"
 
 
+def dataset_files(prefix: str) -> list[str]:
+    """The eight files training reads (MindSpeed-LLM's pairwise dataset: no stats file)."""
+    return [dataset_prefix(prefix, f) + ext for f in FIELDS for ext in (".bin", ".idx")]
+
+
 def output_files(prefix: str) -> list[str]:
     """Every file a finished preprocessing run leaves, the stats file last (it marks completion)."""
-    datasets = [dataset_prefix(prefix, f) + ext for f in FIELDS for ext in (".bin", ".idx")]
-    return [*datasets, stats_path(prefix)]
+    return [*dataset_files(prefix), stats_path(prefix)]
 
 
 class PairwiseWriter:
@@ -113,7 +117,7 @@ class PairwiseDataset:
     def __init__(self, prefix: str):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-        missing = [p for p in output_files(prefix)[:-1] if not os.path.isfile(p)]
+        missing = [p for p in dataset_files(prefix) if not os.path.isfile(p)]
         if missing:
             raise DpocError([Problem(prefix, "(dataset)", f"incomplete pairwise dataset: missing "
                                      f"{', '.join(missing)} (run dpoc preprocess to write it)")])

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from dpoc.data.config import PreprocessConfig
+from dpoc.data.detect import settle
 from dpoc.data.encode import EncodedPair, Outcome, PairEncoder
 from dpoc.data.progress import Progress
 from dpoc.data.readers import Chunk, open_source, read_chunks
@@ -25,9 +26,10 @@ def preprocess(config: PreprocessConfig) -> Stats:
     from dpoc.data.pairwise import PairwiseWriter
 
     source = open_source(config.input, config.format, config.source)
+    settled = settle(config, source)
     _make_output_dir(config)
-    stats = Stats(config)
-    with EncoderPool(config) as encoder, PairwiseWriter(config.output_prefix) as writer:
+    stats = Stats(config, settled)
+    with EncoderPool(settled) as encoder, PairwiseWriter(config.output_prefix) as writer:
         progress = Progress(source.total, source.unit)  # started once the tokenizer and workers are up
         position = 0
         for position, outcomes in encoder.encode_in_order(read_chunks(source, ROWS_PER_CHUNK)):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from dpoc.data.fields import BadRow
 from dpoc.errors import DpocError, Problem
 
 FORMATS = ("jsonl", "json", "parquet")
@@ -70,6 +71,18 @@ def _guess_format(path: str, config_file: str) -> str:
             head = f.read(4096).lstrip()
         fmt = "json" if head.startswith(b"[") else "jsonl"
     return fmt
+
+
+def decode(row: Row) -> Any:
+    """The row's record: JSON Lines bytes are decoded here (in the workers); other formats come decoded."""
+    if not isinstance(row.data, bytes):
+        return row.data
+    try:
+        return json.loads(row.data.rstrip(b"\r\n").decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadRow(f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
+    except json.JSONDecodeError as exc:
+        raise BadRow(f"not valid JSON ({exc.msg} at column {exc.pos + 1})") from None
 
 
 def read_chunks(source: Source, rows_per_chunk: int) -> Iterator[Chunk]:

@@ -6,6 +6,7 @@ from itertools import islice
 from typing import TextIO
 
 from dpoc.data.config import PreprocessConfig
+from dpoc.data.detect import settle
 from dpoc.data.encode import PairEncoder
 from dpoc.data.readers import open_source, read_chunks
 
@@ -15,6 +16,11 @@ _START, _END = "▶", "◀"
 
 def show(config: PreprocessConfig, count: int, out: TextIO) -> None:
     source = open_source(config.input, config.format, config.source)
+    settled = settle(config, source)
+    if config.layout == "auto":
+        keys = ", ".join(f"{k}={v}" for k, v in sorted(settled.map_keys.items())) or "the defaults"
+        out.write(f"{config.input}: layout {settled.layout} (detected from the first rows), map_keys {keys}\n")
+    config = settled
     rows = next(iter(read_chunks(source, count)), None)
     encoder = PairEncoder(config)
     decode = encoder.tokenizer.decode

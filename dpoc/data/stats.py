@@ -1,22 +1,26 @@
-"""`{prefix}_stats.json`: what came in, what was kept or dropped and why, token counts, length histogram.
+"""`{prefix}_stats.json`: the settings it was made with (`dpoc.data.identity`, checked before training), what
+came in, what was kept or dropped and why, token counts, length histogram.
 
 Deterministic (no timings), so the same input gives the same file whatever the worker count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from dpoc.data.config import PreprocessConfig
 from dpoc.data.encode import Outcome
+from dpoc.data.identity import settings
 
 HISTOGRAM_BINS = 16
 _EXAMPLES_KEPT = 10
 
 
 class Stats:
-    def __init__(self, config: PreprocessConfig):
-        self.config = config
+    def __init__(self, config: PreprocessConfig, read_as: PreprocessConfig):
+        """`config` as given; `read_as` with what `layout: auto` detected."""
+        self.config, self.read_as = config, read_as
         self.pairs_in = self.pairs_kept = self.truncated = 0
         self.dropped = {"too_long": 0, "empty": 0, "bad_rows": 0}
         self.bad_row_examples: list[str] = []
@@ -51,15 +55,16 @@ class Stats:
 
     def summary(self) -> str:
         d = self.dropped
-        return (f"{self.pairs_in} rows read, {self.pairs_kept} kept, {d['too_long']} dropped for length "
+        detected = f" (layout {self.read_as.layout}, detected)" if self.config.layout == "auto" else ""
+        return (f"{self.pairs_in} rows read{detected}, {self.pairs_kept} kept, {d['too_long']} dropped for length "
                 f">= seq_length {self.config.seq_length}, {d['empty']} with an empty prompt or response, "
                 f"{d['bad_rows']} bad rows skipped, {self.truncated} truncated")
 
     def to_json(self) -> dict[str, Any]:
         c = self.config
         return {
-            "input": c.input, "layout": c.layout, "template": c.template,
-            "enable_thinking": c.enable_thinking, "seq_length": c.seq_length, "truncate": c.truncate,
+            "settings": settings(dataclasses.asdict(c)),  # what the node preflight and the runtime check
+            "read_as": {"layout": self.read_as.layout, "map_keys": dict(self.read_as.map_keys)},
             "pairs_in": self.pairs_in, "pairs_kept": self.pairs_kept, "dropped": dict(self.dropped),
             "truncated": self.truncated, "bad_row_examples": list(self.bad_row_examples),
             "tokens": {**self.tokens, "total": self.tokens_total},

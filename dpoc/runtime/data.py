@@ -1,9 +1,12 @@
 """Pairwise preference data in megatron-core's indexed format, batched by length and padded dynamically, or
 packed (several pairs per token stream, `packing.py`).
 
-`--data-path P` names four indexed datasets written by `dpoc preprocess`, one document per pair:
-`P_packed_{chosen,rejected}_{input_ids,labels}_document.{bin,idx}`. Labels are aligned with the input ids
-(label i is token i) and -100 over the prompt; the loss predicts token i+1 from position i.
+`--data-path P` names four indexed datasets, one sequence per pair, written by `dpoc preprocess` or by
+MindSpeed-LLM's AlpacaStylePairwiseHandler (the same files, without dpoc's stats; its dropped samples leave
+empty documents, which megatron's reader skips): `P_packed_{chosen,rejected}_{input_ids,labels}_document.
+{bin,idx}`. Labels are aligned with the input ids (label i is token i) and -100 over the prompt; the loss
+predicts token i+1 from position i. A dataset whose stats name other settings than these arguments is
+refused (`dpoc.data.identity`). A pair longer than `--seq-length` is cut as MindSpeed-LLM cuts it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from dpoc.data import identity
 from dpoc.data.pairwise import FIELDS, open_pairwise
 from dpoc.errors import DpocError, Problem
 from dpoc.runtime.attention import PackedSequences
@@ -25,25 +29,67 @@ IGNORE_INDEX = -100
 
 class PairwiseDataset:
     """The training view of `dpoc.data.pairwise`'s dataset: item i is (chosen ids, chosen labels, rejected ids,
-    rejected labels) as int64 arrays truncated to `seq_length` tokens; `pair_lengths` (the longer side) drive
-    length batching, `pair_tokens` (both sides) packing."""
+    rejected labels) as int64 arrays of at most `seq_length` tokens; `pair_lengths` (the longer side) drive
+    length batching, `pair_tokens` (both sides; an upper bound for a pair that is cut) packing. `warnings`
+    says what rank 0 should report (no stats to check against; pairs cut to fit)."""
 
-    def __init__(self, data_path: str, seq_length: int, args_file: str = "megatron.args"):
+    def __init__(self, data_path: str, seq_length: int, args_file: str = "megatron.args",
+                 tokenizer: str | None = None):
         try:
             self.data = open_pairwise(data_path)
         except DpocError as exc:
             raise DpocError([Problem(args_file, "--data-path", f"{data_path!r}: {p.message}")
                              for p in exc.problems]) from None
+        expected = {"seq_length": seq_length}
+        if tokenizer is not None:
+            expected |= {"tokenizer": tokenizer, "tokenizer_sha256": identity.tokenizer_sha256(tokenizer)}
+        problems, self.warnings = identity.check(
+            data_path, expected, f"run the preprocess.sh of the build {args_file} belongs to")
+        if problems:
+            raise DpocError(problems)
         self.seq_length = seq_length
         chosen, rejected = self.data.lengths("chosen_input_ids"), self.data.lengths("rejected_input_ids")
-        self.pair_lengths = np.minimum(np.maximum(chosen, rejected), seq_length)  # longer side
-        self.pair_tokens = np.minimum(chosen, seq_length) + np.minimum(rejected, seq_length)  # both sides
+        longest = np.maximum(chosen, rejected)
+        self.pair_lengths = np.minimum(longest, seq_length)
+        # a cut pair keeps at most seq_length tokens a side (fit_pair)
+        self.pair_tokens = np.minimum(chosen, seq_length) + np.minimum(rejected, seq_length)
+        cut = int((longest > seq_length).sum())
+        if cut:
+            self.warnings.append(f"{data_path}: {cut} of {len(longest)} pairs are longer than --seq-length "
+                                 f"{seq_length}; they are cut as MindSpeed-LLM cuts them (the prompt's end when "
+                                 "the responses are short, else the responses' ends, else both in proportion)")
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> list[np.ndarray]:
-        return [np.asarray(self.data.datasets[f][i][: self.seq_length], dtype=np.int64) for f in FIELDS]
+        arrays = [np.asarray(self.data.datasets[f][i], dtype=np.int64) for f in FIELDS]
+        if max(len(arrays[0]), len(arrays[2])) > self.seq_length:
+            arrays = fit_pair(arrays, self.seq_length)
+        return arrays
+
+
+def fit_pair(arrays: list[np.ndarray], limit: int) -> list[np.ndarray]:
+    """MindSpeed-LLM's train-time cut of a pair to `limit` tokens: the prompt (up to chosen's first label) and
+    the longer response share the budget; every array keeps its prompt's start and its response's start."""
+    answered = np.flatnonzero(arrays[1] != IGNORE_INDEX)
+    prompt = int(answered[0]) if len(answered) else len(arrays[0])
+    response = max(len(arrays[0]), len(arrays[2])) - prompt
+    keep_prompt, keep_response = kept_lengths(prompt, response, limit)
+    return [np.concatenate([x[:keep_prompt], x[prompt: prompt + keep_response]]) for x in arrays]
+
+
+def kept_lengths(prompt: int, response: int, limit: int) -> tuple[int, int]:
+    """(prompt, response) tokens kept: cut the prompt when the response is under half the limit, else the
+    response when the prompt is under half, else both in proportion to their lengths."""
+    if 2 * response < limit:
+        most = limit
+    elif 2 * prompt < limit:
+        most = limit - prompt
+    else:
+        most = int(limit * response / (prompt + response))
+    response = min(most, response)
+    return min(limit - response, prompt), response
 
 
 @dataclass

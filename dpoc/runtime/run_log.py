@@ -1,5 +1,8 @@
 """What a run leaves for people and tools: `metrics.jsonl`, `train.log` with one progress line per step,
-and TensorBoard scalars when tensorboard is installed and `--tensorboard-dir` is given."""
+and TensorBoard scalars when tensorboard is installed and `--tensorboard-dir` is given.
+
+One quantity, one name for people: the progress line says pairs/s, as the planner does. `metrics.jsonl` keeps
+the key `samples_per_s` (DESIGN's contract, MindSpeed's word): one sample is one preference pair."""
 
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ class RunLog:
         self.line(f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | "
                   f"acc {record['rewards/accuracies']:.3f} | margin {record['rewards/margins']:.4f} | "
                   f"lr {record['lr']:.3g} | grad norm {record['grad_norm']:.3f} | "
-                  f"{record['samples_per_s']:.2f} samples/s | {record['tokens_per_s']:.0f} tokens/s | "
+                  f"{record['samples_per_s']:.2f} pairs/s | {record['tokens_per_s']:.0f} tokens/s | "
                   f"ETA {_clock(eta)}")
 
     def close(self) -> None:

@@ -163,11 +163,13 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> N
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 
-    dataset = PairwiseDataset(args.data_path, args.seq_length, args_file)
+    dataset = PairwiseDataset(args.data_path, args.seq_length, args_file, args.tokenizer_name_or_path)
     objective = Objective(args.dpo_loss_type, args.dpo_beta, args.dpo_label_smoothing, args.pref_ftx)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     batching = Batching.from_args(args, same_length=uniform_micro_batch_length(args))
     log = _open_log(args, device, dp_size) if dist.get_rank() == 0 else None
+    for warning in dataset.warnings if log else ():
+        log.line(f"warning: {warning}")
     for step in range(args.train_iters):
         started = time.perf_counter()
         batches = rank_micro_batches(dataset, step, batching, dp_rank, dp_size, device.current())

@@ -29,7 +29,7 @@ def unsupported(plan: Plan) -> list[Violation]:
     if layout.noop_layers:
         out.append(Violation("parallelism.noop_layers", f"{why} has no no-op layers; valid: num_layer_list for "
                              "an uneven pipeline"))
-    for knob in ("moe_tp_extend_ep", "moe_alltoall_overlap_comm", "moe_permutation_async_comm", "moe_mc2"):
+    for knob in ("moe_tp_extend_ep", "moe_alltoall_overlap_comm", "moe_permutation_async_comm"):
         if getattr(layout, knob):
             out.append(Violation(f"parallelism.{knob}", f"is a MindSpeed feature {why} does not have; valid: false, "
                                  "or runtime=mindspeed-rl"))

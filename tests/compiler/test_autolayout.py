@@ -97,5 +97,47 @@ def test_plan_command_shows_where_the_pinned_layout_ranks(dpoc_cli):
     assert own["rank"] > 3
     assert own["memory"]["fits"] is False and own["warnings"][0].startswith("parallelism: may not fit")
     assert len(data["ranked"]) == 3  # pins lifted: the whole space is ranked
-    bad = dpoc_cli("plan", GUIDE, "parallelism.tp=3")
-    assert bad.code == 2 and "parallelism.tp: tp=3: 32 attention heads and 4 KV heads need tp in {1, 2, 4}" in bad.err
+
+
+def test_plan_asks_what_if_of_any_size_without_host_addresses(dpoc_cli, tmp_path):
+    """The host list never matters to planning: 64 nodes are planned without 64 addresses (a build needs them)."""
+    result = dpoc_cli("plan", GUIDE, "hardware.nodes=64", "--json", "--top", "3")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["recipe_layout"]["valid"] is True and data["recipe_layout"]["problems"] == []
+    assert (data["recipe_layout"]["knobs"]["tp"], data["recipe_layout"]["knobs"]["pp"]) == (2, 8)
+    assert len(data["ranked"]) == 3 and data["no_fit"] == []
+    assert "hardware.hosts" not in result.err
+    build = dpoc_cli("build", GUIDE, "hardware.nodes=64", "-o", tmp_path / "o")
+    assert build.code == 2 and build.err.splitlines() == [
+        f"{GUIDE}: hardware.hosts: lists 2 hosts but hardware.nodes is 64; valid: one host per node"]
+
+
+PP8_ON_94_LAYERS = (f"{GUIDE}: parallelism.pp: pp=8 does not divide 94 layers; valid: pp in {{1, 2, 47, 94}}, or give "
+                    "parallelism.num_layer_list or parallelism.noop_layers")
+
+
+def test_plan_ranks_even_when_the_recipes_own_layout_is_invalid_for_the_model(dpoc_cli):
+    result = dpoc_cli("plan", GUIDE, "model.preset=qwen3-235b-a22b", "hardware.nodes=8", "--json", "--top", "4")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["recipe_layout"] == {"valid": False, "problems": [PP8_ON_94_LAYERS]}
+    assert len(data["ranked"]) == 4 and data["no_fit"] == []
+    for c in data["ranked"]:  # every ranked layout splits the 94 layers legally
+        layer_list = c["knobs"].get("num_layer_list")
+        assert sum(layer_list) == 94 if layer_list else 94 % c["knobs"]["pp"] == 0
+    table = dpoc_cli("plan", GUIDE, "model.preset=qwen3-235b-a22b", "hardware.nodes=8", "--top", "2")
+    assert table.code == 0 and "Best: tp=" in table.out
+    assert f"Recipe's layout is invalid:\n  {PP8_ON_94_LAYERS}\n" in table.out
+
+
+def test_plan_says_how_much_hardware_when_nothing_fits_and_still_exits_0(dpoc_cli):
+    result = dpoc_cli("plan", GUIDE, "model.preset=qwen3-235b-a22b", "--json")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["ranked"] == [] and data["nearest_over_memory"]
+    (line,) = data["no_fit"]
+    assert line.startswith(f"{GUIDE}: hardware.nodes: does not fit: pipeline stage ")
+    assert line.endswith("on 2 × 16 atlas-a3; smallest need is 128 devices (8 nodes)")
+    bad = dpoc_cli("plan", GUIDE, "training.lr=-1")  # bad input is still an error
+    assert bad.code == 2 and bad.err == f"{GUIDE}: training.lr: must be > 0 (got -1)\n"

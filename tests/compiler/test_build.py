@@ -115,7 +115,7 @@ def test_mindspeed_dataset_config_is_the_guides(guide_build):
 
 def test_converter_gets_tp_extend_ep_exactly_when_training_sets_it(tmp_path):
     for extend in (False, True):
-        out = tmp_path / str(extend)
+        out = tmp_path / str(extend) / "qwen3_30b"
         build(RECIPES / "qwen3_30b.yaml", [f"parallelism.moe_tp_extend_ep={str(extend).lower()}",
                                            "runtime=mindspeed-rl"], out=out)
         convert = (out / "convert/hf_to_mcore.sh").read_text()
@@ -150,7 +150,7 @@ def test_legacy_converter_for_llama(tmp_path):
 
 
 def test_same_recipe_gives_byte_identical_builds(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+    a, b = tmp_path / "a" / "x", tmp_path / "b" / "x"  # the directory's name names the build
     for out in (a, b):
         proc = run_subprocess("build", RECIPES / "qwen3_30b.yaml", "-o", out)
         assert proc.returncode == 0, proc.stderr
@@ -303,6 +303,30 @@ def test_explain_shows_sources(dpoc_cli):
     assert "derived:layout.dp" in rows["layout.dp"] and "world size / (tp·pp·cp)" in rows["layout.dp"]
     assert "derived:layout.sequence_parallel" in rows["layout.sequence_parallel"]
     assert rows["layout.tp"].split()[1:3] == ["2", "user"]
+
+
+def test_explain_gives_nested_and_estimated_values_their_own_source(dpoc_cli):
+    result = dpoc_cli("explain", RECIPES / "qwen3_30b.yaml", "model.moe.topk=4")
+    rows = {ln.split()[0]: ln.split(maxsplit=2)[2] for ln in result.out.splitlines() if not ln.startswith("warning")}
+    assert rows["hardware.env.HCCL_CONNECT_TIMEOUT"] == "preset:atlas-a3  (from the preset)"
+    assert rows["model.moe.num_experts"] == "preset:qwen3-30b-a3b  (from the preset)"
+    assert rows["model.moe.topk"] == "user:command line  (from the recipe)"
+    assert rows["model.moe.load_balancing"] == "default  (the model schema's default)"
+    assert rows["data.map_keys.prompt"] == "user  (from the recipe)"
+    assert rows["estimate.memory.peak_gib"].startswith("derived:planner.memory  (per-device memory model")
+    assert rows["estimate.throughput.samples_per_s"].startswith("derived:planner.throughput  (")
+    assert "samples are preference pairs (pairs/s)" in rows["estimate.throughput.samples_per_s"]
+    assert rows["estimate.efficiency.dense"].startswith("derived:planner.calibration  (")
+    assert rows["model.name"].startswith("derived:model.preset")
+
+
+def test_every_resolved_value_says_where_it_came_from_and_why():
+    from dpoc.plan import plan_values
+
+    for recipe in sorted(RECIPES.glob("*.yaml")):
+        plan = plan_recipe(recipe)
+        unexplained = [p for p in plan_values(plan.to_dict()) if not plan.source_of(p).why]
+        assert unexplained == [], recipe.name
 
 
 def test_validate_accepts_every_shipped_recipe(dpoc_cli):

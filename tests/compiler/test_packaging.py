@@ -39,3 +39,13 @@ def test_installed_package_builds_from_another_directory(wheel_dir, tmp_path):
     check = subprocess.run([sys.executable, "-c", "import dpoc.resources as r; print(r.data_dir('templates'))"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert check.stdout.strip() == str(wheel_dir / "dpoc/_data/templates")
+
+
+def test_installed_validator_follows_its_schema_refs(wheel_dir, tmp_path):
+    """The schemas' relative `$ref`s resolve inside the wheel too (an unknown key under model needs model.schema)."""
+    env = {**os.environ, "PYTHONPATH": str(wheel_dir)}
+    proc = subprocess.run([sys.executable, "-m", "dpoc", "validate", str(RECIPES / "tiny_cpu.yaml"), "--set",
+                           "model.hidden=64"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"{RECIPES / 'tiny_cpu.yaml'}: model.hidden: unknown key (did you mean "
+                                  "'hidden_size'? valid: ")

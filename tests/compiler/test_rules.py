@@ -76,11 +76,8 @@ CASES = [
     (rules.grouped_gemm_device, {}, {"knobs": {"moe_grouped_gemm": True}, "hardware": {"device": "cpu", "name": "cpu"}}, "parallelism.moe_grouped_gemm",
      "grouped GEMM kernels exist only on npu and cuda devices (hardware cpu is cpu); valid: false"),
     (rules.expert_group_placement, {"knobs": {"ep": 32, "pp": 1}, "hardware": {"superpod_nodes": 48}},
-     {"knobs": {"ep": 32, "pp": 1, "moe_mc2": True}, "hardware": {"superpod_nodes": 1}}, "parallelism.ep",
-     "MoE with MC2 must not span expert parallelism across SuperPoDs (ep·etp = 64 devices; a SuperPoD has 16)"),
-    (rules.mc2_needs_npu, {"knobs": {"moe_mc2": True}},
-     {"knobs": {"moe_mc2": True, "moe_grouped_gemm": False}, "hardware": {"device": "cuda", "name": "h100"}},
-     "parallelism.moe_mc2", "MC2 is an Ascend feature (hardware h100 is cuda); valid: false"),
+     {"knobs": {"ep": 32, "pp": 1}, "hardware": {"superpod_nodes": 1}}, "parallelism.ep",
+     "the expert-parallel group (ep·etp = 64 devices) spans nodes over the"),
     (rules.recompute_options, {"knobs": {"recompute": "full", "recompute_num_layers": 6}},
      {"knobs": {"recompute": "full", "recompute_num_layers": 7}}, "parallelism.recompute_num_layers",
      "7 exceeds the 6 layers of the smallest pipeline chunk; valid: 1..6"),
@@ -115,6 +112,15 @@ def test_few_microbatches_is_a_warning_not_an_error():
 def test_ep_across_nodes_on_a2_is_flagged_as_a_warning():
     (v,) = rules.expert_group_placement(context(knobs={"ep": 32, "pp": 1}, hardware={"superpod_nodes": 0}))
     assert v.warning and "spans nodes over the 25 GB/s inter-node link" in v.message
+
+
+def test_a_follow_on_violation_is_left_out_while_its_root_cause_stands():
+    """tp=3 makes the pinned etp=2 invalid too ("valid: etp in {1, 3}"): only tp, the root cause, is reported."""
+    alone = list(rules.expert_tensor_parallel(context(knobs={"tp": 3, "etp": 2})))
+    assert [v.field for v in alone] == ["parallelism.etp"]
+    fields = {v.field for v in rules.check(context(knobs={"tp": 3, "etp": 2}))}
+    assert "parallelism.tp" in fields and "parallelism.etp" not in fields
+    assert [v.field for v in rules.check(context(knobs={"tp": 2, "etp": 4}))] == ["parallelism.etp"]
 
 
 def test_shipped_guide_layouts_pass_every_rule():

@@ -34,7 +34,8 @@ def test_config_with_relative_paths_runs_from_the_job_dir(tmp_path, tokenizer_di
     (tmp_path / "pre.yaml").write_text(CONFIG.format(tokenizer=tokenizer_dir))
     done = _run(tmp_path, "pre.yaml")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("./dataset/dpo: 3 rows read, 3 kept, 0 dropped for length >= seq_length")
+    assert done.stdout.startswith("./dataset/dpo: 3 rows read (layout pairwise, detected), 3 kept, 0 dropped for length "
+                                  ">= seq_length")
     assert (tmp_path / "dataset" / "dpo_packed_rejected_labels_document.idx").is_file()
     assert "pairs/s" in done.stderr and "done in" in done.stderr
 
@@ -73,3 +74,25 @@ def test_importing_the_cli_and_dataset_names_stays_light():
             f"print(sorted({heavy} & {{m.split('.')[0] for m in sys.modules}}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout == "[]\n"
+
+
+def test_the_readmes_hh_rlhf_and_messages_commands(tmp_path, tokenizer_dir, dpoc_cli, monkeypatch):
+    from tests.data.test_preprocess_layouts import HH_ROWS
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "hh_rlhf.jsonl", HH_ROWS)
+    user = {"role": "user", "content": "Say hello."}
+    write_jsonl(tmp_path / "chat.jsonl", [{"chosen": [user, {"role": "assistant", "content": "Hello!"}],
+                                           "rejected": [user, {"role": "assistant", "content": "No."}]}])
+    common = ["--tokenizer", str(tokenizer_dir), "--seq-length", "4096"]
+    done = dpoc_cli("preprocess", "--input", "hh_rlhf.jsonl", *common, "--template", "qwen3",
+                    "--output-prefix", "./dataset/hh")
+    assert done.code == 0, done.err
+    assert done.out.startswith("./dataset/hh: 2 rows read (layout hh-rlhf, detected), 2 kept")
+    done = dpoc_cli("preprocess", "--input", "chat.jsonl", *common, "--layout", "messages",
+                    "--output-prefix", "./dataset/chat", "--show", "2")
+    assert done.code == 0, done.err
+    assert ("[chosen]\n<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n▶Hello!<|im_end|>\n◀\n"
+            in done.out)
+    written = [p.name for p in (tmp_path / "dataset").iterdir()]
+    assert written and not [name for name in written if name.startswith("chat")]  # --show writes nothing

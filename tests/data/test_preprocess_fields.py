@@ -53,7 +53,8 @@ def test_empty_prompt_or_response_is_dropped(row):
 
 def test_wrong_types_are_bad_rows():
     listed = [{"role": "assistant", "content": "a"}]
-    message = r'column "chosen" \(the default for map_keys.chosen\) is a message list; use layout: messages'
+    message = (r'column "chosen" \(the default for map_keys.chosen\) must be a string \(got list; the row looks like '
+               r'layout: messages \(chosen/rejected are chat message lists\)\)')
     with pytest.raises(BadRow, match=message):
         to_conversation({"instruction": "Q", "chosen": listed, "rejected": "b"}, {}, "pairwise")
     with pytest.raises(BadRow, match=r"must be a string \(got int\)"):

@@ -72,7 +72,7 @@ def test_empty_result_is_an_error_and_writes_nothing(tmp_path, run):
     path = write_jsonl(tmp_path / "e.jsonl", [{"question": "", "system": "", "chosen": "a", "rejected": "b"}])
     with pytest.raises(DpocError) as exc:
         run(path)
-    assert str(exc.value) == (f"{path}: (file): no pairs left to write (1 rows read, 0 kept, 0 dropped for "
+    assert str(exc.value) == (f"{path}: (file): no pairs left to write (1 rows read (layout pairwise, detected), 0 kept, 0 dropped for "
                               "length >= seq_length 256, 1 with an empty prompt or response, 0 bad rows "
                               "skipped, 0 truncated)")
     assert output_names(str(tmp_path / "out" / "dpo")) == []

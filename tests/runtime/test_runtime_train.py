@@ -131,7 +131,7 @@ def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir):
             expected = 1e-4 + (lr - 1e-4) * 0.5 * (1 + math.cos(math.pi * (done - warmup) / (steps - warmup)))
         assert r["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-12), r["step"]
     log = (workdir / "runs" / "learn" / "train.log").read_text().splitlines()
-    assert log[-1].startswith(f"step {steps}/{steps} | loss ") and " samples/s | " in log[-1]
+    assert log[-1].startswith(f"step {steps}/{steps} | loss ") and " pairs/s | " in log[-1]
     assert "ETA 0:00:00" in log[-1]
 
 

@@ -1,0 +1,38 @@
+"""What every benchmark shares: `--smoke` (tiny sizes, so CI runs each one and none can rot) and `--out`
+(the result JSON: `bench/results/<name>.json` by default; a smoke run writes none unless given `--out`,
+so it never overwrites the real results)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def arguments(description: str, name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, overriding the size options: checks that the benchmark runs (for CI); "
+                             "its numbers mean nothing")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"result JSON (default: bench/results/{name}.json; none for --smoke)")
+    return parser
+
+
+def write_result(args: argparse.Namespace, name: str, data: dict[str, Any]) -> Path | None:
+    """Write `data` atomically where `args` says; returns the path (None: a smoke run without --out)."""
+    out = args.out if args.out is not None else None if args.smoke else RESULTS / f"{name}.json"
+    if out is None:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, out)
+    return out

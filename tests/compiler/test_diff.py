@@ -1,0 +1,95 @@
+"""`dpoc diff A B`: recipes and build directories compared by resolved values (with sources) and files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpoc.compile import build
+from tests.conftest import RECIPES, run_subprocess
+
+GUIDE, A2 = RECIPES / "qwen3_30b.yaml", RECIPES / "qwen3_30b_a2.yaml"
+# every file whose text carries the plan hash (script headers, args) or a changed value
+HASHED = ["convert/hf_to_mcore.sh", "convert/mcore_to_hf.sh", "launch.sh", "megatron.args", "nodes/node-0.sh",
+          "nodes/node-1.sh", "plan.json", "preprocess.sh", "resume/megatron.args"]
+MINDSPEED_NODES = ["mindspeed-rl/nodes/node-0.sh", "mindspeed-rl/nodes/node-1.sh"]
+
+
+@pytest.fixture(scope="module")
+def guide_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diff") / "guide"
+    build(GUIDE, out=out)
+    return out
+
+
+def test_a_build_and_its_recipe_are_equal(dpoc_cli, guide_build):
+    result = dpoc_cli("diff", guide_build, GUIDE)
+    assert result.code == 0, result.err
+    assert result.out == f"a: {guide_build}\nb: {GUIDE}\nno differences\n"
+
+
+def test_an_override_shows_the_value_with_both_sources_and_the_files(dpoc_cli, guide_build):
+    result = dpoc_cli("diff", guide_build, GUIDE, "training.lr=1e-7", "--json")
+    assert result.code == 1, result.err
+    diff = json.loads(result.out)
+    assert diff["values"] == [{"path": "training.lr", "old": 5e-08, "new": 1e-07, "old_source": "user",
+                               "new_source": "user:command line"}]
+    assert diff["sources"] == [] and diff["equal"] is False
+    assert diff["files"] == {"changed": sorted([*HASHED, *MINDSPEED_NODES, "mindspeed-rl/dpo_qwen3_30b.yaml",
+                                                "mindspeed-rl/dpo_qwen3_30b_resume.yaml"]),
+                             "only_in_a": [], "only_in_b": []}
+    text = dpoc_cli("diff", guide_build, GUIDE, "training.lr=1e-7")
+    assert text.code == 1
+    assert "values (1 differ):\n  training.lr: 5e-08 (user) → 1e-07 (user:command line)\n" in text.out
+    assert "  changed   megatron.args\n" in text.out
+
+
+def test_two_recipes_show_a_default_that_a_recipe_pins_and_files_only_one_build_has(dpoc_cli):
+    """The A2 recipe leaves min_lr to its default where the guide sets 0.0; a dpo.beta MindSpeed-RL cannot
+    express leaves the mindspeed-rl/ folder out of B's build."""
+    result = dpoc_cli("diff", GUIDE, GUIDE, "dpo.beta=0.2", "--a-set", "~training.min_lr", "--json")
+    assert result.code == 1, result.err
+    diff = json.loads(result.out)
+    assert [r["path"] for r in diff["values"]] == ["dpo.beta"]
+    assert diff["sources"] == [{"path": "training.min_lr", "old": 0.0, "new": 0.0, "old_source": "default",
+                                "new_source": "user"}]
+    assert diff["files"]["only_in_a"] == sorted(["mindspeed-rl/dpo_qwen3_30b.yaml",
+                                                 "mindspeed-rl/dpo_qwen3_30b_resume.yaml",
+                                                 "mindspeed-rl/datasets/qwen3_30b.yaml",
+                                                 "mindspeed-rl/model/qwen3_30b_a3b.yaml", *MINDSPEED_NODES])
+    assert diff["files"]["only_in_b"] == []
+
+
+def test_two_build_directories_and_a_value_only_one_side_has(dpoc_cli, guide_build, tmp_path):
+    dense = tmp_path / "dense"
+    build(GUIDE, ["model.preset=qwen3-32b", "~parallelism"], out=dense)
+    result = dpoc_cli("diff", guide_build, dense, "--json")
+    assert result.code == 1, result.err
+    rows = {r["path"]: r for r in json.loads(result.out)["values"]}
+    assert rows["model.moe.num_experts"] == {"path": "model.moe.num_experts", "old": 128, "new": "(absent)",
+                                             "old_source": "preset:qwen3-30b-a3b", "new_source": "(absent)"}
+    assert rows["model.moe"]["old"] == "(absent)" and rows["model.moe"]["new"] is None
+    assert rows["model.num_layers"]["new"] == 64 and rows["model.num_layers"]["new_source"] == "preset:qwen3-32b"
+
+
+def test_diff_errors_name_the_argument(dpoc_cli, guide_build, tmp_path):
+    overridden = dpoc_cli("diff", GUIDE, guide_build, "training.lr=1e-7")
+    assert overridden.code == 2
+    assert overridden.err == (f"{guide_build}: (command line): overrides apply to recipes, and {guide_build} is a "
+                              "build directory; valid: a recipe file, or no overrides (training.lr=1e-7)\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = dpoc_cli("diff", empty, GUIDE)
+    assert missing.code == 2 and missing.err == (
+        f"{empty}/plan.json: (file): cannot read it (No such file or directory); valid: a build directory written "
+        "by dpoc build, or a recipe file\n")
+
+
+def test_diff_exit_codes_from_a_real_process():
+    same = run_subprocess("diff", GUIDE, GUIDE)
+    assert same.returncode == 0 and same.stdout.endswith("no differences\n")
+    other = run_subprocess("diff", GUIDE, A2)
+    assert other.returncode == 1
+    assert "  hardware.name: \"atlas-a3\" (derived:hardware.preset) → \"atlas-a2\" (derived:hardware.preset)\n" \
+        in other.stdout

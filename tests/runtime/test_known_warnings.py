@@ -1,0 +1,59 @@
+"""The runtime silences exactly the library warnings known to be harmless, and nothing else."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from dpoc.runtime.known_warnings import KNOWN_HARMLESS, silence
+from tests.conftest import REPO
+
+# the texts as megatron-core 0.16 and torch 2.13 print them in a run of the tiny CPU job
+SEEN = [
+    (UserWarning, "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."),
+    (UserWarning, "Transformer Engine and Apex are not installed. Falling back to local implementations of "
+                  "multi_tensor_applier, multi_tensor_l2norm, and multi_tensor_scale"),
+    (UserWarning, "Apex is not installed. Falling back to Torch Norm"),
+    (UserWarning, "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer."),
+    (UserWarning, "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its .grad attribute "
+                  "won't be populated during autograd.backward()."),
+    (FutureWarning, "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
+                    "`torch.distributed.reduce_scatter_single` instead."),
+    (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                    "`torch.distributed.all_gather_single` instead."),
+]
+
+
+def _shown(category: type[Warning], message: str) -> bool:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence()
+        warnings.warn(message, category, stacklevel=1)
+    return bool(caught)
+
+
+@pytest.mark.parametrize("category, message", SEEN, ids=[m[:30] for _, m in SEEN])
+def test_each_known_warning_is_silenced(category, message):
+    assert not _shown(category, message)
+
+
+def test_every_filter_matches_a_warning_seen_and_nothing_else_is_silenced():
+    import re
+
+    assert all(any(seen is category and re.match(pattern, message) for seen, message in SEEN)
+               for category, pattern in KNOWN_HARMLESS)
+    assert _shown(UserWarning, "some other library warning")
+    assert _shown(DeprecationWarning, "Apex is not installed. Falling back to Torch Norm")  # same words, other kind
+    assert _shown(UserWarning, "A note before: Apex is not installed. Falling back to Torch Norm")  # not its start
+
+
+def test_importing_the_runtime_prints_no_library_warnings():
+    """megatron-core's imports warn about TransformerEngine and Apex; the runtime imports them silently."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([sys.executable, "-c", "import dpoc.runtime.train"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**env, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
