@@ -18,7 +18,7 @@ MINDSPEED_NODES = ["mindspeed-rl/nodes/node-0.sh", "mindspeed-rl/nodes/node-1.sh
 
 @pytest.fixture(scope="module")
 def guide_build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("diff") / "guide"
+    out = tmp_path_factory.mktemp("diff") / "qwen3_30b"  # the name its recipe's default build has
     build(GUIDE, out=out)
     return out
 
