@@ -43,56 +43,12 @@ NPU_CAUSAL_MASK_SIZE = 2048
 NPU_CAUSAL_SPARSE_MODE = 3
 
 
-# the CPU kernel attends a packed stream's sequences in groups of similar length, each one padded causal call:
+# the CPU kernel attends a packed stream's sequences in groups of similar length, each one padded causal call
+# (a group of one is a slice of the stream: no copy):
 # a sequence joins the current group when the attention work its padding adds, (longest^2 - length^2) x
 # heads x head dim, costs less than one more call. Measured on this project's CPU (bench/attention_cpu.py):
 # a call's fixed cost, forward and backward, is about that of 2^18 such multiply-adds.
 CALL_COST = 2**18
-
-
-@dataclass(frozen=True)
-class PaddedLayout:
-    """Where each token of a packed stream goes in zero-padded groups of sequences: group g is a
-    [count, longest, ...] block of one flat buffer; padding tokens go to one spare row after it."""
-
-    groups: tuple[tuple[int, int], ...]  # (count, longest) per group
-    slots: torch.Tensor  # [t] row of each stream token in the flat buffer
-
-    @classmethod
-    def of(cls, lengths: tuple[int, ...], padding: int, width: int | None, device: torch.device) -> PaddedLayout:
-        """One group in stream order (`width` None), or longest first in groups of similar length, `width`
-        (heads x head dim) weighing their padding against CALL_COST."""
-        order = list(range(len(lengths)))
-        if width is not None:
-            order.sort(key=lambda i: (-lengths[i], i))
-        groups, base, offset = [], [0] * len(lengths), 0
-        members: list[int] = []
-        for i in [*order, None]:
-            if members and (i is None or (width is not None
-                            and (lengths[members[0]] ** 2 - lengths[i] ** 2) * width > CALL_COST)):
-                longest = max(lengths[j] for j in members)
-                for position, j in enumerate(members):
-                    base[j] = offset + position * longest
-                groups.append((len(members), longest))
-                offset += len(members) * longest
-                members = []
-            if i is not None:
-                members.append(i)
-        counts = torch.tensor(lengths, device=device)
-        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        slots = torch.repeat_interleave(torch.tensor(base, device=device), counts) + torch.arange(
-            int(counts.sum()), device=device) - starts
-        return cls(tuple(groups), torch.cat([slots, torch.full((padding,), offset, device=device)]))
-
-    def scatter(self, stream: torch.Tensor) -> list[torch.Tensor]:
-        rows = sum(c * n for c, n in self.groups)
-        flat = stream.new_zeros(rows + 1, *stream.shape[1:]).index_copy(0, self.slots, stream)[:-1]
-        blocks = flat.split([c * n for c, n in self.groups])
-        return [b.view(c, n, *stream.shape[1:]) for b, (c, n) in zip(blocks, self.groups, strict=True)]
-
-    def gather(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.cat([b.reshape(-1, *b.shape[2:]) for b in blocks])
-        return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])]).index_select(0, self.slots)
 
 
 @dataclass
@@ -103,7 +59,7 @@ class PackedSequences(PackedSeqParams):
 
     lengths: tuple[int, ...] = ()
     padding: int = 0
-    _layouts: dict = field(default_factory=dict, repr=False, compare=False)
+    _groups: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, lengths: tuple[int, ...], padding: int, device: torch.device | None = None) -> PackedSequences:
@@ -122,15 +78,34 @@ class PackedSequences(PackedSeqParams):
         """The lengths the kernels see: the sequences, then the padding as one more sequence."""
         return (*self.lengths, self.padding) if self.padding else self.lengths
 
-    def rows(self, stream: torch.Tensor) -> torch.Tensor:
-        """The real sequences of a stream [t, ...] as zero-padded rows [sequences, longest, ...], in order."""
-        return self.layout(stream.device).scatter(stream)[0]
+    def sequences(self, stream: torch.Tensor) -> list[torch.Tensor]:
+        """The real sequences of a stream [t, ...] (views)."""
+        return list(stream[: sum(self.lengths)].split(self.lengths))
 
-    def layout(self, device: torch.device, width: int | None = None) -> PaddedLayout:
-        """`PaddedLayout.of` for this stream, made once per micro-batch (every layer uses it)."""
-        if (device, width) not in self._layouts:
-            self._layouts[device, width] = PaddedLayout.of(self.lengths, self.padding, width, device)
-        return self._layouts[device, width]
+    def rows(self, stream: torch.Tensor) -> torch.Tensor:
+        """The real sequences of a stream [t, ...] as zero-padded rows [sequences, longest, ...]."""
+        return padded_rows(self.sequences(stream))
+
+    def groups(self, width: int) -> list[list[int]]:
+        """The sequences, longest first, in groups of similar length: a sequence joins the current group
+        while its padding costs less than a call (CALL_COST, `width` = heads x head dim)."""
+        if width not in self._groups:
+            groups: list[list[int]] = []
+            for i in sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], i)):
+                if groups and (self.lengths[groups[-1][0]] ** 2 - self.lengths[i] ** 2) * width <= CALL_COST:
+                    groups[-1].append(i)
+                else:
+                    groups.append([i])
+            self._groups[width] = groups
+        return self._groups[width]
+
+
+def padded_rows(sequences: list[torch.Tensor]) -> torch.Tensor:
+    """Sequences [length, ...] as zero-padded rows [count, longest, ...] (one sequence: a view)."""
+    if len(sequences) == 1:
+        return sequences[0].unsqueeze(0)
+    longest = max(len(x) for x in sequences)
+    return torch.stack([F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x))) for x in sequences])
 
 
 class _CoreAttention(MegatronModule):
@@ -167,11 +142,16 @@ class SdpaAttention(_CoreAttention):
 
     def _packed(self, query, key, value, packed: PackedSequences):
         """Each sequence of the stream [t, heads, d] attends to itself only: one causal call per group of
-        sequences of similar length, padded to the group's longest."""
-        layout = packed.layout(query.device, width=query.shape[1] * query.shape[2])
-        groups = zip(*(layout.scatter(x) for x in (query, key, value)), strict=True)
-        out = [self._attend(*(x.transpose(1, 2) for x in qkv)).transpose(1, 2) for qkv in groups]
-        return layout.gather([o.reshape(*o.shape[:2], -1) for o in out])
+        sequences of similar length, padded to the group's longest; padding tokens get zeros."""
+        out: list[torch.Tensor | None] = [None] * len(packed.lengths)
+        parts = [packed.sequences(x) for x in (query, key, value)]  # one split each: a cheap backward
+        for members in packed.groups(query.shape[1] * query.shape[2]):
+            q, k, v = (padded_rows([p[i] for i in members]).transpose(1, 2) for p in parts)
+            rows = self._attend(q, k, v).transpose(1, 2)  # [members, longest, heads, d]
+            for row, i in zip(rows, members, strict=True):
+                out[i] = row if len(row) == packed.lengths[i] else row[: packed.lengths[i]]
+        padding = query.new_zeros(packed.padding, *query.shape[1:])
+        return torch.cat([*out, padding]).view(query.shape[0], -1)  # one copy, in stream order
 
 
 @dataclass(frozen=True)
