@@ -191,8 +191,7 @@ def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, s
         q_copy = q if groups // tp > 1 else 0
         extra += a * tok.full / tp * (q + kv + q_copy + kv + heads + groups)
     extra += 4 * a * s * model.head_dim  # rotary cos and sin for q and k
-    # SDPA keeps its output [b, heads, s, d]; the output projection keeps its own [s, b, q] copy of it
-    extra += a * tok.full / tp * q
+    # core attention adds nothing: SDPA keeps q, k, v, its output and the log-sum-exp, as flash attention does
     # SwiGLU's silu output and product (2F per token): the dense MLP, or the shared expert and every one of
     # the top-k copies of this rank's tokens in the routed experts
     if model.moe is None:
