@@ -8,9 +8,8 @@ Padded micro-batches [s, b, heads, d] (GQA 4 query heads on 2 groups):
   - sdpa causal: torch's scaled_dot_product_attention(is_causal=True, enable_gqa=True), what the runtime runs;
   - sdpa mask: the same with an explicit [s, s] boolean causal mask.
 Packed streams [t, heads, d] of 16 sequences (what `--dpoc-packing` attends):
-  - grouped: sequences of similar length in padded batches, one causal call per group (the runtime's form);
+  - per sequence: one causal call per sequence on its slice of the stream (the runtime's form);
   - padded batch: all 16 laid out as [16, heads, longest, d], one causal call;
-  - per sequence: one causal call per sequence;
   - block mask: one call over the whole stream with a block-diagonal causal [t, t] mask.
 Shapes: the tiny recipe's (head dim 16, sequences of 16-45 tokens) and the TRL benchmark's (head dim 64,
 84-297 tokens). Variants alternate within each round; each keeps its best round (the machine is shared).
@@ -72,10 +71,6 @@ def variants(head_dim: int, lengths: list[int]) -> dict[str, object]:
         out = F.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), enable_gqa=True, **kw)
         return out.permute(2, 0, 1, 3)
 
-    def per_sequence(q, k, v):
-        parts = zip(*(x.split(lengths) for x in (q, k, v)), strict=True)
-        return torch.cat([bshd(*(x.unsqueeze(1) for x in p), is_causal=True).squeeze(1) for p in parts])
-
     def whole(q, k, v):
         return bshd(*(x.unsqueeze(1) for x in (q, k, v)), attn_mask=block).squeeze(1)
 
@@ -90,9 +85,8 @@ def variants(head_dim: int, lengths: list[int]) -> dict[str, object]:
         "padded: local": step(lambda q, k, v: local(q, k, v, None), padded),
         "padded: sdpa causal": step(lambda q, k, v: sdpa(q, k, v, None), padded),
         "padded: sdpa mask": step(lambda q, k, v: bshd(q, k, v, attn_mask=causal), padded),
-        "packed: grouped": step(lambda q, k, v: sdpa(q, k, v, None, packed_seq_params=packed), stream),
+        "packed: per sequence": step(lambda q, k, v: sdpa(q, k, v, None, packed_seq_params=packed), stream),
         "packed: padded batch": step(one_padded_batch, stream),
-        "packed: per sequence": step(per_sequence, stream),
         "packed: block mask": step(whole, stream),
     }
 

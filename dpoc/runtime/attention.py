@@ -5,11 +5,10 @@ cannot take packed sequences. The modules here replace it in the layer spec (`mo
 device module (`device.py`) decides which one a run uses:
 
 - `sdpa` (cpu, and cuda without TransformerEngine): torch's `scaled_dot_product_attention` with
-  `is_causal=True` (the CPU flash kernel; no s x s tensor is kept for backward). Packed micro-batches are
-  attended per sequence: the stream's sequences are laid out as a padded [sequences, heads, longest, d]
-  batch for one causal call, so attention never crosses a sequence and costs per sequence, not per row
-  (`bench/attention_cpu.py` measured the alternatives: one call over the stream with a block-diagonal mask,
-  and one call per sequence).
+  `is_causal=True` (the CPU flash kernel; no s x s tensor is kept for backward). A packed micro-batch is
+  attended one sequence at a time, each a causal call on its slice of the stream, so attention never
+  crosses a sequence and costs per sequence, not per row (`bench/attention_cpu.py` measured the
+  alternatives: one call over the stream with a block-diagonal mask, and padded batches of sequences).
 - `npu-fusion` (npu): torch_npu's `npu_fusion_attention` as MindSpeed calls it: SBH layout, or TND with the
   cumulative `actual_seq_qlen`/`actual_seq_kvlen` for packed micro-batches, causal through sparse mode 3
   and the 2048 x 2048 compressed mask. `fusion_attention_call` builds the arguments (pure, tested on cpu).
@@ -26,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -43,14 +42,6 @@ NPU_CAUSAL_MASK_SIZE = 2048
 NPU_CAUSAL_SPARSE_MODE = 3
 
 
-# the CPU kernel attends a packed stream's sequences in groups of similar length, each one padded causal call
-# (a group of one is a slice of the stream: no copy):
-# a sequence joins the current group when the attention work its padding adds, (longest^2 - length^2) x
-# heads x head dim, costs less than one more call. Measured on this project's CPU (bench/attention_cpu.py):
-# a call's fixed cost, forward and backward, is about that of 2^18 such multiply-adds.
-CALL_COST = 2**18
-
-
 @dataclass
 class PackedSequences(PackedSeqParams):
     """megatron's `thd` parameters of one packed micro-batch, plus what the kernels read on the host: each
@@ -59,7 +50,6 @@ class PackedSequences(PackedSeqParams):
 
     lengths: tuple[int, ...] = ()
     padding: int = 0
-    _groups: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, lengths: tuple[int, ...], padding: int, device: torch.device | None = None) -> PackedSequences:
@@ -85,19 +75,6 @@ class PackedSequences(PackedSeqParams):
     def rows(self, stream: torch.Tensor) -> torch.Tensor:
         """The real sequences of a stream [t, ...] as zero-padded rows [sequences, longest, ...]."""
         return padded_rows(self.sequences(stream))
-
-    def groups(self, width: int) -> list[list[int]]:
-        """The sequences, longest first, in groups of similar length: a sequence joins the current group
-        while its padding costs less than a call (CALL_COST, `width` = heads x head dim)."""
-        if width not in self._groups:
-            groups: list[list[int]] = []
-            for i in sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], i)):
-                if groups and (self.lengths[groups[-1][0]] ** 2 - self.lengths[i] ** 2) * width <= CALL_COST:
-                    groups[-1].append(i)
-                else:
-                    groups.append([i])
-            self._groups[width] = groups
-        return self._groups[width]
 
 
 def padded_rows(sequences: list[torch.Tensor]) -> torch.Tensor:
@@ -141,15 +118,11 @@ class SdpaAttention(_CoreAttention):
                                               enable_gqa=self.heads != self.groups)
 
     def _packed(self, query, key, value, packed: PackedSequences):
-        """Each sequence of the stream [t, heads, d] attends to itself only: one causal call per group of
-        sequences of similar length, padded to the group's longest; padding tokens get zeros."""
-        out: list[torch.Tensor | None] = [None] * len(packed.lengths)
+        """Each sequence of the stream [t, heads, d] attends to itself only: one causal call per sequence on
+        its slice of the stream (a view); padding tokens get zeros."""
         parts = [packed.sequences(x) for x in (query, key, value)]  # one split each: a cheap backward
-        for members in packed.groups(query.shape[1] * query.shape[2]):
-            q, k, v = (padded_rows([p[i] for i in members]).transpose(1, 2) for p in parts)
-            rows = self._attend(q, k, v).transpose(1, 2)  # [members, longest, heads, d]
-            for row, i in zip(rows, members, strict=True):
-                out[i] = row if len(row) == packed.lengths[i] else row[: packed.lengths[i]]
+        out = [self._attend(*(p[i].unsqueeze(0).transpose(1, 2) for p in parts)).transpose(1, 2)[0]
+               for i in range(len(packed.lengths))]
         padding = query.new_zeros(packed.padding, *query.shape[1:])
         return torch.cat([*out, padding]).view(query.shape[0], -1)  # one copy, in stream order
 

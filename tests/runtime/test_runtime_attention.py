@@ -20,7 +20,6 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
 from dpoc.errors import DpocError
-from dpoc.runtime import attention as attention_module
 from dpoc.runtime import device as devices
 from dpoc.runtime.attention import (
     NPU_CAUSAL_MASK_SIZE,
@@ -77,12 +76,9 @@ def _qkv(tokens: int, seed: int = 0) -> list[torch.Tensor]:
             for heads in (HEADS, GROUPS, GROUPS)]
 
 
-@pytest.mark.parametrize("call_cost", [attention_module.CALL_COST, 0])  # one padded group; one per sequence
-def test_a_packed_stream_attends_within_each_sequence(monkeypatch, call_cost):
-    monkeypatch.setattr(attention_module, "CALL_COST", call_cost)
+def test_a_packed_stream_attends_within_each_sequence():
     attention, lengths, padding = _attention(), (5, 9, 3), 3
     packed = PackedSequences.of(lengths, padding)
-    assert packed.groups(HEADS * HEAD_DIM) == ([[1, 0, 2]] if call_cost else [[1], [0], [2]])  # longest first
     assert packed.cu_seqlens_q.tolist() == [0, 5, 14, 17, 20] and packed.max_seqlen_q == 9
     q, k, v = _qkv(sum(lengths) + padding)
     out = attention(q, k, v, None, packed_seq_params=packed)
