@@ -13,6 +13,7 @@ from dpoc.errors import EXIT_USER_ERROR, DpocError
 EXTERNAL = {
     "preprocess": ("dpoc.data.cli", "tokenize preference data into the pairwise indexed dataset"),
     "report": ("dpoc.runtime.report", "draw a run's loss, reward-margin and accuracy curves"),
+    "convert": ("dpoc.runtime.convert", "Hugging Face weights <-> distributed checkpoints (streamed, any layout)"),
 }
 
 

@@ -1,8 +1,11 @@
-"""Weight-conversion commands (MindSpeed-LLM) for exactly the Plan's layout.
+"""Weight-conversion commands of a build: dpoc's own converter for the dpoc runtime (`convert/`), and
+MindSpeed-LLM's for exactly the Plan's layout for the MindSpeed-RL target (`mindspeed-rl/convert/`).
 
-MindSpeed-LLM checkpoints are per rank, so the converter must be told the training layout: tp, pp, ep,
-vpp, the layer list or no-op layers, grouped GEMM and — the classic trap — `--moe-tp-extend-ep` exactly when
-training sets it (else the experts are laid out differently and the model produces garbage).
+dpoc's converter writes a megatron-core distributed checkpoint, which loads at any layout, so its command
+knows no layout. MindSpeed-LLM checkpoints are per rank, so that converter must be told the training
+layout: tp, pp, ep, vpp, the layer list or no-op layers, grouped GEMM and — the classic trap —
+`--moe-tp-extend-ep` exactly when training sets it (else the experts are laid out differently and the
+model produces garbage).
 """
 
 from __future__ import annotations
@@ -12,10 +15,34 @@ from dataclasses import dataclass
 
 from dpoc.plan import Plan
 
+DPOC_DIR, MINDSPEED_DIR = "convert", "mindspeed-rl/convert"
+
+
+@dataclass(frozen=True)
+class DpocConversion:
+    file: str  # under convert/
+    title: str
+    direction: str  # hf-to-mcore | mcore-to-hf (`dpoc convert DIRECTION SOURCE OUT`)
+    source: str
+    out: str
+    tokenizer: str | None  # mcore-to-hf: tokenizer files to copy next to the weights
+
+
+def dpoc_conversions(plan: Plan) -> list[DpocConversion]:
+    """The dpoc runtime's: HF → distributed checkpoint when the policy starts from converted weights, and the
+    trained checkpoint → HF (always: every run can hand back a Hugging Face model)."""
+    ck, out = plan.checkpoint, []
+    if ck.init == "converted" and ck.hf_weights is not None:
+        out.append(DpocConversion("hf_to_mcore.sh", "Hugging Face weights -> distributed checkpoint (any layout)",
+                                  "hf-to-mcore", ck.hf_weights, ck.load, None))
+    out.append(DpocConversion("mcore_to_hf.sh", "trained checkpoint (latest iteration) -> Hugging Face weights",
+                              "mcore-to-hf", ck.save, f"{plan.run_dir}/hf", plan.data.tokenizer))
+    return out
+
 
 @dataclass(frozen=True)
 class Conversion:
-    file: str  # under convert/
+    file: str  # under mindspeed-rl/convert/
     title: str
     script: str  # convert_ckpt_v2.py | convert_ckpt.py
     args: tuple[str, ...]  # already shell-quoted
@@ -23,7 +50,7 @@ class Conversion:
     save_dir: str
 
 
-def conversions(plan: Plan) -> list[Conversion]:
+def mindspeed_conversions(plan: Plan) -> list[Conversion]:
     ck = plan.checkpoint
     if ck.init == "random" or ck.hf_weights is None:
         return []

@@ -2,7 +2,8 @@
 came from.
 
 OmegaConf does the merging, dotlist parsing and `${...}` interpolation. This is the only compiler stage that
-reads files (the recipe, presets, an optional hostfile); everything after it is pure.
+reads files (the recipe, presets, an optional hostfile, and the weights' config.json when the recipe names
+weights but no architecture); everything after it is pure.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dpoc.errors import DpocError, Problem, suggest
 
 # recipe section -> preset catalog it names
 PRESET_SECTIONS = {"model": "models", "hardware": "hardware"}
+HF_CONFIG_SOURCE = "hf:config.json"  # provenance of model fields read from the weights' config.json
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class LoadedRecipe:
     path: str  # as the user gave it; used in every error message
     name: str
     data: dict[str, Any]
-    sources: dict[str, str]  # dotted leaf path -> "user" | "user:command line" | "preset:<name>"
+    sources: dict[str, str]  # dotted leaf path -> "user" | "user:command line" | "preset:<name>" | "hf:config.json"
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
@@ -48,6 +50,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
                 sources.setdefault(f"{section}.{key}", f"preset:{body['preset']}")
 
     data = _interpolate(merged, shown)
+    model = data.get("model")
+    if isinstance(model, dict) and _architecture_from_weights(model):
+        config_arch = read_hf_architecture(model["hf_weights"], shown)
+        data["model"] = _merge(config_arch, model)
+        for key in flatten(config_arch):
+            sources.setdefault(f"model.{key}", HF_CONFIG_SOURCE)
 
     hostfile = (data.get("hardware") or {}).get("hostfile") if isinstance(data.get("hardware"), dict) else None
     if isinstance(hostfile, str):
@@ -56,6 +64,30 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
 
     name = data.get("name") if isinstance(data.get("name"), str) else Path(path).stem
     return LoadedRecipe(shown, name, data, sources)
+
+
+def _architecture_from_weights(model: dict[str, Any]) -> bool:
+    """A model section with weights but neither a preset nor a whole inline architecture: config.json says it."""
+    from dpoc.validate import schema
+
+    return ("preset" not in model and isinstance(model.get("hf_weights"), str)
+            and not all(key in model for key in schema("model")["required"]))
+
+
+def read_hf_architecture(hf_weights: str, recipe_file: str) -> dict[str, Any]:
+    """The model section from `<hf_weights>/config.json` (plain json: no torch, no transformers)."""
+    from dpoc import hf_config
+    from dpoc.family import HF_MODEL_TYPE
+
+    try:
+        config = hf_config.read_config(hf_weights, "model.hf_weights", recipe_file)
+    except DpocError as exc:
+        first = exc.problems[0]
+        raise DpocError([Problem(recipe_file, "model.hf_weights", f"{first.message}; give model.preset (or the "
+                                 "architecture inline), or make the file readable")]) from None
+    arch = hf_config.architecture(config, hf_config.config_path(hf_weights))
+    return {**arch, "mindspeed_name": hf_config.mindspeed_name(hf_weights),
+            "hf_model_type": HF_MODEL_TYPE[arch["family"]]}
 
 
 def read_preset(catalog: str, name: str, recipe_file: str, field: str) -> dict[str, Any]:

@@ -22,9 +22,12 @@ class _ArgsFileParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser(prog: str = "dpoc.runtime.train") -> argparse.ArgumentParser:
+def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> argparse.ArgumentParser:
+    """The runtime's parser. `require_job=False` makes only the model's flags required, for tools that build
+    the model without training it (the weight converter)."""
     p = _ArgsFileParser(prog=prog, fromfile_prefix_chars="@", allow_abbrev=False)
     flag = dict(action="store_true")
+    job = dict(required=require_job)
 
     m = p.add_argument_group("model")
     m.add_argument("--num-layers", type=int, required=True)
@@ -79,11 +82,11 @@ def build_parser(prog: str = "dpoc.runtime.train") -> argparse.ArgumentParser:
                      default="auto", help="core-attention kernel; auto: the device's fastest (dpoc.runtime.device)")
 
     t = p.add_argument_group("training")
-    t.add_argument("--micro-batch-size", type=int, required=True, help="pairs per micro-batch")
-    t.add_argument("--global-batch-size", type=int, required=True, help="pairs per step")
-    t.add_argument("--seq-length", type=int, required=True)
-    t.add_argument("--train-iters", type=int, required=True)
-    t.add_argument("--lr", type=float, required=True)
+    t.add_argument("--micro-batch-size", type=int, **job, help="pairs per micro-batch")
+    t.add_argument("--global-batch-size", type=int, **job, help="pairs per step")
+    t.add_argument("--seq-length", type=int, **job)
+    t.add_argument("--train-iters", type=int, **job)
+    t.add_argument("--lr", type=float, **job)
     t.add_argument("--min-lr", type=float, default=0.0)
     t.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant")
     t.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -106,7 +109,7 @@ def build_parser(prog: str = "dpoc.runtime.train") -> argparse.ArgumentParser:
                         "2 x micro-batch-size x seq-length tokens (dpoc.runtime.packing)")
 
     d = p.add_argument_group("data")
-    d.add_argument("--data-path", type=str, required=True, help="dataset prefix, without _packed")
+    d.add_argument("--data-path", type=str, **job, help="dataset prefix, without _packed")
     d.add_argument("--tokenizer-type", choices=["PretrainedFromHF"], default="PretrainedFromHF")
     d.add_argument("--tokenizer-name-or-path", type=str, default=None)
     d.add_argument("--is-pairwise-dataset", **flag)
@@ -119,10 +122,15 @@ def build_parser(prog: str = "dpoc.runtime.train") -> argparse.ArgumentParser:
     c.add_argument("--no-load-optim", **flag)
     c.add_argument("--no-load-rng", **flag)
     c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
-    c.add_argument("--ref-model", type=str, default=None)
+    c.add_argument("--ref-model", type=str, default=None,
+                   help="the frozen reference's weights: a Hugging Face directory or a distributed checkpoint")
+    c.add_argument("--dpoc-init", choices=["random", "hf", "converted"], default=None,
+                   help="where the policy's initial weights come from: a seeded random init, --dpoc-hf-weights, "
+                        "or the distributed checkpoint --load (with --finetune)")
+    c.add_argument("--dpoc-hf-weights", type=str, default=None, help="Hugging Face weights directory")
 
     o = p.add_argument_group("dpo")
-    o.add_argument("--stage", choices=["dpo"], required=True)
+    o.add_argument("--stage", choices=["dpo"], **job)
     o.add_argument("--dpo-loss-type", choices=["sigmoid", "hinge", "ipo"], default="sigmoid")
     o.add_argument("--dpo-beta", type=float, default=0.1)
     o.add_argument("--dpo-label-smoothing", type=float, default=0.0)
@@ -131,7 +139,7 @@ def build_parser(prog: str = "dpoc.runtime.train") -> argparse.ArgumentParser:
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-interval", type=int, default=1)
     lg.add_argument("--tensorboard-dir", type=str, default=None)
-    lg.add_argument("--dpoc-run-dir", type=str, required=True)
+    lg.add_argument("--dpoc-run-dir", type=str, **job)
     lg.add_argument("--dpoc-plan-hash", type=str, default=None)
     lg.add_argument("--dpoc-measure-memory", **flag,
                     help="count this rank's memory on step 1 into <run-dir>/memory/rank-<r>.json, then stop")
@@ -157,5 +165,5 @@ def format_value(value: object) -> str:
     return str(value)
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    return build_parser().parse_args(list(argv))
+def parse(argv: Sequence[str], require_job: bool = True) -> argparse.Namespace:
+    return build_parser(require_job=require_job).parse_args(list(argv))

@@ -151,10 +151,10 @@ class Data:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    init: str  # converted | random (policy and reference from the same seeded init)
-    hf_weights: str | None  # Hugging Face weights directory (conversion input)
-    load: str | None  # initial Megatron weights the policy starts from
-    ref_model: str | None  # initial weights the reference always loads
+    init: str  # hf (hf_weights) | converted (load) | random (policy and reference from the same seeded init)
+    hf_weights: str | None  # Hugging Face weights directory (init hf, or the conversion's input)
+    load: str | None  # converted weights the policy starts from (init converted)
+    ref_model: str | None  # the frozen reference's weights (HF directory or converted checkpoint)
     save: str
     save_optimizer: bool  # always true: every save is resumable
 

@@ -1,11 +1,12 @@
 """Node preflight: the checks that need the node's own files, run by each node script before torchrun.
 
 The compiler never touches cluster paths (resolve is pure); this is where they are checked: the build is
-intact (files match manifest.json), the dataset, tokenizer and initial weights exist, the dataset was made
-with this build's preprocess.yaml (its stats say so; a MindSpeed-LLM dataset without them is accepted with
-a warning), and on resume the checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank,
-the checkpoint's layout must be exactly the Plan's; a mismatch is refused with the conversion that fixes
-it. Exit 2, one line per problem.
+intact (files match manifest.json), the dataset, tokenizer and initial weights exist (a Hugging Face
+directory's config.json must match megatron.args: the runtime's own check), the dataset was made with this
+build's preprocess.yaml (its stats say so; a MindSpeed-LLM dataset without them is accepted with a warning),
+and on resume the checkpoint is there. For MindSpeed-RL, whose legacy checkpoints are per rank, the
+checkpoint's layout must be exactly the Plan's; a mismatch is refused with the conversion that fixes it.
+Exit 2, one line per problem.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dpoc.convert import DPOC_DIR, MINDSPEED_DIR
 from dpoc.errors import DpocError, Problem
 
 TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: a distributed checkpoint is complete
 
 
 def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> list[str]:
@@ -38,16 +41,46 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc") -> list[st
             problems.append(Problem(ck["save"], TRACKER, "no checkpoint to resume from; valid: DPOC_RESUME=0"))
         elif target == "mindspeed-rl":
             problems += legacy_layout_problems(ck["save"], plan["layout"], build)
-    else:
+    elif target == "mindspeed-rl":
         for key in ("load", "ref_model"):
-            if ck[key] is not None and not Path(ck[key]).is_dir():
+            if ck[key] is None:
+                continue
+            if not Path(ck[key]).is_dir():
                 problems.append(Problem(ck[key], "(directory)", f"checkpoint.{key} not found on this node; run "
-                                        f"{build / 'convert' / 'hf_to_mcore.sh'} first"))
-            elif ck[key] is not None and target == "mindspeed-rl":
+                                        f"{build / MINDSPEED_DIR / 'hf_to_mcore.sh'} first"))
+            else:
                 problems += legacy_layout_problems(ck[key], plan["layout"], build)
+    else:
+        problems += _initial_weights(build, ck)
     if problems:
         raise DpocError(list(dict.fromkeys(problems)))
     return warnings
+
+
+def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:
+    """The dpoc runtime's initial weights: Hugging Face directories whose config.json fits megatron.args (the
+    runtime's own check), converted checkpoints that exist."""
+    from dpoc import megatron_args
+    from dpoc.hf_config import mismatches
+
+    args_file = str(build / "megatron.args")
+    sources = [("model.hf_weights", ck["hf_weights"])] if ck["init"] == "hf" else []
+    if ck["init"] == "converted":
+        sources.append(("checkpoint.load", ck["load"]))
+    if ck["ref_model"] is not None and ck["ref_model"] not in (ck["hf_weights"], ck["load"]):
+        sources.append(("checkpoint.ref_model", ck["ref_model"]))
+    out = []
+    for field, path in sources:
+        if (Path(path) / "config.json").is_file():
+            try:
+                out += mismatches(megatron_args.parse([f"@{args_file}"]), path, args_file, field)
+            except DpocError as exc:
+                out += exc.problems
+        elif not Path(path, CHECKPOINT_MARKER).is_file() and not Path(path, TRACKER).is_file():
+            hint = f"; run {build / DPOC_DIR / 'hf_to_mcore.sh'} first" if field == "checkpoint.load" else ""
+            out.append(Problem(path, "(directory)", f"{field} not found on this node: neither Hugging Face weights "
+                               f"(config.json) nor a distributed checkpoint ({CHECKPOINT_MARKER}){hint}"))
+    return out
 
 
 def _edited_files(build: Path, manifest: dict[str, Any]) -> list[Problem]:
@@ -104,4 +137,4 @@ def legacy_layout_problems(checkpoint: str, layout: dict[str, Any], build: Path)
     span = f"{min(expected)} … {max(expected)}"
     return [Problem(f"{checkpoint}/{name}", "(layout)", f"holds {len(found)} rank folders, but {lay} needs "
                     f"{len(expected)} ({span}); MindSpeed-RL checkpoints are per rank: reconvert with "
-                    f"{build / 'convert' / 'hf_to_mcore.sh'}")]
+                    f"{build / MINDSPEED_DIR / 'hf_to_mcore.sh'}")]

@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any
 
 from dpoc import __version__, targets
-from dpoc.convert import conversions
+from dpoc.convert import DPOC_DIR, MINDSPEED_DIR, dpoc_conversions, mindspeed_conversions
 from dpoc.megatron_args import format_args
 from dpoc.plan import Plan
 from dpoc.targets import dpoc_runtime, mindspeed_rl
@@ -85,12 +85,14 @@ def render(plan: Plan) -> dict[str, str]:
     files["preprocess.yaml"] = _yaml(preprocess_config(plan))
     files["preprocess.sh"] = _template("preprocess.sh.j2", input=plan.data.input,
                                        output_prefix=plan.data.output_prefix, **common)
-    for conv in conversions(plan):
-        files[f"convert/{conv.file}"] = _template(
-            "convert.sh.j2", title=conv.title, script=conv.script, args=conv.args, load_dir=conv.load_dir,
-            save_dir=conv.save_dir, **common)
+    for conv in dpoc_conversions(plan):
+        files[f"{DPOC_DIR}/{conv.file}"] = _template("convert.sh.j2", conversion=conv, **common)
     if not mindspeed_rl.unsupported(plan):
         files.update(_mindspeed_files(plan, node_values))
+        for conv in mindspeed_conversions(plan):
+            files[f"{MINDSPEED_DIR}/{conv.file}"] = _template(
+                "mindspeed_convert.sh.j2", title=conv.title, script=conv.script, args=conv.args,
+                load_dir=conv.load_dir, save_dir=conv.save_dir, **common)
     return files
 
 

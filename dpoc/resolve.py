@@ -16,7 +16,7 @@ from dpoc.dotted import flatten
 from dpoc.errors import DpocError, Problem
 from dpoc.family import CONVERTER, DEFAULT_TEMPLATE
 from dpoc.layout import DEFAULT_WHY, DERIVED_WHY, layout_tag
-from dpoc.load import LoadedRecipe
+from dpoc.load import HF_CONFIG_SOURCE, LoadedRecipe
 from dpoc.plan import DPO, Checkpoint, Cluster, Data, HardwareSpec, Layout, ModelSpec, MoESpec, Plan, Source, Training
 from dpoc.specs import hardware_spec, model_spec
 
@@ -57,7 +57,14 @@ class _Values:
 
     def _given(self, path: str, key: str) -> None:
         src = self.sources.get(path, "user")
-        self.provenance[key] = Source(src, "from the recipe" if src.startswith("user") else "from the preset")
+        self.provenance[key] = Source(src, self._why(src))
+
+    def _why(self, source: str) -> str:
+        if source.startswith("user"):
+            return "from the recipe"
+        if source == HF_CONFIG_SOURCE:
+            return f"from {self.data['model']['hf_weights']}/config.json"
+        return "from the preset"
 
     def derived(self, path: str, value: Any, rule: str, why: str) -> Any:
         self.provenance[path] = Source(f"derived:{rule}", why)
@@ -127,7 +134,7 @@ def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
         training=training,
         dpo=dpo,
         data=_data(v, model, run_dir),
-        checkpoint=_checkpoint(v, loaded.name, layout, run_dir),
+        checkpoint=_checkpoint(v, loaded.name, layout, run_dir, runtime),
         cluster=cluster,
         run_dir=run_dir,
         estimate=estimate,
@@ -201,8 +208,13 @@ def _model(v: _Values) -> ModelSpec:
             v.take(f"model.moe.{field.name}", why="the model schema's default")
     else:
         v.take("model.moe", why="no experts: a dense model")
-    name = v.derived("model.name", m.get("preset", "inline"), "model.preset",
-                     "the preset's name, or inline when the recipe defines the architecture")
+    if "preset" in m:
+        name = m["preset"]
+    else:  # an inline architecture, or the one config.json gave
+        from_weights = v.sources.get("model.family") == HF_CONFIG_SOURCE
+        name = PurePosixPath(m["hf_weights"]).name if from_weights else "inline"
+    v.derived("model.name", name, "model.preset", "the preset's name, the weights directory's when config.json "
+              "gave the architecture, or inline when the recipe defines it")
     v.derived(
         "model.converter",
         CONVERTER[m["family"]],
@@ -341,36 +353,51 @@ def _data(v: _Values, model: ModelSpec, run_dir: str) -> Data:
     )
 
 
-def _checkpoint(v: _Values, name: str, layout, run_dir: str) -> Checkpoint:
-    init = v.take("checkpoint.init", "converted", why="policy and reference load converted weights")
+def _checkpoint(v: _Values, name: str, layout, run_dir: str, runtime: str) -> Checkpoint:
     hf_weights = v.take("model.hf_weights", None, why="not given", record="checkpoint.hf_weights")
+    if runtime != "dpoc":
+        init = v.take("checkpoint.init", "converted", rule="runtime",
+                      why="MindSpeed-RL loads converted per-rank weights")
+    elif hf_weights is not None and not v.has("checkpoint.load"):
+        init = v.take("checkpoint.init", "hf", rule="model.hf_weights",
+                      why="no checkpoint.load: the dpoc runtime reads the Hugging Face weights straight into the "
+                      "sharded model")
+    else:
+        init = v.take("checkpoint.init", "converted", rule="checkpoint.load",
+                      why="the policy starts from the converted weights checkpoint.load")
+    load = ref = None
     if init == "random":
-        load = ref = None
+        for key in ("checkpoint.load", "checkpoint.ref_model"):
+            if v.has(key):
+                v.problem(key, "checkpoint.init is random: policy and reference start from the same seeded init "
+                          "(valid: leave it out, or checkpoint.init hf/converted)")
         v.derived("checkpoint.load", None, "checkpoint.init", "random init: nothing to load")
-        v.derived(
-            "checkpoint.ref_model",
-            None,
-            "checkpoint.init",
-            "random init: the reference starts from the policy's seeded init",
-        )
+        v.derived("checkpoint.ref_model", None, "checkpoint.init",
+                  "random init: the reference starts from the policy's seeded init")
+    elif init == "hf":
+        if hf_weights is None:
+            v.problem("model.hf_weights", "is required for checkpoint.init hf (valid: a Hugging Face weights "
+                      "directory, or checkpoint.init converted with checkpoint.load)")
+        if v.has("checkpoint.load"):
+            v.problem("checkpoint.load", "checkpoint.init is hf: the policy starts from model.hf_weights "
+                      "(valid: leave it out, or checkpoint.init converted)")
+        v.derived("checkpoint.load", None, "checkpoint.init", "init hf: the policy reads model.hf_weights")
+        ref = v.take("checkpoint.ref_model", hf_weights, rule="model.hf_weights",
+                     why="the policy's initial weights (the reference never follows the trained policy)")
     else:
         if hf_weights is None and not v.has("checkpoint.load"):
             v.problem(
                 "model.hf_weights",
                 "is required to convert the initial weights (or give checkpoint.load, or checkpoint.init=random)",
             )
-        load = v.take(
-            "checkpoint.load",
-            f"./model_weights/{name}-{layout_tag(layout)}",
-            rule="layout",
-            why="converted weights for exactly this layout (MindSpeed-LLM checkpoints are per rank)",
-        )
-        ref = v.take(
-            "checkpoint.ref_model",
-            load,
-            rule="checkpoint.load",
-            why="the reference is always the initial weights, never the resumed policy",
-        )
+        if runtime == "dpoc":
+            load = v.take("checkpoint.load", f"./model_weights/{name}-mcore", rule="model.hf_weights",
+                          why="dpoc convert hf-to-mcore's output: one distributed checkpoint for every layout")
+        else:
+            load = v.take("checkpoint.load", f"./model_weights/{name}-{layout_tag(layout)}", rule="layout",
+                          why="converted weights for exactly this layout (MindSpeed-LLM checkpoints are per rank)")
+        ref = v.take("checkpoint.ref_model", load, rule="checkpoint.load",
+                     why="the policy's initial weights (the reference never follows the trained policy)")
     return Checkpoint(
         init=init,
         hf_weights=hf_weights,

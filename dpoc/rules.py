@@ -85,6 +85,16 @@ def heads_divisible_by_tp(c: Context) -> Iterable[Violation]:
                         f"{m.num_query_groups} KV heads need tp in {_set(ok)}")
 
 
+def vocab_divisible_by_tp(c: Context) -> Iterable[Violation]:
+    """The vocab-parallel embedding and output layer split rows evenly; the runtime never pads the vocabulary
+    (padded rows would change every log-probability of weights trained without them)."""
+    vocab, tp = c.model.vocab_size, c.layout.tp
+    if vocab % tp:
+        ok = [t for t in divisors(vocab) if t <= c.hardware.devices_per_node]
+        yield Violation("parallelism.tp", f"tp={tp}: the {vocab} vocabulary rows do not split evenly; valid: tp in "
+                        f"{_set(ok)}, or weights whose vocab_size is a multiple of tp")
+
+
 def tp_within_node(c: Context) -> Iterable[Violation]:
     per_node, tp = c.hardware.devices_per_node, c.layout.tp
     if per_node % tp:
@@ -303,7 +313,7 @@ def label_smoothing_needs_sigmoid(c: Context) -> Iterable[Violation]:
 
 
 RULES: tuple[Rule, ...] = (
-    dense_grid, expert_grid, heads_divisible_by_tp, tp_within_node,
+    dense_grid, expert_grid, heads_divisible_by_tp, vocab_divisible_by_tp, tp_within_node,
     layers_divisible_by_pp, layer_list_matches, noop_layers_in_range, virtual_pipeline,
     global_batch_divisible, sequence_fits_model, context_parallel, sequence_parallel_needs_tp,
     static_padding_divisible,

@@ -31,7 +31,6 @@ class Device:
     kind: str  # "cpu" | "cuda" | "npu"
     backend: str  # torch.distributed backend
     supports_grouped_gemm: bool
-    attention: str = "sdpa"  # core-attention kernel (attention.core_attention_class)
 
     def current(self) -> torch.device:
         """Where this process's tensors live (set from LOCAL_RANK at start)."""
@@ -46,8 +45,8 @@ class Device:
 
 
 def select(kind: str, backend: str, args_file: str = "megatron.args", attention: str = "auto") -> Device:
-    """Check that `kind` is usable here and that `backend` fits it; choose the core-attention kernel (`auto`:
-    the device's fastest); on cpu, install the megatron bridge."""
+    """Check that `kind` is usable here, that `backend` fits it and that it runs the requested core-attention
+    kernel; on cpu, install the megatron bridge."""
     expected = BACKENDS[kind]
     if backend != expected:
         raise DpocError([Problem(args_file, "--distributed-backend",
@@ -60,8 +59,8 @@ def select(kind: str, backend: str, args_file: str = "megatron.args", attention:
                                  f"(torch {torch.__version__}; valid here: cpu)")])
     elif kind == "cpu":
         _CpuBridge.install()
-    kernel = attention_kernel(kind, attention, args_file)
-    return Device(kind, backend, supports_grouped_gemm=kind != "cpu", attention=kernel)
+    attention_kernel(kind, attention, args_file)  # an unknown kernel fails here, before any process waits
+    return Device(kind, backend, supports_grouped_gemm=kind != "cpu")
 
 
 def attention_kernel(kind: str, requested: str, args_file: str = "megatron.args") -> str:
@@ -156,6 +155,7 @@ class _CpuBridge:
         cls._tensor_type_name()
         cls._moe_split_sizes()
         cls._uneven_collectives()
+        cls._tensor_to_cuda()
         cls.installed = True
 
     @staticmethod
@@ -232,6 +232,13 @@ class _CpuBridge:
 
         dist.all_gather = gather
         dist.reduce_scatter = reduce_scatter
+
+
+    @staticmethod
+    def _tensor_to_cuda() -> None:
+        """Tied embeddings at pp>1: the last stage's copy of the word embeddings is moved with `.cuda()`
+        (language_module.setup_embeddings_and_output_layer). On the CPU it stays where it is."""
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 def _padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:

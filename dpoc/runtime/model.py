@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from dpoc.errors import DpocError, Problem
 from dpoc.runtime.attention import core_attention_class
-from dpoc.runtime.device import Device
+from dpoc.runtime.device import Device, attention_kernel
 
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -185,14 +185,15 @@ def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: 
 
 def build_chunks(config: TransformerConfig, args: argparse.Namespace) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), in float32/bf16 on the current device, with
-    the core attention `--dpoc-core-attention` names (resolved by `device.select`)."""
+    the core attention `--dpoc-core-attention` names (`auto`: the device's, `device.attention_kernel`)."""
+    kernel = attention_kernel(args.dpoc_device, args.dpoc_core_attention)
     chunks = []
     vpp = config.virtual_pipeline_model_parallel_size
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         chunks.append(GPTModel(
             config=config,
-            transformer_layer_spec=block_spec(config, vp_stage, args.dpoc_core_attention),
+            transformer_layer_spec=block_spec(config, vp_stage, kernel),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from megatron.core.dist_checkpointing.utils import extract_sharded_base
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer import TransformerConfig
+
+from dpoc.runtime import sharded, weight_map
 
 # megatron-core's "output layer" init: projections that add into the residual stream are scaled down
 _RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
@@ -25,31 +26,7 @@ _RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
 def initialize(chunks: Iterable[torch.nn.Module], config: TransformerConfig, seed: int) -> None:
     """Overwrite every matrix/embedding weight with its layout-independent draw; norms keep ones and
     biases zeros, as megatron-core initialises them."""
-    for chunk in chunks:
-        for sh in _sharded_tensors(chunk.sharded_state_dict()):
-            std = _std(sh.key, config)
-            if std is not None:
-                _fill(sh, seed, std)
-
-
-def _sharded_tensors(state: dict) -> Iterator[ShardedTensor]:
-    sharded, _ = extract_sharded_base(state)
-    for leaf in _leaves(sharded):
-        if isinstance(leaf, ShardedTensorFactory):
-            yield from (t for t in _leaves(leaf.build()) if isinstance(t, ShardedTensor))
-        elif isinstance(leaf, ShardedTensor):
-            yield leaf
-
-
-def _leaves(tree: object) -> Iterator[object]:
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _leaves(v)
-    else:
-        yield tree
+    sharded.fill(chunks, lambda sh: _draw(sh, seed, config))
 
 
 def _std(key: str, config: TransformerConfig) -> float | None:
@@ -60,15 +37,18 @@ def _std(key: str, config: TransformerConfig) -> float | None:
     return config.init_method_std
 
 
-@torch.no_grad()
-def _fill(sh: ShardedTensor, seed: int, std: float) -> None:
-    """Draw the global tensor for this key (per layer/expert index on the prepended axes) and copy the
-    rank's slice into the parameter."""
-    prepend = sh.prepend_axis_num
-    identity = f"{seed}|{sh.key}|{tuple(sh.global_offset[:prepend])}"
-    digest = hashlib.sha256(identity.encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    full = torch.randn(sh.global_shape[prepend:], generator=generator, dtype=torch.float32) * std
-    offsets = sh.global_offset[prepend:]
-    rank_slice = tuple(slice(o, o + n) for o, n in zip(offsets, sh.local_shape, strict=True))
-    sh.data.copy_(full[rank_slice].to(sh.data.dtype))
+def _draw(sh: ShardedTensor, seed: int, config: TransformerConfig) -> torch.Tensor:
+    """The rank's slice of the global tensor drawn for this key at each layer/expert index (the tensor's own
+    values for norms and biases)."""
+    std = _std(sh.key, config)
+    if std is None:
+        return sh.data.clone()
+    k = weight_map.index_axes(sh.key)
+
+    def block(index: tuple[int, ...], rows: range, rest: tuple[slice, ...]) -> torch.Tensor:
+        digest = hashlib.sha256(f"{seed}|{sh.key}|{index}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        full = torch.randn(sh.global_shape[k:], generator=generator, dtype=torch.float32) * std
+        return full[(slice(rows.start, rows.stop), *rest)]
+
+    return sharded.assemble(sh, block)

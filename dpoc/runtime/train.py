@@ -32,7 +32,7 @@ from megatron.core.transformer.module import Float16Module
 from dpoc import megatron_args
 from dpoc.errors import EXIT_USER_ERROR, DpocError, Problem
 from dpoc.runtime import device as devices
-from dpoc.runtime import memory_probe, seeded_init
+from dpoc.runtime import memory_probe, weight_sources
 from dpoc.runtime.data import Batching, PairwiseDataset, rank_micro_batches
 from dpoc.runtime.dpo import METRIC_KEYS, Objective
 from dpoc.runtime.model import (
@@ -53,12 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = megatron_args.parse(argv)
     try:
         device = devices.select(args.dpoc_device, args.distributed_backend, args_file, args.dpoc_core_attention)
-        args.dpoc_core_attention = device.attention  # `auto` resolved: what build_chunks puts in the layers
         check_supported(args, args_file)
         check_layout(args, _world_size(), args_file)
+        weights = weight_sources.sources(args, args_file)  # before any process waits for another
         _init_distributed(device)
         with devices.running_on(device):
-            train(args, device, args_file)
+            train(args, device, args_file, weights)
     except DpocError as err:
         for problem in err.problems:
             print(problem, file=sys.stderr)
@@ -107,20 +107,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_models(args: argparse.Namespace, config) -> tuple[list, list]:
-    """Policy (DDP-wrapped chunks) and frozen reference with the same sharding, from the same seeded
-    layout-independent init."""
+def initialize_parallel(args: argparse.Namespace) -> None:
+    """megatron-core's process groups for the args' layout, and its seeded RNG tracker."""
+    devices.fill_megatron_gaps()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+
+
+def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources.WeightSource, ...]
+                 ) -> tuple[list, list]:
+    """Policy (DDP-wrapped chunks) and frozen reference with the same sharding, each filled from its source
+    (`weight_sources.sources`) before wrapping."""
+    policy_source, reference_source = weights
     policy_config, reference_config = config, copy.copy(config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer)
-    policy = []
-    for i, chunk in enumerate(build_chunks(policy_config, args)):
-        seeded_init.initialize([chunk], config, args.seed)
-        policy.append(DistributedDataParallel(policy_config, ddp_config, _in_precision(policy_config, chunk),
-                                              disable_bucketing=i > 0))
+    chunks = build_chunks(policy_config, args)
+    weight_sources.load(policy_source, chunks, config, args)
+    policy = [DistributedDataParallel(policy_config, ddp_config, _in_precision(policy_config, chunk),
+                                      disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+    chunks = build_chunks(reference_config, args)
+    weight_sources.load(reference_source, chunks, config, args)
     reference = []
-    for chunk in build_chunks(reference_config, args):
-        seeded_init.initialize([chunk], config, args.seed)
+    for chunk in chunks:
         chunk.eval()
         chunk.requires_grad_(False)
         reference.append(_in_precision(reference_config, chunk))
@@ -146,18 +161,11 @@ def build_optimizer(args: argparse.Namespace, policy: list):
     return optimizer, scheduler
 
 
-def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> None:
-    devices.fill_megatron_gaps()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
-    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+def train(args: argparse.Namespace, device: devices.Device, args_file: str,
+          weights: tuple[weight_sources.WeightSource, ...]) -> None:
+    initialize_parallel(args)
     config = transformer_config(args, device)
-    policy, reference = build_models(args, config)
+    policy, reference = build_models(args, config, weights)
     optimizer, scheduler = build_optimizer(args, policy)
     config.no_sync_func = [c.no_sync for c in policy] if len(policy) > 1 else policy[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
@@ -167,7 +175,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> N
     objective = Objective(args.dpo_loss_type, args.dpo_beta, args.dpo_label_smoothing, args.pref_ftx)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     batching = Batching.from_args(args, same_length=uniform_micro_batch_length(args))
-    log = _open_log(args, device, dp_size) if dist.get_rank() == 0 else None
+    log = _open_log(args, device, dp_size, weights) if dist.get_rank() == 0 else None
     for warning in dataset.warnings if log else ():
         log.line(f"warning: {warning}")
     for step in range(args.train_iters):
@@ -199,16 +207,15 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str) -> N
         log.close()
 
 
-def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int) -> RunLog:
+def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int,
+              weights: tuple[weight_sources.WeightSource, ...]) -> RunLog:
     log = RunLog(args.dpoc_run_dir, args.train_iters, 0, args.tensorboard_dir)
     log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
              f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
-    ignored = [flag for flag, value in (("--load", args.load), ("--ref-model", args.ref_model),
-                                        ("--save", args.save)) if value]
-    if ignored:
-        log.line(f"note: {', '.join(ignored)} given, but this runtime does not read or write checkpoints "
-                 f"yet; policy and reference start from the same seeded random init (--seed {args.seed})")
+    log.line(f"weights: policy from {weights[0].describe()}, reference from {weights[1].describe()}")
+    if args.save:
+        log.line(f"note: --save {args.save} given, but this runtime does not write checkpoints yet")
     return log
 
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from dpoc.megatron_args import Arg
-from dpoc.plan import Plan
+from dpoc.plan import ModelSpec, Plan
 from dpoc.rules import Violation
 
 if TYPE_CHECKING:
@@ -36,9 +36,8 @@ def unsupported(plan: Plan) -> list[Violation]:
     return out
 
 
-def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
-    """The runtime's arguments. `resume` loads the policy, optimizer, RNG and data position from `save`."""
-    m, lay, t, d, ck = plan.model, plan.layout, plan.training, plan.dpo, plan.checkpoint
+def model_args(m: ModelSpec) -> list[Arg]:
+    """The architecture's flags: what a weights directory must match (dpoc.hf_config checks them)."""
     args: list[Arg] = [
         ("--num-layers", m.num_layers),
         ("--hidden-size", m.hidden_size),
@@ -68,12 +67,20 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
             ("--moe-ffn-hidden-size", m.moe.ffn_hidden_size),
             ("--moe-aux-loss-coeff", m.moe.aux_loss_coeff),
             ("--moe-router-load-balancing-type", m.moe.load_balancing),
-            ("--moe-token-dispatcher-type", lay.moe_dispatcher),
         ]
         if m.moe.shared_expert_ffn_hidden_size:
             args.append(("--moe-shared-expert-intermediate-size", m.moe.shared_expert_ffn_hidden_size))
         if not m.moe.norm_topk_prob:
             args.append(("--moe-router-pre-softmax", True))
+    return args
+
+
+def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
+    """The runtime's arguments. `resume` loads the policy, optimizer, RNG and data position from `save`."""
+    m, lay, t, d, ck = plan.model, plan.layout, plan.training, plan.dpo, plan.checkpoint
+    args = model_args(m)
+    if m.moe is not None:
+        args.append(("--moe-token-dispatcher-type", lay.moe_dispatcher))
         if lay.moe_grouped_gemm:
             args.append(("--moe-grouped-gemm", True))
 
@@ -137,6 +144,9 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         ("--save", ck.save),
         ("--save-interval", t.save_interval),
     ]
+    args.append(("--dpoc-init", ck.init))
+    if ck.init == "hf":
+        args.append(("--dpoc-hf-weights", ck.hf_weights))
     if ck.ref_model is not None:
         args.append(("--ref-model", ck.ref_model))
     if resume:

@@ -25,12 +25,12 @@ def unsupported(plan: Plan) -> list[Violation]:
     why = "MindSpeed-RL's DPO config (MegatronConfig) cannot set it"
     model, hardware, layout, training, dpo = plan.model, plan.hardware, plan.layout, plan.training, plan.dpo
     out = []
-    if plan.checkpoint.init == "random":
+    if plan.checkpoint.init != "converted":
         out.append(
             Violation(
                 "checkpoint.init",
-                "MindSpeed-RL always loads converted weights for policy and "
-                "reference; valid: converted, or runtime=dpoc",
+                f"{plan.checkpoint.init}: MindSpeed-RL always loads converted per-rank weights for policy and "
+                "reference; valid: converted (with checkpoint.load), or runtime=dpoc",
             )
         )
     if hardware.device != "npu":

@@ -20,7 +20,8 @@ CONTRACT = ["plan.json", "megatron.args", "resume/megatron.args", "nodes/node-0.
             "preprocess.yaml", "preprocess.sh", "convert/hf_to_mcore.sh", "convert/mcore_to_hf.sh",
             "mindspeed-rl/dpo_qwen3_30b.yaml", "mindspeed-rl/dpo_qwen3_30b_resume.yaml",
             "mindspeed-rl/model/qwen3_30b_a3b.yaml", "mindspeed-rl/datasets/qwen3_30b.yaml",
-            "mindspeed-rl/nodes/node-0.sh", "mindspeed-rl/nodes/node-1.sh", "manifest.json"]
+            "mindspeed-rl/nodes/node-0.sh", "mindspeed-rl/nodes/node-1.sh", "mindspeed-rl/convert/hf_to_mcore.sh",
+            "mindspeed-rl/convert/mcore_to_hf.sh", "manifest.json"]
 MINDSPEED_FIELDS = {ln for ln in (REPO / "tests/fixtures/mindspeed_megatron_config_fields.txt").read_text().split("\n")
                     if ln and not ln.startswith("#")}
 
@@ -62,7 +63,7 @@ def test_megatron_args_parse_with_the_runtime_parser(guide_build):
     assert args.lr == 5e-8 and args.global_batch_size == 64 and args.seq_length == 4096 and args.seed == 42
     assert args.num_experts == 128 and args.moe_router_topk == 8 and args.norm_epsilon == 1e-6
     assert args.ref_model == args.load == "./model_weights/Qwen3-30B-TP2-PP8-EP1"
-    assert args.finetune and args.no_load_optim and args.no_load_rng
+    assert args.dpoc_init == "converted" and args.finetune and args.no_load_optim and args.no_load_rng
     assert args.dpoc_plan_hash == plan.hash()
 
 
@@ -118,7 +119,7 @@ def test_converter_gets_tp_extend_ep_exactly_when_training_sets_it(tmp_path):
         out = tmp_path / str(extend) / "qwen3_30b"
         build(RECIPES / "qwen3_30b.yaml", [f"parallelism.moe_tp_extend_ep={str(extend).lower()}",
                                            "runtime=mindspeed-rl"], out=out)
-        convert = (out / "convert/hf_to_mcore.sh").read_text()
+        convert = (out / "mindspeed-rl/convert/hf_to_mcore.sh").read_text()
         train = yaml.safe_load((out / "mindspeed-rl/dpo_qwen3_30b.yaml").read_text())["megatron_training"]
         assert ("--moe-tp-extend-ep" in convert) is extend is bool(train.get("moe_tp_extend_ep"))
         assert "--target-tensor-parallel-size 2 \\\n  --target-pipeline-parallel-size 8" in convert
@@ -145,7 +146,7 @@ def test_packing_reaches_the_runtime_and_leaves_mindspeed_out(tmp_path):
 def test_legacy_converter_for_llama(tmp_path):
     out = tmp_path / "llama"
     build(RECIPES / "qwen3_30b_a2.yaml", ["model.preset=llama3-8b", "dataset.template=llama3"], out=out)
-    convert = (out / "convert/hf_to_mcore.sh").read_text()
+    convert = (out / "mindspeed-rl/convert/hf_to_mcore.sh").read_text()
     assert "convert_ckpt.py" in convert and "--model-type GPT" in convert and "--model-type-hf llama2" in convert
 
 
@@ -212,7 +213,7 @@ def test_shipped_scripts_pass_shellcheck(guide_build, tmp_path):
     tiny = tmp_path / "tiny"
     build(RECIPES / "tiny_cpu.yaml", out=tiny)
     scripts = sorted(guide_build.rglob("*.sh")) + sorted(tiny.rglob("*.sh"))
-    assert len(scripts) == 11
+    assert len(scripts) == 14
     proc = subprocess.run([shellcheck, "--severity=style", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
@@ -282,9 +283,10 @@ def test_resume_mode_is_picked_from_the_save_directory(tmp_path):
 def test_cpu_recipe_skips_mindspeed_with_the_reason(tmp_path, dpoc_cli):
     result = dpoc_cli("build", RECIPES / "tiny_cpu.yaml", "-o", tmp_path / "t")
     assert result.code == 0
-    assert not (tmp_path / "t/mindspeed-rl").exists() and not (tmp_path / "t/convert").exists()
+    assert not (tmp_path / "t/mindspeed-rl").exists()
+    assert [p.name for p in (tmp_path / "t/convert").iterdir()] == ["mcore_to_hf.sh"]  # weights out, even from random
     manifest = json.loads((tmp_path / "t/manifest.json").read_text())
-    assert manifest["skipped_targets"]["mindspeed-rl"][0].startswith("checkpoint.init: MindSpeed-RL always loads")
+    assert manifest["skipped_targets"]["mindspeed-rl"][0].startswith("checkpoint.init: random: MindSpeed-RL always loads")
     assert "target mindspeed-rl not rendered: checkpoint.init" in result.err
     args = megatron_args.parse([f"@{tmp_path / 't/megatron.args'}"])
     assert args.load is None and args.ref_model is None and args.dpoc_device == "cpu" and not args.bf16

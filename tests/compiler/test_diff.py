@@ -13,7 +13,8 @@ GUIDE, A2 = RECIPES / "qwen3_30b.yaml", RECIPES / "qwen3_30b_a2.yaml"
 # every file whose text carries the plan hash (script headers, args) or a changed value
 HASHED = ["convert/hf_to_mcore.sh", "convert/mcore_to_hf.sh", "launch.sh", "megatron.args", "nodes/node-0.sh",
           "nodes/node-1.sh", "plan.json", "preprocess.sh", "resume/megatron.args"]
-MINDSPEED_NODES = ["mindspeed-rl/nodes/node-0.sh", "mindspeed-rl/nodes/node-1.sh"]
+MINDSPEED_SCRIPTS = ["mindspeed-rl/convert/hf_to_mcore.sh", "mindspeed-rl/convert/mcore_to_hf.sh",
+                   "mindspeed-rl/nodes/node-0.sh", "mindspeed-rl/nodes/node-1.sh"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_an_override_shows_the_value_with_both_sources_and_the_files(dpoc_cli, g
     assert diff["values"] == [{"path": "training.lr", "old": 5e-08, "new": 1e-07, "old_source": "user",
                                "new_source": "user:command line"}]
     assert diff["sources"] == [] and diff["equal"] is False
-    assert diff["files"] == {"changed": sorted([*HASHED, *MINDSPEED_NODES, "mindspeed-rl/dpo_qwen3_30b.yaml",
+    assert diff["files"] == {"changed": sorted([*HASHED, *MINDSPEED_SCRIPTS, "mindspeed-rl/dpo_qwen3_30b.yaml",
                                                 "mindspeed-rl/dpo_qwen3_30b_resume.yaml"]),
                              "only_in_a": [], "only_in_b": []}
     text = dpoc_cli("diff", guide_build, GUIDE, "training.lr=1e-7")
@@ -57,7 +58,7 @@ def test_two_recipes_show_a_default_that_a_recipe_pins_and_files_only_one_build_
     assert diff["files"]["only_in_a"] == sorted(["mindspeed-rl/dpo_qwen3_30b.yaml",
                                                  "mindspeed-rl/dpo_qwen3_30b_resume.yaml",
                                                  "mindspeed-rl/datasets/qwen3_30b.yaml",
-                                                 "mindspeed-rl/model/qwen3_30b_a3b.yaml", *MINDSPEED_NODES])
+                                                 "mindspeed-rl/model/qwen3_30b_a3b.yaml", *MINDSPEED_SCRIPTS])
     assert diff["files"]["only_in_b"] == []
 
 

@@ -86,7 +86,7 @@ OVERRIDE_CASES = [
     (["runtime=mindspeed-rl", "training.packing=true"], "training.packing",
      "true: MindSpeed-RL's pairwise DPO data has no packing (each micro-batch holds whole padded pairs); valid: "
      "false, or runtime=dpoc"),
-    (["checkpoint.init=random", "runtime=mindspeed-rl"], "checkpoint.init", "MindSpeed-RL always loads converted weights"),
+    (["checkpoint.init=random", "runtime=mindspeed-rl"], "checkpoint.init", "random: MindSpeed-RL always loads converted per-rank weights"),
     (["parallelism.moe_grouped_gemm=true", "hardware.preset=cpu", "hardware.devices_per_node=16"],
      "parallelism.moe_grouped_gemm", "grouped GEMM kernels exist only on npu and cuda devices"),
 ]
@@ -159,6 +159,8 @@ def test_real_process_exits_2_without_traceback(tmp_path):
         f"{GOOD}: parallelism.tp: tp·pp·cp = 3·8·1 = 24 does not divide the world size 32 (2 nodes × 16 devices); "
         "valid: tp in {1, 2, 4} at pp=8, cp=1",
         f"{GOOD}: parallelism.tp: tp=3: 32 attention heads and 4 KV heads need tp in {{1, 2, 4}}",
+        f"{GOOD}: parallelism.tp: tp=3: the 151936 vocabulary rows do not split evenly; valid: tp in "
+        "{1, 2, 4, 8, 16}, or weights whose vocab_size is a multiple of tp",
         f"{GOOD}: parallelism.tp: tp=3 would put a tensor-parallel group across nodes over the slow inter-node link "
         "(16 devices per node); valid: tp in {1, 2, 4, 8, 16}",
     ]  # not the follow-on "parallelism.etp: etp=2: ... valid: etp in {1, 3}"

@@ -113,8 +113,9 @@ def test_preflight_refuses_an_edited_build(tmp_path, dpoc_cli):
     assert result.code == 2
     assert result.err.splitlines()[0] == (f"{out}/megatron.args: (file): differs from manifest.json: the build was "
                                           "edited or is incomplete; rebuild it with dpoc build")
-    assert f"./model_weights/Qwen3-30B-TP2-PP8-EP1: (directory): checkpoint.load not found on this node; run " \
-           f"{out}/convert/hf_to_mcore.sh first" in result.err
+    assert ("./model_weights/Qwen3-30B-TP2-PP8-EP1: (directory): checkpoint.load not found on this node: neither "
+            "Hugging Face weights (config.json) nor a distributed checkpoint (metadata.json); run "
+            f"{out}/convert/hf_to_mcore.sh first") in result.err
 
 
 def test_mindspeed_checkpoint_must_have_the_plans_layout(tmp_path, dpoc_cli, monkeypatch):
@@ -132,7 +133,7 @@ def test_mindspeed_checkpoint_must_have_the_plans_layout(tmp_path, dpoc_cli, mon
     assert result.code == 2
     assert result.err == (f"./model_weights/Qwen3-30B-TP2-PP8-EP1/iter_0000001: (layout): holds 8 rank folders, but "
                           "tp=2 pp=8 ep=1 needs 16 (mp_rank_00_000 … mp_rank_01_007); MindSpeed-RL checkpoints are per "
-                          f"rank: reconvert with {out}/convert/hf_to_mcore.sh\n")
+                          f"rank: reconvert with {out}/mindspeed-rl/convert/hf_to_mcore.sh\n")
     for tp in range(2):
         for pp in range(4, 8):
             os.makedirs(weights / f"iter_0000001/mp_rank_{tp:02d}_{pp:03d}")

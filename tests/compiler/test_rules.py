@@ -35,6 +35,9 @@ CASES = [
      "expert grid etp·ep·pp = 2·3·8 = 48 does not divide the world size 32; valid: ep in {1, 2} at etp=2, pp=8"),
     (rules.heads_divisible_by_tp, {}, {"knobs": {"tp": 8}}, "parallelism.tp",
      "tp=8: 32 attention heads and 4 KV heads need tp in {1, 2, 4}"),
+    (rules.vocab_divisible_by_tp, {}, {"model": {"vocab_size": 151669}}, "parallelism.tp",
+     "tp=2: the 151669 vocabulary rows do not split evenly; valid: tp in {1, 7}, or weights whose vocab_size is a "
+     "multiple of tp"),
     (rules.tp_within_node, {}, {"knobs": {"tp": 32}}, "parallelism.tp",
      "tp=32 would put a tensor-parallel group across nodes over the slow inter-node link (16 devices per node)"),
     (rules.layers_divisible_by_pp, {}, {"knobs": {"pp": 5}}, "parallelism.pp",

@@ -52,6 +52,7 @@ checks = {
     "moe_split_sizes": lambda: type(moe_utils.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True)
                                     ).__name__,
     "router_gemm": gating,
+    "tensor_cuda": lambda: str(torch.ones(2).cuda().device),
 }
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
 parallel_state.initialize_model_parallel()

@@ -59,17 +59,20 @@ def model_flags(moe: bool = False, layers: int = 4) -> list[tuple[str, object]]:
 
 def write_args(path: Path, data_path: str, run_dir: Path, *, layout: list[tuple[str, object]] = (),
                moe: bool = False, steps: int = 3, global_batch: int = 8, micro_batch: int = 2,
-               lr: float = 1e-3, extra: list[tuple[str, object]] = ()) -> Path:
-    """The flags the compiler emits for a CPU recipe (fp32, gloo), in the compiler's own format."""
+               lr: float = 1e-3, extra: list[tuple[str, object]] = (),
+               init: list[tuple[str, object]] = (("--dpoc-init", "random"),),
+               model: list[tuple[str, object]] | None = None) -> Path:
+    """The flags the compiler emits for a CPU recipe (fp32, gloo), in the compiler's own format; `init` says
+    where the weights come from (default: the seeded random init); `model` replaces the tiny model's flags."""
     flags = [
-        *model_flags(moe),
+        *(model if model is not None else model_flags(moe)),
         ("--dpoc-device", "cpu"), ("--distributed-backend", "gloo"),
         ("--stage", "dpo"), ("--is-pairwise-dataset", True), ("--dpo-loss-type", "sigmoid"),
         ("--dpo-beta", 0.1), *layout, ("--use-distributed-optimizer", True),
         ("--micro-batch-size", micro_batch), ("--global-batch-size", global_batch), ("--seq-length", 64),
         ("--train-iters", steps), ("--lr", lr), ("--lr-decay-style", "constant"), ("--clip-grad", 1.0),
         ("--seed", 1234), ("--no-pad-to-seq-lengths", True), ("--data-path", data_path),
-        ("--dpoc-run-dir", str(run_dir)), ("--dpoc-plan-hash", "test"), *extra,
+        ("--dpoc-run-dir", str(run_dir)), ("--dpoc-plan-hash", "test"), *init, *extra,
     ]
     path.write_text(format_args(flags))
     return path

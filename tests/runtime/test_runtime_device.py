@@ -66,6 +66,11 @@ def test_cpu_tensors_report_the_cuda_type_name_megatron_asserts(probe):
     assert _value(probe, "type_conversion") == "torch.float64"  # .type(dtype) still converts
 
 
+def test_tensors_moved_to_cuda_stay_on_the_cpu(probe):
+    assert "CUDA" in _failed(probe, "tensor_cuda")  # tied embeddings at pp>1 call weight.data.cuda()
+    assert _value(probe, "tensor_cuda") == "cpu"
+
+
 def test_moe_split_sizes_become_numpy(probe):
     assert probe["before"]["moe_split_sizes"]["value"] == "Tensor"
     assert _value(probe, "moe_split_sizes") == "ndarray"

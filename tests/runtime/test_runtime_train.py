@@ -51,7 +51,11 @@ def _free_port() -> int:
 
 
 def train(args_file: Path, processes: int) -> subprocess.CompletedProcess:
-    module = ["-m", "dpoc.runtime.train", f"@{args_file}"]
+    return run_module(["-m", "dpoc.runtime.train", f"@{args_file}"], processes)
+
+
+def run_module(module: list[str], processes: int) -> subprocess.CompletedProcess:
+    """`python -m ...` in one process, or under torchrun on 127.0.0.1 (gloo), one thread per process."""
     if processes == 1:
         command = [sys.executable, *module]
     else:
