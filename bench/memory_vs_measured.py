@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,8 +53,9 @@ MICRO_BATCH = 2
 STATIC_PARTS = ("weights", "gradients", "optimizer", "reference")
 STATIC_TARGET, ACTIVATION_TARGET = 0.02, 0.15
 DENSE, MOE = "tiny-qwen3", "tiny-qwen3-moe"
-LAYOUTS = {  # name: (model preset, processes, parallelism overrides)
+LAYOUTS = {  # name: (model preset, processes, parallelism overrides[, other recipe overrides])
     "single": (DENSE, 1, {}),
+    "single-packed": (DENSE, 1, {}, ["training.packing=true"]),
     "dp2": (DENSE, 2, {}),
     "tp2-sp": (DENSE, 2, {"tp": 2}),
     "pp2": (DENSE, 2, {"pp": 2}),
@@ -63,14 +65,14 @@ LAYOUTS = {  # name: (model preset, processes, parallelism overrides)
 }
 
 
-def compile_layout(preset: str, processes: int, parallelism: dict[str, int]) -> Plan:
+def compile_layout(preset: str, processes: int, parallelism: dict[str, int], other: Sequence[str] = ()) -> Plan:
     tp, pp = parallelism.get("tp", 1), parallelism.get("pp", 1)
     dp = processes // (tp * pp)
     overrides = [f"model.preset={preset}", f"hardware.devices_per_node={processes}",
                  f"training.seq_length={SEQ_LENGTH}", "training.dynamic_padding=false",
                  f"parallelism.micro_batch_size={MICRO_BATCH}",
                  f"training.global_batch_size={MICRO_BATCH * dp}",  # one micro-batch per replica
-                 *(f"parallelism.{k}={v}" for k, v in parallelism.items())]
+                 *(f"parallelism.{k}={v}" for k, v in parallelism.items()), *other]
     return plan_recipe(RECIPE, overrides)
 
 
@@ -152,12 +154,14 @@ def main() -> int:
     results, worst = {}, {"static": 0.0, "activations": 0.0, "fused_activations": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_pairs(Path(tmp) / "pairs", pairs=32)
-        for name, (preset, processes, parallelism) in layouts.items():
-            plan = compile_layout(preset, processes, parallelism)
+        for name, (preset, processes, parallelism, *other) in layouts.items():
+            overrides = other[0] if other else []
+            plan = compile_layout(preset, processes, parallelism, overrides)
             rows = compare(plan, measure(plan, data, Path(tmp) / name))
             print_table(f"{name} ({preset})", plan, rows)
             results[name] = {"model": preset, "processes": processes, "parallelism": parallelism,
-                             "seq_length": SEQ_LENGTH, "micro_batch_size": MICRO_BATCH, "ranks": rows}
+                             "overrides": overrides, "seq_length": SEQ_LENGTH, "micro_batch_size": MICRO_BATCH,
+                             "ranks": rows}
             for row in rows:
                 for key in worst:
                     worst[key] = max(worst[key], abs(row["error"][key]))

@@ -78,6 +78,8 @@ def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> 
     par.add_argument("--use-distributed-optimizer", **flag)
     par.add_argument("--distributed-backend", choices=["gloo", "nccl", "hccl"], default="nccl")
     par.add_argument("--dpoc-device", choices=["cpu", "cuda", "npu"], default="cuda")
+    par.add_argument("--dpoc-core-attention", choices=["auto", "sdpa", "npu-fusion", "te", "local"],
+                     default="auto", help="core-attention kernel; auto: the device's fastest (dpoc.runtime.device)")
 
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, **job, help="pairs per micro-batch")
@@ -102,6 +104,9 @@ def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> 
     t.add_argument("--recompute-num-layers", type=int, default=None)
     t.add_argument("--no-pad-to-seq-lengths", **flag,
                    help="pad each micro-batch to its longest sequence rounded to tp*cp, not to --seq-length")
+    t.add_argument("--dpoc-packing", **flag,
+                   help="pack several pairs per micro-batch into one token stream of at most "
+                        "2 x micro-batch-size x seq-length tokens (dpoc.runtime.packing)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", type=str, **job, help="dataset prefix, without _packed")

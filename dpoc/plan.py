@@ -124,6 +124,7 @@ class Training:
     dynamic_padding: bool  # pad each micro-batch only to its longest sequence (rounded to tp·cp)
     save_interval: int
     log_interval: int
+    packing: bool = False  # several pairs per micro-batch in one token stream (dpoc runtime only)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dpoc.compile import load_and_check
 from dpoc.errors import Problem
 from dpoc.plan import Layout
 from dpoc.planner.memory import GIB, estimate_memory
-from dpoc.planner.report import knob_text, memory_summary, throughput_summary
+from dpoc.planner.report import knob_text, memory_summary, packing_summary, throughput_summary
 from dpoc.planner.search import Candidate, SearchResult
 from dpoc.planner.throughput import FITTED
 from dpoc.resolve import layout_inputs
@@ -82,6 +82,8 @@ def _as_data(inputs, result: SearchResult, own: Choice | None, invalid: list[Pro
         recipe.update(knobs=_knobs(own.layout), rank=_rank(result, own), memory=memory_summary(own.memory),
                       throughput=throughput_summary(own.throughput),
                       warnings=[f"{w.field}: {w.message}" for w in own.warnings])
+        if inputs.training.packing:
+            recipe["packing"] = packing_summary(own.layout, inputs.training, inputs.mean_seq_length)
     return {
         "recipe_layout": recipe,
         "pinned": {k: list(v) if isinstance(v, tuple | list) else v for k, v in inputs.pinned.items()},
@@ -102,7 +104,8 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
     hw = inputs.hardware
     console = Console(file=sys.stdout, width=160)
     table = Table(title=f"{recipe}: {inputs.model.name} on {hw.nodes} × {hw.devices_per_node} {hw.name} "
-                        f"({hw.memory_gib:g} GiB per device), mean {inputs.mean_seq_length:g} tokens/sequence")
+                        f"({hw.memory_gib:g} GiB per device), mean {inputs.mean_seq_length:g} tokens/sequence"
+                        f"{', packed' if inputs.training.packing else ''}")
     for name in ("#", "layout", "pairs/s", "tokens/s", "MFU", "DPO-MFU", "peak GiB", "stage", "w+g+opt", "ref",
                  "activ.", "other"):
         table.add_column(name, justify="left" if name == "layout" else "right")
@@ -129,6 +132,11 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
         console.print(f"Recipe's layout: {knob_text(_knobs(own.layout))} — {t.samples_per_s:.2f} pairs/s predicted, "
                       f"rank {_rank(result, own)} of {len(result.ranked)}; peak {peak.total / GIB:.1f} GiB on stage "
                       f"{peak.stage} ({fit})")
+        if inputs.training.packing:
+            p = packing_summary(own.layout, inputs.training, inputs.mean_seq_length)
+            console.print(f"Packing: {p['micro_batches']} micro-batches per rank and step of up to "
+                          f"{p['budget_tokens']} tokens, {p['pairs_per_micro_batch']:g} pairs each, "
+                          f"fill {p['fill']:.0%}")
     else:
         console.print("Recipe's layout is invalid:")
         for problem in invalid:

@@ -210,6 +210,8 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], l
         "memory": report.memory_summary(choice.memory),
         "throughput": report.throughput_summary(choice.throughput),
     }
+    if inputs.training.packing:
+        estimate["packing"] = report.packing_summary(layout, inputs.training, inputs.mean_seq_length)
     return layout, estimate, list(choice.warnings)
 
 
@@ -313,6 +315,7 @@ def _training(v: _Values, hardware: HardwareSpec) -> Training:
         ),
         save_interval=v.take("training.save_interval", iters, rule="planner", why="from the predicted step time"),
         log_interval=v.take("training.log_interval", 1, why="log every step"),
+        packing=v.take("training.packing", False, why="one row per sequence, padded, as MindSpeed batches pairs"),
     )
 
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.planner.packing import SEQUENCES_PER_PAIR, packed_steps
 from dpoc.planner.params import Shard, kv_width, q_width, real_layers_per_stage, stage_shard
 
 GIB = 2**30
 MIB = 2**20
 FP32 = 4
-SEQUENCES_PER_PAIR = 2  # chosen and rejected
 
 
 @dataclass(frozen=True)
@@ -136,15 +136,17 @@ def dispatch_bytes(model: ModelSpec, layout: Layout, training: Training, sequenc
     return 2 * element_bytes(training) * model.moe.topk * tok.local * model.hidden_size
 
 
-def in_flight_chunks(layout: Layout, stage: int) -> int:
+def in_flight_chunks(layout: Layout, stage: int, micro_batches: int | None = None) -> int:
     """Micro-batch chunks whose activations a 1F1B stage holds at its peak (after warm-up).
 
     Plain 1F1B: pp - stage. Interleaved (Megatron's warm-up + 1): pp * (vpp + 1) - 1 - 2 * stage chunks of
-    stage_layers / vpp layers each. Never more than the step has.
+    stage_layers / vpp layers each. Never more than the step has (`micro_batches` per rank; default the
+    layout's, packing has fewer).
     """
+    m = layout.num_microbatches if micro_batches is None else micro_batches
     if layout.vpp == 1:
-        return min(layout.pp - stage, layout.num_microbatches)
-    return min(layout.pp * (layout.vpp + 1) - 1 - 2 * stage, layout.num_microbatches * layout.vpp)
+        return min(layout.pp - stage, m)
+    return min(layout.pp * (layout.vpp + 1) - 1 - 2 * stage, m * layout.vpp)
 
 
 @dataclass(frozen=True)
@@ -172,9 +174,10 @@ class _PerLayer:
 
 def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int
                          ) -> tuple[float, float]:
-    """(per layer, last stage) bytes that unfused kernels save beyond the fused ones assumed above (flash
-    attention, fused RMSNorm, SwiGLU and rotary): megatron-core's local layers as the runtime runs them on
-    CPU. Each term was matched tensor by tensor against autograd's saved-tensor log (bench/memory_vs_measured.py).
+    """(per layer, last stage) bytes that the runtime's CPU kernels save beyond the fused ones assumed above
+    (flash attention, fused RMSNorm, SwiGLU and rotary): torch's SDPA flash kernel for attention, megatron-core's
+    unfused local norms, SwiGLU and rotary. Each term was matched tensor by tensor against autograd's
+    saved-tensor log (bench/memory_vs_measured.py).
     """
     a, s, tp = element_bytes(training), training.seq_length, layout.tp
     tok = _tokens(layout, s, sequences)
@@ -187,10 +190,8 @@ def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, s
         # one query group (then the reshape is a view of the same storage)
         q_copy = q if groups // tp > 1 else 0
         extra += a * tok.full / tp * (q + kv + q_copy + kv + heads + groups)
-    extra += 2 * a * tok.full / tp * (q - kv)  # k and v saved expanded to every query head (GQA)
     extra += 4 * a * s * model.head_dim  # rotary cos and sin for q and k
-    # core attention: softmax probabilities [b, heads, s, s] and the causal mask instead of flash statistics
-    extra += a * sequences * heads / tp * s * s + s * s - FP32 * tok.full * heads / tp
+    # core attention adds nothing: SDPA keeps q, k, v, its output and the log-sum-exp, as flash attention does
     # SwiGLU's silu output and product (2F per token): the dense MLP, or the shared expert and every one of
     # the top-k copies of this rank's tokens in the routed experts
     if model.moe is None:
@@ -226,13 +227,14 @@ def communicators(layout: Layout, model: ModelSpec, stage: int) -> int:
 
 def stage_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, stage: int, layers: int,
-    per_layer: _PerLayer, length_ratio: float,
+    per_layer: _PerLayer, length_ratio: float, micro_batches: int | None = None,
 ) -> StageMemory:
-    """`length_ratio`: mean / longest sequence of the micro-batches held besides the longest one."""
+    """`length_ratio`: mean / longest length of the micro-batches held besides the longest one;
+    `micro_batches`: per rank and step (default: the layout's)."""
     shard = stage_shard(model, layout, stage, layers)
     weights, gradients, optimizer, reference = static_bytes(shard, layout, training)
     a = element_bytes(training)
-    chunks = in_flight_chunks(layout, stage)
+    chunks = in_flight_chunks(layout, stage, micro_batches)
     held = min(chunks, 1) + max(chunks - 1, 0) * length_ratio  # in micro-batches of the longest length
     saved, recompute_set = chunk_saved_bytes(layout, per_layer, layers / layout.vpp)
     tokens = per_layer.tokens
@@ -271,19 +273,26 @@ def estimate_memory(
 
     Static padding: every held micro-batch is `seq_length` long. Dynamic padding with a known mean padded
     length: one held micro-batch at `seq_length` (the peak a long pair causes) and the others at the mean.
+    Packing (`planner.packing`): a micro-batch's stream is at most its budget, the tokens of the unpacked
+    micro-batch at full length; one held at the budget and the others at the fill; fewer micro-batches.
     Every DPO loss (sigmoid, hinge, ipo, with or without the SFT term) trains on chosen + rejected against
     the frozen reference, so the `DPO` settings do not change the memory.
     """
-    # fused kernels (flash attention, fused norms) on npu/cuda; megatron-core's unfused local layers on cpu
+    # fused kernels (flash attention, fused norms) on npu/cuda; SDPA and unfused local layers on cpu
     per_layer = _PerLayer.of(model, layout, training, fused=hardware.device != "cpu")
     dynamic = training.dynamic_padding and mean_seq_length is not None
     ratio = min(mean_seq_length / training.seq_length, 1.0) if dynamic else 1.0
+    micro_batches = None
+    if training.packing:
+        steps = packed_steps(layout, training, training.seq_length if mean_seq_length is None else mean_seq_length)
+        micro_batches, ratio = steps.micro_batches, steps.fill if dynamic else 1.0
     layers = real_layers_per_stage(layout)
     indices = range(len(layers))
     if peak_candidates_only:
         first_with = {n: i for i, n in reversed(list(enumerate(layers[1:-1], 1)))}
         indices = sorted({0, len(layers) - 1, *first_with.values()})
     stages = tuple(
-        stage_memory(model, hardware, layout, training, i, layers[i], per_layer, ratio) for i in indices
+        stage_memory(model, hardware, layout, training, i, layers[i], per_layer, ratio, micro_batches)
+        for i in indices
     )
     return MemoryEstimate(stages, hardware.memory_gib * GIB)

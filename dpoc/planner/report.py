@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from dpoc.plan import Layout, Training
 from dpoc.planner.memory import GIB, MemoryEstimate, StageMemory
+from dpoc.planner.packing import packed_steps
 from dpoc.planner.throughput import Throughput
 
 if TYPE_CHECKING:
@@ -37,6 +39,13 @@ def throughput_summary(throughput: Throughput) -> dict[str, Any]:
     return {"step_s": round(throughput.step_s, 4), "samples_per_s": round(throughput.samples_per_s, 3),
             "tokens_per_s": round(throughput.tokens_per_s, 1), "mfu": round(throughput.mfu, 4),
             "dpo_mfu": round(throughput.dpo_mfu, 4)}
+
+
+def packing_summary(layout: Layout, training: Training, mean_seq_length: float) -> dict[str, Any]:
+    """What packing makes of a step (`planner.packing`): micro-batches per rank, pairs in each, the fill."""
+    steps = packed_steps(layout, training, mean_seq_length)
+    return {"budget_tokens": steps.budget, "micro_batches": steps.micro_batches,
+            "pairs_per_micro_batch": round(steps.pairs_per_micro_batch, 3), "fill": round(steps.fill, 4)}
 
 
 def knob_text(knobs: dict[str, Any]) -> str:

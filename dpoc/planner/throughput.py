@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.memory import element_bytes
+from dpoc.planner.packing import SEQUENCES_PER_PAIR, packed_steps
 from dpoc.planner.params import SWIGLU_MATRICES, kv_width, q_width, real_layers_per_stage, stage_shard
 
 COMM_EFFICIENCY = 0.7  # achieved / nominal link bandwidth (Ascend msmodeling default)
@@ -88,7 +89,7 @@ class _StageFlops:
 
 
 def _stage_forward_flops(
-    model: ModelSpec, layers: int, last: bool, seq: float, sequences: int
+    model: ModelSpec, layers: int, last: bool, seq: float, sequences: float
 ) -> _StageFlops:
     h, q, kv = model.hidden_size, q_width(model), kv_width(model)
     tokens = seq * sequences
@@ -118,12 +119,9 @@ class _Run:
     training: Training
     efficiency: Efficiency
     workload: Workload
-    seq: float
-
-    @property
-    def sequences(self) -> int:
-        """Sequences one micro-batch trains on."""
-        return self.workload.sequences_per_sample * self.layout.micro_batch_size
+    seq: float  # tokens per sequence
+    sequences: float  # sequences one micro-batch trains on (packing: on average)
+    micro_batches: int  # per data-parallel rank and step
 
     @property
     def passes(self) -> int:
@@ -131,7 +129,7 @@ class _Run:
         recompute = 1 if self.layout.recompute == "full" else 0
         return 2 + recompute + (1 if self.workload.reference_forward else 0)
 
-    def activation_bytes(self, sequences: int) -> float:
+    def activation_bytes(self, sequences: float) -> float:
         """One [s / cp, sequences, h] activation, whole (not sequence-parallel sharded)."""
         a = element_bytes(self.training)
         return self.seq * sequences / self.layout.cp * self.model.hidden_size * a
@@ -178,8 +176,15 @@ def predict(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, efficiency: Efficiency,
     mean_seq_length: float, workload: Workload = DPO_PAIRS,
 ) -> Throughput:
-    """Throughput of `layout` when sequences average `mean_seq_length` tokens (after padding)."""
-    run = _Run(model, hardware, layout, training, efficiency, workload, mean_seq_length)
+    """Throughput of `layout` when sequences average `mean_seq_length` tokens (after padding; with packing,
+    the real mean: a packed micro-batch computes its real tokens, attention per sequence)."""
+    sequences, micro_batches = workload.sequences_per_sample * layout.micro_batch_size, layout.num_microbatches
+    if training.packing and workload is DPO_PAIRS:
+        steps = packed_steps(layout, training, mean_seq_length)
+        sequences, micro_batches = SEQUENCES_PER_PAIR * steps.pairs_per_micro_batch, steps.micro_batches
+        if not training.dynamic_padding:  # the stream is padded to its budget: every budget token is computed
+            sequences = steps.budget / mean_seq_length
+    run = _Run(model, hardware, layout, training, efficiency, workload, mean_seq_length, sequences, micro_batches)
     layer_list = real_layers_per_stage(layout)
     stages = []
     # a stage's time depends only on its layer count and on holding the output layer (the last stage)
@@ -191,7 +196,7 @@ def predict(
     slowest, compute_s, comm_s = max(stages)
     bubble = (layout.pp - 1) / layout.vpp * slowest
     data_parallel = _data_parallel_s(model, hardware, layout, training, layer_list)
-    step = layout.num_microbatches * slowest + bubble + data_parallel
+    step = micro_batches * slowest + bubble + data_parallel
     seqs = layout.global_batch_size * workload.sequences_per_sample
     policy_flops = seqs * training_flops_per_sequence(model, mean_seq_length)
     reference_flops = policy_flops / 3 if workload.reference_forward else 0.0

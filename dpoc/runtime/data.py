@@ -1,4 +1,5 @@
-"""Pairwise preference data in megatron-core's indexed format, batched by length and padded dynamically.
+"""Pairwise preference data in megatron-core's indexed format, batched by length and padded dynamically, or
+packed (several pairs per token stream, `packing.py`).
 
 `--data-path P` names four indexed datasets, one sequence per pair, written by `dpoc preprocess` or by
 MindSpeed-LLM's AlpacaStylePairwiseHandler (the same files, without dpoc's stats; its dropped samples leave
@@ -10,8 +11,9 @@ refused (`dpoc.data.identity`). A pair longer than `--seq-length` is cut as Mind
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -19,14 +21,17 @@ import torch
 from dpoc.data import identity
 from dpoc.data.pairwise import FIELDS, open_pairwise
 from dpoc.errors import DpocError, Problem
+from dpoc.runtime.attention import PackedSequences
+from dpoc.runtime.packing import pack_pairs
 
 IGNORE_INDEX = -100
 
 
 class PairwiseDataset:
     """The training view of `dpoc.data.pairwise`'s dataset: item i is (chosen ids, chosen labels, rejected ids,
-    rejected labels) as int64 arrays of at most `seq_length` tokens; `pair_lengths` drive length batching.
-    `warnings` says what rank 0 should report (no stats to check against; pairs cut to fit)."""
+    rejected labels) as int64 arrays of at most `seq_length` tokens; `pair_lengths` (the longer side) drive
+    length batching, `pair_tokens` (both sides; an upper bound for a pair that is cut) packing. `warnings`
+    says what rank 0 should report (no stats to check against; pairs cut to fit)."""
 
     def __init__(self, data_path: str, seq_length: int, args_file: str = "megatron.args",
                  tokenizer: str | None = None):
@@ -46,6 +51,8 @@ class PairwiseDataset:
         chosen, rejected = self.data.lengths("chosen_input_ids"), self.data.lengths("rejected_input_ids")
         longest = np.maximum(chosen, rejected)
         self.pair_lengths = np.minimum(longest, seq_length)
+        # a cut pair keeps at most seq_length tokens a side (fit_pair)
+        self.pair_tokens = np.minimum(chosen, seq_length) + np.minimum(rejected, seq_length)
         cut = int((longest > seq_length).sum())
         if cut:
             self.warnings.append(f"{data_path}: {cut} of {len(longest)} pairs are longer than --seq-length "
@@ -87,22 +94,56 @@ def kept_lengths(prompt: int, response: int, limit: int) -> tuple[int, int]:
 
 @dataclass
 class MicroBatch:
-    """2n sequences [chosen_1..n, rejected_1..n], right-padded to one length."""
+    """n pairs. Unpacked: 2n rows [chosen_1..n, rejected_1..n], right-padded to one length. Packed: one
+    stream [1, t] holding those 2n sequences end to end (`packed` says where each one lies)."""
 
-    tokens: torch.Tensor  # [2n, L] int64
-    targets: torch.Tensor  # [2n, L] next-token ids, 0 where masked
-    mask: torch.Tensor  # [2n, L] float, 1 on predicted response tokens
-    position_ids: torch.Tensor  # [2n, L]
-    real_tokens: int  # tokens before padding, for tokens/s
+    tokens: torch.Tensor  # [2n, L] or [1, t] int64
+    targets: torch.Tensor  # next-token ids, 0 where masked
+    mask: torch.Tensor  # [2n, L'] float, 1 on predicted response tokens, per sequence (L' = L unpacked)
+    position_ids: torch.Tensor  # like tokens; restarting at each sequence when packed
+    real_tokens: int  # tokens before padding, for tokens/s and the fill
+    row_tokens: int  # tokens of the rows: 2n x L unpacked, the micro-batch's token budget packed
+    step_mean_pairs: float = 0.0  # pairs per micro-batch, averaged over the step's micro-batches (all ranks)
+    packed: PackedSequences | None = None
     reference_logps: torch.Tensor | None = field(default=None)  # filled by the reference pass
 
     def to(self, device: torch.device) -> MicroBatch:
-        return MicroBatch(self.tokens.to(device), self.targets.to(device), self.mask.to(device),
-                          self.position_ids.to(device), self.real_tokens)
+        return replace(self, tokens=self.tokens.to(device), targets=self.targets.to(device),
+                       mask=self.mask.to(device), position_ids=self.position_ids.to(device),
+                       packed=self.packed.to(device) if self.packed is not None else None)
 
     @property
     def pairs(self) -> int:
-        return self.tokens.shape[0] // 2
+        return self.mask.shape[0] // 2
+
+    def per_sequence(self, token_values: torch.Tensor) -> torch.Tensor:
+        """A model output per token ([2n, L], or [1, t] packed) as rows [2n, L'] aligned with `mask`."""
+        return token_values if self.packed is None else self.packed.rows(token_values[0])
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a step's pairs become micro-batches (from megatron.args)."""
+
+    global_batch: int  # pairs per step
+    micro_batch: int  # pairs per micro-batch; packed: the token budget is 2 x micro_batch x seq_length
+    seq_length: int
+    seed: int
+    multiple_of: int  # tp * cp: sequence parallelism splits every micro-batch's length
+    full_length: bool = False  # static padding: every row at seq_length (packed: every stream at its budget)
+    same_length: bool = False  # one length for all micro-batches of a step (the interleaved pipeline)
+    packing: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, same_length: bool) -> Batching:
+        return cls(args.global_batch_size, args.micro_batch_size, args.seq_length, args.seed,
+                   args.tensor_model_parallel_size * args.context_parallel_size,
+                   full_length=not args.no_pad_to_seq_lengths, same_length=same_length, packing=args.dpoc_packing)
+
+    @property
+    def budget(self) -> int:
+        """Tokens of one micro-batch's rows: 2 x micro_batch sequences of seq_length."""
+        return 2 * self.micro_batch * self.seq_length
 
 
 def collate(pairs: list[list[np.ndarray]], multiple_of: int, at_least: int = 0) -> MicroBatch:
@@ -118,7 +159,29 @@ def collate(pairs: list[list[np.ndarray]], multiple_of: int, at_least: int = 0) 
         shifted[row, : len(y) - 1] = torch.from_numpy(y[1:])
     mask = (shifted != IGNORE_INDEX).float()
     positions = torch.arange(length).unsqueeze(0).expand(len(ids), -1).contiguous()
-    return MicroBatch(tokens, shifted.clamp(min=0), mask, positions, sum(len(x) for x in ids))
+    return MicroBatch(tokens, shifted.clamp(min=0), mask, positions, sum(len(x) for x in ids), len(ids) * length)
+
+
+def collate_packed(pairs: list[list[np.ndarray]], budget: int, multiple_of: int, at_least: int = 0
+                   ) -> MicroBatch:
+    """One stream [chosen_1..n, rejected_1..n] padded at its end to a multiple of `multiple_of` (and to
+    `at_least`); labels shift within each sequence, so no token predicts the next sequence's first."""
+    ids = [p[0] for p in pairs] + [p[2] for p in pairs]
+    labels = [p[1] for p in pairs] + [p[3] for p in pairs]
+    real = sum(len(x) for x in ids)
+    length = -(-max(real, at_least) // multiple_of) * multiple_of
+    tokens = torch.zeros(1, length, dtype=torch.int64)
+    shifted = torch.full((1, length), IGNORE_INDEX, dtype=torch.int64)
+    positions = torch.zeros(1, length, dtype=torch.int64)
+    start = 0
+    for x, y in zip(ids, labels, strict=True):
+        tokens[0, start: start + len(x)] = torch.from_numpy(x)
+        shifted[0, start: start + len(y) - 1] = torch.from_numpy(y[1:])
+        positions[0, start: start + len(x)] = torch.arange(len(x))
+        start += len(x)
+    packed = PackedSequences.of(tuple(len(x) for x in ids), length - real)
+    mask = packed.rows((shifted[0] != IGNORE_INDEX).float())
+    return MicroBatch(tokens, shifted.clamp(min=0), mask, positions, real, budget, packed=packed)
 
 
 def global_batch_indices(size: int, global_batch: int, step: int, seed: int) -> np.ndarray:
@@ -132,17 +195,35 @@ def global_batch_indices(size: int, global_batch: int, step: int, seed: int) -> 
     return np.asarray(out)
 
 
-def rank_micro_batches(dataset: PairwiseDataset, step: int, global_batch: int, micro_batch: int,
-                       dp_rank: int, dp_size: int, seed: int, multiple_of: int, device: torch.device,
-                       same_length: bool = False) -> list[MicroBatch]:
-    """This data-parallel rank's micro-batches of a step. The step's pairs are sorted by length so each
-    micro-batch holds pairs of similar length (little padding); micro-batch k goes to rank k % dp.
-    `same_length` pads all of them to the rank's longest pair (the interleaved pipeline needs it)."""
-    indices = global_batch_indices(len(dataset), global_batch, step, seed)
-    indices = indices[np.argsort(-dataset.pair_lengths[indices], kind="stable")]
-    groups = indices.reshape(-1, micro_batch)[dp_rank::dp_size]
-    at_least = int(dataset.pair_lengths[groups].max()) if same_length else 0
-    return [collate([dataset[int(i)] for i in group], multiple_of, at_least).to(device) for group in groups]
+def rank_micro_batches(dataset: PairwiseDataset, step: int, batching: Batching, dp_rank: int, dp_size: int,
+                       device: torch.device) -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches of a step; micro-batch k of the step goes to rank k % dp.
+
+    Unpacked: the step's pairs sorted by length, `micro_batch` at a time (pairs of similar length: little
+    padding). Packed: `packing.pack_pairs` over the step's pairs into token budgets."""
+    indices = global_batch_indices(len(dataset), batching.global_batch, step, batching.seed)
+    if batching.packing:
+        sizes = dataset.pair_tokens[indices].tolist()
+        groups = [indices[b] for b in pack_pairs(sizes, batching.budget, dp_size)]
+    else:
+        indices = indices[np.argsort(-dataset.pair_lengths[indices], kind="stable")]
+        groups = list(indices.reshape(-1, batching.micro_batch))
+    mean_pairs = batching.global_batch / len(groups)
+    mine = groups[dp_rank::dp_size]
+    # a micro-batch's length: its own (a packed stream's tokens, else its longest sequence), or the rank's
+    # longest (`same_length`), or the full one (`full_length`: the budget packed, else seq_length)
+    own = dataset.pair_tokens if batching.packing else dataset.pair_lengths
+    at_least = 0
+    if batching.full_length:
+        at_least = batching.budget if batching.packing else batching.seq_length
+    elif batching.same_length:
+        at_least = max(int(own[g].sum() if batching.packing else own[g].max()) for g in mine)
+    if batching.packing:
+        batches = [collate_packed([dataset[int(i)] for i in g], batching.budget, batching.multiple_of, at_least)
+                   for g in mine]
+    else:
+        batches = [collate([dataset[int(i)] for i in g], batching.multiple_of, at_least) for g in mine]
+    return [replace(b, step_mean_pairs=mean_pairs).to(device) for b in batches]
 
 
 def repeat_for_chunks(batches: list[MicroBatch], chunks: int

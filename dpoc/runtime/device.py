@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from torch.overrides import TorchFunctionMode
 from dpoc.errors import DpocError, Problem
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+# the core-attention kernels each device can run (dpoc/runtime/attention.py), fastest first; `auto` takes the
+# first one available. TransformerEngine only counts when it is installed.
+ATTENTION = {"cpu": ("sdpa", "local"), "cuda": ("te", "sdpa", "local"), "npu": ("npu-fusion", "local")}
 
 
 @dataclass(frozen=True)
@@ -48,23 +52,35 @@ class Device:
             getattr(torch, self.kind).set_rng_state(state)
 
 
-def select(kind: str, backend: str, args_file: str = "megatron.args") -> Device:
-    """Check that `kind` is usable here and that `backend` fits it; on cpu, install the megatron bridge."""
+def select(kind: str, backend: str, args_file: str = "megatron.args", attention: str = "auto") -> Device:
+    """Check that `kind` is usable here, that `backend` fits it and that it runs the requested core-attention
+    kernel; on cpu, install the megatron bridge."""
     expected = BACKENDS[kind]
     if backend != expected:
         raise DpocError([Problem(args_file, "--distributed-backend",
                                  f"{backend} does not drive --dpoc-device {kind} (valid: {expected})")])
     if kind == "npu":
         _import_torch_npu(args_file)
-        return Device("npu", backend, supports_grouped_gemm=True)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise DpocError([Problem(args_file, "--dpoc-device",
-                                     "cuda requested but torch sees no CUDA device "
-                                     f"(torch {torch.__version__}; valid here: cpu)")])
-        return Device("cuda", backend, supports_grouped_gemm=True)
-    _CpuBridge.install()
-    return Device("cpu", backend, supports_grouped_gemm=False)
+    elif kind == "cuda" and not torch.cuda.is_available():
+        raise DpocError([Problem(args_file, "--dpoc-device",
+                                 "cuda requested but torch sees no CUDA device "
+                                 f"(torch {torch.__version__}; valid here: cpu)")])
+    elif kind == "cpu":
+        _CpuBridge.install()
+    attention_kernel(kind, attention, args_file)  # an unknown kernel fails here, before any process waits
+    return Device(kind, backend, supports_grouped_gemm=kind != "cpu")
+
+
+def attention_kernel(kind: str, requested: str, args_file: str = "megatron.args") -> str:
+    """The core-attention kernel `kind` runs: the requested one if this device has it, else an error."""
+    available = [k for k in ATTENTION[kind] if k != "te" or importlib.util.find_spec("transformer_engine")]
+    if requested == "auto":
+        return available[0]
+    if requested not in available:
+        raise DpocError([Problem(args_file, "--dpoc-core-attention",
+                                 f"{requested} does not run on --dpoc-device {kind} here "
+                                 f"(valid: auto, {', '.join(available)})")])
+    return requested
 
 
 def _import_torch_npu(args_file: str) -> types.ModuleType:

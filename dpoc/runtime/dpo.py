@@ -32,18 +32,22 @@ class Objective:
         total = (token_logps * mask).sum(-1)
         return total / mask.sum(-1).clamp(min=1) if self.loss_type == "ipo" else total
 
-    def loss_from_tokens(self, token_nll: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_from_tokens(self, token_nll: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
+                         mean_pairs: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss from the policy's per-token negative log-likelihoods [2n, L] (vocab-parallel cross
         entropy), the response mask and the reference's sequence log-probs."""
         n = token_nll.shape[0] // 2
         chosen_nll = (token_nll[:n] * mask[:n]).sum(-1) / mask[:n].sum(-1).clamp(min=1)
-        return self.loss(self.sequence_logps(-token_nll, mask), reference, chosen_nll)
+        return self.loss(self.sequence_logps(-token_nll, mask), reference, chosen_nll, mean_pairs)
 
-    def loss(self, policy: torch.Tensor, reference: torch.Tensor, chosen_nll: torch.Tensor
+    def loss(self, policy: torch.Tensor, reference: torch.Tensor, chosen_nll: torch.Tensor, mean_pairs: float
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-pair losses averaged over the micro-batch, and per-micro-batch metric means.
+        """The micro-batch's per-pair losses summed and divided by `mean_pairs`, and the metrics summed over
+        its pairs (the step divides them by its pair count).
 
+        megatron's schedule divides each micro-batch's loss by the rank's micro-batch count and data
+        parallelism averages over ranks, so with `mean_pairs` = the step's pairs per micro-batch the update
+        follows the mean over all pairs of the step, however many pairs each micro-batch holds (packing).
         `policy`/`reference`: [2n] sequence log-probs, chosen first. `chosen_nll`: [n] mean token NLL of
         each chosen response under the policy (the SFT term)."""
         n = policy.shape[0] // 2
@@ -63,14 +67,13 @@ class Objective:
             losses = losses + self.sft_weight * chosen_nll
         chosen_rewards = self.beta * (pi_c - ref_c).detach()
         rejected_rewards = self.beta * (pi_r - ref_r).detach()
-        loss = losses.mean()
         metrics = {
-            "loss": loss.detach().clone(),  # megatron scales the returned loss in place
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": pi_c.detach().mean(),
-            "logps/rejected": pi_r.detach().mean(),
+            "loss": losses.detach().sum(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": pi_c.detach().sum(),
+            "logps/rejected": pi_r.detach().sum(),
         }
-        return loss, metrics
+        return losses.sum() / mean_pairs, metrics

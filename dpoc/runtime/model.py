@@ -14,7 +14,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from dpoc.errors import DpocError, Problem
-from dpoc.runtime.device import Device
+from dpoc.runtime.attention import core_attention_class
+from dpoc.runtime.device import Device, attention_kernel
 
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -110,6 +111,16 @@ def check_supported(args: argparse.Namespace, args_file: str) -> None:
             args_file, "--sequence-parallel",
             f"megatron-core refuses MoE with tensor parallelism (tp={args.tensor_model_parallel_size}) "
             "without sequence parallelism (valid: set the flag)"))
+    if args.dpoc_packing and args.dpoc_core_attention == "local":
+        problems.append(Problem(
+            args_file, "--dpoc-core-attention",
+            "local: megatron-core's DotProductAttention cannot attend packed sequences (--dpoc-packing; valid: "
+            "auto, or the device's fused kernel)"))
+    if args.attention_dropout:
+        problems.append(Problem(
+            args_file, "--attention-dropout",
+            f"the runtime's attention kernels (SDPA, npu_fusion_attention) run without dropout "
+            f"(got {args.attention_dropout:g}; valid: 0)"))
     if args.num_experts and not args.disable_bias_linear:
         problems.append(Problem(
             args_file, "--disable-bias-linear",
@@ -156,13 +167,15 @@ class _SequenceShardedNorm(_TorchNorm):
         return norm
 
 
-def block_spec(config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: str) -> TransformerBlockSubmodules:
+    """megatron-core's local layer spec with torch norms and the device's core-attention kernel."""
     layer = copy.deepcopy(get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm, normalization=config.normalization))
     layer.submodules.input_layernorm = _SequenceShardedNorm
     layer.submodules.pre_mlp_layernorm = _SequenceShardedNorm
     attention = layer.submodules.self_attention.submodules
+    attention.core_attention = core_attention_class(core_attention)
     if config.qk_layernorm:
         attention.q_layernorm = _TorchNorm
         attention.k_layernorm = _TorchNorm
@@ -171,14 +184,16 @@ def block_spec(config: TransformerConfig, vp_stage: int | None) -> TransformerBl
 
 
 def build_chunks(config: TransformerConfig, args: argparse.Namespace) -> list[GPTModel]:
-    """This rank's model chunks (one per virtual pipeline stage), in float32/bf16 on the current device."""
+    """This rank's model chunks (one per virtual pipeline stage), in float32/bf16 on the current device, with
+    the core attention `--dpoc-core-attention` names (`auto`: the device's, `device.attention_kernel`)."""
+    kernel = attention_kernel(args.dpoc_device, args.dpoc_core_attention)
     chunks = []
     vpp = config.virtual_pipeline_model_parallel_size
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         chunks.append(GPTModel(
             config=config,
-            transformer_layer_spec=block_spec(config, vp_stage),
+            transformer_layer_spec=block_spec(config, vp_stage, kernel),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

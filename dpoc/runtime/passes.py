@@ -43,7 +43,8 @@ def _forward(data_iterator, model):
     batch = next(data_iterator)
     # with labels, GPTModel's last stage returns the per-token cross entropy [b, s] computed by
     # megatron-core's vocab-parallel cross entropy; earlier stages return hidden states
-    out = model(batch.tokens, batch.position_ids, None, labels=batch.targets)
+    # (a packed micro-batch also passes its sequence boundaries, megatron's thd format)
+    out = model(batch.tokens, batch.position_ids, None, labels=batch.targets, packed_seq_params=batch.packed)
     return batch, out
 
 
@@ -51,7 +52,7 @@ def _reference_step(objective: Objective, data_iterator, model):
     batch, out = _forward(data_iterator, model)
 
     def store(token_nll):
-        batch.reference_logps = objective.sequence_logps(-token_nll, batch.mask).detach()
+        batch.reference_logps = objective.sequence_logps(-batch.per_sequence(token_nll), batch.mask).detach()
         return token_nll.sum() * 0, {}
 
     return out, store
@@ -59,4 +60,9 @@ def _reference_step(objective: Objective, data_iterator, model):
 
 def _policy_step(objective: Objective, data_iterator, model):
     batch, out = _forward(data_iterator, model)
-    return out, lambda token_nll: objective.loss_from_tokens(token_nll, batch.mask, batch.reference_logps)
+
+    def loss(token_nll):
+        return objective.loss_from_tokens(batch.per_sequence(token_nll), batch.mask, batch.reference_logps,
+                                          batch.step_mean_pairs)
+
+    return out, loss

@@ -35,7 +35,7 @@ from dpoc.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, DpocError, Problem
 from dpoc.runtime import device as devices
 from dpoc.runtime import memory_probe, weight_sources
 from dpoc.runtime.checkpoint import Checkpointer, check_start
-from dpoc.runtime.data import PairwiseDataset, rank_micro_batches
+from dpoc.runtime.data import Batching, PairwiseDataset, rank_micro_batches
 from dpoc.runtime.dpo import METRIC_KEYS, Objective
 from dpoc.runtime.model import (
     build_chunks,
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_file = next((a[1:] for a in argv if a.startswith("@")), "megatron.args")
     args = megatron_args.parse(argv)
     try:
-        device = devices.select(args.dpoc_device, args.distributed_backend, args_file)
+        device = devices.select(args.dpoc_device, args.distributed_backend, args_file, args.dpoc_core_attention)
         check_supported(args, args_file)
         check_layout(args, _world_size(), args_file)
         weights = weight_sources.sources(args, args_file)  # before any process waits for another
@@ -183,9 +183,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     dataset = PairwiseDataset(args.data_path, args.seq_length, args_file, args.tokenizer_name_or_path)
     objective = Objective(args.dpo_loss_type, args.dpo_beta, args.dpo_label_smoothing, args.pref_ftx)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    pad_multiple = args.tensor_model_parallel_size * args.context_parallel_size
-    if not args.no_pad_to_seq_lengths:
-        pad_multiple = args.seq_length
+    batching = Batching.from_args(args, same_length=uniform_micro_batch_length(args))
     checkpoints = Checkpointer(args, args_file, device, policy, optimizer, scheduler, len(dataset))
     # the memory probe measures step 1 of a fresh model and stops: it reads and writes no checkpoint
     start, notes = (0, ["memory probe: step 1 only, no checkpoint is read or written"]) \
@@ -196,9 +194,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
         log.line(note)
     for step in range(start, args.train_iters):
         started = time.perf_counter()
-        batches = rank_micro_batches(dataset, step, args.global_batch_size, args.micro_batch_size,
-                                     dp_rank, dp_size, args.seed, pad_multiple, device.current(),
-                                     uniform_micro_batch_length(args))
+        batches = rank_micro_batches(dataset, step, batching, dp_rank, dp_size, device.current())
         reference_pass(reference, batches, objective)
         for chunk in policy:
             chunk.zero_grad_buffer()
@@ -212,7 +208,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
             memory_probe.write(args.dpoc_run_dir, memory_probe.static_bytes(policy, reference, optimizer), saved)
             break
         scheduler.step(increment=1)
-        record = _step_metrics(per_micro_batch, sum(b.real_tokens for b in batches), dp_size, device)
+        record = _step_metrics(per_micro_batch, batches, args.global_batch_size, device)
         device.synchronize()
         elapsed = time.perf_counter() - started
         tokens = record.pop("tokens")
@@ -248,21 +244,24 @@ def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, st
     return log
 
 
-def _step_metrics(per_micro_batch: list[dict], rank_tokens: int, dp_size: int, device: devices.Device
+def _step_metrics(per_micro_batch: list[dict], batches: list, global_batch: int, device: devices.Device
                   ) -> dict[str, float]:
     """Means over all pairs of the step: the last pipeline stage's first tensor-parallel rank of each
-    data-parallel replica contributes its micro-batch means; one all-reduce over the world sums them."""
+    data-parallel replica contributes its micro-batches' sums and token counts; one all-reduce over the world
+    adds them up. `fill`: real tokens / tokens of the rows they were given."""
     contributes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                    and parallel_state.get_tensor_model_parallel_rank() == 0
                    and parallel_state.get_context_parallel_rank() == 0)
-    values = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=device.current())
+    values = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64, device=device.current())
     if contributes:
         for metrics in per_micro_batch:
-            values[:-1] += torch.stack([metrics[k].double() for k in METRIC_KEYS]) / len(per_micro_batch)
-        values[-1] = rank_tokens
+            values[:-2] += torch.stack([metrics[k].double() for k in METRIC_KEYS])
+        values[-2] = sum(b.real_tokens for b in batches)
+        values[-1] = sum(b.row_tokens for b in batches)
     dist.all_reduce(values)
-    record = {k: float(v) / dp_size for k, v in zip(METRIC_KEYS, values[:-1].tolist(), strict=True)}
-    record["tokens"] = float(values[-1])
+    record = {k: float(v) / global_batch for k, v in zip(METRIC_KEYS, values[:-2].tolist(), strict=True)}
+    record["fill"] = float(values[-2] / values[-1])
+    record["tokens"] = float(values[-2])
     return record
 
 

@@ -153,6 +153,8 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
             args += [("--recompute-method", lay.recompute_method), ("--recompute-num-layers", lay.recompute_num_layers)]
     if t.dynamic_padding:
         args.append(("--no-pad-to-seq-lengths", True))
+    if t.packing:
+        args.append(("--dpoc-packing", True))
 
     args += [
         ("--data-path", plan.data.output_prefix),

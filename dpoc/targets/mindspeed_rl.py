@@ -91,6 +91,9 @@ def unsupported(plan: Plan) -> list[Violation]:
     for field, value, fixed in fixed_knobs:
         if value != fixed:
             out.append(Violation(field, f"{value:g}: {why} (fixed at {fixed:g}); valid: {fixed:g}, or runtime=dpoc"))
+    if training.packing:
+        out.append(Violation("training.packing", "true: MindSpeed-RL's pairwise DPO data has no packing (each "
+                             "micro-batch holds whole padded pairs); valid: false, or runtime=dpoc"))
     if layout.recompute == "selective":
         out.append(Violation("parallelism.recompute", f"selective: {why}; valid: none, full, or runtime=dpoc"))
     if plan.source_of("checkpoint.keep").source.startswith("user"):

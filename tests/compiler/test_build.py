@@ -127,6 +127,23 @@ def test_converter_gets_tp_extend_ep_exactly_when_training_sets_it(tmp_path):
         assert "--moe-grouped-gemm" in convert and "--model-type-hf qwen3-moe" in convert
 
 
+def test_packing_reaches_the_runtime_and_leaves_mindspeed_out(tmp_path):
+    out = tmp_path / "packed"
+    build(RECIPES / "qwen3_30b.yaml", ["training.packing=true", "training.mean_seq_length=1500"], out=out)
+    assert megatron_args.parse([f"@{out / 'megatron.args'}"]).dpoc_packing
+    assert not megatron_args.parse([f"@{RECIPES.parent / 'tests/golden/qwen3_30b/megatron.args'}"]).dpoc_packing
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped_targets"] == {"mindspeed-rl": [
+        "training.packing: true: MindSpeed-RL's pairwise DPO data has no packing (each micro-batch holds whole "
+        "padded pairs); valid: false, or runtime=dpoc"]}
+    assert not (out / "mindspeed-rl").exists()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["training"]["packing"] and plan["provenance"]["training.packing"]["source"].startswith("user")
+    # budgets of 2 x 1 x 4096 tokens hold 2 pairs of 2 x 1500: 64 pairs -> 32 micro-batches, 16 per dp rank
+    assert plan["estimate"]["packing"] == {"budget_tokens": 8192, "micro_batches": 16, "pairs_per_micro_batch": 2.0,
+                                           "fill": 0.7324}
+
+
 def test_legacy_converter_for_llama(tmp_path):
     out = tmp_path / "llama"
     build(RECIPES / "qwen3_30b_a2.yaml", ["model.preset=llama3-8b", "dataset.template=llama3"], out=out)

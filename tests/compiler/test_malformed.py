@@ -84,6 +84,9 @@ OVERRIDE_CASES = [
     (["training.min_lr=1e-3"], "training.min_lr", "0.001 exceeds lr 5e-08; valid: min_lr <= lr"),
     (["runtime=mindspeed-rl", "parallelism.recompute=selective"], "parallelism.recompute",
      "selective: MindSpeed-RL's DPO config (MegatronConfig) cannot set it"),
+    (["runtime=mindspeed-rl", "training.packing=true"], "training.packing",
+     "true: MindSpeed-RL's pairwise DPO data has no packing (each micro-batch holds whole padded pairs); valid: "
+     "false, or runtime=dpoc"),
     (["checkpoint.init=random", "runtime=mindspeed-rl"], "checkpoint.init", "random: MindSpeed-RL always loads converted per-rank weights"),
     (["parallelism.moe_grouped_gemm=true", "hardware.preset=cpu", "hardware.devices_per_node=16"],
      "parallelism.moe_grouped_gemm", "grouped GEMM kernels exist only on npu and cuda devices"),

@@ -52,11 +52,12 @@ def layout(world: int, *, layers: int = 2, gbs: int = 8, mbs: int = 1, stage_lay
     return make_layout(model(num_layers=layers), hardware(devices_per_node=world), gbs, knobs)
 
 
-def training(seq_length: int = 4, precision: str = "bf16", dynamic_padding: bool = False) -> Training:
+def training(seq_length: int = 4, precision: str = "bf16", dynamic_padding: bool = False,
+             packing: bool = False) -> Training:
     return Training(
         seq_length=seq_length, train_iters=1, lr=1e-6, min_lr=0.0, lr_decay_style="constant", warmup_iters=0,
         weight_decay=0.0, clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, seed=1,
-        precision=precision, dynamic_padding=dynamic_padding, save_interval=1, log_interval=1,
+        precision=precision, dynamic_padding=dynamic_padding, save_interval=1, log_interval=1, packing=packing,
     )
 
 

@@ -7,10 +7,14 @@ import pytest
 import torch
 
 from dpoc.errors import DpocError
-from dpoc.runtime.data import IGNORE_INDEX, PairwiseDataset, global_batch_indices, rank_micro_batches
+from dpoc.runtime.data import IGNORE_INDEX, Batching, PairwiseDataset, global_batch_indices, rank_micro_batches
 from tests.runtime.synthetic import write_pairs
 
 CPU = torch.device("cpu")
+
+
+def batching(global_batch: int, micro_batch: int, multiple_of: int = 1, **kwargs) -> Batching:
+    return Batching(global_batch, micro_batch, seq_length=64, seed=5, multiple_of=multiple_of, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +23,7 @@ def dataset(tmp_path_factory) -> PairwiseDataset:
 
 
 def test_micro_batches_hold_chosen_then_rejected_with_shifted_response_labels(dataset):
-    batch = rank_micro_batches(dataset, 0, 4, 2, 0, 1, seed=5, multiple_of=1, device=CPU)[0]
+    batch = rank_micro_batches(dataset, 0, batching(4, 2), 0, 1, CPU)[0]
     first = global_batch_indices(len(dataset), 4, 0, 5)
     first = first[np.argsort(-dataset.pair_lengths[first], kind="stable")][:2]
     for row, (pair, side) in enumerate([(first[0], 0), (first[1], 0), (first[0], 2), (first[1], 2)]):
@@ -31,19 +35,19 @@ def test_micro_batches_hold_chosen_then_rejected_with_shifted_response_labels(da
 
 
 def test_padding_is_the_micro_batch_longest_rounded_to_tp(dataset):
-    batches = rank_micro_batches(dataset, 1, 8, 2, 0, 1, seed=5, multiple_of=4, device=CPU)
+    batches = rank_micro_batches(dataset, 1, batching(8, 2, 4), 0, 1, CPU)
     for batch in batches:
         longest = int(((batch.tokens != 0).cumsum(-1).argmax(-1) + 1).max())
         assert batch.tokens.shape[1] % 4 == 0 and longest <= batch.tokens.shape[1] < longest + 4
     lengths = [b.tokens.shape[1] for b in batches]
     assert lengths == sorted(lengths, reverse=True)  # pairs are batched by length
-    uniform = rank_micro_batches(dataset, 1, 8, 2, 0, 1, seed=5, multiple_of=4, device=CPU, same_length=True)
+    uniform = rank_micro_batches(dataset, 1, batching(8, 2, 4, same_length=True), 0, 1, CPU)
     assert {b.tokens.shape[1] for b in uniform} == {lengths[0]}
 
 
 def test_data_parallel_ranks_split_the_step_without_overlap(dataset):
-    whole = rank_micro_batches(dataset, 2, 8, 2, 0, 1, seed=5, multiple_of=1, device=CPU)
-    halves = [rank_micro_batches(dataset, 2, 8, 2, r, 2, seed=5, multiple_of=1, device=CPU) for r in (0, 1)]
+    whole = rank_micro_batches(dataset, 2, batching(8, 2), 0, 1, CPU)
+    halves = [rank_micro_batches(dataset, 2, batching(8, 2), r, 2, CPU) for r in (0, 1)]
     assert [b.tokens.tolist() for b in whole] == [b.tokens.tolist() for pair in zip(*halves, strict=True)
                                                    for b in pair]
 

@@ -43,7 +43,7 @@ def _runtime(objective: Objective, policy, reference, targets, mask):
         return vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.t().contiguous()).t()
 
     reference_logps = objective.sequence_logps(-token_nll(reference), mask)
-    return objective.loss_from_tokens(token_nll(policy), mask, reference_logps)
+    return objective.loss_from_tokens(token_nll(policy), mask, reference_logps, mean_pairs=PAIRS)
 
 
 def _float64(loss_type, beta, smoothing, sft, policy, reference, targets, mask):
@@ -98,8 +98,8 @@ def test_loss_and_metrics_match_float64_formulas(loss_type, beta, smoothing, sft
     loss, metrics = _runtime(Objective(loss_type, beta, smoothing, sft), *batch)
     expected = _float64(loss_type, beta, smoothing, sft, *batch)
     assert float(loss) == pytest.approx(expected["loss"], rel=1e-5, abs=1e-6)
-    for key in METRIC_KEYS:
-        assert float(metrics[key]) == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    for key in METRIC_KEYS:  # sums over the micro-batch's pairs
+        assert float(metrics[key]) / PAIRS == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
 
 
 def test_gradient_flows_to_the_policy_only():

@@ -114,8 +114,9 @@ def test_first_line_is_measured_before_the_first_update(one_process):
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert first["rewards/margins"] == 0.0 and first["rewards/accuracies"] == 0.0
     assert set(first) == {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                          "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr",
+                          "rewards/margins", "logps/chosen", "logps/rejected", "fill", "grad_norm", "lr",
                           "samples_per_s", "tokens_per_s"}
+    assert 0 < first["fill"] < 1  # micro-batches padded to their longest sequence
 
 
 def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir):

@@ -1,0 +1,53 @@
+"""Run in a fresh process by test_runtime_attention.py: one step's policy pass of the runtime's model under
+two core-attention kernels from the same seeded weights and batches; prints, as one JSON line, the
+micro-batch losses and every parameter's gradient under each, so the test compares them.
+
+    python tests/runtime/attention_probe.py ARGS_FILE KERNEL_A KERNEL_B
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from dpoc import megatron_args
+from dpoc.runtime import device as devices
+from dpoc.runtime import seeded_init
+from dpoc.runtime.data import Batching, PairwiseDataset, rank_micro_batches
+from dpoc.runtime.dpo import Objective
+from dpoc.runtime.model import build_chunks, transformer_config
+from dpoc.runtime.passes import policy_pass
+
+
+def policy_gradients(args, device, kernel: str) -> dict:
+    args.dpoc_core_attention = kernel
+    config = transformer_config(args, device)
+    chunks = build_chunks(config, args)
+    seeded_init.initialize(chunks, config, args.seed)
+    dataset = PairwiseDataset(args.data_path, args.seq_length)
+    batches = rank_micro_batches(dataset, 0, Batching.from_args(args, same_length=False), 0, 1, device.current())
+    for batch in batches:  # any fixed reference works: the policy's gradient is what is compared
+        batch.reference_logps = torch.linspace(-30.0, -10.0, batch.tokens.shape[0])
+    metrics = policy_pass(chunks, batches, Objective(args.dpo_loss_type, args.dpo_beta))
+    return {"loss": [float(m["loss"]) for m in metrics],
+            "grads": {name: p.grad.flatten().tolist() for chunk in chunks
+                      for name, p in chunk.named_parameters()}}
+
+
+def main() -> None:
+    args = megatron_args.parse([f"@{sys.argv[1]}"])
+    device = devices.select("cpu", "gloo")
+    devices.fill_megatron_gaps()
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    with devices.running_on(device):
+        result = {kernel: policy_gradients(args, device, kernel) for kernel in sys.argv[2:]}
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    print(json.dumps(result))
+
+
+main()
