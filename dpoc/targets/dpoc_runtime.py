@@ -166,6 +166,11 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         ("--dpo-beta", d.beta),
         ("--dpo-label-smoothing", d.label_smoothing),
         ("--pref-ftx", d.sft_weight),
+        ("--dpoc-reference", d.reference),
+    ]
+    if d.reference == "precomputed":
+        args.append(("--dpoc-reference-micro-batch-size", d.reference_micro_batch_size))
+    args += [
         ("--ckpt-format", "torch_dist"),
         ("--save", ck.save),
         ("--save-interval", t.save_interval),
