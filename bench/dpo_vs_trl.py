@@ -80,7 +80,7 @@ def megatron_flags(data: Path, run_dir: Path, steps: int, seq_length: int) -> li
         ("--norm-epsilon", m["rms_norm_eps"]), ("--swiglu", True), ("--disable-bias-linear", True),
         ("--qk-layernorm", True), ("--untie-embeddings-and-output-weights", True),
         ("--padded-vocab-size", m["vocab_size"]),
-        ("--dpoc-device", "cpu"), ("--distributed-backend", "gloo"), ("--stage", "dpo"),
+        ("--dpoc-device", "cpu"), ("--dpoc-init", "random"), ("--distributed-backend", "gloo"), ("--stage", "dpo"),
         ("--is-pairwise-dataset", True), ("--dpo-loss-type", "sigmoid"), ("--dpo-beta", BETA),
         ("--use-distributed-optimizer", True), ("--micro-batch-size", BATCH), ("--global-batch-size", BATCH),
         ("--seq-length", seq_length), ("--train-iters", steps), ("--lr", LR), ("--clip-grad", 1.0),
