@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dpoc.errors import DpocError
 from dpoc.runtime import publish, reference_file
 from tests.runtime.synthetic import model_flags, write_args, write_pairs
 from tests.runtime.test_runtime_train import COMPARED, ROOT, metrics, run_module
@@ -127,12 +128,16 @@ def test_a_current_file_is_kept_and_another_reference_or_dataset_gets_its_own(wo
 
 
 def test_training_without_a_current_file_is_refused_naming_the_remedy(workdir, table):
+    """What training's rank 0 reads (`precompute.shared_table` broadcasts its answer): exit 2 with this line."""
     args_file = _args(workdir, "missing", [*PRECOMPUTED, ("--seed", 99)])
-    done = run_module(["-m", "dpoc.runtime.train", f"@{args_file}"], 1)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert f"{args_file}: --dpoc-reference: precomputed: " in done.stderr
-    assert "not computed yet" in done.stderr and "run the build's reference.sh first" in done.stderr
-    assert "Traceback" not in done.stderr
+    with pytest.raises(DpocError) as caught:
+        reference_file.read(_namespace(args_file), str(args_file), 24)
+    (problem,) = caught.value.problems
+    assert str(problem).startswith(f"{args_file}: --dpoc-reference: precomputed: {workdir}/pairs_reference-")
+    assert "not computed yet (present, for other references or datasets: " in problem.message
+    assert problem.message.endswith("run the build's reference.sh first (the node scripts run it before training)")
+    with pytest.raises(DpocError, match="holds 24 pairs, the dataset 30"):
+        reference_file.read(_namespace(_args(workdir, "same", PRECOMPUTED)), "x.args", 30)
 
 
 def test_an_interrupted_pass_leaves_nothing_half_written(workdir, tmp_path):
