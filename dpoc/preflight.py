@@ -26,8 +26,6 @@ from dpoc.convert import DPOC_DIR, MINDSPEED_DIR
 from dpoc.errors import DpocError, Problem
 from dpoc.runtime.publish import TRACKER, earlier_run, no_checkpoint
 
-CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: a distributed checkpoint is complete
-
 
 @dataclass(frozen=True)
 class Node:
@@ -99,6 +97,7 @@ def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:
     runtime's own check), converted checkpoints that exist."""
     from dpoc import megatron_args
     from dpoc.hf_config import mismatches
+    from dpoc.runtime.weight_identity import CHECKPOINT_MARKER, PER_RANK, is_per_rank, latest_iteration_folder
 
     args_file = str(build / "megatron.args")
     sources = [("model.hf_weights", ck["hf_weights"])] if ck["init"] == "hf" else []
@@ -117,6 +116,8 @@ def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:
             hint = f"; run {build / DPOC_DIR / 'hf_to_mcore.sh'} first" if field == "checkpoint.load" else ""
             out.append(Problem(path, "(directory)", f"{field} not found on this node: neither Hugging Face weights "
                                f"(config.json) nor a distributed checkpoint ({CHECKPOINT_MARKER}){hint}"))
+        elif Path(path, TRACKER).is_file() and is_per_rank(folder := latest_iteration_folder(Path(path))):
+            out.append(Problem(str(folder), "(directory)", f"{field} {PER_RANK}"))
     return out
 
 

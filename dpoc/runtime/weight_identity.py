@@ -17,8 +17,8 @@ from pathlib import Path
 
 from dpoc import megatron_args
 from dpoc.errors import DpocError, Problem
+from dpoc.runtime.publish import TRACKER
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: the distributed checkpoint is complete
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 
@@ -64,12 +64,30 @@ def open_source(path: str | None, flag: str, args_file: str, problems: list[Prob
 
 def _latest_iteration(save: Path, flag: str, args_file: str, problems: list[Problem]) -> str:
     """A training save directory's newest complete iteration folder (Megatron's tracker file names it)."""
-    it = (save / TRACKER).read_text().strip()
-    folder = save / ("release" if it == "release" else f"iter_{int(it):07d}" if it.isdigit() else it)
-    if not (folder / CHECKPOINT_MARKER).is_file():
+    folder = latest_iteration_folder(save)
+    if is_per_rank(folder):
+        problems.append(Problem(args_file, flag, f"{folder} {PER_RANK}"))
+    elif not (folder / CHECKPOINT_MARKER).is_file():
         problems.append(Problem(args_file, flag, f"{save}/{TRACKER} names {folder.name}, which is not a complete "
                                 f"distributed checkpoint (no {CHECKPOINT_MARKER})"))
     return str(folder)
+
+
+PER_RANK = ("is a per-rank Megatron checkpoint (mp_rank_* folders, as MindSpeed-LLM's converter writes), which the "
+            "dpoc runtime does not read; valid: a distributed checkpoint from `dpoc convert hf-to-mcore` (the build's "
+            "convert/hf_to_mcore.sh), or checkpoint.init hf")
+
+
+def is_per_rank(folder: Path) -> bool:
+    """MindSpeed-LLM's (and legacy Megatron's) layout: one `mp_rank_*` folder per tp/pp rank, no metadata.json —
+    what a guide user may already hold at the path the recipe names."""
+    return not (folder / CHECKPOINT_MARKER).is_file() and any(folder.glob("mp_rank_*"))
+
+
+def latest_iteration_folder(save: Path) -> Path:
+    """The iteration folder Megatron's tracker file names."""
+    it = (save / TRACKER).read_text().strip()
+    return save / ("release" if it == "release" else f"iter_{int(it):07d}" if it.isdigit() else it)
 
 
 def describe_weights(path: str) -> dict[str, str]:

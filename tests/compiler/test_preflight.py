@@ -118,6 +118,22 @@ def test_preflight_refuses_an_edited_build(tmp_path, dpoc_cli):
             f"{out}/convert/hf_to_mcore.sh first") in result.err
 
 
+def test_the_dpoc_runtime_names_a_per_rank_checkpoint_it_cannot_read(tmp_path, dpoc_cli, monkeypatch):
+    """The guide user's MindSpeed-LLM weights, at the path the guide recipe names, given to the dpoc runtime."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "b"
+    build(RECIPES / "qwen3_30b.yaml", out=out)
+    weights = tmp_path / "model_weights/Qwen3-30B-TP2-PP8-EP1"
+    os.makedirs(weights / "iter_0000001/mp_rank_00_000")
+    (weights / "latest_checkpointed_iteration.txt").write_text("1\n")
+    result = dpoc_cli("preflight", out)
+    assert result.code == 2
+    assert ("model_weights/Qwen3-30B-TP2-PP8-EP1/iter_0000001: (directory): checkpoint.load is a per-rank Megatron "
+            "checkpoint (mp_rank_* folders, as MindSpeed-LLM's converter writes), which the dpoc runtime does not "
+            "read; valid: a distributed checkpoint from `dpoc convert hf-to-mcore` (the build's "
+            "convert/hf_to_mcore.sh), or checkpoint.init hf\n") in result.err
+
+
 def test_mindspeed_checkpoint_must_have_the_plans_layout(tmp_path, dpoc_cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "b"

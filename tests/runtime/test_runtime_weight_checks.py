@@ -70,6 +70,17 @@ def test_a_directory_without_weights(tmp_path, llama):
         "checkpoint (metadata.json, or latest_checkpointed_iteration.txt)"]
 
 
+def test_a_per_rank_checkpoint_is_named_as_such(tmp_path, llama):
+    legacy = tmp_path / "legacy"
+    (legacy / "iter_0000003/mp_rank_00").mkdir(parents=True)
+    (legacy / "latest_checkpointed_iteration.txt").write_text("3\n")
+    assert problems(tmp_path, legacy, [("--dpoc-init", "converted"), ("--load", str(legacy)), ("--finetune", True)],
+                    model_from=llama) == [
+        f"m.args: --load: {legacy}/iter_0000003 is a per-rank Megatron checkpoint (mp_rank_* folders, as MindSpeed-LLM's "
+        "converter writes), which the dpoc runtime does not read; valid: a distributed checkpoint from `dpoc convert "
+        "hf-to-mcore` (the build's convert/hf_to_mcore.sh), or checkpoint.init hf"]
+
+
 def test_weights_of_another_architecture(tmp_path, llama):
     flags = [(f, 1 if f == "--num-query-groups" else v) for f, v in model_flags(llama)]
     args_file = write_args(tmp_path / "m.args", "pairs", tmp_path / "run", init=hf(llama), model=flags)
