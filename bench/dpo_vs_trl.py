@@ -1,6 +1,6 @@
 """Pairs/s of the dpoc runtime vs TRL's DPOTrainer, best against best, on the same weights and token ids (CPU, fp32).
 
-    python bench/dpo_vs_trl.py [--pairs 256 --steps 10 --warmup 2 --rounds 2 --threads 2] [--smoke] [--out FILE.json]
+    python bench/dpo_vs_trl.py [--pairs 256 --steps 6 --warmup 2 --rounds 2 --threads 2] [--smoke] [--out FILE.json]
 
 Equal work. One tiny Qwen3 (hidden 256, 4 layers, GQA, q/k norm, untied vocab 8000; random weights, seeded) is
 saved with `save_pretrained`: TRL loads that folder, dpoc reads the same safetensors (`--dpoc-init hf`). The pairs
@@ -36,7 +36,9 @@ N = the matmul parameters (every linear layer and the LM head: 5.19 M), T = the 
 sequences, unpadded); attention's score and value products are not included (they are reported beside:
 4 x heads x head_dim x L^2 / 2 per causal sequence of L tokens, x3 for forward + backward). The rate is a
 fraction of this machine's fp32 matmul rate measured in the same run (the best of square products of 1024,
-2048 and 4096 at the same thread count). `--smoke` trains a one-layer hidden-64 Qwen3 on the same vocabulary
+2048 and 4096 at the same thread count); beside it, the rate the model's own products reach (every linear
+layer and the LM head, forward and both gradients, over one step's tokens), which bounds what any runtime of
+this model can reach here. `--smoke` trains a one-layer hidden-64 Qwen3 on the same vocabulary
 (CI checks the bench runs, not its figures). Needs the `bench` extra (trl, datasets).
 """
 
@@ -367,6 +369,29 @@ def matmul_rate(threads: int) -> dict[str, float]:
     return rates
 
 
+def model_shapes_rate(model: dict, tokens: int, threads: int) -> float:
+    """FLOP/s of the model's own products (every linear layer and the LM head: forward, input gradient and
+    weight gradient) over a stream of `tokens` tokens: the most the model's matmuls reach on this machine, a
+    bound below the square products' rate (their inner dimension is the hidden size)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    m = model
+    q, kv = m["num_attention_heads"] * m["head_dim"], m["num_key_value_heads"] * m["head_dim"]
+    h, f = m["hidden_size"], m["intermediate_size"]
+    layer = [(q + 2 * kv, h), (h, q), (2 * f, h), (h, f)]  # (out, in): qkv, attention out, gate+up, down
+    shapes = layer * m["num_hidden_layers"] + [(m["vocab_size"], h)]
+    tensors = [(torch.randn(tokens, i), torch.randn(o, i), torch.randn(tokens, o)) for o, i in shapes]
+
+    def products():
+        for x, w, g in tensors:
+            x @ w.t(), g @ w, g.t() @ x
+
+    products()
+    best = min(_timed(products) for _ in range(3))
+    return sum(6 * tokens * o * i for o, i in shapes) / best
+
+
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -438,7 +463,7 @@ def comparison(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__.splitlines()[0], "dpo_vs_trl")
     parser.add_argument("--pairs", type=int, default=256, help="dataset size (--smoke: 16)")
-    parser.add_argument("--steps", type=int, default=10, help="steps per run (--smoke: 3)")
+    parser.add_argument("--steps", type=int, default=6, help="steps per run (--smoke: 3)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (--smoke: 1)")
     parser.add_argument("--rounds", type=int, default=2, help="each configuration runs once per round; its best "
                         "round is kept (--smoke: 1)")
@@ -455,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = configurations(args.smoke, DPOC_PRECOMPUTED)
     results: dict[Config, list[dict]] = {c: [] for c in configs}
     rates: list[dict[str, float]] = []
+    shaped: list[float] = []
     checks: dict[str, dict[str, float]] = {}
     baseline = None
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -463,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         padding_free = trl_padding_free_probe(ws, tmp)
         for round_ in range(args.rounds):  # the order reverses every other round: a shared machine's load
             rates.append(matmul_rate(threads))  # hits every configuration alike
+            shaped.append(model_shapes_rate(ws.model, max(ws.step_tokens), threads))
             for number, config in (list(enumerate(configs)) if round_ % 2 == 0 else list(enumerate(configs))[::-1]):
                 work = tmp / f"round{round_}-config{number}"
                 work.mkdir()
@@ -479,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = {k: max(c[k] for c in checks.values()) for k in AGREEMENT}
     compared = comparison(rows)
     print_table(rows, compared, peak, threads)
+    print(f"the model's own products reach {max(shaped) / 1e9:.1f} GFLOP/s ({100 * max(shaped) / peak:.0f}% of "
+          f"the square products' rate) over {max(ws.step_tokens)} tokens")
     summary = {
         "setup": {"model": ws.model, "matmul_parameters": matmul_parameters(ws.model), "pairs": args.pairs,
                   "step_pairs": STEP_PAIRS, "steps": args.steps, "warmup_steps_left_out": args.warmup,
@@ -486,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                   "clip_grad": CLIP, "load_average": os.getloadavg(),
                   "dpoc_precomputed_reference": DPOC_PRECOMPUTED or "not in the dpoc runtime yet",
                   "trl_padding_free": padding_free},
-        "matmul_flops_per_s": {"best": peak, "every_round": rates},
+        "matmul_flops_per_s": {"best": peak, "every_round": rates, "model_shapes_best": max(shaped),
+                               "model_shapes_every_round": shaped,
+                               "model_shapes_tokens": max(ws.step_tokens)},
         "configurations": rows,
         "comparison": compared,
         "agreement": {"worst_relative_difference": worst, "tolerance": AGREEMENT, "per_configuration": checks},
