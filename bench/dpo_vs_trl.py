@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 checks[config.name] = agreement(result, baseline)
                 results[config].append(result)
                 timed = result["step_s"][args.warmup:]
-                print(f"round {round_ + 1}: {config.name:58s} {STEP_PAIRS * len(timed) / sum(timed):6.2f} pairs/s",
+                print(f"round {round_ + 1}: {config.name:64s} {STEP_PAIRS * len(timed) / sum(timed):6.2f} pairs/s",
                       flush=True)
     peak = max(max(r.values()) for r in rates)
     rows = [summarise(c, results[c], ws, args.warmup, peak) for c in configs]
@@ -532,11 +532,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(rows: list[dict], compared: dict, peak: float, threads: int) -> None:
-    print(f"\n{'configuration':58s} {'pairs/s':>8s} {'rounds':>14s} {'model FLOPs':>11s}  precompute")
+    print(f"\n{'configuration':64s} {'pairs/s':>8s} {'rounds':>14s} {'model FLOPs':>11s}  precompute")
     for r in rows:
         rounds = " ".join(f"{x:.2f}" for x in r["pairs_per_s_every_round"])
         pre = f"{r['precompute_s']:.1f} s" if r["precompute_s"] else ""
-        print(f"{r['configuration']:58s} {r['pairs_per_s']:8.2f} {rounds:>14s} "
+        print(f"{r['configuration']:64s} {r['pairs_per_s']:8.2f} {rounds:>14s} "
               f"{100 * r['model_flops_fraction_of_matmul_rate']:10.1f}%  {pre}")
     print(f"fp32 matmul rate {peak / 1e9:.1f} GFLOP/s at {threads} threads")
     for reference in ("live", "precomputed"):
