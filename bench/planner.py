@@ -1,11 +1,21 @@
-"""Planner benchmark: calibration on published non-DPO throughput, held-out DPO error, search time.
+"""Planner benchmark: calibration on published non-DPO throughput, held-out DPO error, search time, and the
+tiny CPU recipe's predicted pairs/s against its measured ones on this machine.
 
     python bench/planner.py [--smoke] [--out FILE]   # prints tables, writes bench/results/planner.json
+
+The held-out DPO rows assume a length distribution (no download here: `calibration.assumed_orca_lengths`,
+stated in the output). The tiny recipe is built, preprocessed and trained for real (live and precomputed
+reference; the precompute pass timed on its own), and planned with `training.length_stats` naming its own
+`_stats.json`, and with lengths unknown (every micro-batch full: the old default). `--smoke`: 4 steps.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,11 +25,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._shared import arguments, write_result
+from bench.runtime_speed import ROOT, _env, prepare
 from dpoc import rules
+from dpoc.compile import build
 from dpoc.layout import make_layout
 from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.calibration import (
-    ORCA_DPO_MEAN_PADDED_TOKENS,
+    assumed_orca_lengths,
     calibration_set,
     dpo_held_out,
     fit,
@@ -27,6 +39,7 @@ from dpoc.planner.calibration import (
     predicted,
     training,
 )
+from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import estimate_memory
 from dpoc.planner.report import explain
 from dpoc.planner.search import search
@@ -53,17 +66,19 @@ def calibration_report() -> dict[str, Any]:
               f"{case.unit}; {case.assumed}")
     print(f"Fitted efficiency: dense {eff.dense:.3f}, routed experts {eff.experts:.3f}")
     held = []
-    print(f"Held-out DPO (mean padded length assumed {ORCA_DPO_MEAN_PADDED_TOKENS:.0f} tokens):")
+    lengths = assumed_orca_lengths()
+    print(f"Held-out DPO (lengths {lengths.source}; per-pair longer side, cut at 4096; dynamic padding as the "
+          "runtime does it: each step sorted, micro-batches padded to their longest):")
     for case in dpo_held_out():
         p = predicted(case, eff)
         err = p / case.measured - 1
         implied = implied_mean_length(case, eff)
-        padded = predicted(case, eff, float(case.seq_length))
+        padded = predicted(case, eff, MeanLength(case.seq_length))
         layout = make_layout(case.model, case.hardware, case.global_batch_size, case.knobs)
         dynamic = replace(training(case.seq_length), dynamic_padding=True)
-        peak = estimate_memory(case.model, case.hardware, layout, dynamic, ORCA_DPO_MEAN_PADDED_TOKENS).peak
+        peak = estimate_memory(case.model, case.hardware, layout, dynamic, lengths).peak
         full = estimate_memory(case.model, case.hardware, layout, training(case.seq_length)).peak
-        by_length = {n: predicted(case, eff, float(n)) for n in (250, 500, 1000, 2000, 4096)}
+        by_length = {n: predicted(case, eff, MeanLength(n)) for n in (250, 500, 1000, 2000, 4096)}
         held.append({"case": case.label, "unit": case.unit, "measured": case.measured, "predicted": p,
                      "predicted_by_mean_padded_tokens": by_length,
                      "error": err, "implied_mean_padded_tokens": implied,
@@ -80,7 +95,7 @@ def calibration_report() -> dict[str, Any]:
         print("    pairs/s by mean padded length: "
               + ", ".join(f"{n}: {v:.2f}" for n, v in by_length.items()))
     return {"calibration": rows, "efficiency": {"dense": eff.dense, "experts": eff.experts},
-            "held_out_dpo": held, "orca_mean_padded_tokens_assumed": ORCA_DPO_MEAN_PADDED_TOKENS}
+            "held_out_dpo": held, "orca_lengths_assumed": lengths.summary()}
 
 
 DPO_LOSS = DPO(loss="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)
@@ -103,8 +118,8 @@ SEARCHES = (
 
 def search_report(efficiency: Efficiency, searches=SEARCHES, repeats: int = 5) -> list[dict[str, Any]]:
     rows = []
-    mean = ORCA_DPO_MEAN_PADDED_TOKENS
-    print(f"Search (seq 4096, dynamic padding, mean {mean:.0f} tokens; best time of {repeats}):")
+    lengths = assumed_orca_lengths()
+    print(f"Search (seq 4096, dynamic padding, lengths {lengths.source}; best time of {repeats}):")
     train = replace(training(4096), dynamic_padding=True)
     for label, model, hw, gbs in searches:
         validate = compiler_rules(model, hw, train)
@@ -112,7 +127,7 @@ def search_report(efficiency: Efficiency, searches=SEARCHES, repeats: int = 5) -
         for _ in range(repeats):
             start = time.perf_counter()
             result = search(model, hw, train, lambda k, m=model, h=hw, g=gbs: make_layout(m, h, g, k), validate,
-                            efficiency, ORCA_DPO_MEAN_PADDED_TOKENS)
+                            efficiency, lengths)
             times.append(time.perf_counter() - start)
         best = result.best
         knobs = dict(best.knobs) if best else None
@@ -126,13 +141,65 @@ def search_report(efficiency: Efficiency, searches=SEARCHES, repeats: int = 5) -
     return rows
 
 
+TINY = ROOT / "recipes" / "tiny_cpu.yaml"
+
+
+def tiny_cpu_report(steps: int, warmup: int) -> dict[str, Any]:
+    """The tiny recipe on this machine (2 gloo processes, as shipped): predicted pairs/s (from its own
+    length stats, and with lengths unknown) against the runtime's measured ones, live and precomputed."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data = prepare(tmp)
+        stats = f"{data}_stats.json"
+        for mode in ("live", "precomputed"):
+            common = [f"training.train_iters={steps}", "training.warmup_iters=0", f"dataset.output_prefix={data}",
+                      f"dpo.reference={mode}"]
+            unknown = plan_of(tmp / f"{mode}-unknown", common)
+            out, run_dir = tmp / mode, tmp / f"{mode}-run"
+            build(TINY, [*common, f"training.length_stats={stats}", f"run_dir={run_dir}"], out=out)
+            plan = json.loads((out / "plan.json").read_text())
+            env = _env()
+            row: dict[str, Any] = {}
+            if mode == "precomputed":  # timed on its own; the node script then finds the file current
+                started = time.perf_counter()
+                subprocess.run(["bash", str(out / "reference.sh")], cwd=ROOT, env=env, check=True,
+                               capture_output=True, timeout=1800)
+                row["precompute_pass_s"] = time.perf_counter() - started
+                row["precompute_pass_predicted"] = plan["estimate"]["reference_pass"]
+            subprocess.run(["bash", str(out / "launch.sh")], cwd=ROOT, env=env, check=True, capture_output=True,
+                           timeout=1800)
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            measured = statistics.median(r["samples_per_s"] for r in records[warmup:])
+            predicted_pairs = plan["estimate"]["throughput"]["samples_per_s"]
+            row.update(measured_pairs_per_s=measured, predicted_pairs_per_s=predicted_pairs,
+                       error=predicted_pairs / measured - 1, padding=plan["estimate"].get("padding"),
+                       predicted_lengths_unknown=unknown["estimate"]["throughput"]["samples_per_s"])
+            rows[mode] = row
+    print(f"Tiny CPU recipe on this machine (2 gloo processes, {steps} steps, median after {warmup}; the machine "
+          "may be shared):")
+    for mode, r in rows.items():
+        extra = (f"; precompute pass {r['precompute_pass_s']:.1f} s (predicted "
+                 f"{r['precompute_pass_predicted']['pairs_per_s']:.0f} pairs/s)") if "precompute_pass_s" in r else ""
+        print(f"  {mode:<12} measured {r['measured_pairs_per_s']:7.1f} pairs/s, predicted "
+              f"{r['predicted_pairs_per_s']:7.1f} ({r['error']:+.1%}) from its length stats, "
+              f"{r['predicted_lengths_unknown']:.1f} with lengths unknown{extra}")
+    return {"steps": steps, "warmup": warmup, "modes": rows}
+
+
+def plan_of(out: Path, overrides: list[str]) -> dict[str, Any]:
+    build(TINY, overrides, out=out)
+    return json.loads((out / "plan.json").read_text())
+
+
 def main() -> None:
     args = arguments(__doc__.splitlines()[0], "planner").parse_args()
     calibration = calibration_report()
     efficiency = Efficiency(**calibration["efficiency"])
-    # --smoke: one search (the A2 one, the smallest space), timed once
+    # --smoke: one search (the A2 one, the smallest space), timed once; the tiny recipe for 4 steps
     searches = search_report(efficiency, SEARCHES[:1], 1) if args.smoke else search_report(efficiency)
-    out = write_result(args, "planner", {"calibration": calibration, "search": searches})
+    tiny = tiny_cpu_report(4, 1) if args.smoke else tiny_cpu_report(30, 3)
+    out = write_result(args, "planner", {"calibration": calibration, "search": searches, "tiny_cpu": tiny})
     if out is not None:
         print(f"wrote {out}")
 

@@ -2,8 +2,9 @@
 came from.
 
 OmegaConf does the merging, dotlist parsing and `${...}` interpolation. This is the only compiler stage that
-reads files (the recipe, presets, an optional hostfile, and the weights' config.json when the recipe names
-weights but no architecture); everything after it is pure.
+reads files (the recipe, presets, an optional hostfile, the weights' config.json when the recipe names
+weights but no architecture, and the preprocessing stats `training.length_stats` names); everything after it
+is pure.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class LoadedRecipe:
     name: str
     data: dict[str, Any]
     sources: dict[str, str]  # dotted leaf path -> "user" | "user:command line" | "preset:<name>" | "hf:config.json"
+    length_stats: Any = None  # the parsed `training.length_stats` file (dpoc.planner.lengths reads it), or None
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
@@ -63,7 +65,24 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
         sources["hardware.hosts"] = f"user:hostfile {hostfile}"
 
     name = data.get("name") if isinstance(data.get("name"), str) else Path(path).stem
-    return LoadedRecipe(shown, name, data, sources)
+    return LoadedRecipe(shown, name, data, sources, read_length_stats(data, shown))
+
+
+def read_length_stats(data: dict[str, Any], recipe_file: str) -> Any:
+    """The JSON of the `_stats.json` that `training.length_stats` names (None when it names none)."""
+    import json
+
+    training = data.get("training")
+    path = training.get("length_stats") if isinstance(training, dict) else None
+    if not isinstance(path, str):
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise DpocError([Problem(recipe_file, "training.length_stats", f"cannot read {path}: {exc.strerror} (valid: "
+                                 "the {prefix}_stats.json that the build's preprocess.sh writes)")]) from None
+    except ValueError as exc:
+        raise DpocError([Problem(path, "(file)", f"not JSON: {exc}")]) from None
 
 
 def _architecture_from_weights(model: dict[str, Any]) -> bool:

@@ -136,6 +136,12 @@ def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> 
     o.add_argument("--dpo-beta", type=float, default=0.1)
     o.add_argument("--dpo-label-smoothing", type=float, default=0.0)
     o.add_argument("--pref-ftx", type=float, default=0.0, help="weight of the SFT loss on chosen")
+    o.add_argument("--dpoc-reference", choices=["live", "precomputed"], default="live",
+                   help="live: the frozen reference's forward in every step; precomputed: its log-probs read from "
+                        "<data-path>_reference-<key>.npz, written by `python -m dpoc.runtime.precompute` "
+                        "(dpoc.runtime.reference_file)")
+    o.add_argument("--dpoc-reference-micro-batch-size", type=int, default=None,
+                   help="pairs per forward of the precompute pass (default: --micro-batch-size)")
 
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-interval", type=int, default=1)

@@ -133,6 +133,8 @@ class DPO:
     beta: float
     label_smoothing: float
     sft_weight: float
+    reference: str = "live"  # live: the frozen reference runs in every step | precomputed: its log-probs, once
+    reference_micro_batch_size: int | None = None  # pairs per forward of the precompute pass (precomputed only)
 
 
 @dataclass(frozen=True)

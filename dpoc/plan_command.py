@@ -9,14 +9,29 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dpoc.autolayout import SEARCHED, Choice, LayoutError, choose, explain_failure, search_layouts
+from dpoc.autolayout import (
+    SEARCHED,
+    Choice,
+    LayoutError,
+    choose,
+    explain_failure,
+    reference_plan,
+    search_layouts,
+)
 from dpoc.compile import load_and_check
 from dpoc.errors import Problem
 from dpoc.plan import Layout
 from dpoc.planner.memory import GIB, estimate_memory
-from dpoc.planner.report import knob_text, memory_summary, packing_summary, throughput_summary
+from dpoc.planner.report import (
+    knob_text,
+    memory_summary,
+    packing_summary,
+    reference_pass_summary,
+    throughput_summary,
+)
 from dpoc.planner.search import Candidate, SearchResult
 from dpoc.planner.throughput import FITTED
+from dpoc.planner.workload import dpo_workload
 from dpoc.resolve import layout_inputs
 
 
@@ -45,7 +60,7 @@ def plan_command(recipe: str, overrides: Sequence[str], as_json: bool, top: int,
 
         layout = own.layout if own else result.best.layout if result.best else None
         if layout is not None:
-            memory = estimate_memory(inputs.model, inputs.hardware, layout, inputs.training, inputs.mean_seq_length)
+            memory = estimate_memory(inputs.model, inputs.hardware, layout, inputs.training, inputs.lengths)
             Path(chart).write_text(memory_svg(memory, f"{loaded.name}: {knob_text(_knobs(layout))}"))
     for warning in own.warnings if own else ():
         print(f"{loaded.path}: warning: {warning.field}: {warning.message}", file=sys.stderr)
@@ -83,11 +98,13 @@ def _as_data(inputs, result: SearchResult, own: Choice | None, invalid: list[Pro
                       throughput=throughput_summary(own.throughput),
                       warnings=[f"{w.field}: {w.message}" for w in own.warnings])
         if inputs.training.packing:
-            recipe["packing"] = packing_summary(own.layout, inputs.training, inputs.mean_seq_length)
+            recipe["packing"] = packing_summary(own.layout, inputs.training, inputs.lengths)
     return {
         "recipe_layout": recipe,
         "pinned": {k: list(v) if isinstance(v, tuple | list) else v for k, v in inputs.pinned.items()},
-        "mean_seq_length": inputs.mean_seq_length,
+        "lengths": inputs.lengths.summary(),
+        "reference": inputs.dpo.reference,
+        "reference_modes": _modes_data(inputs),
         "efficiency": {"dense": FITTED.dense, "experts": FITTED.experts},
         "evaluated": result.evaluated, "rule_rejected": result.rule_rejected, "over_memory": result.over_memory,
         "ranked": [_candidate_data(c) for c in result.ranked[:top]],
@@ -104,8 +121,8 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
     hw = inputs.hardware
     console = Console(file=sys.stdout, width=160)
     table = Table(title=f"{recipe}: {inputs.model.name} on {hw.nodes} × {hw.devices_per_node} {hw.name} "
-                        f"({hw.memory_gib:g} GiB per device), mean {inputs.mean_seq_length:g} tokens/sequence"
-                        f"{', packed' if inputs.training.packing else ''}")
+                        f"({hw.memory_gib:g} GiB per device), {inputs.lengths.text()}"
+                        f"{', packed' if inputs.training.packing else ''}, {inputs.dpo.reference} reference")
     for name in ("#", "layout", "pairs/s", "tokens/s", "MFU", "DPO-MFU", "peak GiB", "stage", "w+g+opt", "ref",
                  "activ.", "other"):
         table.add_column(name, justify="left" if name == "layout" else "right")
@@ -133,7 +150,7 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
                       f"rank {_rank(result, own)} of {len(result.ranked)}; peak {peak.total / GIB:.1f} GiB on stage "
                       f"{peak.stage} ({fit})")
         if inputs.training.packing:
-            p = packing_summary(own.layout, inputs.training, inputs.mean_seq_length)
+            p = packing_summary(own.layout, inputs.training, inputs.lengths)
             console.print(f"Packing: {p['micro_batches']} micro-batches per rank and step of up to "
                           f"{p['budget_tokens']} tokens, {p['pairs_per_micro_batch']:g} pairs each, "
                           f"fill {p['fill']:.0%}")
@@ -143,6 +160,36 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
             console.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
     for problem in no_fit:
         console.print(f"No layout fits: {problem}", highlight=False, markup=False, soft_wrap=True)
+    for mode, best in _mode_bests(inputs).items():
+        if best is None:
+            console.print(f"Reference {mode}: no layout fits")
+            continue
+        line = (f"Reference {mode}: best {knob_text(dict(best.knobs))} — {best.throughput.samples_per_s:.2f} pairs/s, "
+                f"peak {best.memory.peak.total / GIB:.1f} GiB")
+        if mode == "precomputed":
+            ref = reference_plan(replace(inputs, dpo=replace(inputs.dpo, reference=mode)), best.layout)
+            line += (f"; precompute pass {ref.estimate.pairs_per_s:.2f} pairs/s at micro-batch "
+                     f"{ref.estimate.micro_batch_size}"
+                     + (f", {ref.estimate.seconds:.0f} s over the dataset" if ref.estimate.seconds is not None else ""))
+        console.print(line)
+
+
+def _mode_bests(inputs) -> dict[str, Candidate | None]:
+    """Each reference mode's best layout (pins lifted): precomputed holds no reference and runs no reference
+    forward in the step, so it may fit a smaller tp/pp or a larger micro-batch."""
+    return {mode: search_layouts(replace(inputs, pinned={}), workload=dpo_workload(mode)).best
+            for mode in ("live", "precomputed")}
+
+
+def _modes_data(inputs) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode, best in _mode_bests(inputs).items():
+        data = _candidate_data(best) if best is not None else None
+        if best is not None and mode == "precomputed":
+            ref = reference_plan(replace(inputs, dpo=replace(inputs.dpo, reference=mode)), best.layout)
+            data["reference_pass"] = reference_pass_summary(ref.estimate, ref.memory)
+        out[mode] = data
+    return out
 
 
 def _numbers(c: Candidate) -> list[str]:

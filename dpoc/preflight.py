@@ -4,12 +4,13 @@ The compiler never touches cluster paths (resolve is pure); this is where they a
 intact (files match manifest.json), the dataset, tokenizer and initial weights exist (a Hugging Face
 directory's config.json must match megatron.args: the runtime's own check), the dataset was made with this
 build's preprocess.yaml (its stats say so; a MindSpeed-LLM dataset without them is accepted with a warning),
-on resume the checkpoint is there, and a fresh start of the dpoc runtime would not overwrite an earlier run's
-metrics or checkpoints (the runtime checks the same at its start). For MindSpeed-RL, whose legacy checkpoints
-are per rank, the checkpoint's layout must be exactly the Plan's; a mismatch is refused with the conversion
-that fixes it. Given the node's rank (the node scripts pass it), the node itself is checked too
-(`node_checks`): the launcher's build, the devices, the runtime's packages, the master. Exit 2, one line per
-problem.
+on resume the checkpoint is there, with precomputed reference log-probs whether their file is current (a
+warning: the node script's reference.sh computes it next), and a fresh start of the dpoc runtime would not
+overwrite an earlier run's metrics or checkpoints (the runtime checks the same at its start). For MindSpeed-
+RL, whose legacy checkpoints are per rank, the checkpoint's layout must be exactly the Plan's; a mismatch is
+refused with the conversion that fixes it. Given the node's rank (the node scripts pass it), the node itself
+is checked too (`node_checks`): the launcher's build, the devices, the runtime's packages, the master. Exit 2,
+one line per problem.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node
         problems += _node(build, plan, target, node)
     found, warnings = _inputs(build, plan)
     problems += found
+    if target == "dpoc" and plan["dpo"].get("reference") == "precomputed" and not found:
+        warnings += _reference_logps(build)
     ck = plan["checkpoint"]
     if mode == "resume":
         if not (Path(ck["save"]) / TRACKER).is_file():
@@ -73,6 +76,22 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node
     if problems:
         raise DpocError(list(dict.fromkeys(problems)))
     return warnings
+
+
+def _reference_logps(build: Path) -> list[str]:
+    """Precomputed reference log-probs: whether this node sees a current file (node 0 must have it when training
+    starts; the node script runs reference.sh first, which computes it when it is missing or stale)."""
+    from dpoc import megatron_args
+    from dpoc.runtime import reference_file
+
+    try:
+        found = reference_file.status(megatron_args.parse([f"@{build / 'megatron.args'}"]))
+    except DpocError as exc:  # the reference's weights: _initial_weights and the runtime name what is wrong
+        return [f"precomputed reference log-probs not checked: {exc.problems[0]}"]
+    if found.current:
+        return []
+    return [f"precomputed reference log-probs {found.path}: {found.why}; {build / 'reference.sh'} computes them "
+            "before training (the node script runs it)"]
 
 
 def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:

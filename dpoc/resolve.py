@@ -32,6 +32,7 @@ from dpoc.plan import (
     Source,
     Training,
 )
+from dpoc.planner.lengths import Lengths, MeanLength, parse_stats
 from dpoc.specs import hardware_spec, model_spec
 
 _MISSING = object()
@@ -45,6 +46,7 @@ class _Values:
 
     def __init__(self, loaded: LoadedRecipe):
         self.file, self.data, self.sources = loaded.path, loaded.data, loaded.sources
+        self.length_stats = loaded.length_stats
         self.provenance: dict[str, Source] = {}
         self.problems: list[Problem] = []
 
@@ -112,18 +114,38 @@ def _inputs(v: _Values) -> LayoutInputs:
         beta=float(v.take("dpo.beta", 0.1, why="MindSpeed-LLM's default")),
         label_smoothing=float(v.take("dpo.label_smoothing", 0.0, why="no label smoothing")),
         sft_weight=float(v.take("dpo.sft_weight", 0.0, why="no SFT term")),
+        reference=v.take("dpo.reference", "live", why="the frozen reference runs forward in every step, as in "
+                         "MindSpeed-LLM"),
+        reference_micro_batch_size=v.take("dpo.reference_micro_batch_size", None, rule="planner",
+                                          why="the precompute pass's largest micro-batch that fits (precomputed only)"),
     )
     runtime = v.take("runtime", "dpoc", why="dpoc's own megatron-core runtime")
     pinned = {k: v.take(f"parallelism.{k}", record=f"layout.{k}") for k in LAYOUT_KNOBS if v.has(f"parallelism.{k}")}
-    mean = v.take(
+    gbs = v.take("training.global_batch_size", record="layout.global_batch_size")
+    return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, _lengths(v, training))
+
+
+def _lengths(v: _Values, training: Training) -> Lengths:
+    """The sequence lengths the planner models: a preprocessing stats file's histograms, else one mean."""
+    if v.has("training.length_stats"):
+        path = v.take("training.length_stats", record="estimate.lengths")
+        v.provenance["estimate.lengths"] = Source(v.sources.get("training.length_stats", "user"),
+                                                  f"the length histograms of {path}")
+        if v.has("training.mean_seq_length"):
+            v.problem("training.mean_seq_length", "given with training.length_stats, which says more (valid: one of "
+                      "the two; length_stats is the dataset's own histogram)")
+        try:
+            return parse_stats(v.length_stats, path)
+        except DpocError as exc:
+            v.problems.extend(exc.problems)
+            return MeanLength(training.seq_length)
+    return MeanLength(v.take(
         "training.mean_seq_length",
         training.seq_length,
         rule="training.seq_length",
-        why="pair lengths unknown: plan as if every micro-batch were full length",
-        record="estimate.mean_seq_length",
-    )
-    gbs = v.take("training.global_batch_size", record="layout.global_batch_size")
-    return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, mean)
+        why="pair lengths unknown (no training.length_stats): plan as if every micro-batch were full length",
+        record="estimate.lengths",
+    ))
 
 
 def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
@@ -133,6 +155,8 @@ def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
     cluster = _cluster(v, inputs.hardware.nodes)
     model, hardware, training, dpo, runtime = inputs.model, inputs.hardware, inputs.training, inputs.dpo, inputs.runtime
     layout, estimate, layout_warnings = _layout(v, inputs)
+    if "reference_pass" in estimate and dpo.reference_micro_batch_size is None:
+        dpo = dataclasses.replace(dpo, reference_micro_batch_size=estimate["reference_pass"]["micro_batch_size"])
     training = _with_save_interval(v, training, layout, estimate)
 
     name = _name(v, build_name)
@@ -200,18 +224,32 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], l
         v.derived(f"layout.{name}", getattr(layout, name), f"layout.{name}", text)
     v.derived("estimate.efficiency", None, "planner.calibration",
               "fraction of peak FLOPs reached, fitted on published non-DPO runs (bench/planner.py)")
+    reference = inputs.dpo.reference
     v.derived("estimate.memory", None, "planner.memory", "per-device memory model of this layout: weights, "
-              "gradients, optimizer, frozen reference, activations at mean_seq_length, buffers, reserve")
+              f"gradients, optimizer, the {reference} reference, activations at the estimate's lengths, buffers, "
+              "reserve")
     v.derived("estimate.throughput", None, "planner.throughput", "predicted from this layout, the fitted "
-              "efficiency and mean_seq_length; samples are preference pairs (pairs/s)")
+              f"efficiency, the estimate's lengths and the {reference} reference; samples are preference pairs "
+              "(pairs/s)")
+    v.derived("estimate.reference", None, "dpo.reference", "the reference mode the estimate models")
+    v.derived("estimate.padding", None, "planner.lengths", "dynamic padding: the slowest data-parallel rank's "
+              "expected padded tokens per sequence, and the longest micro-batch's (what memory is planned for)")
     estimate = {
-        "mean_seq_length": inputs.mean_seq_length,
+        "lengths": inputs.lengths.summary(),
+        "reference": reference,
         "efficiency": {"dense": autolayout.FITTED.dense, "experts": autolayout.FITTED.experts},
         "memory": report.memory_summary(choice.memory),
         "throughput": report.throughput_summary(choice.throughput),
     }
     if inputs.training.packing:
-        estimate["packing"] = report.packing_summary(layout, inputs.training, inputs.mean_seq_length)
+        estimate["packing"] = report.packing_summary(layout, inputs.training, inputs.lengths)
+    elif inputs.training.dynamic_padding:
+        estimate["padding"] = report.padding_summary(layout, inputs.training, inputs.lengths)
+    if choice.reference_pass is not None:
+        v.derived("estimate.reference_pass", None, "planner.throughput", "the precompute pass of precomputed "
+                  "reference log-probs (reference.sh): one forward over the dataset, sorted by length")
+        estimate["reference_pass"] = report.reference_pass_summary(choice.reference_pass.estimate,
+                                                                   choice.reference_pass.memory)
     return layout, estimate, list(choice.warnings)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +20,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-LAYOUTS = {  # name: build overrides (1, 2 and 4 processes)
+LAYOUTS = {  # name: build overrides (tp/pp/ep layouts against one process: tests/runtime/test_runtime_train.py)
     "1 process": ["hardware.devices_per_node=1"],
     "2 local nodes": ["hardware.hosts=[127.0.0.1,127.0.0.1]", "hardware.nodes=2", "hardware.devices_per_node=1"],
-    "4 processes tp2 pp2": ["hardware.devices_per_node=4", "parallelism.tp=2", "parallelism.pp=2"],
 }
 
 
@@ -36,7 +36,7 @@ def _env() -> dict[str, str]:
     return script_env(DPOC_MASTER_PORT=str(_free_port()))
 
 
-def test_tiny_recipe_trains_from_its_rendered_files_in_1_2_and_4_processes(dataset, tmp_path):
+def test_tiny_recipe_trains_from_its_rendered_files_in_1_process_and_on_2_nodes(dataset, tmp_path):
     losses = {}
     for name, overrides in LAYOUTS.items():
         out, run_dir = tmp_path / name / "build", tmp_path / name / "run"
@@ -69,3 +69,27 @@ def test_a_failing_node_fails_the_launch(tmp_path):
     assert run.returncode == 2
     assert f"{tmp_path}/none_packed_chosen_input_ids_document.bin: (file): missing preprocessed dataset (8 of 8 files " \
            "absent)" in run.stderr
+
+
+def test_precomputed_reference_runs_its_pass_on_every_node_before_training(dataset, tmp_path):
+    """Two local nodes: both node scripts join reference.sh's pass (rank 0 writes the file), then train from
+    it; before the first update the policy is the reference, so the margin is 0 and the loss ln 2."""
+    out, run_dir = tmp_path / "build", tmp_path / "run"
+    prefix = tmp_path / "data" / "orca_tiny"
+    prefix.parent.mkdir()
+    shared = Path(dataset)
+    for f in shared.parent.glob(f"{shared.name}_*"):  # a private copy: the shared dataset gets no reference file
+        (prefix.parent / f.name).symlink_to(f)
+    build(RECIPES / "tiny_cpu.yaml", [*LAYOUTS["2 local nodes"], "training.train_iters=2", "training.warmup_iters=0",
+                                      "dpo.reference=precomputed",
+                                      f"dataset.output_prefix={prefix}", f"run_dir={run_dir}"], out=out)
+    run = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "reference.sh computes them before training" in run.stderr  # the preflight's note
+    (table,) = prefix.parent.glob("orca_tiny_reference-*.npz")
+    assert f"wrote {table}" in run.stderr
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert abs(steps[0]["rewards/margins"]) < 1e-6 and abs(steps[0]["loss"] - 0.6931471805599453) < 1e-6
+    assert f"precomputed log-probs: {table}" in (run_dir / "train.log").read_text()

@@ -1,5 +1,7 @@
 """`{prefix}_stats.json`: the settings it was made with (`dpoc.data.identity`, checked before training), what
-came in, what was kept or dropped and why, token counts, length histogram.
+came in, what was kept or dropped and why, token counts, length histograms: each side's, and per pair its longer
+side (what a padded micro-batch pads to) and both sides' tokens (what a packed pair takes), which the planner
+reads (`training.length_stats`, `dpoc.planner.lengths`).
 
 Deterministic (no timings), so the same input gives the same file whatever the worker count.
 """
@@ -14,6 +16,7 @@ from dpoc.data.encode import Outcome
 from dpoc.data.identity import settings
 
 HISTOGRAM_BINS = 16
+PAIR_BINS = 64  # finer: the planner's padded lengths assume lengths uniform within a bin
 _EXAMPLES_KEPT = 10
 
 
@@ -26,8 +29,10 @@ class Stats:
         self.bad_row_examples: list[str] = []
         self.tokens = {"prompt": 0, "chosen_response": 0, "rejected_response": 0}
         self.longest = {"chosen": 0, "rejected": 0}
-        self.bin_width = -(-config.seq_length // HISTOGRAM_BINS)
-        self.histogram = {"chosen": [0] * HISTOGRAM_BINS, "rejected": [0] * HISTOGRAM_BINS}
+        self.bin_width, bins = _bins(config.seq_length, HISTOGRAM_BINS)
+        self.histogram = {"chosen": [0] * bins, "rejected": [0] * bins}
+        self.pair_width, bins = _bins(config.seq_length, PAIR_BINS)
+        self.pair_histogram = {"longer": [0] * bins, "tokens": [0] * bins}
 
     def add(self, outcome: Outcome) -> None:
         self.pairs_in += 1
@@ -47,6 +52,9 @@ class Stats:
             self.tokens[f"{side}_response"] += len(ids) - pair.prompt_length
             self.longest[side] = max(self.longest[side], len(ids))
             self.histogram[side][len(ids) // self.bin_width] += 1
+        chosen, rejected = len(pair.chosen), len(pair.rejected)
+        self.pair_histogram["longer"][max(chosen, rejected) // self.pair_width] += 1
+        self.pair_histogram["tokens"][(chosen + rejected) // (2 * self.pair_width)] += 1
 
     @property
     def tokens_total(self) -> int:
@@ -70,6 +78,21 @@ class Stats:
             "tokens": {**self.tokens, "total": self.tokens_total},
             "longest": dict(self.longest),
             "length_histogram": {
-                "bin_edges": [i * self.bin_width for i in range(HISTOGRAM_BINS)] + [c.seq_length],
+                "bin_edges": _edges(self.bin_width, c.seq_length),
                 **{k: list(v) for k, v in self.histogram.items()}},
+            "pair_histogram": {
+                "longer_bin_edges": _edges(self.pair_width, c.seq_length),
+                "longer": list(self.pair_histogram["longer"]),
+                "tokens_bin_edges": _edges(2 * self.pair_width, 2 * c.seq_length),
+                "tokens": list(self.pair_histogram["tokens"])},
         }
+
+
+def _bins(seq_length: int, most: int) -> tuple[int, int]:
+    """(bin width, bins): at most `most` bins of one integer width covering lengths below seq_length."""
+    width = -(-seq_length // most)
+    return width, -(-seq_length // width)
+
+
+def _edges(width: int, end: int) -> list[int]:
+    return [*range(0, end, width), end]

@@ -7,23 +7,46 @@ is the honest measure of the model. Layout knobs marked `assumed` are not stated
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
 from dpoc.layout import make_layout
 from dpoc.plan import HardwareSpec, ModelSpec, Training
-from dpoc.planner.throughput import DPO_PAIRS, PRETRAIN, Efficiency, Workload, predict
+from dpoc.planner.lengths import Histogram, Lengths, LengthStats, MeanLength
+from dpoc.planner.throughput import Efficiency, predict
+from dpoc.planner.workload import DPO_LIVE, PRETRAIN, Workload
 from dpoc.specs import model_spec, preset_hardware, preset_model
 
-# Mean tokens per sequence after dynamic padding (chosen and rejected padded to the longer of the pair) for
-# Intel/orca_dpo_pairs under the Qwen3 chat template. Not measured (hardware-and-models §6.1): assumed from
-# its make-up (a system prompt and a FLAN-style question of a few hundred tokens, GPT-4 / Llama answers of
-# about 200 tokens, the longer of the two kept) -> about 500 tokens. The bench also reports the length at
-# which the model would match each published DPO number.
+# The length distribution of Intel/orca_dpo_pairs under the Qwen3 chat template, per pair the longer of chosen
+# and rejected (what dynamic padding pads to). Not measured (hardware-and-models §6.1; no download here):
+# assumed from its make-up (a system prompt and a FLAN-style question of a few hundred tokens, GPT-4 / Llama
+# answers of about 200 tokens, the longer of the two kept): log-normal with a mean of 500 tokens and sigma 0.5
+# (median 441; 5% of pairs above 1000 tokens), cut at the runs' seq_length 4096. The bench also reports the
+# mean length at which the model would match each published DPO number.
 ORCA_DPO_MEAN_PADDED_TOKENS = 500.0
+ORCA_DPO_SIGMA = 0.5
+ORCA_DPO_SEQ_LENGTH = 4096
+
+
+def assumed_orca_lengths(bins: int = 64) -> LengthStats:
+    """The assumed distribution as a preprocessing histogram would hold it (both sides alike)."""
+    sigma = ORCA_DPO_SIGMA
+    mu = math.log(ORCA_DPO_MEAN_PADDED_TOKENS) - sigma * sigma / 2
+    width = ORCA_DPO_SEQ_LENGTH // bins
+
+    def cdf(x: float) -> float:
+        return 0.0 if x <= 0 else 0.5 * (1 + math.erf((math.log(x) - mu) / (sigma * math.sqrt(2))))
+
+    edges = tuple(range(0, ORCA_DPO_SEQ_LENGTH + 1, width))
+    counts = tuple(round(1e6 * (cdf(b) - cdf(a))) for a, b in itertools.pairwise(edges))
+    longer = Histogram(edges, counts)
+    tokens = Histogram(tuple(2 * e for e in edges), counts)
+    longest = max(b for b, c in zip(edges[1:], counts, strict=False) if c) - 1
+    return LengthStats("assumed: log-normal, mean 500, sigma 0.5", longer.total, longer, tokens, longer, longest)
 
 
 # LLaMA2-7B is not a preset (no recipe trains it); its architecture from meta-llama/Llama-2-7b-hf config.json
@@ -62,7 +85,7 @@ class Published:
 
     @property
     def unit(self) -> str:
-        return "pairs/s" if self.workload is DPO_PAIRS else "tokens/s/device"
+        return "pairs/s" if self.workload.pairwise else "tokens/s/device"
 
 
 FULL_RECOMPUTE = {"recompute": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
@@ -99,23 +122,29 @@ def dpo_held_out() -> tuple[Published, ...]:
     qwen3_30b = preset_model("qwen3-30b-a3b")
     return (
         Published("Qwen3-30B-A3B DPO, A2 2x8, TP2 PP8 DP1", qwen3_30b, preset_hardware(A2, 2), 64,
-                  {"tp": 2, "pp": 8}, 4096, DPO_PAIRS, 2.78, DPO_SOURCE,
+                  {"tp": 2, "pp": 8}, 4096, DPO_LIVE, 2.78, DPO_SOURCE,
                   "swap_attention (on in the source) not modelled"),
         Published("Qwen3-30B-A3B DPO, A3 2x16, TP2 PP8 DP2", qwen3_30b, preset_hardware(A3, 2), 64,
-                  {"tp": 2, "pp": 8}, 4096, DPO_PAIRS, 7.19, DPO_SOURCE),
+                  {"tp": 2, "pp": 8}, 4096, DPO_LIVE, 7.19, DPO_SOURCE),
     )
 
 
-def _mean_length(case: Published) -> float:
-    return ORCA_DPO_MEAN_PADDED_TOKENS if case.workload is DPO_PAIRS else float(case.seq_length)
+def case_lengths(case: Published) -> Lengths:
+    """Pretraining rows are full length; the DPO rows follow the assumed orca distribution."""
+    return assumed_orca_lengths() if case.workload.pairwise else MeanLength(case.seq_length)
 
 
-def predicted(case: Published, efficiency: Efficiency, mean_length: float | None = None) -> float:
+def case_training(case: Published) -> Training:
+    """The published DPO runs pad dynamically ("dynamic" in the source); pretraining is full length."""
+    return replace(training(case.seq_length), dynamic_padding=case.workload.pairwise)
+
+
+def predicted(case: Published, efficiency: Efficiency, lengths: Lengths | None = None) -> float:
     """The model's value of the case's published quantity."""
     layout = make_layout(case.model, case.hardware, case.global_batch_size, case.knobs)
-    length = _mean_length(case) if mean_length is None else mean_length
-    t = predict(case.model, case.hardware, layout, training(case.seq_length), efficiency, length, case.workload)
-    if case.workload is DPO_PAIRS:
+    t = predict(case.model, case.hardware, layout, case_training(case), efficiency,
+                case_lengths(case) if lengths is None else lengths, case.workload)
+    if case.workload.pairwise:
         return t.samples_per_s
     return t.tokens_per_s / case.hardware.world_size
 
@@ -161,5 +190,5 @@ def fit(cases: tuple[Published, ...] | None = None) -> Fit:
 def implied_mean_length(case: Published, efficiency: Efficiency) -> float:
     """The mean padded sequence length at which the model reproduces a published DPO number."""
     def excess(length: float) -> float:  # increasing in length: predicted pairs/s falls as length grows
-        return case.measured - predicted(case, efficiency, length)
+        return case.measured - predicted(case, efficiency, MeanLength(length))
     return _bisect(excess, 16.0, float(case.seq_length))

@@ -3,26 +3,32 @@
 Static part (formulas-and-anchors §1.3, hardware-and-models §7): bf16 weights 2 B, fp32 main gradients 4 B,
 fp32 master + Adam m + v 12 B (8 B in fp32 training, where the weights are the master copy), the optimizer
 state sharded over dp * cp for dense parameters and over the expert data-parallel group for routed experts
-when the distributed optimizer is on; the frozen reference holds weights only, with the policy's sharding.
+when the distributed optimizer is on; the frozen reference (live, `workload.DPO_LIVE`) holds weights only,
+with the policy's sharding; with precomputed reference log-probs there is none.
 
 Activations: bytes autograd keeps per layer for the policy's 2 * mbs sequences (chosen + rejected) with flash
 attention (no s^2 term, so selective recompute of core attention saves nothing), SwiGLU, GQA with q != h,
 qk-norm, sequence and context parallelism and MoE top-k routing; times the micro-batches a 1F1B stage holds
-(pp - stage, or the interleaved warm-up count). On top: the pipeline's received [s, 4 * mbs, h] tensors, the
-last stage's logits, one transient working set (the reference forward through a layer or, on the last
-stage, its logits; a recomputed layer; the MoE dispatch buffers), 2 x HCCL_BUFFSIZE per communicator, and
-the hardware's runtime reserve. Transients are added to the held memory, not overlapped (an upper bound).
+(pp - stage, or the interleaved warm-up count), each at its expected length (`lengths`: the first one held at
+the longest a micro-batch can be). On top: the pipeline's received tensors ([s, 4 * mbs, h] with the live
+reference's hidden states, else [s, 2 * mbs, h]), the last stage's logits, one transient working set (the
+live reference's forward through a layer or, on the last stage, its logits; a recomputed layer; the MoE
+dispatch buffers), 2 x HCCL_BUFFSIZE per communicator, and the hardware's runtime reserve. Transients are
+added to the held memory, not overlapped (an upper bound). The precompute pass (`reference_pass_memory`)
+holds weights, one layer's working set, its logits and the pipeline's in-flight tensors: nothing for backward.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
-from dpoc.planner.packing import SEQUENCES_PER_PAIR, packed_steps
+from dpoc.planner.lengths import Lengths, MeanLength, MicroBatchLengths
+from dpoc.planner.packing import SEQUENCES_PER_PAIR
 from dpoc.planner.params import Shard, kv_width, q_width, real_layers_per_stage, stage_shard
+from dpoc.planner.workload import DPO_LIVE, REFERENCE_PASS, Workload
 
 GIB = 2**30
 MIB = 2**20
@@ -227,72 +233,110 @@ def communicators(layout: Layout, model: ModelSpec, stage: int) -> int:
 
 def stage_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, stage: int, layers: int,
-    per_layer: _PerLayer, length_ratio: float, micro_batches: int | None = None,
+    per_layer: _PerLayer, ratios: tuple[float, ...], micro_batches: int | None = None,
+    workload: Workload = DPO_LIVE,
 ) -> StageMemory:
-    """`length_ratio`: mean / longest length of the micro-batches held besides the longest one;
-    `micro_batches`: per rank and step (default: the layout's)."""
+    """`ratios`: each of the rank's micro-batches' expected length / the longest (per_layer's), in the order
+    the rank runs them; `micro_batches`: per rank and step (default: the layout's)."""
     shard = stage_shard(model, layout, stage, layers)
     weights, gradients, optimizer, reference = static_bytes(shard, layout, training)
+    if not workload.reference_forward:
+        reference = 0.0
     a = element_bytes(training)
-    chunks = in_flight_chunks(layout, stage, micro_batches)
-    held = min(chunks, 1) + max(chunks - 1, 0) * length_ratio  # in micro-batches of the longest length
-    saved, recompute_set = chunk_saved_bytes(layout, per_layer, layers / layout.vpp)
     tokens = per_layer.tokens
-    activations = held * saved
-    logits = 0.0
-    if stage == layout.pp - 1:
-        # final norm and head inputs, the policy's vocab-parallel logits and their fp32 softmax (in fp32
-        # training the cross entropy's float() is the logits themselves: one copy, measured on CPU)
-        activations += 2 * a * tokens.local * model.hidden_size + per_layer.last_stage_extra
-        logits = tokens.full * model.vocab_size / layout.tp * (FP32 if a == FP32 else a + FP32)
+    last = stage == layout.pp - 1
+    # the vocab-parallel logits and their fp32 softmax (in fp32 training the cross entropy's float() is the
+    # logits themselves: one copy, measured on CPU)
+    logits = tokens.full * model.vocab_size / layout.tp * (FP32 if a == FP32 else a + FP32) if last else 0.0
     receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
-    # policy and reference hidden states travel together: [s, 4 * mbs, h] per held micro-batch
-    pipeline_buffers = held * 2 * a * tokens.local * model.hidden_size if receives else 0.0
-    # the reference's forward: one layer's working set, and on the last stage its logits (freed once its
+    comm = communicators(layout, model, stage) * 2 * hardware.hccl_buffsize_mb * MIB
+    dispatch = per_layer.dispatch if layers else 0.0
+    if not workload.trains:  # forward only: a layer's working set, the logits, one tensor in and one out
+        return StageMemory(
+            stage=stage, layers=layers, params=shard.total, weights=weights, gradients=0.0, optimizer=0.0,
+            reference=0.0, activations=0.0,
+            pipeline_buffers=2 * a * tokens.local * model.hidden_size if layout.pp > 1 else 0.0,
+            logits=logits, transient=(per_layer.full if layers else 0.0) + dispatch, comm_buffers=comm,
+            reserve=hardware.reserved_gib * GIB)
+    chunks = in_flight_chunks(layout, stage, micro_batches)
+    held = min(chunks, 1) + sum(ratios[min(i, len(ratios) - 1)] for i in range(1, chunks))
+    saved, recompute_set = chunk_saved_bytes(layout, per_layer, layers / layout.vpp)
+    activations = held * saved
+    if last:  # final norm and head inputs
+        activations += 2 * a * tokens.local * model.hidden_size + per_layer.last_stage_extra
+    # with the live reference, its hidden states travel with the policy's: [s, 4 * mbs, h] per held micro-batch
+    carried = 2 if workload.reference_forward else 1
+    pipeline_buffers = held * carried * a * tokens.local * model.hidden_size if receives else 0.0
+    # the live reference's forward: one layer's working set, and on the last stage its logits (freed once its
     # log-probabilities are gathered, before the policy's own logits exist)
-    reference_forward = max(per_layer.full if layers else 0.0, logits)
-    transient = max(recompute_set, reference_forward) + (per_layer.dispatch if layers else 0.0)
+    reference_forward = max(per_layer.full if layers else 0.0, logits) if workload.reference_forward else 0.0
+    transient = max(recompute_set, reference_forward) + dispatch
     return StageMemory(
         stage=stage, layers=layers, params=shard.total,
         weights=weights, gradients=gradients, optimizer=optimizer, reference=reference,
         activations=activations, pipeline_buffers=pipeline_buffers, logits=logits, transient=transient,
-        comm_buffers=communicators(layout, model, stage) * 2 * hardware.hccl_buffsize_mb * MIB,
-        reserve=hardware.reserved_gib * GIB,
+        comm_buffers=comm, reserve=hardware.reserved_gib * GIB,
     )
 
 
 def estimate_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training,
-    mean_seq_length: float | None = None, peak_candidates_only: bool = False,
+    lengths: Lengths | None = None, workload: Workload = DPO_LIVE, peak_candidates_only: bool = False,
 ) -> MemoryEstimate:
-    """Memory per device for every pipeline stage of a DPO run.
+    """Memory per device for every pipeline stage of a DPO run (`workload`: live or precomputed reference).
 
     `peak_candidates_only` (for the search) keeps only the stages that can hold the peak: the first, the
     last, and of the middle stages the first with each layer count (a later one with as many layers holds
     fewer micro-batches and the same state), so `peak` and `fits` are exact at a fraction of the cost.
 
-    Static padding: every held micro-batch is `seq_length` long. Dynamic padding with a known mean padded
-    length: one held micro-batch at `seq_length` (the peak a long pair causes) and the others at the mean.
-    Packing (`planner.packing`): a micro-batch's stream is at most its budget, the tokens of the unpacked
-    micro-batch at full length; one held at the budget and the others at the fill; fewer micro-batches.
-    Every DPO loss (sigmoid, hinge, ipo, with or without the SFT term) trains on chosen + rejected against
-    the frozen reference, so the `DPO` settings do not change the memory.
+    `lengths` (default: nothing known, every micro-batch may be `seq_length` long): static padding holds every
+    micro-batch at `seq_length`; dynamic padding one at the longest a micro-batch can be (the peak a long pair
+    causes) and the others at the expected lengths of the rank's next micro-batches (`lengths.micro_batches`).
+    Packing: a micro-batch's stream is at most its budget, the tokens of the unpacked micro-batch at full
+    length; one held at the budget and the others at the fill; fewer micro-batches. Every DPO loss (sigmoid,
+    hinge, ipo, with or without the SFT term) trains on chosen + rejected, so the loss settings do not change
+    the memory.
     """
-    # fused kernels (flash attention, fused norms) on npu/cuda; SDPA and unfused local layers on cpu
-    per_layer = _PerLayer.of(model, layout, training, fused=hardware.device != "cpu")
-    dynamic = training.dynamic_padding and mean_seq_length is not None
-    ratio = min(mean_seq_length / training.seq_length, 1.0) if dynamic else 1.0
+    lengths = lengths or MeanLength(training.seq_length)
     micro_batches = None
     if training.packing:
-        steps = packed_steps(layout, training, training.seq_length if mean_seq_length is None else mean_seq_length)
-        micro_batches, ratio = steps.micro_batches, steps.fill if dynamic else 1.0
+        steps = lengths.packed(layout, training)
+        micro_batches = math.ceil(steps.micro_batches - 1e-9)
+        row = steps.fill * training.seq_length if training.dynamic_padding else float(training.seq_length)
+        rows = MicroBatchLengths((row,) * micro_batches, (row * row,) * micro_batches, float(training.seq_length),
+                                 row, row * row)
+    else:
+        rows = lengths.micro_batches(layout, training)
+    return _estimate(model, hardware, layout, training, rows, micro_batches, workload, peak_candidates_only)
+
+
+def reference_pass_memory(
+    model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, lengths: Lengths,
+    micro_batch: int,
+) -> MemoryEstimate:
+    """Memory per device of the precompute pass: `layout`'s parallelism, `micro_batch` pairs per forward, the
+    dataset sorted by length (its longest micro-batch holds its longest pairs)."""
+    peak = lengths.peak(layout, replace(training, dynamic_padding=True))
+    rows = MicroBatchLengths((peak,), (peak * peak,), peak, peak, peak * peak)
+    return _estimate(model, hardware, replace(layout, micro_batch_size=micro_batch), training, rows, None,
+                     REFERENCE_PASS, False)
+
+
+def _estimate(model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training,
+              rows: MicroBatchLengths, micro_batches: int | None, workload: Workload, peak_candidates_only: bool
+              ) -> MemoryEstimate:
+    # fused kernels (flash attention, fused norms) on npu/cuda; SDPA and unfused local layers on cpu; every
+    # per-micro-batch term at the longest length a micro-batch can have
+    at_peak = replace(training, seq_length=math.ceil(rows.peak)) if rows.peak < training.seq_length else training
+    per_layer = _PerLayer.of(model, layout, at_peak, fused=hardware.device != "cpu")
+    ratios = tuple(length / rows.peak for length in rows.lengths)
     layers = real_layers_per_stage(layout)
     indices = range(len(layers))
     if peak_candidates_only:
         first_with = {n: i for i, n in reversed(list(enumerate(layers[1:-1], 1)))}
         indices = sorted({0, len(layers) - 1, *first_with.values()})
     stages = tuple(
-        stage_memory(model, hardware, layout, training, i, layers[i], per_layer, ratio, micro_batches)
+        stage_memory(model, hardware, layout, at_peak, i, layers[i], per_layer, ratios, micro_batches, workload)
         for i in indices
     )
     return MemoryEstimate(stages, hardware.memory_gib * GIB)

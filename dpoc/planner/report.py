@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dpoc.plan import Layout, Training
+from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import GIB, MemoryEstimate, StageMemory
-from dpoc.planner.packing import packed_steps
-from dpoc.planner.throughput import Throughput
+from dpoc.planner.throughput import ReferencePass, Throughput
 
 if TYPE_CHECKING:
     from dpoc.planner.search import Candidate, SearchResult
@@ -41,11 +41,25 @@ def throughput_summary(throughput: Throughput) -> dict[str, Any]:
             "dpo_mfu": round(throughput.dpo_mfu, 4)}
 
 
-def packing_summary(layout: Layout, training: Training, mean_seq_length: float) -> dict[str, Any]:
+def packing_summary(layout: Layout, training: Training, lengths: Lengths) -> dict[str, Any]:
     """What packing makes of a step (`planner.packing`): micro-batches per rank, pairs in each, the fill."""
-    steps = packed_steps(layout, training, mean_seq_length)
-    return {"budget_tokens": steps.budget, "micro_batches": steps.micro_batches,
+    steps = lengths.packed(layout, training)
+    return {"budget_tokens": steps.budget, "micro_batches": round(steps.micro_batches, 3),
             "pairs_per_micro_batch": round(steps.pairs_per_micro_batch, 3), "fill": round(steps.fill, 4)}
+
+
+def padding_summary(layout: Layout, training: Training, lengths: Lengths) -> dict[str, Any]:
+    """The padded tokens per sequence the plan assumes: the slowest rank's micro-batches on average, and the
+    longest one (what memory is planned for)."""
+    rows = lengths.micro_batches(layout, training)
+    return {"mean_padded_tokens": round(rows.mean, 2), "longest_tokens": round(rows.peak, 2)}
+
+
+def reference_pass_summary(estimate: ReferencePass, memory: MemoryEstimate) -> dict[str, Any]:
+    """The precompute pass of precomputed reference log-probs: its micro-batch, speed and memory."""
+    seconds = None if estimate.seconds is None else round(estimate.seconds, 3)
+    return {"micro_batch_size": estimate.micro_batch_size, "pairs_per_s": round(estimate.pairs_per_s, 3),
+            "seconds": seconds, "peak_gib": _gib(memory.peak.total), "fits": memory.fits}
 
 
 def knob_text(knobs: dict[str, Any]) -> str:

@@ -13,8 +13,10 @@ from itertools import product
 from typing import Any
 
 from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import MemoryEstimate, estimate_memory
 from dpoc.planner.throughput import Efficiency, Throughput, predict
+from dpoc.planner.workload import DPO_LIVE, Workload
 
 Build = Callable[[dict[str, Any]], Layout]
 Validate = Callable[[Layout], Sequence[object]]
@@ -139,13 +141,14 @@ def _layer_knobs(
 
 def search(
     model: ModelSpec, hardware: HardwareSpec, training: Training, build: Build, validate: Validate,
-    efficiency: Efficiency, mean_seq_length: float, pinned: dict[str, Any] | None = None,
-    space: SearchSpace | None = None, keep_too_big: int = 5,
+    efficiency: Efficiency, lengths: Lengths, pinned: dict[str, Any] | None = None,
+    space: SearchSpace | None = None, keep_too_big: int = 5, workload: Workload = DPO_LIVE,
 ) -> SearchResult:
     """Every layout of `space` (pinned knobs fixed) that `validate` accepts and that fits, ranked.
 
     `build(knobs)` is the compiler's knobs -> Layout step; `validate(layout)` its rules (problems, empty when
-    valid); `mean_seq_length` the mean padded sequence length (throughput, and memory under dynamic padding).
+    valid); `lengths` the sequence lengths (throughput, and memory under dynamic padding); `workload` the live
+    or precomputed reference.
     """
     pinned = pinned or {}
     space = space or default_space(model, hardware, training)
@@ -163,8 +166,7 @@ def search(
         if problems:
             rule_rejected += 1
             continue
-        memory = estimate_memory(model, hardware, layout, training, mean_seq_length,
-                                 peak_candidates_only=True)
+        memory = estimate_memory(model, hardware, layout, training, lengths, workload, peak_candidates_only=True)
         peak = memory.peak
         if not memory.fits:
             over = (peak.total - memory.capacity) / 2**30
@@ -172,7 +174,7 @@ def search(
                                      (f"stage {peak.stage} needs {peak.total / 2**30:.1f} GiB "
                                       f"of {memory.capacity / 2**30:.0f} GiB (+{over:.1f})",)))
             continue
-        throughput = predict(model, hardware, layout, training, efficiency, mean_seq_length)
+        throughput = predict(model, hardware, layout, training, efficiency, lengths, workload)
         ranked.append(Candidate(key, layout, memory, throughput, ()))
     ranked.sort(key=lambda c: (-c.throughput.samples_per_s, c.memory.peak.total))
     too_big.sort(key=lambda c: c.memory.peak.total)
@@ -181,8 +183,8 @@ def search(
 
 def smallest_fitting_nodes(
     model: ModelSpec, hardware: HardwareSpec, training: Training,
-    prepare: Callable[[HardwareSpec], tuple[Build, Validate]], efficiency: Efficiency, mean_seq_length: float,
-    pinned: dict[str, Any] | None = None, max_nodes: int = 1024,
+    prepare: Callable[[HardwareSpec], tuple[Build, Validate]], efficiency: Efficiency, lengths: Lengths,
+    pinned: dict[str, Any] | None = None, max_nodes: int = 1024, workload: Workload = DPO_LIVE,
 ) -> int | None:
     """The fewest nodes (doubling from the hardware's count) on which some valid layout fits, for the
     "does not fit, smallest need is N devices" message; None if even `max_nodes` is not enough.
@@ -191,7 +193,7 @@ def smallest_fitting_nodes(
     while nodes <= max_nodes:
         bigger = replace(hardware, nodes=nodes)
         build, validate = prepare(bigger)
-        found = search(model, bigger, training, build, validate, efficiency, mean_seq_length, pinned)
+        found = search(model, bigger, training, build, validate, efficiency, lengths, pinned, workload=workload)
         if found.ranked:
             return nodes
         nodes *= 2

@@ -2,8 +2,12 @@
 
 FLOPs follow Megatron's `num_floating_point_operations` convention (formulas-and-anchors §1.5): 2 FLOPs
 per multiply-add, backward = 2 x forward, causal attention (half the s^2 work), MoE experts at top-k, the
-router ignored. DPO per pair: policy forward + backward on chosen and rejected, the reference forward on the
-same two; full recompute adds a policy forward, selective recompute (core attention) adds its forward.
+router ignored. DPO per pair: policy forward + backward on chosen and rejected, and with the live reference
+its forward on the same two (`workload`); full recompute adds a policy forward, selective recompute (core
+attention) adds its forward. Sequence lengths come from `lengths`: the slowest data-parallel rank's expected
+padded lengths (their mean for the linear terms, their mean square for attention), or packing's real
+tokens. The precompute pass of precomputed reference log-probs (`predict_reference_pass`) is one forward
+over the dataset, sorted by length.
 
 Time per micro-batch and pipeline stage = compute (FLOPs / (peak x efficiency), with one efficiency for
 dense GEMMs and attention and one for the routed experts' grouped GEMMs) + exposed communication: TP/SP
@@ -20,25 +24,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
-from dpoc.planner.packing import SEQUENCES_PER_PAIR, packed_steps
+from dpoc.planner.packing import SEQUENCES_PER_PAIR
 from dpoc.planner.params import SWIGLU_MATRICES, kv_width, q_width, real_layers_per_stage, stage_shard
+from dpoc.planner.workload import DPO_LIVE, REFERENCE_PASS, Workload
 
 COMM_EFFICIENCY = 0.7  # achieved / nominal link bandwidth (Ascend msmodeling default)
 COLLECTIVE_LATENCY_S = 10e-6  # fixed cost per communication op (Ascend msmodeling static op cost)
 GRAD_BYTES = 4  # bf16 training reduces gradients in fp32
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one global-batch sample costs: DPO = a pair (2 sequences) plus the reference forward."""
-
-    sequences_per_sample: int
-    reference_forward: bool
-
-
-DPO_PAIRS = Workload(sequences_per_sample=2, reference_forward=True)
-PRETRAIN = Workload(sequences_per_sample=1, reference_forward=False)
 
 
 @dataclass(frozen=True)
@@ -59,9 +53,9 @@ FITTED = Efficiency(dense=0.474, experts=0.167)
 class Throughput:
     step_s: float
     samples_per_s: float  # pairs/s for DPO
-    tokens_per_s: float  # all sequences' (padded) tokens, whole job
+    tokens_per_s: float  # all sequences' real tokens (as the runtime counts them; a mean alone: padded), whole job
     mfu: float  # policy training FLOPs only (comparable to SFT/pretraining MFU)
-    dpo_mfu: float  # policy + reference forward
+    dpo_mfu: float  # policy + the live reference's forward (precomputed: equal to mfu)
     compute_s: float  # slowest stage, per micro-batch
     communication_s: float  # slowest stage's exposed communication, per micro-batch
     bubble_s: float
@@ -89,12 +83,13 @@ class _StageFlops:
 
 
 def _stage_forward_flops(
-    model: ModelSpec, layers: int, last: bool, seq: float, sequences: float
+    model: ModelSpec, layers: int, last: bool, seq: float, sequences: float, seq_square: float | None = None
 ) -> _StageFlops:
+    """`seq`: mean tokens per sequence; `seq_square`: mean of their squares (default seq^2)."""
     h, q, kv = model.hidden_size, q_width(model), kv_width(model)
     tokens = seq * sequences
     projections = 2 * (h * (q + 2 * kv) + q * h)
-    core = layers * sequences * 2 * q * seq * seq  # causal QK^T and AV
+    core = layers * sequences * 2 * q * (seq * seq if seq_square is None else seq_square)  # causal QK^T and AV
     moe = model.moe
     if moe is None:
         mlp, experts = 2 * SWIGLU_MATRICES * h * model.ffn_hidden_size, 0.0
@@ -105,9 +100,9 @@ def _stage_forward_flops(
     return _StageFlops(dense, experts, core)
 
 
-def training_flops_per_sequence(model: ModelSpec, seq: float) -> float:
+def training_flops_per_sequence(model: ModelSpec, seq: float, seq_square: float | None = None) -> float:
     """Megatron-convention FLOPs to train on one sequence (forward + backward), no recompute."""
-    f = _stage_forward_flops(model, model.num_layers, True, seq, 1)
+    f = _stage_forward_flops(model, model.num_layers, True, seq, 1, seq_square)
     return 3 * (f.dense + f.experts)
 
 
@@ -120,12 +115,15 @@ class _Run:
     efficiency: Efficiency
     workload: Workload
     seq: float  # tokens per sequence
+    seq_square: float  # mean square of the sequences' lengths
     sequences: float  # sequences one micro-batch trains on (packing: on average)
-    micro_batches: int  # per data-parallel rank and step
+    micro_batches: float  # per data-parallel rank and step
 
     @property
     def passes(self) -> int:
         """Passes through each layer per micro-batch: policy forward and backward, recompute, reference."""
+        if not self.workload.trains:
+            return 1
         recompute = 1 if self.layout.recompute == "full" else 0
         return 2 + recompute + (1 if self.workload.reference_forward else 0)
 
@@ -137,12 +135,12 @@ class _Run:
 
 def _stage_compute_s(run: _Run, stage: int, layers: int) -> float:
     layout = run.layout
-    f = _stage_forward_flops(run.model, layers, stage == layout.pp - 1, run.seq, run.sequences)
-    factor = 3 + (1 if run.workload.reference_forward else 0)
+    f = _stage_forward_flops(run.model, layers, stage == layout.pp - 1, run.seq, run.sequences, run.seq_square)
+    factor = (3 + (1 if run.workload.reference_forward else 0)) if run.workload.trains else 1
     dense, experts = factor * f.dense, factor * f.experts
-    if layout.recompute == "full":
+    if layout.recompute == "full" and run.workload.trains:
         dense, experts = dense + f.dense, experts + f.experts
-    elif layout.recompute == "selective":
+    elif layout.recompute == "selective" and run.workload.trains:
         dense += f.attention_core
     peak = run.hardware.peak_tflops * 1e12
     return (dense / run.efficiency.dense + experts / run.efficiency.experts) / (layout.tp * layout.cp * peak)
@@ -168,45 +166,84 @@ def _stage_comm_s(run: _Run, layers: int) -> float:
         comm += _transfer_s(hw, layout.tp * layout.cp, ops * kv_block, ops)
     if layout.pp > 1:  # the stage's input forward and its gradient backward, policy + reference together
         carried = run.activation_bytes(run.sequences * (2 if run.workload.reference_forward else 1))
-        comm += _transfer_s(hw, hw.world_size, 2 * carried / sp, 2)
+        directions = 2 if run.workload.trains else 1
+        comm += _transfer_s(hw, hw.world_size, directions * carried / sp, directions)
     return comm
 
 
 def predict(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, efficiency: Efficiency,
-    mean_seq_length: float, workload: Workload = DPO_PAIRS,
+    lengths: Lengths, workload: Workload = DPO_LIVE,
 ) -> Throughput:
-    """Throughput of `layout` when sequences average `mean_seq_length` tokens (after padding; with packing,
-    the real mean: a packed micro-batch computes its real tokens, attention per sequence)."""
-    sequences, micro_batches = workload.sequences_per_sample * layout.micro_batch_size, layout.num_microbatches
-    if training.packing and workload is DPO_PAIRS:
-        steps = packed_steps(layout, training, mean_seq_length)
-        sequences, micro_batches = SEQUENCES_PER_PAIR * steps.pairs_per_micro_batch, steps.micro_batches
+    """Throughput of `layout` with sequences as `lengths` says: padded micro-batches at the slowest rank's
+    expected lengths, or packed streams computing their real tokens (attention per sequence)."""
+    real, real_square = lengths.sequence_moments()
+    if training.packing and workload.pairwise:
+        steps = lengths.packed(layout, training)
+        seq, seq_square, micro_batches = real, real_square, steps.micro_batches
+        sequences = SEQUENCES_PER_PAIR * steps.pairs_per_micro_batch
         if not training.dynamic_padding:  # the stream is padded to its budget: every budget token is computed
-            sequences = steps.budget / mean_seq_length
-    run = _Run(model, hardware, layout, training, efficiency, workload, mean_seq_length, sequences, micro_batches)
-    layer_list = real_layers_per_stage(layout)
-    stages = []
-    # a stage's time depends only on its layer count and on holding the output layer (the last stage)
-    representatives = {layers: stage for stage, layers in enumerate(layer_list[:-1])}
-    for stage in {*representatives.values(), layout.pp - 1}:
-        layers = layer_list[stage]
-        compute, comm = _stage_compute_s(run, stage, layers), _stage_comm_s(run, layers)
-        stages.append((compute + comm, compute, comm))
-    slowest, compute_s, comm_s = max(stages)
+            sequences = steps.budget / seq
+        step_mean, step_square = seq, seq_square
+    else:
+        rows = lengths.micro_batches(layout, training)
+        seq, seq_square, micro_batches = rows.mean, rows.mean_square, layout.num_microbatches
+        sequences = workload.sequences_per_sample * layout.micro_batch_size
+        step_mean, step_square = rows.step_mean, rows.step_square
+    run = _Run(model, hardware, layout, training, efficiency, workload, seq, seq_square, sequences, micro_batches)
+    slowest, compute_s, comm_s = _slowest_stage(run)
     bubble = (layout.pp - 1) / layout.vpp * slowest
-    data_parallel = _data_parallel_s(model, hardware, layout, training, layer_list)
+    data_parallel = _data_parallel_s(model, hardware, layout, training, real_layers_per_stage(layout))
     step = micro_batches * slowest + bubble + data_parallel
     seqs = layout.global_batch_size * workload.sequences_per_sample
-    policy_flops = seqs * training_flops_per_sequence(model, mean_seq_length)
-    reference_flops = policy_flops / 3 if workload.reference_forward else 0.0
+    policy_flops = seqs * training_flops_per_sequence(model, step_mean, step_square)
+    reference_flops = policy_flops / 3 if workload.reference_forward else 0.0  # its forward, in every step
     capacity = step * hardware.world_size * hardware.peak_tflops * 1e12
     return Throughput(
         step_s=step, samples_per_s=layout.global_batch_size / step,
-        tokens_per_s=seqs * mean_seq_length / step,
+        tokens_per_s=seqs * real / step,
         mfu=policy_flops / capacity, dpo_mfu=(policy_flops + reference_flops) / capacity,
         compute_s=compute_s, communication_s=comm_s, bubble_s=bubble, data_parallel_s=data_parallel,
     )
+
+
+def _slowest_stage(run: _Run) -> tuple[float, float, float]:
+    """(time, compute, communication) of one micro-batch through the slowest pipeline stage. A stage's time
+    depends only on its layer count and on holding the output layer (the last stage)."""
+    layout = run.layout
+    layer_list = real_layers_per_stage(layout)
+    representatives = {layers: stage for stage, layers in enumerate(layer_list[:-1])}
+    stages = []
+    for stage in {*representatives.values(), layout.pp - 1}:
+        compute, comm = _stage_compute_s(run, stage, layer_list[stage]), _stage_comm_s(run, layer_list[stage])
+        stages.append((compute + comm, compute, comm))
+    return max(stages)
+
+
+@dataclass(frozen=True)
+class ReferencePass:
+    """The precompute pass of precomputed reference log-probs: one forward over the dataset."""
+
+    micro_batch_size: int  # pairs per forward
+    pairs_per_s: float
+    seconds: float | None  # the whole dataset, when its size is known
+
+
+def predict_reference_pass(
+    model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, efficiency: Efficiency,
+    lengths: Lengths, micro_batch: int, round_micro_batches: int,
+) -> ReferencePass:
+    """The pass at `layout`'s parallelism with `micro_batch` pairs per forward: the dataset sorted by length
+    (little padding), `round_micro_batches` micro-batches per rank through the pipeline at a time (each round
+    pays the pipeline's fill), no optimizer and no data-parallel communication."""
+    seq, seq_square = lengths.sorted_dataset(layout.tp * layout.cp)
+    run = _Run(model, hardware, layout, training, efficiency, REFERENCE_PASS, seq, seq_square,
+               SEQUENCES_PER_PAIR * micro_batch, round_micro_batches)
+    slowest, _, _ = _slowest_stage(run)
+    round_s = round_micro_batches * slowest + (layout.pp - 1) / layout.vpp * slowest
+    pairs_per_s = layout.dp * round_micro_batches * micro_batch / round_s
+    seconds = lengths.pairs / pairs_per_s if lengths.pairs is not None else None
+    return ReferencePass(micro_batch, pairs_per_s, seconds)
 
 
 def _data_parallel_s(

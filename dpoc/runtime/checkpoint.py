@@ -39,9 +39,10 @@ from dpoc import __version__, megatron_args
 from dpoc.data.pairwise import FIELDS, dataset_prefix
 from dpoc.errors import DpocError, Problem
 from dpoc.runtime import optimizer_state, publish
+from dpoc.runtime.agree import from_rank0
 from dpoc.runtime.device import Device
 from dpoc.runtime.model import virtual_pipeline_size
-from dpoc.runtime.weight_sources import reference_identity
+from dpoc.runtime.weight_identity import reference_identity
 
 RECORDS = "dpoc_checkpoint.json"
 FORMAT = 1
@@ -140,7 +141,7 @@ def check_start(args: argparse.Namespace, args_file: str) -> None:
     """Before anything is built (collective): refuse a fresh start over an earlier run."""
     if megatron_args.resuming(args) or args.dpoc_measure_memory:
         return
-    problems = _from_rank0(lambda: publish.earlier_run(args.save, args.dpoc_run_dir))
+    problems = from_rank0(lambda: publish.earlier_run(args.save, args.dpoc_run_dir))
     if problems:
         raise DpocError(problems)
 
@@ -214,7 +215,7 @@ class Checkpointer:
 
     def _newest_intact(self, root: Path) -> tuple[Path, list[str]]:
         """The newest published folder whose files all match its manifest (every rank re-hashes a share)."""
-        candidates = _from_rank0(lambda: publish.iterations(root))
+        candidates = from_rank0(lambda: publish.iterations(root))
         if not candidates:
             raise DpocError([publish.no_checkpoint(root)])
         warnings, problems = [], []
@@ -241,7 +242,7 @@ class Checkpointer:
         a = self.args
         root = Path(a.save)
         started = time.perf_counter()
-        staging = publish.staging_folder(root, iteration, _from_rank0(lambda: str(os.getpid())))
+        staging = publish.staging_folder(root, iteration, from_rank0(lambda: str(os.getpid())))
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             publish.remove_staging(root)
@@ -254,7 +255,7 @@ class Checkpointer:
             (staging / RECORDS).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         dist.barrier()
         _pause_for_tests(iteration)
-        names = _from_rank0(lambda: publish.files_of(staging))
+        names = from_rank0(lambda: publish.files_of(staging))
         mine = publish.file_records(staging, publish.share(names, self.rank, self.world))
         found = [None] * self.world if self.rank == 0 else None
         dist.gather_object(mine, found, dst=0)
@@ -291,13 +292,6 @@ class Checkpointer:
                                                (self.rank,), replica_id=0)
         state["iteration"] = iteration
         return state
-
-
-def _from_rank0(compute: Callable[[], object]):
-    """Rank 0's answer, on every rank (collective): for what needs only one look at shared files."""
-    box = [compute() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _in_process_results_queue() -> None:

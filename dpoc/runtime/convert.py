@@ -52,8 +52,9 @@ from dpoc.runtime.model import build_chunks, transformer_config
 from dpoc.runtime.safetensors_out import StreamingSafetensors
 from dpoc.runtime.sharded import sharded_tensors
 from dpoc.runtime.train import initialize_parallel
+from dpoc.runtime.weight_identity import describe_weights, open_source
 from dpoc.runtime.weight_map import Arch, index_axes
-from dpoc.runtime.weight_sources import COMMON_KEY, common_state, describe_weights, open_source
+from dpoc.runtime.weight_sources import COMMON_KEY, common_state
 
 SHARD_SIZE = "5GB"
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|added_tokens\.json|"

@@ -105,7 +105,8 @@ class MicroBatch:
     row_tokens: int  # tokens of the rows: 2n x L unpacked, the micro-batch's token budget packed
     step_mean_pairs: float = 0.0  # pairs per micro-batch, averaged over the step's micro-batches (all ranks)
     packed: PackedSequences | None = None
-    reference_logps: torch.Tensor | None = field(default=None)  # filled by the reference pass
+    pair_ids: tuple[int, ...] = ()  # each pair's index in the dataset, in row order (-1: a filler)
+    reference_logps: torch.Tensor | None = field(default=None)  # [2n] summed, by the reference pass or the file
 
     def to(self, device: torch.device) -> MicroBatch:
         return replace(self, tokens=self.tokens.to(device), targets=self.targets.to(device),
@@ -227,7 +228,8 @@ def rank_micro_batches(dataset: PairwiseDataset, step: int, batching: Batching, 
                    for g in mine]
     else:
         batches = [collate([dataset[int(i)] for i in g], batching.multiple_of, at_least) for g in mine]
-    return [replace(b, step_mean_pairs=mean_pairs).to(device) for b in batches]
+    return [replace(b, step_mean_pairs=mean_pairs, pair_ids=tuple(int(i) for i in g)).to(device)
+            for b, g in zip(batches, mine, strict=True)]
 
 
 def repeat_for_chunks(batches: list[MicroBatch], chunks: int

@@ -20,6 +20,11 @@ METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
                "logps/chosen", "logps/rejected")
 
 
+def summed_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the sum of its response tokens' log-probs (`mask`: 1 on response tokens)."""
+    return (token_logps * mask).sum(-1)
+
+
 @dataclass(frozen=True)
 class Objective:
     loss_type: str = "sigmoid"  # sigmoid | hinge | ipo
@@ -29,16 +34,20 @@ class Objective:
 
     def sequence_logps(self, token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Sum (IPO: mean) of response-token log-probs per sequence; `mask` is 1 on response tokens."""
-        total = (token_logps * mask).sum(-1)
-        return total / mask.sum(-1).clamp(min=1) if self.loss_type == "ipo" else total
+        return self.normalized(summed_logps(token_logps, mask), mask)
 
-    def loss_from_tokens(self, token_nll: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
+    def normalized(self, sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums of response-token log-probs as the loss takes them: IPO averages them."""
+        return sums / mask.sum(-1).clamp(min=1) if self.loss_type == "ipo" else sums
+
+    def loss_from_tokens(self, token_nll: torch.Tensor, mask: torch.Tensor, reference_sums: torch.Tensor,
                          mean_pairs: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss from the policy's per-token negative log-likelihoods [2n, L] (vocab-parallel cross
-        entropy), the response mask and the reference's sequence log-probs."""
+        entropy), the response mask and the reference's summed sequence log-probs (live or precomputed)."""
         n = token_nll.shape[0] // 2
         chosen_nll = (token_nll[:n] * mask[:n]).sum(-1) / mask[:n].sum(-1).clamp(min=1)
-        return self.loss(self.sequence_logps(-token_nll, mask), reference, chosen_nll, mean_pairs)
+        return self.loss(self.sequence_logps(-token_nll, mask), self.normalized(reference_sums, mask), chosen_nll,
+                         mean_pairs)
 
     def loss(self, policy: torch.Tensor, reference: torch.Tensor, chosen_nll: torch.Tensor, mean_pairs: float
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

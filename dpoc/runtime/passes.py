@@ -1,8 +1,9 @@
 """One DPO step's two pipeline passes through megatron-core's schedules.
 
-The reference pass (forward only) stores each micro-batch's reference log-probs on the micro-batch; the
-policy pass then computes the DPO loss against them and back-propagates. Both passes see the same
-micro-batches in the same order, so pipeline, tensor, expert and data parallelism apply to both alike.
+The reference pass (forward only) stores each micro-batch's summed reference log-probs on the micro-batch
+(the precompute pass runs it over the whole dataset once; `precompute.py`); the policy pass then computes
+the DPO loss against them and back-propagates. Both passes see the same micro-batches in the same order, so
+pipeline, tensor, expert and data parallelism apply to both alike.
 """
 
 from __future__ import annotations
@@ -10,15 +11,25 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dpoc.runtime.data import MicroBatch, repeat_for_chunks
-from dpoc.runtime.dpo import Objective
+from dpoc.runtime.dpo import Objective, summed_logps
 
 
-def reference_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch], objective: Objective) -> None:
+def holds_outputs() -> bool:
+    """Whether this rank reports its replica's per-sequence outputs (log-probs, losses, metrics): the last
+    pipeline stage's first tensor- and context-parallel rank."""
+    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0)
+
+
+def reference_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch]) -> None:
+    """Forward only: `batch.reference_logps` = each sequence's summed response log-probs (last stage)."""
     with torch.no_grad():
-        _run(chunks, batches, partial(_reference_step, objective), forward_only=True)
+        _run(chunks, batches, _reference_step, forward_only=True)
 
 
 def policy_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch], objective: Objective
@@ -48,11 +59,11 @@ def _forward(data_iterator, model):
     return batch, out
 
 
-def _reference_step(objective: Objective, data_iterator, model):
+def _reference_step(data_iterator, model):
     batch, out = _forward(data_iterator, model)
 
     def store(token_nll):
-        batch.reference_logps = objective.sequence_logps(-batch.per_sequence(token_nll), batch.mask).detach()
+        batch.reference_logps = summed_logps(-batch.per_sequence(token_nll), batch.mask).detach()
         return token_nll.sum() * 0, {}
 
     return out, store

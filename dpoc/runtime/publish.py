@@ -18,7 +18,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dpoc.errors import Problem
@@ -183,15 +183,23 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` whole or not at all: a temporary sibling, fsynced, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+def write_atomically(path: Path, content: str | bytes, before_rename: Callable[[], None] | None = None) -> None:
+    """Replace `path` whole or not at all: a temporary sibling (`temporary_name`), fsynced, renamed over it.
+    `before_rename` (tests) runs when the sibling is complete."""
+    tmp = path.with_name(f"{temporary_name(path.name)}{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
         f.flush()
         os.fsync(f.fileno())
+    if before_rename is not None:
+        before_rename()
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def temporary_name(name: str) -> str:
+    """The prefix of `write_atomically`'s sibling of `name` (a writer killed before its rename leaves it)."""
+    return f".{name}.tmp-"
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,8 +1,10 @@
 """DPO training with megatron-core: `torchrun ... -m dpoc.runtime.train @build/<name>/megatron.args`.
 
 The args file is the only input besides the torchrun environment. Each step: a forward-only pass of the
-frozen reference, a forward/backward pass of the policy (both through megatron-core's pipeline
-schedules), one distributed-optimizer step with gradient clipping, one LR-schedule step, one metrics line;
+frozen reference (or, with `--dpoc-reference precomputed`, its log-probs looked up by pair index in the file
+`precompute.py` wrote; then no reference model is built), a forward/backward pass of the policy (both
+through megatron-core's pipeline schedules), one distributed-optimizer step with gradient clipping, one
+LR-schedule step, one metrics line;
 a checkpoint when one is due (`checkpoint.py`), and a saved, orderly stop on SIGTERM (`preemption.py`).
 """
 
@@ -33,7 +35,7 @@ from megatron.core.transformer.module import Float16Module
 from dpoc import megatron_args
 from dpoc.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, DpocError, Problem
 from dpoc.runtime import device as devices
-from dpoc.runtime import memory_probe, weight_sources
+from dpoc.runtime import memory_probe, precompute, weight_sources
 from dpoc.runtime.checkpoint import Checkpointer, check_start
 from dpoc.runtime.data import Batching, PairwiseDataset, rank_micro_batches
 from dpoc.runtime.dpo import METRIC_KEYS, Objective
@@ -51,6 +53,12 @@ from dpoc.runtime.run_log import RunLog
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return entry(argv, train)
+
+
+def entry(argv: Sequence[str] | None, body) -> int:
+    """Parse megatron.args, check what needs no process group, join it, run `body`; problems exit 2 (training
+    and the precompute pass alike)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args_file = next((a[1:] for a in argv if a.startswith("@")), "megatron.args")
     args = megatron_args.parse(argv)
@@ -61,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights = weight_sources.sources(args, args_file)  # before any process waits for another
         _init_distributed(device)
         with devices.running_on(device):
-            return train(args, device, args_file, weights)
+            return body(args, device, args_file, weights)
     except DpocError as err:
         for problem in err.problems:
             print(problem, file=sys.stderr)
@@ -135,14 +143,21 @@ def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources
         weight_sources.load(policy_source, chunks, config, args)
     policy = [DistributedDataParallel(policy_config, ddp_config, _in_precision(policy_config, chunk),
                                       disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
-    chunks = build_chunks(reference_config, args)
-    weight_sources.load(reference_source, chunks, config, args)
+    if args.dpoc_reference == "precomputed":
+        return policy, []
+    return policy, build_reference(args, reference_config, reference_source)
+
+
+def build_reference(args: argparse.Namespace, config, source: weight_sources.WeightSource) -> list:
+    """The frozen reference's chunks, filled from `source`, in eval mode and without gradients."""
+    chunks = build_chunks(config, args)
+    weight_sources.load(source, chunks, config, args)
     reference = []
     for chunk in chunks:
         chunk.eval()
         chunk.requires_grad_(False)
-        reference.append(_in_precision(reference_config, chunk))
-    return policy, reference
+        reference.append(_in_precision(config, chunk))
+    return reference
 
 
 def _in_precision(config, chunk: torch.nn.Module) -> torch.nn.Module:
@@ -173,6 +188,10 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     preemption = Preemption(enabled=args.save is not None and not args.dpoc_measure_memory)
     check_start(args, args_file)
     initialize_parallel(args)
+    dataset = PairwiseDataset(args.data_path, args.seq_length, args_file, args.tokenizer_name_or_path)
+    # before any model is built: a missing or stale file stops the run at once
+    precomputed = precompute.shared_table(args, args_file, len(dataset)) \
+        if args.dpoc_reference == "precomputed" else None
     config = transformer_config(args, device)
     policy, reference = build_models(args, config, weights)
     optimizer, scheduler = build_optimizer(args, policy)
@@ -180,7 +199,6 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 
-    dataset = PairwiseDataset(args.data_path, args.seq_length, args_file, args.tokenizer_name_or_path)
     objective = Objective(args.dpo_loss_type, args.dpo_beta, args.dpo_label_smoothing, args.pref_ftx)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     batching = Batching.from_args(args, same_length=uniform_micro_batch_length(args))
@@ -188,14 +206,17 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     # the memory probe measures step 1 of a fresh model and stops: it reads and writes no checkpoint
     start, notes = (0, ["memory probe: step 1 only, no checkpoint is read or written"]) \
         if args.dpoc_measure_memory else checkpoints.resume()
-    log = _open_log(args, device, dp_size, start, weights) if dist.get_rank() == 0 else None
+    log = _open_log(args, device, dp_size, start, weights, precomputed) if dist.get_rank() == 0 else None
     say = log.line if log else None
     for note in [*(f"warning: {w}" for w in dataset.warnings), *notes] if log else ():
         log.line(note)
     for step in range(start, args.train_iters):
         started = time.perf_counter()
         batches = rank_micro_batches(dataset, step, batching, dp_rank, dp_size, device.current())
-        reference_pass(reference, batches, objective)
+        if precomputed is None:
+            reference_pass(reference, batches)
+        else:
+            batches = [precomputed.fill(b) for b in batches]
         for chunk in policy:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -235,12 +256,13 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
 
 
 def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, start: int,
-              weights: tuple[weight_sources.WeightSource, ...]) -> RunLog:
+              weights: tuple[weight_sources.WeightSource, ...], precomputed) -> RunLog:
     log = RunLog(args.dpoc_run_dir, args.train_iters, start, args.tensorboard_dir)
     log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
              f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
-    log.line(f"weights: policy from {weights[0].describe()}, reference from {weights[1].describe()}")
+    log.line(f"weights: policy from {weights[0].describe()}, reference from {weights[1].describe()}"
+             + (f" (precomputed log-probs: {precomputed.path})" if precomputed is not None else ""))
     return log
 
 

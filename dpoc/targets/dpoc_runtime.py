@@ -31,13 +31,19 @@ def node_script(rank: int) -> str:
 
 
 def files(plan: Plan) -> dict[str, str]:
-    """What this target renders: the argument files (fresh and resume) and one node script per node."""
+    """What this target renders: the argument files (fresh and resume), one node script per node, and with
+    precomputed reference log-probs the pass that makes them (reference.sh)."""
     out = {path: format_args(megatron_args(plan, resume=resume))
            for resume, path in ((False, "megatron.args"), (True, "resume/megatron.args"))}
     values = templating.node_values(plan)
+    precomputed = plan.dpo.reference == "precomputed"
     for rank, host in templating.node_hosts(plan):
         out[node_script(rank)] = templating.template("node.sh.j2", node_rank=rank, host=host, **values,
-                                                      preempted_marker=PREEMPTED, exit_preempted=EXIT_PREEMPTED)
+                                                      preempted_marker=PREEMPTED, exit_preempted=EXIT_PREEMPTED,
+                                                      precomputed_reference=precomputed)
+    if precomputed:
+        out["reference.sh"] = templating.template("reference.sh.j2", **values, data_path=plan.data.output_prefix,
+                                                  micro_batch_size=plan.dpo.reference_micro_batch_size)
     return out
 
 
@@ -166,6 +172,11 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         ("--dpo-beta", d.beta),
         ("--dpo-label-smoothing", d.label_smoothing),
         ("--pref-ftx", d.sft_weight),
+        ("--dpoc-reference", d.reference),
+    ]
+    if d.reference == "precomputed":
+        args.append(("--dpoc-reference-micro-batch-size", d.reference_micro_batch_size))
+    args += [
         ("--ckpt-format", "torch_dist"),
         ("--save", ck.save),
         ("--save-interval", t.save_interval),

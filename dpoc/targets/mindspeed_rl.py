@@ -94,6 +94,9 @@ def unsupported(plan: Plan) -> list[Violation]:
     if training.packing:
         out.append(Violation("training.packing", "true: MindSpeed-RL's pairwise DPO data has no packing (each "
                              "micro-batch holds whole padded pairs); valid: false, or runtime=dpoc"))
+    if dpo.reference == "precomputed":
+        out.append(Violation("dpo.reference", "precomputed: MindSpeed-LLM's DPO runs the frozen reference forward "
+                             "in every step and reads no precomputed log-probs; valid: live, or runtime=dpoc"))
     if layout.recompute == "selective":
         out.append(Violation("parallelism.recompute", f"selective: {why}; valid: none, full, or runtime=dpoc"))
     if plan.source_of("checkpoint.keep").source.startswith("user"):

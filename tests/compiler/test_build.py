@@ -212,9 +212,9 @@ def test_build_does_not_import_torch(tmp_path):
 def test_shipped_scripts_pass_shellcheck(guide_build, tmp_path):
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     tiny = tmp_path / "tiny"
-    build(RECIPES / "tiny_cpu.yaml", out=tiny)
+    build(RECIPES / "tiny_cpu.yaml", ["dpo.reference=precomputed"], out=tiny)  # node script + reference.sh
     scripts = sorted(guide_build.rglob("*.sh")) + sorted(tiny.rglob("*.sh"))
-    assert len(scripts) == 18
+    assert len(scripts) == 19 and tiny / "reference.sh" in scripts
     proc = subprocess.run([shellcheck, "--severity=style", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 

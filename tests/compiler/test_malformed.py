@@ -87,6 +87,9 @@ OVERRIDE_CASES = [
     (["runtime=mindspeed-rl", "training.packing=true"], "training.packing",
      "true: MindSpeed-RL's pairwise DPO data has no packing (each micro-batch holds whole padded pairs); valid: "
      "false, or runtime=dpoc"),
+    (["runtime=mindspeed-rl", "dpo.reference=precomputed"], "dpo.reference",
+     "precomputed: MindSpeed-LLM's DPO runs the frozen reference forward in every step and reads no precomputed "
+     "log-probs; valid: live, or runtime=dpoc"),
     (["checkpoint.init=random", "runtime=mindspeed-rl"], "checkpoint.init", "random: MindSpeed-RL always loads converted per-rank weights"),
     (["parallelism.moe_grouped_gemm=true", "hardware.preset=cpu", "hardware.devices_per_node=16"],
      "parallelism.moe_grouped_gemm", "grouped GEMM kernels exist only on npu and cuda devices"),

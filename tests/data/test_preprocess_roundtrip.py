@@ -60,6 +60,13 @@ def test_stats_file_counts_tokens_and_lengths(orca_file, run, tokenizer):
     assert sum(stats["length_histogram"]["chosen"]) == 3
     assert stats["length_histogram"]["bin_edges"][:3] == [0, 16, 32]
     assert stats["longest"]["chosen"] == max(len(pairwise[i]["chosen_input_ids"]) for i in range(3))
+    # per pair, its longer side and both sides' tokens: what training.length_stats models padding and packing by
+    pairs = stats["pair_histogram"]
+    sides = [(len(pairwise[i]["chosen_input_ids"]), len(pairwise[i]["rejected_input_ids"])) for i in range(3)]
+    width = pairs["longer_bin_edges"][1]
+    assert pairs["longer_bin_edges"][-1] == stats["settings"]["seq_length"] and pairs["tokens_bin_edges"][1] == 2 * width
+    assert [i for i, c in enumerate(pairs["longer"]) for _ in range(c)] == sorted(max(s) // width for s in sides)
+    assert [i for i, c in enumerate(pairs["tokens"]) for _ in range(c)] == sorted(sum(s) // (2 * width) for s in sides)
 
 
 def test_tokenizer_chat_template(orca_file, run, tokenizer):

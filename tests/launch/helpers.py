@@ -37,7 +37,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 STUB_TORCHRUN = r"""#!/usr/bin/env bash
 # torchrun stand-in: records each start, starts a "worker" in a session of its own (as torchrun does), then
 # behaves as $STUB_PLAN says for this node and attempt: "RANK:ATTEMPT=CODE ..." exits CODE, else it waits
-# for its worker (which only a stop ends).
+# for its worker (which only a stop ends). With STUB_NODES=N a node about to exit first waits (at most 60 s)
+# until N nodes have started this attempt, so a test can rely on every node having started before one fails.
 rank=0; master=""
 while [ $# -gt 0 ]; do
   case "$1" in --node_rank) rank=$2 ;; --master_addr) master=$2 ;; --master_port) master="$master:$2" ;; esac
@@ -49,7 +50,9 @@ echo "node=$rank attempt=$attempt resume=${DPOC_RESUME:-unset} master=$master" >
 setsid sleep 300 &
 echo "stub: node $rank attempt $attempt started"
 for rule in ${STUB_PLAN:-}; do
-  if [ "${rule%%=*}" = "$rank:$attempt" ]; then echo "stub: node $rank attempt $attempt exits ${rule#*=}"; exit "${rule#*=}"; fi
+  if [ "${rule%%=*}" = "$rank:$attempt" ]; then
+    for _ in $(seq 600); do [ "$(grep -c " attempt=$attempt " "$STUB_DIR/starts.log")" -ge "${STUB_NODES:-0}" ] && break; sleep 0.1; done
+    echo "stub: node $rank attempt $attempt exits ${rule#*=}"; exit "${rule#*=}"; fi
 done
 wait
 """

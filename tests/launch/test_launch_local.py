@@ -39,7 +39,7 @@ def _build(job_dir, *overrides):
 
 
 def _launch(job_dir, out, *args, plan=""):
-    env = script_env(STUB_DIR=str(job_dir), STUB_PLAN=plan)
+    env = script_env(STUB_DIR=str(job_dir), STUB_PLAN=plan, STUB_NODES="2")
     env["PATH"] = f"{stub_torchrun(job_dir)}:{env['PATH']}"
     return subprocess.run([sys.executable, "-m", "dpoc", "launch", str(out), *args], cwd=job_dir, env=env,
                           capture_output=True, text=True, timeout=300)

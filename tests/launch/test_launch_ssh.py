@@ -56,7 +56,7 @@ def _build(job_dir: Path, *overrides: str) -> Path:
 
 
 def _run(job_dir: Path, command: list[str], **env: str) -> subprocess.CompletedProcess:
-    full = script_env(STUB_DIR=str(job_dir), STUB_PLAN="1:1=4", **env)
+    full = script_env(STUB_DIR=str(job_dir), STUB_PLAN="1:1=4", STUB_NODES="2", **env)
     full["PATH"] = f"{job_dir / 'bin'}:{full['PATH']}"
     return subprocess.run(command, cwd=job_dir, env=full, capture_output=True, text=True, timeout=300)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from dpoc.plan import MoESpec
+from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import (
     GIB,
     MIB,
@@ -213,10 +214,10 @@ def test_dynamic_padding_holds_one_long_micro_batch_and_the_rest_at_the_mean(spe
     # three at the mean 2 -> 1 + 3 * 2/4 = 2.5 micro-batches of 1728 bytes
     lay = specs.layout(4, pp=4, gbs=8, layers=4)
     dynamic = specs.training(dynamic_padding=True)
-    est = estimate_memory(specs.model(num_layers=4), specs.hardware(), lay, dynamic, mean_seq_length=2)
+    est = estimate_memory(specs.model(num_layers=4), specs.hardware(), lay, dynamic, MeanLength(2))
     assert est.stages[0].activations == 2.5 * 1728
     assert est.stages[1].pipeline_buffers == (1 + 2 * 0.5) * 256
-    static = estimate_memory(specs.model(num_layers=4), specs.hardware(), lay, specs.training(), 2)
+    static = estimate_memory(specs.model(num_layers=4), specs.hardware(), lay, specs.training(), MeanLength(2))
     assert static.stages[0].activations == 4 * 1728  # static padding ignores the mean
 
 

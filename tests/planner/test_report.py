@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dpoc.layout import make_layout
+from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import estimate_memory
 from dpoc.planner.report import explain, knob_text, memory_summary
 from dpoc.planner.search import search
@@ -30,7 +31,7 @@ def test_explain_names_counts_winner_and_nearest_rejections(specs):
     hw = specs.hardware(devices_per_node=2, memory_gib=25_000 / 2**30)
     training = specs.training()
     result = search(m, hw, training, lambda k: make_layout(m, hw, 8, k), specs.compiler_rules(m, hw, training),
-                    Efficiency(0.5, 0.5), 4)
+                    Efficiency(0.5, 0.5), MeanLength(4))
     lines = explain(result, top=2)
     # 2 devices: tp 1 or 2 at pp 1 (x mbs {1, 2} x recompute {none, full} = 8), pp 2 x vpp {1, 2, 4} (12) = 20;
     # the rules reject tp 2 (one KV group; 4) and vpp > 1 with one layer per stage (8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dpoc.layout import make_layout
+from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import GIB, estimate_memory
 from dpoc.planner.search import balanced_layer_list, search, smallest_fitting_nodes
 from dpoc.planner.throughput import Efficiency
@@ -17,7 +18,7 @@ EFF = Efficiency(0.5, 0.2)
 def _search(specs, m, hw, training=None, gbs=8, mean=4, **kwargs):
     training = training or specs.training()
     return search(m, hw, training, lambda k: make_layout(m, hw, gbs, k), specs.compiler_rules(m, hw, training),
-                  EFF, mean, **kwargs)
+                  EFF, MeanLength(mean), **kwargs)
 
 
 def _toy_search(specs, hw, **kwargs):
@@ -99,9 +100,9 @@ def test_smallest_fitting_nodes(specs):
     def prepare(h):
         return (lambda k: make_layout(m, h, 8, k)), specs.compiler_rules(m, h, specs.training())
 
-    assert smallest_fitting_nodes(m, hw, specs.training(), prepare, EFF, 4, pinned) == 2
+    assert smallest_fitting_nodes(m, hw, specs.training(), prepare, EFF, MeanLength(4), pinned) == 2
     assert smallest_fitting_nodes(m, specs.hardware(devices_per_node=1, memory_gib=1e-7), specs.training(),
-                                  prepare, EFF, 4, max_nodes=4) is None
+                                  prepare, EFF, MeanLength(4), max_nodes=4) is None
 
 
 def test_noop_padding_follows_mindspeed_for_94_layers(specs):
@@ -134,7 +135,7 @@ def test_mindspeed_layouts_pass_the_rules_and_fit_when_pinned(specs, model, hard
     training = specs.training(4096, dynamic_padding=True)
     layout = make_layout(m, hw, gbs, knobs)
     assert specs.compiler_rules(m, hw, training)(layout) == []
-    assert estimate_memory(m, hw, layout, training, 500).fits
+    assert estimate_memory(m, hw, layout, training, MeanLength(500)).fits
     pinned = {"cp": 1, "etp": layout.etp, "vpp": layout.vpp, "micro_batch_size": 1, "recompute": "none", **knobs}
     result = _search(specs, m, hw, training, gbs=gbs, mean=500, pinned=pinned)
     assert result.evaluated == 1 and result.best.layout == layout
@@ -150,4 +151,4 @@ def test_qwen3_235b_mindspeed_layout_needs_16_a3_nodes(specs):
     layout = make_layout(m, hw, 256, knobs)
     assert (layout.world_size, layout.edp, layout.stage_layers) == (128, 1, (24, 24, 24, 24))
     assert specs.compiler_rules(m, hw, training)(layout) == []
-    assert not estimate_memory(m, hw, layout, training, 500).fits  # 16 nodes: the parametrized test above
+    assert not estimate_memory(m, hw, layout, training, MeanLength(500)).fits  # 16 nodes: the parametrized test above

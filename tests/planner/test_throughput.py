@@ -12,14 +12,15 @@ import pytest
 
 from dpoc.plan import MoESpec
 from dpoc.planner.calibration import Published, fit, predicted
+from dpoc.planner.lengths import MeanLength
 from dpoc.planner.throughput import (
     FITTED,
-    PRETRAIN,
     Efficiency,
     link_gbps,
     predict,
     training_flops_per_sequence,
 )
+from dpoc.planner.workload import PRETRAIN
 
 SEQ_FLOPS = 35328
 
@@ -39,7 +40,7 @@ def test_dpo_step_on_one_device(specs):
     # 1 device at 1e6 FLOP/s, efficiency 0.5, GBS 2 pairs, MBS 1 -> 2 micro-batches of 2 sequences.
     # per micro-batch: policy 2 * 35328 = 70656, reference forward 70656 / 3 = 23552 -> 94208 FLOPs
     hw = specs.hardware(devices_per_node=1, peak_tflops=1e-6)
-    t = predict(specs.model(), hw, specs.layout(1, gbs=2), specs.training(), Efficiency(0.5, 0.5), 4)
+    t = predict(specs.model(), hw, specs.layout(1, gbs=2), specs.training(), Efficiency(0.5, 0.5), MeanLength(4))
     micro = 94208 / (0.5 * 1e6)
     assert t.step_s == pytest.approx(2 * micro)
     assert t.samples_per_s == pytest.approx(2 / (2 * micro))
@@ -51,7 +52,7 @@ def test_dpo_step_on_one_device(specs):
 def test_full_recompute_costs_one_more_policy_forward(specs):
     hw = specs.hardware(devices_per_node=1, peak_tflops=1e-6)
     lay = specs.layout(1, gbs=2, recompute="full", recompute_method="uniform", recompute_num_layers=1)
-    t = predict(specs.model(), hw, lay, specs.training(), Efficiency(0.5, 0.5), 4)
+    t = predict(specs.model(), hw, lay, specs.training(), Efficiency(0.5, 0.5), MeanLength(4))
     assert t.step_s == pytest.approx(2 * (94208 + 70656 / 3) / 0.5e6)
     assert t.mfu == pytest.approx(0.5 * 3 / 5)
 
@@ -59,7 +60,7 @@ def test_full_recompute_costs_one_more_policy_forward(specs):
 def test_pretrain_workload_has_no_reference(specs):
     hw = specs.hardware(devices_per_node=1, peak_tflops=1e-6)
     lay = specs.layout(1, gbs=2)
-    t = predict(specs.model(), hw, lay, specs.training(), Efficiency(0.5, 0.5), 4, PRETRAIN)
+    t = predict(specs.model(), hw, lay, specs.training(), Efficiency(0.5, 0.5), MeanLength(4), PRETRAIN)
     assert t.step_s == pytest.approx(2 * SEQ_FLOPS / 0.5e6)
     assert t.mfu == t.dpo_mfu == pytest.approx(0.5)
 
@@ -70,7 +71,7 @@ def test_pipeline_bubble(specs):
     # 2 sequences, and policy + reference cost 4/3 of training.
     hw = specs.hardware(devices_per_node=2, peak_tflops=1e-6, intra_node_gbps=1e9)
     lay = specs.layout(2, pp=2, gbs=4)
-    t = predict(specs.model(), hw, lay, specs.training(), Efficiency(1.0, 1.0), 4)
+    t = predict(specs.model(), hw, lay, specs.training(), Efficiency(1.0, 1.0), MeanLength(4))
     last_stage_train = 4 * (3456 + 1536) + 768
     micro = 2 * last_stage_train * 4 / 3 / 1e6
     p2p = 2 * 10e-6  # activation forward + its gradient: latency only at this bandwidth
@@ -113,7 +114,7 @@ def test_tensor_parallel_collectives(specs):
     # Passes per layer: policy forward, backward, reference forward = 3; 4 collectives per layer and pass
     # -> 3 * 2 layers * 4 = 24 ops, each moving (2-1)/2 * 128 = 64 bytes: 1536 bytes at 1e6 B/s + 24 x 10 us
     lay = specs.layout(2, tp=2, gbs=1)
-    t = predict(specs.model(), _slow_link(specs, 2), lay, specs.training(), Efficiency(1, 1), 4)
+    t = predict(specs.model(), _slow_link(specs, 2), lay, specs.training(), Efficiency(1, 1), MeanLength(4))
     assert t.communication_s == pytest.approx(1536e-6 + 24 * 10e-6)
 
 
@@ -123,7 +124,7 @@ def test_expert_all_to_all(specs):
     moe = MoESpec(num_experts=4, topk=2, ffn_hidden_size=4, aux_loss_coeff=0.0, norm_topk_prob=True)
     m = specs.model(moe=moe, family="qwen3_moe")
     lay = specs.layout(2, ep=2, etp=1, gbs=2)
-    t = predict(m, _slow_link(specs, 2), lay, specs.training(), Efficiency(1, 1), 4)
+    t = predict(m, _slow_link(specs, 2), lay, specs.training(), Efficiency(1, 1), MeanLength(4))
     assert t.communication_s == pytest.approx(1536e-6 + 12 * 10e-6)
 
 
@@ -131,7 +132,7 @@ def test_data_parallel_reduce_scatter_and_all_gather(specs):
     # dp 2, distributed optimizer: fp32 gradients reduce-scattered (4 B) and bf16 weights all-gathered (2 B)
     # for the 1704 parameters, half of each leaving the rank: 1704 * 6 / 2 = 5112 bytes + 2 ops x 10 us
     t = predict(specs.model(), _slow_link(specs, 2), specs.layout(2, gbs=2), specs.training(),
-                Efficiency(1, 1), 4)
+                Efficiency(1, 1), MeanLength(4))
     assert t.data_parallel_s == pytest.approx(5112e-6 + 2 * 10e-6)
 
 

@@ -23,8 +23,9 @@ from dpoc import megatron_args
 from dpoc.errors import DpocError
 from dpoc.hf_config import architecture, read_config
 from dpoc.runtime import weight_map, weight_sources
+from dpoc.runtime.weight_identity import describe_weights
 from dpoc.runtime.weight_map import Arch, index_axes
-from dpoc.runtime.weight_sources import COMMON_KEY, describe_weights
+from dpoc.runtime.weight_sources import COMMON_KEY
 from tests.runtime.hf_models import model_flags, save_model
 from tests.runtime.synthetic import write_args, write_pairs
 from tests.runtime.test_runtime_train import ROOT, metrics, run_module

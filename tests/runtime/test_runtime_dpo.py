@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from dpoc.runtime.dpo import METRIC_KEYS, Objective
+from dpoc.runtime.dpo import METRIC_KEYS, Objective, summed_logps
 
 PAIRS, LENGTH, VOCAB = 3, 12, 50
 
@@ -42,7 +42,7 @@ def _runtime(objective: Objective, policy, reference, targets, mask):
     def token_nll(logits):  # megatron-core's layout: [s, b, v] in, [s, b] out
         return vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.t().contiguous()).t()
 
-    reference_logps = objective.sequence_logps(-token_nll(reference), mask)
+    reference_logps = summed_logps(-token_nll(reference), mask)  # the loss normalizes them (IPO: per token)
     return objective.loss_from_tokens(token_nll(policy), mask, reference_logps, mean_pairs=PAIRS)
 
 

@@ -107,9 +107,9 @@ def reference(workdir):
     return get
 
 
+# Unpacked SDPA in tp2/pp2 is covered by test_runtime_train's layouts (SDPA is the CPU default) together with
+# test_runtime_attention's one-process SDPA == local attention check.
 RUNS = {  # name: (processes, flags, MoE, reference run)
-    "sdpa-tp2": (2, [("--tensor-model-parallel-size", 2)], False, "dense"),
-    "sdpa-pp2": (2, [("--pipeline-model-parallel-size", 2)], False, "dense"),
     "packed": (1, PACK, False, "dense"),
     "packed-tp2-sp": (2, [*PACK, ("--tensor-model-parallel-size", 2), ("--sequence-parallel", True)], False,
                       "dense"),

@@ -1,0 +1,178 @@
+"""Precomputed reference log-probs: the pass, its file's key and atomic publication, and training from it
+equal to the live reference (fp32, CPU: within 1e-6) in one process, at pp2 and with packing; resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpoc.errors import DpocError
+from dpoc.runtime import publish, reference_file
+from tests.runtime.synthetic import model_flags, write_args, write_pairs
+from tests.runtime.test_runtime_train import COMPARED, ROOT, metrics, run_module
+
+STEPS = 2
+MODEL = model_flags(layers=2)
+PRECOMPUTED = [("--dpoc-reference", "precomputed"), ("--dpoc-reference-micro-batch-size", 4)]
+PP2 = [("--pipeline-model-parallel-size", 2)]
+PACKING = [("--dpoc-packing", True)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("precompute")
+    write_pairs(tmp / "pairs", pairs=24)
+    return tmp
+
+
+def _args(workdir: Path, name: str, flags=(), data: str = "pairs", **kwargs) -> Path:
+    return write_args(workdir / f"{name}.args", str(workdir / data), workdir / "runs" / name, steps=STEPS,
+                      model=MODEL, extra=list(flags), **kwargs)
+
+
+def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def _precompute(args_file: Path, processes: int = 1) -> subprocess.CompletedProcess:
+    return run_module(["-m", "dpoc.runtime.precompute", f"@{args_file}"], processes)
+
+
+def _train(workdir: Path, name: str, processes: int = 1, flags=(), **kwargs) -> list[dict]:
+    _ok(run_module(["-m", "dpoc.runtime.train", f"@{_args(workdir, name, flags, **kwargs)}"], processes))
+    return metrics(workdir / "runs" / name)
+
+
+def _files(workdir: Path, data: str = "pairs") -> list[Path]:
+    return sorted(workdir.glob(f"{data}_reference-*.npz"))
+
+
+@pytest.fixture(scope="module")
+def table(workdir) -> Path:
+    """The pass over the dataset in one process, 4 pairs per micro-batch (training's is 2)."""
+    out = _ok(_precompute(_args(workdir, "pass", PRECOMPUTED)))
+    (path,) = _files(workdir)
+    assert f"wrote {path}: 24 pairs" in out.stderr
+    return path
+
+
+def _assert_equal(got: list[dict], expected: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, STEPS + 1))
+    for mine, theirs in zip(got, expected, strict=True):
+        for key in COMPARED:
+            # at step 1 the policy is the reference: every margin is 0 up to rounding, and the accuracy (the
+            # share of margins > 0) the sign of that rounding; compared where margins are real
+            if key == "rewards/accuracies" and mine["step"] == 1:
+                continue
+            assert mine[key] == pytest.approx(theirs[key], rel=0, abs=1e-6), (mine["step"], key)
+
+
+def _live_and_precomputed(workdir: Path, name: str, processes: int, flags, extra=()) -> tuple[list, list]:
+    live = _train(workdir, f"live-{name}", processes, flags)
+    precomputed = _train(workdir, f"precomputed-{name}", processes, [*flags, *PRECOMPUTED, *extra])
+    log = (workdir / "runs" / f"precomputed-{name}" / "train.log").read_text()
+    assert f"precomputed log-probs: {sorted(workdir.glob('pairs_reference-*.npz'))[0]}" in log
+    return live, precomputed
+
+
+@pytest.fixture(scope="module")
+def single(workdir, table) -> tuple[list, list]:
+    """One process, live and precomputed; the precomputed run saves every step (the resume test's)."""
+    return _live_and_precomputed(workdir, "single", 1, [("--save-interval", 1)],
+                                 [("--save", workdir / "saves" / "single")])
+
+
+def test_one_process_from_the_file_equals_the_live_reference(single):
+    live, precomputed = single
+    _assert_equal(precomputed, live)
+
+
+@pytest.mark.parametrize(("name", "processes", "flags"), [("pp2", 2, PP2), ("packed", 1, PACKING)])
+def test_other_layouts_from_the_same_file_equal_the_live_reference(workdir, table, name, processes, flags):
+    """The file made in one process serves every layout: its values are keyed by pair, not by batch."""
+    live, precomputed = _live_and_precomputed(workdir, name, processes, flags)
+    _assert_equal(precomputed, live)
+
+
+def _namespace(args_file: Path):
+    from dpoc import megatron_args
+
+    return megatron_args.parse([f"@{args_file}"])
+
+
+def test_a_current_file_is_kept_and_another_reference_or_dataset_gets_its_own(workdir, table):
+    before = table.stat().st_mtime_ns
+    again = _ok(_precompute(_args(workdir, "again", PRECOMPUTED)))
+    assert f"reference log-probs up to date: {table}" in again.stderr
+    assert table.stat().st_mtime_ns == before
+    assert reference_file.status(_namespace(_args(workdir, "same", PRECOMPUTED))).current
+    # another reference (the seeded init of another seed; other weights hash otherwise), another dataset,
+    # another cut: another key, so the file is not theirs
+    write_pairs(workdir / "other", pairs=24, seed=1)
+    for name, flags, data in (("seed", [("--seed", 7)], "pairs"), ("data", [], "other"),
+                              ("cut", [("--seq-length", 32)], "pairs")):
+        found = reference_file.status(_namespace(_args(workdir, name, [*PRECOMPUTED, *flags], data=data)))
+        assert not found.current and found.path != table, name
+        assert found.why.startswith("not computed yet"), (name, found.why)
+    # a file whose content is not what its name says is not current either
+    shutil.copy(table, workdir / "other_reference-0000000000000000.npz")
+    other = reference_file.status(_namespace(_args(workdir, "data", PRECOMPUTED, data="other")))
+    assert "other_reference-0000000000000000.npz" in other.why
+
+
+def test_training_without_a_current_file_is_refused_naming_the_remedy(workdir, table):
+    """What training's rank 0 reads (`precompute.shared_table` broadcasts its answer): exit 2 with this line."""
+    args_file = _args(workdir, "missing", [*PRECOMPUTED, ("--seed", 99)])
+    with pytest.raises(DpocError) as caught:
+        reference_file.read(_namespace(args_file), str(args_file), 24)
+    (problem,) = caught.value.problems
+    assert str(problem).startswith(f"{args_file}: --dpoc-reference: precomputed: {workdir}/pairs_reference-")
+    assert "not computed yet (present, for other references or datasets: " in problem.message
+    assert problem.message.endswith("run the build's reference.sh first (the node scripts run it before training)")
+    with pytest.raises(DpocError, match="holds 24 pairs, the dataset 30"):
+        reference_file.read(_namespace(_args(workdir, "same", PRECOMPUTED)), "x.args", 30)
+
+
+def test_an_interrupted_pass_leaves_nothing_half_written(workdir, tmp_path):
+    shutil.copytree(workdir, tmp_path / "w", ignore=shutil.ignore_patterns("runs", "*.npz", "*.args"))
+    work = tmp_path / "w"
+    args_file = _args(work, "killed", PRECOMPUTED)
+    flag = tmp_path / "pause"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore",
+           reference_file.PAUSE_ENV: str(flag)}
+    proc = subprocess.Popen([sys.executable, "-m", "dpoc.runtime.precompute", f"@{args_file}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert flag.exists(), "the pass never reached its rename"
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    assert _files(work) == []
+    left = list(work.glob(publish.temporary_name("pairs_reference-") + "*")) + list(
+        work.glob(".pairs_reference-*.npz.tmp-*"))
+    assert left, "the complete temporary sibling should be there before the rename"
+    rerun = _ok(_precompute(args_file))
+    assert "left by an interrupted precompute pass" in rerun.stderr
+    assert len(_files(work)) == 1 and not list(work.glob(".pairs_reference-*.npz.tmp-*"))
+
+
+def test_a_resumed_precomputed_run_equals_the_uninterrupted_one(workdir, single):
+    """The single-process precomputed run saved every step; resuming from step 1 gives its step 2."""
+    whole = single[1]
+    part = workdir / "saves" / "part"
+    shutil.copytree(workdir / "saves" / "single" / publish.folder_name(1), part / publish.folder_name(1))
+    publish.write_atomically(part / publish.TRACKER, "1\n")
+    resumed = _train(workdir, "resumed", flags=[*PRECOMPUTED, ("--save", part), ("--load", part)])
+    assert [r["step"] for r in resumed] == [2]
+    for key in COMPARED:
+        assert resumed[0][key] == whole[1][key], key
