@@ -196,19 +196,23 @@ def global_batch_indices(size: int, global_batch: int, step: int, seed: int) -> 
     return np.asarray(out)
 
 
-def rank_micro_batches(dataset: PairwiseDataset, step: int, batching: Batching, dp_rank: int, dp_size: int,
-                       device: torch.device) -> list[MicroBatch]:
-    """This data-parallel rank's micro-batches of a step; micro-batch k of the step goes to rank k % dp.
+def step_groups(dataset: PairwiseDataset, step: int, batching: Batching, dp_size: int) -> list[np.ndarray]:
+    """The pair indices of each micro-batch of a step, in the step's order (micro-batch k goes to rank k % dp).
 
     Unpacked: the step's pairs sorted by length, `micro_batch` at a time (pairs of similar length: little
     padding). Packed: `packing.pack_pairs` over the step's pairs into token budgets."""
     indices = global_batch_indices(len(dataset), batching.global_batch, step, batching.seed)
     if batching.packing:
         sizes = dataset.pair_tokens[indices].tolist()
-        groups = [indices[b] for b in pack_pairs(sizes, batching.budget, dp_size)]
-    else:
-        indices = indices[np.argsort(-dataset.pair_lengths[indices], kind="stable")]
-        groups = list(indices.reshape(-1, batching.micro_batch))
+        return [indices[b] for b in pack_pairs(sizes, batching.budget, dp_size)]
+    indices = indices[np.argsort(-dataset.pair_lengths[indices], kind="stable")]
+    return list(indices.reshape(-1, batching.micro_batch))
+
+
+def rank_micro_batches(dataset: PairwiseDataset, step: int, batching: Batching, dp_rank: int, dp_size: int,
+                       device: torch.device) -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches of a step (`step_groups`), collated on `device`."""
+    groups = step_groups(dataset, step, batching, dp_size)
     mean_pairs = batching.global_batch / len(groups)
     mine = groups[dp_rank::dp_size]
     # a micro-batch's length: its own (a packed stream's tokens, else its longest sequence), or the rank's
