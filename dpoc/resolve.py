@@ -119,6 +119,9 @@ def _inputs(v: _Values) -> LayoutInputs:
         reference_micro_batch_size=v.take("dpo.reference_micro_batch_size", None, rule="planner",
                                           why="the precompute pass's largest micro-batch that fits (precomputed only)"),
     )
+    if dpo.reference == "live" and dpo.reference_micro_batch_size is not None:
+        v.problem("dpo.reference_micro_batch_size", f"{dpo.reference_micro_batch_size}: sizes the precompute pass, "
+                  "which a live reference does not run (valid: leave it out, or dpo.reference: precomputed)")
     runtime = v.take("runtime", "dpoc", why="dpoc's own megatron-core runtime")
     pinned = {k: v.take(f"parallelism.{k}", record=f"layout.{k}") for k in LAYOUT_KNOBS if v.has(f"parallelism.{k}")}
     gbs = v.take("training.global_batch_size", record="layout.global_batch_size")

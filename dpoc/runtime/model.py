@@ -116,6 +116,11 @@ def check_supported(args: argparse.Namespace, args_file: str) -> None:
             args_file, "--dpoc-core-attention",
             "local: megatron-core's DotProductAttention cannot attend packed sequences (--dpoc-packing; valid: "
             "auto, or the device's fused kernel)"))
+    if args.dpoc_reference == "live" and args.dpoc_reference_micro_batch_size is not None:
+        problems.append(Problem(
+            args_file, "--dpoc-reference-micro-batch-size",
+            f"{args.dpoc_reference_micro_batch_size}: sizes the precompute pass, which --dpoc-reference live does "
+            "not run (valid: drop it, or --dpoc-reference precomputed)"))
     if args.attention_dropout:
         problems.append(Problem(
             args_file, "--attention-dropout",

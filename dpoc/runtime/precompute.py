@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from dpoc.errors import DpocError
+from dpoc.errors import DpocError, Problem
 from dpoc.runtime import reference_file
 from dpoc.runtime.agree import from_rank0
 from dpoc.runtime.data import MicroBatch, PairwiseDataset, collate
@@ -40,7 +40,14 @@ from dpoc.runtime.reference_file import ROUND_MICRO_BATCHES
 def main(argv: Sequence[str] | None = None) -> int:
     from dpoc.runtime.train import entry
 
-    return entry(argv, precompute)
+    return entry(argv, precompute, check=_needs_precomputed)
+
+
+def _needs_precomputed(args: argparse.Namespace, args_file: str) -> None:
+    """A live build never reads the file: computing it would be work for nothing, so say so."""
+    if args.dpoc_reference != "precomputed":
+        raise DpocError([Problem(args_file, "--dpoc-reference", f"{args.dpoc_reference}: training runs the reference "
+                                 "itself, so the precompute pass has nothing to do (valid: precomputed)")])
 
 
 def pass_groups(pair_lengths: np.ndarray, micro_batch: int, dp_rank: int, dp_size: int) -> list[np.ndarray]:

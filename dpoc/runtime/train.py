@@ -56,15 +56,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return entry(argv, train)
 
 
-def entry(argv: Sequence[str] | None, body) -> int:
-    """Parse megatron.args, check what needs no process group, join it, run `body`; problems exit 2 (training
-    and the precompute pass alike)."""
+def entry(argv: Sequence[str] | None, body, check=None) -> int:
+    """Parse megatron.args, check what needs no process group (and `check`, the caller's own), join it, run
+    `body`; problems exit 2 (training and the precompute pass alike)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args_file = next((a[1:] for a in argv if a.startswith("@")), "megatron.args")
     args = megatron_args.parse(argv)
     try:
         device = devices.select(args.dpoc_device, args.distributed_backend, args_file, args.dpoc_core_attention)
         check_supported(args, args_file)
+        if check is not None:
+            check(args, args_file)
         check_layout(args, _world_size(), args_file)
         weights = weight_sources.sources(args, args_file)  # before any process waits for another
         _init_distributed(device)

@@ -36,6 +36,14 @@ def test_a_pinned_pass_micro_batch_is_kept(tmp_path):
     assert plan.estimate["reference_pass"]["micro_batch_size"] == 3
 
 
+def test_a_pass_micro_batch_without_the_pass_is_refused(dpoc_cli, tmp_path):
+    result = dpoc_cli("build", TINY, "dpo.reference_micro_batch_size=4", "-o", tmp_path / "o")
+    assert result.code == 2 and not (tmp_path / "o").exists()
+    assert result.err.endswith("recipes/tiny_cpu.yaml: dpo.reference_micro_batch_size: 4: sizes the precompute pass, "
+                               "which a live reference does not run (valid: leave it out, or dpo.reference: "
+                               "precomputed)\n")
+
+
 def test_the_estimate_drops_the_reference_at_the_same_layout():
     live = plan_recipe(GUIDE).estimate
     pre = plan_recipe(GUIDE, ["dpo.reference=precomputed"]).estimate

@@ -58,6 +58,15 @@ def test_bad_layer_list_is_refused(tmp_path):
         "4 layers in all, without a virtual pipeline (got 2 stages, 5 layers)")
 
 
+def test_a_pass_micro_batch_without_the_pass_is_refused(tmp_path):
+    args = parse(tmp_path, layout=[("--dpoc-reference-micro-batch-size", 4)])
+    with pytest.raises(DpocError) as err:
+        check_supported(args, "m.args")
+    assert str(err.value) == (
+        "m.args: --dpoc-reference-micro-batch-size: 4: sizes the precompute pass, which --dpoc-reference live does "
+        "not run (valid: drop it, or --dpoc-reference precomputed)")
+
+
 def test_moe_with_tensor_parallelism_needs_sequence_parallelism(tmp_path):
     args = parse(tmp_path, moe=True, layout=[("--tensor-model-parallel-size", 2)])
     with pytest.raises(DpocError) as err:

@@ -127,6 +127,14 @@ def test_a_current_file_is_kept_and_another_reference_or_dataset_gets_its_own(wo
     assert "other_reference-0000000000000000.npz" in other.why
 
 
+def test_the_pass_refuses_a_live_build(workdir):
+    args_file = _args(workdir, "live", [])
+    done = _precompute(args_file)
+    assert done.returncode == 2
+    assert done.stderr.endswith(f"{args_file}: --dpoc-reference: live: training runs the reference itself, so the "
+                                "precompute pass has nothing to do (valid: precomputed)\n")
+
+
 def test_training_without_a_current_file_is_refused_naming_the_remedy(workdir, table):
     """What training's rank 0 reads (`precompute.shared_table` broadcasts its answer): exit 2 with this line."""
     args_file = _args(workdir, "missing", [*PRECOMPUTED, ("--seed", 99)])
