@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -44,18 +45,16 @@ def _run(args_file: Path, processes: int) -> str:
 def saved(workdir):
     """Uninterrupted 4-step runs saving at steps 2 and 4: dense at tp2, MoE at dp2, and dense in one process
     with the plain (not distributed) optimizer."""
-    made = {}
     runs = {"dense-tp2": (2, dict(layout=TP2)), "moe-dp2": (2, dict(moe=True)),
             "plain": (1, dict(distributed_optimizer=False))}
 
+    @cache
     def get(name: str) -> tuple[Path, list[dict]]:
-        if name not in made:
-            processes, kwargs = runs[name]
-            save = workdir / "saves" / name
-            _run(_args(workdir, name, save, **kwargs), processes)
-            assert publish.iterations(save) == [4, 2]
-            made[name] = save, metrics(workdir / "runs" / name)
-        return made[name]
+        processes, kwargs = runs[name]
+        save = workdir / "saves" / name
+        _run(_args(workdir, name, save, **kwargs), processes)
+        assert publish.iterations(save) == [4, 2]
+        return save, metrics(workdir / "runs" / name)
 
     return get
 

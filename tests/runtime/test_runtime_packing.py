@@ -9,6 +9,8 @@ micro-batch: the MoE comparison runs with it off (as test_runtime_train's expert
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import pytest
 import torch
@@ -94,15 +96,11 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(workdir):
     """The unpacked one-process runs: dense with megatron-core's local attention, MoE (aux loss off)."""
-    made: dict[str, list[dict]] = {}
-
+    @cache
     def get(name: str) -> list[dict]:
-        if name not in made:
-            if name == "dense":
-                made[name] = run(workdir, "local", steps=STEPS, extra=[("--dpoc-core-attention", "local")])
-            else:
-                made[name] = run(workdir, "moe", steps=STEPS, moe=True, extra=NO_AUX)
-        return made[name]
+        if name == "dense":
+            return run(workdir, "local", steps=STEPS, extra=[("--dpoc-core-attention", "local")])
+        return run(workdir, "moe", steps=STEPS, moe=True, extra=NO_AUX)
 
     return get
 

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,9 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_process(workdir):
     """The one-process reference runs, each made once when a test first needs it."""
-    made: dict[str, list[dict]] = {}
-
+    @cache
     def get(name: str) -> list[dict]:
-        if name not in made:
-            made[name] = run(workdir, f"single-{name}", steps=STEPS, **REFERENCE_RUNS[name])
-        return made[name]
+        return run(workdir, f"single-{name}", steps=STEPS, **REFERENCE_RUNS[name])
 
     return get
 
