@@ -1,5 +1,6 @@
 """Weight-conversion commands of a build: dpoc's own converter for the dpoc runtime (`convert/`), and
-MindSpeed-LLM's for exactly the Plan's layout for the MindSpeed-RL target (`mindspeed-rl/convert/`).
+MindSpeed-LLM's for exactly the Plan's layout for the MindSpeed-RL target (`mindspeed-rl/convert/`). The two
+formats never share a folder: dpoc's writes `checkpoint.load`, MindSpeed-LLM's `checkpoint.mindspeed_load`.
 
 dpoc's converter writes a megatron-core distributed checkpoint, which loads at any layout, so its command
 knows no layout. MindSpeed-LLM checkpoints are per rank, so that converter must be told the training
@@ -52,7 +53,7 @@ class Conversion:
 
 def mindspeed_conversions(plan: Plan) -> list[Conversion]:
     ck = plan.checkpoint
-    if ck.init == "random" or ck.hf_weights is None:
+    if ck.mindspeed_load is None or ck.hf_weights is None:
         return []
     hf_out = f"{plan.run_dir}/hf"
     if plan.model.converter == "v2":
@@ -68,7 +69,7 @@ def mindspeed_conversions(plan: Plan) -> list[Conversion]:
                  *_legacy_common(plan), "--target-tensor-parallel-size 1", "--target-pipeline-parallel-size 1"]
     return [
         Conversion("hf_to_mcore.sh", f"Hugging Face weights -> Megatron checkpoint for {_tag(plan)}", script,
-                   tuple(to_mg), ck.hf_weights, ck.load),
+                   tuple(to_mg), ck.hf_weights, ck.mindspeed_load),
         Conversion("mcore_to_hf.sh", "trained Megatron checkpoint -> Hugging Face weights"
                    + ("" if plan.model.converter == "v2" else " (reshard to tp1/pp1 first)"), script,
                    tuple(to_hf), ck.save, hf_out),

@@ -155,8 +155,10 @@ class Data:
 class Checkpoint:
     init: str  # hf (hf_weights) | converted (load) | random (policy and reference from the same seeded init)
     hf_weights: str | None  # Hugging Face weights directory (init hf, or the conversion's input)
-    load: str | None  # converted weights the policy starts from (init converted)
-    ref_model: str | None  # the frozen reference's weights (HF directory or converted checkpoint)
+    load: str | None  # dpoc runtime, init converted: a megatron-core distributed checkpoint (loads at any layout)
+    ref_model: str | None  # the dpoc runtime's frozen reference (HF directory or distributed checkpoint)
+    mindspeed_load: str | None  # MindSpeed-RL: MindSpeed-LLM's per-rank checkpoint for exactly this layout
+    mindspeed_ref_model: str | None  # MindSpeed-RL's frozen reference (a per-rank checkpoint)
     save: str
     save_optimizer: bool  # always true: every save is resumable
     keep: int  # newest complete training checkpoints kept

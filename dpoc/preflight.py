@@ -60,7 +60,7 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node
         elif target == "mindspeed-rl":
             problems += legacy_layout_problems(ck["save"], plan["layout"], build)
     elif target == "mindspeed-rl":
-        for key in ("load", "ref_model"):
+        for key in ("mindspeed_load", "mindspeed_ref_model"):
             if ck[key] is None:
                 continue
             if not Path(ck[key]).is_dir():

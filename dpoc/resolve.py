@@ -444,54 +444,21 @@ def _data(v: _Values, model: ModelSpec, run_dir: str) -> Data:
 
 def _checkpoint(v: _Values, name: str, layout, run_dir: str, runtime: str) -> Checkpoint:
     hf_weights = v.take("model.hf_weights", None, why="not given", record="checkpoint.hf_weights")
-    if runtime != "dpoc":
-        init = v.take("checkpoint.init", "converted", rule="runtime",
-                      why="MindSpeed-RL loads converted per-rank weights")
-    elif hf_weights is not None and not v.has("checkpoint.load"):
-        init = v.take("checkpoint.init", "hf", rule="model.hf_weights",
-                      why="no checkpoint.load: the dpoc runtime reads the Hugging Face weights straight into the "
-                      "sharded model")
-    else:
-        init = v.take("checkpoint.init", "converted", rule="checkpoint.load",
-                      why="the policy starts from the converted weights checkpoint.load")
-    load = ref = None
-    if init == "random":
-        for key in ("checkpoint.load", "checkpoint.ref_model"):
-            if v.has(key):
-                v.problem(key, "checkpoint.init is random: policy and reference start from the same seeded init "
-                          "(valid: leave it out, or checkpoint.init hf/converted)")
-        v.derived("checkpoint.load", None, "checkpoint.init", "random init: nothing to load")
-        v.derived("checkpoint.ref_model", None, "checkpoint.init",
-                  "random init: the reference starts from the policy's seeded init")
-    elif init == "hf":
-        if hf_weights is None:
-            v.problem("model.hf_weights", "is required for checkpoint.init hf (valid: a Hugging Face weights "
-                      "directory, or checkpoint.init converted with checkpoint.load)")
-        if v.has("checkpoint.load"):
-            v.problem("checkpoint.load", "checkpoint.init is hf: the policy starts from model.hf_weights "
-                      "(valid: leave it out, or checkpoint.init converted)")
-        v.derived("checkpoint.load", None, "checkpoint.init", "init hf: the policy reads model.hf_weights")
-        ref = v.take("checkpoint.ref_model", hf_weights, rule="model.hf_weights",
-                     why="the policy's initial weights (the reference never follows the trained policy)")
-    else:
-        if hf_weights is None and not v.has("checkpoint.load"):
-            v.problem(
-                "model.hf_weights",
-                "is required to convert the initial weights (or give checkpoint.load, or checkpoint.init=random)",
-            )
-        if runtime == "dpoc":
-            load = v.take("checkpoint.load", f"./model_weights/{name}-mcore", rule="model.hf_weights",
-                          why="dpoc convert hf-to-mcore's output: one distributed checkpoint for every layout")
-        else:
-            load = v.take("checkpoint.load", f"./model_weights/{name}-{layout_tag(layout)}", rule="layout",
-                          why="converted weights for exactly this layout (MindSpeed-LLM checkpoints are per rank)")
-        ref = v.take("checkpoint.ref_model", load, rule="checkpoint.load",
-                     why="the policy's initial weights (the reference never follows the trained policy)")
+    init, load, ref = _dpoc_weights(v, name, hf_weights)
+    mindspeed_load, mindspeed_ref = _mindspeed_weights(v, name, layout, hf_weights, init, runtime)
+    if load is not None and load == mindspeed_load:
+        field = "checkpoint.mindspeed_load" if v.has("checkpoint.mindspeed_load") else "checkpoint.load"
+        v.problem(field, f"{load}: is both checkpoint.load (dpoc's distributed checkpoint) and "
+                  "checkpoint.mindspeed_load (MindSpeed-LLM's per-rank checkpoint): each target's converter would "
+                  f"overwrite the other's (valid: two folders, e.g. ./model_weights/{name}-mcore and "
+                  f"./model_weights/{name}-{layout_tag(layout)})")
     return Checkpoint(
         init=init,
         hf_weights=hf_weights,
         load=load,
         ref_model=ref,
+        mindspeed_load=mindspeed_load,
+        mindspeed_ref_model=mindspeed_ref,
         save=v.take("checkpoint.save", f"{run_dir}/checkpoints", rule="run_dir", why="<run_dir>/checkpoints"),
         save_optimizer=v.derived(
             "checkpoint.save_optimizer",
@@ -501,3 +468,72 @@ def _checkpoint(v: _Values, name: str, layout, run_dir: str, runtime: str) -> Ch
         ),
         keep=v.take("checkpoint.keep", 2, why="the newest checkpoint, and the one before it in case it is damaged"),
     )
+
+
+def _dpoc_weights(v: _Values, name: str, hf_weights: str | None) -> tuple[str, str | None, str | None]:
+    """The dpoc runtime's start: (init, load, ref_model). Its converted weights are a megatron-core distributed
+    checkpoint, a format of its own: MindSpeed-RL's per-rank weights live under checkpoint.mindspeed_load."""
+    if hf_weights is not None and not v.has("checkpoint.load"):
+        init = v.take("checkpoint.init", "hf", rule="model.hf_weights",
+                      why="no checkpoint.load: the dpoc runtime reads the Hugging Face weights straight into the "
+                      "sharded model")
+    else:
+        init = v.take("checkpoint.init", "converted", rule="checkpoint.load",
+                      why="the policy starts from the converted weights checkpoint.load")
+    if init == "random":
+        _refuse_with_random_init(v, ("checkpoint.load", "checkpoint.ref_model"))
+        v.derived("checkpoint.load", None, "checkpoint.init", "random init: nothing to load")
+        v.derived("checkpoint.ref_model", None, "checkpoint.init",
+                  "random init: the reference starts from the policy's seeded init")
+        return init, None, None
+    if init == "hf":
+        if hf_weights is None:
+            v.problem("model.hf_weights", "is required for checkpoint.init hf (valid: a Hugging Face weights "
+                      "directory, or checkpoint.init converted with checkpoint.load)")
+        if v.has("checkpoint.load"):
+            v.problem("checkpoint.load", "checkpoint.init is hf: the policy starts from model.hf_weights "
+                      "(valid: leave it out, or checkpoint.init converted)")
+        v.derived("checkpoint.load", None, "checkpoint.init", "init hf: the policy reads model.hf_weights")
+        return init, None, v.take("checkpoint.ref_model", hf_weights, rule="model.hf_weights", why=_INITIAL)
+    if hf_weights is None:  # nothing to convert: the dpoc target refuses the Plan unless checkpoint.load is given
+        load = v.take("checkpoint.load", None, rule="model.hf_weights", why="no Hugging Face weights to convert")
+    else:
+        load = v.take("checkpoint.load", f"./model_weights/{name}-mcore", rule="model.hf_weights",
+                      why="dpoc convert hf-to-mcore's output (convert/hf_to_mcore.sh): one distributed checkpoint "
+                      "for every layout, in a folder of its own (MindSpeed-RL's per-rank weights are another format)")
+    return init, load, v.take("checkpoint.ref_model", load, rule="checkpoint.load", why=_INITIAL)
+
+
+def _mindspeed_weights(v: _Values, name: str, layout, hf_weights: str | None, init: str,
+                       runtime: str) -> tuple[str | None, str | None]:
+    """MindSpeed-RL's start: (mindspeed_load, mindspeed_ref_model), MindSpeed-LLM's per-rank checkpoint for exactly
+    this layout, which mindspeed-rl/convert/hf_to_mcore.sh writes. None when there is nothing to load (the
+    MindSpeed-RL target then says why it is left out)."""
+    keys = ("checkpoint.mindspeed_load", "checkpoint.mindspeed_ref_model")
+    if init == "random":
+        _refuse_with_random_init(v, keys)
+        for key in keys:
+            v.derived(key, None, "checkpoint.init", "random init: MindSpeed-RL has no weights to load")
+        return None, None
+    if runtime == "mindspeed-rl":  # recipes from before the per-target keys: their checkpoint.load was per rank
+        for dpoc_key, key in zip(("checkpoint.load", "checkpoint.ref_model"), keys, strict=True):
+            if v.has(dpoc_key) and not v.has(key):
+                v.problem(dpoc_key, f"names the dpoc runtime's weights; runtime mindspeed-rl loads MindSpeed-LLM's "
+                          f"per-rank ones from {key} (valid: rename it {key}, or runtime=dpoc)")
+    if hf_weights is None:
+        load = v.take(keys[0], None, rule="model.hf_weights", why="no Hugging Face weights to convert")
+    else:
+        load = v.take(keys[0], f"./model_weights/{name}-{layout_tag(layout)}", rule="layout",
+                      why="mindspeed-rl/convert/hf_to_mcore.sh's output: MindSpeed-LLM's per-rank checkpoint for "
+                      "exactly this layout, in a folder of its own (dpoc's distributed checkpoint is another format)")
+    return load, v.take(keys[1], load, rule="checkpoint.mindspeed_load", why=_INITIAL)
+
+
+_INITIAL = "the policy's initial weights (the reference never follows the trained policy)"
+
+
+def _refuse_with_random_init(v: _Values, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if v.has(key):
+            v.problem(key, "checkpoint.init is random: policy and reference start from the same seeded init "
+                      "(valid: leave it out, or checkpoint.init hf/converted)")

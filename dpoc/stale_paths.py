@@ -1,9 +1,10 @@
 """Paths that seem to name another model or layout than the Plan's.
 
 Switching `model.preset`, or letting the planner choose the layout, keeps the recipe's tokenizer and weight
-paths: `./model_weights/Qwen3-30B-TP2-PP8-EP1` after `parallelism=auto` chose tp4 ep4 would load weights
-converted for another layout. Pure, like the rest of resolve: the path's text is read, never the disk — a model
-tag (`Qwen3-30B-A3B`, `Llama-3.1-70B`) and layout tags (`TP2-PP8-EP1`) are compared with the Plan.
+paths: `checkpoint.mindspeed_load: ./model_weights/Qwen3-30B-TP2-PP8-EP1` after `parallelism=auto` chose tp4 ep4
+would make MindSpeed-RL load per-rank weights converted for another layout (dpoc's distributed checkpoints load
+at any layout: only their model is compared). Pure, like the rest of resolve: the path's text is read, never the
+disk — a model tag (`Qwen3-30B-A3B`, `Llama-3.1-70B`) and layout tags (`TP2-PP8-EP1`) are compared with the Plan.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from dpoc.rules import Violation
 _MODEL = re.compile(r"(?<![a-z])(qwen|llama)[-_.]?(\d+(?:\.\d+)?)?[-_.]*?(\d+(?:\.\d+)?)b(?![a-z0-9])", re.I)
 _KNOB = re.compile(r"(?<![a-z])(tp|pp|vpp|cp|ep|etp)[-_]?(\d+)(?!\d)", re.I)
 
-# Plan path -> the recipe field a user edits; which paths name the layout as well as the model
+# Plan path -> the recipe field a user edits; which paths name the layout as well as the model (MindSpeed-LLM's
+# per-rank weights: dpoc's distributed checkpoints load at any layout)
 _PATHS = {"checkpoint.hf_weights": "model.hf_weights", "data.tokenizer": "model.tokenizer",
-          "checkpoint.load": "checkpoint.load", "checkpoint.ref_model": "checkpoint.ref_model"}
-_CONVERTED = ("checkpoint.load", "checkpoint.ref_model")
+          "checkpoint.load": "checkpoint.load", "checkpoint.ref_model": "checkpoint.ref_model",
+          "checkpoint.mindspeed_load": "checkpoint.mindspeed_load",
+          "checkpoint.mindspeed_ref_model": "checkpoint.mindspeed_ref_model"}
+_PER_RANK = ("checkpoint.mindspeed_load", "checkpoint.mindspeed_ref_model")
 
 
 def model_tag(text: str) -> tuple[str, str, str] | None:
@@ -51,14 +55,14 @@ def check(plan: Plan) -> list[Violation]:
         if planned and named and not _same_model(named, planned):
             out.append(Violation(field, f"{value} seems to name a {_model_words(named)} model, but the model is "
                                  f"{plan.model.name} (kept from another model.preset?)", warning=True))
-        if path in _CONVERTED:
+        if path in _PER_RANK:
             tags = layout_tags(value)
             if any(getattr(plan.layout, k) != n for k, n in tags.items()):
                 named_layout = " ".join(f"{k}{n}" for k, n in tags.items())
                 actual = " ".join(f"{k}{getattr(plan.layout, k)}" for k in tags)
                 out.append(Violation(field, f"{value} seems to name {named_layout}, but "
                                      f"the layout is {actual} (kept from another layout?); valid: weights "
-                                     "converted for this layout (convert/hf_to_mcore.sh), e.g. "
+                                     "converted for this layout (mindspeed-rl/convert/hf_to_mcore.sh), e.g. "
                                      f"./model_weights/{plan.name}-{layout_tag(plan.layout)}", warning=True))
     return out
 

@@ -48,10 +48,13 @@ def files(plan: Plan) -> dict[str, str]:
 
 
 def unsupported(plan: Plan) -> list[Violation]:
-    """Knobs megatron-core's local (non-TransformerEngine) stack cannot express."""
+    """Knobs megatron-core's local (non-TransformerEngine) stack cannot express, and a start without weights."""
     why = "the dpoc runtime (megatron-core, local layers)"
     layout = plan.layout
     out = []
+    if plan.checkpoint.init == "converted" and plan.checkpoint.load is None:
+        out.append(Violation("model.hf_weights", "is required to convert the initial weights (or give "
+                             "checkpoint.load, or checkpoint.init=random)"))
     if layout.cp > 1:
         out.append(Violation("parallelism.cp", f"{why} has no context parallelism; valid: cp=1, or "
                              "runtime=mindspeed-rl"))

@@ -64,14 +64,14 @@ def unsupported(plan: Plan) -> list[Violation]:
     why = "MindSpeed-RL's DPO config (MegatronConfig) cannot set it"
     model, hardware, layout, training, dpo = plan.model, plan.hardware, plan.layout, plan.training, plan.dpo
     out = []
-    if plan.checkpoint.init != "converted":
-        out.append(
-            Violation(
-                "checkpoint.init",
-                f"{plan.checkpoint.init}: MindSpeed-RL always loads converted per-rank weights for policy and "
-                "reference; valid: converted (with checkpoint.load), or runtime=dpoc",
-            )
-        )
+    if plan.checkpoint.init == "random":
+        out.append(Violation("checkpoint.init", "random: MindSpeed-RL always loads converted per-rank weights for "
+                             "policy and reference; valid: hf or converted (with model.hf_weights to convert, or "
+                             "checkpoint.mindspeed_load), or runtime=dpoc"))
+    elif plan.checkpoint.mindspeed_load is None:
+        out.append(Violation("checkpoint.mindspeed_load", "not given, and no model.hf_weights to convert: MindSpeed-RL "
+                             "loads MindSpeed-LLM's per-rank weights (valid: checkpoint.mindspeed_load, or "
+                             "model.hf_weights)"))
     if hardware.device != "npu":
         out.append(
             Violation(
@@ -199,7 +199,7 @@ def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
         "overlap_grad_reduce": lay.distributed_optimizer,
         "reuse_fp32_param": lay.distributed_optimizer and t.precision == "bf16",
         "distributed_backend": "nccl",
-        "ref_model": ck.ref_model,
+        "ref_model": ck.mindspeed_ref_model,
         "save": ck.save,
         "save_interval": t.save_interval,
         "log_interval": t.log_interval,
@@ -210,7 +210,7 @@ def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
     if resume:
         cfg.update({"finetune": False, "load": ck.save, "no_load_optim": False, "no_load_rng": False})
     else:
-        cfg.update({"finetune": True, "load": ck.load, "no_load_optim": True, "no_load_rng": True})
+        cfg.update({"finetune": True, "load": ck.mindspeed_load, "no_load_optim": True, "no_load_rng": True})
     if lay.vpp > 1:
         cfg["num_layers_per_virtual_pipeline_stage"] = lay.stage_layers[0] // lay.vpp
     if lay.num_layer_list is not None:

@@ -18,7 +18,7 @@ from tests.conftest import RECIPES, REPO, run_subprocess
 
 CONTRACT = ["plan.json", "megatron.args", "resume/megatron.args", "nodes/node-0.sh", "nodes/node-1.sh", "launch.sh",
             "ray-head.sh", "ray-worker.sh",
-            "preprocess.yaml", "preprocess.sh", "convert/hf_to_mcore.sh", "convert/mcore_to_hf.sh",
+            "preprocess.yaml", "preprocess.sh", "convert/mcore_to_hf.sh",
             "mindspeed-rl/dpo_qwen3_30b.yaml", "mindspeed-rl/dpo_qwen3_30b_resume.yaml",
             "mindspeed-rl/model/qwen3_30b_a3b.yaml", "mindspeed-rl/datasets/qwen3_30b.yaml",
             "mindspeed-rl/nodes/node-0.sh", "mindspeed-rl/nodes/node-1.sh", "mindspeed-rl/convert/hf_to_mcore.sh",
@@ -63,18 +63,66 @@ def test_megatron_args_parse_with_the_runtime_parser(guide_build):
             args.expert_tensor_parallel_size) == (2, 8, 1, 2)
     assert args.lr == 5e-8 and args.global_batch_size == 64 and args.seq_length == 4096 and args.seed == 42
     assert args.num_experts == 128 and args.moe_router_topk == 8 and args.norm_epsilon == 1e-6
-    assert args.ref_model == args.load == "./model_weights/Qwen3-30B-TP2-PP8-EP1"
-    assert args.dpoc_init == "converted" and args.finetune and args.no_load_optim and args.no_load_rng
+    # the dpoc runtime reads the HF weights itself: the guide's per-rank folder is MindSpeed-RL's alone
+    assert args.dpoc_init == "hf" and args.dpoc_hf_weights == args.ref_model == "./model_from_hf/Qwen3-30B-A3B"
+    assert args.load is None and not args.finetune
     assert args.dpoc_plan_hash == plan.hash()
 
 
 def test_resume_flips_exactly_what_must_flip(guide_build):
     fresh = (guide_build / "megatron.args").read_text().splitlines()
     resume = (guide_build / "resume/megatron.args").read_text().splitlines()
-    assert sorted(set(fresh) - set(resume)) == ["--finetune", "--load ./model_weights/Qwen3-30B-TP2-PP8-EP1",
+    assert sorted(set(fresh) - set(resume)) == []
+    assert sorted(set(resume) - set(fresh)) == ["--load ./ckpt"]
+    assert "--ref-model ./model_from_hf/Qwen3-30B-A3B" in resume  # the reference stays the initial weights
+
+
+def test_resume_of_converted_weights_drops_the_finetune_start(tmp_path):
+    out = tmp_path / "c"
+    build(RECIPES / "qwen3_30b.yaml", ["checkpoint.init=converted"], out=out)
+    fresh = (out / "megatron.args").read_text().splitlines()
+    resume = (out / "resume/megatron.args").read_text().splitlines()
+    assert sorted(set(fresh) - set(resume)) == ["--finetune", "--load ./model_weights/qwen3_30b-mcore",
                                                  "--no-load-optim", "--no-load-rng"]
     assert sorted(set(resume) - set(fresh)) == ["--load ./ckpt"]
-    assert "--ref-model ./model_weights/Qwen3-30B-TP2-PP8-EP1" in resume  # the reference stays the initial weights
+    assert "--ref-model ./model_weights/qwen3_30b-mcore" in resume
+
+
+def converted_by(script: Path, scratch: Path) -> str:
+    """The folder a rendered hf_to_mcore.sh writes, from the argv it hands a stub `python` when it runs in the
+    job's working directory `scratch`."""
+    scratch.mkdir()
+    env, log = stub_tools(scratch, one_arg_per_line=True)
+    done = subprocess.run(["bash", str(script)], cwd=scratch, env={**env, "MINDSPEED_LLM_HOME": "/ms"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    argv = log.read_text().splitlines()
+    return argv[argv.index("--save-dir") + 1] if "--save-dir" in argv else argv[-1]
+
+
+@pytest.mark.parametrize("overrides", [[], ["checkpoint.init=converted"], ["runtime=mindspeed-rl"],
+                                       ["runtime=mindspeed-rl", "checkpoint.init=converted"]],
+                         ids=["guide", "dpoc converted", "mindspeed-rl", "mindspeed-rl, dpoc converted"])
+def test_each_target_converts_into_and_loads_from_its_own_folder(tmp_path, overrides):
+    """One path, two formats, was a trap: a user running both converters overwrote one with the other. Each
+    target's converter writes exactly the folder its own config loads, and the two never meet."""
+    out = tmp_path / "qwen3_30b"
+    build(RECIPES / "qwen3_30b.yaml", overrides, out=out)
+    args = megatron_args.parse([f"@{out / 'megatron.args'}"])
+    train = yaml.safe_load((out / "mindspeed-rl/dpo_qwen3_30b.yaml").read_text())["megatron_training"]
+    mindspeed = converted_by(out / "mindspeed-rl/convert/hf_to_mcore.sh", tmp_path / "ms")
+    assert train["load"] == train["ref_model"] == mindspeed == "./model_weights/Qwen3-30B-TP2-PP8-EP1"
+    if "checkpoint.init=converted" in overrides:
+        dpoc = converted_by(out / "convert/hf_to_mcore.sh", tmp_path / "dpoc")
+        assert args.load == args.ref_model == dpoc == "./model_weights/qwen3_30b-mcore"
+    else:
+        assert not (out / "convert/hf_to_mcore.sh").exists()
+        assert args.load is None and args.dpoc_hf_weights == args.ref_model == "./model_from_hf/Qwen3-30B-A3B"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["provenance"]["checkpoint.mindspeed_load"]["source"].startswith("user")
+    assert plan["provenance"]["checkpoint.mindspeed_ref_model"] == {
+        "source": "derived:checkpoint.mindspeed_load",
+        "why": "the policy's initial weights (the reference never follows the trained policy)"}
 
 
 def test_mindspeed_config_uses_only_known_scalar_keys(guide_build):
@@ -213,7 +261,9 @@ def test_shipped_scripts_pass_shellcheck(guide_build, tmp_path):
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     tiny = tmp_path / "tiny"
     build(RECIPES / "tiny_cpu.yaml", ["dpo.reference=precomputed"], out=tiny)  # node script + reference.sh
-    scripts = sorted(guide_build.rglob("*.sh")) + sorted(tiny.rglob("*.sh"))
+    converted = tmp_path / "converted"
+    build(RECIPES / "qwen3_30b.yaml", ["checkpoint.init=converted"], out=converted)  # dpoc's convert/hf_to_mcore.sh
+    scripts = sorted(guide_build.rglob("*.sh")) + sorted(tiny.rglob("*.sh")) + [converted / "convert/hf_to_mcore.sh"]
     assert len(scripts) == 19 and tiny / "reference.sh" in scripts
     proc = subprocess.run([shellcheck, "--severity=style", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout

@@ -172,9 +172,17 @@ def test_unreadable_config_names_the_field_and_the_way_out(tmp_path, monkeypatch
     (["checkpoint.init=random", "checkpoint.ref_model=./x"],
      "checkpoint.ref_model: checkpoint.init is random: policy and reference start from the same seeded init (valid: "
      "leave it out, or checkpoint.init hf/converted)"),
-    (["runtime=mindspeed-rl", "checkpoint.init=hf"],
-     "checkpoint.init: hf: MindSpeed-RL always loads converted per-rank weights for policy and reference; valid: "
-     "converted (with checkpoint.load), or runtime=dpoc"),
+    (["runtime=mindspeed-rl", "checkpoint.load=./x"],
+     "checkpoint.load: names the dpoc runtime's weights; runtime mindspeed-rl loads MindSpeed-LLM's per-rank ones "
+     "from checkpoint.mindspeed_load (valid: rename it checkpoint.mindspeed_load, or runtime=dpoc)"),
+    (["checkpoint.load=./w", "checkpoint.mindspeed_load=./w"],
+     "checkpoint.mindspeed_load: ./w: is both checkpoint.load (dpoc's distributed checkpoint) and "
+     "checkpoint.mindspeed_load (MindSpeed-LLM's per-rank checkpoint): each target's converter would overwrite the "
+     "other's (valid: two folders, e.g. ./model_weights/r-mcore and ./model_weights/r-tp1-pp1-ep1)"),
+    (["checkpoint.init=converted", "checkpoint.load=./model_weights/r-tp1-pp1-ep1"],
+     "checkpoint.load: ./model_weights/r-tp1-pp1-ep1: is both checkpoint.load (dpoc's distributed checkpoint) and "
+     "checkpoint.mindspeed_load (MindSpeed-LLM's per-rank checkpoint): each target's converter would overwrite the "
+     "other's (valid: two folders, e.g. ./model_weights/r-mcore and ./model_weights/r-tp1-pp1-ep1)"),
 ])
 def test_checkpoint_combinations_that_mean_nothing_are_refused(overrides, line, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

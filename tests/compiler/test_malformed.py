@@ -36,7 +36,8 @@ OVERRIDE_CASES = [
     (["hardware.nodes=0"], "hardware.nodes", "must be >= 1 (got 0)"),
     (["hardware.master_port=70000"], "hardware.master_port", "must be <= 65535 (got 70000)"),
     (["runtime=slurm"], "runtime", "must be one of 'dpoc', 'mindspeed-rl' (got 'slurm')"),
-    (["checkpoint.resume=true"], "checkpoint.resume", "unknown key (valid: init, keep, load, ref_model, save)"),
+    (["checkpoint.resume=true"], "checkpoint.resume", "unknown key (valid: init, keep, load, mindspeed_load, "
+     "mindspeed_ref_model, ref_model, save)"),
     (["model.preset=qwen3-30b"], "model.preset", "unknown preset 'qwen3-30b' (did you mean 'qwen3-30b-a3b'?"),
     (["hardware.preset=atlas-a5"], "hardware.preset", "unknown preset 'atlas-a5' (did you mean"),
     # semantic rules, through the whole pipeline

@@ -106,29 +106,30 @@ def test_every_setting_that_shapes_the_dataset_is_compared(tmp_path):
 
 def test_preflight_refuses_an_edited_build(tmp_path, dpoc_cli):
     out = tmp_path / "b"
-    build(RECIPES / "qwen3_30b.yaml", out=out)
+    build(RECIPES / "qwen3_30b.yaml", ["checkpoint.init=converted"], out=out)
     with open(out / "megatron.args", "a") as f:
         f.write("--lr 1.0\n")
     result = dpoc_cli("preflight", out)
     assert result.code == 2
     assert result.err.splitlines()[0] == (f"{out}/megatron.args: (file): differs from manifest.json: the build was "
                                           "edited or is incomplete; rebuild it with dpoc build")
-    assert ("./model_weights/Qwen3-30B-TP2-PP8-EP1: (directory): checkpoint.load not found on this node: neither "
+    assert ("./model_weights/qwen3_30b-mcore: (directory): checkpoint.load not found on this node: neither "
             "Hugging Face weights (config.json) nor a distributed checkpoint (metadata.json); run "
             f"{out}/convert/hf_to_mcore.sh first") in result.err
 
 
 def test_the_dpoc_runtime_names_a_per_rank_checkpoint_it_cannot_read(tmp_path, dpoc_cli, monkeypatch):
-    """The guide user's MindSpeed-LLM weights, at the path the guide recipe names, given to the dpoc runtime."""
+    """A user's MindSpeed-LLM weights given to the dpoc runtime as checkpoint.load (the guide's own per-rank folder
+    cannot be: one path for both targets is refused at build, tests/compiler/test_hf_config.py)."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "b"
-    build(RECIPES / "qwen3_30b.yaml", out=out)
-    weights = tmp_path / "model_weights/Qwen3-30B-TP2-PP8-EP1"
+    build(RECIPES / "qwen3_30b.yaml", ["checkpoint.load=./old/Qwen3-30B-TP2-PP8-EP1"], out=out)
+    weights = tmp_path / "old/Qwen3-30B-TP2-PP8-EP1"
     os.makedirs(weights / "iter_0000001/mp_rank_00_000")
     (weights / "latest_checkpointed_iteration.txt").write_text("1\n")
     result = dpoc_cli("preflight", out)
     assert result.code == 2
-    assert ("model_weights/Qwen3-30B-TP2-PP8-EP1/iter_0000001: (directory): checkpoint.load is a per-rank Megatron "
+    assert ("old/Qwen3-30B-TP2-PP8-EP1/iter_0000001: (directory): checkpoint.load is a per-rank Megatron "
             "checkpoint (mp_rank_* folders, as MindSpeed-LLM's converter writes), which the dpoc runtime does not "
             "read; valid: a distributed checkpoint from `dpoc convert hf-to-mcore` (the build's "
             "convert/hf_to_mcore.sh), or checkpoint.init hf\n") in result.err

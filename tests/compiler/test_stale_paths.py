@@ -39,9 +39,17 @@ def test_a_layout_the_planner_changed_warns_about_the_converted_weights():
     assert (lay.tp, lay.pp, lay.ep) != (2, 8, 1)
     stale = [w for w in plan.warnings if "kept from another layout" in w]
     assert stale == [
-        f"checkpoint.load: ./model_weights/Qwen3-30B-TP2-PP8-EP1 seems to name tp2 pp8 ep1, but the layout is "
-        f"tp{lay.tp} pp{lay.pp} ep{lay.ep} (kept from another layout?); valid: weights converted for this layout "
-        f"(convert/hf_to_mcore.sh), e.g. ./model_weights/qwen3_30b-tp{lay.tp}-pp{lay.pp}-ep{lay.ep}"]
+        f"checkpoint.mindspeed_load: ./model_weights/Qwen3-30B-TP2-PP8-EP1 seems to name tp2 pp8 ep1, but the layout "
+        f"is tp{lay.tp} pp{lay.pp} ep{lay.ep} (kept from another layout?); valid: weights converted for this layout "
+        f"(mindspeed-rl/convert/hf_to_mcore.sh), e.g. ./model_weights/qwen3_30b-tp{lay.tp}-pp{lay.pp}-ep{lay.ep}"]
+
+
+def test_the_dpoc_runtimes_converted_weights_load_at_any_layout_whatever_their_name():
+    """A distributed checkpoint reshards on load: a layout in its folder name is no reason to warn."""
+    plan = plan_recipe(GUIDE, ["parallelism=auto", "checkpoint.load=./model_weights/Qwen3-30B-TP2-PP8-EP1-mcore",
+                               "checkpoint.mindspeed_load=./model_weights/per-rank"])
+    assert (plan.layout.tp, plan.layout.pp) != (2, 8)
+    assert not [w for w in plan.warnings if "kept from another layout" in w]
 
 
 def test_another_model_preset_warns_about_every_path_naming_the_old_model(dpoc_cli, tmp_path):
@@ -54,14 +62,14 @@ def test_another_model_preset_warns_about_every_path_naming_the_old_model(dpoc_c
         "(kept from another model.preset?)"
         for field, path in (("model.hf_weights", "./model_from_hf/Qwen3-30B-A3B"),
                             ("model.tokenizer", "./tok/Qwen3-30B-A3B"),
-                            ("checkpoint.load", "./model_weights/Qwen3-30B-TP2-PP8-EP1"))]
+                            ("checkpoint.mindspeed_load", "./model_weights/Qwen3-30B-TP2-PP8-EP1"))]
 
 
 def test_paths_that_fit_or_that_dpoc_derived_do_not_warn():
     assert not [w for w in plan_recipe(GUIDE).warnings if "kept from" in w]  # the guide's own layout and model
-    derived = plan_recipe(GUIDE, ["parallelism=auto", "~checkpoint.load"])
+    derived = plan_recipe(GUIDE, ["parallelism=auto", "~checkpoint.mindspeed_load"])
     assert not [w for w in derived.warnings if "kept from" in w]
     llama = plan_recipe(RECIPES / "qwen3_30b_a2.yaml", ["model.preset=llama3-8b", "dataset.template=llama3",
                                                         "model.hf_weights=./hf/Meta-Llama-3.1-8B-Instruct",
-                                                        "checkpoint.load=./w/llama3-8b-tp2-pp8-ep1"])
+                                                        "checkpoint.mindspeed_load=./w/llama3-8b-tp2-pp8-ep1"])
     assert not [w for w in llama.warnings if "kept from" in w]  # Llama-3.1 weights for the llama3 preset

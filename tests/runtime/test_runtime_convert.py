@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,14 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from safetensors import safe_open
 
 from dpoc import megatron_args
+from dpoc.compile import build
 from dpoc.errors import DpocError
 from dpoc.hf_config import architecture, read_config
 from dpoc.runtime import weight_map, weight_sources
 from dpoc.runtime.weight_identity import describe_weights
 from dpoc.runtime.weight_map import Arch, index_axes
 from dpoc.runtime.weight_sources import COMMON_KEY
+from tests.conftest import RECIPES, script_env
 from tests.runtime.hf_models import model_flags, save_model
 from tests.runtime.synthetic import write_args, write_pairs
 from tests.runtime.test_runtime_train import ROOT, metrics, run_module
@@ -228,3 +231,29 @@ def test_converted_checkpoints_at_tp2_give_the_hf_first_step(work, hf_first_step
         ("--ref-model", str(work / "mc/B"))], layout=[("--tensor-model-parallel-size", 2)])
     for key in KEYS:
         assert got[key] == pytest.approx(hf_first_step[key], rel=1e-5, abs=1e-6), key
+
+
+def test_the_builds_convert_script_writes_the_folder_its_node_scripts_load(work, pairs, tmp_path):
+    """What a user runs, in the job's working directory: the build's convert/hf_to_mcore.sh writes the dpoc
+    target's own folder (./model_weights/<recipe>-mcore, never MindSpeed-RL's per-rank one), and launch.sh trains
+    from it: the first step's log-probs are transformers' on the same weights."""
+    out = tmp_path / "job"
+    build(RECIPES / "tiny_cpu.yaml", ["~model.preset", f"model.hf_weights={work / 'A'}", f"model.tokenizer={TOKENIZER}",
+                                      "checkpoint.init=converted", f"dataset.output_prefix={pairs}",
+                                      "training.train_iters=1", "training.warmup_iters=0", "hardware.devices_per_node=1"],
+          out=out)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["checkpoint"]["load"] == "./model_weights/tiny_cpu-mcore"
+    assert plan["provenance"]["checkpoint.load"]["source"] == "derived:model.hf_weights"
+    for script in ("convert/hf_to_mcore.sh", "launch.sh"):
+        done = subprocess.run(["bash", str(out / script)], cwd=tmp_path, env=script_env(), capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "model_weights/tiny_cpu-mcore/metadata.json").is_file()
+    log = (tmp_path / "runs/job/train.log").read_text()
+    assert ("weights: policy from checkpoint ./model_weights/tiny_cpu-mcore, reference from checkpoint "
+            "./model_weights/tiny_cpu-mcore") in log
+    got = metrics(tmp_path / "runs/job")[0]
+    expected = transformers_first_step(work / "A", work / "A", read_pairs(pairs))
+    for key in ("logps/chosen", "logps/rejected", "loss"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
