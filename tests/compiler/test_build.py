@@ -389,3 +389,15 @@ def test_validate_accepts_every_shipped_recipe(dpoc_cli):
     result = dpoc_cli("validate", *recipes)
     assert result.code == 0, result.err
     assert result.out.splitlines() == [f"{r}: ok" for r in recipes]
+
+
+def test_a_mindspeed_job_from_converted_weights_alone_leaves_the_dpoc_target_out(tmp_path):
+    """No HF weights: MindSpeed-RL runs from its per-rank folder; the dpoc runtime has nothing to start from."""
+    out = tmp_path / "qwen3_30b"
+    build(RECIPES / "qwen3_30b.yaml", ["runtime=mindspeed-rl", "~model.hf_weights", "model.tokenizer=./tok"], out=out)
+    assert json.loads((out / "manifest.json").read_text())["skipped_targets"] == {"dpoc": [
+        "model.hf_weights: is required to convert the initial weights (or give checkpoint.load, or "
+        "checkpoint.init=random)"]}
+    assert not (out / "megatron.args").exists() and not (out / "mindspeed-rl/convert").exists()
+    train = yaml.safe_load((out / "mindspeed-rl/dpo_qwen3_30b.yaml").read_text())["megatron_training"]
+    assert train["load"] == train["ref_model"] == "./model_weights/Qwen3-30B-TP2-PP8-EP1"
