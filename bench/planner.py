@@ -6,7 +6,10 @@ tiny CPU recipe's predicted pairs/s against its measured ones on this machine.
 The held-out DPO rows assume a length distribution (no download here: `calibration.assumed_orca_lengths`,
 stated in the output). The tiny recipe is built, preprocessed and trained for real (live and precomputed
 reference; the precompute pass timed on its own), and planned with `training.length_stats` naming its own
-`_stats.json`, and with lengths unknown (every micro-batch full: the old default). `--smoke`: 4 steps.
+`_stats.json`, with lengths unknown (every micro-batch full: the old default), and without the per-call
+latency terms (`hardware.op_latency_us=0`, `hardware.optimizer_tensor_us=0`: FLOPs, communication and the
+optimizer's memory sweep only), each with the step's predicted shares; as shipped (2 gloo processes) and in
+one process. The CPU preset's constants come from `bench/cpu_constants.py`. `--smoke`: 4 steps, 1 process.
 """
 
 from __future__ import annotations
@@ -144,47 +147,66 @@ def search_report(efficiency: Efficiency, searches=SEARCHES, repeats: int = 5) -
 TINY = ROOT / "recipes" / "tiny_cpu.yaml"
 
 
-def tiny_cpu_report(steps: int, warmup: int) -> dict[str, Any]:
-    """The tiny recipe on this machine (2 gloo processes, as shipped): predicted pairs/s (from its own
-    length stats, and with lengths unknown) against the runtime's measured ones, live and precomputed."""
-    rows = {}
+PROCESSES = (2, 1)  # as shipped (dp 2), and one process: the per-process model without the second's company
+
+
+def tiny_cpu_report(steps: int, warmup: int, processes: tuple[int, ...] = PROCESSES) -> dict[str, Any]:
+    """The tiny recipe on this machine (2 gloo processes as shipped, and 1): predicted pairs/s (from its own
+    length stats, with lengths unknown, and without the latency term) against the runtime's measured ones,
+    live and precomputed."""
+    rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = prepare(tmp)
-        stats = f"{data}_stats.json"
-        for mode in ("live", "precomputed"):
-            common = [f"training.train_iters={steps}", "training.warmup_iters=0", f"dataset.output_prefix={data}",
-                      f"dpo.reference={mode}"]
-            unknown = plan_of(tmp / f"{mode}-unknown", common)
-            out, run_dir = tmp / mode, tmp / f"{mode}-run"
-            build(TINY, [*common, f"training.length_stats={stats}", f"run_dir={run_dir}"], out=out)
-            plan = json.loads((out / "plan.json").read_text())
-            env = _env()
-            row: dict[str, Any] = {}
-            if mode == "precomputed":  # timed on its own; the node script then finds the file current
-                started = time.perf_counter()
-                subprocess.run(["bash", str(out / "reference.sh")], cwd=ROOT, env=env, check=True,
-                               capture_output=True, timeout=1800)
-                row["precompute_pass_s"] = time.perf_counter() - started
-                row["precompute_pass_predicted"] = plan["estimate"]["reference_pass"]
-            subprocess.run(["bash", str(out / "launch.sh")], cwd=ROOT, env=env, check=True, capture_output=True,
-                           timeout=1800)
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            measured = statistics.median(r["samples_per_s"] for r in records[warmup:])
-            predicted_pairs = plan["estimate"]["throughput"]["samples_per_s"]
-            row.update(measured_pairs_per_s=measured, predicted_pairs_per_s=predicted_pairs,
-                       error=predicted_pairs / measured - 1, padding=plan["estimate"].get("padding"),
-                       predicted_lengths_unknown=unknown["estimate"]["throughput"]["samples_per_s"])
-            rows[mode] = row
-    print(f"Tiny CPU recipe on this machine (2 gloo processes, {steps} steps, median after {warmup}; the machine "
-          "may be shared):")
-    for mode, r in rows.items():
-        extra = (f"; precompute pass {r['precompute_pass_s']:.1f} s (predicted "
-                 f"{r['precompute_pass_predicted']['pairs_per_s']:.0f} pairs/s)") if "precompute_pass_s" in r else ""
-        print(f"  {mode:<12} measured {r['measured_pairs_per_s']:7.1f} pairs/s, predicted "
-              f"{r['predicted_pairs_per_s']:7.1f} ({r['error']:+.1%}) from its length stats, "
-              f"{r['predicted_lengths_unknown']:.1f} with lengths unknown{extra}")
-    return {"steps": steps, "warmup": warmup, "modes": rows}
+        for count in processes:
+            rows[f"{count} processes"] = {mode: tiny_cpu_row(tmp / f"{count}-{mode}", data, count, mode, steps, warmup)
+                                          for mode in ("live", "precomputed")}
+    print(f"Tiny CPU recipe on this machine ({steps} steps, median after {warmup}; the machine may be shared):")
+    for layout, modes in rows.items():
+        for mode, r in modes.items():
+            extra = ""
+            if "precompute_pass_s" in r:
+                extra = (f"; precompute pass {r['precompute_pass_s']:.1f} s (predicted "
+                         f"{r['precompute_pass_predicted']['pairs_per_s']:.0f} pairs/s)")
+            shares = ", ".join(f"{part} {share:.0%}" for part, share in r["predicted_step_shares"].items())
+            print(f"  {layout}, {mode:<11} measured {r['measured_pairs_per_s']:6.1f} pairs/s, predicted "
+                  f"{r['predicted_pairs_per_s']:6.1f} ({r['error']:+.1%}) from its length stats ({shares}); "
+                  f"{r['predicted_lengths_unknown']:.1f} ({r['error_lengths_unknown']:+.1%}) with lengths unknown, "
+                  f"{r['predicted_without_latency']:.1f} ({r['error_without_latency']:+.1%}) without the latency "
+                  f"terms{extra}")
+    return {"steps": steps, "warmup": warmup, "layouts": rows}
+
+
+def tiny_cpu_row(tmp: Path, data: Path, processes: int, mode: str, steps: int, warmup: int) -> dict[str, Any]:
+    """One layout and reference mode of the tiny recipe: planned three ways, trained for real."""
+    common = [f"hardware.devices_per_node={processes}", f"training.train_iters={steps}", "training.warmup_iters=0",
+              f"dataset.output_prefix={data}", f"dpo.reference={mode}"]
+    unknown = plan_of(tmp / "unknown", common)
+    known = [*common, f"training.length_stats={data}_stats.json"]
+    flops_only = plan_of(tmp / "flops-only", [*known, "hardware.op_latency_us=0", "hardware.optimizer_tensor_us=0"])
+    out, run_dir = tmp / "build", tmp / "run"
+    build(TINY, [*known, f"run_dir={run_dir}"], out=out)
+    plan = json.loads((out / "plan.json").read_text())
+    env = _env()
+    row: dict[str, Any] = {}
+    if mode == "precomputed":  # timed on its own; the node script then finds the file current
+        started = time.perf_counter()
+        subprocess.run(["bash", str(out / "reference.sh")], cwd=ROOT, env=env, check=True, capture_output=True,
+                       timeout=1800)
+        row["precompute_pass_s"] = time.perf_counter() - started
+        row["precompute_pass_predicted"] = plan["estimate"]["reference_pass"]
+    subprocess.run(["bash", str(out / "launch.sh")], cwd=ROOT, env=env, check=True, capture_output=True, timeout=1800)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    measured = statistics.median(r["samples_per_s"] for r in records[warmup:])
+    predicted_pairs = plan["estimate"]["throughput"]["samples_per_s"]
+    unknown_pairs = unknown["estimate"]["throughput"]["samples_per_s"]
+    flops_pairs = flops_only["estimate"]["throughput"]["samples_per_s"]
+    row.update(measured_pairs_per_s=measured, predicted_pairs_per_s=predicted_pairs,
+               error=predicted_pairs / measured - 1, padding=plan["estimate"].get("padding"),
+               predicted_step_shares=plan["estimate"]["throughput"]["step_shares"],
+               predicted_lengths_unknown=unknown_pairs, error_lengths_unknown=unknown_pairs / measured - 1,
+               predicted_without_latency=flops_pairs, error_without_latency=flops_pairs / measured - 1)
+    return row
 
 
 def plan_of(out: Path, overrides: list[str]) -> dict[str, Any]:
@@ -196,9 +218,9 @@ def main() -> None:
     args = arguments(__doc__.splitlines()[0], "planner").parse_args()
     calibration = calibration_report()
     efficiency = Efficiency(**calibration["efficiency"])
-    # --smoke: one search (the A2 one, the smallest space), timed once; the tiny recipe for 4 steps
+    # --smoke: one search (the A2 one, the smallest space), timed once; the tiny recipe for 4 steps, 1 process
     searches = search_report(efficiency, SEARCHES[:1], 1) if args.smoke else search_report(efficiency)
-    tiny = tiny_cpu_report(4, 1) if args.smoke else tiny_cpu_report(30, 3)
+    tiny = tiny_cpu_report(4, 1, (1,)) if args.smoke else tiny_cpu_report(30, 3)
     out = write_result(args, "planner", {"calibration": calibration, "search": searches, "tiny_cpu": tiny})
     if out is not None:
         print(f"wrote {out}")

@@ -69,6 +69,9 @@ class HardwareSpec:
     superpod_gbps: float
     hccl_buffsize_mb: int
     env: tuple[tuple[str, str], ...]
+    op_latency_us: float  # fixed cost of one call of a forward or backward pass, whatever its FLOPs
+    optimizer_tensor_us: float  # the optimizer step's fixed cost per parameter tensor it updates
+    memory_gbps: float  # memory bandwidth a streaming sweep achieves (the optimizer step), GB/s
 
     @property
     def world_size(self) -> int:

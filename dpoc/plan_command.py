@@ -27,6 +27,7 @@ from dpoc.planner.report import (
     memory_summary,
     packing_summary,
     reference_pass_summary,
+    shares_text,
     throughput_summary,
 )
 from dpoc.planner.search import Candidate, SearchResult
@@ -133,14 +134,15 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
     console.print(table)
     console.print(f"{result.evaluated} layouts tried: {result.rule_rejected} break a rule, {result.over_memory} do "
                   f"not fit, {len(result.ranked)} fit. Efficiency {FITTED.dense} dense / {FITTED.experts} experts "
-                  "(fitted on published non-DPO runs; see bench/planner.py).")
+                  f"(fitted on published non-DPO runs; see bench/planner.py); {hw.op_latency_us:g} µs per kernel call "
+                  f"({hw.name} preset).")
     if result.best is not None:
         best = result.best.throughput
         line = f"Best: {knob_text(dict(result.best.knobs))} — {best.samples_per_s:.2f} pairs/s predicted"
         if len(result.ranked) > 1:
             second = result.ranked[1].throughput
             line += f", {best.samples_per_s / second.samples_per_s - 1:.1%} ahead of #2"
-        console.print(line)
+        console.print(f"{line}; {shares_text(best)}")
     for c in result.too_big[:3]:
         console.print(f"Rejected: {knob_text(dict(c.knobs))} — {'; '.join(c.problems)}")
     if own is not None:
@@ -148,7 +150,7 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
         fit = "fits" if own.memory.fits else "may not fit"
         console.print(f"Recipe's layout: {knob_text(_knobs(own.layout))} — {t.samples_per_s:.2f} pairs/s predicted, "
                       f"rank {_rank(result, own)} of {len(result.ranked)}; peak {peak.total / GIB:.1f} GiB on stage "
-                      f"{peak.stage} ({fit})")
+                      f"{peak.stage} ({fit}); {shares_text(t)}")
         if inputs.training.packing:
             p = packing_summary(own.layout, inputs.training, inputs.lengths)
             console.print(f"Packing: {p['micro_batches']} micro-batches per rank and step of up to "

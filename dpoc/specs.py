@@ -41,6 +41,8 @@ def hardware_spec(name: str, h: dict[str, Any], nodes: int | None = None) -> Har
         intra_node_gbps=float(h["intra_node_gbps"]), inter_node_gbps=float(h["inter_node_gbps"]),
         superpod_nodes=h["superpod_nodes"], superpod_gbps=float(h["superpod_gbps"]),
         hccl_buffsize_mb=h["hccl_buffsize_mb"], env=tuple(sorted(h["env"].items())),
+        op_latency_us=float(h["op_latency_us"]), optimizer_tensor_us=float(h["optimizer_tensor_us"]),
+        memory_gbps=float(h["memory_gbps"]),
     )
 
 

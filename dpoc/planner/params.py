@@ -101,3 +101,28 @@ def stage_shard(model: ModelSpec, layout: Layout, stage: int, layers: int) -> Sh
         if not model.tie_embeddings or not first:
             dense += embedding  # untied head, or the tied copy the last stage keeps when pp > 1
     return Shard(dense, experts)
+
+
+def layer_tensors(model: ModelSpec, layout: Layout) -> Shard:
+    """Parameter tensors of one layer on a rank, as megatron-core's local layer spec holds them: the input and
+    pre-MLP norms, the fused QKV projection (and its bias), the q/k norms, the output projection, and the dense
+    MLP's fused gate/up and down projections, or the router, the shared expert's two and the rank's routed
+    experts (two grouped weights, or two per local expert)."""
+    dense = 2 + 1 + (1 if model.qkv_bias else 0) + (2 if model.qk_layernorm else 0) + 1
+    moe = model.moe
+    if moe is None:
+        return Shard(dense + 2, 0)
+    shared = 2 if moe.shared_expert_ffn_hidden_size else 0
+    experts = 2 if layout.moe_grouped_gemm else 2 * (moe.num_experts // layout.ep)
+    return Shard(dense + 1 + shared, experts)
+
+
+def stage_tensors(model: ModelSpec, layout: Layout, stage: int, layers: int) -> Shard:
+    """Parameter tensors on one rank of `stage` (first stage: the embedding; last: final norm and head)."""
+    layer = layer_tensors(model, layout)
+    dense = layers * layer.dense
+    if stage == 0:
+        dense += 1
+    if stage == layout.pp - 1:
+        dense += 1 + (1 if not model.tie_embeddings or stage != 0 else 0)
+    return Shard(dense, layers * layer.experts)

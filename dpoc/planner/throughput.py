@@ -17,6 +17,21 @@ reduce-scatter and parameter all-gather. Overlap of communication with compute i
 
 Ranks are placed tp innermost, then cp, then dp/ep, then pp; a group spanning more devices than a node
 uses the SuperPoD fabric if it fits one, else the inter-node link.
+
+Latency: every kernel call also costs a fixed `op_latency_us` (the hardware preset's: dispatch and launch,
+whatever its FLOPs; what dominates a tiny model's step), added to the compute (launches overlapping compute
+on an accelerator are not modelled, as overlapping communication is not). A stage's forward pass makes
+`layer_forward_calls` calls per layer (norms, projections, q/k norms, rotary, core attention, the MLP or the
+routed experts, residual adds), plus the embedding on the first stage and the output layer, cross entropy
+and DPO loss on the last (`EMBEDDING_CALLS`, `HEAD_CALLS`, `DPO_LOSS_CALLS`); a backward makes
+`BACKWARD_CALLS_PER_FORWARD_CALL` calls per forward call; every forward pass of the step (policy, live
+reference, full recompute; selective recompute: the core attention) pays its calls. Once per step the
+optimizer costs the preset's `optimizer_tensor_us` per parameter tensor of the rank's shard (its update,
+gradient norm and clipping are per-tensor calls of their own, not the layers' module calls) and sweeps
+`OPTIMIZER_BYTES_PER_PARAM` per parameter at the preset's `memory_gbps`. The counts are the layer
+structure's (what a device with fused norm, rotary, attention and SwiGLU kernels launches); the CPU preset's
+constants are measured against them (`bench/cpu_constants.py`), which also prints what its runs imply for
+the backward and the output layer.
 """
 
 from __future__ import annotations
@@ -27,12 +42,56 @@ from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
-from dpoc.planner.params import SWIGLU_MATRICES, kv_width, q_width, real_layers_per_stage, stage_shard
+from dpoc.planner.params import (
+    SWIGLU_MATRICES,
+    Shard,
+    kv_width,
+    q_width,
+    real_layers_per_stage,
+    stage_shard,
+    stage_tensors,
+)
 from dpoc.planner.workload import DPO_LIVE, REFERENCE_PASS, Workload
 
 COMM_EFFICIENCY = 0.7  # achieved / nominal link bandwidth (Ascend msmodeling default)
 COLLECTIVE_LATENCY_S = 10e-6  # fixed cost per communication op (Ascend msmodeling static op cost)
 GRAD_BYTES = 4  # bf16 training reduces gradients in fp32
+BACKWARD_CALLS_PER_FORWARD_CALL = 1  # autograd runs one backward node per forward call
+# Adam over fp32 main parameters: read the parameter, gradient and both moments, write the parameter and both
+# moments (28 B); the gradient norm reads the gradient (4 B) and clipping rewrites it (8 B)
+OPTIMIZER_BYTES_PER_PARAM = 40
+EMBEDDING_CALLS = 1
+# the last stage's output: final norm, output projection, and megatron's vocab-parallel cross entropy (max,
+# subtract, target mask and gather, exp, sum, log, difference: 10; its all-reduces are communication)
+HEAD_CALLS = 1 + 1 + 10
+# the DPO loss from per-token log-probs: masked sums of both sides, log-ratios, log-sigmoid, mean, and the
+# logged rewards, margins and accuracies
+DPO_LOSS_CALLS = 15
+
+
+def layer_forward_calls(model: ModelSpec, layout: Layout) -> int:
+    """Kernel calls of one transformer layer's forward: attention (input norm, QKV projection, q/k norms,
+    rotary on q and k, core attention, output projection, residual add) and the MLP (pre-MLP norm, then the
+    dense SwiGLU's gate/up projection, activation and down projection; or the router's projection, softmax
+    and top-k, token permutation, a grouped GEMM pair and activation or each local expert's three calls,
+    unpermutation and the shared expert's three calls; residual add)."""
+    attention = 1 + 1 + (2 if model.qk_layernorm else 0) + 2 + 1 + 1 + 1
+    moe = model.moe
+    if moe is None:
+        return attention + 1 + 3 + 1
+    experts = 3 if layout.moe_grouped_gemm else 3 * (moe.num_experts // layout.ep)
+    shared = 3 if moe.shared_expert_ffn_hidden_size else 0
+    return attention + 1 + 3 + 1 + experts + 1 + shared + 1
+
+
+def stage_forward_calls(model: ModelSpec, layout: Layout, stage: int, layers: int, loss: bool) -> int:
+    """Kernel calls of one forward pass of a micro-batch through `stage` (`loss`: the DPO loss follows)."""
+    calls = layers * layer_forward_calls(model, layout)
+    if stage == 0:
+        calls += EMBEDDING_CALLS
+    if stage == layout.pp - 1:
+        calls += HEAD_CALLS + (DPO_LOSS_CALLS if loss else 0)
+    return calls
 
 
 @dataclass(frozen=True)
@@ -43,10 +102,10 @@ class Efficiency:
     experts: float
 
 
-# `calibration.fit()` on the published non-DPO runs, rounded: what `dpoc build` / `dpoc plan` use without
-# refitting at every run (and without importing the calibration set). tests/planner/test_throughput.py checks
-# it against a fresh fit; `python bench/planner.py` prints the fit.
-FITTED = Efficiency(dense=0.474, experts=0.167)
+# `calibration.fit()` on the published non-DPO runs (their presets' per-call latency included), rounded: what
+# `dpoc build` / `dpoc plan` use without refitting at every run (and without importing the calibration set).
+# tests/planner/test_throughput.py checks it against a fresh fit; `python bench/planner.py` prints the fit.
+FITTED = Efficiency(dense=0.4762, experts=0.1691)
 
 
 @dataclass(frozen=True)
@@ -58,8 +117,19 @@ class Throughput:
     dpo_mfu: float  # policy + the live reference's forward (precomputed: equal to mfu)
     compute_s: float  # slowest stage, per micro-batch
     communication_s: float  # slowest stage's exposed communication, per micro-batch
+    latency_s: float  # slowest stage's fixed per-call cost, per micro-batch
     bubble_s: float
     data_parallel_s: float
+    optimizer_s: float  # per step: its calls and its sweep over the rank's shard
+    micro_batches: float  # per data-parallel rank and step
+
+    def shares(self) -> dict[str, float]:
+        """Fractions of the step: FLOPs, per-call latency, communication (incl. data-parallel), the optimizer
+        step, the pipeline bubble."""
+        parts = {"compute": self.micro_batches * self.compute_s, "latency": self.micro_batches * self.latency_s,
+                 "communication": self.micro_batches * self.communication_s + self.data_parallel_s,
+                 "optimizer": self.optimizer_s, "bubble": self.bubble_s}
+        return {name: value / self.step_s for name, value in parts.items()}
 
 
 def link_gbps(hardware: HardwareSpec, span: int) -> float:
@@ -191,10 +261,13 @@ def predict(
         sequences = workload.sequences_per_sample * layout.micro_batch_size
         step_mean, step_square = rows.step_mean, rows.step_square
     run = _Run(model, hardware, layout, training, efficiency, workload, seq, seq_square, sequences, micro_batches)
-    slowest, compute_s, comm_s = _slowest_stage(run)
+    slowest, compute_s, comm_s, latency_s = _slowest_stage(run)
     bubble = (layout.pp - 1) / layout.vpp * slowest
-    data_parallel = _data_parallel_s(model, hardware, layout, training, real_layers_per_stage(layout))
-    step = micro_batches * slowest + bubble + data_parallel
+    stage, layers = _largest_stage(model, layout)
+    shard = stage_shard(model, layout, stage, layers)
+    data_parallel = _data_parallel_s(hardware, layout, training, shard)
+    optimizer = _optimizer_s(hardware, layout, shard, stage_tensors(model, layout, stage, layers))
+    step = micro_batches * slowest + bubble + data_parallel + optimizer
     seqs = layout.global_batch_size * workload.sequences_per_sample
     policy_flops = seqs * training_flops_per_sequence(model, step_mean, step_square)
     reference_flops = policy_flops / 3 if workload.reference_forward else 0.0  # its forward, in every step
@@ -203,21 +276,43 @@ def predict(
         step_s=step, samples_per_s=layout.global_batch_size / step,
         tokens_per_s=seqs * real / step,
         mfu=policy_flops / capacity, dpo_mfu=(policy_flops + reference_flops) / capacity,
-        compute_s=compute_s, communication_s=comm_s, bubble_s=bubble, data_parallel_s=data_parallel,
+        compute_s=compute_s, communication_s=comm_s, latency_s=latency_s, bubble_s=bubble,
+        data_parallel_s=data_parallel, optimizer_s=optimizer, micro_batches=micro_batches,
     )
 
 
-def _slowest_stage(run: _Run) -> tuple[float, float, float]:
-    """(time, compute, communication) of one micro-batch through the slowest pipeline stage. A stage's time
-    depends only on its layer count and on holding the output layer (the last stage)."""
+def _slowest_stage(run: _Run) -> tuple[float, float, float, float]:
+    """(time, compute, communication, latency) of one micro-batch through the slowest pipeline stage. A
+    stage's time depends only on its layer count and on holding the embedding (the first stage) or the output
+    layer (the last)."""
     layout = run.layout
     layer_list = real_layers_per_stage(layout)
-    representatives = {layers: stage for stage, layers in enumerate(layer_list[:-1])}
+    representatives = {layers: stage for stage, layers in enumerate(layer_list[1:-1], 1)}
     stages = []
-    for stage in {*representatives.values(), layout.pp - 1}:
-        compute, comm = _stage_compute_s(run, stage, layer_list[stage]), _stage_comm_s(run, layer_list[stage])
-        stages.append((compute + comm, compute, comm))
+    for stage in {0, *representatives.values(), layout.pp - 1}:
+        layers = layer_list[stage]
+        compute, comm = _stage_compute_s(run, stage, layers), _stage_comm_s(run, layers)
+        latency = _stage_latency_s(run, stage, layers)
+        stages.append((compute + comm + latency, compute, comm, latency))
     return max(stages)
+
+
+def _stage_latency_s(run: _Run, stage: int, layers: int) -> float:
+    """The fixed per-call cost of one micro-batch through one stage: the policy's forward (with the DPO loss
+    on the last stage) and backward, the live reference's forward, and the recomputed forward."""
+    model, layout = run.model, run.layout
+    if not run.workload.trains:
+        calls = stage_forward_calls(model, layout, stage, layers, loss=False)
+    else:
+        policy = stage_forward_calls(model, layout, stage, layers, loss=True)
+        calls = (1 + BACKWARD_CALLS_PER_FORWARD_CALL) * policy
+        if run.workload.reference_forward:
+            calls += stage_forward_calls(model, layout, stage, layers, loss=False)
+        if layout.recompute == "full":
+            calls += layers * layer_forward_calls(model, layout)
+        elif layout.recompute == "selective":
+            calls += layers  # the core attention
+    return calls * run.hardware.op_latency_us * 1e-6
 
 
 @dataclass(frozen=True)
@@ -239,24 +334,28 @@ def predict_reference_pass(
     seq, seq_square = lengths.sorted_dataset(layout.tp * layout.cp)
     run = _Run(model, hardware, layout, training, efficiency, REFERENCE_PASS, seq, seq_square,
                SEQUENCES_PER_PAIR * micro_batch, round_micro_batches)
-    slowest, _, _ = _slowest_stage(run)
+    slowest = _slowest_stage(run)[0]
     round_s = round_micro_batches * slowest + (layout.pp - 1) / layout.vpp * slowest
     pairs_per_s = layout.dp * round_micro_batches * micro_batch / round_s
     seconds = lengths.pairs / pairs_per_s if lengths.pairs is not None else None
     return ReferencePass(micro_batch, pairs_per_s, seconds)
 
 
-def _data_parallel_s(
-    model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, layer_list: tuple[int, ...]
-) -> float:
-    """Gradient reduce-scatter + parameter all-gather (distributed optimizer) or all-reduce, per step, of the
-    largest stage: the first, the last, or the middle one with the most layers (middle stages differ only in
-    their layer count)."""
+def _largest_stage(model: ModelSpec, layout: Layout) -> tuple[int, int]:
+    """(stage, real layers) of the pipeline stage whose ranks hold the most parameters: the first, the last,
+    or the middle one with the most layers (middle stages differ only in their layer count)."""
+    layer_list = real_layers_per_stage(layout)
     last = len(layer_list) - 1
-    candidates = {0: layer_list[0], last: layer_list[last]}
+    candidates = {0, last}
     if last > 1:
-        candidates[1] = max(layer_list[1:-1])
-    shard = max((stage_shard(model, layout, s, n) for s, n in candidates.items()), key=lambda x: x.total)
+        candidates.add(max(range(1, last), key=lambda s: layer_list[s]))
+    stage = max(sorted(candidates), key=lambda s: stage_shard(model, layout, s, layer_list[s]).total)
+    return stage, layer_list[stage]
+
+
+def _data_parallel_s(hardware: HardwareSpec, layout: Layout, training: Training, shard: Shard) -> float:
+    """Gradient reduce-scatter + parameter all-gather (distributed optimizer) or all-reduce, per step, of the
+    largest stage's parameters."""
     per_param = GRAD_BYTES + element_bytes(training) if layout.distributed_optimizer else 2 * GRAD_BYTES
     span = hardware.world_size // layout.pp
     total = 0.0
@@ -264,3 +363,13 @@ def _data_parallel_s(
         if group > 1 and params:
             total += _transfer_s(hardware, span, params * per_param * (group - 1) / group, 2)
     return total
+
+
+def _optimizer_s(hardware: HardwareSpec, layout: Layout, shard: Shard, tensors: Shard) -> float:
+    """The optimizer step on the largest stage's rank: its fixed cost per parameter tensor and its sweep over
+    the parameters it updates; the distributed optimizer updates 1 / (its group) of each."""
+    dense_group, expert_group = (layout.dp * layout.cp, layout.edp) if layout.distributed_optimizer else (1, 1)
+    updated = tensors.dense / dense_group + tensors.experts / expert_group
+    params = shard.dense / dense_group + shard.experts / expert_group
+    return (updated * hardware.optimizer_tensor_us * 1e-6
+            + params * OPTIMIZER_BYTES_PER_PARAM / (hardware.memory_gbps * 1e9))

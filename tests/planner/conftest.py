@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -33,11 +34,13 @@ def qwen3_30b_a3b(num_layers: int = 48) -> ModelSpec:
 
 
 def hardware(**overrides: Any) -> HardwareSpec:
-    """Atlas A3-like: 16 devices per node, 64 GiB, no HCCL buffers and no reserve unless asked."""
+    """Atlas A3-like: 16 devices per node, 64 GiB, no HCCL buffers, no reserve, no per-call latency and no
+    optimizer sweep time unless asked."""
     base: dict[str, Any] = dict(
         name="test", device="npu", backend="hccl", devices_per_node=16, nodes=1, memory_gib=64,
         reserved_gib=0.0, peak_tflops=353.9, intra_node_gbps=196, inter_node_gbps=25, superpod_nodes=0,
-        superpod_gbps=25, hccl_buffsize_mb=0, env=(),
+        superpod_gbps=25, hccl_buffsize_mb=0, env=(), op_latency_us=0.0,
+        optimizer_tensor_us=0.0, memory_gbps=math.inf,
     )
     return HardwareSpec(**{**base, **overrides})
 

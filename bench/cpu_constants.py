@@ -1,0 +1,220 @@
+"""Measure the CPU hardware preset's planner constants on this machine, one thread per process as the preset
+runs (`OMP_NUM_THREADS=1`): the fp32 matmul rate (`peak_tflops`), the memory bandwidth an optimizer sweep
+gets (`memory_gbps`), the fixed cost of one call of a pass (`op_latency_us`) and of the optimizer step per
+parameter tensor (`optimizer_tensor_us`).
+
+    OMP_NUM_THREADS=1 python bench/cpu_constants.py [--smoke] [--out FILE]  # writes bench/results/cpu_constants.json
+
+- `peak_tflops`: the best rate of a 1024 x 1024 x 1024 fp32 matmul (torch.mm).
+- `memory_gbps`: the best rate of an in-place `a += b` over 128 MiB tensors (two reads, one write per
+  element: the shape of an optimizer's update).
+- `op_latency_us`: the tiny recipe's own model (`recipes/tiny_cpu.yaml`), built, wrapped and stepped by the
+  runtime's code in one process (`dpoc.runtime.train`: DDP, distributed optimizer, megatron-core's schedule,
+  the CPU device bridge), at 1 and 9 layers on micro-batches of one pair of 8-token sequences, where the
+  FLOPs cost nothing next to the calls. The extra layers' reference forward time per layer and
+  micro-batch, divided by the calls the planner counts in a layer's forward
+  (`throughput.layer_forward_calls`), is the cost of one call; the extra layers' optimizer step time, divided
+  by their parameter tensors (`params.layer_tensors`), the optimizer's cost per tensor. The same runs give
+  what the planner's other counts imply here (the layer's backward, the embedding, output layer and loss),
+  printed next to the counts it uses to check them, not fitted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from megatron.core.distributed import finalize_model_grads  # noqa: E402
+
+from bench._shared import arguments, write_result  # noqa: E402
+from dpoc import megatron_args  # noqa: E402
+from dpoc.compile import build  # noqa: E402
+from dpoc.layout import make_layout  # noqa: E402
+from dpoc.planner.params import layer_tensors  # noqa: E402
+from dpoc.planner.throughput import (  # noqa: E402
+    BACKWARD_CALLS_PER_FORWARD_CALL,
+    DPO_LOSS_CALLS,
+    EMBEDDING_CALLS,
+    HEAD_CALLS,
+    layer_forward_calls,
+)
+from dpoc.runtime import device as devices  # noqa: E402
+from dpoc.runtime import weight_sources  # noqa: E402
+from dpoc.runtime.data import collate  # noqa: E402
+from dpoc.runtime.dpo import Objective  # noqa: E402
+from dpoc.runtime.model import transformer_config  # noqa: E402
+from dpoc.runtime.passes import policy_pass, reference_pass  # noqa: E402
+from dpoc.runtime.train import _init_distributed, build_models, build_optimizer, initialize_parallel  # noqa: E402
+from dpoc.specs import preset_hardware, preset_model  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
+LAYERS = (1, 9)
+MICRO_BATCHES = 2  # as the tiny recipe runs them per rank and step
+PROMPT, RESPONSE = 4, 4  # tokens of each synthetic sequence
+
+
+def best_rate(work: Callable[[], None], amount: float, repeats: int) -> float:
+    """`amount` / the fastest of `repeats` timed calls of `work` (after one warm-up call)."""
+    work()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return amount / best
+
+
+def matmul_tflops(repeats: int) -> float:
+    n = 1024
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    return best_rate(lambda: torch.mm(a, b, out=c), 2 * n ** 3, repeats) / 1e12
+
+
+def memory_gbps(repeats: int) -> float:
+    a, b = torch.zeros(32 * 2 ** 20), torch.ones(32 * 2 ** 20)  # 128 MiB each, past the caches
+    return best_rate(lambda: a.add_(b), 3 * a.numel() * a.element_size(), repeats) / 1e9
+
+
+def _pairs(count: int, vocab: int, seed: int) -> list[list[np.ndarray]]:
+    """Synthetic pairs as the dataset yields them: (chosen ids, labels, rejected ids, labels), the prompt
+    masked with -100."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        pair = []
+        for _side in range(2):
+            ids = rng.integers(1, vocab, PROMPT + RESPONSE).astype(np.int64)
+            labels = ids.copy()
+            labels[:PROMPT] = -100
+            pair += [ids, labels]
+        out.append(pair)
+    return out
+
+
+def _best_s(works: dict[int, dict[str, Callable[[], None]]], repeats: int) -> dict[int, dict[str, float]]:
+    """The fastest of `repeats` timed calls of each work after one warm-up, the works taking turns (so that a
+    busy moment on a shared machine slows all of them alike, and the best time keeps the fixed costs)."""
+    best = {n: dict.fromkeys(parts, float("inf")) for n, parts in works.items()}
+    for round_ in range(repeats + 1):
+        for n, parts in works.items():
+            for part, work in parts.items():
+                start = time.perf_counter()
+                work()
+                if round_:
+                    best[n][part] = min(best[n][part], time.perf_counter() - start)
+    return best
+
+
+def step_parts(args_file: Path, layers: int) -> dict[str, Callable[[], None]]:
+    """The reference pass, the policy pass and the optimizer step of a `layers`-layer copy of the recipe's
+    model, `MICRO_BATCHES` one-pair micro-batches per step (process groups already joined)."""
+    args = megatron_args.parse([f"@{args_file}"])
+    args.num_layers = layers
+    config = transformer_config(args, devices.select("cpu", "gloo"))
+    policy, reference = build_models(args, config, weight_sources.sources(args, str(args_file)))
+    optimizer, _ = build_optimizer(args, policy)
+    config.no_sync_func = policy[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    objective = Objective(args.dpo_loss_type, args.dpo_beta, args.dpo_label_smoothing, args.pref_ftx)
+    batches = [collate(_pairs(1, args.padded_vocab_size, seed), 1) for seed in range(MICRO_BATCHES)]
+    for b in batches:
+        b.step_mean_pairs = 1.0
+
+    def reference_work() -> None:
+        reference_pass(reference, batches)
+
+    def policy_work() -> None:
+        for chunk in policy:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        policy_pass(policy, batches, objective)
+
+    def optimizer_work() -> None:
+        optimizer.step()
+
+    return {"reference_s": reference_work, "policy_s": policy_work, "optimizer_s": optimizer_work}
+
+
+def latency_constants(repeats: int) -> dict[str, Any]:
+    """The per-call cost from the layers' reference forward, and the call counts the runs imply elsewhere."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "build"
+        build(RECIPE, ["hardware.devices_per_node=1", f"dataset.output_prefix={tmp}/data", f"run_dir={tmp}/run"],
+              out=out)
+        args_file = out / "megatron.args"
+        device = devices.select("cpu", "gloo")
+        _init_distributed(device)
+        with devices.running_on(device):  # as the runtime runs (its CPU bridge's cost included)
+            initialize_parallel(megatron_args.parse([f"@{args_file}"]))
+            runs = _best_s({n: step_parts(args_file, n) for n in LAYERS}, repeats)
+    model = preset_model("tiny-qwen3")
+    layout = make_layout(model, preset_hardware("cpu"), 2, {})
+    layer_calls, layer_tensor_count = layer_forward_calls(model, layout), layer_tensors(model, layout).dense
+    extra = LAYERS[1] - LAYERS[0]
+
+    def per_layer(part: str) -> float:  # seconds per layer and micro-batch (the optimizer: per layer and step)
+        per = MICRO_BATCHES if part != "optimizer_s" else 1
+        return (runs[LAYERS[1]][part] - runs[LAYERS[0]][part]) / extra / per
+
+    forward = per_layer("reference_s")
+    call_s = forward / layer_calls
+    backward = per_layer("policy_s") - forward
+    head_reference = runs[LAYERS[0]]["reference_s"] / MICRO_BATCHES - LAYERS[0] * forward
+    head_policy = runs[LAYERS[0]]["policy_s"] / MICRO_BATCHES - LAYERS[0] * (forward + backward)
+    optimizer_per_tensor = per_layer("optimizer_s") / layer_tensor_count
+    reference_head = EMBEDDING_CALLS + HEAD_CALLS
+    policy_head = (EMBEDDING_CALLS + HEAD_CALLS + DPO_LOSS_CALLS) * (1 + BACKWARD_CALLS_PER_FORWARD_CALL)
+    return {
+        "runs": {str(n): r for n, r in runs.items()},
+        "micro_batches": MICRO_BATCHES, "sequence_tokens": PROMPT + RESPONSE, "pairs_per_micro_batch": 1,
+        "layer_forward_s": forward, "layer_forward_calls": layer_calls,
+        "op_latency_us": call_s * 1e6,
+        "implied_backward_calls_per_forward_call": backward / forward,
+        "model_backward_calls_per_forward_call": BACKWARD_CALLS_PER_FORWARD_CALL,
+        "implied_head_reference_calls": head_reference / call_s,
+        "model_head_reference_calls": reference_head,
+        "implied_head_policy_calls": head_policy / call_s,
+        "model_head_policy_calls": policy_head,
+        "optimizer_tensor_us": optimizer_per_tensor * 1e6,
+        "optimizer_fixed_s": runs[LAYERS[0]]["optimizer_s"] - LAYERS[0] * per_layer("optimizer_s"),
+    }
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0], "cpu_constants").parse_args()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    repeats = 3 if args.smoke else 50
+    peak, memory = matmul_tflops(repeats), memory_gbps(repeats)
+    latency = latency_constants(repeats)
+    print(f"CPU constants at {torch.get_num_threads()} thread(s) (the machine may be shared: best of "
+          f"{repeats}):")
+    print(f"  peak_tflops   {peak:.4f}  (fp32 1024^3 matmul)")
+    print(f"  memory_gbps   {memory:.2f}  (a += b over 128 MiB)")
+    print(f"  op_latency_us {latency['op_latency_us']:.1f}  (a layer's reference forward: "
+          f"{latency['layer_forward_s'] * 1e6:.0f} us for {latency['layer_forward_calls']} counted calls)")
+    print(f"  optimizer_tensor_us {latency['optimizer_tensor_us']:.1f}  (the extra layers' optimizer step per "
+          "parameter tensor)")
+    for what in ("backward_calls_per_forward_call", "head_reference_calls", "head_policy_calls"):
+        print(f"  {what:<33} implied {latency['implied_' + what]:6.1f}, planner counts {latency['model_' + what]}")
+    print(f"  optimizer step beyond the layers' tensors {latency['optimizer_fixed_s'] * 1e3:.2f} ms (the embedding, "
+          "final norm and head tensors, and a fixed cost the planner does not model)")
+    out = write_result(args, "cpu_constants", {"threads": torch.get_num_threads(), "repeats": repeats,
+                                               "peak_tflops": peak, "memory_gbps": memory, "latency": latency})
+    if out is not None:
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
