@@ -98,7 +98,7 @@ class MicroBatch:
     stream [1, t] holding those 2n sequences end to end (`packed` says where each one lies)."""
 
     tokens: torch.Tensor  # [2n, L] or [1, t] int64
-    targets: torch.Tensor  # next-token ids, 0 where masked
+    targets: torch.Tensor  # next-token ids, IGNORE_INDEX where nothing is predicted (model.py skips those)
     mask: torch.Tensor  # [2n, L'] float, 1 on predicted response tokens, per sequence (L' = L unpacked)
     position_ids: torch.Tensor  # like tokens; restarting at each sequence when packed
     real_tokens: int  # tokens before padding, for tokens/s and the fill
@@ -160,7 +160,7 @@ def collate(pairs: list[list[np.ndarray]], multiple_of: int, at_least: int = 0) 
         shifted[row, : len(y) - 1] = torch.from_numpy(y[1:])
     mask = (shifted != IGNORE_INDEX).float()
     positions = torch.arange(length).unsqueeze(0).expand(len(ids), -1).contiguous()
-    return MicroBatch(tokens, shifted.clamp(min=0), mask, positions, sum(len(x) for x in ids), len(ids) * length)
+    return MicroBatch(tokens, shifted, mask, positions, sum(len(x) for x in ids), len(ids) * length)
 
 
 def collate_packed(pairs: list[list[np.ndarray]], budget: int, multiple_of: int, at_least: int = 0
@@ -182,7 +182,7 @@ def collate_packed(pairs: list[list[np.ndarray]], budget: int, multiple_of: int,
         start += len(x)
     packed = PackedSequences.of(tuple(len(x) for x in ids), length - real)
     mask = packed.rows((shifted[0] != IGNORE_INDEX).float())
-    return MicroBatch(tokens, shifted.clamp(min=0), mask, positions, real, budget, packed=packed)
+    return MicroBatch(tokens, shifted, mask, positions, real, budget, packed=packed)
 
 
 def global_batch_indices(size: int, global_batch: int, step: int, seed: int) -> np.ndarray:

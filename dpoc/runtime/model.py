@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from dpoc.errors import DpocError, Problem
 from dpoc.runtime.attention import core_attention_class
+from dpoc.runtime.data import IGNORE_INDEX
 from dpoc.runtime.device import Device, attention_kernel
 
 
@@ -188,6 +190,33 @@ def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: 
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=_SequenceShardedNorm)
 
 
+class ResponseLogitsGPTModel(GPTModel):
+    """megatron-core's GPTModel whose last stage projects through the output layer, and takes the cross
+    entropy of, only the positions that predict a response token (labels other than IGNORE_INDEX): DPO
+    never reads a prompt's or a padding position's log-prob, and the LM head is a large share of a step
+    (here about 40% of the matmul FLOPs; Qwen3's 151k vocabulary makes it large on the real models too).
+    The per-token losses come back as GPTModel's [b, s], zero at the skipped positions, so every caller
+    reads them as before. With sequence parallelism the sequence is gathered first (its gradient only
+    split back: the output layer, then not sequence-parallel, all-reduces it), as megatron-core's own
+    last-token inference path does."""
+
+    def _postprocess(self, hidden_states, labels=None, **kwargs):
+        if labels is None or not self.post_process or self.mtp_process or self.config.mtp_num_layers:
+            return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
+        head = self.output_layer
+        gathered = head.sequence_parallel
+        if gathered:
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+        keep = (labels != IGNORE_INDEX).transpose(0, 1)  # [s, b], as the hidden states [s, b, h]
+        head.sequence_parallel = False
+        try:
+            picked = super()._postprocess(hidden_states=hidden_states[keep].unsqueeze(1),
+                                          labels=labels.transpose(0, 1)[keep].unsqueeze(0), **kwargs)  # [1, n]
+        finally:
+            head.sequence_parallel = gathered
+        return picked.new_zeros(keep.shape).masked_scatter(keep, picked[0]).transpose(0, 1)
+
+
 def build_chunks(config: TransformerConfig, args: argparse.Namespace) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), in float32/bf16 on the current device, with
     the core attention `--dpoc-core-attention` names (`auto`: the device's, `device.attention_kernel`)."""
@@ -196,7 +225,7 @@ def build_chunks(config: TransformerConfig, args: argparse.Namespace) -> list[GP
     vpp = config.virtual_pipeline_model_parallel_size
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
-        chunks.append(GPTModel(
+        chunks.append(ResponseLogitsGPTModel(
             config=config,
             transformer_layer_spec=block_spec(config, vp_stage, kernel),
             vocab_size=args.padded_vocab_size,

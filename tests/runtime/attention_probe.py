@@ -9,16 +9,14 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
 
 from dpoc import megatron_args
-from dpoc.runtime import device as devices
 from dpoc.runtime import seeded_init
 from dpoc.runtime.data import Batching, PairwiseDataset, rank_micro_batches
 from dpoc.runtime.dpo import Objective
 from dpoc.runtime.model import build_chunks, transformer_config
 from dpoc.runtime.passes import policy_pass
+from tests.runtime.synthetic import one_process
 
 
 def policy_gradients(args, device, kernel: str) -> dict:
@@ -38,15 +36,8 @@ def policy_gradients(args, device, kernel: str) -> dict:
 
 def main() -> None:
     args = megatron_args.parse([f"@{sys.argv[1]}"])
-    device = devices.select("cpu", "gloo")
-    devices.fill_megatron_gaps()
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    with devices.running_on(device):
+    with one_process(args.seed) as device:
         result = {kernel: policy_gradients(args, device, kernel) for kernel in sys.argv[2:]}
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
     print(json.dumps(result))
 
 

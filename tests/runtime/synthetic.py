@@ -6,6 +6,7 @@ model that learns "continue with prompt token + 1" prefers chosen, so reward acc
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,24 @@ def write_args(path: Path, data_path: str, run_dir: Path, *, layout: list[tuple[
     ]
     path.write_text(format_args(flags))
     return path
+
+
+@contextlib.contextmanager
+def one_process(seed: int):
+    """A one-process gloo world with megatron's parallel state, on the CPU device, for the probes."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from dpoc.runtime import device as devices
+
+    device = devices.select("cpu", "gloo")
+    devices.fill_megatron_gaps()
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    try:
+        with devices.running_on(device):
+            yield device
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,9 @@ from dpoc import megatron_args
 from dpoc.errors import DpocError
 from dpoc.runtime.device import Device
 from dpoc.runtime.model import check_supported, transformer_config
-from tests.runtime.synthetic import write_args
+from tests.runtime.synthetic import write_args, write_pairs
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CPU = Device("cpu", "gloo", supports_grouped_gemm=False)
 
@@ -74,3 +80,19 @@ def test_moe_with_tensor_parallelism_needs_sequence_parallelism(tmp_path):
     assert str(err.value) == (
         "m.args: --sequence-parallel: megatron-core refuses MoE with tensor parallelism (tp=2) without "
         "sequence parallelism (valid: set the flag)")
+
+
+def test_the_lm_head_runs_on_response_positions_only_with_the_full_heads_losses_and_gradients(tmp_path):
+    """`ResponseLogitsGPTModel` skips prompt and padding positions; what it returns and back-propagates
+    equals the full logits' cross entropy (layouts, sequence parallelism included: test_runtime_train)."""
+    args = write_args(tmp_path / "r.args", write_pairs(tmp_path / "pairs", pairs=8), tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-W", "ignore", str(Path(__file__).with_name("response_logits_probe.py")),
+                          str(args)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for kind in ("padded", "packed"):
+        r = result[kind]
+        assert 0 < r["kept"] < r["positions"], r  # prompts and padding are really skipped
+        assert r["skipped_nonzero"] == 0
+        assert r["loss"] < 1e-6 and r["grad"] < 1e-5, (kind, r)

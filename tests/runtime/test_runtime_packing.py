@@ -62,7 +62,7 @@ def test_a_packed_stream_holds_whole_pairs_with_restarting_positions(dataset):
         for row, (start, length) in enumerate(zip(starts, lengths, strict=True)):
             assert batch.position_ids[0, start: start + length].tolist() == list(range(length))
             targets = batch.targets[0, start: start + length]
-            assert int(targets[-1]) == 0  # the last token predicts nothing (never the next sequence)
+            assert int(targets[-1]) == IGNORE_INDEX  # the last token predicts nothing (never the next sequence)
             ids = batch.tokens[0, start: start + length].tolist()
             predicted = targets[batch.mask[row, :length].bool()].tolist()
             sequences.append((tuple(ids), tuple(predicted)))
