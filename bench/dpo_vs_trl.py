@@ -421,7 +421,8 @@ def agreement(result: dict, baseline: dict) -> dict[str, float]:
 def summarise(config: Config, results: list[dict], ws: Workspace, warmup: int, peak: float) -> dict:
     """The configuration's best round: pairs/s over its timed steps, and its model-FLOPs rate."""
     n = matmul_parameters(ws.model)
-    per_token = 8 * n if config.reference == "live" else 6 * n
+    flops_per_param = 8 if config.reference == "live" else 6  # per token: policy 6, a live reference's forward 2
+    per_token = flops_per_param * n
     attention_factor = 4 if config.reference == "live" else 3  # forward + backward = 3 forwards, + 1 reference
 
     def rate(r):
@@ -434,12 +435,8 @@ def summarise(config: Config, results: list[dict], ws: Workspace, warmup: int, p
     model_flops = sum(per_token * ws.step_tokens[s] for s in timed_steps) / seconds
     # what the side really multiplies: dpoc projects only the predicted positions through the LM head; TRL's
     # head on the CPU scores every position (its compact path needs Triton)
-    if config.side == "dpoc":
-        skipped = per_token // n * lm_head_parameters(ws.model)
-        unread = sum(ws.step_tokens[s] - ws.step_predicted[s] for s in timed_steps)
-        executed = model_flops - skipped * unread / seconds
-    else:
-        executed = model_flops
+    unread = sum(ws.step_tokens[s] - ws.step_predicted[s] for s in timed_steps) if config.side == "dpoc" else 0
+    executed = model_flops - flops_per_param * lm_head_parameters(ws.model) * unread / seconds
     attention = sum(attention_factor * ws.attention_flops[s] for s in timed_steps) / seconds
     return {
         "configuration": config.name, **asdict(config), "pairs_per_s": rate(best),
