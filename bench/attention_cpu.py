@@ -36,8 +36,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention 
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from bench._shared import arguments, write_result  # noqa: E402
-from dpoc.runtime import device as devices  # noqa: E402
-from dpoc.runtime.attention import PackedSequences, SdpaAttention  # noqa: E402
+from dpoc.runtime.model import device as devices  # noqa: E402
+from dpoc.runtime.model.attention import PackedSequences, SdpaAttention  # noqa: E402
 
 HEADS, GROUPS = 4, 2
 SHAPES = {"tiny recipe": (16, (16, 45)), "TRL bench": (64, (84, 297))}  # head dim, sequence lengths

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._shared import arguments, write_result  # noqa: E402  (the repository first)
-from dpoc.compile import build  # noqa: E402
+from dpoc.compiler.pipeline import build  # noqa: E402
 
 SAVED = re.compile(r"^saved \S+ \(\w+: (\d+) files, ([\d.]+) MB\) in ([\d.]+) s", re.MULTILINE)
 LOADED = re.compile(r"^resumed from \S+: .* loaded in ([\d.]+) s", re.MULTILINE)

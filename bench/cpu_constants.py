@@ -38,9 +38,10 @@ import torch  # noqa: E402
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
 
 from bench._shared import arguments, write_result  # noqa: E402
-from dpoc import megatron_args  # noqa: E402
-from dpoc.compile import build  # noqa: E402
-from dpoc.layout import make_layout  # noqa: E402
+from dpoc.compiler.pipeline import build  # noqa: E402
+from dpoc.compiler.resolve.layout import make_layout  # noqa: E402
+from dpoc.compiler.resolve.specs import preset_hardware, preset_model  # noqa: E402
+from dpoc.contract import megatron_args  # noqa: E402
 from dpoc.planner.params import layer_tensors  # noqa: E402
 from dpoc.planner.throughput import (  # noqa: E402
     BACKWARD_CALLS_PER_FORWARD_CALL,
@@ -49,14 +50,13 @@ from dpoc.planner.throughput import (  # noqa: E402
     HEAD_CALLS,
     layer_forward_calls,
 )
-from dpoc.runtime import device as devices  # noqa: E402
-from dpoc.runtime import weight_sources  # noqa: E402
-from dpoc.runtime.data import collate  # noqa: E402
-from dpoc.runtime.dpo import Objective  # noqa: E402
-from dpoc.runtime.model import transformer_config  # noqa: E402
-from dpoc.runtime.passes import policy_pass, reference_pass  # noqa: E402
+from dpoc.runtime.model import device as devices  # noqa: E402
+from dpoc.runtime.model.gpt import transformer_config  # noqa: E402
+from dpoc.runtime.step.data import collate  # noqa: E402
+from dpoc.runtime.step.dpo import Objective  # noqa: E402
+from dpoc.runtime.step.passes import policy_pass, reference_pass  # noqa: E402
 from dpoc.runtime.train import _init_distributed, build_models, build_optimizer, initialize_parallel  # noqa: E402
-from dpoc.specs import preset_hardware, preset_model  # noqa: E402
+from dpoc.runtime.weights import weight_sources  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
 LAYERS = (1, 9)

@@ -145,7 +145,7 @@ def write_indexed(prefix: Path, pairs) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from dpoc.data.pairwise import FIELDS, dataset_prefix
-    from dpoc.runtime.data import IGNORE_INDEX
+    from dpoc.runtime.step.data import IGNORE_INDEX
 
     builders = {f: IndexedDatasetBuilder(dataset_prefix(str(prefix), f) + ".bin", dtype=np.int32) for f in FIELDS}
     for prompt, chosen, rejected in pairs:
@@ -162,7 +162,7 @@ def write_indexed(prefix: Path, pairs) -> None:
 
 def step_order(prefix: Path, steps: int) -> list[list[int]]:
     """Each step's pairs in the order dpoc's unpacked micro-batches take them (`data.step_groups`)."""
-    from dpoc.runtime.data import Batching, PairwiseDataset, step_groups
+    from dpoc.runtime.step.data import Batching, PairwiseDataset, step_groups
 
     dataset = PairwiseDataset(str(prefix), SEQ_LENGTH)
     batching = Batching(STEP_PAIRS, STEP_PAIRS, SEQ_LENGTH, SEED, multiple_of=1)
@@ -226,7 +226,7 @@ def _check(done: subprocess.CompletedProcess, config: Config) -> None:
 
 def dpoc_flags(config: Config, ws: Workspace, steps: int, run_dir: Path) -> list[tuple[str, object]]:
     """megatron.args as `dpoc build` writes them for this job: the model flags from the weights' config.json."""
-    from dpoc import hf_config
+    from dpoc.contract import hf_config
 
     arch = hf_config.architecture(hf_config.read_config(ws.weights, "--dpoc-hf-weights", "bench"), "bench")
     return [
@@ -245,7 +245,7 @@ def dpoc_flags(config: Config, ws: Workspace, steps: int, run_dir: Path) -> list
 
 
 def run_dpoc(config: Config, ws: Workspace, steps: int, threads: int, work: Path) -> dict:
-    from dpoc.megatron_args import format_args
+    from dpoc.contract.megatron_args import format_args
 
     args_file = work / "megatron.args"
     args_file.write_text(format_args(dpoc_flags(config, ws, steps, work / "run")))

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._shared import arguments, write_result  # noqa: E402
-from dpoc.compile import build  # noqa: E402
+from dpoc.compiler.pipeline import build  # noqa: E402
 from dpoc.launch import tree  # noqa: E402
 
 ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),

@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._shared import arguments, write_result  # noqa: E402
-from dpoc.compile import plan_recipe  # noqa: E402
-from dpoc.megatron_args import format_args  # noqa: E402
-from dpoc.plan import Plan  # noqa: E402
+from dpoc.compiler.pipeline import plan_recipe  # noqa: E402
+from dpoc.compiler.render.targets import dpoc_runtime  # noqa: E402
+from dpoc.contract.megatron_args import format_args  # noqa: E402
+from dpoc.contract.plan import Plan  # noqa: E402
 from dpoc.planner.memory import SEQUENCES_PER_PAIR, estimate_memory  # noqa: E402
-from dpoc.runtime.memory_probe import MEMORY_DIR  # noqa: E402
-from dpoc.targets import dpoc_runtime  # noqa: E402
+from dpoc.runtime.step.memory_probe import MEMORY_DIR  # noqa: E402
 from tests.runtime.synthetic import write_pairs  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"

@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._shared import arguments, write_result
 from bench.runtime_speed import ROOT, _env, prepare
-from dpoc import rules
-from dpoc.compile import build
-from dpoc.layout import make_layout
-from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
+from dpoc.compiler.pipeline import build
+from dpoc.compiler.resolve import rules
+from dpoc.compiler.resolve.layout import make_layout
+from dpoc.compiler.resolve.specs import preset_hardware, preset_model
+from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.calibration import (
     assumed_orca_lengths,
     calibration_set,
@@ -47,7 +48,6 @@ from dpoc.planner.memory import estimate_memory
 from dpoc.planner.report import explain
 from dpoc.planner.search import search
 from dpoc.planner.throughput import Efficiency
-from dpoc.specs import preset_hardware, preset_model
 
 
 def calibration_report() -> dict[str, Any]:
@@ -105,7 +105,8 @@ DPO_LOSS = DPO(loss="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)
 
 
 def compiler_rules(model: ModelSpec, hardware: HardwareSpec, train: Training) -> Callable[[Layout], list[str]]:
-    """`dpoc.rules` as the compiler applies them: a violation that is not a warning rejects the layout."""
+    """`dpoc.compiler.resolve.rules` as the compiler applies them: a violation that is not a warning rejects the
+    layout."""
     def validate(layout: Layout) -> list[str]:
         context = rules.Context(model, hardware, layout, train, DPO_LOSS)
         return [f"{v.field}: {v.message}" for v in rules.check(context) if not v.warning]

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._shared import arguments, write_result  # noqa: E402
-from dpoc.compile import build  # noqa: E402
+from dpoc.compiler.pipeline import build  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
 VARIANTS = {"local": ("local", False), "sdpa": ("sdpa", False), "sdpa + packing": ("sdpa", True)}

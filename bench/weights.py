@@ -113,13 +113,13 @@ def load_ranks(hf_dir: Path, tp: int) -> list[dict]:
                   key=lambda r: r["rank"])
 
 
-IDLE = "import json, time, dpoc.runtime.convert; time.sleep(0.5); print(json.dumps({}))"
+IDLE = "import json, time, dpoc.runtime.weights.converter; time.sleep(0.5); print(json.dumps({}))"
 
 
 def convert_code(direction: str, source: Path, out: Path) -> str:
     call = f"hf_to_mcore({str(source)!r}, {str(out)!r})" if direction == "hf-to-mcore" else \
         f"mcore_to_hf({str(source)!r}, {str(out)!r})"
-    return ("import json, time; from dpoc.runtime.convert import hf_to_mcore, mcore_to_hf;"
+    return ("import json, time; from dpoc.runtime.weights.converter import hf_to_mcore, mcore_to_hf;"
             f"t = time.perf_counter(); {call}; print(json.dumps({{'seconds': time.perf_counter() - t}}))")
 
 
@@ -129,11 +129,11 @@ def load_rank(code: str) -> None:
     parameter bytes."""
     import torch.distributed as dist
 
-    from dpoc import hf_config, megatron_args
-    from dpoc.runtime import device as devices
-    from dpoc.runtime import weight_sources
-    from dpoc.runtime.model import build_chunks, transformer_config
+    from dpoc.contract import hf_config, megatron_args
+    from dpoc.runtime.model import device as devices
+    from dpoc.runtime.model.gpt import build_chunks, transformer_config
     from dpoc.runtime.train import _init_distributed, initialize_parallel
+    from dpoc.runtime.weights import weight_sources
 
     hf_dir, tp = json.loads(code)
     arch = hf_config.architecture(hf_config.read_config(hf_dir, "", ""), hf_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dpoc.compile import build
+from dpoc.compiler.pipeline import build
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpoc.compile import build
+from dpoc.compiler.pipeline import build
 from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
 
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from dpoc.compile import build
+from dpoc.compiler.pipeline import build
 from dpoc.data.config import build_config
 from dpoc.data.pairwise import FIELDS
 from dpoc.data.pipeline import preprocess
-from dpoc.runtime.data import PairwiseDataset, fit_pair, kept_lengths
+from dpoc.runtime.step.data import PairwiseDataset, fit_pair, kept_lengths
 from tests.conftest import RECIPES, REPO
 
 TOKENIZER = REPO / "assets" / "tiny" / "tokenizer"

@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dpoc.compile import build
-from dpoc.runtime import publish
-from dpoc.runtime.checkpoint import PAUSE_ENV
+from dpoc.compiler.pipeline import build
+from dpoc.runtime.checkpoint import publish
+from dpoc.runtime.checkpoint.save_load import PAUSE_ENV
 from tests.conftest import RECIPES, REPO
 from tests.runtime.synthetic import write_pairs
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpoc.errors import DpocError, Problem
+from dpoc.contract.errors import DpocError, Problem
 
 
 def _schema_properties() -> dict[str, Any]:
-    from dpoc.validate import schema
+    from dpoc.compiler.validate import schema
 
     return schema("preprocess")["properties"]
 
@@ -65,7 +65,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def build_config(values: dict[str, Any], source: str) -> PreprocessConfig:
     """Validate `values` against the schema and freeze them; every problem becomes one DpocError line."""
-    from dpoc import validate
+    from dpoc.compiler import validate
 
     validate.require("preprocess", values, source)
     return PreprocessConfig(**values, source=source)

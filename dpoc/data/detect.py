@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from dpoc.contract.errors import DpocError, Problem
 from dpoc.data.config import PreprocessConfig
 from dpoc.data.fields import DEFAULT_COLUMNS, LAYOUTS, BadRow, columns_for, fitting_layout
 from dpoc.data.readers import Source, decode, read_chunks
-from dpoc.errors import DpocError, Problem
 
 SAMPLE_ROWS = 16
 PROMPT_COLUMNS = ("prompt", "question")  # tried in order when `instruction` is absent

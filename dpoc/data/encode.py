@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpoc.contract.errors import DpocError, Problem
 from dpoc.data.config import PreprocessConfig
 from dpoc.data.fields import BadRow, Conversation, to_conversation
 from dpoc.data.readers import Row, decode
 from dpoc.data.templates import Template
-from dpoc.errors import DpocError, Problem
 
 IGNORE_INDEX = -100
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from dpoc.errors import Problem
+from dpoc.contract.errors import Problem
 
 # preprocessing config keys that decide what the dataset holds (not: workers, format, output_prefix, ...)
 SETTINGS = ("input", "layout", "tokenizer", "template", "enable_thinking", "map_keys", "seq_length", "truncate")

@@ -15,7 +15,7 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpoc.errors import DpocError, Problem
+from dpoc.contract.errors import DpocError, Problem
 
 if TYPE_CHECKING:
     import numpy as np

@@ -10,13 +10,13 @@ import os
 from collections import deque
 from collections.abc import Iterator
 
+from dpoc.contract.errors import DpocError, Problem
 from dpoc.data.config import PreprocessConfig
 from dpoc.data.detect import settle
 from dpoc.data.encode import EncodedPair, Outcome, PairEncoder
 from dpoc.data.progress import Progress
 from dpoc.data.readers import Chunk, open_source, read_chunks
 from dpoc.data.stats import Stats
-from dpoc.errors import DpocError, Problem
 
 ROWS_PER_CHUNK = 256
 

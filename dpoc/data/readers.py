@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from dpoc.contract.errors import DpocError, Problem
 from dpoc.data.fields import BadRow
-from dpoc.errors import DpocError, Problem
 
 FORMATS = ("jsonl", "json", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from dpoc.contract.errors import DpocError, Problem
 from dpoc.data.fields import BadRow, Message
-from dpoc.errors import DpocError, Problem
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 EMPTY_THOUGHT = "<think>\n\n</think>\n\n"

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
-from dpoc import targets
-from dpoc.errors import EXIT_USER_ERROR, DpocError, Problem
-from dpoc.preflight import TRACKER
+from dpoc.compiler.render import targets
+from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
+from dpoc.launch.preflight import TRACKER
 
 POLL_S = 0.2
 TAIL_LINES = 20

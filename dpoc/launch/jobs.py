@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from dpoc.errors import DpocError, Problem
+from dpoc.contract.errors import DpocError, Problem
 from dpoc.launch.job import Job
 from dpoc.launch.ray import import_ray
 

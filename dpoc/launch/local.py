@@ -7,8 +7,8 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from dpoc.cluster import is_loopback
-from dpoc.errors import DpocError, Problem
+from dpoc.compiler.resolve.cluster import is_loopback
+from dpoc.contract.errors import DpocError, Problem
 from dpoc.launch import tree
 from dpoc.launch.job import Job, Report
 from dpoc.launch.process import NodeProcess

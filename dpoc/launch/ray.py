@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dpoc.cluster import RAY_RESOURCE, ray_bundle
-from dpoc.errors import EXIT_USER_ERROR, DpocError, Problem
+from dpoc.compiler.resolve.cluster import RAY_RESOURCE, ray_bundle
+from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
 from dpoc.launch import tree
 from dpoc.launch.job import Job, Report
 from dpoc.launch.local import exit_reason, free_port

@@ -1,9 +1,9 @@
 """Each node of the job on its host over ssh (the recipe's hardware.hosts), in the same working directory.
 
 ssh runs with BatchMode (no prompt: key-based login or an immediate failure), a connect timeout and keep-alives
-(`dpoc.cluster.SSH_OPTIONS`), so an unreachable or dead host fails its node in seconds, not never. A remote node
-is stopped by its token (`python -m dpoc.launch.tree TOKEN` over ssh): killing the local ssh client alone would
-leave the remote processes running. Hosts that are this machine run locally.
+(`dpoc.compiler.resolve.cluster.SSH_OPTIONS`), so an unreachable or dead host fails its node in seconds, not
+never. A remote node is stopped by its token (`python -m dpoc.launch.tree TOKEN` over ssh): killing the local ssh
+client alone would leave the remote processes running. Hosts that are this machine run locally.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import shlex
 
-from dpoc.cluster import SSH_CONNECT_TIMEOUT_S, SSH_OPTIONS
-from dpoc.errors import DpocError, Problem
+from dpoc.compiler.resolve.cluster import SSH_CONNECT_TIMEOUT_S, SSH_OPTIONS
+from dpoc.contract.errors import DpocError, Problem
 from dpoc.launch.job import Job, Report
 from dpoc.launch.local import Processes, exit_reason, is_this_machine, local_node
 from dpoc.launch.process import NodeProcess

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
-from dpoc.layout import make_layout
-from dpoc.plan import HardwareSpec, ModelSpec, Training
+from dpoc.compiler.resolve.layout import make_layout
+from dpoc.compiler.resolve.specs import model_spec, preset_hardware, preset_model
+from dpoc.contract.plan import HardwareSpec, ModelSpec, Training
 from dpoc.planner.lengths import Histogram, Lengths, LengthStats, MeanLength
 from dpoc.planner.throughput import Efficiency, predict
 from dpoc.planner.workload import DPO_LIVE, PRETRAIN, Workload
-from dpoc.specs import model_spec, preset_hardware, preset_model
 
 # The length distribution of Intel/orca_dpo_pairs under the Qwen3 chat template, per pair the longer of chosen
 # and rejected (what dynamic padding pads to). Not measured (hardware-and-models §6.1; no download here):

@@ -2,7 +2,7 @@
 
 Two sources. One mean (`training.mean_seq_length`: a micro-batch's mean padded tokens per sequence, with
 packing the real mean; default `seq_length`, when nothing is known: every micro-batch full), or a
-preprocessing `_stats.json` (`training.length_stats`, read by `dpoc.load`): per pair, the histogram of its
+preprocessing `_stats.json` (`training.length_stats`, read by `dpoc.compiler.load`): per pair, the histogram of its
 longer side (what its rows are padded to) and of both sides' tokens (what it takes in a packed stream), and
 the histogram of every sequence's length (attention's s^2 work). Within a bin, lengths are taken as uniform.
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
 
-from dpoc.errors import DpocError, Problem
-from dpoc.plan import Layout, Training
+from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.plan import Layout, Training
 from dpoc.planner.packing import SEQUENCES_PER_PAIR, PackedSteps, uniform_packed_steps
 
 PACKING_SAMPLE_PAIRS = 4096  # pairs drawn to estimate packing (at least 4 global batches)
@@ -249,7 +249,7 @@ Lengths = MeanLength | LengthStats
 def _sampled_packing(tokens: Histogram, global_batch: int, budget: int, dp: int, seq_length: int) -> PackedSteps:
     """The runtime's packing of global batches of pair sizes drawn from `tokens` (seeded: the same answer every
     time), averaged over the batches."""
-    from dpoc.runtime.packing import pack_pairs
+    from dpoc.runtime.model.packing import pack_pairs
 
     rng = random.Random(PACKING_SEED)
     batches = max(4, -(-PACKING_SAMPLE_PAIRS // global_batch))

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.lengths import Lengths, MeanLength, MicroBatchLengths
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
 from dpoc.planner.params import Shard, kv_width, q_width, real_layers_per_stage, stage_shard

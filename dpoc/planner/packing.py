@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dpoc.plan import Layout, Training
+from dpoc.contract.plan import Layout, Training
 
 SEQUENCES_PER_PAIR = 2
 

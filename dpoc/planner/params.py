@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 from itertools import accumulate
 
-from dpoc.plan import Layout, ModelSpec
+from dpoc.contract.plan import Layout, ModelSpec
 
 SWIGLU_MATRICES = 3  # gate, up, down
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dpoc.plan import Layout, Training
+from dpoc.contract.plan import Layout, Training
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import GIB, MemoryEstimate, StageMemory
 from dpoc.planner.throughput import ReferencePass, Throughput

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
 
-from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import MemoryEstimate, estimate_memory
 from dpoc.planner.throughput import Efficiency, Throughput, predict

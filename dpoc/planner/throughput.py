@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpoc.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
 from dpoc.planner.packing import SEQUENCES_PER_PAIR

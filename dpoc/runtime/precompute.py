@@ -27,14 +27,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from dpoc.errors import DpocError, Problem
-from dpoc.runtime import reference_file
-from dpoc.runtime.agree import from_rank0
-from dpoc.runtime.data import MicroBatch, PairwiseDataset, collate
-from dpoc.runtime.device import Device
-from dpoc.runtime.model import transformer_config, uniform_micro_batch_length
-from dpoc.runtime.passes import holds_outputs, reference_pass
-from dpoc.runtime.reference_file import ROUND_MICRO_BATCHES
+from dpoc.contract.errors import DpocError, Problem
+from dpoc.runtime.model.device import Device
+from dpoc.runtime.model.gpt import transformer_config, uniform_micro_batch_length
+from dpoc.runtime.reference import reference_file
+from dpoc.runtime.reference.reference_file import ROUND_MICRO_BATCHES
+from dpoc.runtime.step.agree import from_rank0
+from dpoc.runtime.step.data import MicroBatch, PairwiseDataset, collate
+from dpoc.runtime.step.passes import holds_outputs, reference_pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,14 +32,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from dpoc import megatron_args
-from dpoc.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, DpocError, Problem
-from dpoc.runtime import device as devices
-from dpoc.runtime import memory_probe, precompute, weight_sources
-from dpoc.runtime.checkpoint import Checkpointer, check_start
-from dpoc.runtime.data import Batching, PairwiseDataset, rank_micro_batches
-from dpoc.runtime.dpo import METRIC_KEYS, Objective
-from dpoc.runtime.model import (
+from dpoc.contract import megatron_args
+from dpoc.contract.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, DpocError, Problem
+from dpoc.runtime import precompute
+from dpoc.runtime.checkpoint.preemption import Preemption
+from dpoc.runtime.checkpoint.save_load import Checkpointer, check_start
+from dpoc.runtime.model import device as devices
+from dpoc.runtime.model.gpt import (
     build_chunks,
     check_supported,
     params_dtype,
@@ -47,9 +46,12 @@ from dpoc.runtime.model import (
     uniform_micro_batch_length,
     virtual_pipeline_size,
 )
-from dpoc.runtime.passes import policy_pass, reference_pass
-from dpoc.runtime.preemption import Preemption
-from dpoc.runtime.run_log import RunLog
+from dpoc.runtime.step import memory_probe
+from dpoc.runtime.step.data import Batching, PairwiseDataset, rank_micro_batches
+from dpoc.runtime.step.dpo import METRIC_KEYS, Objective
+from dpoc.runtime.step.passes import policy_pass, reference_pass
+from dpoc.runtime.step.run_log import RunLog
+from dpoc.runtime.weights import weight_sources
 
 
 def main(argv: Sequence[str] | None = None) -> int:

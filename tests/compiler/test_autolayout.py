@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dpoc.compile import plan_recipe
+from dpoc.compiler.pipeline import plan_recipe
 from tests.conftest import RECIPES
 
 GUIDE, A2 = RECIPES / "qwen3_30b.yaml", RECIPES / "qwen3_30b_a2.yaml"

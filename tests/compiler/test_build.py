@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpoc import megatron_args, validate
-from dpoc.compile import build, plan_recipe
+from dpoc.compiler import validate
+from dpoc.compiler.pipeline import build, plan_recipe
+from dpoc.contract import megatron_args
 from tests.conftest import RECIPES, REPO, run_subprocess
 
 CONTRACT = ["plan.json", "megatron.args", "resume/megatron.args", "nodes/node-0.sh", "nodes/node-1.sh", "launch.sh",
@@ -227,7 +228,7 @@ def test_rebuild_replaces_the_whole_directory(tmp_path, dpoc_cli):
 
 
 def test_write_failure_midway_keeps_old_build(tmp_path, monkeypatch):
-    from dpoc import build as build_module
+    from dpoc.compiler import write as build_module
 
     out = tmp_path / "b"
     build(RECIPES / "qwen3_30b.yaml", out=out)
@@ -376,7 +377,7 @@ def test_explain_gives_nested_and_estimated_values_their_own_source(dpoc_cli):
 
 
 def test_every_resolved_value_says_where_it_came_from_and_why():
-    from dpoc.plan import plan_values
+    from dpoc.contract.plan import plan_values
 
     for recipe in sorted(RECIPES.glob("*.yaml")):
         plan = plan_recipe(recipe)

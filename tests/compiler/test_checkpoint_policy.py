@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from dpoc.compile import build
-from dpoc.resolve import save_interval
+from dpoc.compiler.pipeline import build
+from dpoc.compiler.resolve.resolver import save_interval
 from tests.conftest import RECIPES
 
 

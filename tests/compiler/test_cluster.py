@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from dpoc.compile import build
+from dpoc.compiler.pipeline import build
 from tests.compiler.test_build import stub_tools
 from tests.conftest import RECIPES
 
@@ -96,7 +96,7 @@ def _ray_start(script, tmp_path, *args, **env):
 
 
 def test_ray_scripts_offer_exactly_the_bundle_a_node_of_the_job_asks_for(tmp_path):
-    from dpoc.cluster import ray_bundle
+    from dpoc.compiler.resolve.cluster import ray_bundle
 
     for recipe, overrides, resources, bundle in (
         ("qwen3_30b.yaml", [], ["--resources", '{"NPU": 16}'], {"NPU": 16.0}),

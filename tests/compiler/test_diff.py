@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dpoc.compile import build
+from dpoc.compiler.pipeline import build
 from tests.conftest import RECIPES, run_subprocess
 
 GUIDE, A2 = RECIPES / "qwen3_30b.yaml", RECIPES / "qwen3_30b_a2.yaml"

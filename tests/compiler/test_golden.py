@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from dpoc.compile import build
+from dpoc.compiler.pipeline import build
 from tests.conftest import RECIPES, REPO
 
 GOLDEN = REPO / "tests" / "golden"

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from dpoc.compile import build
-from dpoc.targets import dpoc_runtime
+from dpoc.compiler.pipeline import build
+from dpoc.compiler.render.targets import dpoc_runtime
 from tests.compiler.test_preflight import touch_dataset
 from tests.conftest import RECIPES, REPO, run_subprocess
 

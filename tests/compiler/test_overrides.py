@@ -3,7 +3,7 @@ that the preset's value or the default applies again."""
 
 from __future__ import annotations
 
-from dpoc.compile import plan_recipe
+from dpoc.compiler.pipeline import plan_recipe
 from tests.conftest import RECIPES
 
 GUIDE, TINY = RECIPES / "qwen3_30b.yaml", RECIPES / "tiny_cpu.yaml"

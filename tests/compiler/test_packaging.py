@@ -36,7 +36,7 @@ def test_installed_package_builds_from_another_directory(wheel_dir, tmp_path):
                            str(tmp_path / "b")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "b/nodes/node-1.sh").is_file()
-    check = subprocess.run([sys.executable, "-c", "import dpoc.resources as r; print(r.data_dir('templates'))"],
+    check = subprocess.run([sys.executable, "-c", "import dpoc.contract.resources as r; print(r.data_dir('templates'))"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert check.stdout.strip() == str(wheel_dir / "dpoc/_data/templates")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from dpoc import megatron_args
-from dpoc.compile import build, plan_recipe
+from dpoc.compiler.pipeline import build, plan_recipe
+from dpoc.contract import megatron_args
 from tests.conftest import RECIPES
 
 GUIDE, TINY = RECIPES / "qwen3_30b.yaml", RECIPES / "tiny_cpu.yaml"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpoc.compile import build
+from dpoc.compiler.pipeline import build
 from dpoc.data import identity
 from dpoc.data.pairwise import dataset_files, stats_path
 from tests.conftest import RECIPES, REPO
@@ -49,8 +49,8 @@ def test_builds_of_one_recipe_keep_apart_and_a_dataset_made_for_another_is_refus
     """The issue's scenario: a `training.seq_length=32` build's preprocess.sh rewrote the dataset another build of
     the same recipe trains on. Each build now has its own run directory (and, by default, its own dataset);
     where two builds pin one dataset, the preflight and the runtime refuse the one made for the other build."""
-    from dpoc.errors import DpocError
-    from dpoc.runtime.data import PairwiseDataset
+    from dpoc.contract.errors import DpocError
+    from dpoc.runtime.step.data import PairwiseDataset
 
     monkeypatch.chdir(REPO)  # the tiny recipe's paths are relative to the repository root
     full, short = tmp_path / "full", tmp_path / "short"

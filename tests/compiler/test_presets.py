@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from dpoc import resources, validate
-from dpoc.compile import plan_recipe
+from dpoc.compiler import validate
+from dpoc.compiler.pipeline import plan_recipe
+from dpoc.contract import resources
 from tests.conftest import RECIPES
 
 MODELS = resources.preset_names("models")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dpoc.compile import plan_recipe
-from dpoc.stale_paths import layout_tags, model_tag
+from dpoc.compiler.pipeline import plan_recipe
+from dpoc.compiler.resolve.stale_paths import layout_tags, model_tag
 from tests.conftest import RECIPES
 
 GUIDE = RECIPES / "qwen3_30b.yaml"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dpoc.contract.errors import DpocError
 from dpoc.data import pairwise
 from dpoc.data.pairwise import output_files
-from dpoc.errors import DpocError
 from tests.data.conftest import ORCA_ROWS, output_names, write_jsonl
 
 ROWS = 700  # several 256-row chunks

@@ -70,7 +70,7 @@ def test_missing_input_exits_2_without_traceback(tmp_path, tokenizer_dir):
 
 def test_importing_the_cli_and_dataset_names_stays_light():
     heavy = "{'torch', 'transformers', 'megatron', 'numpy'}"
-    code = (f"import sys, dpoc.data.cli, dpoc.data.pairwise; "
+    code = (f"import sys, dpoc.cli.preprocess, dpoc.data.pairwise; "
             f"print(sorted({heavy} & {{m.split('.')[0] for m in sys.modules}}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout == "[]\n"

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dpoc.contract.errors import DpocError
 from dpoc.data import readers
 from dpoc.data.pairwise import FIELDS, open_pairwise, output_files
-from dpoc.errors import DpocError
 from tests.data.conftest import ORCA_ROWS, output_names, write_jsonl
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dpoc.contract.errors import DpocError
 from dpoc.data.fields import BadRow, fitting_layout, to_conversation, transcript_messages
 from dpoc.data.pairwise import FIELDS, open_pairwise
-from dpoc.errors import DpocError
 from tests.data.conftest import ORCA_ROWS, write_jsonl
 
 NO_KEYS: dict = {}
@@ -149,7 +149,7 @@ def test_detection_refuses_mixed_or_unrecognisable_rows(tmp_path, run):
 def test_a_built_recipe_leaves_the_layout_to_the_data_whatever_the_file_is_called(tmp_path, tokenizer_dir,
                                                                                   dpoc_cli, monkeypatch):
     """resolve is pure: an `orca` in the path no longer guesses columns; preprocessing reads the rows."""
-    from dpoc.compile import build
+    from dpoc.compiler.pipeline import build
 
     monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "chat.yaml"

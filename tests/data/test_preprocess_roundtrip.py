@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from dpoc.contract.errors import DpocError
 from dpoc.data.pairwise import FIELDS, dataset_prefix, open_pairwise, output_files
-from dpoc.errors import DpocError
 from tests.data.conftest import output_names, write_jsonl
 
 CHATML_PROMPT_1 = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from dpoc.contract.errors import DpocError
 from dpoc.data.fields import BadRow
 from dpoc.data.templates import Template
-from dpoc.errors import DpocError
 
 SYSTEM = [{"role": "system", "content": "Be brief."}]
 HISTORY = [{"role": "user", "content": "Hi"},

@@ -12,8 +12,8 @@ from dataclasses import replace
 
 import pytest
 
-from dpoc.compile import build
-from dpoc.errors import DpocError
+from dpoc.compiler.pipeline import build
+from dpoc.contract.errors import DpocError
 from dpoc.launch.job import Job, launch
 from dpoc.launch.local import LocalExecutor
 from tests.compiler.test_preflight import touch_dataset

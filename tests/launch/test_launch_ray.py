@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dpoc.compile import build
-from dpoc.preflight import TRACKER
+from dpoc.compiler.pipeline import build
+from dpoc.launch.preflight import TRACKER
 from tests.conftest import RECIPES, REPO, scratch, script_env, tiny_dataset
 from tests.launch.helpers import left_running, losses, plan_hash
 

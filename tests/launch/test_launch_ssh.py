@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dpoc.compile import build
+from dpoc.compiler.pipeline import build
 from tests.compiler.test_preflight import touch_dataset
 from tests.conftest import RECIPES, script_env
 from tests.launch.helpers import left_running, plan_hash, stub_torchrun

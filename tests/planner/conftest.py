@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from dpoc import rules
-from dpoc.layout import make_layout
-from dpoc.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
-from dpoc.rules import Violation
-from dpoc.specs import preset_model
+from dpoc.compiler.resolve import rules
+from dpoc.compiler.resolve.layout import make_layout
+from dpoc.compiler.resolve.rules import Violation
+from dpoc.compiler.resolve.specs import preset_model
+from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 
 
 def model(**overrides: Any) -> ModelSpec:

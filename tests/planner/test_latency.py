@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 
-from dpoc.compile import plan_recipe
+from dpoc.compiler.pipeline import plan_recipe
+from dpoc.compiler.resolve.specs import preset_hardware
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.throughput import Efficiency, predict, predict_reference_pass
 from dpoc.planner.workload import DPO_PRECOMPUTED
-from dpoc.specs import preset_hardware
 from tests.conftest import RECIPES
 
 US = 1e-6

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from dpoc.layout import make_layout
+from dpoc.compiler.resolve.layout import make_layout
+from dpoc.compiler.resolve.specs import preset_hardware, preset_model
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import GIB, estimate_memory
 from dpoc.planner.search import balanced_layer_list, search, smallest_fitting_nodes
 from dpoc.planner.throughput import Efficiency
-from dpoc.specs import preset_hardware, preset_model
 
 EFF = Efficiency(0.5, 0.2)
 

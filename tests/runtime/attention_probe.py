@@ -10,12 +10,12 @@ import sys
 
 import torch
 
-from dpoc import megatron_args
-from dpoc.runtime import seeded_init
-from dpoc.runtime.data import Batching, PairwiseDataset, rank_micro_batches
-from dpoc.runtime.dpo import Objective
-from dpoc.runtime.model import build_chunks, transformer_config
-from dpoc.runtime.passes import policy_pass
+from dpoc.contract import megatron_args
+from dpoc.runtime.model import seeded_init
+from dpoc.runtime.model.gpt import build_chunks, transformer_config
+from dpoc.runtime.step.data import Batching, PairwiseDataset, rank_micro_batches
+from dpoc.runtime.step.dpo import Objective
+from dpoc.runtime.step.passes import policy_pass
 from tests.runtime.synthetic import one_process
 
 

@@ -20,12 +20,12 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from dpoc.cli import main as cli
-from dpoc.hf_config import architecture, model_flags
-from dpoc.megatron_args import parse
-from dpoc.runtime import device as devices
-from dpoc.runtime import weight_sources
-from dpoc.runtime.model import build_chunks, transformer_config
+from dpoc.contract.hf_config import architecture, model_flags
+from dpoc.contract.megatron_args import parse
+from dpoc.runtime.model import device as devices
+from dpoc.runtime.model.gpt import build_chunks, transformer_config
 from dpoc.runtime.train import initialize_parallel
+from dpoc.runtime.weights import weight_sources
 
 
 def model_from(converted: str, *overrides: str):
@@ -83,7 +83,7 @@ def tracked(argv: list[str]) -> dict:
     """`dpoc ARGV` with every tensor read (R) and every tensor written (W) recorded in order."""
     from torch.distributed.checkpoint import filesystem
 
-    from dpoc.runtime import convert
+    from dpoc.runtime.weights import converter as convert
 
     events = []
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.moe import moe_utils
 
-from dpoc.runtime import device as devices
+from dpoc.runtime.model import device as devices
 
 
 def attempt(fn):

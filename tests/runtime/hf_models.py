@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from dpoc import hf_config
+from dpoc.contract import hf_config
 from tests.runtime.synthetic import VOCAB
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

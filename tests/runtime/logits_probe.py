@@ -24,11 +24,11 @@ from megatron.core.transformer.moe import grouped_gemm_util as gg
 from megatron.core.transformer.moe.experts import GroupedMLP
 from safetensors import safe_open
 
-from dpoc import megatron_args
-from dpoc.runtime import device as devices
-from dpoc.runtime import weight_sources
-from dpoc.runtime.model import build_chunks, transformer_config
+from dpoc.contract import megatron_args
+from dpoc.runtime.model import device as devices
+from dpoc.runtime.model.gpt import build_chunks, transformer_config
 from dpoc.runtime.train import _init_distributed, initialize_parallel
+from dpoc.runtime.weights import weight_sources
 
 LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
           "expert_tensor_parallel_size", "num_layers_per_virtual_pipeline_stage")

@@ -13,10 +13,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dpoc import megatron_args
-from dpoc.runtime import seeded_init
-from dpoc.runtime.data import IGNORE_INDEX, Batching, PairwiseDataset, rank_micro_batches
-from dpoc.runtime.model import build_chunks, transformer_config
+from dpoc.contract import megatron_args
+from dpoc.runtime.model import seeded_init
+from dpoc.runtime.model.gpt import build_chunks, transformer_config
+from dpoc.runtime.step.data import IGNORE_INDEX, Batching, PairwiseDataset, rank_micro_batches
 from tests.runtime.synthetic import one_process
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from dpoc.contract.megatron_args import format_args
 from dpoc.data.pairwise import FIELDS as PARTS
 from dpoc.data.pairwise import dataset_prefix as part_prefix
-from dpoc.megatron_args import format_args
-from dpoc.runtime.data import IGNORE_INDEX
+from dpoc.runtime.step.data import IGNORE_INDEX
 
 VOCAB = 128
 
@@ -85,7 +85,7 @@ def one_process(seed: int):
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
-    from dpoc.runtime import device as devices
+    from dpoc.runtime.model import device as devices
 
     device = devices.select("cpu", "gloo")
     devices.fill_megatron_gaps()

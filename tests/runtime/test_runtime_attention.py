@@ -19,9 +19,9 @@ import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
-from dpoc.errors import DpocError
-from dpoc.runtime import device as devices
-from dpoc.runtime.attention import (
+from dpoc.contract.errors import DpocError
+from dpoc.runtime.model import device as devices
+from dpoc.runtime.model.attention import (
     NPU_CAUSAL_MASK_SIZE,
     PackedSequences,
     SdpaAttention,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dpoc import megatron_args
-from dpoc.runtime import checkpoint, publish
+from dpoc.contract import megatron_args
+from dpoc.runtime.checkpoint import publish
+from dpoc.runtime.checkpoint import save_load as checkpoint
 from tests.runtime.synthetic import write_args, write_pairs
 from tests.runtime.test_runtime_train import COMPARED, metrics, train
 

@@ -20,14 +20,14 @@ import transformers
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from safetensors import safe_open
 
-from dpoc import megatron_args
-from dpoc.compile import build
-from dpoc.errors import DpocError
-from dpoc.hf_config import architecture, read_config
-from dpoc.runtime import weight_map, weight_sources
-from dpoc.runtime.weight_identity import describe_weights
-from dpoc.runtime.weight_map import Arch, index_axes
-from dpoc.runtime.weight_sources import COMMON_KEY
+from dpoc.compiler.pipeline import build
+from dpoc.contract import megatron_args
+from dpoc.contract.errors import DpocError
+from dpoc.contract.hf_config import architecture, read_config
+from dpoc.runtime.weights import weight_map, weight_sources
+from dpoc.runtime.weights.weight_identity import describe_weights
+from dpoc.runtime.weights.weight_map import Arch, index_axes
+from dpoc.runtime.weights.weight_sources import COMMON_KEY
 from tests.conftest import RECIPES, script_env
 from tests.runtime.hf_models import model_flags, save_model
 from tests.runtime.synthetic import write_args, write_pairs

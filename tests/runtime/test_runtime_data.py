@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpoc.errors import DpocError
-from dpoc.runtime.data import IGNORE_INDEX, Batching, PairwiseDataset, global_batch_indices, rank_micro_batches
+from dpoc.contract.errors import DpocError
+from dpoc.runtime.step.data import IGNORE_INDEX, Batching, PairwiseDataset, global_batch_indices, rank_micro_batches
 from tests.runtime.synthetic import write_pairs
 
 CPU = torch.device("cpu")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpoc.errors import DpocError
-from dpoc.runtime import device as devices
+from dpoc.contract.errors import DpocError
+from dpoc.runtime.model import device as devices
 
 ROOT = Path(__file__).resolve().parents[2]
 

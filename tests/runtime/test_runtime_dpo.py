@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from dpoc.runtime.dpo import METRIC_KEYS, Objective, summed_logps
+from dpoc.runtime.step.dpo import METRIC_KEYS, Objective, summed_logps
 
 PAIRS, LENGTH, VOCAB = 3, 12, 50
 

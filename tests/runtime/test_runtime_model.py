@@ -12,10 +12,10 @@ import pytest
 import torch.nn.functional as F
 from megatron.core.transformer.enums import LayerType
 
-from dpoc import megatron_args
-from dpoc.errors import DpocError
-from dpoc.runtime.device import Device
-from dpoc.runtime.model import check_supported, transformer_config
+from dpoc.contract import megatron_args
+from dpoc.contract.errors import DpocError
+from dpoc.runtime.model.device import Device
+from dpoc.runtime.model.gpt import check_supported, transformer_config
 from tests.runtime.synthetic import write_args, write_pairs
 
 ROOT = Path(__file__).resolve().parents[2]

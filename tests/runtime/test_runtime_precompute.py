@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dpoc.errors import DpocError
-from dpoc.runtime import publish, reference_file
+from dpoc.contract.errors import DpocError
+from dpoc.runtime.checkpoint import publish
+from dpoc.runtime.reference import reference_file
 from tests.runtime.synthetic import model_flags, write_args, write_pairs
 from tests.runtime.test_runtime_train import COMPARED, ROOT, metrics, run_module
 
@@ -104,7 +105,7 @@ def test_other_layouts_from_the_same_file_equal_the_live_reference(workdir, tabl
 
 
 def _namespace(args_file: Path):
-    from dpoc import megatron_args
+    from dpoc.contract import megatron_args
 
     return megatron_args.parse([f"@{args_file}"])
 

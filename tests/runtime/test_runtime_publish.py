@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dpoc.runtime import publish
+from dpoc.runtime.checkpoint import publish
 
 
 def _staged(root, iteration: int, token: str = "1"):

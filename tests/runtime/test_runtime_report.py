@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from dpoc.errors import DpocError
-from dpoc.runtime import report
+from dpoc.cli import report
+from dpoc.contract.errors import DpocError
 
 
 def _run(*argv: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dpoc.runtime.run_log import RunLog
+from dpoc.runtime.step.run_log import RunLog
 
 ROW = {"loss": 0.5, "rewards/accuracies": 1.0, "rewards/margins": 0.1, "lr": 1e-3, "grad_norm": 1.0,
        "samples_per_s": 1.0, "tokens_per_s": 1.0}

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from dpoc import megatron_args
-from dpoc.errors import DpocError
-from dpoc.runtime import weight_sources
+from dpoc.contract import megatron_args
+from dpoc.contract.errors import DpocError
+from dpoc.runtime.weights import weight_sources
 from tests.runtime.hf_models import model_flags, save_model
 from tests.runtime.synthetic import write_args
 from tests.runtime.test_runtime_train import run_module

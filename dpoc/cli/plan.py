@@ -1,0 +1,204 @@
+"""`dpoc plan RECIPE`: the ranked layouts with their memory breakdown and predicted speed, and why."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from dpoc.compiler.pipeline import load_and_check
+from dpoc.compiler.resolve.autolayout import (
+    SEARCHED,
+    Choice,
+    LayoutError,
+    choose,
+    explain_failure,
+    reference_plan,
+    search_layouts,
+)
+from dpoc.compiler.resolve.resolver import layout_inputs
+from dpoc.contract.errors import Problem
+from dpoc.contract.plan import Layout
+from dpoc.planner.memory import GIB, estimate_memory
+from dpoc.planner.report import (
+    knob_text,
+    memory_summary,
+    packing_summary,
+    reference_pass_summary,
+    shares_text,
+    throughput_summary,
+)
+from dpoc.planner.search import Candidate, SearchResult
+from dpoc.planner.throughput import FITTED
+from dpoc.planner.workload import dpo_workload
+
+
+def plan_command(recipe: str, overrides: Sequence[str], as_json: bool, top: int, chart: str | None) -> int:
+    """Rank every layout the recipe's target can run (pins lifted), and show where the recipe's own stands.
+
+    A what-if answer, not a build: the host list plays no part, and a recipe whose own layout is invalid for
+    the model or size asked about (or a size where nothing fits) still gets the ranking, with the reasons.
+    Exit 0 whenever the recipe itself is valid input."""
+    loaded = load_and_check(recipe, overrides)
+    inputs = layout_inputs(loaded)
+    open_inputs = replace(inputs, pinned={})
+    result = search_layouts(open_inputs)
+    try:
+        own: Choice | None = choose(inputs)
+        invalid: list[Problem] = []
+    except LayoutError as exc:
+        own, invalid = None, _problems(loaded.path, exc.violations)
+    no_fit = _problems(loaded.path, explain_failure(open_inputs, result)) if result.best is None else []
+    if as_json:
+        print(json.dumps(_as_data(inputs, result, own, invalid, no_fit, top), indent=2, sort_keys=True))
+    else:
+        _print_table(recipe, inputs, result, top, own, invalid, no_fit)
+    if chart:
+        from dpoc.cli.plan_chart import memory_svg
+
+        layout = own.layout if own else result.best.layout if result.best else None
+        if layout is not None:
+            memory = estimate_memory(inputs.model, inputs.hardware, layout, inputs.training, inputs.lengths)
+            Path(chart).write_text(memory_svg(memory, f"{loaded.name}: {knob_text(_knobs(layout))}"))
+    for warning in own.warnings if own else ():
+        print(f"{loaded.path}: warning: {warning.field}: {warning.message}", file=sys.stderr)
+    return 0
+
+
+def _problems(file: str, violations) -> list[Problem]:
+    return list(dict.fromkeys(Problem(file, v.field, v.message) for v in violations))
+
+
+def _knobs(layout: Layout) -> dict[str, Any]:
+    return {k: getattr(layout, k) for k in SEARCHED}
+
+
+def _rank(result: SearchResult, own: Choice) -> int:
+    """1 + how many fitting layouts are predicted faster than the recipe's own."""
+    return 1 + sum(c.throughput.samples_per_s > own.throughput.samples_per_s * (1 + 1e-9) for c in result.ranked)
+
+
+def _candidate_data(c: Candidate) -> dict[str, Any]:
+    knobs = {k: list(v) if isinstance(v, tuple) else v for k, v in c.knobs}
+    data: dict[str, Any] = {"knobs": knobs, "memory": memory_summary(c.memory) if c.memory else None}
+    if c.throughput is not None:
+        data["throughput"] = throughput_summary(c.throughput)
+    if c.problems:
+        data["problems"] = list(c.problems)
+    return data
+
+
+def _as_data(inputs, result: SearchResult, own: Choice | None, invalid: list[Problem], no_fit: list[Problem],
+             top: int) -> dict[str, Any]:
+    recipe: dict[str, Any] = {"valid": own is not None, "problems": [str(p) for p in invalid]}
+    if own is not None:
+        recipe.update(knobs=_knobs(own.layout), rank=_rank(result, own), memory=memory_summary(own.memory),
+                      throughput=throughput_summary(own.throughput),
+                      warnings=[f"{w.field}: {w.message}" for w in own.warnings])
+        if inputs.training.packing:
+            recipe["packing"] = packing_summary(own.layout, inputs.training, inputs.lengths)
+    return {
+        "recipe_layout": recipe,
+        "pinned": {k: list(v) if isinstance(v, tuple | list) else v for k, v in inputs.pinned.items()},
+        "lengths": inputs.lengths.summary(),
+        "reference": inputs.dpo.reference,
+        "reference_modes": _modes_data(inputs),
+        "efficiency": {"dense": FITTED.dense, "experts": FITTED.experts},
+        "evaluated": result.evaluated, "rule_rejected": result.rule_rejected, "over_memory": result.over_memory,
+        "ranked": [_candidate_data(c) for c in result.ranked[:top]],
+        "nearest_over_memory": [_candidate_data(c) for c in result.too_big],
+        "no_fit": [str(p) for p in no_fit],
+    }
+
+
+def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choice | None,
+                 invalid: list[Problem], no_fit: list[Problem]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    hw = inputs.hardware
+    console = Console(file=sys.stdout, width=160)
+    table = Table(title=f"{recipe}: {inputs.model.name} on {hw.nodes} × {hw.devices_per_node} {hw.name} "
+                        f"({hw.memory_gib:g} GiB per device), {inputs.lengths.text()}"
+                        f"{', packed' if inputs.training.packing else ''}, {inputs.dpo.reference} reference")
+    for name in ("#", "layout", "pairs/s", "tokens/s", "MFU", "DPO-MFU", "peak GiB", "stage", "w+g+opt", "ref",
+                 "activ.", "other"):
+        table.add_column(name, justify="left" if name == "layout" else "right")
+    for rank, c in enumerate(result.ranked[:top], 1):
+        table.add_row(str(rank), knob_text(dict(c.knobs)), *_numbers(c))
+    for c in result.too_big:
+        table.add_row("✗", knob_text(dict(c.knobs)), "", "", "", "", *_numbers(c)[4:], style="dim")
+    console.print(table)
+    console.print(f"{result.evaluated} layouts tried: {result.rule_rejected} break a rule, {result.over_memory} do "
+                  f"not fit, {len(result.ranked)} fit. Efficiency {FITTED.dense} dense / {FITTED.experts} experts "
+                  f"(fitted on published non-DPO runs; see bench/planner.py); {hw.op_latency_us:g} µs per kernel call "
+                  f"({hw.name} preset).")
+    if result.best is not None:
+        best = result.best.throughput
+        line = f"Best: {knob_text(dict(result.best.knobs))} — {best.samples_per_s:.2f} pairs/s predicted"
+        if len(result.ranked) > 1:
+            second = result.ranked[1].throughput
+            line += f", {best.samples_per_s / second.samples_per_s - 1:.1%} ahead of #2"
+        console.print(f"{line}; {shares_text(best)}")
+    for c in result.too_big[:3]:
+        console.print(f"Rejected: {knob_text(dict(c.knobs))} — {'; '.join(c.problems)}")
+    if own is not None:
+        t, peak = own.throughput, own.memory.peak
+        fit = "fits" if own.memory.fits else "may not fit"
+        console.print(f"Recipe's layout: {knob_text(_knobs(own.layout))} — {t.samples_per_s:.2f} pairs/s predicted, "
+                      f"rank {_rank(result, own)} of {len(result.ranked)}; peak {peak.total / GIB:.1f} GiB on stage "
+                      f"{peak.stage} ({fit}); {shares_text(t)}")
+        if inputs.training.packing:
+            p = packing_summary(own.layout, inputs.training, inputs.lengths)
+            console.print(f"Packing: {p['micro_batches']} micro-batches per rank and step of up to "
+                          f"{p['budget_tokens']} tokens, {p['pairs_per_micro_batch']:g} pairs each, "
+                          f"fill {p['fill']:.0%}")
+    else:
+        console.print("Recipe's layout is invalid:")
+        for problem in invalid:
+            console.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
+    for problem in no_fit:
+        console.print(f"No layout fits: {problem}", highlight=False, markup=False, soft_wrap=True)
+    for mode, best in _mode_bests(inputs).items():
+        if best is None:
+            console.print(f"Reference {mode}: no layout fits")
+            continue
+        line = (f"Reference {mode}: best {knob_text(dict(best.knobs))} — {best.throughput.samples_per_s:.2f} pairs/s, "
+                f"peak {best.memory.peak.total / GIB:.1f} GiB")
+        if mode == "precomputed":
+            ref = reference_plan(replace(inputs, dpo=replace(inputs.dpo, reference=mode)), best.layout)
+            line += (f"; precompute pass {ref.estimate.pairs_per_s:.2f} pairs/s at micro-batch "
+                     f"{ref.estimate.micro_batch_size}"
+                     + (f", {ref.estimate.seconds:.0f} s over the dataset" if ref.estimate.seconds is not None else ""))
+        console.print(line)
+
+
+def _mode_bests(inputs) -> dict[str, Candidate | None]:
+    """Each reference mode's best layout (pins lifted): precomputed holds no reference and runs no reference
+    forward in the step, so it may fit a smaller tp/pp or a larger micro-batch."""
+    return {mode: search_layouts(replace(inputs, pinned={}), workload=dpo_workload(mode)).best
+            for mode in ("live", "precomputed")}
+
+
+def _modes_data(inputs) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode, best in _mode_bests(inputs).items():
+        data = _candidate_data(best) if best is not None else None
+        if best is not None and mode == "precomputed":
+            ref = reference_plan(replace(inputs, dpo=replace(inputs.dpo, reference=mode)), best.layout)
+            data["reference_pass"] = reference_pass_summary(ref.estimate, ref.memory)
+        out[mode] = data
+    return out
+
+
+def _numbers(c: Candidate) -> list[str]:
+    peak = c.memory.peak
+    t = c.throughput
+    speed = [f"{t.samples_per_s:.2f}", f"{t.tokens_per_s:,.0f}", f"{t.mfu:.1%}", f"{t.dpo_mfu:.1%}"] if t else [""] * 4
+    other = peak.pipeline_buffers + peak.logits + peak.transient + peak.comm_buffers + peak.reserve
+    return [*speed, f"{peak.total / GIB:.1f}", str(peak.stage),
+            f"{(peak.weights + peak.gradients + peak.optimizer) / GIB:.1f}", f"{peak.reference / GIB:.1f}",
+            f"{peak.activations / GIB:.1f}", f"{other / GIB:.1f}"]

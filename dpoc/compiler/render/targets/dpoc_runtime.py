@@ -1,0 +1,207 @@
+"""The dpoc runtime target: megatron-core driven by `megatron.args` (`python -m dpoc.runtime.train`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from dpoc.compiler.render import templating
+from dpoc.compiler.resolve.rules import Violation
+from dpoc.contract.errors import EXIT_PREEMPTED
+from dpoc.contract.megatron_args import Arg, format_args
+from dpoc.contract.plan import ModelSpec, Plan
+from dpoc.launch.node_checks import Requirement
+from dpoc.runtime.checkpoint.publish import PREEMPTED
+
+if TYPE_CHECKING:
+    from dpoc.planner.search import SearchSpace
+
+NAME = "dpoc"
+
+
+def requirements() -> list[Requirement]:
+    """What the runtime imports on a node, at the versions of the `runtime` extra (pyproject.toml)."""
+    return [Requirement("torch", "torch", (2, 5)), Requirement("megatron.core", "megatron-core", (0, 12), (0, 20)),
+            Requirement("numpy", "numpy", (1, 24))]
+
+
+def node_script(rank: int) -> str:
+    """Node `rank`'s launch script, relative to the build directory."""
+    return f"nodes/node-{rank}.sh"
+
+
+def files(plan: Plan) -> dict[str, str]:
+    """What this target renders: the argument files (fresh and resume), one node script per node, and with
+    precomputed reference log-probs the pass that makes them (reference.sh)."""
+    out = {path: format_args(megatron_args(plan, resume=resume))
+           for resume, path in ((False, "megatron.args"), (True, "resume/megatron.args"))}
+    values = templating.node_values(plan)
+    precomputed = plan.dpo.reference == "precomputed"
+    for rank, host in templating.node_hosts(plan):
+        out[node_script(rank)] = templating.template("node.sh.j2", node_rank=rank, host=host, **values,
+                                                      preempted_marker=PREEMPTED, exit_preempted=EXIT_PREEMPTED,
+                                                      precomputed_reference=precomputed)
+    if precomputed:
+        out["reference.sh"] = templating.template("reference.sh.j2", **values, data_path=plan.data.output_prefix,
+                                                  micro_batch_size=plan.dpo.reference_micro_batch_size)
+    return out
+
+
+def unsupported(plan: Plan) -> list[Violation]:
+    """Knobs megatron-core's local (non-TransformerEngine) stack cannot express, and a start without weights."""
+    why = "the dpoc runtime (megatron-core, local layers)"
+    layout = plan.layout
+    out = []
+    if plan.checkpoint.init == "converted" and plan.checkpoint.load is None:
+        out.append(Violation("model.hf_weights", "is required to convert the initial weights (or give "
+                             "checkpoint.load, or checkpoint.init=random)"))
+    if layout.cp > 1:
+        out.append(Violation("parallelism.cp", f"{why} has no context parallelism; valid: cp=1, or "
+                             "runtime=mindspeed-rl"))
+    if layout.moe_dispatcher == "alltoall_seq":
+        out.append(Violation("parallelism.moe_dispatcher", f"{why} has no alltoall_seq dispatcher; valid: "
+                             "alltoall, allgather"))
+    if layout.noop_layers:
+        out.append(Violation("parallelism.noop_layers", f"{why} has no no-op layers; valid: num_layer_list for "
+                             "an uneven pipeline"))
+    for knob in ("moe_tp_extend_ep", "moe_alltoall_overlap_comm", "moe_permutation_async_comm"):
+        if getattr(layout, knob):
+            out.append(Violation(f"parallelism.{knob}", f"is a MindSpeed feature {why} does not have; valid: false, "
+                                 "or runtime=mindspeed-rl"))
+    return out
+
+
+def model_args(m: ModelSpec) -> list[Arg]:
+    """The architecture's flags: what a weights directory must match (dpoc.contract.hf_config checks them)."""
+    args: list[Arg] = [
+        ("--num-layers", m.num_layers),
+        ("--hidden-size", m.hidden_size),
+        ("--ffn-hidden-size", m.ffn_hidden_size),
+        ("--num-attention-heads", m.num_attention_heads),
+    ]
+    if m.num_query_groups != m.num_attention_heads:
+        args += [("--group-query-attention", True), ("--num-query-groups", m.num_query_groups)]
+    args += [
+        ("--kv-channels", m.head_dim),
+        ("--max-position-embeddings", m.max_position_embeddings),
+        ("--position-embedding-type", "rope"),
+        ("--rotary-base", int(m.rope_base)),
+        ("--normalization", "RMSNorm"),
+        ("--norm-epsilon", m.norm_epsilon),
+        ("--swiglu", True),
+        ("--disable-bias-linear", True),
+    ]
+    args += [(flag, True) for flag, on in (("--add-qkv-bias", m.qkv_bias), ("--qk-layernorm", m.qk_layernorm),
+                                           ("--untie-embeddings-and-output-weights", not m.tie_embeddings)) if on]
+    args += [("--padded-vocab-size", m.vocab_size), ("--make-vocab-size-divisible-by", 1),
+             ("--attention-dropout", 0.0), ("--hidden-dropout", 0.0)]
+    if m.moe is not None:
+        args += [
+            ("--num-experts", m.moe.num_experts),
+            ("--moe-router-topk", m.moe.topk),
+            ("--moe-ffn-hidden-size", m.moe.ffn_hidden_size),
+            ("--moe-aux-loss-coeff", m.moe.aux_loss_coeff),
+            ("--moe-router-load-balancing-type", m.moe.load_balancing),
+        ]
+        if m.moe.shared_expert_ffn_hidden_size:
+            args.append(("--moe-shared-expert-intermediate-size", m.moe.shared_expert_ffn_hidden_size))
+        if not m.moe.norm_topk_prob:
+            args.append(("--moe-router-pre-softmax", True))
+    return args
+
+
+def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
+    """The runtime's arguments. `resume` loads the policy, optimizer, RNG and data position from `save`."""
+    m, lay, t, d, ck = plan.model, plan.layout, plan.training, plan.dpo, plan.checkpoint
+    args = model_args(m)
+    if m.moe is not None:
+        args.append(("--moe-token-dispatcher-type", lay.moe_dispatcher))
+        if lay.moe_grouped_gemm:
+            args.append(("--moe-grouped-gemm", True))
+
+    args += [
+        ("--tensor-model-parallel-size", lay.tp),
+        ("--pipeline-model-parallel-size", lay.pp),
+    ]
+    if lay.vpp > 1:
+        args.append(("--num-layers-per-virtual-pipeline-stage", lay.stage_layers[0] // lay.vpp))
+    if lay.num_layer_list is not None:
+        args.append(("--num-layer-list", lay.num_layer_list))
+    args += [
+        ("--context-parallel-size", lay.cp),
+        ("--expert-model-parallel-size", lay.ep),
+        ("--expert-tensor-parallel-size", lay.etp),
+    ]
+    if lay.sequence_parallel:
+        args.append(("--sequence-parallel", True))
+    if lay.distributed_optimizer:
+        args.append(("--use-distributed-optimizer", True))
+    args += [("--distributed-backend", plan.hardware.backend), ("--dpoc-device", plan.hardware.device)]
+
+    args += [
+        ("--micro-batch-size", lay.micro_batch_size),
+        ("--global-batch-size", lay.global_batch_size),
+        ("--seq-length", t.seq_length),
+        ("--train-iters", t.train_iters),
+        ("--lr", t.lr),
+        ("--min-lr", t.min_lr),
+        ("--lr-decay-style", t.lr_decay_style),
+        ("--lr-warmup-iters", t.warmup_iters),
+        ("--weight-decay", t.weight_decay),
+        ("--clip-grad", t.clip_grad),
+        ("--adam-beta1", t.adam_beta1),
+        ("--adam-beta2", t.adam_beta2),
+        ("--adam-eps", t.adam_eps),
+        ("--seed", t.seed),
+    ]
+    if t.precision != "fp32":
+        args.append((f"--{t.precision}", True))
+    if lay.recompute != "none":
+        args.append(("--recompute-granularity", lay.recompute))
+        if lay.recompute == "full":
+            args += [("--recompute-method", lay.recompute_method), ("--recompute-num-layers", lay.recompute_num_layers)]
+    if t.dynamic_padding:
+        args.append(("--no-pad-to-seq-lengths", True))
+    if t.packing:
+        args.append(("--dpoc-packing", True))
+
+    args += [
+        ("--data-path", plan.data.output_prefix),
+        ("--is-pairwise-dataset", True),
+        ("--tokenizer-type", "PretrainedFromHF"),
+        ("--tokenizer-name-or-path", plan.data.tokenizer),
+        ("--stage", "dpo"),
+        ("--dpo-loss-type", d.loss),
+        ("--dpo-beta", d.beta),
+        ("--dpo-label-smoothing", d.label_smoothing),
+        ("--pref-ftx", d.sft_weight),
+        ("--dpoc-reference", d.reference),
+    ]
+    if d.reference == "precomputed":
+        args.append(("--dpoc-reference-micro-batch-size", d.reference_micro_batch_size))
+    args += [
+        ("--ckpt-format", "torch_dist"),
+        ("--save", ck.save),
+        ("--save-interval", t.save_interval),
+        ("--dpoc-keep-checkpoints", ck.keep),
+    ]
+    args.append(("--dpoc-init", ck.init))
+    if ck.init == "hf":
+        args.append(("--dpoc-hf-weights", ck.hf_weights))
+    if ck.ref_model is not None:
+        args.append(("--ref-model", ck.ref_model))
+    if resume:
+        args.append(("--load", ck.save))
+    elif ck.load is not None:
+        args += [("--load", ck.load), ("--finetune", True), ("--no-load-optim", True), ("--no-load-rng", True)]
+    args += [
+        ("--log-interval", t.log_interval),
+        ("--dpoc-run-dir", plan.run_dir),
+        ("--dpoc-plan-hash", plan.hash()),
+    ]
+    return args
+
+
+def restrict_search(space: SearchSpace) -> SearchSpace:
+    """The planner searches only what megatron-core's local layers can run: no cp, no no-op layers."""
+    return replace(space, cp=(1,), uneven=tuple(u for u in space.uneven if u != "noop_layers"))

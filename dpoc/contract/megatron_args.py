@@ -1,0 +1,195 @@
+"""The `megatron.args` format: one place that both writes it (compiler) and reads it (runtime).
+
+Flag names are Megatron-LM's where Megatron has the knob, MindSpeed-LLM's for DPO and a few MindSpeed
+extensions, `--dpoc-...` for what neither has. The compiler only emits flags this parser knows (a test
+parses every rendered file with it), so the runtime can never be handed a flag it silently ignores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Iterable, Sequence
+
+Arg = tuple[str, object]  # ("--flag", value); value True means a lone flag
+
+
+class _ArgsFileParser(argparse.ArgumentParser):
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
+
+    def error(self, message: str):  # argparse exits 2 too; keep its message, drop the usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> argparse.ArgumentParser:
+    """The runtime's parser. `require_job=False` makes only the model's flags required, for tools that build
+    the model without training it (the weight converter)."""
+    p = _ArgsFileParser(prog=prog, fromfile_prefix_chars="@", allow_abbrev=False)
+    flag = dict(action="store_true")
+    job = dict(required=require_job)
+
+    m = p.add_argument_group("model")
+    m.add_argument("--num-layers", type=int, required=True)
+    m.add_argument("--hidden-size", type=int, required=True)
+    m.add_argument("--ffn-hidden-size", type=int, required=True)
+    m.add_argument("--num-attention-heads", type=int, required=True)
+    m.add_argument("--group-query-attention", **flag)
+    m.add_argument("--num-query-groups", type=int, default=None)
+    m.add_argument("--kv-channels", type=int, default=None)
+    m.add_argument("--max-position-embeddings", type=int, required=True)
+    m.add_argument("--position-embedding-type", choices=["rope"], default="rope")
+    m.add_argument("--rotary-base", type=int, default=10000)
+    m.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
+    m.add_argument("--norm-epsilon", type=float, default=1e-5)
+    m.add_argument("--swiglu", **flag)
+    m.add_argument("--disable-bias-linear", **flag)
+    m.add_argument("--add-qkv-bias", **flag)
+    m.add_argument("--qk-layernorm", **flag)
+    m.add_argument("--untie-embeddings-and-output-weights", **flag)
+    m.add_argument("--padded-vocab-size", type=int, required=True)
+    m.add_argument("--make-vocab-size-divisible-by", type=int, default=1)
+    m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--attention-dropout", type=float, default=0.0)
+    m.add_argument("--hidden-dropout", type=float, default=0.0)
+
+    e = p.add_argument_group("mixture of experts")
+    e.add_argument("--num-experts", type=int, default=None)
+    e.add_argument("--moe-router-topk", type=int, default=2)
+    e.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    e.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    e.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    e.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"],
+                   default="aux_loss")
+    e.add_argument("--moe-router-pre-softmax", **flag)
+    e.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="alltoall")
+    e.add_argument("--moe-grouped-gemm", **flag)
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    par.add_argument("--num-layer-list", type=str, default=None,
+                     help="comma-separated transformer layers per pipeline stage (MindSpeed-LLM)")
+    par.add_argument("--context-parallel-size", type=int, default=1)
+    par.add_argument("--expert-model-parallel-size", type=int, default=1)
+    par.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    par.add_argument("--sequence-parallel", **flag)
+    par.add_argument("--use-distributed-optimizer", **flag)
+    par.add_argument("--distributed-backend", choices=["gloo", "nccl", "hccl"], default="nccl")
+    par.add_argument("--dpoc-device", choices=["cpu", "cuda", "npu"], default="cuda")
+    par.add_argument("--dpoc-core-attention", choices=["auto", "sdpa", "npu-fusion", "te", "local"],
+                     default="auto",
+                     help="core-attention kernel; auto: the device's fastest (dpoc.runtime.model.device)")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--micro-batch-size", type=int, **job, help="pairs per micro-batch")
+    t.add_argument("--global-batch-size", type=int, **job, help="pairs per step")
+    t.add_argument("--seq-length", type=int, **job)
+    t.add_argument("--train-iters", type=int, **job)
+    t.add_argument("--lr", type=float, **job)
+    t.add_argument("--min-lr", type=float, default=0.0)
+    t.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant")
+    t.add_argument("--lr-warmup-iters", type=int, default=0)
+    t.add_argument("--lr-decay-iters", type=int, default=None)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--clip-grad", type=float, default=1.0)
+    t.add_argument("--adam-beta1", type=float, default=0.9)
+    t.add_argument("--adam-beta2", type=float, default=0.999)
+    t.add_argument("--adam-eps", type=float, default=1e-8)
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--bf16", **flag)
+    t.add_argument("--fp16", **flag)
+    t.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    t.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    t.add_argument("--recompute-num-layers", type=int, default=None)
+    t.add_argument("--no-pad-to-seq-lengths", **flag,
+                   help="pad each micro-batch to its longest sequence rounded to tp*cp, not to --seq-length")
+    t.add_argument("--dpoc-packing", **flag,
+                   help="pack several pairs per micro-batch into one token stream of at most "
+                        "2 x micro-batch-size x seq-length tokens (dpoc.runtime.model.packing)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data-path", type=str, **job, help="dataset prefix, without _packed")
+    d.add_argument("--tokenizer-type", choices=["PretrainedFromHF"], default="PretrainedFromHF")
+    d.add_argument("--tokenizer-name-or-path", type=str, default=None)
+    d.add_argument("--is-pairwise-dataset", **flag)
+
+    c = p.add_argument_group("checkpoint")
+    c.add_argument("--load", type=str, default=None)
+    c.add_argument("--save", type=str, default=None)
+    c.add_argument("--save-interval", type=int, default=None)
+    c.add_argument("--finetune", **flag)
+    c.add_argument("--no-load-optim", **flag)
+    c.add_argument("--no-load-rng", **flag)
+    c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    c.add_argument("--ref-model", type=str, default=None,
+                   help="the frozen reference's weights: a Hugging Face directory or a distributed checkpoint")
+    c.add_argument("--dpoc-init", choices=["random", "hf", "converted"], default=None,
+                   help="where the policy's initial weights come from: a seeded random init, --dpoc-hf-weights, "
+                        "or the distributed checkpoint --load (with --finetune)")
+    c.add_argument("--dpoc-hf-weights", type=str, default=None, help="Hugging Face weights directory")
+    c.add_argument("--dpoc-keep-checkpoints", type=int, default=2, help="newest complete checkpoints kept")
+
+    o = p.add_argument_group("dpo")
+    o.add_argument("--stage", choices=["dpo"], **job)
+    o.add_argument("--dpo-loss-type", choices=["sigmoid", "hinge", "ipo"], default="sigmoid")
+    o.add_argument("--dpo-beta", type=float, default=0.1)
+    o.add_argument("--dpo-label-smoothing", type=float, default=0.0)
+    o.add_argument("--pref-ftx", type=float, default=0.0, help="weight of the SFT loss on chosen")
+    o.add_argument("--dpoc-reference", choices=["live", "precomputed"], default="live",
+                   help="live: the frozen reference's forward in every step; precomputed: its log-probs read from "
+                        "<data-path>_reference-<key>.npz, written by `python -m dpoc.runtime.precompute` "
+                        "(dpoc.runtime.reference.reference_file)")
+    o.add_argument("--dpoc-reference-micro-batch-size", type=int, default=None,
+                   help="pairs per forward of the precompute pass (default: --micro-batch-size)")
+
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--log-interval", type=int, default=1)
+    lg.add_argument("--tensorboard-dir", type=str, default=None)
+    lg.add_argument("--dpoc-run-dir", type=str, **job)
+    lg.add_argument("--dpoc-plan-hash", type=str, default=None)
+    lg.add_argument("--dpoc-measure-memory", **flag,
+                    help="count this rank's memory on step 1 into <run-dir>/memory/rank-<r>.json, then stop")
+    return p
+
+
+# what defines the model's tensors: the model and MoE groups, less how the experts are computed
+_ARCHITECTURE_GROUPS = ("model", "mixture of experts")
+_EXECUTION_CHOICES = ("moe_token_dispatcher_type", "moe_grouped_gemm")
+
+
+def architecture(args: argparse.Namespace) -> dict[str, object]:
+    """The architecture flags' values (by argparse dest), e.g. to tell whether a checkpoint holds this model."""
+    groups = [g for g in build_parser()._action_groups if g.title in _ARCHITECTURE_GROUPS]
+    return {a.dest: getattr(args, a.dest) for g in groups for a in g._group_actions
+            if a.dest not in _EXECUTION_CHOICES}
+
+
+def format_args(args: Iterable[Arg]) -> str:
+    """Render `(flag, value)` pairs as the file's lines; values are shell-quoted so paths stay literal."""
+    lines = []
+    for name, value in args:
+        if value is True:
+            lines.append(name)
+        else:
+            lines.append(f"{name} {shlex.quote(format_value(value))}")
+    return "\n".join(lines) + "\n"
+
+
+def format_value(value: object) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def parse(argv: Sequence[str], require_job: bool = True) -> argparse.Namespace:
+    return build_parser(require_job=require_job).parse_args(list(argv))
+
+
+def resuming(args: argparse.Namespace) -> bool:
+    """Megatron's convention: `--load` alone resumes a training checkpoint (model, optimizer, RNG, step);
+    `--load` with `--finetune` only starts the policy from those weights."""
+    return bool(args.load) and not args.finetune

@@ -1,0 +1,79 @@
+"""One DPO step's two pipeline passes through megatron-core's schedules.
+
+The reference pass (forward only) stores each micro-batch's summed reference log-probs on the micro-batch
+(the precompute pass runs it over the whole dataset once; `precompute.py`); the policy pass then computes
+the DPO loss against them and back-propagates. Both passes see the same micro-batches in the same order, so
+pipeline, tensor, expert and data parallelism apply to both alike.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from dpoc.runtime.step.data import MicroBatch, repeat_for_chunks
+from dpoc.runtime.step.dpo import Objective, summed_logps
+
+
+def holds_outputs() -> bool:
+    """Whether this rank reports its replica's per-sequence outputs (log-probs, losses, metrics): the last
+    pipeline stage's first tensor- and context-parallel rank."""
+    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0)
+
+
+def reference_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch]) -> None:
+    """Forward only: `batch.reference_logps` = each sequence's summed response log-probs (last stage)."""
+    with torch.no_grad():
+        _run(chunks, batches, _reference_step, forward_only=True)
+
+
+def policy_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch], objective: Objective
+                ) -> list[dict[str, torch.Tensor]]:
+    """Forward and backward over all micro-batches; the per-micro-batch metrics (last stage only)."""
+    return _run(chunks, batches, partial(_policy_step, objective), forward_only=False)
+
+
+def _run(chunks, batches, step_fn, forward_only: bool):
+    return get_forward_backward_func()(
+        forward_step_func=step_fn,
+        data_iterator=repeat_for_chunks(batches, len(chunks)),
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=batches[0].tokens.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def _forward(data_iterator, model):
+    batch = next(data_iterator)
+    # with labels, GPTModel's last stage returns the per-token cross entropy [b, s] computed by
+    # megatron-core's vocab-parallel cross entropy; earlier stages return hidden states
+    # (a packed micro-batch also passes its sequence boundaries, megatron's thd format)
+    out = model(batch.tokens, batch.position_ids, None, labels=batch.targets, packed_seq_params=batch.packed)
+    return batch, out
+
+
+def _reference_step(data_iterator, model):
+    batch, out = _forward(data_iterator, model)
+
+    def store(token_nll):
+        batch.reference_logps = summed_logps(-batch.per_sequence(token_nll), batch.mask).detach()
+        return token_nll.sum() * 0, {}
+
+    return out, store
+
+
+def _policy_step(objective: Objective, data_iterator, model):
+    batch, out = _forward(data_iterator, model)
+
+    def loss(token_nll):
+        return objective.loss_from_tokens(batch.per_sequence(token_nll), batch.mask, batch.reference_logps,
+                                          batch.step_mean_pairs)
+
+    return out, loss
