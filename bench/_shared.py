@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from dpoc.common.atomic import write_atomically
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -30,9 +30,5 @@ def write_result(args: argparse.Namespace, name: str, data: dict[str, Any]) -> P
     if out is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, out)
+    write_atomically(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out

@@ -39,9 +39,9 @@ from megatron.core.distributed import finalize_model_grads  # noqa: E402
 
 from bench._shared import arguments, write_result  # noqa: E402
 from dpoc.compiler.pipeline import build  # noqa: E402
-from dpoc.compiler.resolve.layout import make_layout  # noqa: E402
-from dpoc.compiler.resolve.specs import preset_hardware, preset_model  # noqa: E402
 from dpoc.contract import megatron_args  # noqa: E402
+from dpoc.contract.specs import preset_hardware, preset_model  # noqa: E402
+from dpoc.planner.layout import make_layout  # noqa: E402
 from dpoc.planner.params import layer_tensors  # noqa: E402
 from dpoc.planner.throughput import (  # noqa: E402
     BACKWARD_CALLS_PER_FORWARD_CALL,
@@ -55,7 +55,7 @@ from dpoc.runtime.model.gpt import transformer_config  # noqa: E402
 from dpoc.runtime.step.data import collate  # noqa: E402
 from dpoc.runtime.step.dpo import Objective  # noqa: E402
 from dpoc.runtime.step.passes import policy_pass, reference_pass  # noqa: E402
-from dpoc.runtime.train import _init_distributed, build_models, build_optimizer, initialize_parallel  # noqa: E402
+from dpoc.runtime.step.session import build_models, build_optimizer, init_distributed, initialize_parallel  # noqa: E402
 from dpoc.runtime.weights import weight_sources  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
@@ -155,7 +155,7 @@ def latency_constants(repeats: int) -> dict[str, Any]:
               out=out)
         args_file = out / "megatron.args"
         device = devices.select("cpu", "gloo")
-        _init_distributed(device)
+        init_distributed(device)
         with devices.running_on(device):  # as the runtime runs (its CPU bridge's cost included)
             initialize_parallel(megatron_args.parse([f"@{args_file}"]))
             runs = _best_s({n: step_parts(args_file, n) for n in LAYERS}, repeats)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._shared import arguments, write_result  # noqa: E402
+from dpoc.common.ports import free_port  # noqa: E402
 from dpoc.compiler.pipeline import plan_recipe  # noqa: E402
 from dpoc.compiler.render.targets import dpoc_runtime  # noqa: E402
 from dpoc.contract.megatron_args import format_args  # noqa: E402
@@ -76,10 +76,6 @@ def compile_layout(preset: str, processes: int, parallelism: dict[str, int], oth
     return plan_recipe(RECIPE, overrides)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(plan: Plan, data: str, run_dir: Path) -> list[dict]:
@@ -92,7 +88,7 @@ def measure(plan: Plan, data: str, run_dir: Path) -> list[dict]:
     module = ["-m", "dpoc.runtime.train", f"@{args_file}"]
     command = [sys.executable, *module] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-        "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *module]
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", *module]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode:

@@ -31,9 +31,8 @@ from bench._shared import arguments, write_result
 from bench.runtime_speed import ROOT, _env, prepare
 from dpoc.compiler.pipeline import build
 from dpoc.compiler.resolve import rules
-from dpoc.compiler.resolve.layout import make_layout
-from dpoc.compiler.resolve.specs import preset_hardware, preset_model
 from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
+from dpoc.contract.specs import preset_hardware, preset_model
 from dpoc.planner.calibration import (
     assumed_orca_lengths,
     calibration_set,
@@ -43,6 +42,7 @@ from dpoc.planner.calibration import (
     predicted,
     training,
 )
+from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import estimate_memory
 from dpoc.planner.report import explain

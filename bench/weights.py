@@ -132,7 +132,7 @@ def load_rank(code: str) -> None:
     from dpoc.contract import hf_config, megatron_args
     from dpoc.runtime.model import device as devices
     from dpoc.runtime.model.gpt import build_chunks, transformer_config
-    from dpoc.runtime.train import _init_distributed, initialize_parallel
+    from dpoc.runtime.step.session import init_distributed, initialize_parallel
     from dpoc.runtime.weights import weight_sources
 
     hf_dir, tp = json.loads(code)
@@ -143,7 +143,7 @@ def load_rank(code: str) -> None:
                                require_job=False)
     policy, _ = weight_sources.sources(args, "bench")
     device = devices.select("cpu", "gloo")
-    _init_distributed(device)
+    init_distributed(device)
 
     def anon() -> float:
         fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())

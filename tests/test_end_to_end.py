@@ -4,21 +4,14 @@ two "nodes" on localhost (each its own torchrun, gloo on 127.0.0.1) → training
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
 from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 LAYOUTS = {  # name: build overrides (tp/pp/ep layouts against one process: tests/runtime/test_runtime_train.py)
     "1 process": ["hardware.devices_per_node=1"],
@@ -33,7 +26,7 @@ def dataset():
 
 
 def _env() -> dict[str, str]:
-    return script_env(DPOC_MASTER_PORT=str(_free_port()))
+    return script_env(DPOC_MASTER_PORT=str(free_port()))
 
 
 def test_tiny_recipe_trains_from_its_rendered_files_in_1_process_and_on_2_nodes(dataset, tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
 from dpoc.data.config import build_config
 from dpoc.data.pairwise import FIELDS
@@ -101,10 +101,6 @@ def test_over_long_pairs_are_cut_by_mindspeeds_rule(mindspeed_prefix):
     assert dataset.warnings[-1].startswith(f"{mindspeed_prefix}: {too_long} of 7 pairs are longer than --seq-length 24;")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_build_trains_on_it_from_its_node_script(mindspeed_prefix, tmp_path):
@@ -113,7 +109,7 @@ def test_a_build_trains_on_it_from_its_node_script(mindspeed_prefix, tmp_path):
                                       "training.global_batch_size=2", "parallelism.micro_batch_size=2",
                                       f"dataset.output_prefix={mindspeed_prefix}", f"run_dir={run_dir}"], out=out)
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "DPOC_MASTER_PORT": str(_free_port())}
+           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "DPOC_MASTER_PORT": str(free_port())}
     done = subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

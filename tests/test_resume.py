@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
+from dpoc.contract.runs import METRICS, PREEMPTED, TRACKER, folder_name
 from dpoc.runtime.checkpoint import publish
 from dpoc.runtime.checkpoint.save_load import PAUSE_ENV
 from tests.conftest import RECIPES, REPO
@@ -31,10 +32,6 @@ STEPS = 8
 TIMED = ("samples_per_s", "tokens_per_s")  # wall-clock rates differ run to run; everything else must not
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +54,7 @@ class Job:
         self.log = log
         self._out = open(log, "w")  # noqa: SIM115 (closed in finish/kill)
         environment = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-                       "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "DPOC_MASTER_PORT": str(_free_port()),
+                       "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "DPOC_MASTER_PORT": str(free_port()),
                        **env}
         self.proc = subprocess.Popen(["bash", str(script)], cwd=REPO, env=environment, stdout=self._out,
                                      stderr=subprocess.STDOUT, start_new_session=True)  # its signals only
@@ -102,7 +99,7 @@ def _no_job_left_running():
 
 
 def _steps(run: Path) -> list[dict]:
-    path = run / publish.METRICS
+    path = run / METRICS
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -131,7 +128,7 @@ def test_killed_mid_save_then_preempted_the_job_resumes_exactly(tmp_path, data, 
     job.wait_for(flag.exists, "save of step 4")
     job.kill()
     flag.unlink()
-    assert publish.iterations(save) == [2] and (save / publish.TRACKER).read_text() == "2\n"
+    assert publish.iterations(save) == [2] and (save / TRACKER).read_text() == "2\n"
     assert [p.name.split(".tmp-")[0] for p in save.glob("*.tmp-*")] == ["iter_0000004"]
     assert [r["step"] for r in _steps(run)] == [1, 2, 3, 4]
 
@@ -148,19 +145,19 @@ def test_killed_mid_save_then_preempted_the_job_resumes_exactly(tmp_path, data, 
     assert "[dpoc] node 0/1: resume run" in text
     assert f"removed {save}/iter_0000004.tmp-" in text and "the temporary folder of a save that did not finish" in text
     assert f"resumed from {save}/iter_0000002: iteration 2, 16 samples consumed" in text
-    preempted_at = int((save / publish.PREEMPTED).read_text())
+    preempted_at = int((save / PREEMPTED).read_text())
     assert (f"[dpoc] node 0/1: preempted, resumable: checkpoint of step {preempted_at} saved in {save}; run this "
             "script again to resume") in text
     assert publish.iterations(save)[:2] == [preempted_at, 4] and 4 < preempted_at < STEPS
-    assert json.loads((save / publish.folder_name(preempted_at) / "dpoc_checkpoint.json").read_text())["reason"] \
+    assert json.loads((save / folder_name(preempted_at) / "dpoc_checkpoint.json").read_text())["reason"] \
         == "preempted"
     assert [r["step"] for r in _steps(run)] == list(range(1, preempted_at + 1))
 
     # 3. the last start finishes: every step once, bit-identical to the uninterrupted run
     job = Job(script, tmp_path / "3.log")
     assert job.finish() == 0, job.text()[-3000:]
-    assert f"resumed from {save}/{publish.folder_name(preempted_at)}" in job.text()
-    assert not (save / publish.PREEMPTED).exists()  # the node script clears the last run's notice
+    assert f"resumed from {save}/{folder_name(preempted_at)}" in job.text()
+    assert not (save / PREEMPTED).exists()  # the node script clears the last run's notice
     assert _untimed(_steps(run)) == _untimed(_steps(uninterrupted))
     assert publish.iterations(save) == [8, 6] and not list(save.glob("*.tmp-*"))
 

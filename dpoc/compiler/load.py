@@ -87,7 +87,7 @@ def read_length_stats(data: dict[str, Any], recipe_file: str) -> Any:
 
 def _architecture_from_weights(model: dict[str, Any]) -> bool:
     """A model section with weights but neither a preset nor a whole inline architecture: config.json says it."""
-    from dpoc.compiler.validate import schema
+    from dpoc.contract.schemas import schema
 
     return ("preset" not in model and isinstance(model.get("hf_weights"), str)
             and not all(key in model for key in schema("model")["required"]))

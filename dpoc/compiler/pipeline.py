@@ -1,30 +1,22 @@
-"""The compiler pipeline in one place: load → validate → resolve → render. `dpoc build` and friends call it."""
+"""The compiler pipeline in one place: load → validate → resolve → render → write. `dpoc build` and friends call it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from dpoc.compiler import validate
 from dpoc.compiler.load import LoadedRecipe, load_recipe
 from dpoc.compiler.resolve.resolver import resolve
+from dpoc.compiler.validate import validate
+from dpoc.contract import schemas
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.plan import Plan
-
-RECIPE_ONLY_KEYS = {"model": ("preset", "hf_weights", "tokenizer"),
-                    "hardware": ("preset", "hosts", "hostfile", "master_addr", "master_port")}
 
 
 def load_and_check(recipe: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
     """Load, then validate the recipe and the presets merged into it against their schemas."""
     loaded = load_recipe(recipe, overrides)
-    problems = validate.check("recipe", loaded.data, loaded.path)
-    if not problems:
-        for section, kind in (("model", "model"), ("hardware", "hardware")):
-            body = {k: v for k, v in loaded.data[section].items() if k not in RECIPE_ONLY_KEYS[section]}
-            problems += validate.check(kind, body, loaded.path, prefix=section)
-    if problems:
-        raise DpocError(problems)
+    validate(loaded)
     return loaded
 
 
@@ -59,7 +51,7 @@ def _build_name(loaded: LoadedRecipe, target: Path) -> str:
     import re
 
     name = os.path.basename(os.path.abspath(target))
-    pattern = validate.schema("recipe")["properties"]["name"]["pattern"]
+    pattern = schemas.schema("recipe")["properties"]["name"]["pattern"]
     if "name" not in loaded.data and not re.fullmatch(pattern, name):
         raise DpocError([Problem("command line", "-o", f"the build directory's name {name!r} cannot name the build "
                                  f"(valid: a name matching {pattern}, or set name=...)")])

@@ -1,4 +1,4 @@
-"""Write a build directory atomically: into a temporary sibling, then swapped in whole.
+"""Stage 5: write a build directory atomically, replacing an existing build whole (`common.atomic`).
 
 An existing build is either replaced completely or left untouched, never mixed; a failure leaves no
 temporary directory behind. Scripts are made executable; file order and contents are deterministic.
@@ -6,33 +6,16 @@ temporary directory behind. Scripts are made executable; file order and contents
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from dpoc.common.atomic import replaced_dir
 
 
 def write_tree(target: Path, files: dict[str, str]) -> None:
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
-    old = None
-    try:
+    with replaced_dir(target) as staging:
         for rel, text in sorted(files.items()):
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             if rel.endswith(".sh"):
                 path.chmod(0o755)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "build")
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.replace(old / "build", target)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

@@ -158,10 +158,10 @@ def hf_config(arch: dict[str, Any], dtype: str) -> dict[str, Any]:
 
 
 def model_flags(arch: dict[str, Any]) -> list[tuple[str, object]]:
-    """megatron.args' model flags for an architecture: the compiler's own (dpoc_runtime.model_args)."""
-    from dpoc.compiler.render.targets.dpoc_runtime import model_args
-    from dpoc.compiler.resolve.specs import model_spec
+    """megatron.args' model flags for an architecture: the compiler's own (megatron_args.model_args)."""
     from dpoc.contract.family import HF_MODEL_TYPE
+    from dpoc.contract.megatron_args import model_args
+    from dpoc.contract.specs import model_spec
 
     names = {"mindspeed_name": "model", "hf_model_type": HF_MODEL_TYPE[arch["family"]]}
     return model_args(model_spec("model", {**arch, **names}))

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import shlex
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dpoc.contract.plan import ModelSpec
 
 Arg = tuple[str, object]  # ("--flag", value); value True means a lone flag
 
@@ -107,7 +111,7 @@ def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> 
                    help="pad each micro-batch to its longest sequence rounded to tp*cp, not to --seq-length")
     t.add_argument("--dpoc-packing", **flag,
                    help="pack several pairs per micro-batch into one token stream of at most "
-                        "2 x micro-batch-size x seq-length tokens (dpoc.runtime.model.packing)")
+                        "2 x micro-batch-size x seq-length tokens (dpoc.contract.packing)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", type=str, **job, help="dataset prefix, without _packed")
@@ -193,3 +197,41 @@ def resuming(args: argparse.Namespace) -> bool:
     """Megatron's convention: `--load` alone resumes a training checkpoint (model, optimizer, RNG, step);
     `--load` with `--finetune` only starts the policy from those weights."""
     return bool(args.load) and not args.finetune
+
+def model_args(m: ModelSpec) -> list[Arg]:
+    """The architecture's flags: what a weights directory must match (dpoc.contract.hf_config checks them)."""
+    args: list[Arg] = [
+        ("--num-layers", m.num_layers),
+        ("--hidden-size", m.hidden_size),
+        ("--ffn-hidden-size", m.ffn_hidden_size),
+        ("--num-attention-heads", m.num_attention_heads),
+    ]
+    if m.num_query_groups != m.num_attention_heads:
+        args += [("--group-query-attention", True), ("--num-query-groups", m.num_query_groups)]
+    args += [
+        ("--kv-channels", m.head_dim),
+        ("--max-position-embeddings", m.max_position_embeddings),
+        ("--position-embedding-type", "rope"),
+        ("--rotary-base", int(m.rope_base)),
+        ("--normalization", "RMSNorm"),
+        ("--norm-epsilon", m.norm_epsilon),
+        ("--swiglu", True),
+        ("--disable-bias-linear", True),
+    ]
+    args += [(flag, True) for flag, on in (("--add-qkv-bias", m.qkv_bias), ("--qk-layernorm", m.qk_layernorm),
+                                           ("--untie-embeddings-and-output-weights", not m.tie_embeddings)) if on]
+    args += [("--padded-vocab-size", m.vocab_size), ("--make-vocab-size-divisible-by", 1),
+             ("--attention-dropout", 0.0), ("--hidden-dropout", 0.0)]
+    if m.moe is not None:
+        args += [
+            ("--num-experts", m.moe.num_experts),
+            ("--moe-router-topk", m.moe.topk),
+            ("--moe-ffn-hidden-size", m.moe.ffn_hidden_size),
+            ("--moe-aux-loss-coeff", m.moe.aux_loss_coeff),
+            ("--moe-router-load-balancing-type", m.moe.load_balancing),
+        ]
+        if m.moe.shared_expert_ffn_hidden_size:
+            args.append(("--moe-shared-expert-intermediate-size", m.moe.shared_expert_ffn_hidden_size))
+        if not m.moe.norm_topk_prob:
+            args.append(("--moe-router-pre-softmax", True))
+    return args

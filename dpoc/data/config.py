@@ -15,7 +15,7 @@ from dpoc.contract.errors import DpocError, Problem
 
 
 def _schema_properties() -> dict[str, Any]:
-    from dpoc.compiler.validate import schema
+    from dpoc.contract.schemas import schema
 
     return schema("preprocess")["properties"]
 
@@ -65,7 +65,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def build_config(values: dict[str, Any], source: str) -> PreprocessConfig:
     """Validate `values` against the schema and freeze them; every problem becomes one DpocError line."""
-    from dpoc.compiler import validate
+    from dpoc.contract import schemas
 
-    validate.require("preprocess", values, source)
+    schemas.require("preprocess", values, source)
     return PreprocessConfig(**values, source=source)

@@ -15,6 +15,7 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpoc.common.atomic import swap_in
 from dpoc.contract.errors import DpocError, Problem
 
 if TYPE_CHECKING:
@@ -85,21 +86,8 @@ class PairwiseWriter:
     def _swap(self) -> None:
         old = self.tmp / "previous"
         old.mkdir()
-        moved_aside, placed = [], []
         try:
-            for path in output_files(self.prefix):
-                if os.path.lexists(path):
-                    os.replace(path, old / os.path.basename(path))
-                    moved_aside.append(path)
-            for path, new in zip(output_files(self.prefix), output_files(self.tmp_prefix), strict=True):
-                os.replace(new, path)
-                placed.append(path)
-        except BaseException:
-            for path in placed:
-                os.remove(path)
-            for path in moved_aside:
-                os.replace(old / os.path.basename(path), path)
-            raise
+            swap_in(list(zip(output_files(self.tmp_prefix), output_files(self.prefix), strict=True)), old)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -23,7 +23,7 @@ from typing import IO, Protocol
 
 from dpoc.compiler.render import targets
 from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
-from dpoc.launch.preflight import TRACKER
+from dpoc.contract.runs import TRACKER
 
 POLL_S = 0.2
 TAIL_LINES = 20

@@ -7,6 +7,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from dpoc.common.ports import free_port
 from dpoc.compiler.resolve.cluster import is_loopback
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.launch import tree
@@ -42,12 +43,6 @@ def exit_reason(code: int | None) -> str:
     if code is not None and code > 128:
         return f"was killed (signal {code - 128}, exit code {code})"
     return f"failed with exit code {code}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def is_this_machine(host: str) -> bool:

@@ -16,10 +16,10 @@ import os
 import re
 import socket
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from dpoc.contract.errors import Problem
+from dpoc.contract.requirements import Requirement
 
 MASTER_CONNECT_TIMEOUT_S = 5.0
 CANN_MINIMUM = (8, 1)  # the oldest CANN of the torch_npu 2.5.1 stacks MindSpeed-RL lists (8.1.RC1)
@@ -27,19 +27,6 @@ CANN_MINIMUM = (8, 1)  # the oldest CANN of the torch_npu 2.5.1 stacks MindSpeed
 # device kind -> (variable that restricts the visible devices, the device files of this node)
 _VISIBILITY = {"npu": ("ASCEND_RT_VISIBLE_DEVICES", "/dev/davinci", r"/dev/davinci\d+"),
                "cuda": ("CUDA_VISIBLE_DEVICES", "/dev/nvidia", r"/dev/nvidia\d+")}
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """A package the runtime imports: the module, its distribution, and [minimum, below) versions (None: any)."""
-
-    module: str
-    dist: str
-    minimum: tuple[int, ...] | None = None
-    below: tuple[int, ...] | None = None
-
-
-TORCH_NPU = Requirement("torch_npu", "torch_npu", (2, 5))  # on Ascend, for either target
 
 
 def devices(node: str, device: str, per_node: int) -> list[Problem]:

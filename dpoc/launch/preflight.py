@@ -24,8 +24,10 @@ from typing import Any
 from dpoc.compiler.render import targets
 from dpoc.compiler.render.conversions import DPOC_DIR, MINDSPEED_DIR
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.requirements import TORCH_NPU
+from dpoc.contract.runs import CHECKPOINT_MARKER, TRACKER
 from dpoc.launch import node_checks
-from dpoc.runtime.checkpoint.publish import TRACKER, earlier_run, no_checkpoint
+from dpoc.runtime.checkpoint.publish import earlier_run, no_checkpoint
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:
     runtime's own check), converted checkpoints that exist."""
     from dpoc.contract import megatron_args
     from dpoc.contract.hf_config import mismatches
-    from dpoc.runtime.weights.weight_identity import CHECKPOINT_MARKER, PER_RANK, is_per_rank, latest_iteration_folder
+    from dpoc.runtime.weights.weight_identity import PER_RANK, is_per_rank, latest_iteration_folder
 
     args_file = str(build / "megatron.args")
     sources = [("model.hf_weights", ck["hf_weights"])] if ck["init"] == "hf" else []
@@ -135,7 +137,7 @@ def _node(build: Path, plan: dict[str, Any], target: str, node: Node) -> list[Pr
     requirements = targets.get(target).requirements()
     out = node_checks.devices(name, hw["device"], hw["devices_per_node"])
     if hw["device"] == "npu":
-        out += node_checks.packages(name, [*requirements, node_checks.TORCH_NPU]) + node_checks.ascend_stack(name)
+        out += node_checks.packages(name, [*requirements, TORCH_NPU]) + node_checks.ascend_stack(name)
     else:
         out += node_checks.packages(name, requirements)
     return out + node_checks.master(name, node.rank, node.master_addr, node.master_port)

@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dpoc.common.ports import free_port
 from dpoc.compiler.resolve.cluster import RAY_RESOURCE, ray_bundle
 from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
 from dpoc.launch import tree
 from dpoc.launch.job import Job, Report
-from dpoc.launch.local import exit_reason, free_port
+from dpoc.launch.local import exit_reason
 from dpoc.launch.process import NodeProcess
 
 PLACEMENT_TIMEOUT_S = 120.0

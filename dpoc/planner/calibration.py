@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
-from dpoc.compiler.resolve.layout import make_layout
-from dpoc.compiler.resolve.specs import model_spec, preset_hardware, preset_model
 from dpoc.contract.plan import HardwareSpec, ModelSpec, Training
+from dpoc.contract.specs import model_spec, preset_hardware, preset_model
+from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import Histogram, Lengths, LengthStats, MeanLength
 from dpoc.planner.throughput import Efficiency, predict
 from dpoc.planner.workload import DPO_LIVE, PRETRAIN, Workload

@@ -249,7 +249,7 @@ Lengths = MeanLength | LengthStats
 def _sampled_packing(tokens: Histogram, global_batch: int, budget: int, dp: int, seq_length: int) -> PackedSteps:
     """The runtime's packing of global batches of pair sizes drawn from `tokens` (seeded: the same answer every
     time), averaged over the batches."""
-    from dpoc.runtime.model.packing import pack_pairs
+    from dpoc.contract.packing import pack_pairs
 
     rng = random.Random(PACKING_SEED)
     batches = max(4, -(-PACKING_SAMPLE_PAIRS // global_batch))

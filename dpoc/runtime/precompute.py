@@ -19,27 +19,24 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.runs import ROUND_MICRO_BATCHES
 from dpoc.runtime.model.device import Device
 from dpoc.runtime.model.gpt import transformer_config, uniform_micro_batch_length
 from dpoc.runtime.reference import reference_file
-from dpoc.runtime.reference.reference_file import ROUND_MICRO_BATCHES
 from dpoc.runtime.step.agree import from_rank0
 from dpoc.runtime.step.data import MicroBatch, PairwiseDataset, collate
 from dpoc.runtime.step.passes import holds_outputs, reference_pass
+from dpoc.runtime.step.session import build_reference, entry, initialize_parallel
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dpoc.runtime.train import entry
-
     return entry(argv, precompute, check=_needs_precomputed)
 
 
@@ -59,7 +56,6 @@ def pass_groups(pair_lengths: np.ndarray, micro_batch: int, dp_rank: int, dp_siz
 
 
 def precompute(args: argparse.Namespace, device: Device, args_file: str, weights) -> int:
-    from dpoc.runtime.train import build_reference, initialize_parallel
 
     initialize_parallel(args)
     ident = from_rank0(lambda: reference_file.identity(args))
@@ -124,33 +120,8 @@ def _table(found: list, pairs: int) -> np.ndarray:
     return logps
 
 
-@dataclass(frozen=True)
-class PrecomputedTable:
-    """The reference's summed log-probs of every pair, as training looks them up."""
-
-    path: Path
-    logps: torch.Tensor  # [pairs, 2] float32
-
-    def fill(self, batch: MicroBatch) -> MicroBatch:
-        """`batch` with its rows' reference log-probs ([chosen_1..n, rejected_1..n], the rows' order)."""
-        rows = self.logps[list(batch.pair_ids)]
-        sums = torch.cat([rows[:, 0], rows[:, 1]]).to(batch.tokens.device)
-        return replace(batch, reference_logps=sums)
 
 
-def shared_table(args: argparse.Namespace, args_file: str, pairs: int) -> PrecomputedTable:
-    """Rank 0 reads the current file (a problem when it is missing or stale); every rank gets its values."""
-    def read() -> dict:
-        try:
-            path, logps = reference_file.read(args, args_file, pairs)
-        except DpocError as exc:
-            return {"problems": exc.problems}
-        return {"path": str(path), "logps": logps}
-
-    answer = from_rank0(read)
-    if "problems" in answer:
-        raise DpocError(answer["problems"])
-    return PrecomputedTable(Path(answer["path"]), torch.from_numpy(np.asarray(answer["logps"], dtype=np.float32)))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpoc.compiler import validate
 from dpoc.compiler.pipeline import build, plan_recipe
-from dpoc.contract import megatron_args
+from dpoc.contract import megatron_args, schemas
 from tests.conftest import RECIPES, REPO, run_subprocess
 
 CONTRACT = ["plan.json", "megatron.args", "resume/megatron.args", "nodes/node-0.sh", "nodes/node-1.sh", "launch.sh",
@@ -43,7 +42,7 @@ def test_guide_build_has_the_whole_contract(guide_build):
     assert sorted(files_of(guide_build)) == sorted(CONTRACT)
     plan = json.loads((guide_build / "plan.json").read_text())
     assert (plan["layout"]["tp"], plan["layout"]["pp"], plan["layout"]["dp"], plan["layout"]["ep"]) == (2, 8, 2, 1)
-    assert validate.check("plan", plan, "plan.json") == []
+    assert schemas.check("plan", plan, "plan.json") == []
 
 
 def test_manifest_lists_every_file_with_its_hash(guide_build):
@@ -348,7 +347,7 @@ def test_cpu_recipe_skips_mindspeed_with_the_reason(tmp_path, dpoc_cli):
 
 def test_schema_command_prints_the_shipped_schema(dpoc_cli):
     result = dpoc_cli("schema", "recipe")
-    assert result.code == 0 and json.loads(result.out) == validate.schema("recipe")
+    assert result.code == 0 and json.loads(result.out) == schemas.schema("recipe")
 
 
 def test_explain_shows_sources(dpoc_cli):

@@ -12,11 +12,10 @@ import pytest
 
 from dpoc.cli.explain import explain
 from dpoc.compiler.pipeline import build, plan_recipe
-from dpoc.compiler.render.targets.dpoc_runtime import model_args
-from dpoc.compiler.resolve.specs import preset_model
 from dpoc.contract import hf_config, megatron_args, resources
 from dpoc.contract.errors import DpocError
-from dpoc.contract.megatron_args import format_args
+from dpoc.contract.megatron_args import format_args, model_args
+from dpoc.contract.specs import preset_model
 from tests.compiler.test_preflight import touch_dataset
 from tests.conftest import REPO
 

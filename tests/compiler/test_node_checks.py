@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
 from dpoc.compiler.render.targets import dpoc_runtime
 from tests.compiler.test_preflight import touch_dataset
@@ -30,15 +31,11 @@ def tiny(tmp_path, monkeypatch):
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_node_passes_with_its_devices_packages_and_master(tiny, dpoc_cli):
     for rank in ("0", "1"):
-        result = dpoc_cli("preflight", tiny, "--node-rank", rank, "--master-port", _free_port())
+        result = dpoc_cli("preflight", tiny, "--node-rank", rank, "--master-port", free_port())
         assert result.code == 0, result.err
 
 
@@ -52,7 +49,7 @@ def test_a_node_holding_another_build_is_refused(tiny, dpoc_cli, tmp_path):
     assert result.err == (f"{NODE}: {tiny}/plan.json: is plan {here[:12]}, but the launcher started plan "
                           f"{launched[:12]}: this node holds another build; fix: copy the launching machine's build "
                           "directory to this node at the same path (or rebuild both from the same recipe)\n")
-    assert dpoc_cli("preflight", tiny, "--node-rank", "0", "--plan-hash", here, "--master-port", _free_port()).code == 0
+    assert dpoc_cli("preflight", tiny, "--node-rank", "0", "--plan-hash", here, "--master-port", free_port()).code == 0
 
 
 def test_master_port_in_use_and_master_elsewhere_on_node_0(tiny, dpoc_cli):
@@ -76,7 +73,7 @@ def test_other_ranks_need_a_master_that_resolves(tiny, dpoc_cli):
                           "does not resolve on this node; fix: put node 0's IP address in hardware.hosts, or add the "
                           "name to /etc/hosts\n")
     # nothing listens there yet: refused means the host answered, as node 0's torchrun may simply not be up
-    assert dpoc_cli("preflight", tiny, "--node-rank", "1", "--master-port", _free_port()).code == 0
+    assert dpoc_cli("preflight", tiny, "--node-rank", "1", "--master-port", free_port()).code == 0
 
 
 def test_ascend_node_checks_devices_torch_npu_and_cann(tmp_path, dpoc_cli, monkeypatch):
@@ -85,7 +82,7 @@ def test_ascend_node_checks_devices_torch_npu_and_cann(tmp_path, dpoc_cli, monke
     build(RECIPES / "qwen3_30b_a2.yaml", out=out)
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "0,1,2,3")  # as Ray sets it for an actor holding 4 NPUs
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(tmp_path / "Ascend/latest"))
-    node = [ln for ln in dpoc_cli("preflight", out, "--node-rank", "0", "--master-port", _free_port()).err.splitlines()
+    node = [ln for ln in dpoc_cli("preflight", out, "--node-rank", "0", "--master-port", free_port()).err.splitlines()
             if ln.startswith(NODE)]
     assert node == [
         f"{NODE}: hardware.devices_per_node: 8 npu processes per node, but 4 devices are visible "
@@ -99,7 +96,7 @@ def test_ascend_node_checks_devices_torch_npu_and_cann(tmp_path, dpoc_cli, monke
     info = tmp_path / "Ascend/latest/aarch64-linux/ascend_toolkit_install.info"
     info.parent.mkdir(parents=True)
     info.write_text("package_name=Ascend-cann-toolkit\nversion=8.0.RC3\n")
-    err = dpoc_cli("preflight", out, "--node-rank", "0", "--master-port", _free_port()).err
+    err = dpoc_cli("preflight", out, "--node-rank", "0", "--master-port", free_port()).err
     assert (f"{NODE}: CANN: 8.0.RC3 at {tmp_path}/Ascend/latest is older than 8.1; fix: upgrade CANN to the release "
             "of your torch_npu") in err.splitlines()
 
@@ -110,7 +107,7 @@ def test_a_runtime_package_at_a_version_the_target_cannot_run(tiny, tmp_path):
     (site / "megatron_core-0.9.0.dist-info").mkdir(parents=True)
     (site / "megatron_core-0.9.0.dist-info/METADATA").write_text("Metadata-Version: 2.1\nName: megatron-core\n"
                                                                   "Version: 0.9.0\n")
-    proc = run_subprocess("preflight", tiny, "--node-rank", "1", "--master-port", _free_port(), cwd=tmp_path,
+    proc = run_subprocess("preflight", tiny, "--node-rank", "1", "--master-port", free_port(), cwd=tmp_path,
                           env={"PYTHONPATH": f"{site}:{REPO}"})
     assert proc.returncode == 2
     assert proc.stderr == (f"node 1 ({socket.gethostname()}): megatron-core: 0.9.0 is installed, but the runtime "

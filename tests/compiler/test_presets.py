@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from dpoc.compiler import validate
 from dpoc.compiler.pipeline import plan_recipe
-from dpoc.contract import resources
+from dpoc.contract import resources, schemas
 from tests.conftest import RECIPES
 
 MODELS = resources.preset_names("models")
@@ -24,13 +23,13 @@ def test_catalog_is_complete():
 @pytest.mark.parametrize("name", MODELS)
 def test_model_preset_validates(name):
     data = yaml.safe_load((resources.preset_dir("models") / f"{name}.yaml").read_text())
-    assert validate.check("model", data, name) == []
+    assert schemas.check("model", data, name) == []
 
 
 @pytest.mark.parametrize("name", HARDWARE)
 def test_hardware_preset_validates(name):
     data = yaml.safe_load((resources.preset_dir("hardware") / f"{name}.yaml").read_text())
-    assert validate.check("hardware", data, name) == []
+    assert schemas.check("hardware", data, name) == []
 
 
 def param_count(m: dict) -> int:
@@ -59,9 +58,9 @@ def test_preset_matches_published_parameter_count(name):
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipe_validates_and_plans(recipe):
     data = yaml.safe_load(recipe.read_text())
-    assert validate.check("recipe", data, recipe.name) == []
+    assert schemas.check("recipe", data, recipe.name) == []
     plan = plan_recipe(recipe)
-    assert validate.check("plan", plan.to_dict(), "plan.json") == []
+    assert schemas.check("plan", plan.to_dict(), "plan.json") == []
     lay = plan.layout
     assert lay.world_size % (lay.tp * lay.pp * lay.cp) == 0 and lay.world_size % (lay.etp * lay.ep * lay.pp) == 0
 

@@ -8,7 +8,7 @@ import pytest
 
 from dpoc.compiler.pipeline import plan_recipe
 from dpoc.compiler.resolve import rules
-from dpoc.compiler.resolve.layout import make_layout
+from dpoc.planner.layout import make_layout
 from tests.conftest import RECIPES
 
 BASE = plan_recipe(RECIPES / "qwen3_30b.yaml")  # Qwen3-30B-A3B, 2×16 A3 dies, tp2 pp8 ep1

@@ -7,7 +7,6 @@ submitted launch is followed and stopped through Ray Jobs. One cluster for the m
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
-from dpoc.launch.preflight import TRACKER
+from dpoc.contract.runs import TRACKER
 from tests.conftest import RECIPES, REPO, scratch, script_env, tiny_dataset
 from tests.launch.helpers import left_running, losses, plan_hash
 
@@ -29,10 +29,6 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": 
 WORKER = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -58,7 +54,7 @@ def ray_cluster():
     with pytest.MonkeyPatch.context() as mp:  # the cluster's processes (and the actors) inherit this environment
         for key, value in env.items():
             mp.setenv(key, value)
-        dashboard_port = _free_port()
+        dashboard_port = free_port()
         cluster = ray_cluster_utils.Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard_port})
@@ -215,7 +211,7 @@ def test_a_submitted_launch_is_followed_and_stopped_through_ray_jobs(ray_cluster
 
 def test_launch_without_a_ray_cluster_says_how_to_start_one(tmp_path):
     out, _ = _build(tmp_path)
-    result = _dpoc("launch", str(out), "--ray", f"127.0.0.1:{_free_port()}", timeout=120)
+    result = _dpoc("launch", str(out), "--ray", f"127.0.0.1:{free_port()}", timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("dpoc launch: --ray: no Ray cluster at 127.0.0.1:")
     assert result.stderr.endswith("valid: start one with BUILD/ray-head.sh (and BUILD/ray-worker.sh HEAD on the "

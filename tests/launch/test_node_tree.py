@@ -9,9 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
 from dpoc.launch import tree
-from dpoc.launch.local import free_port
 from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
 
 

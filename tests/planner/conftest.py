@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from dpoc.compiler.resolve import rules
-from dpoc.compiler.resolve.layout import make_layout
 from dpoc.compiler.resolve.rules import Violation
-from dpoc.compiler.resolve.specs import preset_model
 from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
+from dpoc.contract.specs import preset_model
+from dpoc.planner.layout import make_layout
 
 
 def model(**overrides: Any) -> ModelSpec:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from dpoc.compiler.pipeline import plan_recipe
-from dpoc.compiler.resolve.specs import preset_hardware
+from dpoc.contract.specs import preset_hardware
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.throughput import Efficiency, predict, predict_reference_pass
 from dpoc.planner.workload import DPO_PRECOMPUTED

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpoc.compiler.resolve.layout import make_layout
+from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import estimate_memory
 from dpoc.planner.report import explain, knob_text, memory_summary

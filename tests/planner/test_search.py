@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dpoc.compiler.resolve.layout import make_layout
-from dpoc.compiler.resolve.specs import preset_hardware, preset_model
+from dpoc.contract.specs import preset_hardware, preset_model
+from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import GIB, estimate_memory
 from dpoc.planner.search import balanced_layer_list, search, smallest_fitting_nodes

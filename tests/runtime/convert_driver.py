@@ -24,7 +24,7 @@ from dpoc.contract.hf_config import architecture, model_flags
 from dpoc.contract.megatron_args import parse
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model.gpt import build_chunks, transformer_config
-from dpoc.runtime.train import initialize_parallel
+from dpoc.runtime.step.session import initialize_parallel
 from dpoc.runtime.weights import weight_sources
 
 

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from dpoc.contract import megatron_args
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model.gpt import build_chunks, transformer_config
-from dpoc.runtime.train import _init_distributed, initialize_parallel
+from dpoc.runtime.step.session import init_distributed, initialize_parallel
 from dpoc.runtime.weights import weight_sources
 
 LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
@@ -91,7 +91,7 @@ def main(tokens_file, out_dir, *args_files):
     tokens = torch.load(tokens_file)
     first = megatron_args.parse([f"@{args_files[0]}"])
     device = devices.select(first.dpoc_device, first.distributed_backend)
-    _init_distributed(device)
+    init_distributed(device)
     layout = None
     with devices.running_on(device):
         for args_file in args_files:

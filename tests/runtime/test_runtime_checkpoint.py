@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dpoc.common import atomic
 from dpoc.contract import megatron_args
+from dpoc.contract.runs import METRICS, TRACKER, folder_name
 from dpoc.runtime.checkpoint import publish
 from dpoc.runtime.checkpoint import save_load as checkpoint
 from tests.runtime.synthetic import write_args, write_pairs
@@ -63,8 +65,8 @@ def saved(workdir):
 def _copy(save: Path, to: Path, iterations: tuple[int, ...]) -> Path:
     """A save directory holding only some of `save`'s checkpoints, the newest named by the tracker."""
     for iteration in iterations:
-        shutil.copytree(save / publish.folder_name(iteration), to / publish.folder_name(iteration))
-    publish.write_atomically(to / publish.TRACKER, f"{max(iterations)}\n")
+        shutil.copytree(save / folder_name(iteration), to / folder_name(iteration))
+    atomic.write_atomically(to / TRACKER, f"{max(iterations)}\n")
     return to
 
 
@@ -108,7 +110,7 @@ def test_a_layout_the_checkpoint_cannot_reshard_to_is_refused_before_training(wo
         f"{target}/iter_0000004: (layout): saved at tp=2 pp=1 vpp=1 cp=1 ep=1 etp=2 dp=1 (distributed optimizer), "
         "cannot resume at tp=1 pp=1 vpp=1 cp=1 ep=1 etp=1 dp=1 (plain optimizer): the distributed and the plain "
         "optimizer keep their state in different forms (valid: the checkpoint's parallelism.distributed_optimizer)")
-    assert not (workdir / "runs" / "to-plain" / publish.METRICS).exists()
+    assert not (workdir / "runs" / "to-plain" / METRICS).exists()
 
 
 def _largest_shard(folder: Path) -> Path:
@@ -128,7 +130,7 @@ def test_damaged_checkpoints_are_named_and_never_loaded(workdir, saved):
     assert (f"warning: {target}/iter_0000004 is damaged and is not loaded: {shard}: (checkpoint): corrupted: its "
             "sha256 differs from the manifest's; trying the previous checkpoint") in out
     assert f"resumed from {target}/iter_0000002" in out
-    run_metrics = workdir / "runs" / "damaged" / publish.METRICS
+    run_metrics = workdir / "runs" / "damaged" / METRICS
     resumed = metrics(run_metrics.parent)
     assert [{k: r[k] for k in COMPARED} for r in resumed] == [{k: r[k] for k in COMPARED} for r in uninterrupted[2:]]
 

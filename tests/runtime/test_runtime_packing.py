@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpoc.runtime.model.packing import pack_pairs
+from dpoc.contract.packing import pack_pairs
 from dpoc.runtime.step.data import IGNORE_INDEX, Batching, PairwiseDataset, global_batch_indices, rank_micro_batches
 from tests.runtime.synthetic import write_pairs
 from tests.runtime.test_runtime_train import COMPARED, NO_AUX, run

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from dpoc.common import atomic
 from dpoc.contract.errors import DpocError
-from dpoc.runtime.checkpoint import publish
+from dpoc.contract.runs import TRACKER, folder_name
 from dpoc.runtime.reference import reference_file
 from tests.runtime.synthetic import model_flags, write_args, write_pairs
 from tests.runtime.test_runtime_train import COMPARED, ROOT, metrics, run_module
@@ -169,7 +170,7 @@ def test_an_interrupted_pass_leaves_nothing_half_written(workdir, tmp_path):
     finally:
         proc.wait(timeout=60)
     assert _files(work) == []
-    left = list(work.glob(publish.temporary_name("pairs_reference-") + "*")) + list(
+    left = list(work.glob(atomic.temporary_name("pairs_reference-") + "*")) + list(
         work.glob(".pairs_reference-*.npz.tmp-*"))
     assert left, "the complete temporary sibling should be there before the rename"
     rerun = _ok(_precompute(args_file))
@@ -181,8 +182,8 @@ def test_a_resumed_precomputed_run_equals_the_uninterrupted_one(workdir, single)
     """The single-process precomputed run saved every step; resuming from step 1 gives its step 2."""
     whole = single[1]
     part = workdir / "saves" / "part"
-    shutil.copytree(workdir / "saves" / "single" / publish.folder_name(1), part / publish.folder_name(1))
-    publish.write_atomically(part / publish.TRACKER, "1\n")
+    shutil.copytree(workdir / "saves" / "single" / folder_name(1), part / folder_name(1))
+    atomic.write_atomically(part / TRACKER, "1\n")
     resumed = _train(workdir, "resumed", flags=[*PRECOMPUTED, ("--save", part), ("--load", part)])
     assert [r["step"] for r in resumed] == [2]
     for key in COMPARED:

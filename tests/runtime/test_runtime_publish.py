@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from dpoc.contract.runs import MANIFEST, METRICS, TRACKER
 from dpoc.runtime.checkpoint import publish
 
 
@@ -27,8 +28,8 @@ def _save(root, iteration: int):
 def test_a_published_folder_has_its_manifest_and_the_tracker_names_it(tmp_path):
     final = _save(tmp_path, 4)
     assert final == tmp_path / "iter_0000004" and not list(tmp_path.glob("*.tmp-*"))
-    assert (tmp_path / publish.TRACKER).read_text() == "4\n"
-    manifest = json.loads((final / publish.MANIFEST).read_text())
+    assert (tmp_path / TRACKER).read_text() == "4\n"
+    manifest = json.loads((final / MANIFEST).read_text())
     assert manifest["iteration"] == 4
     assert manifest["files"]["common.pt"]["size"] == 600
     assert sorted(manifest["files"]) == ["common.pt", "sub/__0_0.distcp"]
@@ -50,9 +51,9 @@ def test_damage_is_named_file_by_file(tmp_path):
     assert [str(p) for p in publish.verify(final)] == [
         f"{shard}: (checkpoint): missing (the manifest lists 2048 bytes)"]
     assert publish.verify(final, ["common.pt"]) == []  # a rank checks only its share
-    (final / publish.MANIFEST).unlink()
+    (final / MANIFEST).unlink()
     assert [str(p) for p in publish.verify(final)] == [
-        f"{final / publish.MANIFEST}: (checkpoint): unreadable (FileNotFoundError); the save that wrote this folder "
+        f"{final / MANIFEST}: (checkpoint): unreadable (FileNotFoundError); the save that wrote this folder "
         "did not finish"]
 
 
@@ -89,7 +90,7 @@ def test_leftovers_of_a_killed_save_are_ignored_then_removed(tmp_path):
 @pytest.mark.parametrize("content", ["", "\n\n"])
 def test_a_fresh_start_may_use_an_empty_run(tmp_path, content):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / publish.METRICS).write_text(content)
+    (tmp_path / "run" / METRICS).write_text(content)
     assert publish.earlier_run(str(tmp_path / "save"), str(tmp_path / "run")) == []
 
 
@@ -97,7 +98,7 @@ def test_a_fresh_start_refuses_to_overwrite_an_earlier_run(tmp_path):
     save, run = tmp_path / "save", tmp_path / "run"
     _save(save, 6)
     run.mkdir()
-    (run / publish.METRICS).write_text('{"step": 1}\n{"step": 2}\n')
+    (run / METRICS).write_text('{"step": 1}\n{"step": 2}\n')
     assert [str(p) for p in publish.earlier_run(str(save), str(run))] == [
         f"{save}: (checkpoints): holds an earlier run's checkpoints (newest: iteration 6); a fresh start would mix "
         "them with this run's (valid: resume it with DPOC_RESUME=1 (resume/megatron.args), or move the folder away "

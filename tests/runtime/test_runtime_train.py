@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from functools import cache
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from dpoc.common.ports import free_port
 from tests.runtime.synthetic import write_args, write_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,10 +45,6 @@ LAYOUTS = {  # name: (processes, layout flags, reference run)
 REFERENCE_RUNS = {"dense": dict(moe=False), "moe": dict(moe=True), "moe-no-aux": dict(moe=True, extra=NO_AUX)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(args_file: Path, processes: int) -> subprocess.CompletedProcess:
@@ -61,7 +57,7 @@ def run_module(module: list[str], processes: int) -> subprocess.CompletedProcess
         command = [sys.executable, *module]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-                   "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *module]
+                   "--master-addr=127.0.0.1", f"--master-port={free_port()}", *module]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

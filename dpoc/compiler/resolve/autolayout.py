@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from dpoc.compiler.render import targets
 from dpoc.compiler.resolve import rules
-from dpoc.compiler.resolve.layout import make_layout
 from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
+from dpoc.contract.runs import ROUND_MICRO_BATCHES
+from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import Lengths, MeanLength
 from dpoc.planner.memory import GIB, MemoryEstimate, estimate_memory, reference_pass_memory
 from dpoc.planner.throughput import FITTED, ReferencePass, Throughput, predict, predict_reference_pass
 from dpoc.planner.workload import Workload, dpo_workload
-from dpoc.runtime.reference.reference_file import ROUND_MICRO_BATCHES
 
 if TYPE_CHECKING:
     from dpoc.planner.search import SearchResult

@@ -16,8 +16,6 @@ from dpoc.compiler.render import targets
 from dpoc.compiler.resolve import autolayout, rules, stale_paths
 from dpoc.compiler.resolve.autolayout import LayoutInputs
 from dpoc.compiler.resolve.cluster import is_loopback
-from dpoc.compiler.resolve.layout import DEFAULT_WHY, DERIVED_WHY, layout_tag
-from dpoc.compiler.resolve.specs import hardware_spec, model_spec
 from dpoc.contract.dotted import flatten
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.family import CONVERTER, DEFAULT_TEMPLATE
@@ -35,6 +33,8 @@ from dpoc.contract.plan import (
     Source,
     Training,
 )
+from dpoc.contract.specs import hardware_spec, model_spec
+from dpoc.planner.layout import DEFAULT_WHY, DERIVED_WHY, layout_tag
 from dpoc.planner.lengths import Lengths, MeanLength, parse_stats
 
 _MISSING = object()

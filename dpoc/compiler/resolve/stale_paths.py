@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 
-from dpoc.compiler.resolve.layout import layout_tag
 from dpoc.compiler.resolve.rules import Violation
 from dpoc.contract.plan import Plan
+from dpoc.planner.layout import layout_tag
 
 # family, version, size in billions: qwen3-30b-a3b, Qwen2.5-7B-Instruct, Meta-Llama-3.1-70B, llama3-8b
 _MODEL = re.compile(r"(?<![a-z])(qwen|llama)[-_.]?(\d+(?:\.\d+)?)?[-_.]*?(\d+(?:\.\d+)?)b(?![a-z0-9])", re.I)

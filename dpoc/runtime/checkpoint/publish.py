@@ -18,22 +18,16 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
+from dpoc.common.atomic import fsync_path, write_atomically
 from dpoc.contract.errors import Problem
+from dpoc.contract.runs import MANIFEST, METRICS, TRACKER, folder_name
 
-TRACKER = "latest_checkpointed_iteration.txt"
-MANIFEST = "dpoc_manifest.json"
-PREEMPTED = "dpoc_preempted.txt"  # written after a preemption's checkpoint; the node script reports it
-METRICS = "metrics.jsonl"
 _FOLDER = re.compile(r"iter_(\d{7})")
 _STAGING = re.compile(r"iter_\d{7}\.tmp-.+")
 _CHUNK = 1 << 22
-
-
-def folder_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 def iterations(root: str | Path) -> list[int]:
@@ -93,14 +87,14 @@ def publish(staging: Path, records: dict[str, dict[str, int | str]], root: Path,
     write_atomically(staging / MANIFEST, json.dumps({"iteration": iteration, "files": records}, indent=1,
                                                      sort_keys=True) + "\n")
     for directory in sorted({(staging / name).parent for name in records}, reverse=True):
-        _fsync_dir(directory)
+        fsync_path(directory)
     final = root / folder_name(iteration)
     aside = None
     if final.exists():
         aside = staging_folder(root, iteration, f"replaced-{staging.name.rsplit('-', 1)[-1]}")
         os.rename(final, aside)
     os.rename(staging, final)
-    _fsync_dir(root)
+    fsync_path(root)
     write_atomically(root / TRACKER, f"{iteration}\n")
     if aside is not None:
         shutil.rmtree(aside)
@@ -114,7 +108,7 @@ def prune(root: Path, keep: int) -> list[int]:
     for iteration in removed:
         doomed = staging_folder(root, iteration, "pruned")
         os.rename(root / folder_name(iteration), doomed)
-        _fsync_dir(root)
+        fsync_path(root)
         shutil.rmtree(doomed)
     return removed
 
@@ -182,29 +176,3 @@ def _count_lines(path: Path) -> int:
     except OSError:
         return 0
 
-
-def write_atomically(path: Path, content: str | bytes, before_rename: Callable[[], None] | None = None) -> None:
-    """Replace `path` whole or not at all: a temporary sibling (`temporary_name`), fsynced, renamed over it.
-    `before_rename` (tests) runs when the sibling is complete."""
-    tmp = path.with_name(f"{temporary_name(path.name)}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    if before_rename is not None:
-        before_rename()
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def temporary_name(name: str) -> str:
-    """The prefix of `write_atomically`'s sibling of `name` (a writer killed before its rename leaves it)."""
-    return f".{name}.tmp-"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

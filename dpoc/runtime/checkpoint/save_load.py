@@ -36,8 +36,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from dpoc import __version__
+from dpoc.common.atomic import write_atomically
 from dpoc.contract import megatron_args
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.runs import PREEMPTED, folder_name
 from dpoc.data.pairwise import FIELDS, dataset_prefix
 from dpoc.runtime.checkpoint import optimizer_state, publish
 from dpoc.runtime.model.device import Device
@@ -221,7 +223,7 @@ class Checkpointer:
             raise DpocError([publish.no_checkpoint(root)])
         warnings, problems = [], []
         for iteration in candidates:
-            folder = root / publish.folder_name(iteration)
+            folder = root / folder_name(iteration)
             mine = publish.verify(folder, publish.share(publish.manifest_files(folder), self.rank, self.world))
             found = [None] * self.world
             dist.all_gather_object(found, mine)
@@ -265,7 +267,7 @@ class Checkpointer:
             final = publish.publish(staging, files, root, iteration)
             removed = publish.prune(root, a.dpoc_keep_checkpoints)
             if reason == "preempted":
-                publish.write_atomically(root / publish.PREEMPTED, f"{iteration}\n")
+                write_atomically(root / PREEMPTED, f"{iteration}\n")
             megabytes = sum(int(f["size"]) for f in files.values()) / 1e6
             pruned = f"; removed iteration {', '.join(map(str, removed))} (keeping {a.dpoc_keep_checkpoints})" \
                 if removed else ""

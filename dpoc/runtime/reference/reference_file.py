@@ -23,18 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpoc.common import atomic
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.data.pairwise import FIELDS, dataset_prefix
-from dpoc.runtime.checkpoint import publish
 from dpoc.runtime.weights.weight_identity import reference_identity, sampled_digest
 
 if TYPE_CHECKING:
     import numpy as np
 
 FORMAT = 1
-# micro-batches each rank sends through the pipeline per forward call of the precompute pass (each call pays
-# the pipeline's fill once); the planner models the pass with the same number
-ROUND_MICRO_BATCHES = 8
 # tests only: a flag file; rank 0 creates it when the file's temporary sibling is complete, before the rename,
 # and waits until it is deleted (a test kills the pass there)
 PAUSE_ENV = "DPOC_TEST_PAUSE_REFERENCE"
@@ -129,14 +126,14 @@ def write(path: Path, logps: np.ndarray, ident: dict[str, Any], before_rename=No
 
     buffer = io.BytesIO()
     np.savez(buffer, logps=logps.astype(np.float32), identity=np.array(json.dumps(ident, sort_keys=True)))
-    publish.write_atomically(path, buffer.getvalue(), before_rename)
+    atomic.write_atomically(path, buffer.getvalue(), before_rename)
 
 
 def remove_partial(data_path: str) -> list[Path]:
     """Remove what a pass killed before its rename left (its temporary siblings); returns them."""
     prefix = Path(data_path)
     removed = []
-    for tmp in prefix.parent.glob(publish.temporary_name(f"{prefix.name}_reference-*.npz") + "*"):
+    for tmp in prefix.parent.glob(atomic.temporary_name(f"{prefix.name}_reference-*.npz") + "*"):
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.packing import pack_pairs
 from dpoc.data import identity
 from dpoc.data.pairwise import FIELDS, open_pairwise
 from dpoc.runtime.model.attention import PackedSequences
-from dpoc.runtime.model.packing import pack_pairs
 
 IGNORE_INDEX = -100
 

@@ -13,7 +13,6 @@ with `dpoc.planner.memory.estimate_memory` in `bench/memory_vs_measured.py`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from dpoc.common.atomic import write_atomically
 
 MEMORY_DIR = "memory"
 
@@ -127,7 +128,5 @@ def write(run_dir: str, static: dict[str, int], saved: SavedTensors) -> Path:
     out = Path(run_dir) / MEMORY_DIR
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"rank-{rank}.json"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(record, indent=1) + "\n")
     return path

@@ -14,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from dpoc.runtime.checkpoint.publish import METRICS as METRICS_FILE
-from dpoc.runtime.checkpoint.publish import write_atomically
+from dpoc.common.atomic import write_atomically
+from dpoc.contract.runs import METRICS as METRICS_FILE
 
 LOG_FILE = "train.log"
 

@@ -42,13 +42,13 @@ from torch.distributed import checkpoint
 from torch.distributed.checkpoint import TensorStorageMetadata
 
 from dpoc import __version__
+from dpoc.common.atomic import published_dir
 from dpoc.contract import hf_config, megatron_args
-from dpoc.contract.atomic import published_dir
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.data.progress import TransferProgress
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model.gpt import build_chunks, transformer_config
-from dpoc.runtime.train import initialize_parallel
+from dpoc.runtime.step.session import initialize_parallel
 from dpoc.runtime.weights import weight_map
 from dpoc.runtime.weights.hf_weights import HfWeights, read_sharded
 from dpoc.runtime.weights.safetensors_out import StreamingSafetensors

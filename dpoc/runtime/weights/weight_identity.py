@@ -17,9 +17,8 @@ from pathlib import Path
 
 from dpoc.contract import megatron_args
 from dpoc.contract.errors import DpocError, Problem
-from dpoc.runtime.checkpoint.publish import TRACKER
+from dpoc.contract.runs import CHECKPOINT_MARKER, TRACKER
 
-CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: the distributed checkpoint is complete
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 
 

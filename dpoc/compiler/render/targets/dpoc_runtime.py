@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from dpoc.compiler.render import templating
 from dpoc.compiler.resolve.rules import Violation
 from dpoc.contract.errors import EXIT_PREEMPTED
-from dpoc.contract.megatron_args import Arg, format_args
-from dpoc.contract.plan import ModelSpec, Plan
-from dpoc.launch.node_checks import Requirement
-from dpoc.runtime.checkpoint.publish import PREEMPTED
+from dpoc.contract.megatron_args import Arg, format_args, model_args
+from dpoc.contract.plan import Plan
+from dpoc.contract.requirements import Requirement
+from dpoc.contract.runs import PREEMPTED
 
 if TYPE_CHECKING:
     from dpoc.planner.search import SearchSpace
@@ -69,45 +69,6 @@ def unsupported(plan: Plan) -> list[Violation]:
             out.append(Violation(f"parallelism.{knob}", f"is a MindSpeed feature {why} does not have; valid: false, "
                                  "or runtime=mindspeed-rl"))
     return out
-
-
-def model_args(m: ModelSpec) -> list[Arg]:
-    """The architecture's flags: what a weights directory must match (dpoc.contract.hf_config checks them)."""
-    args: list[Arg] = [
-        ("--num-layers", m.num_layers),
-        ("--hidden-size", m.hidden_size),
-        ("--ffn-hidden-size", m.ffn_hidden_size),
-        ("--num-attention-heads", m.num_attention_heads),
-    ]
-    if m.num_query_groups != m.num_attention_heads:
-        args += [("--group-query-attention", True), ("--num-query-groups", m.num_query_groups)]
-    args += [
-        ("--kv-channels", m.head_dim),
-        ("--max-position-embeddings", m.max_position_embeddings),
-        ("--position-embedding-type", "rope"),
-        ("--rotary-base", int(m.rope_base)),
-        ("--normalization", "RMSNorm"),
-        ("--norm-epsilon", m.norm_epsilon),
-        ("--swiglu", True),
-        ("--disable-bias-linear", True),
-    ]
-    args += [(flag, True) for flag, on in (("--add-qkv-bias", m.qkv_bias), ("--qk-layernorm", m.qk_layernorm),
-                                           ("--untie-embeddings-and-output-weights", not m.tie_embeddings)) if on]
-    args += [("--padded-vocab-size", m.vocab_size), ("--make-vocab-size-divisible-by", 1),
-             ("--attention-dropout", 0.0), ("--hidden-dropout", 0.0)]
-    if m.moe is not None:
-        args += [
-            ("--num-experts", m.moe.num_experts),
-            ("--moe-router-topk", m.moe.topk),
-            ("--moe-ffn-hidden-size", m.moe.ffn_hidden_size),
-            ("--moe-aux-loss-coeff", m.moe.aux_loss_coeff),
-            ("--moe-router-load-balancing-type", m.moe.load_balancing),
-        ]
-        if m.moe.shared_expert_ffn_hidden_size:
-            args.append(("--moe-shared-expert-intermediate-size", m.moe.shared_expert_ffn_hidden_size))
-        if not m.moe.norm_topk_prob:
-            args.append(("--moe-router-pre-softmax", True))
-    return args
 
 
 def megatron_args(plan: Plan, resume: bool) -> list[Arg]:

@@ -15,7 +15,7 @@ from dpoc.compiler.render.conversions import MINDSPEED_DIR, mindspeed_conversion
 from dpoc.compiler.resolve.rules import Violation
 from dpoc.contract.family import DEFAULT_TEMPLATE
 from dpoc.contract.plan import Plan
-from dpoc.launch.node_checks import Requirement
+from dpoc.contract.requirements import Requirement
 
 if TYPE_CHECKING:
     from dpoc.planner.search import SearchSpace

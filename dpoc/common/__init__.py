@@ -1,0 +1,1 @@
+"""Small helpers every layer uses (atomic publishing, a free port); they import only `dpoc.contract`."""

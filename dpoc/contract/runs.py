@@ -1,0 +1,26 @@
+"""What builds, runs and checkpoints share: the names of their files and the fixed numbers both sides use.
+
+The compiler renders some of them into node scripts (the preemption marker), the runtime writes them, the
+preflight and the converter read them back, the planner models the runtime with its constants. A name changed
+here changes everywhere at once.
+"""
+
+from __future__ import annotations
+
+# a save directory: the newest complete checkpoint's iteration, and each iteration's folder and file list
+TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "dpoc_manifest.json"
+PREEMPTED = "dpoc_preempted.txt"  # written after a preemption's checkpoint; the node script reports it
+CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: the distributed checkpoint is complete
+
+# a run directory: one JSON line per step
+METRICS = "metrics.jsonl"
+
+# micro-batches each rank sends through the pipeline per forward call of the precompute pass (each call pays
+# the pipeline's fill once); the planner models the pass with the same number
+ROUND_MICRO_BATCHES = 8
+
+
+def folder_name(iteration: int) -> str:
+    """A published checkpoint's folder under the save directory."""
+    return f"iter_{iteration:07d}"
