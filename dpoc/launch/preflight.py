@@ -9,7 +9,8 @@ warning: the node script's reference.sh computes it next), and a fresh start of 
 overwrite an earlier run's metrics or checkpoints (the runtime checks the same at its start). For MindSpeed-
 RL, whose legacy checkpoints are per rank, the checkpoint's layout must be exactly the Plan's; a mismatch is
 refused with the conversion that fixes it. Given the node's rank (the node scripts pass it), the node itself
-is checked too (`node_checks`): the launcher's build, the devices, the runtime's packages, the master. Exit 2,
+is checked too (`node_checks`): the launcher's build, the devices, the runtime's packages, the master. A Hugging
+Face directory's safetensors files must be as long as their headers say. Exit 2,
 one line per problem.
 """
 
@@ -115,6 +116,7 @@ def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:
                 out += mismatches(megatron_args.parse([f"@{args_file}"]), path, args_file, field)
             except DpocError as exc:
                 out += exc.problems
+            out += _safetensors(path)
         elif not Path(path, CHECKPOINT_MARKER).is_file() and not Path(path, TRACKER).is_file():
             hint = f"; run {build / DPOC_DIR / 'hf_to_mcore.sh'} first" if field == "checkpoint.load" else ""
             out.append(Problem(path, "(directory)", f"{field} not found on this node: neither Hugging Face weights "
@@ -122,6 +124,13 @@ def _initial_weights(build: Path, ck: dict[str, Any]) -> list[Problem]:
         elif Path(path, TRACKER).is_file() and is_per_rank(folder := latest_iteration_folder(Path(path))):
             out.append(Problem(str(folder), "(directory)", f"{field} {PER_RANK}"))
     return out
+
+
+def _safetensors(hf_dir: str) -> list[Problem]:
+    """Each safetensors file's header against its size: a cut download fails here, not inside the loader."""
+    from dpoc.runtime.weights import safetensors_header
+
+    return safetensors_header.problems(hf_dir)
 
 
 def _node(build: Path, plan: dict[str, Any], target: str, node: Node) -> list[Problem]:

@@ -18,11 +18,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from safetensors import safe_open
 
 from dpoc.contract.errors import DpocError, Problem
-from dpoc.runtime.weights import sharded, weight_map
+from dpoc.runtime.weights import safetensors_header, sharded, weight_map
+from dpoc.runtime.weights.safetensors_header import INDEX, SINGLE
 from dpoc.runtime.weights.weight_map import Arch
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 # tensors a Hugging Face directory may hold that no megatron weight comes from
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -32,6 +31,9 @@ class HfWeights:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
+        damaged = safetensors_header.problems(path)  # before safe_open, which fails deep inside on a cut file
+        if damaged:
+            raise DpocError(damaged)
         index = Path(path) / INDEX
         if index.is_file():
             self.files = dict(json.loads(index.read_text())["weight_map"])
