@@ -18,11 +18,11 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dpoc.common.atomic import fsync_path, write_atomically
-from dpoc.contract.errors import Problem
+from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.runs import MANIFEST, METRICS, TRACKER, folder_name
 
 _FOLDER = re.compile(r"iter_(\d{7})")
@@ -135,6 +135,29 @@ def verify(folder: Path, names: Iterable[str] | None = None) -> list[Problem]:
         elif _fsync_and_hash(path)["sha256"] != want["sha256"]:
             problems.append(Problem(str(path), "(checkpoint)", "corrupted: its sha256 differs from the manifest's"))
     return problems
+
+
+def newest_intact(root: str | Path, candidates: list[int], damage: Callable[[Path], list[Problem]], otherwise: str
+                  ) -> tuple[Path, list[str]]:
+    """The newest of the `candidates` (iterations, newest first) in which `damage` finds nothing wrong, and a
+    warning for each newer one; DpocError naming every damaged file when none is intact. Resume and the
+    converter both start from it (resume's `damage` is shared across ranks, the converter's is `verify`)."""
+    root = Path(root)
+    if not candidates:
+        raise DpocError([no_checkpoint(root)])
+    warnings, problems = [], []
+    for iteration in candidates:
+        folder = root / folder_name(iteration)
+        bad = list(dict.fromkeys(damage(folder)))
+        if not bad:
+            return folder, warnings
+        problems += bad
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        warnings.append(f"warning: {folder} is damaged and is not loaded: {bad[0]}{more}; trying the previous "
+                        "checkpoint")
+    raise DpocError([*problems, Problem(str(root), "(checkpoints)", f"none of its {len(candidates)} checkpoints "
+                                        "is intact (each damaged file is named above), so nothing was loaded "
+                                        f"(valid: restore the files, or {otherwise})")])
 
 
 def no_checkpoint(root: str | Path) -> Problem:

@@ -39,7 +39,7 @@ from dpoc import __version__
 from dpoc.common.atomic import write_atomically
 from dpoc.contract import megatron_args
 from dpoc.contract.errors import DpocError, Problem
-from dpoc.contract.runs import PREEMPTED, folder_name
+from dpoc.contract.runs import PREEMPTED
 from dpoc.data.pairwise import FIELDS, dataset_prefix
 from dpoc.runtime.checkpoint import optimizer_state, publish
 from dpoc.runtime.model.device import Device
@@ -218,26 +218,14 @@ class Checkpointer:
 
     def _newest_intact(self, root: Path) -> tuple[Path, list[str]]:
         """The newest published folder whose files all match its manifest (every rank re-hashes a share)."""
-        candidates = from_rank0(lambda: publish.iterations(root))
-        if not candidates:
-            raise DpocError([publish.no_checkpoint(root)])
-        warnings, problems = [], []
-        for iteration in candidates:
-            folder = root / folder_name(iteration)
+        def damage(folder: Path) -> list[Problem]:
             mine = publish.verify(folder, publish.share(publish.manifest_files(folder), self.rank, self.world))
             found = [None] * self.world
             dist.all_gather_object(found, mine)
-            bad = list(dict.fromkeys(p for part in found for p in part))
-            if not bad:
-                return folder, warnings
-            problems += bad
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            warnings.append(f"warning: {folder} is damaged and is not loaded: {bad[0]}{more}; trying the previous "
-                            "checkpoint")
-        raise DpocError([*problems, Problem(str(root), "(checkpoints)", f"none of its {len(candidates)} checkpoints "
-                                            "is intact (each damaged file is named above), so nothing was loaded "
-                                            "(valid: restore the files, or move the save and run directories away "
-                                            "and start afresh with DPOC_RESUME=0)")])
+            return [p for part in found for p in part]
+
+        return publish.newest_intact(root, from_rank0(lambda: publish.iterations(root)), damage,
+                                     "move the save and run directories away and start afresh with DPOC_RESUME=0")
 
     # ---- save --------------------------------------------------------------------------------------------
     def save(self, iteration: int, reason: str, say: Callable[[str], None] | None) -> None:

@@ -6,8 +6,8 @@ megatron-core's `dist_checkpointing.save` and a torch_dist strategy whose planne
 safetensors only when the writer asks for it: one tensor in memory at a time. The common state records the
 source (`dpoc_weights`: its identity, config.json, generation_config.json).
 
-mcore-to-hf reads a converted checkpoint or a training save directory (its latest iteration; optimizer and
-RNG entries are left alone), one model tensor at a time through the checkpoint's tensor metadata, and
+mcore-to-hf reads a converted checkpoint or a training save directory (its newest intact iteration, as resume
+picks it; optimizer and RNG entries are left alone), one model tensor at a time through the checkpoint's tensor metadata, and
 writes config.json, generation_config.json, safetensors (sharded with model.safetensors.index.json beyond
 `--max-shard-size`) and the tokenizer files. Both write OUT_DIR as a temporary sibling, fsynced, renamed.
 """
@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ from dpoc import __version__
 from dpoc.common.atomic import published_dir
 from dpoc.contract import hf_config, megatron_args
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.runs import MANIFEST, TRACKER, folder_name
 from dpoc.data.progress import TransferProgress
+from dpoc.runtime.checkpoint import publish
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model.gpt import build_chunks, transformer_config
 from dpoc.runtime.step.session import initialize_parallel
@@ -174,10 +177,7 @@ class _StreamingSave(SaveShardedStrategy):
 
 def mcore_to_hf(source: str, out: str, plan: str | None = None, tokenizer: str | None = None,
                 max_shard_bytes: int = int(1e9) * 5) -> None:
-    problems: list[Problem] = []
-    folder = open_source(source, "CKPT_DIR", "dpoc convert mcore-to-hf", problems, kinds=("checkpoint",)).path
-    if problems:
-        raise DpocError(problems)
+    folder = _checkpoint_folder(source)
     record = common_state(folder).get(COMMON_KEY) or {}
     reader = _Reader(folder)
     stored = {k: v for k, v in reader.metadata.state_dict_metadata.items()
@@ -206,6 +206,23 @@ def mcore_to_hf(source: str, out: str, plan: str | None = None, tokenizer: str |
             _generation_config(record, tokenizer, config), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             _copy_tokenizer(tokenizer, staging)
+
+
+def _checkpoint_folder(source: str) -> str:
+    """The folder to convert: a training save directory's newest intact checkpoint (as resume picks it: a
+    damaged newer one is named and skipped), else the converted checkpoint or iteration folder `source` names."""
+    root = Path(source)
+    found = publish.iterations(root)
+    if (root / TRACKER).is_file() and any((root / folder_name(i) / MANIFEST).is_file() for i in found):
+        folder, warnings = publish.newest_intact(root, found, publish.verify, "convert another save directory")
+        for warning in warnings:
+            print(warning, file=sys.stderr)
+        return str(folder)
+    problems: list[Problem] = []
+    folder = open_source(source, "CKPT_DIR", "dpoc convert mcore-to-hf", problems, kinds=("checkpoint",)).path
+    if problems:
+        raise DpocError(problems)
+    return folder
 
 
 def _plan_architecture(plan_file: str) -> dict[str, Any]:
