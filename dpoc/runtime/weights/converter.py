@@ -6,10 +6,11 @@ megatron-core's `dist_checkpointing.save` and a torch_dist strategy whose planne
 safetensors only when the writer asks for it: one tensor in memory at a time. The common state records the
 source (`dpoc_weights`: its identity, config.json, generation_config.json).
 
-mcore-to-hf reads a converted checkpoint or a training save directory (its newest intact iteration, as resume
-picks it; optimizer and RNG entries are left alone), one model tensor at a time through the checkpoint's tensor metadata, and
-writes config.json, generation_config.json, safetensors (sharded with model.safetensors.index.json beyond
-`--max-shard-size`) and the tokenizer files. Both write OUT_DIR as a temporary sibling, fsynced, renamed.
+mcore-to-hf reads a converted checkpoint or a training save directory (its newest intact iteration, as
+resume picks it; optimizer and RNG entries are left alone), one model tensor at a time through the
+checkpoint's tensor metadata, and writes config.json, generation_config.json, safetensors (sharded with
+model.safetensors.index.json beyond `--max-shard-size`) and the tokenizer files. Both write OUT_DIR as a
+temporary sibling, fsynced, renamed.
 """
 
 from __future__ import annotations
