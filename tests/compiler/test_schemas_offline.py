@@ -67,3 +67,20 @@ def test_each_recipe_header_points_editors_at_the_recipe_schema():
         first = recipe.read_text().splitlines()[0]
         assert first == "# yaml-language-server: $schema=../schemas/recipe.schema.json", recipe.name
         assert (recipe.parent / first.split("=", 1)[1]).resolve() == SCHEMAS / "recipe.schema.json"
+
+
+def test_every_provenance_source_the_resolver_writes_is_in_the_plan_schema(tmp_path, monkeypatch):
+    """A plan built from HF weights (sources hf:config.json), with a command-line override (user:command line)
+    and a hostfile (user:hostfile ...), validates with check-jsonschema, as every golden plan does."""
+    from dpoc.compiler.pipeline import build
+    from tests.compiler.test_hf_config import RECIPE, write_config
+
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path)
+    (tmp_path / "hosts").write_text("10.0.0.1 slots=2\n")
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("hardware: {", "hardware: {hostfile: hosts, "))
+    plan, out = build("r.yaml", ["training.lr=2.0e-4"], out=tmp_path / "b")
+    sources = {s.source.split(":")[0] + (":" if ":" in s.source else "") for _, s in plan.provenance}
+    assert {"hf:", "user", "user:", "preset:", "derived:", "default"} <= sources
+    proc = check_jsonschema("plan", out / "plan.json", *SHIPPED["plan"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
