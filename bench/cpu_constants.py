@@ -127,7 +127,7 @@ def step_parts(args_file: Path, layers: int) -> dict[str, Callable[[], None]]:
     config.no_sync_func = policy[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    objective = Objective(args.dpo_loss_type, args.dpo_beta, args.dpo_label_smoothing, args.pref_ftx)
+    objective = Objective.from_args(args)
     batches = [collate(_pairs(1, args.padded_vocab_size, seed), 1) for seed in range(MICRO_BATCHES)]
     for b in batches:
         b.step_mean_pairs = 1.0

@@ -72,10 +72,10 @@ def test_the_compiler_imports_no_runtime_torch_or_numpy(tmp_path, command):
     """In a fresh interpreter, as a user's `dpoc build` runs: only the compiler's own libraries load."""
     if command[0] == "build":
         command = [*command, "-o", str(tmp_path / "b")]
-    probe = ("import json, sys\nfrom dpoc.cli import main\ncode = main(%r)\n"
+    probe = (f"import json, sys\nfrom dpoc.cli import main\ncode = main({command!r})\n"
              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'megatron', "
              "'transformers', 'ray') or m.startswith(('dpoc.runtime', 'dpoc.data', 'dpoc.launch')))\n"
-             "print(json.dumps([code, heavy]))") % (command,)
+             "print(json.dumps([code, heavy]))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     code, heavy = json.loads(out.stdout.strip().splitlines()[-1])
     assert (code, heavy) == (0, [])

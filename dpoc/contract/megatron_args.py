@@ -12,6 +12,8 @@ import shlex
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from dpoc.contract import losses
+
 if TYPE_CHECKING:
     from dpoc.contract.plan import ModelSpec
 
@@ -137,14 +139,24 @@ def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> 
 
     o = p.add_argument_group("dpo")
     o.add_argument("--stage", choices=["dpo"], **job)
-    o.add_argument("--dpo-loss-type", choices=["sigmoid", "hinge", "ipo"], default="sigmoid")
+    o.add_argument("--dpo-loss-type", type=_loss_names, default=("sigmoid",),
+                   help="one loss, or several separated by commas, added with --dpoc-loss-weights "
+                        "(dpoc.contract.losses)")
+    o.add_argument("--dpoc-loss-weights", type=_floats, default=(), help="one per loss, by commas (default: 1 each)")
     o.add_argument("--dpo-beta", type=float, default=0.1)
     o.add_argument("--dpo-label-smoothing", type=float, default=0.0)
-    o.add_argument("--pref-ftx", type=float, default=0.0, help="weight of the SFT loss on chosen")
-    o.add_argument("--dpoc-reference", choices=["live", "precomputed"], default="live",
+    o.add_argument("--pref-ftx", type=float, default=0.0, help="weight of the SFT loss on chosen (RPO's alpha)")
+    o.add_argument("--dpoc-ld-alpha", type=float, default=None,
+                   help="LD-DPO: weight of the log-probs past the shorter response of each pair")
+    o.add_argument("--dpoc-f-divergence", choices=losses.F_DIVERGENCES, default="reverse_kl")
+    o.add_argument("--dpoc-f-alpha", type=float, default=losses.DEFAULT_F_ALPHA)
+    o.add_argument("--dpoc-discopop-tau", type=float, default=losses.DEFAULT_DISCOPOP_TAU)
+    o.add_argument("--dpoc-simpo-gamma", type=float, default=losses.DEFAULT_SIMPO_GAMMA)
+    o.add_argument("--dpoc-cpo-alpha", type=float, default=0.0, help="weight of the chosen NLL of cpo and simpo")
+    o.add_argument("--dpoc-reference", choices=["live", "precomputed", "none"], default="live",
                    help="live: the frozen reference's forward in every step; precomputed: its log-probs read from "
                         "<data-path>_reference-<key>.npz, written by `python -m dpoc.runtime.precompute` "
-                        "(dpoc.runtime.reference.reference_file)")
+                        "(dpoc.runtime.reference.reference_file); none: a reference-free loss, no reference at all")
     o.add_argument("--dpoc-reference-micro-batch-size", type=int, default=None,
                    help="pairs per forward of the precompute pass (default: --micro-batch-size)")
 
@@ -156,6 +168,18 @@ def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> 
     lg.add_argument("--dpoc-measure-memory", **flag,
                     help="count this rank's memory on step 1 into <run-dir>/memory/rank-<r>.json, then stop")
     return p
+
+
+def _loss_names(text: str) -> tuple[str, ...]:
+    names = tuple(text.split(","))
+    unknown = [n for n in names if n not in losses.BY_NAME]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown loss {unknown[0]!r} (valid: {', '.join(losses.NAMES)})")
+    return names
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
 
 
 # what defines the model's tensors: the model and MoE groups, less how the experts are computed

@@ -132,12 +132,20 @@ class Training:
 
 @dataclass(frozen=True)
 class DPO:
-    loss: str  # sigmoid | hinge | ipo
+    loss: tuple[str, ...]  # dpoc.contract.losses names, added with loss_weights
     beta: float
     label_smoothing: float
-    sft_weight: float
-    reference: str = "live"  # live: the frozen reference runs in every step | precomputed: its log-probs, once
+    sft_weight: float  # RPO's alpha: an sft term of this weight
+    # live: the frozen reference runs in every step | precomputed: its log-probs, once | none: a reference-free loss
+    reference: str = "live"
     reference_micro_batch_size: int | None = None  # pairs per forward of the precompute pass (precomputed only)
+    loss_weights: tuple[float, ...] = ()  # one per loss; empty: 1 each
+    ld_alpha: float | None = None  # LD-DPO's weight of the tokens past the shorter response (None: no weighting)
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 0.0  # weight of the chosen NLL of cpo and simpo
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from dpoc.runtime.model.gpt import (
 from dpoc.runtime.reference.table import shared_table
 from dpoc.runtime.step import memory_probe
 from dpoc.runtime.step.data import Batching, PairwiseDataset, rank_micro_batches
-from dpoc.runtime.step.dpo import METRIC_KEYS, Objective
+from dpoc.runtime.step.dpo import Objective
 from dpoc.runtime.step.passes import policy_pass, reference_pass
 from dpoc.runtime.step.run_log import RunLog
 from dpoc.runtime.step.session import build_models, build_optimizer, entry, initialize_parallel
@@ -82,7 +82,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 
-    objective = Objective(args.dpo_loss_type, args.dpo_beta, args.dpo_label_smoothing, args.pref_ftx)
+    objective = Objective.from_args(args)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     batching = Batching.from_args(args, same_length=uniform_micro_batch_length(args))
     checkpoints = Checkpointer(args, args_file, device, policy, optimizer, scheduler, len(dataset))
@@ -96,10 +96,10 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     for step in range(start, args.train_iters):
         started = time.perf_counter()
         batches = rank_micro_batches(dataset, step, batching, dp_rank, dp_size, device.current())
-        if precomputed is None:
-            reference_pass(reference, batches)
-        else:
+        if precomputed is not None:
             batches = [precomputed.fill(b) for b in batches]
+        elif reference:  # none for a reference-free loss
+            reference_pass(reference, batches, objective.sequence_logps)
         for chunk in policy:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -112,7 +112,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
             memory_probe.write(args.dpoc_run_dir, memory_probe.static_bytes(policy, reference, optimizer), saved)
             break
         scheduler.step(increment=1)
-        record = _step_metrics(per_micro_batch, batches, args.global_batch_size, device)
+        record = _step_metrics(per_micro_batch, batches, args.global_batch_size, device, objective.metric_keys)
         device.synchronize()
         elapsed = time.perf_counter() - started
         tokens = record.pop("tokens")
@@ -144,27 +144,28 @@ def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, st
     log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
              f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
-    log.line(f"weights: policy from {weights[0].describe()}, reference from {weights[1].describe()}"
+    reference = "none (a reference-free loss)" if args.dpoc_reference == "none" else weights[1].describe()
+    log.line(f"weights: policy from {weights[0].describe()}, reference from {reference}"
              + (f" (precomputed log-probs: {precomputed.path})" if precomputed is not None else ""))
     return log
 
 
-def _step_metrics(per_micro_batch: list[dict], batches: list, global_batch: int, device: devices.Device
-                  ) -> dict[str, float]:
+def _step_metrics(per_micro_batch: list[dict], batches: list, global_batch: int, device: devices.Device,
+                  keys: tuple[str, ...]) -> dict[str, float]:
     """Means over all pairs of the step: the last pipeline stage's first tensor-parallel rank of each
     data-parallel replica contributes its micro-batches' sums and token counts; one all-reduce over the world
     adds them up. `fill`: real tokens / tokens of the rows they were given."""
     contributes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                    and parallel_state.get_tensor_model_parallel_rank() == 0
                    and parallel_state.get_context_parallel_rank() == 0)
-    values = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64, device=device.current())
+    values = torch.zeros(len(keys) + 2, dtype=torch.float64, device=device.current())
     if contributes:
         for metrics in per_micro_batch:
-            values[:-2] += torch.stack([metrics[k].double() for k in METRIC_KEYS])
+            values[:-2] += torch.stack([metrics[k].double() for k in keys])
         values[-2] = sum(b.real_tokens for b in batches)
         values[-1] = sum(b.row_tokens for b in batches)
     dist.all_reduce(values)
-    record = {k: float(v) / global_batch for k, v in zip(METRIC_KEYS, values[:-2].tolist(), strict=True)}
+    record = {k: float(v) / global_batch for k, v in zip(keys, values[:-2].tolist(), strict=True)}
     record["fill"] = float(values[-2] / values[-1])
     record["tokens"] = float(values[-2])
     return record

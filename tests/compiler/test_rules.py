@@ -86,9 +86,6 @@ CASES = [
      "7 exceeds the 6 layers of the smallest pipeline chunk; valid: 1..6"),
     (rules.learning_rate_schedule, {}, {"training": {"min_lr": 1e-3}}, "training.min_lr",
      "0.001 exceeds lr 5e-08; valid: min_lr <= lr"),
-    (rules.label_smoothing_needs_sigmoid, {"dpo": {"label_smoothing": 0.1}},
-     {"dpo": {"label_smoothing": 0.1, "loss": "ipo"}}, "dpo.label_smoothing",
-     "applies to the sigmoid loss only (loss=ipo); valid: 0, or loss=sigmoid"),
 ]
 
 

@@ -66,7 +66,7 @@ def training(seq_length: int = 4, precision: str = "bf16", dynamic_padding: bool
 
 def compiler_rules(model_spec: ModelSpec, hw: HardwareSpec, train: Training) -> Callable[[Layout], list[Violation]]:
     """The compiler's rules as the search's `validate`: the violations that are not warnings."""
-    dpo = DPO(loss="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)
+    dpo = DPO(loss=("sigmoid",), beta=0.1, label_smoothing=0.0, sft_weight=0.0)
 
     def validate(lay: Layout) -> list[Violation]:
         return [v for v in rules.check(rules.Context(model_spec, hw, lay, train, dpo)) if not v.warning]

@@ -28,7 +28,7 @@ def policy_gradients(args, device, kernel: str) -> dict:
     batches = rank_micro_batches(dataset, 0, Batching.from_args(args, same_length=False), 0, 1, device.current())
     for batch in batches:  # any fixed reference works: the policy's gradient is what is compared
         batch.reference_logps = torch.linspace(-30.0, -10.0, batch.tokens.shape[0])
-    metrics = policy_pass(chunks, batches, Objective(args.dpo_loss_type, args.dpo_beta))
+    metrics = policy_pass(chunks, batches, Objective.from_args(args))
     return {"loss": [float(m["loss"]) for m in metrics],
             "grads": {name: p.grad.flatten().tolist() for chunk in chunks
                       for name, p in chunk.named_parameters()}}

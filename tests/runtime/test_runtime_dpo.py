@@ -11,7 +11,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from dpoc.runtime.step.dpo import METRIC_KEYS, Objective, summed_logps
+from dpoc.runtime.losses import Params
+from dpoc.runtime.step.dpo import REWARD_KEYS, Objective, summed_logps
 
 PAIRS, LENGTH, VOCAB = 3, 12, 50
 
@@ -47,20 +48,26 @@ def _runtime(objective: Objective, policy, reference, targets, mask):
 
 
 def _float64(loss_type, beta, smoothing, sft, policy, reference, targets, mask):
-    """The formulas, written out pair by pair in float64."""
+    """The formulas, written out pair by pair in float64 (IPO's log-ratios per response token; the rewards
+    from the summed log-ratios for every loss, as TRL logs them)."""
     def seq_logps(logits):
         logp = torch.log_softmax(logits.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         rows = []
         for r in range(logp.shape[0]):
-            picked = [float(logp[r, t]) for t in range(LENGTH) if mask[r, t]]
-            rows.append(sum(picked) / len(picked) if loss_type == "ipo" else sum(picked))
+            rows.append(sum(float(logp[r, t]) for t in range(LENGTH) if mask[r, t]))
         return rows, logp
+
+    lengths = [float(mask[r].sum()) for r in range(2 * PAIRS)]
 
     pi, pi_tokens = seq_logps(policy)
     ref, _ = seq_logps(reference)
+    chosen_tokens = [(i, t) for i in range(PAIRS) for t in range(LENGTH) if mask[i, t]]
+    chosen_nll = -sum(float(pi_tokens[i, t]) for i, t in chosen_tokens) / len(chosen_tokens)  # over the batch
     losses, chosen_r, rejected_r = [], [], []
     for i in range(PAIRS):
         z = (pi[i] - pi[PAIRS + i]) - (ref[i] - ref[PAIRS + i])
+        if loss_type == "ipo":
+            z = (pi[i] - ref[i]) / lengths[i] - (pi[PAIRS + i] - ref[PAIRS + i]) / lengths[PAIRS + i]
         if loss_type == "sigmoid":
             value = (-math.log(1 / (1 + math.exp(-beta * z))) * (1 - smoothing)
                      - math.log(1 / (1 + math.exp(beta * z))) * smoothing)
@@ -68,8 +75,7 @@ def _float64(loss_type, beta, smoothing, sft, policy, reference, targets, mask):
             value = max(0.0, 1 - beta * z)
         else:
             value = (z - 1 / (2 * beta)) ** 2
-        response = [t for t in range(LENGTH) if mask[i, t]]
-        value += sft * -sum(float(pi_tokens[i, t]) for t in response) / len(response)
+        value += sft * chosen_nll
         losses.append(value)
         chosen_r.append(beta * (pi[i] - ref[i]))
         rejected_r.append(beta * (pi[PAIRS + i] - ref[PAIRS + i]))
@@ -95,10 +101,10 @@ def _float64(loss_type, beta, smoothing, sft, policy, reference, targets, mask):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_loss_and_metrics_match_float64_formulas(loss_type, beta, smoothing, sft, seed):
     batch = _batch(seed)
-    loss, metrics = _runtime(Objective(loss_type, beta, smoothing, sft), *batch)
+    loss, metrics = _runtime(Objective((loss_type,), Params(beta, smoothing), sft_weight=sft), *batch)
     expected = _float64(loss_type, beta, smoothing, sft, *batch)
     assert float(loss) == pytest.approx(expected["loss"], rel=1e-5, abs=1e-6)
-    for key in METRIC_KEYS:  # sums over the micro-batch's pairs
+    for key in REWARD_KEYS:  # sums over the micro-batch's pairs
         assert float(metrics[key]) / PAIRS == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
 
 
@@ -106,7 +112,7 @@ def test_gradient_flows_to_the_policy_only():
     policy, reference, targets, mask = _batch(3)
     policy.requires_grad_(True)
     reference.requires_grad_(True)
-    loss, _ = _runtime(Objective("sigmoid", 0.1), policy, reference, targets, mask)
+    loss, _ = _runtime(Objective(), policy, reference, targets, mask)
     loss.backward()
     assert policy.grad.abs().sum() > 0
     assert reference.grad is None

@@ -13,14 +13,13 @@ from typing import Any
 from dpoc import __version__
 from dpoc.compiler.load import HF_CONFIG_SOURCE, LoadedRecipe
 from dpoc.compiler.render import targets
-from dpoc.compiler.resolve import autolayout, rules, stale_paths
+from dpoc.compiler.resolve import autolayout, dpo_loss, rules, stale_paths
 from dpoc.compiler.resolve.autolayout import LayoutInputs
 from dpoc.compiler.resolve.cluster import is_loopback
 from dpoc.contract.dotted import flatten
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.family import CONVERTER, DEFAULT_TEMPLATE
 from dpoc.contract.plan import (
-    DPO,
     Checkpoint,
     Cluster,
     Data,
@@ -111,16 +110,7 @@ def _inputs(v: _Values) -> LayoutInputs:
     model = _model(v)
     hardware = _hardware(v)
     training = _training(v, hardware)
-    dpo = DPO(
-        loss=v.take("dpo.loss", "sigmoid", why="the standard DPO loss"),
-        beta=float(v.take("dpo.beta", 0.1, why="MindSpeed-LLM's default")),
-        label_smoothing=float(v.take("dpo.label_smoothing", 0.0, why="no label smoothing")),
-        sft_weight=float(v.take("dpo.sft_weight", 0.0, why="no SFT term")),
-        reference=v.take("dpo.reference", "live", why="the frozen reference runs forward in every step, as in "
-                         "MindSpeed-LLM"),
-        reference_micro_batch_size=v.take("dpo.reference_micro_batch_size", None, rule="planner",
-                                          why="the precompute pass's largest micro-batch that fits (precomputed only)"),
-    )
+    dpo = dpo_loss.dpo_settings(v)
     if dpo.reference == "live" and dpo.reference_micro_batch_size is not None:
         v.problem("dpo.reference_micro_batch_size", f"{dpo.reference_micro_batch_size}: sizes the precompute pass, "
                   "which a live reference does not run (valid: leave it out, or dpo.reference: precomputed)")
@@ -178,7 +168,7 @@ def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
         training=training,
         dpo=dpo,
         data=_data(v, model, run_dir),
-        checkpoint=_checkpoint(v, loaded.name, layout, run_dir, runtime),
+        checkpoint=_checkpoint(v, loaded.name, layout, run_dir, runtime, dpo.reference == "none"),
         cluster=cluster,
         launch=Launch(max_restarts=v.take("launch.max_restarts", 0, why="a failed node fails the job: no restarts")),
         run_dir=run_dir,
@@ -444,10 +434,13 @@ def _data(v: _Values, model: ModelSpec, run_dir: str) -> Data:
     )
 
 
-def _checkpoint(v: _Values, name: str, layout, run_dir: str, runtime: str) -> Checkpoint:
+def _checkpoint(v: _Values, name: str, layout, run_dir: str, runtime: str, reference_free: bool) -> Checkpoint:
     hf_weights = v.take("model.hf_weights", None, why="not given", record="checkpoint.hf_weights")
     init, load, ref = _dpoc_weights(v, name, hf_weights)
     mindspeed_load, mindspeed_ref = _mindspeed_weights(v, name, layout, hf_weights, init, runtime)
+    if reference_free:  # a reference given anyway is refused by dpo_loss
+        ref = v.derived("checkpoint.ref_model", None, "dpo.loss", "a reference-free loss loads no reference")
+        mindspeed_ref = v.derived("checkpoint.mindspeed_ref_model", None, "dpo.loss", "a reference-free loss")
     if load is not None and load == mindspeed_load:
         field = "checkpoint.mindspeed_load" if v.has("checkpoint.mindspeed_load") else "checkpoint.load"
         v.problem(field, f"{load}: is both checkpoint.load (dpoc's distributed checkpoint) and "

@@ -307,12 +307,6 @@ def learning_rate_schedule(c: Context) -> Iterable[Violation]:
                         "valid: fewer warm-up steps than training steps")
 
 
-def label_smoothing_needs_sigmoid(c: Context) -> Iterable[Violation]:
-    if c.dpo.label_smoothing and c.dpo.loss != "sigmoid":
-        yield Violation("dpo.label_smoothing", f"applies to the sigmoid loss only (loss={c.dpo.loss}); valid: 0, "
-                        "or loss=sigmoid")
-
-
 RULES: tuple[Rule, ...] = (
     dense_grid, expert_grid, heads_divisible_by_tp, vocab_divisible_by_tp, tp_within_node,
     layers_divisible_by_pp, layer_list_matches, noop_layers_in_range, virtual_pipeline,
@@ -320,7 +314,7 @@ RULES: tuple[Rule, ...] = (
     static_padding_divisible,
     expert_knobs_need_moe, experts_divisible_by_ep, expert_tensor_parallel, moe_needs_sequence_parallel,
     tp_extend_ep, alltoall_overlap, grouped_gemm_device, expert_group_placement,
-    recompute_options, pipeline_has_enough_microbatches, learning_rate_schedule, label_smoothing_needs_sigmoid,
+    recompute_options, pipeline_has_enough_microbatches, learning_rate_schedule,
 )
 
 

@@ -1,13 +1,14 @@
 """One DPO step's two pipeline passes through megatron-core's schedules.
 
-The reference pass (forward only) stores each micro-batch's summed reference log-probs on the micro-batch
-(the precompute pass runs it over the whole dataset once; `precompute.py`); the policy pass then computes
-the DPO loss against them and back-propagates. Both passes see the same micro-batches in the same order, so
-pipeline, tensor, expert and data parallelism apply to both alike.
+The reference pass (forward only; none for a reference-free loss) stores each micro-batch's reference
+sequence log-probs on the micro-batch (the precompute pass runs it over the whole dataset once;
+`precompute.py`); the policy pass then computes the loss against them and back-propagates. Both passes see
+the same micro-batches in the same order, so pipeline, tensor, expert and data parallelism apply to both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -26,10 +27,12 @@ def holds_outputs() -> bool:
             and parallel_state.get_context_parallel_rank() == 0)
 
 
-def reference_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch]) -> None:
-    """Forward only: `batch.reference_logps` = each sequence's summed response log-probs (last stage)."""
+def reference_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch],
+                   sequence_logps: Callable = summed_logps) -> None:
+    """Forward only: `batch.reference_logps` = each sequence's response log-probs (last stage), summed, or as
+    the objective weights them (`Objective.sequence_logps`: LD-DPO)."""
     with torch.no_grad():
-        _run(chunks, batches, _reference_step, forward_only=True)
+        _run(chunks, batches, partial(_reference_step, sequence_logps), forward_only=True)
 
 
 def policy_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch], objective: Objective
@@ -59,11 +62,11 @@ def _forward(data_iterator, model):
     return batch, out
 
 
-def _reference_step(data_iterator, model):
+def _reference_step(sequence_logps: Callable, data_iterator, model):
     batch, out = _forward(data_iterator, model)
 
     def store(token_nll):
-        batch.reference_logps = summed_logps(-batch.per_sequence(token_nll), batch.mask).detach()
+        batch.reference_logps = sequence_logps(-batch.per_sequence(token_nll), batch.mask).detach()
         return token_nll.sum() * 0, {}
 
     return out, store

@@ -113,7 +113,7 @@ def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources
         weight_sources.load(policy_source, chunks, config, args)
     policy = [DistributedDataParallel(policy_config, ddp_config, _in_precision(policy_config, chunk),
                                       disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
-    if args.dpoc_reference == "precomputed":
+    if args.dpoc_reference in ("precomputed", "none"):  # log-probs from a file, or a reference-free loss
         return policy, []
     return policy, build_reference(args, reference_config, reference_source)
 

@@ -61,7 +61,7 @@ def sources(args: argparse.Namespace, args_file: str) -> tuple[WeightSource, Wei
     elif resuming:  # the converted initial weights only matter as the reference: --ref-model names them
         given("--dpoc-hf-weights", args.dpoc_hf_weights)
         policy = WeightSource("resume", args.load, "--load")
-        if not args.ref_model:
+        if not args.ref_model and args.dpoc_reference != "none":
             problems.append(Problem(args_file, "--ref-model", "missing: a resumed run's reference is its initial "
                                     "weights, which --load (the save directory) no longer names"))
     else:

@@ -9,7 +9,7 @@ from dpoc.compiler.render import templating
 from dpoc.compiler.resolve.rules import Violation
 from dpoc.contract.errors import EXIT_PREEMPTED
 from dpoc.contract.megatron_args import Arg, format_args, model_args
-from dpoc.contract.plan import Plan
+from dpoc.contract.plan import DPO, Plan
 from dpoc.contract.requirements import Requirement
 from dpoc.contract.runs import PREEMPTED
 
@@ -138,6 +138,7 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         ("--pref-ftx", d.sft_weight),
         ("--dpoc-reference", d.reference),
     ]
+    args += loss_args(d)
     if d.reference == "precomputed":
         args.append(("--dpoc-reference-micro-batch-size", d.reference_micro_batch_size))
     args += [
@@ -160,6 +161,26 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         ("--dpoc-run-dir", plan.run_dir),
         ("--dpoc-plan-hash", plan.hash()),
     ]
+    return args
+
+
+def loss_args(d: DPO) -> list[Arg]:
+    """The loss parameters past MindSpeed-LLM's, each only where a chosen loss reads it."""
+    args: list[Arg] = []
+    if d.loss_weights:
+        args.append(("--dpoc-loss-weights", d.loss_weights))
+    if d.ld_alpha is not None:
+        args.append(("--dpoc-ld-alpha", d.ld_alpha))
+    if d.f_divergence_type != "reverse_kl":
+        args.append(("--dpoc-f-divergence", d.f_divergence_type))
+    if d.f_divergence_type == "alpha_divergence":
+        args.append(("--dpoc-f-alpha", d.f_alpha_divergence_coef))
+    if "discopop" in d.loss:
+        args.append(("--dpoc-discopop-tau", d.discopop_tau))
+    if "simpo" in d.loss:
+        args.append(("--dpoc-simpo-gamma", d.simpo_gamma))
+    if {"simpo", "cpo"} & set(d.loss):
+        args.append(("--dpoc-cpo-alpha", d.cpo_alpha))
     return args
 
 

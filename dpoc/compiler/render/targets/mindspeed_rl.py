@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 from dpoc.compiler.render import templating
 from dpoc.compiler.render.conversions import MINDSPEED_DIR, mindspeed_conversions
 from dpoc.compiler.resolve.rules import Violation
+from dpoc.contract import losses
 from dpoc.contract.family import DEFAULT_TEMPLATE
-from dpoc.contract.plan import Plan
+from dpoc.contract.plan import DPO, Plan
 from dpoc.contract.requirements import Requirement
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ def unsupported(plan: Plan) -> list[Violation]:
     if training.packing:
         out.append(Violation("training.packing", "true: MindSpeed-RL's pairwise DPO data has no packing (each "
                              "micro-batch holds whole padded pairs); valid: false, or runtime=dpoc"))
+    out += _loss_violations(dpo)
     if dpo.reference == "precomputed":
         out.append(Violation("dpo.reference", "precomputed: MindSpeed-LLM's DPO runs the frozen reference forward "
                              "in every step and reads no precomputed log-probs; valid: live, or runtime=dpoc"))
@@ -102,6 +104,20 @@ def unsupported(plan: Plan) -> list[Violation]:
     if plan.source_of("checkpoint.keep").source.startswith("user"):
         out.append(Violation("checkpoint.keep", f"{plan.checkpoint.keep}: MindSpeed-RL keeps every checkpoint it "
                              "saves; valid: leave it unset, or runtime=dpoc"))
+    return out
+
+
+def _loss_violations(dpo: DPO) -> list[Violation]:
+    """MindSpeed-LLM's DPO has one loss of three, and none of TRL's generalisations."""
+    out = []
+    theirs = [loss.name for loss in losses.LOSSES if loss.mindspeed]
+    if len(dpo.loss) > 1 or dpo.loss[0] not in theirs:
+        out.append(Violation("dpo.loss", f"{', '.join(dpo.loss)}: MindSpeed-LLM's DPO has one loss of "
+                             f"{', '.join(theirs)}; valid: one of those, or runtime=dpoc"))
+    for field, given in (("dpo.ld_alpha", dpo.ld_alpha is not None),
+                         ("dpo.f_divergence_type", dpo.f_divergence_type != "reverse_kl")):
+        if given:
+            out.append(Violation(field, "MindSpeed-LLM's DPO has no such option; valid: leave it out, or runtime=dpoc"))
     return out
 
 
@@ -156,7 +172,7 @@ def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
         "use_mcore_models": True,
         "stage": "dpo",
         "is_pairwise_dataset": True,
-        "dpo_loss_type": plan.dpo.loss,
+        "dpo_loss_type": plan.dpo.loss[0],
         "no_pad_to_seq_lengths": t.dynamic_padding,
         "tokenizer_type": "PretrainedFromHF",
         "tokenizer_name_or_path": plan.data.tokenizer,

@@ -1,0 +1,12 @@
+"""dpoc's preference losses, one function per loss (`FUNCTIONS`), named as in `dpoc.contract.losses`."""
+
+from __future__ import annotations
+
+from dpoc.contract import losses
+from dpoc.runtime.losses import paired, reference_free
+from dpoc.runtime.losses.inputs import Pairs, Params
+
+FUNCTIONS = {name: getattr(paired if losses.BY_NAME[name].reference else reference_free, name)
+             for name in losses.NAMES}
+
+__all__ = ["FUNCTIONS", "Pairs", "Params"]
