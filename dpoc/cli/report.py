@@ -1,4 +1,6 @@
-"""`dpoc report RUN_DIR`: a run's loss, reward-margin and accuracy curves from its metrics.jsonl, as a PNG.
+"""`dpoc report RUN_DIR`: a run's curves from its metrics.jsonl, as a PNG: the loss, and whichever of TRL's
+metrics the run's loss logs (rewards, margins, accuracies, log-probs; nll_loss and the log-odds ratio of the
+reference-free losses; KTO's KL), one panel each.
 
 matplotlib is optional (the `report` extra); the import happens only here, so the rest of dpoc never
 needs it. Reads only the run directory, so it works while a run is still writing.
@@ -14,8 +16,17 @@ from pathlib import Path
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.runtime.step.run_log import METRICS_FILE
 
-PANELS = (("loss", "DPO loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
-          ("rewards/accuracies", "reward accuracy"))
+REQUIRED = ("step", "loss")
+PANELS = (  # (metrics drawn together, axis label); a panel is drawn when the run logs one of its metrics
+    (("loss",), "loss"),
+    (("rewards/margins",), "reward margin (chosen - rejected)"),
+    (("rewards/accuracies",), "reward accuracy"),
+    (("rewards/chosen", "rewards/rejected"), "rewards"),
+    (("logps/chosen", "logps/rejected"), "sequence log-probs"),
+    (("nll_loss",), "chosen NLL"),
+    (("log_odds_ratio",), "log sigmoid(log-odds ratio)"),
+    (("kl",), "KL estimate"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
     records = read_metrics(metrics_file)
     output = Path(args.output) if args.output else Path(args.run_dir) / "report.png"
     draw(records, output, title=f"{args.run_dir}: {len(records)} steps")
-    print(f"{output}: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}, accuracy "
-          f"{records[-1]['rewards/accuracies']:.3f}, margin {records[-1]['rewards/margins']:.4f} at step "
-          f"{records[-1]['step']}")
+    last = records[-1]
+    parts = [f"loss {records[0]['loss']:.4f} -> {last['loss']:.4f}"]
+    parts += [f"{name} {last[key]:{form}}" for key, name, form in (("rewards/accuracies", "accuracy", ".3f"),
+                                                                   ("rewards/margins", "margin", ".4f")) if key in last]
+    print(f"{output}: {', '.join(parts)} at step {last['step']}")
     return 0
 
 
@@ -46,13 +59,19 @@ def read_metrics(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DpocError([Problem(str(path), f"line {number}", f"not JSON ({exc.msg})")]) from exc
-        missing = [key for key, _ in PANELS if key not in record] + (["step"] if "step" not in record else [])
+        missing = [key for key in REQUIRED if key not in record]
         if missing:
             raise DpocError([Problem(str(path), f"line {number}", f"missing {', '.join(missing)}")])
         records.append(record)
     if not records:
         raise DpocError([Problem(str(path), "file", "no steps recorded yet")])
     return records
+
+
+def present(records: list[dict]) -> list[tuple[tuple[str, ...], str]]:
+    """The panels whose metrics the run logs, each with only the metrics it logs."""
+    logged = {key for r in records for key in r}
+    return [(tuple(k for k in keys if k in logged), label) for keys, label in PANELS if set(keys) & logged]
 
 
 def draw(records: list[dict], output: Path, title: str) -> None:
@@ -64,14 +83,19 @@ def draw(records: list[dict], output: Path, title: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    steps = [r["step"] for r in records]
-    figure, axes = plt.subplots(len(PANELS), 1, figsize=(8, 8), sharex=True)
-    for axis, (key, label) in zip(axes, PANELS, strict=True):
-        axis.plot(steps, [r[key] for r in records], marker="." if len(records) < 50 else None)
+    panels = present(records)
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 8 * len(panels) / 3), sharex=True, squeeze=False)
+    for axis, (keys, label) in zip(axes[:, 0], panels, strict=True):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            axis.plot(*zip(*points, strict=True), marker="." if len(records) < 50 else None, label=key)
+        if len(keys) > 1:
+            axis.legend()
+        if keys == ("rewards/accuracies",):
+            axis.set_ylim(-0.05, 1.05)
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    axes[-1].set_xlabel("step")
-    axes[-1].set_ylim(-0.05, 1.05)
+    axes[-1, 0].set_xlabel("step")
     figure.suptitle(title)
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
