@@ -1,8 +1,9 @@
 """The preference losses dpoc trains with, in one list that the recipe schema, the resolver, megatron.args and
 the runtime all read (a loss, its parameters and whether it needs a reference are stated once).
 
-The definitions are TRL 1.16's: DPOTrainer's `loss_type`s, CPOTrainer's (sigmoid as `cpo`, simpo) and
-ORPOTrainer's. `dpoc.runtime.losses` computes them; tests/runtime/test_losses_trl.py checks each against TRL.
+The definitions are TRL 1.16's: DPOTrainer's `loss_type`s, CPOTrainer's (sigmoid as `cpo`, simpo),
+ORPOTrainer's and KTOTrainer's kto (unpaired completions). `dpoc.runtime.losses` computes them;
+tests/runtime/test_losses_trl.py and test_losses_kto.py check each against TRL.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Loss:
     f_divergence: bool = False  # takes dpo.f_divergence_type (TRL: built on the reward difference)
     mindspeed: bool = False  # MindSpeed-LLM's DPO has it (the mindspeed-rl target renders it)
     averaged: bool = False  # reads each sequence's log-prob averaged over its tokens (TRL: average_log_prob)
+    unpaired: bool = False  # trains on unpaired completions, each labelled desirable or not (KTO), not on pairs
 
 
 _DPO = "DPOTrainer loss_type="
@@ -42,10 +44,13 @@ LOSSES: tuple[Loss, ...] = (
          averaged=True),
     Loss("cpo", False, ("cpo_alpha", "label_smoothing"), "CPOTrainer loss_type=sigmoid"),
     Loss("orpo", False, (), "ORPOTrainer", averaged=True),
+    Loss("kto", True, ("kto_desirable_weight", "kto_undesirable_weight"), "KTOTrainer loss_type=kto",
+         unpaired=True),
 )
 BY_NAME = {loss.name: loss for loss in LOSSES}
 NAMES = tuple(BY_NAME)
 REFERENCE_FREE = tuple(loss.name for loss in LOSSES if not loss.reference)
+UNPAIRED = tuple(loss.name for loss in LOSSES if loss.unpaired)
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 

@@ -2,7 +2,8 @@
 
 A parameter that no chosen loss reads is refused rather than ignored (a typo'd loss would otherwise train
 something else silently), and so is a reference setting given with a reference-free loss, which builds none.
-The losses and the fields each reads come from `dpoc.contract.losses`.
+The losses and the fields each reads come from `dpoc.contract.losses`. kto is refused: the runtime trains
+on pairs and has no unpaired dataset or KL batch yet, so accepting it would train something else.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def dpo_settings(v: Any) -> DPO:
     given = v.take("dpo.loss", "sigmoid", why="the standard DPO loss")
     names = (given,) if isinstance(given, str) else tuple(given)
     free = [n for n in names if not losses.BY_NAME[n].reference]
+    for name in (n for n in names if n in losses.UNPAIRED):
+        v.problem("dpo.loss", f"{name} trains on unpaired completions, which the dpoc runtime cannot train yet "
+                  "(valid: a paired loss, e.g. sigmoid)")
     if free and len(names) > 1:
         v.problem("dpo.loss", f"{names}: {free[0]} is reference-free and cannot be added to other losses "
                   "(valid: one reference-free loss alone, or a list of reference losses)")
@@ -71,7 +75,8 @@ def _problems(v: Any, d: DPO) -> Iterator[tuple[str, str]]:
     if d.loss_weights and len(d.loss_weights) != len(names):
         yield "dpo.loss_weights", (f"{len(d.loss_weights)} weights for {len(names)} losses ({shown}); valid: one "
                                    "weight per dpo.loss entry")
-    for param in ("label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha"):
+    for param in ("label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha", "kto_desirable_weight",
+                  "kto_undesirable_weight"):
         if v.has(f"dpo.{param}") and not _readers(names, param) and (param != "label_smoothing" or d.label_smoothing):
             readers = [loss.name for loss in losses.LOSSES if param in loss.params]
             yield f"dpo.{param}", (f"no chosen loss reads it (loss: {shown}); valid: leave it out, or a loss in "

@@ -1,4 +1,5 @@
-"""dpoc's preference losses, one function per loss (`FUNCTIONS`), named as in `dpoc.contract.losses`."""
+"""dpoc's preference losses, one function per paired loss (`FUNCTIONS`), named as in `dpoc.contract.losses`;
+the unpaired kto reads other inputs (`dpoc.runtime.losses.kto`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,6 @@ from dpoc.runtime.losses import paired, reference_free
 from dpoc.runtime.losses.inputs import Pairs, Params
 
 FUNCTIONS = {name: getattr(paired if losses.BY_NAME[name].reference else reference_free, name)
-             for name in losses.NAMES}
+             for name in losses.NAMES if name not in losses.UNPAIRED}
 
 __all__ = ["FUNCTIONS", "Pairs", "Params"]

@@ -18,6 +18,8 @@ class Params:
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
     cpo_alpha: float = 0.0
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
 
 
 @dataclass(frozen=True)

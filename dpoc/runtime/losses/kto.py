@@ -1,0 +1,56 @@
+"""KTO (TRL 1.16 KTOTrainer, loss_type=kto) on unpaired completions: each completion is desirable or not, and
+its reward beta x log(pi/ref) is compared with a reference point, the KL of policy to reference estimated on
+mismatched (prompt, completion) pairs of the same batch. The estimate is detached and clamped at 0 after it
+is averaged over the data-parallel ranks, so every rank trains against the same reference point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dpoc.runtime.losses.inputs import Params
+
+
+@dataclass(frozen=True)
+class Completions:
+    """n unpaired completions of one batch: the policy's and the reference's summed sequence log-probs [n],
+    `desirable` [n] (bool, the dataset's label), and both models' log-probs of the KL batch [n] (each prompt
+    with another example's completion, `kl_partners`)."""
+
+    logps: torch.Tensor
+    ref_logps: torch.Tensor
+    desirable: torch.Tensor
+    kl_logps: torch.Tensor
+    ref_kl_logps: torch.Tensor
+
+
+def kl_estimate(x: Completions, average: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+    """The batch's KL reference point: the mean log-ratio on the KL batch, detached, averaged over the ranks by
+    `average` (a data-parallel mean of a scalar; identity on one rank), then clamped at 0."""
+    return average((x.kl_logps - x.ref_kl_logps).mean().detach()).clamp(min=0)
+
+
+def kto(x: Completions, p: Params, kl: torch.Tensor) -> torch.Tensor:
+    """One loss per completion [n]: w_d (1 - sigmoid(beta (r - kl))) if desirable, else
+    w_u (1 - sigmoid(beta (kl - r))), r the log-ratio; the batch's loss is their mean."""
+    logratios = x.logps - x.ref_logps
+    sign = torch.where(x.desirable, 1.0, -1.0).to(logratios.dtype)
+    weight = torch.where(x.desirable, p.kto_desirable_weight, p.kto_undesirable_weight).to(logratios.dtype)
+    return weight * (1 - torch.sigmoid(p.beta * sign * (logratios - kl)))
+
+
+def kto_metrics(x: Completions, p: Params, kl: torch.Tensor) -> dict[str, float]:
+    """TRL's KTO metrics for one batch: the KL estimate, and the mean reward and log-prob over the desirable
+    (chosen) and the undesirable (rejected) completions, each present only where the batch has some."""
+    rewards = p.beta * (x.logps - x.ref_logps).detach()
+    out = {"kl": float(kl)}
+    for side, rows in (("chosen", x.desirable), ("rejected", ~x.desirable)):
+        if rows.any():
+            out[f"rewards/{side}"] = float(rewards[rows].mean())
+            out[f"logps/{side}"] = float(x.logps.detach()[rows].mean())
+    if "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
