@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dpoc.runtime.losses import Params
-from dpoc.runtime.losses.kto import Completions, kl_estimate, kto, kto_metrics
+from dpoc.runtime.losses.kto import Completions, kl_estimate, kl_partners, kto, kto_metrics
 from tests.conftest import RECIPES, run_subprocess
 
 trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
@@ -169,3 +169,39 @@ def test_the_compiler_refuses_kto_until_the_runtime_trains_it(tmp_path):
     assert result.returncode == 2 and result.stderr.endswith(
         "dpo.kto_undesirable_weight: no chosen loss reads it (loss: sigmoid); valid: leave it out, or a loss in "
         "['kto']\n")
+
+
+# --- the KL batch: TRL's KTOTrainer._prepare_dataset on a character-level stand-in tokenizer ----------------
+
+
+class _CharTokenizer:
+    """One token per character, so every completion's token ids spell its text."""
+
+    eos_token = "#"
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def _trl_kl_completions(completions: list[str], batch_size: int) -> list[str]:
+    datasets = pytest.importorskip("datasets")
+    dataset = datasets.Dataset.from_dict({"prompt": [f"p{i}:" for i in range(len(completions))],
+                                          "completion": completions, "label": [True] * len(completions)})
+    trainer = types.SimpleNamespace(_tokenizer=_CharTokenizer(), calculate_KL=True, desirable_weight=1.0,
+                                    undesirable_weight=1.0)
+    args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, per_device_train_batch_size=batch_size)
+    out = trl_kto.KTOTrainer._prepare_dataset(trainer, dataset, _CharTokenizer(), args, "train")
+    return ["".join(map(chr, ids)) for ids in out["KL_completion_ids"]]
+
+
+@pytest.mark.parametrize("n,batch_size", [(6, 3), (7, 3), (5, 2), (4, 4), (3, 1), (2, 8)])
+def test_the_kl_batch_is_built_as_trl_builds_it(n, batch_size):
+    """Completions rotated by one within each run of batch_size examples, the last run possibly shorter."""
+    completions = [f"c{i}#" for i in range(n)]
+    assert [completions[j] for j in kl_partners(n, batch_size)] == _trl_kl_completions(completions, batch_size)
+
+
+def test_every_prompt_but_a_lone_one_gets_another_completion_of_its_batch():
+    partners = kl_partners(7, 3)
+    assert partners == [2, 0, 1, 5, 3, 4, 6]
+    assert all(j // 3 == i // 3 for i, j in enumerate(partners))

@@ -27,6 +27,17 @@ class Completions:
     ref_kl_logps: torch.Tensor
 
 
+def kl_partners(n: int, batch_size: int) -> list[int]:
+    """For each of n examples in order, the example whose completion its prompt gets in the KL batch: each run
+    of `batch_size` examples (the last one may be shorter) is rotated by one, (x_1, y_k), (x_2, y_1), ...,
+    (x_k, y_{k-1}), as TRL's KTOTrainer builds it, so the KL batch's completions are the batch's own."""
+    out = []
+    for start in range(0, n, batch_size):
+        run = list(range(start, min(start + batch_size, n)))
+        out += run[-1:] + run[:-1]
+    return out
+
+
 def kl_estimate(x: Completions, average: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
     """The batch's KL reference point: the mean log-ratio on the KL batch, detached, averaged over the ranks by
     `average` (a data-parallel mean of a scalar; identity on one rank), then clamped at 0."""
