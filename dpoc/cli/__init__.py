@@ -69,7 +69,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _diff(args: argparse.Namespace) -> int:
     from dpoc.cli.diff import diff_command
 
-    return diff_command(args.a, args.b, args.a_overrides, args.overrides, args.json)
+    return diff_command(args.a, args.b, args.a_overrides, args.overrides, args.json, args.files)
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -132,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--a-set", dest="a_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for A (a recipe); repeatable")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--files", action="store_true", help="the changed lines of each changed file (unified diff)")
     p.set_defaults(func=_diff)
 
     p = sub.add_parser("schema", help="print a JSON Schema")

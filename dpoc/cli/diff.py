@@ -1,9 +1,11 @@
 """`dpoc diff A B`: what differs between two jobs, each a recipe (with overrides) or a build directory.
 
 Every resolved value that differs, old → new with both provenances; values that stayed but now come from
-elsewhere; and the build's files that differ (by sha256). A build directory is read from its plan.json and
-manifest.json; a recipe is resolved and rendered in memory, never written. Exit 1 when they differ, 0 when
-equal, as `diff` does.
+elsewhere; and the build's files whose content differs once each side's plan hash (script headers, launch
+tokens) is set aside — a file whose only change is the hash is counted, not listed. `--files` shows the
+changed lines of each (a unified diff). A build directory is read from its plan.json, manifest.json and
+files; a recipe is resolved and rendered in memory, never written. Exit 1 when they differ, 0 when equal,
+as `diff` does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class Job:
     label: str
     values: dict[str, Any]
     provenance: dict[str, Source]
-    files: dict[str, str]  # build-relative path -> sha256, manifest.json left out (it hashes the others)
+    files: dict[str, str]  # build-relative path -> text, the plan hash masked; manifest.json left out
+    hashes: dict[str, str]  # build-relative path -> sha256 of the file as written
 
 
 def load_job(arg: str, overrides: Sequence[str]) -> Job:
@@ -43,22 +46,40 @@ def load_job(arg: str, overrides: Sequence[str]) -> Job:
 
     plan = plan_recipe(arg, overrides)
     label = " ".join([arg, *overrides])
-    return Job(label, plan_values(plan.to_dict()), dict(plan.provenance), file_hashes(render(plan)))
+    files = render(plan)
+    return Job(label, plan_values(plan.to_dict()), dict(plan.provenance), _masked(files, plan.hash()),
+               file_hashes(files))
 
 
 def _built(build: Path, arg: str) -> Job:
     data = {}
     for name in ("plan.json", "manifest.json"):
-        try:
-            data[name] = json.loads((build / name).read_text())
-        except OSError as exc:
-            raise DpocError([Problem(str(build / name), "(file)", f"cannot read it ({exc.strerror}); valid: a build "
-                                     "directory written by dpoc build, or a recipe file")]) from None
-        except ValueError as exc:
-            raise DpocError([Problem(str(build / name), "(file)", f"not valid JSON: {exc}")]) from None
-    plan = data["plan.json"]
+        data[name] = json.loads(_read(build / name))
+    plan, manifest = data["plan.json"], data["manifest.json"]
     provenance = {path: Source(**src) for path, src in plan.get("provenance", {}).items()}
-    return Job(arg, plan_values(plan), provenance, data["manifest.json"]["files"])
+    files = {rel: _read(build / rel) for rel in manifest["files"]}
+    return Job(arg, plan_values(plan), provenance, _masked(files, manifest["plan_hash"]), manifest["files"])
+
+
+def _read(path: Path) -> str:
+    try:
+        text = path.read_text()
+        if path.suffix == ".json":
+            json.loads(text)
+        return text
+    except OSError as exc:
+        raise DpocError([Problem(str(path), "(file)", f"cannot read it ({exc.strerror}); valid: a build "
+                                 "directory written by dpoc build, or a recipe file")]) from None
+    except ValueError as exc:
+        raise DpocError([Problem(str(path), "(file)", f"not valid JSON: {exc}")]) from None
+
+
+_PLAN = "<plan hash>"
+
+
+def _masked(files: dict[str, str], plan_hash: str) -> dict[str, str]:
+    """Each file with its side's plan hash (whole, or the 12 characters headers show) replaced by one mark."""
+    return {rel: text.replace(plan_hash, _PLAN).replace(plan_hash[:12], _PLAN) for rel, text in files.items()}
 
 
 def compare(a: Job, b: Job) -> dict[str, Any]:
@@ -72,20 +93,31 @@ def compare(a: Job, b: Job) -> dict[str, Any]:
             values.append(row)
         elif src_old != src_new:
             sources.append(row)
+    both = sorted(a.files.keys() & b.files.keys())
     files = {
-        "changed": sorted(p for p in a.files.keys() & b.files.keys() if a.files[p] != b.files[p]),
+        "changed": [p for p in both if a.files[p] != b.files[p]],
         "only_in_a": sorted(a.files.keys() - b.files.keys()),
         "only_in_b": sorted(b.files.keys() - a.files.keys()),
     }
+    hash_only = [p for p in both if a.files[p] == b.files[p] and a.hashes[p] != b.hashes[p]]
     equal = not values and not sources and not any(files.values())
-    return {"a": a.label, "b": b.label, "equal": equal, "values": values, "sources": sources, "files": files}
+    return {"a": a.label, "b": b.label, "equal": equal, "values": values, "sources": sources,
+            "files": {**files, "plan_hash_only": hash_only},
+            "lines": {p: _unified(a.files[p], b.files[p], p) for p in files["changed"]}}
+
+
+def _unified(old: str, new: str, path: str) -> list[str]:
+    import difflib
+
+    return [line.rstrip("\n") for line in difflib.unified_diff(
+        old.splitlines(keepends=True), new.splitlines(keepends=True), f"a/{path}", f"b/{path}", n=1)]
 
 
 def _source(job: Job, path: str) -> str:
     return source_at(job.provenance, path).source if path in job.values else _ABSENT
 
 
-def text(diff: dict[str, Any]) -> str:
+def text(diff: dict[str, Any], with_lines: bool = False) -> str:
     lines = [f"a: {diff['a']}", f"b: {diff['b']}"]
     if diff["equal"]:
         return "\n".join([*lines, "no differences"]) + "\n"
@@ -98,11 +130,18 @@ def text(diff: dict[str, Any]) -> str:
         lines += [f"  {r['path']}: {_shown(r['old'])} ({r['old_source']} → {r['new_source']})"
                   for r in diff["sources"]]
     files = diff["files"]
-    count = sum(map(len, files.values()))
+    count = sum(len(files[kind]) for kind in ("changed", "only_in_a", "only_in_b"))
     if count:
         lines.append(f"files ({count} differ):")
         for kind, word in (("changed", "changed   "), ("only_in_a", "only in a "), ("only_in_b", "only in b ")):
             lines += [f"  {word}{path}" for path in files[kind]]
+    if files["plan_hash_only"]:
+        lines.append(f"({len(files['plan_hash_only'])} more files differ only in the plan hash of their header)")
+    if with_lines:
+        for path in files["changed"]:
+            lines += diff["lines"][path]
+    elif files["changed"]:
+        lines.append("(--files shows the changed lines)")
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +152,9 @@ def _shown(value: Any) -> str:
     return shown if len(shown) <= _SHOWN else shown[: _SHOWN - 1] + "…"
 
 
-def diff_command(a: str, b: str, a_overrides: Sequence[str], b_overrides: Sequence[str], as_json: bool) -> int:
+def diff_command(a: str, b: str, a_overrides: Sequence[str], b_overrides: Sequence[str], as_json: bool,
+                 with_lines: bool = False) -> int:
     result = compare(load_job(a, a_overrides), load_job(b, b_overrides))
-    print(json.dumps(result, indent=2, ensure_ascii=False) if as_json else text(result), end="\n" if as_json else "")
+    shown = json.dumps(result, indent=2, ensure_ascii=False) + "\n" if as_json else text(result, with_lines)
+    print(shown, end="")
     return 0 if result["equal"] else 1

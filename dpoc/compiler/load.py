@@ -34,6 +34,8 @@ class LoadedRecipe:
     data: dict[str, Any]
     sources: dict[str, str]  # dotted leaf path -> "user" | "user:command line" | "preset:<name>" | "hf:config.json"
     length_stats: Any = None  # the parsed `training.length_stats` file (dpoc.planner.lengths reads it), or None
+    # files the recipe names that could not be read: validate reports them with the recipe's other problems
+    problems: tuple[Problem, ...] = ()
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
@@ -52,20 +54,42 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
                 sources.setdefault(f"{section}.{key}", f"preset:{body['preset']}")
 
     data = _interpolate(merged, shown)
+    problems: list[Problem] = []
     model = data.get("model")
     if isinstance(model, dict) and _architecture_from_weights(model):
-        config_arch = read_hf_architecture(model["hf_weights"], shown)
-        data["model"] = _merge(config_arch, model)
-        for key in flatten(config_arch):
-            sources.setdefault(f"model.{key}", HF_CONFIG_SOURCE)
+        try:
+            config_arch = read_hf_architecture(model["hf_weights"], shown)
+        except DpocError as exc:
+            problems += exc.problems
+        else:
+            data["model"] = _merge(config_arch, model)
+            for key in flatten(config_arch):
+                sources.setdefault(f"model.{key}", HF_CONFIG_SOURCE)
 
     hostfile = (data.get("hardware") or {}).get("hostfile") if isinstance(data.get("hardware"), dict) else None
     if isinstance(hostfile, str):
-        data["hardware"]["hosts"] = read_hostfile(Path(hostfile), data["hardware"], shown)
-        sources["hardware.hosts"] = f"user:hostfile {hostfile}"
+        try:
+            data["hardware"]["hosts"] = read_hostfile(Path(hostfile), data["hardware"], shown)
+            sources["hardware.hosts"] = f"user:hostfile {hostfile}"
+        except DpocError as exc:
+            problems += exc.problems
+    try:
+        length_stats = read_length_stats(data, shown)
+    except DpocError as exc:
+        problems, length_stats = problems + list(exc.problems), None
 
     name = data.get("name") if isinstance(data.get("name"), str) else Path(path).stem
-    return LoadedRecipe(shown, name, data, sources, read_length_stats(data, shown))
+    return LoadedRecipe(shown, name, data, sources, length_stats, tuple(problems))
+
+
+def _from_where(path: str) -> str:
+    """How a relative path was read: recipe paths name places in the job's working directory, and the compiler
+    takes that to be the directory it runs in."""
+    import os
+
+    if os.path.isabs(path):
+        return ""
+    return f" (a relative path: read from the job's working directory, taken to be this one, {os.getcwd()})"
 
 
 def read_length_stats(data: dict[str, Any], recipe_file: str) -> Any:
@@ -79,8 +103,9 @@ def read_length_stats(data: dict[str, Any], recipe_file: str) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except OSError as exc:
-        raise DpocError([Problem(recipe_file, "training.length_stats", f"cannot read {path}: {exc.strerror} (valid: "
-                                 "the {prefix}_stats.json that the build's preprocess.sh writes)")]) from None
+        raise DpocError([Problem(recipe_file, "training.length_stats", f"cannot read {path}: {exc.strerror}"
+                                 f"{_from_where(path)} (valid: the {{prefix}}_stats.json that the build's "
+                                 "preprocess.sh writes)")]) from None
     except ValueError as exc:
         raise DpocError([Problem(path, "(file)", f"not JSON: {exc}")]) from None
 
@@ -102,8 +127,9 @@ def read_hf_architecture(hf_weights: str, recipe_file: str) -> dict[str, Any]:
         config = hf_config.read_config(hf_weights, "model.hf_weights", recipe_file)
     except DpocError as exc:
         first = exc.problems[0]
-        raise DpocError([Problem(recipe_file, "model.hf_weights", f"{first.message}; give model.preset (or the "
-                                 "architecture inline), or make the file readable")]) from None
+        raise DpocError([Problem(recipe_file, "model.hf_weights", f"{first.message}{_from_where(hf_weights)}; give "
+                                 "model.preset (or the architecture inline), or run dpoc build where the path "
+                                 "holds the weights' config.json")]) from None
     arch = hf_config.architecture(config, hf_config.config_path(hf_weights))
     return {**arch, "mindspeed_name": hf_config.mindspeed_name(hf_weights),
             "hf_model_type": HF_MODEL_TYPE[arch["family"]]}
@@ -125,7 +151,8 @@ def read_hostfile(path: Path, hardware: dict[str, Any], recipe_file: str) -> lis
     try:
         text = path.read_text()
     except OSError as exc:
-        raise DpocError([Problem(recipe_file, "hardware.hostfile", f"cannot read {shown}: {exc.strerror}")]) from None
+        raise DpocError([Problem(recipe_file, "hardware.hostfile", f"cannot read {shown}: {exc.strerror}"
+                                 f"{_from_where(shown)}")]) from None
     hosts, problems = [], []
     per_node = hardware.get("devices_per_node")
     for lineno, raw in enumerate(text.splitlines(), start=1):

@@ -1,6 +1,7 @@
 """Stage 2: a loaded recipe, and the presets merged into it, against their JSON Schemas (`contract.schemas`).
 
-Every problem of every section is reported together; nothing is resolved from a recipe that fails here.
+Every problem of every section, and every file the recipe names that load could not read, is reported
+together; nothing is resolved from a recipe that fails here.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ RECIPE_ONLY_KEYS = {"model": ("preset", "hf_weights", "tokenizer"),
 
 
 def validate(loaded: LoadedRecipe) -> None:
+    """The schema problems, with the files the recipe names that load could not read (a model whose config.json
+    could not be read is not checked against the model schema: its architecture is what is missing)."""
     problems = schemas.check("recipe", loaded.data, loaded.path)
+    unread = {p.where for p in loaded.problems}
     if not problems:
         for section, kind in (("model", "model"), ("hardware", "hardware")):
+            if f"{section}.hf_weights" in unread:
+                continue
             body = {k: v for k, v in loaded.data[section].items() if k not in RECIPE_ONLY_KEYS[section]}
             problems += schemas.check(kind, body, loaded.path, prefix=section)
+    problems = [*loaded.problems, *problems]
     if problems:
         raise DpocError(problems)

@@ -15,6 +15,9 @@ CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: the distrib
 
 # a run directory: one JSON line per step
 METRICS = "metrics.jsonl"
+# a run directory: the input error (exit 2) a rank stopped on. torchrun turns every child's exit code into 1, so
+# the node script reads this file to exit 2 itself; it removes the file before starting torchrun
+INPUT_ERROR = "dpoc_input_error.txt"
 
 # micro-batches each rank sends through the pipeline per forward call of the precompute pass (each call pays
 # the pipeline's fill once); the planner models the pass with the same number

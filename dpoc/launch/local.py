@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from dpoc.common.ports import free_port
 from dpoc.compiler.resolve.cluster import is_loopback
-from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
 from dpoc.launch import tree
 from dpoc.launch.job import Job, Report
 from dpoc.launch.process import NodeProcess
@@ -42,6 +42,8 @@ class Processes:
 def exit_reason(code: int | None) -> str:
     if code is not None and code > 128:
         return f"was killed (signal {code - 128}, exit code {code})"
+    if code == EXIT_USER_ERROR:
+        return f"stopped on an input error (exit code {code})"
     return f"failed with exit code {code}"
 
 

@@ -10,9 +10,12 @@ from dpoc.compiler.pipeline import build
 from tests.conftest import RECIPES, run_subprocess
 
 GUIDE, A2 = RECIPES / "qwen3_30b.yaml", RECIPES / "qwen3_30b_a2.yaml"
-# every file whose text carries the plan hash (script headers, args) or a changed value
-HASHED = ["convert/mcore_to_hf.sh", "launch.sh", "megatron.args", "nodes/node-0.sh",
-          "nodes/node-1.sh", "plan.json", "preprocess.sh", "ray-head.sh", "ray-worker.sh", "resume/megatron.args"]
+# the files an lr change changes beyond the plan hash in their header
+CHANGED = ["megatron.args", "mindspeed-rl/dpo_qwen3_30b.yaml", "mindspeed-rl/dpo_qwen3_30b_resume.yaml", "plan.json",
+           "resume/megatron.args"]
+# the scripts whose only change is the plan hash (headers, launch tokens)
+HASHED = ["convert/mcore_to_hf.sh", "launch.sh", "nodes/node-0.sh", "nodes/node-1.sh", "preprocess.sh",
+          "ray-head.sh", "ray-worker.sh"]
 MINDSPEED_SCRIPTS = ["mindspeed-rl/convert/hf_to_mcore.sh", "mindspeed-rl/convert/mcore_to_hf.sh",
                    "mindspeed-rl/nodes/node-0.sh", "mindspeed-rl/nodes/node-1.sh"]
 
@@ -37,13 +40,25 @@ def test_an_override_shows_the_value_with_both_sources_and_the_files(dpoc_cli, g
     assert diff["values"] == [{"path": "training.lr", "old": 5e-08, "new": 1e-07, "old_source": "user",
                                "new_source": "user:command line"}]
     assert diff["sources"] == [] and diff["equal"] is False
-    assert diff["files"] == {"changed": sorted([*HASHED, *MINDSPEED_SCRIPTS, "mindspeed-rl/dpo_qwen3_30b.yaml",
-                                                "mindspeed-rl/dpo_qwen3_30b_resume.yaml"]),
-                             "only_in_a": [], "only_in_b": []}
+    assert diff["files"] == {"changed": CHANGED, "only_in_a": [], "only_in_b": [],
+                             "plan_hash_only": sorted([*HASHED, *MINDSPEED_SCRIPTS])}
     text = dpoc_cli("diff", guide_build, GUIDE, "training.lr=1e-7")
     assert text.code == 1
     assert "values (1 differ):\n  training.lr: 5e-08 (user) → 1e-07 (user:command line)\n" in text.out
-    assert "  changed   megatron.args\n" in text.out
+    assert text.out.endswith("".join(f"  changed   {p}\n" for p in CHANGED) + "(11 more files differ only in the "
+                             "plan hash of their header)\n(--files shows the changed lines)\n")
+
+
+def test_files_shows_the_changed_lines_of_each_file(dpoc_cli, guide_build):
+    result = dpoc_cli("diff", guide_build, GUIDE, "training.lr=1e-7", "--files")
+    assert result.code == 1, result.err
+    shown = result.out.split("(11 more files differ only in the plan hash of their header)\n")[1]
+    hunk = ["--- a/megatron.args", "+++ b/megatron.args"]
+    assert shown.startswith("--- a/megatron.args\n+++ b/megatron.args\n@@ ")
+    args = shown.split("--- a/mindspeed-rl/")[0].splitlines()
+    assert args[:2] == hunk and [line for line in args[3:] if line[0] in "+-"] == ["---lr 5e-08", "+--lr 1e-07"]
+    assert [line for line in shown.splitlines() if line.startswith(("--- ", "+++ "))] == [
+        f"{sign} {side}/{p}" for p in CHANGED for sign, side in (("---", "a"), ("+++", "b"))]
 
 
 def test_two_recipes_show_a_default_that_a_recipe_pins_and_files_only_one_build_has(dpoc_cli):

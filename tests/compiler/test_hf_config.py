@@ -160,8 +160,33 @@ def test_unreadable_config_names_the_field_and_the_way_out(tmp_path, monkeypatch
     result = dpoc_cli("build", "r.yaml")
     assert result.code == 2
     assert result.err == ("r.yaml: model.hf_weights: ./weights is not a directory (expected Hugging Face weights: "
-                          "config.json and *.safetensors); give model.preset (or the architecture inline), or make "
-                          "the file readable\n")
+                          "config.json and *.safetensors) (a relative path: read from the job's working directory, "
+                          f"taken to be this one, {tmp_path}); give model.preset (or the architecture inline), or "
+                          "run dpoc build where the path holds the weights' config.json\n")
+
+
+def test_relative_paths_are_read_from_the_working_directory_and_every_problem_is_reported(tmp_path, monkeypatch,
+                                                                                          dpoc_cli):
+    """Run from elsewhere than the job's working directory: the error names the directory it read from, and the
+    recipe's other problems are reported with it, not hidden behind it."""
+    write_config(tmp_path)
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("lr: 1.0e-4", "lr: fast").replace(
+        "hardware: {", "hardware: {hostfile: ./hosts, "))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = dpoc_cli("validate", tmp_path / "r.yaml")
+    assert result.code == 2
+    relative = f"(a relative path: read from the job's working directory, taken to be this one, {elsewhere})"
+    assert result.err.splitlines() == [
+        f"{tmp_path}/r.yaml: model.hf_weights: ./weights is not a directory (expected Hugging Face weights: "
+        f"config.json and *.safetensors) {relative}; give model.preset (or the architecture inline), or run dpoc "
+        "build where the path holds the weights' config.json",
+        f"{tmp_path}/r.yaml: hardware.hostfile: cannot read hosts: No such file or directory {relative}",
+        f"{tmp_path}/r.yaml: training.lr: must be a number (got 'fast')"]
+    monkeypatch.chdir(tmp_path)  # the job's working directory: the same recipe reads its weights
+    (tmp_path / "hosts").write_text("127.0.0.1 slots=2\n")
+    assert dpoc_cli("validate", "r.yaml").err.splitlines() == ["r.yaml: training.lr: must be a number (got 'fast')"]
 
 
 @pytest.mark.parametrize(("overrides", "line"), [

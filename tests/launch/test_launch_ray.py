@@ -156,8 +156,8 @@ def test_a_node_failing_its_preflight_fails_the_job_with_its_message(ray_cluster
     out, _ = _build(tmp_path, f"dataset.output_prefix={tmp_path}/missing/orca")
     result = _dpoc("launch", str(out), "--ray", ray_cluster.address, "--max-restarts", "2")
     assert result.returncode == 2
-    assert re.search(r"dpoc launch: node \d \(127\.0\.0\.1 \(Ray node [0-9a-f]{8}\)\) failed with exit code 2",
-                     result.stderr)
+    assert re.search(r"dpoc launch: node \d \(127\.0\.0\.1 \(Ray node [0-9a-f]{8}\)\) stopped on an input error "
+                     r"\(exit code 2\)", result.stderr)
     assert (f"] {tmp_path}/missing/orca_packed_chosen_input_ids_document.bin: (file): missing preprocessed dataset (8 "
             f"of 8 files absent); run bash {out}/preprocess.sh first\n") in result.stderr
     assert "not restarting" in result.stderr and left_running(out) == []

@@ -14,21 +14,23 @@ from tests.runtime.hf_models import save_model
 from tests.runtime.test_runtime_convert import tensors
 
 
-@pytest.fixture(scope="module")
-def save(tmp_path_factory) -> Path:
+def published_save(hf: Path, root: Path) -> Path:
     """A save directory of two published checkpoints (iterations 2 and 4, each with its manifest), both the
-    converted weights of one HF model."""
-    tmp = tmp_path_factory.mktemp("damaged")
-    save_model("qwen2", tmp / "hf")
-    done = run_subprocess("convert", "hf-to-mcore", tmp / "hf", tmp / "mc")
+    converted weights of the HF directory `hf`."""
+    done = run_subprocess("convert", "hf-to-mcore", hf, root.parent / f"{root.name}-mcore")
     assert done.returncode == 0, done.stderr[-3000:]
-    root = tmp / "save"
     root.mkdir()
     for iteration in (2, 4):
         staging = publish.staging_folder(root, iteration, "t")
-        shutil.copytree(tmp / "mc", staging)
+        shutil.copytree(root.parent / f"{root.name}-mcore", staging)
         publish.publish(staging, publish.file_records(staging, publish.files_of(staging)), root, iteration)
     return root
+
+
+@pytest.fixture(scope="module")
+def save(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("damaged")
+    return published_save(save_model("qwen2", tmp / "hf"), tmp / "save")
 
 
 def test_a_damaged_newest_checkpoint_falls_back_and_none_intact_is_exit_2(save):

@@ -16,6 +16,7 @@ from dpoc.compiler.render import targets
 from dpoc.compiler.render.conversions import DPOC_DIR, dpoc_conversions
 from dpoc.compiler.render.templating import header_values, template, yaml_text
 from dpoc.compiler.resolve.cluster import SSH_OPTIONS, ray_start_options
+from dpoc.contract.errors import EXIT_USER_ERROR
 from dpoc.contract.plan import Plan
 
 
@@ -29,7 +30,7 @@ def render(plan: Plan) -> dict[str, str]:
     runtime = targets.get(plan.runtime)
     files["launch.sh"] = template("launch.sh.j2", nodes=[{"host": h, "script": runtime.node_script(k)}
                                                          for k, h in enumerate(plan.cluster.hosts)],
-                                  ssh_options=SSH_OPTIONS, **common)
+                                  ssh_options=SSH_OPTIONS, exit_input_error=EXIT_USER_ERROR, **common)
     resources = ray_start_options(plan.hardware.device, plan.hardware.devices_per_node)
     for role in ("head", "worker"):
         files[f"ray-{role}.sh"] = template("ray_start.sh.j2", head=role == "head", resources=resources, **common)

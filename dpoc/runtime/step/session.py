@@ -26,6 +26,7 @@ from dpoc.contract import megatron_args
 from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model.gpt import build_chunks, check_supported, params_dtype, virtual_pipeline_size
+from dpoc.runtime.step import input_error
 from dpoc.runtime.weights import weight_sources
 
 
@@ -46,8 +47,7 @@ def entry(argv: Sequence[str] | None, body, check=None) -> int:
         with devices.running_on(device):
             return body(args, device, args_file, weights)
     except DpocError as err:
-        for problem in err.problems:
-            print(problem, file=sys.stderr)
+        input_error.report(err.problems, args.dpoc_run_dir)
         return EXIT_USER_ERROR
     finally:
         if dist.is_initialized():

@@ -187,7 +187,7 @@ def mcore_to_hf(source: str, out: str, plan: str | None = None, tokenizer: str |
         arch_dict = _plan_architecture(plan)
         embedding = stored.get(weight_map.EMBEDDING)
         dtype = str(embedding.properties.dtype).removeprefix("torch.") if embedding else "float32"
-        config = hf_config.hf_config(arch_dict, dtype)
+        config = {**hf_config.hf_config(arch_dict, dtype), **_special_ids(record.get("hf_config") or {}, tokenizer)}
     elif "hf_config" in record:
         config = record["hf_config"]
         arch_dict = hf_config.architecture(config, f"{folder}/common.pt ({COMMON_KEY}.hf_config)")
@@ -328,12 +328,29 @@ class _Reader:
 
 
 def _generation_config(record: dict, tokenizer: str | None, config: dict) -> dict:
-    """The source's, else the tokenizer directory's (often the original weights), else one from config.json."""
+    """The source's, else the tokenizer directory's (often the original weights), over config.json's special
+    token ids (a generation_config.json without them would leave generate() without an end token)."""
+    special = {key: config[key] for key in _SPECIAL_TOKEN_IDS if config.get(key) is not None}
     if record.get("generation_config"):
-        return record["generation_config"]
+        return {**special, **record["generation_config"]}
     if tokenizer is not None and (Path(tokenizer) / "generation_config.json").is_file():
-        return json.loads((Path(tokenizer) / "generation_config.json").read_text())
-    return {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config}
+        return {**special, **json.loads((Path(tokenizer) / "generation_config.json").read_text())}
+    return special
+
+
+_SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _special_ids(source_config: dict, tokenizer: str | None) -> dict[str, int]:
+    """bos/eos/pad ids for a config.json made from an architecture: the source config.json's where it has
+    them, else the tokenizer's."""
+    ids = {k: source_config[k] for k in _SPECIAL_TOKEN_IDS if source_config.get(k) is not None}
+    if tokenizer is not None and len(ids) < len(_SPECIAL_TOKEN_IDS):
+        from dpoc.data.encode import load_tokenizer
+
+        loaded = load_tokenizer(tokenizer, "--tokenizer")
+        ids = {**{k: getattr(loaded, k) for k in _SPECIAL_TOKEN_IDS if getattr(loaded, k, None) is not None}, **ids}
+    return ids
 
 
 def _copy_tokenizer(tokenizer: str, staging: Path) -> None:

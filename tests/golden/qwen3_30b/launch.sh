@@ -41,7 +41,11 @@ start_node 1 192.168.1.11 nodes/node-1.sh
 status=0
 for _ in "${pids[@]}"; do
   wait -n || status=$?
-  if [ "$status" -ne 0 ]; then
+  if [ "$status" -eq 2 ]; then
+    echo "launch.sh: input error (exit $status): a node stopped on a problem with the build or its inputs (above), which a restart cannot fix; stopping the others" >&2
+    stop_nodes
+    break
+  elif [ "$status" -ne 0 ]; then
     echo "launch.sh: a node failed (exit $status); stopping the others" >&2
     stop_nodes
     break

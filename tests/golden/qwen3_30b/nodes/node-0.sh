@@ -44,7 +44,9 @@ esac
 args_file="$BUILD_DIR/megatron.args"
 if [ "$mode" = resume ]; then args_file="$BUILD_DIR/resume/megatron.args"; fi
 preempted="$save_dir/"dpoc_preempted.txt
-rm -f "$preempted"
+# a rank that stops on an input error records it here (torchrun reports every failed rank as exit 1)
+input_error=runs/qwen3_30b/dpoc_input_error.txt
+rm -f "$preempted" "$input_error"
 
 # The launcher names the build it started (DPOC_PLAN_HASH): a node holding another build is refused.
 python -m dpoc preflight "$BUILD_DIR" --mode "$mode" --target dpoc --node-rank 0 \
@@ -71,5 +73,9 @@ done
 if [ -f "$preempted" ]; then
   echo "[dpoc] node 0/2: preempted, resumable: checkpoint of step $(cat "$preempted") saved in $save_dir; run this script again to resume" >&2
   exit 75
+fi
+if [ "$status" -ne 0 ] && [ -f "$input_error" ]; then
+  echo "[dpoc] node 0/2: input error (exit 2): the lines above say what to fix; a restart cannot" >&2
+  exit 2
 fi
 exit "$status"
