@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpoc.contract.plan import MoESpec
+from dpoc.contract.architecture import MoESpec
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import (
     GIB,
