@@ -201,15 +201,24 @@ def prepare(work: Path, count: int, steps: int, model: dict) -> Workspace:
                      [sum(per_token * n * n for n in step) for step in lengths])  # causal: half of 2 L^2
 
 
+def architecture(m: dict):
+    from dpoc.contract import hf_config
+    from dpoc.contract.architecture import Architecture
+
+    return Architecture.of(hf_config.architecture({**m, "model_type": "qwen3"}, "bench"))
+
+
 def lm_head_parameters(m: dict) -> int:
-    return m["hidden_size"] * m["vocab_size"]
+    from dpoc.planner.params import embedding_params
+
+    return embedding_params(architecture(m))
 
 
 def matmul_parameters(m: dict) -> int:
     """N: every linear layer's weights and the LM head (embedding lookups and norms are no matmuls)."""
-    q, kv = m["num_attention_heads"] * m["head_dim"], m["num_key_value_heads"] * m["head_dim"]
-    layer = m["hidden_size"] * (q + 2 * kv) + q * m["hidden_size"] + 3 * m["hidden_size"] * m["intermediate_size"]
-    return m["num_hidden_layers"] * layer + m["hidden_size"] * m["vocab_size"]
+    from dpoc.planner.params import matmul_params
+
+    return matmul_params(architecture(m))
 
 
 # --- running one configuration in a fresh process ------------------------------------------------------------
