@@ -63,7 +63,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._shared import arguments, write_result  # noqa: E402
+from bench._shared import arguments, best_seconds, square_matmul_rate, write_result  # noqa: E402
 
 MODEL = dict(vocab_size=8000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=1_000_000.0,
@@ -378,13 +378,7 @@ def matmul_rate(threads: int) -> dict[str, float]:
     import torch
 
     torch.set_num_threads(threads)
-    rates = {}
-    for n in MATMUL_SIZES:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        best = min(_timed(lambda: a @ b) for _ in range(3 if n >= 4096 else 8))  # noqa: B023 (called at once)
-        rates[str(n)] = 2 * n**3 / best
-    return rates
+    return {str(n): square_matmul_rate(n, 3 if n >= 4096 else 8) for n in MATMUL_SIZES}
 
 
 def model_shapes_rate(model: dict, tokens: int, threads: int) -> float:
@@ -405,15 +399,7 @@ def model_shapes_rate(model: dict, tokens: int, threads: int) -> float:
         for x, w, g in tensors:
             x @ w.t(), g @ w, g.t() @ x
 
-    products()
-    best = min(_timed(products) for _ in range(3))
-    return sum(6 * tokens * o * i for o, i in shapes) / best
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+    return sum(6 * tokens * o * i for o, i in shapes) / best_seconds(products, 3)
 
 
 # --- the sweep and the comparison -----------------------------------------------------------------------------
