@@ -1,11 +1,13 @@
-"""What every benchmark shares: `--smoke` (tiny sizes, so CI runs each one and none can rot) and `--out`
-(the result JSON: `bench/results/<name>.json` by default; a smoke run writes none unless given `--out`,
-so it never overwrites the real results)."""
+"""What every benchmark shares: `--smoke` (tiny sizes, so CI runs each one and none can rot), `--out` (the
+result JSON: `bench/results/<name>.json` by default; a smoke run writes none unless given `--out`, so it
+never overwrites the real results), and the one timer and matmul-rate probe the FLOPs figures divide by."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +34,24 @@ def write_result(args: argparse.Namespace, name: str, data: dict[str, Any]) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def best_seconds(work: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `work`, after one warm-up call (the best time is the one a busy
+    moment on a shared machine did not stretch)."""
+    work()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def square_matmul_rate(n: int, repeats: int) -> float:
+    """FLOP/s of an n x n by n x n fp32 product (torch.mm into a preallocated output) at torch's current thread
+    count: the best of `repeats`."""
+    import torch
+
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b, out=c), repeats)

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
 
-from bench._shared import arguments, write_result  # noqa: E402
+from bench._shared import arguments, best_seconds, square_matmul_rate, write_result  # noqa: E402
 from dpoc.compiler.pipeline import build  # noqa: E402
 from dpoc.contract import megatron_args  # noqa: E402
 from dpoc.contract.specs import preset_hardware, preset_model  # noqa: E402
@@ -64,26 +64,9 @@ MICRO_BATCHES = 2  # as the tiny recipe runs them per rank and step
 PROMPT, RESPONSE = 4, 4  # tokens of each synthetic sequence
 
 
-def best_rate(work: Callable[[], None], amount: float, repeats: int) -> float:
-    """`amount` / the fastest of `repeats` timed calls of `work` (after one warm-up call)."""
-    work()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - start)
-    return amount / best
-
-
-def matmul_tflops(repeats: int) -> float:
-    n = 1024
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    return best_rate(lambda: torch.mm(a, b, out=c), 2 * n ** 3, repeats) / 1e12
-
-
 def memory_gbps(repeats: int) -> float:
     a, b = torch.zeros(32 * 2 ** 20), torch.ones(32 * 2 ** 20)  # 128 MiB each, past the caches
-    return best_rate(lambda: a.add_(b), 3 * a.numel() * a.element_size(), repeats) / 1e9
+    return 3 * a.numel() * a.element_size() / best_seconds(lambda: a.add_(b), repeats) / 1e9
 
 
 def _pairs(count: int, vocab: int, seed: int) -> list[list[np.ndarray]]:
@@ -196,7 +179,7 @@ def main() -> None:
     args = arguments(__doc__.splitlines()[0], "cpu_constants").parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     repeats = 3 if args.smoke else 50
-    peak, memory = matmul_tflops(repeats), memory_gbps(repeats)
+    peak, memory = square_matmul_rate(1024, repeats) / 1e12, memory_gbps(repeats)
     latency = latency_constants(repeats)
     print(f"CPU constants at {torch.get_num_threads()} thread(s) (the machine may be shared: best of "
           f"{repeats}):")

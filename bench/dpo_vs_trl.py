@@ -63,7 +63,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._shared import arguments, write_result  # noqa: E402
+from bench._shared import arguments, best_seconds, square_matmul_rate, write_result  # noqa: E402
 
 MODEL = dict(vocab_size=8000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=1_000_000.0,
@@ -201,15 +201,24 @@ def prepare(work: Path, count: int, steps: int, model: dict) -> Workspace:
                      [sum(per_token * n * n for n in step) for step in lengths])  # causal: half of 2 L^2
 
 
+def architecture(m: dict):
+    from dpoc.contract import hf_config
+    from dpoc.contract.architecture import Architecture
+
+    return Architecture.of(hf_config.architecture({**m, "model_type": "qwen3"}, "bench"))
+
+
 def lm_head_parameters(m: dict) -> int:
-    return m["hidden_size"] * m["vocab_size"]
+    from dpoc.planner.params import embedding_params
+
+    return embedding_params(architecture(m))
 
 
 def matmul_parameters(m: dict) -> int:
     """N: every linear layer's weights and the LM head (embedding lookups and norms are no matmuls)."""
-    q, kv = m["num_attention_heads"] * m["head_dim"], m["num_key_value_heads"] * m["head_dim"]
-    layer = m["hidden_size"] * (q + 2 * kv) + q * m["hidden_size"] + 3 * m["hidden_size"] * m["intermediate_size"]
-    return m["num_hidden_layers"] * layer + m["hidden_size"] * m["vocab_size"]
+    from dpoc.planner.params import matmul_params
+
+    return matmul_params(architecture(m))
 
 
 # --- running one configuration in a fresh process ------------------------------------------------------------
@@ -369,13 +378,7 @@ def matmul_rate(threads: int) -> dict[str, float]:
     import torch
 
     torch.set_num_threads(threads)
-    rates = {}
-    for n in MATMUL_SIZES:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        best = min(_timed(lambda: a @ b) for _ in range(3 if n >= 4096 else 8))  # noqa: B023 (called at once)
-        rates[str(n)] = 2 * n**3 / best
-    return rates
+    return {str(n): square_matmul_rate(n, 3 if n >= 4096 else 8) for n in MATMUL_SIZES}
 
 
 def model_shapes_rate(model: dict, tokens: int, threads: int) -> float:
@@ -396,15 +399,7 @@ def model_shapes_rate(model: dict, tokens: int, threads: int) -> float:
         for x, w, g in tensors:
             x @ w.t(), g @ w, g.t() @ x
 
-    products()
-    best = min(_timed(products) for _ in range(3))
-    return sum(6 * tokens * o * i for o, i in shapes) / best
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+    return sum(6 * tokens * o * i for o, i in shapes) / best_seconds(products, 3)
 
 
 # --- the sweep and the comparison -----------------------------------------------------------------------------

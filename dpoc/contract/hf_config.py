@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpoc.contract.architecture import Architecture
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.megatron_args import model_args
 
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -159,12 +161,7 @@ def hf_config(arch: dict[str, Any], dtype: str) -> dict[str, Any]:
 
 def model_flags(arch: dict[str, Any]) -> list[tuple[str, object]]:
     """megatron.args' model flags for an architecture: the compiler's own (megatron_args.model_args)."""
-    from dpoc.contract.family import HF_MODEL_TYPE
-    from dpoc.contract.megatron_args import model_args
-    from dpoc.contract.specs import model_spec
-
-    names = {"mindspeed_name": "model", "hf_model_type": HF_MODEL_TYPE[arch["family"]]}
-    return model_args(model_spec("model", {**arch, **names}))
+    return model_args(Architecture.of(arch))
 
 
 def mindspeed_name(hf_dir: str) -> str:
@@ -184,6 +181,7 @@ def architecture_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "num_query_groups": args.num_query_groups if args.group_query_attention else heads,
         "head_dim": args.kv_channels or args.hidden_size // heads,
         "vocab_size": args.padded_vocab_size,
+        "max_position_embeddings": args.max_position_embeddings,
         "rope_base": float(args.rotary_base),
         "norm_epsilon": args.norm_epsilon,
         "qk_layernorm": args.qk_layernorm,
@@ -193,7 +191,7 @@ def architecture_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.num_experts:
         arch["moe"] = {"num_experts": args.num_experts, "topk": args.moe_router_topk,
-                       "ffn_hidden_size": args.moe_ffn_hidden_size,
+                       "ffn_hidden_size": args.moe_ffn_hidden_size, "aux_loss_coeff": args.moe_aux_loss_coeff,
                        "norm_topk_prob": not args.moe_router_pre_softmax,
                        "shared_expert_ffn_hidden_size": args.moe_shared_expert_intermediate_size or 0}
     return arch

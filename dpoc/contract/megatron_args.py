@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from dpoc.contract import losses
 
 if TYPE_CHECKING:
-    from dpoc.contract.plan import ModelSpec
+    from dpoc.contract.architecture import Architecture
 
 Arg = tuple[str, object]  # ("--flag", value); value True means a lone flag
 
@@ -222,7 +222,7 @@ def resuming(args: argparse.Namespace) -> bool:
     `--load` with `--finetune` only starts the policy from those weights."""
     return bool(args.load) and not args.finetune
 
-def model_args(m: ModelSpec) -> list[Arg]:
+def model_args(m: Architecture) -> list[Arg]:
     """The architecture's flags: what a weights directory must match (dpoc.contract.hf_config checks them)."""
     args: list[Arg] = [
         ("--num-layers", m.num_layers),

@@ -14,40 +14,16 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from dpoc.contract.architecture import Architecture
 from dpoc.contract.dotted import flatten
 
 
 @dataclass(frozen=True)
-class MoESpec:
-    num_experts: int
-    topk: int
-    ffn_hidden_size: int
-    aux_loss_coeff: float
-    norm_topk_prob: bool
-    shared_expert_ffn_hidden_size: int = 0
-    load_balancing: str = "aux_loss"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A decoder-only transformer; field names follow Hugging Face configs where they exist."""
+class ModelSpec(Architecture):
+    """The architecture and the names each tool knows the model by."""
 
     name: str
     family: str  # qwen3 | qwen3_moe | qwen2 | llama
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    head_dim: int
-    vocab_size: int
-    max_position_embeddings: int
-    rope_base: float
-    norm_epsilon: float
-    qk_layernorm: bool
-    qkv_bias: bool
-    tie_embeddings: bool
-    moe: MoESpec | None
     mindspeed_name: str  # model key in MindSpeed-RL's configs/model/<name>.yaml
     converter: str  # MindSpeed-LLM converter: "v2" (convert_ckpt_v2.py) or "legacy" (convert_ckpt.py)
     hf_model_type: str  # --model-type-hf for that converter

@@ -9,28 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from dpoc.contract.family import CONVERTER
-from dpoc.contract.plan import HardwareSpec, ModelSpec, MoESpec
+from dpoc.contract.plan import HardwareSpec, ModelSpec
 
 
 def model_spec(name: str, m: dict[str, Any]) -> ModelSpec:
-    moe = None
-    if m.get("moe"):
-        raw = m["moe"]
-        moe = MoESpec(
-            num_experts=raw["num_experts"], topk=raw["topk"], ffn_hidden_size=raw["ffn_hidden_size"],
-            aux_loss_coeff=float(raw.get("aux_loss_coeff", 0.001)), norm_topk_prob=raw.get("norm_topk_prob", True),
-            shared_expert_ffn_hidden_size=raw.get("shared_expert_ffn_hidden_size", 0),
-            load_balancing=raw.get("load_balancing", "aux_loss"),
-        )
-    return ModelSpec(
-        name=name, family=m["family"], num_layers=m["num_layers"], hidden_size=m["hidden_size"],
-        ffn_hidden_size=m["ffn_hidden_size"], num_attention_heads=m["num_attention_heads"],
-        num_query_groups=m["num_query_groups"], head_dim=m["head_dim"], vocab_size=m["vocab_size"],
-        max_position_embeddings=m["max_position_embeddings"], rope_base=float(m["rope_base"]),
-        norm_epsilon=float(m["norm_epsilon"]), qk_layernorm=m["qk_layernorm"], qkv_bias=m["qkv_bias"],
-        tie_embeddings=m["tie_embeddings"], moe=moe, mindspeed_name=m["mindspeed_name"],
-        converter=CONVERTER[m["family"]], hf_model_type=m["hf_model_type"],
-    )
+    return ModelSpec.of(m, name=name, family=m["family"], mindspeed_name=m["mindspeed_name"],
+                        converter=CONVERTER[m["family"]], hf_model_type=m["hf_model_type"])
 
 
 def hardware_spec(name: str, h: dict[str, Any], nodes: int | None = None) -> HardwareSpec:

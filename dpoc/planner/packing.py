@@ -27,10 +27,6 @@ class PackedSteps:
     fill: float  # real tokens / (micro-batches x budget), the step's average
     budget: int  # tokens of one micro-batch's rows
 
-    @property
-    def tokens_per_micro_batch(self) -> float:
-        return self.fill * self.budget
-
 
 def uniform_packed_steps(layout: Layout, training: Training, mean_seq_length: float) -> PackedSteps:
     budget = SEQUENCES_PER_PAIR * layout.micro_batch_size * training.seq_length

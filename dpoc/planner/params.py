@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from functools import cache
 from itertools import accumulate
 
-from dpoc.contract.plan import Layout, ModelSpec
+from dpoc.contract.architecture import Architecture
+from dpoc.contract.plan import Layout
 
 SWIGLU_MATRICES = 3  # gate, up, down
 
@@ -37,37 +38,52 @@ class Shard:
         return self.dense + self.experts
 
 
-def q_width(model: ModelSpec) -> int:
+def q_width(model: Architecture) -> int:
     return model.num_attention_heads * model.head_dim
 
 
-def kv_width(model: ModelSpec) -> int:
+def kv_width(model: Architecture) -> int:
     return model.num_query_groups * model.head_dim
 
 
-@cache
-def layer_params(model: ModelSpec) -> LayerParams:
+def attention_projection_params(model: Architecture) -> int:
+    """Weights of the q, k, v and output projections (without biases)."""
     h, q, kv = model.hidden_size, q_width(model), kv_width(model)
-    attention = 2 * h * q + 2 * h * kv + ((q + 2 * kv) if model.qkv_bias else 0)
+    return h * (q + 2 * kv) + q * h
+
+
+def mlp_params(hidden: int, ffn: int) -> int:
+    """Weights of one SwiGLU MLP (a dense layer's, a shared expert's or one routed expert's)."""
+    return SWIGLU_MATRICES * hidden * ffn
+
+
+@cache
+def layer_params(model: Architecture) -> LayerParams:
+    h, q, kv = model.hidden_size, q_width(model), kv_width(model)
+    attention = attention_projection_params(model) + ((q + 2 * kv) if model.qkv_bias else 0)
     norms = 2 * h + (2 * model.head_dim if model.qk_layernorm else 0)
     moe = model.moe
     if moe is None:
-        return LayerParams(attention + SWIGLU_MATRICES * h * model.ffn_hidden_size, norms, 0)
-    shared = SWIGLU_MATRICES * h * moe.shared_expert_ffn_hidden_size
-    routed = moe.num_experts * SWIGLU_MATRICES * h * moe.ffn_hidden_size
+        return LayerParams(attention + mlp_params(h, model.ffn_hidden_size), norms, 0)
+    shared = mlp_params(h, moe.shared_expert_ffn_hidden_size)
+    routed = moe.num_experts * mlp_params(h, moe.ffn_hidden_size)
     return LayerParams(attention + shared, norms + h * moe.num_experts, routed)
 
 
-def embedding_params(model: ModelSpec) -> int:
+def embedding_params(model: Architecture) -> int:
     return model.vocab_size * model.hidden_size
 
 
-def total_params(model: ModelSpec) -> int:
-    """Every parameter of the unsharded model (the head counted once when tied)."""
-    layer = layer_params(model)
-    heads = 1 if model.tie_embeddings else 2
-    per_layer = layer.tensor_parallel + layer.replicated + layer.experts
-    return model.num_layers * per_layer + heads * embedding_params(model) + model.hidden_size
+def matmul_params(model: Architecture) -> int:
+    """The weights each token is multiplied by in a forward pass (2 FLOPs each): every layer's projections and
+    MLP (of an MoE layer: its shared expert and top-k routed experts), and the LM head; embedding lookups,
+    norms, biases and the router are left out."""
+    h, moe = model.hidden_size, model.moe
+    if moe is None:
+        mlp = mlp_params(h, model.ffn_hidden_size)
+    else:
+        mlp = mlp_params(h, moe.shared_expert_ffn_hidden_size) + moe.topk * mlp_params(h, moe.ffn_hidden_size)
+    return model.num_layers * (attention_projection_params(model) + mlp) + embedding_params(model)
 
 
 def real_layers_per_stage(layout: Layout) -> tuple[int, ...]:
@@ -87,7 +103,7 @@ def real_layers_per_stage(layout: Layout) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def stage_shard(model: ModelSpec, layout: Layout, stage: int, layers: int) -> Shard:
+def stage_shard(model: Architecture, layout: Layout, stage: int, layers: int) -> Shard:
     """Parameters on one rank of `stage` holding `layers` real layers (first stage: embedding; last: head)."""
     layer = layer_params(model)
     dense = layers * (layer.tensor_parallel // layout.tp + layer.replicated)
@@ -103,7 +119,7 @@ def stage_shard(model: ModelSpec, layout: Layout, stage: int, layers: int) -> Sh
     return Shard(dense, experts)
 
 
-def layer_tensors(model: ModelSpec, layout: Layout) -> Shard:
+def layer_tensors(model: Architecture, layout: Layout) -> Shard:
     """Parameter tensors of one layer on a rank, as megatron-core's local layer spec holds them: the input and
     pre-MLP norms, the fused QKV projection (and its bias), the q/k norms, the output projection, and the dense
     MLP's fused gate/up and down projections, or the router, the shared expert's two and the rank's routed
@@ -117,7 +133,7 @@ def layer_tensors(model: ModelSpec, layout: Layout) -> Shard:
     return Shard(dense + 1 + shared, experts)
 
 
-def stage_tensors(model: ModelSpec, layout: Layout, stage: int, layers: int) -> Shard:
+def stage_tensors(model: Architecture, layout: Layout, stage: int, layers: int) -> Shard:
     """Parameter tensors on one rank of `stage` (first stage: the embedding; last: final norm and head)."""
     layer = layer_tensors(model, layout)
     dense = layers * layer.dense

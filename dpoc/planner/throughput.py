@@ -43,9 +43,10 @@ from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
 from dpoc.planner.params import (
-    SWIGLU_MATRICES,
     Shard,
+    attention_projection_params,
     kv_width,
+    mlp_params,
     q_width,
     real_layers_per_stage,
     stage_shard,
@@ -156,16 +157,16 @@ def _stage_forward_flops(
     model: ModelSpec, layers: int, last: bool, seq: float, sequences: float, seq_square: float | None = None
 ) -> _StageFlops:
     """`seq`: mean tokens per sequence; `seq_square`: mean of their squares (default seq^2)."""
-    h, q, kv = model.hidden_size, q_width(model), kv_width(model)
+    h, q = model.hidden_size, q_width(model)
     tokens = seq * sequences
-    projections = 2 * (h * (q + 2 * kv) + q * h)
+    projections = 2 * attention_projection_params(model)
     core = layers * sequences * 2 * q * (seq * seq if seq_square is None else seq_square)  # causal QK^T and AV
     moe = model.moe
     if moe is None:
-        mlp, experts = 2 * SWIGLU_MATRICES * h * model.ffn_hidden_size, 0.0
+        mlp, experts = 2 * mlp_params(h, model.ffn_hidden_size), 0.0
     else:
-        mlp = 2 * SWIGLU_MATRICES * h * moe.shared_expert_ffn_hidden_size
-        experts = layers * tokens * 2 * SWIGLU_MATRICES * h * moe.ffn_hidden_size * moe.topk
+        mlp = 2 * mlp_params(h, moe.shared_expert_ffn_hidden_size)
+        experts = layers * tokens * 2 * mlp_params(h, moe.ffn_hidden_size) * moe.topk
     dense = layers * tokens * (projections + mlp) + core + (tokens * 2 * h * model.vocab_size if last else 0)
     return _StageFlops(dense, experts, core)
 

@@ -3,6 +3,7 @@ fit megatron.args (runtime and node preflight), with its exact messages."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,22 +14,19 @@ import pytest
 from dpoc.cli.explain import explain
 from dpoc.compiler.pipeline import build, plan_recipe
 from dpoc.contract import hf_config, megatron_args, resources
+from dpoc.contract.architecture import Architecture
 from dpoc.contract.errors import DpocError
 from dpoc.contract.megatron_args import format_args, model_args
 from dpoc.contract.specs import preset_model
 from tests.compiler.test_preflight import touch_dataset
 from tests.conftest import REPO
 
-ARCH_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "head_dim", "vocab_size", "max_position_embeddings", "rope_base", "norm_epsilon", "qk_layernorm",
-               "qkv_bias", "tie_embeddings")
-MOE_FIELDS = ("num_experts", "topk", "ffn_hidden_size", "aux_loss_coeff", "norm_topk_prob",
-              "shared_expert_ffn_hidden_size")
-
 
 def arch_of(spec) -> dict:
-    arch = {k: getattr(spec, k) for k in ARCH_FIELDS}
-    arch["moe"] = {k: getattr(spec.moe, k) for k in MOE_FIELDS} if spec.moe else None
+    """The dict form config.json maps to: the architecture record's fields and the family (MoE routing is
+    aux-loss balanced in every config, so config.json has no load-balancing key)."""
+    arch = {f.name: getattr(spec, f.name) for f in dataclasses.fields(Architecture)} | {"family": spec.family}
+    arch["moe"] = {k: v for k, v in dataclasses.asdict(spec.moe).items() if k != "load_balancing"} if spec.moe else None
     return arch
 
 
@@ -46,8 +44,8 @@ def test_config_args_and_architecture_agree_for_every_preset(preset, tmp_path):
     found = hf_config.architecture(config, "config.json")
     assert {**found, "moe": found.get("moe")} == arch
     from_args = hf_config.architecture_from_args(args_of(spec, tmp_path))
-    assert from_args == {k: v for k, v in arch.items() if k not in ("family", "max_position_embeddings")} | {
-        "moe": None if spec.moe is None else {k: v for k, v in arch["moe"].items() if k != "aux_loss_coeff"}}
+    assert from_args == {k: v for k, v in arch.items() if k != "family"}
+    assert Architecture.of(found) == Architecture.of(from_args) == Architecture.of(dataclasses.asdict(spec))
     (tmp_path / "w").mkdir()
     (tmp_path / "w/config.json").write_text(json.dumps(config))
     assert hf_config.mismatches(args_of(spec, tmp_path), tmp_path / "w", "m.args") == []

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import yaml
 
 from dpoc.compiler.pipeline import plan_recipe
 from dpoc.contract import resources, schemas
+from dpoc.contract.specs import preset_model
+from dpoc.runtime.weights.weight_map import hf_tensors
 from tests.conftest import RECIPES
 
 MODELS = resources.preset_names("models")
@@ -32,17 +36,6 @@ def test_hardware_preset_validates(name):
     assert schemas.check("hardware", data, name) == []
 
 
-def param_count(m: dict) -> int:
-    """Parameters from the architecture (GQA attention, SwiGLU, RMSNorm, QK-norm, router, embeddings)."""
-    h, q, kv = m["hidden_size"], m["num_attention_heads"] * m["head_dim"], m["num_query_groups"] * m["head_dim"]
-    attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if m["qkv_bias"] else 0) + (2 * m["head_dim"] if m["qk_layernorm"] else 0)
-    moe = m.get("moe")
-    mlp = 3 * h * moe["ffn_hidden_size"] * moe["num_experts"] + h * moe["num_experts"] if moe else 3 * h * m["ffn_hidden_size"]
-    per_layer = attn + mlp + 2 * h
-    emb = m["vocab_size"] * h * (1 if m["tie_embeddings"] else 2)
-    return m["num_layers"] * per_layer + emb + h
-
-
 # published totals (hardware-and-models.md §5), in billions, to the precision given there
 PUBLISHED = {"qwen3-0.6b": 0.596, "qwen3-1.7b": 1.72, "qwen3-4b": 4.02, "qwen3-8b": 8.19, "qwen3-14b": 14.77,
              "qwen3-32b": 32.76, "qwen3-30b-a3b": 30.53, "qwen3-235b-a22b": 235.1, "qwen2.5-7b": 7.62,
@@ -51,8 +44,8 @@ PUBLISHED = {"qwen3-0.6b": 0.596, "qwen3-1.7b": 1.72, "qwen3-4b": 4.02, "qwen3-8
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_preset_matches_published_parameter_count(name):
-    m = yaml.safe_load((resources.preset_dir("models") / f"{name}.yaml").read_text())
-    assert param_count(m) / 1e9 == pytest.approx(PUBLISHED[name], rel=0.01)
+    params = sum(math.prod(shape) for shape in hf_tensors(preset_model(name)).values())
+    assert params / 1e9 == pytest.approx(PUBLISHED[name], rel=0.01)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)

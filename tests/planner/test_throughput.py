@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpoc.contract.plan import MoESpec
+from dpoc.contract.architecture import MoESpec
 from dpoc.planner.calibration import Published, fit, predicted
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.throughput import (

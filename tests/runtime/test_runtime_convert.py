@@ -22,11 +22,12 @@ from safetensors import safe_open
 
 from dpoc.compiler.pipeline import build
 from dpoc.contract import megatron_args
+from dpoc.contract.architecture import Architecture
 from dpoc.contract.errors import DpocError
 from dpoc.contract.hf_config import architecture, read_config
 from dpoc.runtime.weights import weight_map, weight_sources
 from dpoc.runtime.weights.weight_identity import describe_weights
-from dpoc.runtime.weights.weight_map import Arch, index_axes
+from dpoc.runtime.weights.weight_map import index_axes
 from dpoc.runtime.weights.weight_sources import COMMON_KEY
 from tests.conftest import RECIPES, script_env
 from tests.runtime.hf_models import model_flags, save_model
@@ -126,7 +127,7 @@ def test_the_export_is_a_standard_hugging_face_directory(work):
 def test_the_checkpoint_holds_every_weight_and_records_its_source(work):
     from torch.distributed.checkpoint import FileSystemReader
 
-    arch = Arch.of(architecture(read_config(work / "M", "", ""), "M"))
+    arch = Architecture.of(architecture(read_config(work / "M", "", ""), "M"))
     stored = FileSystemReader(str(work / "mc/M")).read_metadata().state_dict_metadata
     layers = {0: (), 1: (arch.num_layers,), 2: (arch.num_layers, arch.num_experts)}
     expected = {key: (*layers[index_axes(key)], *weight_map.hf_shape(key, index, arch))

@@ -16,6 +16,7 @@ from dpoc.compiler.render import targets
 from dpoc.compiler.resolve import autolayout, dpo_loss, rules, stale_paths
 from dpoc.compiler.resolve.autolayout import LayoutInputs
 from dpoc.compiler.resolve.cluster import is_loopback
+from dpoc.contract.architecture import MoESpec
 from dpoc.contract.dotted import flatten
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.family import CONVERTER, DEFAULT_TEMPLATE
@@ -27,7 +28,6 @@ from dpoc.contract.plan import (
     Launch,
     Layout,
     ModelSpec,
-    MoESpec,
     Plan,
     Source,
     Training,

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint import TensorStorageMetadata
 from dpoc import __version__
 from dpoc.common.atomic import published_dir
 from dpoc.contract import hf_config, megatron_args
+from dpoc.contract.architecture import Architecture
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.runs import MANIFEST, TRACKER, folder_name
 from dpoc.data.progress import TransferProgress
@@ -58,7 +59,7 @@ from dpoc.runtime.weights.hf_weights import HfWeights, read_sharded
 from dpoc.runtime.weights.safetensors_out import StreamingSafetensors
 from dpoc.runtime.weights.sharded import sharded_tensors
 from dpoc.runtime.weights.weight_identity import describe_weights, open_source
-from dpoc.runtime.weights.weight_map import Arch, index_axes
+from dpoc.runtime.weights.weight_map import index_axes
 from dpoc.runtime.weights.weight_sources import COMMON_KEY, common_state
 
 SHARD_SIZE = "5GB"
@@ -104,7 +105,7 @@ def hf_to_mcore(source: str, out: str) -> None:
     config = hf_config.read_config(source, "HF_DIR", "dpoc convert hf-to-mcore")
     arch = hf_config.architecture(config, hf_config.config_path(source))
     weights = HfWeights(source)
-    problems = weights.problems(Arch.of(arch))
+    problems = weights.problems(Architecture.of(arch))
     if problems:
         raise DpocError(problems)
     generation = Path(source) / "generation_config.json"
@@ -114,7 +115,7 @@ def hf_to_mcore(source: str, out: str) -> None:
     with _single_process(), devices.running_on(device), published_dir(out) as staging:
         chunk = _meta_model(arch, device)
         state = chunk.sharded_state_dict()
-        strategy = _StreamingSave(weights, Arch.of(arch))
+        strategy = _StreamingSave(weights, Architecture.of(arch))
         strategy.prepare(state)
         dist_checkpointing.save({**state, COMMON_KEY: record}, str(staging), sharded_strategy=strategy)
 
@@ -133,7 +134,7 @@ class _StreamingSave(SaveShardedStrategy):
     """megatron-core's torch_dist format, written by torch's FileSystemWriter (one tensor in flight) with a
     planner that reads each tensor from the Hugging Face files when the writer asks for it."""
 
-    def __init__(self, weights: HfWeights, arch: Arch):
+    def __init__(self, weights: HfWeights, arch: Architecture):
         super().__init__("torch_dist", 1)
         self.weights, self.arch = weights, arch
         self.sources: dict[tuple[str, tuple[int, ...]], Any] = {}
@@ -194,7 +195,7 @@ def mcore_to_hf(source: str, out: str, plan: str | None = None, tokenizer: str |
     else:
         raise DpocError([Problem(folder, "(architecture)", "the checkpoint records no config.json (it was not "
                                  "written by dpoc convert): give --plan BUILD/plan.json")])
-    arch = Arch.of(arch_dict)
+    arch = Architecture.of(arch_dict)
     units = list(weight_map.units(arch))
     problems = _unit_problems(folder, stored, units, arch)
     if problems:

@@ -17,10 +17,10 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from safetensors import safe_open
 
+from dpoc.contract.architecture import Architecture
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.runtime.weights import safetensors_header, sharded, weight_map
 from dpoc.runtime.weights.safetensors_header import INDEX, SINGLE
-from dpoc.runtime.weights.weight_map import Arch
 
 # tensors a Hugging Face directory may hold that no megatron weight comes from
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -64,7 +64,7 @@ class HfWeights:
         """Rows/columns `where` of tensor `name`, read without the rest of the tensor."""
         return self._file(name).get_slice(name)[where]
 
-    def problems(self, arch: Arch) -> list[Problem]:
+    def problems(self, arch: Architecture) -> list[Problem]:
         """Every tensor the architecture needs that is missing or of another shape, and every tensor it would
         silently leave out (a weight of an architecture dpoc does not map)."""
         needed = weight_map.hf_tensors(arch)
@@ -82,12 +82,12 @@ class HfWeights:
         return out
 
 
-def load(chunks: list[torch.nn.Module], weights: HfWeights, arch: Arch) -> None:
+def load(chunks: list[torch.nn.Module], weights: HfWeights, arch: Architecture) -> None:
     """Fill every parameter of every chunk from the HF tensors, this rank's slices only."""
     sharded.fill(chunks, lambda sh: read_sharded(sh, weights, arch))
 
 
-def read_sharded(sh: ShardedTensor, weights: HfWeights, arch: Arch, dtype: torch.dtype | None = None
+def read_sharded(sh: ShardedTensor, weights: HfWeights, arch: Architecture, dtype: torch.dtype | None = None
                  ) -> torch.Tensor:
     """This rank's part of one ShardedTensor (in `dtype`, default its own): for each index (layer, expert) it
     covers, the pieces' rows in its row range, its columns of the rest."""

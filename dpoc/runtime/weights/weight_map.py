@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+
+from dpoc.contract.architecture import Architecture
 
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
@@ -27,32 +28,6 @@ OUTPUT = "output_layer.weight"
 LAYER = "decoder.layers."
 EXPERT = "decoder.layers.mlp.experts.experts."
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # GPTModel's top-level modules
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The shapes the mapping needs (from dpoc.contract.hf_config's architecture dicts)."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    head_dim: int
-    vocab_size: int
-    qk_layernorm: bool
-    qkv_bias: bool
-    tie_embeddings: bool
-    num_experts: int = 0
-    moe_ffn_hidden_size: int = 0
-
-    @classmethod
-    def of(cls, arch: dict[str, Any]) -> Arch:
-        moe = arch.get("moe") or {}
-        return cls(**{f: arch[f] for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                           "num_query_groups", "head_dim", "vocab_size", "qk_layernorm",
-                                           "qkv_bias", "tie_embeddings")},
-                   num_experts=moe.get("num_experts", 0), moe_ffn_hidden_size=moe.get("ffn_hidden_size", 0))
 
 
 @dataclass(frozen=True)
@@ -72,7 +47,7 @@ def index_axes(key: str) -> int:
     return 1 if key.startswith(LAYER) else 0
 
 
-def hf_tensors(arch: Arch) -> dict[str, tuple[int, ...]]:
+def hf_tensors(arch: Architecture) -> dict[str, tuple[int, ...]]:
     """Every HF tensor the architecture has, with its shape, in Hugging Face's order."""
     h, hn = arch.hidden_size, arch.head_dim
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h)}
@@ -89,10 +64,10 @@ def hf_tensors(arch: Arch) -> dict[str, tuple[int, ...]]:
             out[p + "self_attn.k_norm.weight"] = (hn,)
         out[p + "self_attn.o_proj.weight"] = (h, arch.num_attention_heads * hn)
         out[p + "post_attention_layernorm.weight"] = (h,)
-        if arch.num_experts:
-            out[p + "mlp.gate.weight"] = (arch.num_experts, h)
-            for expert in range(arch.num_experts):
-                out.update(_mlp(f"{p}mlp.experts.{expert}.", h, arch.moe_ffn_hidden_size))
+        if arch.moe is not None:
+            out[p + "mlp.gate.weight"] = (arch.moe.num_experts, h)
+            for expert in range(arch.moe.num_experts):
+                out.update(_mlp(f"{p}mlp.experts.{expert}.", h, arch.moe.ffn_hidden_size))
         else:
             out.update(_mlp(p + "mlp.", h, arch.ffn_hidden_size))
     out["model.norm.weight"] = (h,)
@@ -106,7 +81,7 @@ def _mlp(prefix: str, hidden: int, ffn: int) -> dict[str, tuple[int, ...]]:
             prefix + "down_proj.weight": (hidden, ffn)}
 
 
-def units(arch: Arch) -> Iterator[tuple[str, tuple[int, ...]]]:
+def units(arch: Architecture) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Every (key, index) of the model's weights: what its sharded state dict holds, at any layout."""
     yield EMBEDDING, ()
     for layer in range(arch.num_layers):
@@ -120,7 +95,7 @@ def units(arch: Arch) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield OUTPUT, ()
 
 
-def _layer_keys(arch: Arch) -> list[str]:
+def _layer_keys(arch: Architecture) -> list[str]:
     keys = ["self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight"]
     if arch.qkv_bias:
         keys.append("self_attention.linear_qkv.bias")
@@ -131,7 +106,7 @@ def _layer_keys(arch: Arch) -> list[str]:
     return keys
 
 
-def pieces(key: str, index: tuple[int, ...], arch: Arch) -> tuple[Piece, ...]:
+def pieces(key: str, index: tuple[int, ...], arch: Architecture) -> tuple[Piece, ...]:
     """The HF rows whose concatenation is the global tensor of `key` at `index`. KeyError: not a model weight."""
     shapes = hf_tensors(arch)
 
@@ -154,7 +129,7 @@ def pieces(key: str, index: tuple[int, ...], arch: Arch) -> tuple[Piece, ...]:
     return whole(layer + rule)
 
 
-def hf_shape(key: str, index: tuple[int, ...], arch: Arch) -> tuple[int, ...]:
+def hf_shape(key: str, index: tuple[int, ...], arch: Architecture) -> tuple[int, ...]:
     """The global shape of `key` at `index` (without the index axes): its pieces' rows, their other axes."""
     parts = pieces(key, index, arch)
     return (sum(p.rows for p in parts), *hf_tensors(arch)[parts[0].name][1:])
@@ -165,7 +140,7 @@ def _glu(prefix: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Piece, ...]:
     return Piece(gate, 0, shapes[gate][0]), Piece(up, 0, shapes[up][0])
 
 
-def _qkv(layer: str, what: str, arch: Arch) -> tuple[Piece, ...]:
+def _qkv(layer: str, what: str, arch: Architecture) -> tuple[Piece, ...]:
     hn, per_group = arch.head_dim, arch.num_attention_heads // arch.num_query_groups
     out = []
     for g in range(arch.num_query_groups):

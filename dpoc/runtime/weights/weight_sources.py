@@ -21,12 +21,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from dpoc.contract import hf_config, megatron_args
+from dpoc.contract.architecture import Architecture
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.runtime.model import seeded_init
 from dpoc.runtime.weights import hf_weights
 from dpoc.runtime.weights.sharded import sharded_tensors
 from dpoc.runtime.weights.weight_identity import WeightSource, open_source
-from dpoc.runtime.weights.weight_map import Arch
 
 COMMON_KEY = "dpoc_weights"  # the converter's record in a checkpoint's common state: source, config, hash
 
@@ -92,7 +92,7 @@ def architecture_problems(source: WeightSource, args: argparse.Namespace, args_f
     if source.kind == "hf":
         problems = hf_config.mismatches(args, source.path, args_file, source.flag)
         if not problems:
-            problems = hf_weights.HfWeights(source.path).problems(Arch.of(hf_config.architecture_from_args(args)))
+            problems = hf_weights.HfWeights(source.path).problems(_architecture(args))
         return problems
     if source.kind == "checkpoint":
         record = common_state(source.path).get(COMMON_KEY)
@@ -100,6 +100,10 @@ def architecture_problems(source: WeightSource, args: argparse.Namespace, args_f
             shown = f"{source.path}/common.pt ({COMMON_KEY}.hf_config)"
             return hf_config.config_mismatches(record["hf_config"], shown, args, args_file)
     return []
+
+
+def _architecture(args: argparse.Namespace) -> Architecture:
+    return Architecture.of(hf_config.architecture_from_args(args))
 
 
 def common_state(checkpoint: str) -> dict[str, Any]:
@@ -127,7 +131,7 @@ def load(source: WeightSource, chunks: list, config, args: argparse.Namespace) -
     if source.kind == "random":
         seeded_init.initialize(chunks, config, args.seed)
     elif source.kind == "hf":
-        hf_weights.load(chunks, hf_weights.HfWeights(source.path), Arch.of(hf_config.architecture_from_args(args)))
+        hf_weights.load(chunks, hf_weights.HfWeights(source.path), _architecture(args))
     else:
         problems = problems_everywhere(checkpoint_problems(chunks, source.path))
         if problems:
