@@ -29,6 +29,7 @@ def _env() -> dict[str, str]:
     return script_env(DPOC_MASTER_PORT=str(free_port()))
 
 
+@pytest.mark.slow
 def test_tiny_recipe_trains_from_its_rendered_files_in_1_process_and_on_2_nodes(dataset, tmp_path):
     losses = {}
     for name, overrides in LAYOUTS.items():
@@ -64,6 +65,7 @@ def test_a_failing_node_fails_the_launch(tmp_path):
            "absent)" in run.stderr
 
 
+@pytest.mark.slow
 def test_precomputed_reference_runs_its_pass_on_every_node_before_training(dataset, tmp_path):
     """Two local nodes: both node scripts join reference.sh's pass (rank 0 writes the file), then train from
     it; before the first update the policy is the reference, so the margin is 0 and the loss ln 2."""

@@ -103,6 +103,7 @@ def test_over_long_pairs_are_cut_by_mindspeeds_rule(mindspeed_prefix):
 
 
 
+@pytest.mark.slow
 def test_a_build_trains_on_it_from_its_node_script(mindspeed_prefix, tmp_path):
     out, run_dir = tmp_path / "build", tmp_path / "run"
     build(RECIPES / "tiny_cpu.yaml", ["hardware.devices_per_node=1", "training.train_iters=1", "training.warmup_iters=0",

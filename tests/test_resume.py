@@ -118,6 +118,7 @@ def uninterrupted(tmp_path_factory, data) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_killed_mid_save_then_preempted_the_job_resumes_exactly(tmp_path, data, uninterrupted):
     script, run = _build(tmp_path, data)
     save = run / "checkpoints"
@@ -167,6 +168,7 @@ def test_killed_mid_save_then_preempted_the_job_resumes_exactly(tmp_path, data, 
     assert f"{run}/metrics.jsonl: (file): holds 8 steps of an earlier run" in job.text()
 
 
+@pytest.mark.slow
 def test_a_longer_run_continues_from_its_last_checkpoint_on_its_own_schedule(tmp_path, data, uninterrupted):
     """The finished 8-step job rebuilt with train_iters 12: it resumes at step 8 and follows the 12-step
     schedule from there (warm-up 3, cosine from 1e-3 to 1e-4), so the learning rate rises again."""

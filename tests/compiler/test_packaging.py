@@ -23,6 +23,7 @@ def wheel_dir(tmp_path_factory):
     return site
 
 
+@pytest.mark.slow
 def test_wheel_ships_data_files(wheel_dir):
     names = {str(p.relative_to(wheel_dir)) for p in wheel_dir.rglob("*") if p.is_file()}
     assert {"dpoc/_data/schemas/recipe.schema.json", "dpoc/_data/schemas/plan.schema.json",

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.data.conftest import REPO, write_jsonl
 
 CONFIG = """\
@@ -26,6 +28,7 @@ def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_config_with_relative_paths_runs_from_the_job_dir(tmp_path, tokenizer_dir):
     from tests.data.conftest import ORCA_ROWS
 

@@ -116,6 +116,7 @@ def reference_losses() -> dict[int, float]:
     return losses(run)
 
 
+@pytest.mark.slow
 def test_two_ray_nodes_train_like_one_node_with_two_processes(ray_cluster, tmp_path):
     out, run = _build(tmp_path)
     result = _dpoc("launch", str(out), "--ray", ray_cluster.address)
@@ -131,6 +132,7 @@ def test_two_ray_nodes_train_like_one_node_with_two_processes(ray_cluster, tmp_p
     assert losses(run) == pytest.approx(reference, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_node_removed_mid_run_stops_the_job_with_nothing_left(ray_cluster, tmp_path):
     out, run = _build(tmp_path, "training.train_iters=100000")
     proc, err = _start(tmp_path, str(out), "--ray", ray_cluster.address)
@@ -152,6 +154,7 @@ def test_a_node_removed_mid_run_stops_the_job_with_nothing_left(ray_cluster, tmp
     assert left_running(out) == []
 
 
+@pytest.mark.slow
 def test_a_node_failing_its_preflight_fails_the_job_with_its_message(ray_cluster, tmp_path):
     out, _ = _build(tmp_path, f"dataset.output_prefix={tmp_path}/missing/orca")
     result = _dpoc("launch", str(out), "--ray", ray_cluster.address, "--max-restarts", "2")
@@ -163,6 +166,7 @@ def test_a_node_failing_its_preflight_fails_the_job_with_its_message(ray_cluster
     assert "not restarting" in result.stderr and left_running(out) == []
 
 
+@pytest.mark.slow
 def test_a_restarted_job_resumes_and_finishes_with_the_uninterrupted_losses(ray_cluster, tmp_path):
     out, run = _build(tmp_path, "launch.max_restarts=1")
     proc, err = _start(tmp_path, str(out), "--ray", ray_cluster.address)
@@ -184,6 +188,7 @@ def test_a_restarted_job_resumes_and_finishes_with_the_uninterrupted_losses(ray_
     assert left_running(out) == []
 
 
+@pytest.mark.slow
 def test_a_submitted_launch_is_followed_and_stopped_through_ray_jobs(ray_cluster, tmp_path):
     out, _ = _build(tmp_path, "training.train_iters=100000")
     address = ray_cluster.dashboard

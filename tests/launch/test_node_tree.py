@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
 from dpoc.launch import tree
@@ -26,6 +28,7 @@ def _is_torchrun(pid: int) -> bool:
     return any(Path(a).name == "torchrun" for a in _argv(pid)[:2])
 
 
+@pytest.mark.slow
 def test_kill_9_of_torchrun_takes_its_workers_down(tmp_path):
     out = tmp_path / "build"
     build(RECIPES / "tiny_cpu.yaml", ["training.train_iters=100000", f"dataset.output_prefix={tiny_dataset()}",

@@ -28,6 +28,7 @@ def pairs(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("layout", ["single", "tp2-sp", "single-packed"])
+@pytest.mark.slow
 def test_memory_matches_the_runtime_tensors(pairs, tmp_path, layout):
     plan = compile_layout(*LAYOUTS[layout])
     rows = compare(plan, measure(plan, pairs, tmp_path / layout))

@@ -51,6 +51,7 @@ def test_every_filter_matches_a_warning_seen_and_nothing_else_is_silenced():
     assert _shown(UserWarning, "A note before: Apex is not installed. Falling back to Torch Norm")  # not its start
 
 
+@pytest.mark.slow
 def test_importing_the_runtime_prints_no_library_warnings():
     """megatron-core's imports warn about TransformerEngine and Apex; the runtime imports them silently."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}

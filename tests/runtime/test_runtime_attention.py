@@ -52,6 +52,7 @@ def probe(tmp_path_factory) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_sdpa_gives_the_local_attention_loss_and_gradients(probe):
     local, sdpa = probe["local"], probe["sdpa"]
     assert len(local["loss"]) == 4  # 8 pairs in micro-batches of 2

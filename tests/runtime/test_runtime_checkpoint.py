@@ -76,6 +76,7 @@ def _copy(save: Path, to: Path, iterations: tuple[int, ...]) -> Path:
     pytest.param("dp2-to-ep2", "moe-dp2", [*EP2, ("--no-load-rng", True)], True, "--no-load-rng: every rank keeps "
                  "its freshly seeded generators", id="dp2-to-ep2-moe"),
 ])
+@pytest.mark.slow
 def test_a_checkpoint_resumes_at_another_layout(workdir, saved, name, source, layout, moe, rng_note):
     save, uninterrupted = saved(source)
     target = _copy(save, workdir / "saves" / name, (2,))
@@ -89,6 +90,7 @@ def test_a_checkpoint_resumes_at_another_layout(workdir, saved, name, source, la
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (name, mine["step"], key)
 
 
+@pytest.mark.slow
 def test_no_load_optim_keeps_megatrons_meaning(workdir, saved):
     """The weights and the step come back, the optimizer state does not: step 3's loss (measured before its
     update) is the uninterrupted run's, step 4's is not."""
@@ -101,6 +103,7 @@ def test_no_load_optim_keeps_megatrons_meaning(workdir, saved):
     assert resumed[0]["loss"] == uninterrupted[2]["loss"] and resumed[1]["loss"] != uninterrupted[3]["loss"]
 
 
+@pytest.mark.slow
 def test_a_layout_the_checkpoint_cannot_reshard_to_is_refused_before_training(workdir, saved):
     save, _ = saved("dense-tp2")
     target = _copy(save, workdir / "saves" / "to-plain", (4,))
@@ -117,6 +120,7 @@ def _largest_shard(folder: Path) -> Path:
     return max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_named_and_never_loaded(workdir, saved):
     """(With the plain optimizer, whose resume this also checks: megatron-core's own load path.)"""
     save, uninterrupted = saved("plain")

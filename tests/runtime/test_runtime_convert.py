@@ -77,6 +77,7 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_every_conversion_ran_and_the_refusals_are_exit_2(work):
     codes = json.loads((work / "codes.json").read_text())
     assert [c["code"] if isinstance(c, dict) else c for c in codes[:-1]] == [0, 0, 0, 0, 0, 0, 0, 2, 2]
@@ -217,6 +218,7 @@ KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
         "logps/rejected")
 
 
+@pytest.mark.slow
 def test_first_step_from_two_hf_checkpoints_equals_transformers(work, pairs, hf_first_step):
     expected = transformers_first_step(work / "A", work / "B", read_pairs(pairs))
     assert expected["rewards/margins"] != 0  # the reference really is other weights
@@ -226,6 +228,7 @@ def test_first_step_from_two_hf_checkpoints_equals_transformers(work, pairs, hf_
     assert f"weights: policy from hf {work / 'A'}, reference from hf {work / 'B'}" in log
 
 
+@pytest.mark.slow
 def test_converted_checkpoints_at_tp2_give_the_hf_first_step(work, hf_first_step):
     got = first_step(work, "converted-tp2", 2, [
         ("--dpoc-init", "converted"), ("--load", str(work / "mc/A")), ("--finetune", True),
@@ -234,6 +237,7 @@ def test_converted_checkpoints_at_tp2_give_the_hf_first_step(work, hf_first_step
         assert got[key] == pytest.approx(hf_first_step[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_the_builds_convert_script_writes_the_folder_its_node_scripts_load(work, pairs, tmp_path):
     """What a user runs, in the job's working directory: the build's convert/hf_to_mcore.sh writes the dpoc
     target's own folder (./model_weights/<recipe>-mcore, never MindSpeed-RL's per-rank one), and launch.sh trains

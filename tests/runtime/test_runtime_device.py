@@ -41,6 +41,7 @@ def _value(probe: dict, check: str):
     return result["value"]
 
 
+@pytest.mark.slow
 def test_rng_tracker_uses_the_cpu_generator(probe):
     assert "CUDA" in _failed(probe, "rng")
     first, again = _value(probe, "rng"), _value(probe, "rng_repeat")

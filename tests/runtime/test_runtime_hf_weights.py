@@ -81,6 +81,7 @@ def test_the_sharded_checkpoint_and_the_tied_model_are_stored_as_intended(hf_dir
         assert "lm_head.weight" not in set(f.keys())
 
 
+@pytest.mark.slow
 def test_grouped_gemm_experts_hold_the_hf_experts(hf_dir, probe):
     probe("ep2-grouped", "qwen3_moe")
     diffs = json.loads((hf_dir / "logits/ep2-grouped-qwen3_moe.json").read_text())
@@ -88,6 +89,7 @@ def test_grouped_gemm_experts_hold_the_hf_experts(hf_dir, probe):
 
 
 @pytest.mark.parametrize(("layout", "model"), CASES, ids=[f"{lay}-{m}" for lay, m in CASES])
+@pytest.mark.slow
 def test_logits_equal_transformers(hf_dir, probe, layout, model):
     ours = probe(layout, model)
     theirs = logits(hf_dir / model, torch.load(hf_dir / "tokens.pt"))

@@ -82,6 +82,7 @@ def test_moe_with_tensor_parallelism_needs_sequence_parallelism(tmp_path):
         "sequence parallelism (valid: set the flag)")
 
 
+@pytest.mark.slow
 def test_the_lm_head_runs_on_response_positions_only_with_the_full_heads_losses_and_gradients(tmp_path):
     """`ResponseLogitsGPTModel` skips prompt and padding positions; what it returns and back-propagates
     equals the full logits' cross entropy (layouts, sequence parallelism included: test_runtime_train)."""

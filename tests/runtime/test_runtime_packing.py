@@ -118,6 +118,7 @@ RUNS = {  # name: (processes, flags, MoE, reference run)
 
 
 @pytest.mark.parametrize("name", RUNS)
+@pytest.mark.slow
 def test_run_equals_the_unpacked_local_attention_run(workdir, reference, name):
     processes, flags, moe, against = RUNS[name]
     got = run(workdir, name, processes, steps=STEPS, layout=flags, moe=moe)

@@ -93,12 +93,14 @@ def single(workdir, table) -> tuple[list, list]:
                                  [("--save", workdir / "saves" / "single")])
 
 
+@pytest.mark.slow
 def test_one_process_from_the_file_equals_the_live_reference(single):
     live, precomputed = single
     _assert_equal(precomputed, live)
 
 
 @pytest.mark.parametrize(("name", "processes", "flags"), [("pp2", 2, PP2), ("packed", 1, PACKING)])
+@pytest.mark.slow
 def test_other_layouts_from_the_same_file_equal_the_live_reference(workdir, table, name, processes, flags):
     """The file made in one process serves every layout: its values are keyed by pair, not by batch."""
     live, precomputed = _live_and_precomputed(workdir, name, processes, flags)
@@ -111,6 +113,7 @@ def _namespace(args_file: Path):
     return megatron_args.parse([f"@{args_file}"])
 
 
+@pytest.mark.slow
 def test_a_current_file_is_kept_and_another_reference_or_dataset_gets_its_own(workdir, table):
     before = table.stat().st_mtime_ns
     again = _ok(_precompute(_args(workdir, "again", PRECOMPUTED)))
@@ -131,6 +134,7 @@ def test_a_current_file_is_kept_and_another_reference_or_dataset_gets_its_own(wo
     assert "other_reference-0000000000000000.npz" in other.why
 
 
+@pytest.mark.slow
 def test_the_pass_refuses_a_live_build(workdir):
     args_file = _args(workdir, "live", [])
     done = _precompute(args_file)
@@ -152,6 +156,7 @@ def test_training_without_a_current_file_is_refused_naming_the_remedy(workdir, t
         reference_file.read(_namespace(_args(workdir, "same", PRECOMPUTED)), "x.args", 30)
 
 
+@pytest.mark.slow
 def test_an_interrupted_pass_leaves_nothing_half_written(workdir, tmp_path):
     shutil.copytree(workdir, tmp_path / "w", ignore=shutil.ignore_patterns("runs", "*.npz", "*.args"))
     work = tmp_path / "w"
@@ -178,6 +183,7 @@ def test_an_interrupted_pass_leaves_nothing_half_written(workdir, tmp_path):
     assert len(_files(work)) == 1 and not list(work.glob(".pairs_reference-*.npz.tmp-*"))
 
 
+@pytest.mark.slow
 def test_a_resumed_precomputed_run_equals_the_uninterrupted_one(workdir, single):
     """The single-process precomputed run saved every step; resuming from step 1 gives its step 2."""
     whole = single[1]

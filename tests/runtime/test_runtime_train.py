@@ -91,6 +91,7 @@ def one_process(workdir):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_layout_gives_the_one_process_losses(workdir, one_process, layout):
     processes, flags, reference = LAYOUTS[layout]
     # later flags win, so a layout's --moe-aux-loss-coeff overrides the model's
@@ -113,6 +114,7 @@ def test_first_line_is_measured_before_the_first_update(one_process):
     assert 0 < first["fill"] < 1  # micro-batches padded to their longest sequence
 
 
+@pytest.mark.slow
 def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir):
     steps, warmup, lr = 20, 3, 2e-3
     got = run(workdir, "learn", steps=steps, lr=lr, extra=[
@@ -133,6 +135,7 @@ def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir):
     assert "ETA 0:00:00" in log[-1]
 
 
+@pytest.mark.slow
 def test_context_parallel_is_refused_with_the_reason(workdir):
     args_file = write_args(workdir / "cp2.args", str(workdir / "pairs"), workdir / "runs" / "cp2",
                            layout=[("--context-parallel-size", 2)])

@@ -129,6 +129,7 @@ def test_a_weight_the_architecture_does_not_have_is_not_dropped_silently(tmp_pat
         "would drop it"]
 
 
+@pytest.mark.slow
 def test_the_runtime_exits_2_with_the_line_and_no_traceback(tmp_path, llama):
     config = json.loads((llama / "config.json").read_text())
     other = tmp_path / "other"
