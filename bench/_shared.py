@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from dpoc.common.atomic import write_atomically
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
 
 
 def arguments(description: str, name: str) -> argparse.ArgumentParser:
@@ -26,13 +28,14 @@ def arguments(description: str, name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def write_result(args: argparse.Namespace, name: str, data: dict[str, Any]) -> Path | None:
-    """Write `data` atomically where `args` says; returns the path (None: a smoke run without --out)."""
+def write_result(args: argparse.Namespace, name: str, data: dict[str, Any], measures: Sequence[str]) -> Path | None:
+    """Write `data` with its `provenance(measures)` atomically where `args` says; returns the path (None: a smoke
+    run without --out)."""
     out = args.out if args.out is not None else None if args.smoke else RESULTS / f"{name}.json"
     if out is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_atomically(out, json.dumps({**data, **provenance(measures)}, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -55,3 +58,25 @@ def square_matmul_rate(n: int, repeats: int) -> float:
 
     a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
     return 2 * n**3 / best_seconds(lambda: torch.mm(a, b, out=c), repeats)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
+def provenance(measures: Sequence[str]) -> dict[str, Any]:
+    """What a result measured, so a reader can tell when it went stale: the commit checked out, the paths (from
+    the repository root) of the code it measures, and those of them that differed from that commit (then the
+    commit alone does not say what ran; `null` in results backfilled from `git log`, where nobody knows)."""
+    missing = [p for p in measures if not (REPO / p).exists()]
+    if missing:
+        raise ValueError(f"measured paths not in the tree: {missing}")
+    changed = _git("status", "--porcelain", "--", *measures).splitlines()
+    return {"measured_commit": _git("rev-parse", "HEAD").strip(), "measured_paths": sorted(measures),
+            "measured_uncommitted": sorted(line[3:] for line in changed)}
+
+
+def changes_since(result: dict[str, Any]) -> list[str]:
+    """The commits (`hash subject`, newest first) that changed a result's measured code since it was measured."""
+    return _git("log", "--format=%h %s", f"{result['measured_commit']}..HEAD", "--",
+                *result["measured_paths"]).splitlines()

@@ -43,6 +43,10 @@ HEADS, GROUPS = 4, 2
 SHAPES = {"tiny recipe": (16, (16, 45)), "TRL bench": (64, (84, 297))}  # head dim, sequence lengths
 
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/attention_cpu.py", "dpoc/runtime/model")
+
+
 def _config(head_dim: int) -> TransformerConfig:
     return TransformerConfig(num_layers=1, hidden_size=HEADS * head_dim, num_attention_heads=HEADS,
                              num_query_groups=GROUPS, kv_channels=head_dim, use_cpu_initialization=True)
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens; ms per forward + backward (best of {rounds} rounds)")
         for name, ms in r["ms"].items():
             print(f"  {name:24s} {ms:9.3f}")
-    write_result(args, "attention_cpu", {"rounds": rounds, "repeats": repeats, "threads": 1, "results": results})
+    write_result(args, "attention_cpu", {"rounds": rounds, "repeats": repeats, "threads": 1, "results": results},
+                 MEASURES)
     return 0
 
 

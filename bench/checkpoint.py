@@ -30,6 +30,10 @@ SAVED = re.compile(r"^saved \S+ \(\w+: (\d+) files, ([\d.]+) MB\) in ([\d.]+) s"
 LOADED = re.compile(r"^resumed from \S+: .* loaded in ([\d.]+) s", re.MULTILINE)
 
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/checkpoint.py", "dpoc/runtime", "recipes/tiny_cpu.yaml")
+
+
 def _run(script: Path, work: Path) -> None:
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
            "PYTHONWARNINGS": "ignore"}
@@ -62,7 +66,7 @@ def main() -> None:
     print(f"{'checkpoint':<12}{'files':>6}{'first save':>12}{'save (median)':>15}{'load':>8}")
     print(f"{result['checkpoint_mb']:>9.1f} MB{result['files']:>6}{result['first_save_s']:>10.2f} s"
           f"{result['save_s_median']:>13.2f} s{result['load_s']:>6.2f} s")
-    out = write_result(args, "checkpoint", result)
+    out = write_result(args, "checkpoint", result, MEASURES)
     if out:
         print(f"wrote {out}")
 

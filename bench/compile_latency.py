@@ -21,6 +21,9 @@ sys.path.insert(0, str(REPO))
 
 from bench._shared import arguments, write_result  # noqa: E402
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/compile_latency.py", "dpoc", "recipes/qwen3_30b.yaml", "templates", "schemas")
+
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
@@ -51,7 +54,7 @@ def main() -> None:
     print(f"{'dpoc build':<28}{b * 1000:8.1f} ms (median of {args.runs})")
     print(f"{'import omegaconf,jinja2,...':<28}{f * 1000:8.1f} ms")
     print(f"{'ratio (median of pairs)':<28}{result['median_paired_ratio']:8.2f} x   (target <= 1.5)")
-    write_result(args, "compile_latency", result)
+    write_result(args, "compile_latency", result, MEASURES)
 
 
 if __name__ == "__main__":

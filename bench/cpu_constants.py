@@ -64,6 +64,10 @@ MICRO_BATCHES = 2  # as the tiny recipe runs them per rank and step
 PROMPT, RESPONSE = 4, 4  # tokens of each synthetic sequence
 
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/cpu_constants.py", "dpoc/runtime", "dpoc/planner")
+
+
 def memory_gbps(repeats: int) -> float:
     a, b = torch.zeros(32 * 2 ** 20), torch.ones(32 * 2 ** 20)  # 128 MiB each, past the caches
     return 3 * a.numel() * a.element_size() / best_seconds(lambda: a.add_(b), repeats) / 1e9
@@ -194,7 +198,8 @@ def main() -> None:
     print(f"  optimizer step beyond the layers' tensors {latency['optimizer_fixed_s'] * 1e3:.2f} ms (the embedding, "
           "final norm and head tensors, and a fixed cost the planner does not model)")
     out = write_result(args, "cpu_constants", {"threads": torch.get_num_threads(), "repeats": repeats,
-                                               "peak_tflops": peak, "memory_gbps": memory, "latency": latency})
+                                               "peak_tflops": peak, "memory_gbps": memory, "latency": latency},
+                       MEASURES)
     if out is not None:
         print(f"wrote {out}")
 

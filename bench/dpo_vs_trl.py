@@ -81,6 +81,10 @@ WORKER_TIMEOUT_S = 1800
 DPOC_PRECOMPUTED = importlib.util.find_spec("dpoc.runtime.precompute") is not None
 
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/dpo_vs_trl.py", "dpoc/runtime", "dpoc/data")
+
+
 @dataclass(frozen=True)
 class Config:
     """One configuration of one side: what its own knobs are set to."""
@@ -533,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": compared,
         "agreement": {"worst_relative_difference": worst, "tolerance": AGREEMENT, "per_configuration": checks},
     }
-    out = write_result(args, "dpo_vs_trl", summary)
+    out = write_result(args, "dpo_vs_trl", summary, MEASURES)
     failed = [k for k, v in worst.items() if v > AGREEMENT[k]]
     if failed:
         print(f"the two sides disagree on {', '.join(failed)}: {worst}", file=sys.stderr)

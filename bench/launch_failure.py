@@ -33,6 +33,10 @@ ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PA
        "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/launch_failure.py", "dpoc/launch", "dpoc/cli")
+
+
 def preprocess(tmp: Path) -> str:
     out = tmp / "pre"
     build(REPO / "recipes/tiny_cpu.yaml", [f"dataset.output_prefix={tmp}/orca_tiny"], out=out)
@@ -130,7 +134,7 @@ def main() -> int:
               f"{','.join(str(r['exit_code']) for r in results):<12} {sum(r['left_running'] for r in results)}")
     write_result(args, "launch_failure", {"cpu_count": os.cpu_count(), "host": socket.gethostname(), "runs": rows,
                                           "load_average_1min_at_end": os.getloadavg()[0],
-                                          "note": "a shared 2-core machine: rough figures"})
+                                          "note": "a shared 2-core machine: rough figures"}, MEASURES)
     ok = all(r["exit_code"] != 0 and r["left_running"] == 0 for results in rows.values() for r in results)
     return 0 if ok else 1
 

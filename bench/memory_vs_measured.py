@@ -65,6 +65,10 @@ LAYOUTS = {  # name: (model preset, processes, parallelism overrides[, other rec
 }
 
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/memory_vs_measured.py", "dpoc/planner", "dpoc/runtime")
+
+
 def compile_layout(preset: str, processes: int, parallelism: dict[str, int], other: Sequence[str] = ()) -> Plan:
     tp, pp = parallelism.get("tp", 1), parallelism.get("pp", 1)
     dp = processes // (tp * pp)
@@ -167,7 +171,7 @@ def main() -> int:
     print(f"\nworst |error|: static {worst['static']:.2%} (target {STATIC_TARGET:.0%}), activations "
           f"{worst['activations']:.2%} (target {ACTIVATION_TARGET:.0%}); assuming npu/cuda's fused kernels "
           f"instead would be off by {worst['fused_activations']:.2%}")
-    write_result(args, "memory_vs_measured", {"summary": summary, "layouts": results})
+    write_result(args, "memory_vs_measured", {"summary": summary, "layouts": results}, MEASURES)
     return 0
 
 

@@ -49,6 +49,9 @@ from dpoc.planner.report import explain
 from dpoc.planner.search import search
 from dpoc.planner.throughput import Efficiency
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/planner.py", "dpoc/planner", "dpoc/compiler", "dpoc/presets", "dpoc/runtime")
+
 
 def calibration_report() -> dict[str, Any]:
     result = fit()
@@ -222,7 +225,7 @@ def main() -> None:
     # --smoke: one search (the A2 one, the smallest space), timed once; the tiny recipe for 4 steps, 1 process
     searches = search_report(efficiency, SEARCHES[:1], 1) if args.smoke else search_report(efficiency)
     tiny = tiny_cpu_report(4, 1, (1,)) if args.smoke else tiny_cpu_report(30, 3)
-    out = write_result(args, "planner", {"calibration": calibration, "search": searches, "tiny_cpu": tiny})
+    out = write_result(args, "planner", {"calibration": calibration, "search": searches, "tiny_cpu": tiny}, MEASURES)
     if out is not None:
         print(f"wrote {out}")
 

@@ -35,6 +35,10 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what",
          "after", "me", "you", "are", "a", "helpful", "assistant"]
 
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/preprocess.py", "dpoc/data")
+
+
 def generate(path: Path, megabytes: float, seed: int = 0) -> int:
     """Orca-style JSON Lines of about `megabytes` MB; returns the number of pairs."""
     rng = random.Random(seed)
@@ -169,7 +173,7 @@ def main() -> None:
           f"{args.large_mb:g} MB ({growth:+.1%}; target within 20%)")
     result = {"pairs_generated": counts, "seq_length": SEQ_LENGTH, "cpu_count": os.cpu_count(), "rows": rows,
               "rss_growth_small_to_large": growth}
-    out = write_result(args, "preprocess", result)
+    out = write_result(args, "preprocess", result, MEASURES)
     if out is not None:
         print(f"wrote {out}")
 

@@ -33,6 +33,10 @@ RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
 VARIANTS = {"local": ("local", False), "sdpa": ("sdpa", False), "sdpa + packing": ("sdpa", True)}
 
 
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/runtime_speed.py", "dpoc/runtime", "recipes/tiny_cpu.yaml")
+
+
 def _env() -> dict[str, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':34s} {'pairs/s':>9s} {'steps/s':>8s} {'fill':>6s}")
     for key, r in best.items():
         print(f"{key:34s} {r['pairs_per_s']:9.1f} {r['steps_per_s']:8.2f} {r['fill']:6.3f}")
-    write_result(args, "runtime_speed", {"rounds": rounds, "steps": steps, "warmup": warmup, "variants": best})
+    write_result(args, "runtime_speed", {"rounds": rounds, "steps": steps, "warmup": warmup, "variants": best},
+                 MEASURES)
     return 0
 
 

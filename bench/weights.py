@@ -23,7 +23,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,12 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._shared import arguments, write_result  # noqa: E402
+from dpoc.common.atomic import write_atomically  # noqa: E402
+from dpoc.common.ports import free_port  # noqa: E402
 
 SIZES = {  # Qwen3-shaped: (layers, hidden, ffn, heads, kv heads, head_dim, vocab)
     "full": (8, 1024, 3072, 16, 8, 64, 32000),
     "smoke": (2, 128, 256, 4, 2, 32, 1024),
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+
+
+# the code this benchmark measures: its results' provenance (bench/_shared.provenance)
+MEASURES = ("bench/weights.py", "dpoc/runtime/weights", "dpoc/runtime/model")
 
 
 def make_model(size: str, directory: Path) -> int:
@@ -86,41 +91,45 @@ class PeakMemory:
         return self
 
 
-def in_fresh_process(code: str) -> tuple[dict, PeakMemory]:
-    """Run `code` (which prints one JSON line) in a fresh interpreter: what it printed (with the process's CPU
-    seconds), and its peak memory."""
-    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+def in_fresh_process(code: str, work: Path) -> tuple[dict, PeakMemory]:
+    """Run `code` (which sets `row`, a dict) in a fresh interpreter: `row` (with the process's CPU seconds), and
+    its peak memory. `row` comes back in a file of its own, not on stdout, where library output could meet it."""
+    result = work / f"row-{time.monotonic_ns()}.json"
+    proc = subprocess.Popen([sys.executable, "-c", f"{code}\nimport json, pathlib, sys\n"
+                             "pathlib.Path(sys.argv[1]).write_text(json.dumps(row))", str(result)], env=ENV)
     memory = PeakMemory(proc.pid)
-    out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     memory.stop()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {code}")
-    row = json.loads(out.strip().splitlines()[-1])
+    row = json.loads(result.read_text())
     row["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     return row, memory
 
 
-def load_ranks(hf_dir: Path, tp: int) -> list[dict]:
-    """`load_rank` in `tp` processes under torchrun; each rank's line."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}",
-                           "--master-addr=127.0.0.1", f"--master-port={port}", __file__, "--load-rank",
-                           json.dumps([str(hf_dir), tp])], env=ENV, capture_output=True, text=True, check=True)
-    return sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+def load_ranks(hf_dir: Path, tp: int, work: Path) -> list[dict]:
+    """`load_rank` in `tp` processes under torchrun; each rank's row, from its own file: on one shared stdout two
+    ranks' lines can interleave (`{row 0}{row 1}\\n\\n` with PYTHONUNBUFFERED, where print writes the
+    newline apart), which once failed a smoke run with `JSONDecodeError: Extra data`."""
+    rows = work / f"load-tp{tp}"
+    rows.mkdir()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}",
+                    "--master-addr=127.0.0.1", f"--master-port={free_port()}", __file__, "--load-rank",
+                    json.dumps([str(hf_dir), tp, str(rows)])], env=ENV, capture_output=True, text=True, check=True)
+    found = [json.loads(f.read_text()) for f in sorted(rows.glob("rank-*.json"))]
+    if [r["rank"] for r in found] != list(range(tp)):
+        raise SystemExit(f"load at tp{tp}: rows from ranks {[r['rank'] for r in found]}, expected 0..{tp - 1}")
+    return found
 
 
-IDLE = "import json, time, dpoc.runtime.weights.converter; time.sleep(0.5); print(json.dumps({}))"
+IDLE = "import time, dpoc.runtime.weights.converter; time.sleep(0.5); row = {}"
 
 
 def convert_code(direction: str, source: Path, out: Path) -> str:
     call = f"hf_to_mcore({str(source)!r}, {str(out)!r})" if direction == "hf-to-mcore" else \
         f"mcore_to_hf({str(source)!r}, {str(out)!r})"
-    return ("import json, time; from dpoc.runtime.weights.converter import hf_to_mcore, mcore_to_hf;"
-            f"t = time.perf_counter(); {call}; print(json.dumps({{'seconds': time.perf_counter() - t}}))")
+    return ("import time; from dpoc.runtime.weights.converter import hf_to_mcore, mcore_to_hf;"
+            f"t = time.perf_counter(); {call}; row = {{'seconds': time.perf_counter() - t}}")
 
 
 def load_rank(code: str) -> None:
@@ -135,7 +144,7 @@ def load_rank(code: str) -> None:
     from dpoc.runtime.step.session import init_distributed, initialize_parallel
     from dpoc.runtime.weights import weight_sources
 
-    hf_dir, tp = json.loads(code)
+    hf_dir, tp, rows = json.loads(code)
     arch = hf_config.architecture(hf_config.read_config(hf_dir, "", ""), hf_dir)
     flags = [f"{f}={v}" if v is not True else f for f, v in hf_config.model_flags(arch)]
     args = megatron_args.parse([*flags, "--dpoc-device=cpu", "--distributed-backend=gloo", "--dpoc-init=hf",
@@ -160,9 +169,10 @@ def load_rank(code: str) -> None:
         seconds = time.perf_counter() - started
         memory.stop()
         params = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
-    print(json.dumps({"rank": dist.get_rank(), "anon_after_build_mb": built, "peak_anon_mb": memory.anon_mb,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "param_mb": params / 2**20, "load_seconds": seconds}))
+    row = {"rank": dist.get_rank(), "anon_after_build_mb": built, "peak_anon_mb": memory.anon_mb,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "param_mb": params / 2**20,
+           "load_seconds": seconds}
+    write_atomically(Path(rows) / f"rank-{row['rank']}.json", json.dumps(row))
     dist.destroy_process_group()
 
 
@@ -177,15 +187,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dpoc-bench-weights-"))
     try:
         model_bytes = make_model(size, work / "hf")
-        idle = in_fresh_process(IDLE)[1].anon_mb
+        idle = in_fresh_process(IDLE, work)[1].anon_mb
         rows = {}
         for direction, source, out in (("hf-to-mcore", work / "hf", work / "mcore"),
                                        ("mcore-to-hf", work / "mcore", work / "hf-back")):
-            row, peak = in_fresh_process(convert_code(direction, source, out))
+            row, peak = in_fresh_process(convert_code(direction, source, out), work)
             rows[direction] = {"seconds": row["seconds"], "gb_per_s": model_bytes / row["seconds"] / 1e9,
                                "process_cpu_seconds": row["cpu_seconds"], "peak_anon_mb": peak.anon_mb,
                                "peak_anon_over_idle_mb": peak.anon_mb - idle, "peak_file_backed_mb": peak.file_mb}
-        loads = {f"tp{tp}": load_ranks(work / "hf", tp) for tp in (1, 2)}
+        loads = {f"tp{tp}": load_ranks(work / "hf", tp, work) for tp in (1, 2)}
         result = {"size": size, "model_mb": model_bytes / 2**20, "idle_process_anon_mb": idle,
                   "conversion": rows, "load": loads, "cpu_count": os.cpu_count(),
                   "note": "rough: measured on a shared 2-core machine"}
@@ -201,7 +211,7 @@ def main() -> None:
             print(f"load {layout} rank {r['rank']}: params {r['param_mb']:6.0f} MiB  anonymous after build "
                   f"{r['anon_after_build_mb']:6.0f}  peak while loading {r['peak_anon_mb']:6.0f} MiB  "
                   f"(peak RSS incl. mapped files {r['peak_rss_mb']:.0f}; {r['load_seconds']:.2f} s)")
-    write_result(cli, "weights", result)
+    write_result(cli, "weights", result, MEASURES)
 
 
 if __name__ == "__main__":
