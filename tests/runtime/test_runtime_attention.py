@@ -28,6 +28,7 @@ from dpoc.runtime.model.attention import (
     fusion_attention_call,
     npu_causal_mask,
 )
+from tests.runtime.npu_kernels import npu_fusion_attention as fake_npu_fusion_attention
 from tests.runtime.synthetic import write_args, write_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,39 +96,6 @@ def test_a_packed_stream_attends_within_each_sequence():
             assert torch.allclose(whole.grad[start: start + length], single.grad.squeeze(1), atol=1e-5)
         start += length
     assert torch.equal(out[17:], torch.zeros(3, HEADS * HEAD_DIM))  # padding attends to nothing
-
-
-def fake_npu_fusion_attention(query, key, value, head_num, input_layout, *, pse, padding_mask, atten_mask,
-                              scale, keep_prob, pre_tockens, next_tockens, inner_precise, sparse_mode,
-                              actual_seq_qlen=None, actual_seq_kvlen=None):
-    """torch_npu.npu_fusion_attention as its documentation describes it (Ascend PyTorch API reference,
-    npu_fusion_attention): SBH = [S, B, N*D]; TND = [T, N, D] with actual_seq_qlen/kvlen the cumulative
-    sequence ends (lengths 2 2 2 -> 2 4 6); atten_mask True = masked; sparse_mode 3 (rightDownCausal)
-    takes the 2048 x 2048 compressed upper-triangular mask; N2 key/value heads must divide N1."""
-    assert pse is None and padding_mask is None and keep_prob == 1.0 and inner_precise == 0
-    assert sparse_mode == 3 and atten_mask.dtype == torch.bool
-    assert torch.equal(atten_mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1))
-    if input_layout == "SBH":
-        s, b, width = query.shape
-        d = width // head_num
-        q, k, v = (x.view(s, b, -1, d).transpose(0, 1).reshape(b * s, -1, d) for x in (query, key, value))
-        ends = [s * (i + 1) for i in range(b)]
-    else:
-        assert input_layout == "TND" and actual_seq_qlen == actual_seq_kvlen
-        assert actual_seq_qlen[-1] == query.shape[0] and actual_seq_qlen == sorted(set(actual_seq_qlen))
-        q, k, v, ends = query, key, value, actual_seq_qlen
-    assert head_num == q.shape[1] and head_num % k.shape[1] == 0
-    k, v = (x.repeat_interleave(head_num // x.shape[1], dim=1) for x in (k, v))
-    out, start = torch.empty_like(q), 0
-    for end in ends:
-        scores = torch.einsum("qnd,knd->nqk", q[start:end], k[start:end]) * scale
-        length = end - start  # rightDownCausal: query i sees keys up to i + (Skv - Sq) = i
-        scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
-        out[start:end] = torch.einsum("nqk,knd->qnd", scores.softmax(-1), v[start:end])
-        start = end
-    if input_layout == "SBH":
-        out = out.view(b, s, -1).transpose(0, 1)
-    return out, None, None, None, 0, 0, 0
 
 
 def _run_fake(call):
