@@ -22,6 +22,7 @@ def dataset():
     return tiny_dataset()
 
 
+@pytest.mark.slow
 def test_simpo_trains_from_its_rendered_files_without_a_reference(dataset, tmp_path):
     out, run_dir = tmp_path / "build", tmp_path / "run"
     build(RECIPES / "tiny_cpu.yaml", ["hardware.devices_per_node=1", "training.train_iters=3", "training.warmup_iters=0",
@@ -42,6 +43,7 @@ def test_simpo_trains_from_its_rendered_files_without_a_reference(dataset, tmp_p
     assert "reference from none (a reference-free loss)" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_reference_free_step_holds_no_reference(tmp_path):
     """The memory probe of one real step: a live-reference run holds the reference's weights, simpo none."""
     pairs = write_pairs(tmp_path / "pairs", pairs=16)

@@ -34,6 +34,7 @@ def damaged(tmp_path) -> tuple[Path, Path, str]:
     return out, tmp_path / "run", line
 
 
+@pytest.mark.slow
 def test_launch_sh_passes_exit_2_through_with_the_message_once(damaged):
     out, run, line = damaged
     (run / INPUT_ERROR).parent.mkdir(parents=True)
@@ -49,6 +50,7 @@ def test_launch_sh_passes_exit_2_through_with_the_message_once(damaged):
     assert left_running(out) == []
 
 
+@pytest.mark.slow
 def test_dpoc_launch_says_input_error_and_does_not_restart(damaged):
     out, _, line = damaged
     done = subprocess.run([sys.executable, "-m", "dpoc", "launch", str(out), "--max-restarts", "2"], cwd=REPO,

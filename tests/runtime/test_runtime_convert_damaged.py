@@ -33,6 +33,7 @@ def save(tmp_path_factory) -> Path:
     return published_save(save_model("qwen2", tmp / "hf"), tmp / "save")
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_and_none_intact_is_exit_2(save):
     shard = max((save / "iter_0000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
     size = shard.stat().st_size

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from dpoc.contract.hf_config import architecture, read_config
 from tests.conftest import REPO, run_subprocess
 from tests.runtime.hf_models import save_model
@@ -25,6 +27,7 @@ def converted(tmp: Path, hf: Path, *args: str) -> tuple[dict, dict]:
                  for name in ("config.json", "generation_config.json"))
 
 
+@pytest.mark.slow
 def test_the_source_configs_token_ids_are_kept(tmp_path):
     hf = save_model("qwen2", tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
@@ -34,6 +37,7 @@ def test_the_source_configs_token_ids_are_kept(tmp_path):
     assert converted(tmp_path, hf) == (ids, ids)
 
 
+@pytest.mark.slow
 def test_without_them_the_tokenizers_are_taken(tmp_path):
     hf = save_model("qwen2", tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
