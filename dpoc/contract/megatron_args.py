@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from dpoc.contract import losses
 
 if TYPE_CHECKING:
+    from argparse import _ArgumentGroup as _Group  # what add_argument_group returns
+
     from dpoc.contract.architecture import Architecture
 
 Arg = tuple[str, object]  # ("--flag", value); value True means a lone flag
@@ -32,142 +34,165 @@ def build_parser(prog: str = "dpoc.runtime.train", require_job: bool = True) -> 
     """The runtime's parser. `require_job=False` makes only the model's flags required, for tools that build
     the model without training it (the weight converter)."""
     p = _ArgsFileParser(prog=prog, fromfile_prefix_chars="@", allow_abbrev=False)
-    flag = dict(action="store_true")
-    job = dict(required=require_job)
+    for title, add_flags in _GROUPS:
+        add_flags(p.add_argument_group(title), {"required": require_job})
+    return p
 
-    m = p.add_argument_group("model")
-    m.add_argument("--num-layers", type=int, required=True)
-    m.add_argument("--hidden-size", type=int, required=True)
-    m.add_argument("--ffn-hidden-size", type=int, required=True)
-    m.add_argument("--num-attention-heads", type=int, required=True)
-    m.add_argument("--group-query-attention", **flag)
-    m.add_argument("--num-query-groups", type=int, default=None)
-    m.add_argument("--kv-channels", type=int, default=None)
-    m.add_argument("--max-position-embeddings", type=int, required=True)
-    m.add_argument("--position-embedding-type", choices=["rope"], default="rope")
-    m.add_argument("--rotary-base", type=int, default=10000)
-    m.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
-    m.add_argument("--norm-epsilon", type=float, default=1e-5)
-    m.add_argument("--swiglu", **flag)
-    m.add_argument("--disable-bias-linear", **flag)
-    m.add_argument("--add-qkv-bias", **flag)
-    m.add_argument("--qk-layernorm", **flag)
-    m.add_argument("--untie-embeddings-and-output-weights", **flag)
-    m.add_argument("--padded-vocab-size", type=int, required=True)
-    m.add_argument("--make-vocab-size-divisible-by", type=int, default=1)
-    m.add_argument("--init-method-std", type=float, default=0.02)
-    m.add_argument("--attention-dropout", type=float, default=0.0)
-    m.add_argument("--hidden-dropout", type=float, default=0.0)
 
-    e = p.add_argument_group("mixture of experts")
-    e.add_argument("--num-experts", type=int, default=None)
-    e.add_argument("--moe-router-topk", type=int, default=2)
-    e.add_argument("--moe-ffn-hidden-size", type=int, default=None)
-    e.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
-    e.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
-    e.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"],
+_SWITCH: dict[str, Any] = {"action": "store_true"}
+
+
+def _model_flags(g: _Group, job: dict[str, bool]) -> None:
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, required=True)
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--group-query-attention", **_SWITCH)
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--max-position-embeddings", type=int, required=True)
+    g.add_argument("--position-embedding-type", choices=["rope"], default="rope")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", **_SWITCH)
+    g.add_argument("--disable-bias-linear", **_SWITCH)
+    g.add_argument("--add-qkv-bias", **_SWITCH)
+    g.add_argument("--qk-layernorm", **_SWITCH)
+    g.add_argument("--untie-embeddings-and-output-weights", **_SWITCH)
+    g.add_argument("--padded-vocab-size", type=int, required=True)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+
+
+def _moe_flags(g: _Group, job: dict[str, bool]) -> None:
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"],
                    default="aux_loss")
-    e.add_argument("--moe-router-pre-softmax", **flag)
-    e.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="alltoall")
-    e.add_argument("--moe-grouped-gemm", **flag)
+    g.add_argument("--moe-router-pre-softmax", **_SWITCH)
+    g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="alltoall")
+    g.add_argument("--moe-grouped-gemm", **_SWITCH)
 
-    par = p.add_argument_group("parallelism")
-    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    par.add_argument("--num-layer-list", type=str, default=None,
-                     help="comma-separated transformer layers per pipeline stage (MindSpeed-LLM)")
-    par.add_argument("--context-parallel-size", type=int, default=1)
-    par.add_argument("--expert-model-parallel-size", type=int, default=1)
-    par.add_argument("--expert-tensor-parallel-size", type=int, default=None)
-    par.add_argument("--sequence-parallel", **flag)
-    par.add_argument("--use-distributed-optimizer", **flag)
-    par.add_argument("--distributed-backend", choices=["gloo", "nccl", "hccl"], default="nccl")
-    par.add_argument("--dpoc-device", choices=["cpu", "cuda", "npu"], default="cuda")
-    par.add_argument("--dpoc-core-attention", choices=["auto", "sdpa", "npu-fusion", "te", "local"],
-                     default="auto",
-                     help="core-attention kernel; auto: the device's fastest (dpoc.runtime.model.device)")
 
-    t = p.add_argument_group("training")
-    t.add_argument("--micro-batch-size", type=int, **job, help="pairs per micro-batch")
-    t.add_argument("--global-batch-size", type=int, **job, help="pairs per step")
-    t.add_argument("--seq-length", type=int, **job)
-    t.add_argument("--train-iters", type=int, **job)
-    t.add_argument("--lr", type=float, **job)
-    t.add_argument("--min-lr", type=float, default=0.0)
-    t.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant")
-    t.add_argument("--lr-warmup-iters", type=int, default=0)
-    t.add_argument("--lr-decay-iters", type=int, default=None)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--clip-grad", type=float, default=1.0)
-    t.add_argument("--adam-beta1", type=float, default=0.9)
-    t.add_argument("--adam-beta2", type=float, default=0.999)
-    t.add_argument("--adam-eps", type=float, default=1e-8)
-    t.add_argument("--seed", type=int, default=1234)
-    t.add_argument("--bf16", **flag)
-    t.add_argument("--fp16", **flag)
-    t.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    t.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
-    t.add_argument("--recompute-num-layers", type=int, default=None)
-    t.add_argument("--no-pad-to-seq-lengths", **flag,
+def _parallelism_flags(g: _Group, job: dict[str, bool]) -> None:
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--num-layer-list", type=str, default=None,
+                   help="comma-separated transformer layers per pipeline stage (MindSpeed-LLM)")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    g.add_argument("--sequence-parallel", **_SWITCH)
+    g.add_argument("--use-distributed-optimizer", **_SWITCH)
+    g.add_argument("--distributed-backend", choices=["gloo", "nccl", "hccl"], default="nccl")
+    g.add_argument("--dpoc-device", choices=["cpu", "cuda", "npu"], default="cuda")
+    g.add_argument("--dpoc-core-attention", choices=["auto", "sdpa", "npu-fusion", "te", "local"],
+                   default="auto",
+                   help="core-attention kernel; auto: the device's fastest (dpoc.runtime.model.device)")
+
+
+def _training_flags(g: _Group, job: dict[str, bool]) -> None:
+    g.add_argument("--micro-batch-size", type=int, **job, help="pairs per micro-batch")
+    g.add_argument("--global-batch-size", type=int, **job, help="pairs per step")
+    g.add_argument("--seq-length", type=int, **job)
+    g.add_argument("--train-iters", type=int, **job)
+    g.add_argument("--lr", type=float, **job)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", **_SWITCH)
+    g.add_argument("--fp16", **_SWITCH)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--no-pad-to-seq-lengths", **_SWITCH,
                    help="pad each micro-batch to its longest sequence rounded to tp*cp, not to --seq-length")
-    t.add_argument("--dpoc-packing", **flag,
+    g.add_argument("--dpoc-packing", **_SWITCH,
                    help="pack several pairs per micro-batch into one token stream of at most "
                         "2 x micro-batch-size x seq-length tokens (dpoc.contract.packing)")
 
-    d = p.add_argument_group("data")
-    d.add_argument("--data-path", type=str, **job, help="dataset prefix, without _packed")
-    d.add_argument("--tokenizer-type", choices=["PretrainedFromHF"], default="PretrainedFromHF")
-    d.add_argument("--tokenizer-name-or-path", type=str, default=None)
-    d.add_argument("--is-pairwise-dataset", **flag)
 
-    c = p.add_argument_group("checkpoint")
-    c.add_argument("--load", type=str, default=None)
-    c.add_argument("--save", type=str, default=None)
-    c.add_argument("--save-interval", type=int, default=None)
-    c.add_argument("--finetune", **flag)
-    c.add_argument("--no-load-optim", **flag)
-    c.add_argument("--no-load-rng", **flag)
-    c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
-    c.add_argument("--ref-model", type=str, default=None,
+def _data_flags(g: _Group, job: dict[str, bool]) -> None:
+    g.add_argument("--data-path", type=str, **job, help="dataset prefix, without _packed")
+    g.add_argument("--tokenizer-type", choices=["PretrainedFromHF"], default="PretrainedFromHF")
+    g.add_argument("--tokenizer-name-or-path", type=str, default=None)
+    g.add_argument("--is-pairwise-dataset", **_SWITCH)
+
+
+def _checkpoint_flags(g: _Group, job: dict[str, bool]) -> None:
+    g.add_argument("--load", type=str, default=None)
+    g.add_argument("--save", type=str, default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", **_SWITCH)
+    g.add_argument("--no-load-optim", **_SWITCH)
+    g.add_argument("--no-load-rng", **_SWITCH)
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--ref-model", type=str, default=None,
                    help="the frozen reference's weights: a Hugging Face directory or a distributed checkpoint")
-    c.add_argument("--dpoc-init", choices=["random", "hf", "converted"], default=None,
+    g.add_argument("--dpoc-init", choices=["random", "hf", "converted"], default=None,
                    help="where the policy's initial weights come from: a seeded random init, --dpoc-hf-weights, "
                         "or the distributed checkpoint --load (with --finetune)")
-    c.add_argument("--dpoc-hf-weights", type=str, default=None, help="Hugging Face weights directory")
-    c.add_argument("--dpoc-keep-checkpoints", type=int, default=2, help="newest complete checkpoints kept")
+    g.add_argument("--dpoc-hf-weights", type=str, default=None, help="Hugging Face weights directory")
+    g.add_argument("--dpoc-keep-checkpoints", type=int, default=2, help="newest complete checkpoints kept")
 
-    o = p.add_argument_group("dpo")
-    o.add_argument("--stage", choices=["dpo"], **job)
-    o.add_argument("--dpo-loss-type", type=_loss_names, default=("sigmoid",),
+
+def _dpo_flags(g: _Group, job: dict[str, bool]) -> None:
+    g.add_argument("--stage", choices=["dpo"], **job)
+    g.add_argument("--dpo-loss-type", type=_loss_names, default=("sigmoid",),
                    help="one loss, or several separated by commas, added with --dpoc-loss-weights "
                         "(dpoc.contract.losses)")
-    o.add_argument("--dpoc-loss-weights", type=_floats, default=(), help="one per loss, by commas (default: 1 each)")
-    o.add_argument("--dpo-beta", type=float, default=0.1)
-    o.add_argument("--dpo-label-smoothing", type=float, default=0.0)
-    o.add_argument("--pref-ftx", type=float, default=0.0, help="weight of the SFT loss on chosen (RPO's alpha)")
-    o.add_argument("--dpoc-ld-alpha", type=float, default=None,
+    g.add_argument("--dpoc-loss-weights", type=_floats, default=(), help="one per loss, by commas (default: 1 each)")
+    g.add_argument("--dpo-beta", type=float, default=0.1)
+    g.add_argument("--dpo-label-smoothing", type=float, default=0.0)
+    g.add_argument("--pref-ftx", type=float, default=0.0, help="weight of the SFT loss on chosen (RPO's alpha)")
+    g.add_argument("--dpoc-ld-alpha", type=float, default=None,
                    help="LD-DPO: weight of the log-probs past the shorter response of each pair")
-    o.add_argument("--dpoc-f-divergence", choices=losses.F_DIVERGENCES, default="reverse_kl")
-    o.add_argument("--dpoc-f-alpha", type=float, default=losses.DEFAULT_F_ALPHA)
-    o.add_argument("--dpoc-discopop-tau", type=float, default=losses.DEFAULT_DISCOPOP_TAU)
-    o.add_argument("--dpoc-simpo-gamma", type=float, default=losses.DEFAULT_SIMPO_GAMMA)
-    o.add_argument("--dpoc-cpo-alpha", type=float, default=0.0, help="weight of the chosen NLL of cpo and simpo")
-    o.add_argument("--dpoc-reference", choices=["live", "precomputed", "none"], default="live",
+    g.add_argument("--dpoc-f-divergence", choices=losses.F_DIVERGENCES, default="reverse_kl")
+    g.add_argument("--dpoc-f-alpha", type=float, default=losses.DEFAULT_F_ALPHA)
+    g.add_argument("--dpoc-discopop-tau", type=float, default=losses.DEFAULT_DISCOPOP_TAU)
+    g.add_argument("--dpoc-simpo-gamma", type=float, default=losses.DEFAULT_SIMPO_GAMMA)
+    g.add_argument("--dpoc-cpo-alpha", type=float, default=0.0, help="weight of the chosen NLL of cpo and simpo")
+    g.add_argument("--dpoc-reference", choices=["live", "precomputed", "none"], default="live",
                    help="live: the frozen reference's forward in every step; precomputed: its log-probs read from "
                         "<data-path>_reference-<key>.npz, written by `python -m dpoc.runtime.precompute` "
                         "(dpoc.runtime.reference.reference_file); none: a reference-free loss, no reference at all")
-    o.add_argument("--dpoc-reference-micro-batch-size", type=int, default=None,
+    g.add_argument("--dpoc-reference-micro-batch-size", type=int, default=None,
                    help="pairs per forward of the precompute pass (default: --micro-batch-size)")
 
-    lg = p.add_argument_group("logging")
-    lg.add_argument("--log-interval", type=int, default=1)
-    lg.add_argument("--tensorboard-dir", type=str, default=None)
-    lg.add_argument("--dpoc-run-dir", type=str, **job)
-    lg.add_argument("--dpoc-plan-hash", type=str, default=None)
-    lg.add_argument("--dpoc-measure-memory", **flag,
-                    help="count this rank's memory on step 1 into <run-dir>/memory/rank-<r>.json, then stop")
-    return p
+
+def _logging_flags(g: _Group, job: dict[str, bool]) -> None:
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", type=str, default=None)
+    g.add_argument("--dpoc-run-dir", type=str, **job)
+    g.add_argument("--dpoc-plan-hash", type=str, default=None)
+    g.add_argument("--dpoc-measure-memory", **_SWITCH,
+                   help="count this rank's memory on step 1 into <run-dir>/memory/rank-<r>.json, then stop")
+
+
+_GROUPS: tuple[tuple[str, Callable[[_Group, dict[str, bool]], None]], ...] = (
+    ("model", _model_flags),
+    ("mixture of experts", _moe_flags),
+    ("parallelism", _parallelism_flags),
+    ("training", _training_flags),
+    ("data", _data_flags),
+    ("checkpoint", _checkpoint_flags),
+    ("dpo", _dpo_flags),
+    ("logging", _logging_flags),
+)
 
 
 def _loss_names(text: str) -> tuple[str, ...]:

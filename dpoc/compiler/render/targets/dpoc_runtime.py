@@ -75,13 +75,20 @@ def unsupported(plan: Plan) -> list[Violation]:
 
 def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
     """The runtime's arguments. `resume` loads the policy, optimizer, RNG and data position from `save`."""
-    m, lay, t, d, ck = plan.model, plan.layout, plan.training, plan.dpo, plan.checkpoint
-    args = model_args(m)
-    if m.moe is not None:
+    return [*model_args(plan.model), *_parallel_args(plan), *_training_args(plan), *_dpo_args(plan),
+            *_checkpoint_args(plan, resume),
+            ("--log-interval", plan.training.log_interval), ("--dpoc-run-dir", plan.run_dir),
+            ("--dpoc-plan-hash", plan.hash())]
+
+
+def _parallel_args(plan: Plan) -> list[Arg]:
+    """How the experts are computed, the parallel layout, and the device."""
+    lay = plan.layout
+    args: list[Arg] = []
+    if plan.model.moe is not None:
         args.append(("--moe-token-dispatcher-type", lay.moe_dispatcher))
         if lay.moe_grouped_gemm:
             args.append(("--moe-grouped-gemm", True))
-
     args += [
         ("--tensor-model-parallel-size", lay.tp),
         ("--pipeline-model-parallel-size", lay.pp),
@@ -99,9 +106,13 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         args.append(("--sequence-parallel", True))
     if lay.distributed_optimizer:
         args.append(("--use-distributed-optimizer", True))
-    args += [("--distributed-backend", plan.hardware.backend), ("--dpoc-device", plan.hardware.device)]
+    return [*args, ("--distributed-backend", plan.hardware.backend), ("--dpoc-device", plan.hardware.device)]
 
-    args += [
+
+def _training_args(plan: Plan) -> list[Arg]:
+    """Batch, schedule, optimizer, precision, recompute and padding."""
+    lay, t = plan.layout, plan.training
+    args: list[Arg] = [
         ("--micro-batch-size", lay.micro_batch_size),
         ("--global-batch-size", lay.global_batch_size),
         ("--seq-length", t.seq_length),
@@ -127,8 +138,13 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         args.append(("--no-pad-to-seq-lengths", True))
     if t.packing:
         args.append(("--dpoc-packing", True))
+    return args
 
-    args += [
+
+def _dpo_args(plan: Plan) -> list[Arg]:
+    """The pairwise dataset and its tokenizer, the DPO loss and the reference."""
+    d = plan.dpo
+    args: list[Arg] = [
         ("--data-path", plan.data.output_prefix),
         ("--is-pairwise-dataset", True),
         ("--tokenizer-type", "PretrainedFromHF"),
@@ -143,13 +159,19 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
     args += loss_args(d)
     if d.reference == "precomputed":
         args.append(("--dpoc-reference-micro-batch-size", d.reference_micro_batch_size))
-    args += [
+    return args
+
+
+def _checkpoint_args(plan: Plan, resume: bool) -> list[Arg]:
+    """Where checkpoints go, and where the weights come from: a resume, a converted start, or `init`."""
+    ck = plan.checkpoint
+    args: list[Arg] = [
         ("--ckpt-format", "torch_dist"),
         ("--save", ck.save),
-        ("--save-interval", t.save_interval),
+        ("--save-interval", plan.training.save_interval),
         ("--dpoc-keep-checkpoints", ck.keep),
+        ("--dpoc-init", ck.init),
     ]
-    args.append(("--dpoc-init", ck.init))
     if ck.init == "hf":
         args.append(("--dpoc-hf-weights", ck.hf_weights))
     if ck.ref_model is not None:
@@ -158,11 +180,6 @@ def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
         args.append(("--load", ck.save))
     elif ck.load is not None:
         args += [("--load", ck.load), ("--finetune", True), ("--no-load-optim", True), ("--no-load-rng", True)]
-    args += [
-        ("--log-interval", t.log_interval),
-        ("--dpoc-run-dir", plan.run_dir),
-        ("--dpoc-plan-hash", plan.hash()),
-    ]
     return args
 
 

@@ -166,9 +166,9 @@ def model_config(plan: Plan) -> dict[str, Any]:
 
 def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
     """The `megatron_training` section of dpo_<name>.yaml."""
-    lay, t, ck, m = plan.layout, plan.training, plan.checkpoint, plan.model
+    lay, t, ck = plan.layout, plan.training, plan.checkpoint
     cfg: dict[str, Any] = {
-        "model": m.mindspeed_name,
+        "model": plan.model.mindspeed_name,
         "use_mcore_models": True,
         "stage": "dpo",
         "is_pairwise_dataset": True,
@@ -180,6 +180,47 @@ def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
         "data_path": plan.data.output_prefix,
         "split": "100,0,0",
         "no_shuffle": False,
+        **_optimizer_config(plan),
+        **_kernel_config(plan),
+        **_layout_config(plan),
+        "ref_model": ck.mindspeed_ref_model,
+        "save": ck.save,
+        "save_interval": t.save_interval,
+        "log_interval": t.log_interval,
+        "eval_interval": t.train_iters + 1,
+        "eval_iters": 0,
+        # every save is resumable: never no_save_optim / no_save_rng
+    }
+    if resume:
+        cfg.update({"finetune": False, "load": ck.save, "no_load_optim": False, "no_load_rng": False})
+    else:
+        cfg.update({"finetune": True, "load": ck.mindspeed_load, "no_load_optim": True, "no_load_rng": True})
+    cfg.update(_pipeline_config(plan))
+    if lay.recompute == "full":
+        cfg.update(
+            {
+                "recompute_granularity": "full",
+                "recompute_method": lay.recompute_method,
+                "recompute_num_layers": lay.recompute_num_layers,
+            }
+        )
+    if plan.model.moe is not None:
+        cfg.update(
+            {
+                "moe_token_dispatcher_type": lay.moe_dispatcher,
+                "moe_grouped_gemm": lay.moe_grouped_gemm,
+                "moe_permutation_async_comm": lay.moe_permutation_async_comm,
+                "moe_alltoall_overlap_comm": lay.moe_alltoall_overlap_comm,
+                "moe_tp_extend_ep": lay.moe_tp_extend_ep,
+            }
+        )
+    return _scalars(cfg)
+
+
+def _optimizer_config(plan: Plan) -> dict[str, Any]:
+    """Batch, schedule and optimizer (MindSpeed-RL fixes warm-up and Adam's eps: see `unsupported`)."""
+    lay, t = plan.layout, plan.training
+    return {
         "seq_length": t.seq_length,
         "micro_batch_size": lay.micro_batch_size,
         "global_batch_size": lay.global_batch_size,
@@ -194,7 +235,13 @@ def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
         "initial_loss_scale": 4096,
         "seed": t.seed,
         "bf16": t.precision == "bf16",
-        "norm_epsilon": m.norm_epsilon,
+    }
+
+
+def _kernel_config(plan: Plan) -> dict[str, Any]:
+    """The model's numerics as MindSpeed computes them, and its fused Ascend kernels."""
+    return {
+        "norm_epsilon": plan.model.norm_epsilon,
         "attention_dropout": 0.0,
         "hidden_dropout": 0.0,
         "init_method_std": 0.02,
@@ -206,6 +253,13 @@ def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
         "no_masked_softmax_fusion": True,
         "no_gradient_accumulation_fusion": True,
         "attention_mask_type": "general",
+    }
+
+
+def _layout_config(plan: Plan) -> dict[str, Any]:
+    """The parallel sizes and the distributed optimizer."""
+    lay = plan.layout
+    return {
         "tensor_model_parallel_size": lay.tp,
         "pipeline_model_parallel_size": lay.pp,
         "expert_model_parallel_size": lay.ep,
@@ -213,45 +267,22 @@ def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
         "sequence_parallel": lay.sequence_parallel,
         "use_distributed_optimizer": lay.distributed_optimizer,
         "overlap_grad_reduce": lay.distributed_optimizer,
-        "reuse_fp32_param": lay.distributed_optimizer and t.precision == "bf16",
+        "reuse_fp32_param": lay.distributed_optimizer and plan.training.precision == "bf16",
         "distributed_backend": "nccl",
-        "ref_model": ck.mindspeed_ref_model,
-        "save": ck.save,
-        "save_interval": t.save_interval,
-        "log_interval": t.log_interval,
-        "eval_interval": t.train_iters + 1,
-        "eval_iters": 0,
-        # every save is resumable: never no_save_optim / no_save_rng
     }
-    if resume:
-        cfg.update({"finetune": False, "load": ck.save, "no_load_optim": False, "no_load_rng": False})
-    else:
-        cfg.update({"finetune": True, "load": ck.mindspeed_load, "no_load_optim": True, "no_load_rng": True})
+
+
+def _pipeline_config(plan: Plan) -> dict[str, Any]:
+    """Interleaving, an uneven pipeline and its no-op layers, as MindSpeed's comma-separated scalars."""
+    lay = plan.layout
+    cfg: dict[str, Any] = {}
     if lay.vpp > 1:
         cfg["num_layers_per_virtual_pipeline_stage"] = lay.stage_layers[0] // lay.vpp
     if lay.num_layer_list is not None:
         cfg["num_layer_list"] = ",".join(map(str, lay.num_layer_list))
     if lay.noop_layers:
         cfg["noop_layers"] = ",".join(map(str, lay.noop_layers))
-    if lay.recompute == "full":
-        cfg.update(
-            {
-                "recompute_granularity": "full",
-                "recompute_method": lay.recompute_method,
-                "recompute_num_layers": lay.recompute_num_layers,
-            }
-        )
-    if m.moe is not None:
-        cfg.update(
-            {
-                "moe_token_dispatcher_type": lay.moe_dispatcher,
-                "moe_grouped_gemm": lay.moe_grouped_gemm,
-                "moe_permutation_async_comm": lay.moe_permutation_async_comm,
-                "moe_alltoall_overlap_comm": lay.moe_alltoall_overlap_comm,
-                "moe_tp_extend_ep": lay.moe_tp_extend_ep,
-            }
-        )
-    return _scalars(cfg)
+    return cfg
 
 
 def dataset_config(plan: Plan) -> dict[str, Any]:
