@@ -1,5 +1,6 @@
 """Publishing atomically, the one implementation: a file, a new directory, a directory replaced whole, or a set
-of files swapped in together. Each is written beside its target, fsynced, and renamed into place.
+of files swapped in together. Each is written beside its target, made durable (fsynced; a directory by one
+sync of its filesystem where Linux has syncfs), and renamed into place.
 
 A reader sees the old state or the new one, never a mix, even after a crash or a power cut halfway through;
 a failure removes what it staged and leaves no trace. Builds, datasets, checkpoints, the converter's output,
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -103,11 +105,35 @@ def swap_in(files: Sequence[tuple[str | Path, str | Path]], aside: Path) -> None
 
 
 def sync_tree(root: Path) -> None:
-    """fsync every file and directory under `root` (files first), so a rename publishes durable data."""
+    """Make every file and directory under `root` durable, so a rename publishes durable data: one syncfs of
+    its filesystem on Linux (one journal commit, where an fsync per file costs one each: 30 fsyncs were most
+    of a `dpoc build`), else an fsync of every file and directory, files first."""
+    if _syncfs(root):
+        return
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
             fsync_path(Path(folder) / name)
         fsync_path(Path(folder))
+
+
+def _syncfs(path: Path) -> bool:
+    """syncfs(2) of the filesystem holding `path`; False where the platform has none. Since Linux 5.8 it
+    reports the filesystem's writeback errors, raised here as OSError."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if syncfs is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), str(path))
+    finally:
+        os.close(fd)
+    return True
 
 
 def fsync_path(path: str | Path) -> None:
