@@ -28,6 +28,7 @@ from dpoc.runtime.checkpoint.preemption import Preemption
 from dpoc.runtime.checkpoint.save_load import Checkpointer, check_start
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model.gpt import (
+    expert_path,
     transformer_config,
     uniform_micro_batch_length,
 )
@@ -144,6 +145,8 @@ def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, st
     log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
              f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
+    log.line(f"kernels: attention {devices.attention_kernel(device.kind, args.dpoc_core_attention)}, "
+             f"moe experts {expert_path(args)}")
     reference = "none (a reference-free loss)" if args.dpoc_reference == "none" else weights[1].describe()
     log.line(f"weights: policy from {weights[0].describe()}, reference from {reference}"
              + (f" (precomputed log-probs: {precomputed.path})" if precomputed is not None else ""))
