@@ -55,6 +55,15 @@ def test_interleaved_pipeline_on_two_stages_avoids_batched_p2p(tmp_path):
     assert not config.batch_p2p_comm and not config.variable_seq_lengths
 
 
+def test_gloo_workarounds_stay_off_hccl_and_nccl(tmp_path):
+    for device, backend in (("npu", "hccl"), ("cuda", "nccl")):
+        args = parse(tmp_path, layout=[("--pipeline-model-parallel-size", 2),
+                                       ("--num-layers-per-virtual-pipeline-stage", 1)],
+                     extra=[("--dpoc-device", device), ("--distributed-backend", backend)])
+        config = transformer_config(args, Device(device, backend))
+        assert config.batch_p2p_comm and config.variable_seq_lengths, backend
+
+
 def test_bad_layer_list_is_refused(tmp_path):
     args = parse(tmp_path, layout=[("--pipeline-model-parallel-size", 2), ("--num-layer-list", "3,2")])
     with pytest.raises(DpocError) as err:

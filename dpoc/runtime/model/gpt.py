@@ -84,13 +84,20 @@ def transformer_config(args: argparse.Namespace, device: Device) -> TransformerC
         # there every micro-batch of a step gets one length instead (see uniform_micro_batch_length)
         variable_seq_lengths=not uniform_micro_batch_length(args),
         # gloo matches a batched send/recv pair crosswise when both neighbours are one peer (pp=2)
-        batch_p2p_comm=args.pipeline_model_parallel_size > 2 or virtual_pipeline_size(args) is None,
+        batch_p2p_comm=not _gloo_interleaved(args) or args.pipeline_model_parallel_size > 2,
         deallocate_pipeline_outputs=True,
     )
 
 
 def uniform_micro_batch_length(args: argparse.Namespace) -> bool:
-    return virtual_pipeline_size(args) is not None
+    """One length for every micro-batch of a step: the gloo workaround for the interleaved pipeline only."""
+    return _gloo_interleaved(args)
+
+
+def _gloo_interleaved(args: argparse.Namespace) -> bool:
+    """An interleaved (virtual) pipeline over gloo, the case gloo's point-to-point traps need working around;
+    hccl and nccl take variable shapes and batched p2p."""
+    return args.distributed_backend == "gloo" and virtual_pipeline_size(args) is not None
 
 
 def check_supported(args: argparse.Namespace, args_file: str) -> None:
