@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(1)
     try:
-        with devices.running_on(devices.Device("cpu", "gloo", supports_grouped_gemm=False)):
+        with devices.running_on(devices.Device("cpu", "gloo")):
             results = measure(rounds, repeats, list(SHAPES)[:1] if args.smoke else list(SHAPES))
     finally:
         parallel_state.destroy_model_parallel()

@@ -28,6 +28,7 @@ from dpoc.runtime.checkpoint.preemption import Preemption
 from dpoc.runtime.checkpoint.save_load import Checkpointer, check_start
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model.gpt import (
+    expert_path,
     transformer_config,
     uniform_micro_batch_length,
 )
@@ -144,6 +145,8 @@ def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, st
     log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
              f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
+    log.line(f"kernels: attention {devices.attention_kernel(device.kind, args.dpoc_core_attention)}, "
+             f"moe experts {expert_path(args)}")
     reference = "none (a reference-free loss)" if args.dpoc_reference == "none" else weights[1].describe()
     log.line(f"weights: policy from {weights[0].describe()}, reference from {reference}"
              + (f" (precomputed log-probs: {precomputed.path})" if precomputed is not None else ""))
@@ -154,14 +157,15 @@ def _step_metrics(per_micro_batch: list[dict], batches: list, global_batch: int,
                   keys: tuple[str, ...]) -> dict[str, float]:
     """Means over all pairs of the step: the last pipeline stage's first tensor-parallel rank of each
     data-parallel replica contributes its micro-batches' sums and token counts; one all-reduce over the world
-    adds them up. `fill`: real tokens / tokens of the rows they were given."""
+    adds them up, in float32 (torch_npu has no float64 on the device). `fill`: real tokens / tokens of the rows
+    they were given."""
     contributes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                    and parallel_state.get_tensor_model_parallel_rank() == 0
                    and parallel_state.get_context_parallel_rank() == 0)
-    values = torch.zeros(len(keys) + 2, dtype=torch.float64, device=device.current())
+    values = torch.zeros(len(keys) + 2, dtype=torch.float32, device=device.current())
     if contributes:
         for metrics in per_micro_batch:
-            values[:-2] += torch.stack([metrics[k].double() for k in keys])
+            values[:-2] += torch.stack([metrics[k].float() for k in keys])
         values[-2] = sum(b.real_tokens for b in batches)
         values[-1] = sum(b.row_tokens for b in batches)
     dist.all_reduce(values)

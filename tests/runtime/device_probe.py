@@ -57,7 +57,7 @@ checks = {
 }
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
 parallel_state.initialize_model_parallel()
-cpu = devices.Device("cpu", "gloo", supports_grouped_gemm=False)
+cpu = devices.Device("cpu", "gloo")
 result = {"before": {name: attempt(check) for name, check in checks.items()}}
 devices.select("cpu", "gloo")
 devices.fill_megatron_gaps()

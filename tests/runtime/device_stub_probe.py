@@ -43,7 +43,7 @@ with devices.running_on(device):
     result = {
         "seed": attempt(lambda: session.initialize_parallel(args)),
         "type_name": attempt(lambda: torch.nn.Parameter(torch.zeros(2, device=device.current())).type()),
-        "collective": attempt(lambda: weight_sources.problems_everywhere([])),
+        "collective": attempt(lambda: weight_sources.problems_everywhere([], args.dpoc_device)),
         "experts": attempt(lambda: experts(args, device)),
     }
 print(json.dumps(result))

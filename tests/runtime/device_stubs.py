@@ -15,6 +15,7 @@ The device's memory is the CPU's: tensor factories naming the accelerator ("npu"
 on the CPU. A tensor made by a factory without a device is a host tensor (marked), as it would be on a real
 machine; tensors derived from it by arithmetic are not tracked, so the collective check catches tensors made
 on the host and handed straight to a collective (the defect it exists for), not every possible one.
+torch.compile (megatron-core's `jit_fuser`) is off: it would compile for a device that is not there.
 Transport is gloo underneath, so the CPU bridge's two gloo-only adaptations (MoE split sizes, uneven
 all-gather) are applied beneath the stub; nothing else of the bridge is.
 
@@ -23,6 +24,7 @@ Usage (in a fresh process, before dpoc.runtime selects the device): `install("np
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -37,7 +39,7 @@ NO_CPU_BACKEND = "No backend type associated with device type cpu"
 # torch_npu.npu.__all__ as far as megatron-core and dpoc reach through torch.cuda: no default_generators
 NPU_ALL = ("is_available", "is_initialized", "device_count", "current_device", "set_device", "synchronize", "get_rng_state",
            "set_rng_state", "manual_seed", "manual_seed_all", "Stream", "Event", "current_stream",
-           "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats", "empty_cache")
+           "stream", "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats", "empty_cache")
 FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.as_tensor}
 MOVES = {torch.Tensor.to, torch.Tensor.cuda, getattr(torch.Tensor, "npu", None)} - {None}
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter",
@@ -81,6 +83,7 @@ def _accelerator() -> dict[str, object]:
         "manual_seed": lambda seed: torch.default_generator.manual_seed(seed),
         "manual_seed_all": lambda seed: torch.default_generator.manual_seed(seed),
         "Stream": _Stream, "Event": _Stream, "current_stream": lambda *a, **k: _Stream(),
+        "stream": lambda stream=None: contextlib.nullcontext(stream),
         "memory_allocated": lambda *a, **k: 0, "max_memory_allocated": lambda *a, **k: 0,
         "reset_peak_memory_stats": lambda *a, **k: None, "empty_cache": lambda: None,
     }
@@ -188,6 +191,7 @@ def install(kind: str) -> None:
     """Make this process look like a node with one `kind` device (npu or cuda); once per process."""
     assert not installed, installed
     installed.append(kind)
+    torch._dynamo.config.disable = True  # megatron's jit_fuser compiles for the real device, not this one
     _gloo_transport()
     _groups_without_cpu_backend()
     if kind == "npu":

@@ -108,7 +108,7 @@ def test_backend_must_fit_the_device():
 
 
 def test_accelerators_run_without_the_bridge():
-    with devices.running_on(devices.Device("cuda", "nccl", supports_grouped_gemm=True)):
+    with devices.running_on(devices.Device("cuda", "nccl", experts="npu-gmm")):
         assert torch.empty(1).device.type == "cpu"
         with pytest.raises((AssertionError, RuntimeError)):
             torch.empty(1, device="cuda")

@@ -20,7 +20,7 @@ from tests.runtime.synthetic import write_args, write_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CPU = Device("cpu", "gloo", supports_grouped_gemm=False)
+CPU = Device("cpu", "gloo")
 
 
 def parse(tmp_path: Path, **kwargs):
@@ -36,7 +36,7 @@ def test_qwen3_moe_architecture_reaches_megatron(tmp_path):
     assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (4, 2, 32)
     assert not config.moe_router_pre_softmax  # softmax over the top-k logits = normalised top-k probs
     assert config.moe_aux_loss_coeff == 0.001
-    assert not config.moe_grouped_gemm  # asked for, but the CPU has no grouped GEMM kernel
+    assert not config.moe_grouped_gemm  # never megatron's GroupedMLP (grouped_gemm package): see experts.py
     assert config.use_cpu_initialization and not config.gradient_accumulation_fusion
 
 
@@ -53,6 +53,15 @@ def test_interleaved_pipeline_on_two_stages_avoids_batched_p2p(tmp_path):
     config = transformer_config(args, CPU)
     assert config.virtual_pipeline_model_parallel_size == 2
     assert not config.batch_p2p_comm and not config.variable_seq_lengths
+
+
+def test_gloo_workarounds_stay_off_hccl_and_nccl(tmp_path):
+    for device, backend in (("npu", "hccl"), ("cuda", "nccl")):
+        args = parse(tmp_path, layout=[("--pipeline-model-parallel-size", 2),
+                                       ("--num-layers-per-virtual-pipeline-stage", 1)],
+                     extra=[("--dpoc-device", device), ("--distributed-backend", backend)])
+        config = transformer_config(args, Device(device, backend))
+        assert config.batch_p2p_comm and config.variable_seq_lengths, backend
 
 
 def test_bad_layer_list_is_refused(tmp_path):

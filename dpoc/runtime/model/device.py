@@ -2,7 +2,11 @@
 
 megatron-core has no device abstraction: it hard-codes `device="cuda"`, `torch.cuda.current_device()`, CUDA
 RNG states, streams and a CUDA tensor-type check. On cpu, `_CpuBridge` maps exactly those assumptions onto
-the CPU (each has a test in tests/runtime/test_runtime_device.py); on npu and cuda nothing here is patched.
+the CPU (each has a test in tests/runtime/test_runtime_device.py). On npu, torch_npu's `transfer_to_npu`
+answers most of them and `_NpuPatches` the two it leaves (the RNG states, the tensor type names); dpoc does
+not load MindSpeed's megatron adaptor (docs/devices.md says why). On cuda nothing is patched.
+
+Every optional kernel is chosen here, per device: core attention (`ATTENTION`), the MoE experts (`EXPERTS`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import importlib
 import importlib.util
 import types
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,19 +29,20 @@ BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 # the core-attention kernels each device can run (dpoc/runtime/attention.py), fastest first; `auto` takes the
 # first one available. TransformerEngine only counts when it is installed.
 ATTENTION = {"cpu": ("sdpa", "local"), "cuda": ("te", "sdpa", "local"), "npu": ("npu-fusion", "local")}
+# the MoE experts each device computes (dpoc/runtime/model/experts.py), fastest first: grouped GEMM kernels,
+# then megatron-core's SequentialMLP loop. torch's grouped GEMM only counts when this torch has it.
+EXPERTS = {"cpu": ("sequential",), "cuda": ("torch-grouped-mm", "sequential"), "npu": ("npu-gmm", "sequential")}
 
 
 @dataclass(frozen=True)
 class Device:
     kind: str  # "cpu" | "cuda" | "npu"
     backend: str  # torch.distributed backend
-    supports_grouped_gemm: bool
+    experts: str = "sequential"  # the MoE experts kernel (`EXPERTS`)
 
     def current(self) -> torch.device:
         """Where this process's tensors live (set from LOCAL_RANK at start)."""
-        if self.kind == "cpu":
-            return torch.device("cpu")
-        return torch.device(self.kind, getattr(torch, self.kind).current_device())
+        return current(self.kind)
 
     def synchronize(self) -> None:
         """Wait for queued kernels, so wall-clock step times are real."""
@@ -52,6 +58,13 @@ class Device:
             getattr(torch, self.kind).set_rng_state(state)
 
 
+def current(kind: str) -> torch.device:
+    """Where this process's tensors, and every tensor it hands to a collective, live on a `kind` device."""
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(kind, getattr(torch, kind).current_device())
+
+
 def select(kind: str, backend: str, args_file: str = "megatron.args", attention: str = "auto") -> Device:
     """Check that `kind` is usable here, that `backend` fits it and that it runs the requested core-attention
     kernel; on cpu, install the megatron bridge."""
@@ -61,6 +74,7 @@ def select(kind: str, backend: str, args_file: str = "megatron.args", attention:
                                  f"{backend} does not drive --dpoc-device {kind} (valid: {expected})")])
     if kind == "npu":
         _import_torch_npu(args_file)
+        _NpuPatches.install()
     elif kind == "cuda" and not torch.cuda.is_available():
         raise DpocError([Problem(args_file, "--dpoc-device",
                                  "cuda requested but torch sees no CUDA device "
@@ -68,7 +82,17 @@ def select(kind: str, backend: str, args_file: str = "megatron.args", attention:
     elif kind == "cpu":
         _CpuBridge.install()
     attention_kernel(kind, attention, args_file)  # an unknown kernel fails here, before any process waits
-    return Device(kind, backend, supports_grouped_gemm=kind != "cpu")
+    return Device(kind, backend, experts=experts_kernel(kind))
+
+
+def experts_kernel(kind: str) -> str:
+    """The MoE experts kernel `kind` runs: its first available one (`EXPERTS`). A GPU whose torch lacks
+    `torch._grouped_mm` loops over the experts, and says so once."""
+    kernel = next(k for k in EXPERTS[kind] if k != "torch-grouped-mm" or hasattr(torch, "_grouped_mm"))
+    if kernel == "sequential" and len(EXPERTS[kind]) > 1:
+        warnings.warn(f"torch {torch.__version__} has no grouped GEMM (torch._grouped_mm): MoE experts on {kind} "
+                      "run one at a time (megatron-core's SequentialMLP)", stacklevel=2)
+    return kernel
 
 
 def attention_kernel(kind: str, requested: str, args_file: str = "megatron.args") -> str:
@@ -160,8 +184,7 @@ class _CpuBridge:
             return
         cls._rng()
         cls._runtime()
-        cls._tensor_to_cuda()
-        cls._tensor_type_name()
+        _report_cuda_type_names("torch.")
         cls._moe_split_sizes()
         cls._uneven_collectives()
         cls._tensor_to_cuda()
@@ -170,10 +193,7 @@ class _CpuBridge:
     @staticmethod
     def _rng() -> None:
         """megatron's RNG tracker saves/forks 'CUDA' RNG states: use the CPU generator's."""
-        from megatron.core.tensor_parallel import random as mrandom
-
-        mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-        mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+        _route_rng_states(torch)
         torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
         torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
 
@@ -189,23 +209,10 @@ class _CpuBridge:
 
     @staticmethod
     def _tensor_to_cuda() -> None:
-        """The distributed optimizer moves its state to the device with `Tensor.cuda()` before gathering it
-        for a fully reshardable checkpoint: on the cpu the tensor is already where it belongs."""
+        """`Tensor.cuda()` keeps the tensor where it is: the distributed optimizer moves its state to the device
+        before gathering it for a fully reshardable checkpoint, and tied embeddings at pp>1 move the last
+        stage's copy of the word embeddings (language_module.setup_embeddings_and_output_layer)."""
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
-
-    @staticmethod
-    def _tensor_type_name() -> None:
-        """Optimizer and grad clipping assert `param.grad.type() == 'torch.cuda.FloatTensor'`."""
-        original = torch.Tensor.type
-
-        def type_(self, dtype=None, non_blocking=False, **kwargs):
-            if dtype is None and not kwargs and self.device.type == "cpu":
-                # under a function mode, `original` re-enters this wrapper: rename once
-                name = original(self)
-                return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
-            return original(self, dtype, non_blocking, **kwargs)
-
-        torch.Tensor.type = type_
 
     @staticmethod
     def _moe_split_sizes() -> None:
@@ -249,11 +256,43 @@ class _CpuBridge:
         dist.reduce_scatter = reduce_scatter
 
 
-    @staticmethod
-    def _tensor_to_cuda() -> None:
-        """Tied embeddings at pp>1: the last stage's copy of the word embeddings is moved with `.cuda()`
-        (language_module.setup_embeddings_and_output_layer). On the CPU it stays where it is."""
-        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+class _NpuPatches:
+    """What `transfer_to_npu` leaves to megatron-core on npu: it copies only the names in
+    `torch_npu.npu.__all__` onto torch.cuda, and `default_generators` (which megatron's RNG tracker indexes)
+    is not one of them; NPU tensors report `torch.npu.*` type names, which megatron's optimizers refuse."""
+
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls.installed:
+            _route_rng_states(torch.npu)
+            _report_cuda_type_names("torch.npu.")
+            cls.installed = True
+
+
+def _route_rng_states(generators: types.ModuleType) -> None:
+    """megatron's RNG tracker reads and sets the 'CUDA' RNG state through two helpers: point them at
+    `generators` (torch for the CPU, torch.npu), whose get_rng_state/set_rng_state need no device index."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: generators.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: generators.set_rng_state(state)
+
+
+def _report_cuda_type_names(prefix: str) -> None:
+    """megatron's optimizers and clip_grads compare `Tensor.type()` with `torch.cuda.*Tensor` names: report
+    those for this device's tensors (names starting with `prefix`: `torch.` on the CPU, `torch.npu.`)."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is not None or kwargs:
+            return original(self, dtype, non_blocking, **kwargs)
+        name = original(self)  # under a function mode this re-enters the wrapper: rename once
+        return name if name.startswith("torch.cuda.") else name.replace(prefix, "torch.cuda.", 1)
+
+    torch.Tensor.type = type_
 
 
 def _padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.runtime.model.attention import core_attention_class
-from dpoc.runtime.model.device import Device, attention_kernel
+from dpoc.runtime.model.device import Device, attention_kernel, experts_kernel
+from dpoc.runtime.model.experts import experts_class
 from dpoc.runtime.step.data import IGNORE_INDEX
 
 
@@ -54,7 +55,7 @@ def transformer_config(args: argparse.Namespace, device: Device) -> TransformerC
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        moe_grouped_gemm=args.moe_grouped_gemm and device.supports_grouped_gemm,
+        moe_grouped_gemm=False,  # megatron's GroupedMLP needs the CUDA-only grouped_gemm package: see experts.py
         moe_permute_fusion=False,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -83,13 +84,20 @@ def transformer_config(args: argparse.Namespace, device: Device) -> TransformerC
         # there every micro-batch of a step gets one length instead (see uniform_micro_batch_length)
         variable_seq_lengths=not uniform_micro_batch_length(args),
         # gloo matches a batched send/recv pair crosswise when both neighbours are one peer (pp=2)
-        batch_p2p_comm=args.pipeline_model_parallel_size > 2 or virtual_pipeline_size(args) is None,
+        batch_p2p_comm=not _gloo_interleaved(args) or args.pipeline_model_parallel_size > 2,
         deallocate_pipeline_outputs=True,
     )
 
 
 def uniform_micro_batch_length(args: argparse.Namespace) -> bool:
-    return virtual_pipeline_size(args) is not None
+    """One length for every micro-batch of a step: the gloo workaround for the interleaved pipeline only."""
+    return _gloo_interleaved(args)
+
+
+def _gloo_interleaved(args: argparse.Namespace) -> bool:
+    """An interleaved (virtual) pipeline over gloo, the case gloo's point-to-point traps need working around;
+    hccl and nccl take variable shapes and batched p2p."""
+    return args.distributed_backend == "gloo" and virtual_pipeline_size(args) is not None
 
 
 def check_supported(args: argparse.Namespace, args_file: str) -> None:
@@ -174,13 +182,17 @@ class _SequenceShardedNorm(_TorchNorm):
         return norm
 
 
-def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: str) -> TransformerBlockSubmodules:
-    """megatron-core's local layer spec with torch norms and the device's core-attention kernel."""
+def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: str,
+               experts: str = "sequential") -> TransformerBlockSubmodules:
+    """megatron-core's local layer spec with torch norms, the device's core-attention kernel and its MoE experts
+    kernel (`experts.experts_class`)."""
     layer = copy.deepcopy(get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm, normalization=config.normalization))
     layer.submodules.input_layernorm = _SequenceShardedNorm
     layer.submodules.pre_mlp_layernorm = _SequenceShardedNorm
+    if config.num_moe_experts and not config.moe_grouped_gemm:
+        layer.submodules.mlp.submodules.experts.module = experts_class(experts)
     attention = layer.submodules.self_attention.submodules
     attention.core_attention = core_attention_class(core_attention)
     if config.qk_layernorm:
@@ -217,17 +229,19 @@ class ResponseLogitsGPTModel(GPTModel):
         return picked.new_zeros(keep.shape).masked_scatter(keep, picked[0]).transpose(0, 1)
 
 
-def build_chunks(config: TransformerConfig, args: argparse.Namespace) -> list[GPTModel]:
+def build_chunks(config: TransformerConfig, args: argparse.Namespace, experts: str | None = None) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), in float32/bf16 on the current device, with
-    the core attention `--dpoc-core-attention` names (`auto`: the device's, `device.attention_kernel`)."""
+    the core attention `--dpoc-core-attention` names (`auto`: the device's, `device.attention_kernel`) and,
+    with `--moe-grouped-gemm`, the device's grouped experts (`experts` overrides the kernel)."""
     kernel = attention_kernel(args.dpoc_device, args.dpoc_core_attention)
+    experts = experts or expert_path(args)
     chunks = []
     vpp = config.virtual_pipeline_model_parallel_size
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         chunks.append(ResponseLogitsGPTModel(
             config=config,
-            transformer_layer_spec=block_spec(config, vp_stage, kernel),
+            transformer_layer_spec=block_spec(config, vp_stage, kernel, experts),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -239,3 +253,10 @@ def build_chunks(config: TransformerConfig, args: argparse.Namespace) -> list[GP
         ))
     return chunks
 
+
+def expert_path(args: argparse.Namespace) -> str:
+    """The experts kernel this run uses: the device's (`device.EXPERTS`) when `--moe-grouped-gemm` asks for
+    grouped GEMM, else SequentialMLP's loop; `-` for a dense model."""
+    if not args.num_experts:
+        return "-"
+    return experts_kernel(args.dpoc_device) if args.moe_grouped_gemm else "sequential"

@@ -23,6 +23,7 @@ from megatron.core import dist_checkpointing
 from dpoc.contract import hf_config, megatron_args
 from dpoc.contract.architecture import Architecture
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.runtime.model import device as devices
 from dpoc.runtime.model import seeded_init
 from dpoc.runtime.weights import hf_weights
 from dpoc.runtime.weights.sharded import sharded_tensors
@@ -133,7 +134,7 @@ def load(source: WeightSource, chunks: list, config, args: argparse.Namespace) -
     elif source.kind == "hf":
         hf_weights.load(chunks, hf_weights.HfWeights(source.path), _architecture(args))
     else:
-        problems = problems_everywhere(checkpoint_problems(chunks, source.path))
+        problems = problems_everywhere(checkpoint_problems(chunks, source.path), args.dpoc_device)
         if problems:
             raise DpocError(problems)
         template = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
@@ -142,9 +143,10 @@ def load(source: WeightSource, chunks: list, config, args: argparse.Namespace) -
             chunk.load_state_dict(state[f"model{i}"])
 
 
-def problems_everywhere(local: list[Problem]) -> list[Problem]:
-    """All ranks agree whether to stop: a rank's problems stop every rank (ranks without problems exit 2 too)."""
-    flag = torch.tensor([len(local)], dtype=torch.int64)
+def problems_everywhere(local: list[Problem], device_kind: str) -> list[Problem]:
+    """All ranks agree whether to stop: a rank's problems stop every rank (ranks without problems exit 2 too).
+    The vote is on the group's device (an hccl/nccl group has no CPU backend)."""
+    flag = torch.tensor([len(local)], dtype=torch.int32, device=devices.current(device_kind))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() and not local:
         raise SystemExit(2)
