@@ -31,6 +31,11 @@ def suggest(name: str, known: list[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 node`, `2 nodes`: what every message says of a count."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 class DpocError(Exception):
     """One or more problems with the user's input; never a bug in dpoc."""
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from dpoc.compiler.render import targets
-from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
+from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem, counted
 from dpoc.contract.runs import TRACKER
 
 POLL_S = 0.2
@@ -202,7 +202,7 @@ def launch(executor: Executor, job: Job, max_restarts: int | None = None, err: I
             started = time.monotonic()
             running = executor.start(job, attempt)
             logs.attempt(attempt, restarts, running.where)
-            say(err, f"{job.name}: {job.nodes} nodes ({', '.join(f'{k}: {w}' for k, w in enumerate(running.where))})"
+            say(err, f"{job.name}: {counted(job.nodes, 'node')} ({', '.join(f'{k}: {w}' for k, w in enumerate(running.where))})"
                      f", plan {job.plan_hash[:12]}, logs in {logs.dir}")
             failure = supervise(running, logs)
             if failure is None:
@@ -219,7 +219,7 @@ def launch(executor: Executor, job: Job, max_restarts: int | None = None, err: I
                 return failure.code
             if attempt == restarts:
                 if restarts:
-                    say(err, f"giving up after {restarts} restart{'s' if restarts > 1 else ''} (max_restarts)")
+                    say(err, f"giving up after {counted(restarts, 'restart')} (max_restarts)")
                 return failure.code
             attempt += 1
             checkpoint = job.checkpoint()

@@ -57,5 +57,6 @@ def test_dpoc_launch_says_input_error_and_does_not_restart(damaged):
                           env=script_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stdout.count(line) == 1
+    assert "dpoc launch: b: 1 node (0: this machine), plan " in done.stderr
     assert "dpoc launch: node 0 (this machine) stopped on an input error (exit code 2) after " in done.stderr
     assert "not restarting: exit 2 is a problem with the build or its inputs" in done.stderr
