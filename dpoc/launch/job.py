@@ -202,8 +202,9 @@ def launch(executor: Executor, job: Job, max_restarts: int | None = None, err: I
             started = time.monotonic()
             running = executor.start(job, attempt)
             logs.attempt(attempt, restarts, running.where)
-            say(err, f"{job.name}: {counted(job.nodes, 'node')} ({', '.join(f'{k}: {w}' for k, w in enumerate(running.where))})"
-                     f", plan {job.plan_hash[:12]}, logs in {logs.dir}")
+            where = ", ".join(f"{k}: {w}" for k, w in enumerate(running.where))
+            say(err, f"{job.name}: {counted(job.nodes, 'node')} ({where}), plan {job.plan_hash[:12]}, logs in "
+                     f"{logs.dir}")
             failure = supervise(running, logs)
             if failure is None:
                 say(err, f"{job.name}: every node finished ({time.monotonic() - started:.1f} s)")
