@@ -24,9 +24,11 @@ from typing import IO, Protocol
 from dpoc.compiler.render import targets
 from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem, counted
 from dpoc.contract.runs import TRACKER
+from dpoc.launch.first_error import first_error
 
 POLL_S = 0.2
 TAIL_LINES = 20
+SCANNED_LINES = 2000  # of a node's output, searched for its first error when it fails
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class Failure:
     code: int  # what `dpoc launch` exits with
     why: str
     tail: list[str]
+    error: str | None = None  # the first failing rank's exception line (first_error), when there is one
 
 
 class NodeLogs:
@@ -142,7 +145,7 @@ class NodeLogs:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.files = [open(self.dir / f"node-{k}.log", "w") for k in range(job.nodes)]  # noqa: SIM115
-        self.tails = [deque(maxlen=TAIL_LINES) for _ in range(job.nodes)]
+        self.tails = [deque(maxlen=SCANNED_LINES) for _ in range(job.nodes)]
 
     def attempt(self, attempt: int, restarts: int, where: list[str]) -> None:
         for k, f in enumerate(self.files):
@@ -188,7 +191,8 @@ def supervise(running: Running, logs: NodeLogs) -> Failure | None:
     if first is None:
         return None
     code = first.code if first.code not in (None, 0) else 1
-    return Failure(first.rank, code, running.explain(first), list(logs.tails[first.rank]))
+    seen = list(logs.tails[first.rank])
+    return Failure(first.rank, code, running.explain(first), seen[-TAIL_LINES:], first_error(seen))
 
 
 def launch(executor: Executor, job: Job, max_restarts: int | None = None, err: IO[str] = sys.stderr,
@@ -209,10 +213,11 @@ def launch(executor: Executor, job: Job, max_restarts: int | None = None, err: I
             if failure is None:
                 say(err, f"{job.name}: every node finished ({time.monotonic() - started:.1f} s)")
                 return 0
+            log = logs.dir / f"node-{failure.rank}.log"
+            said = f"its first error (the whole output: {log}):" if failure.error else f"its last lines ({log}):"
             say(err, f"node {failure.rank} ({running.where[failure.rank]}) {failure.why} after "
-                     f"{time.monotonic() - started:.1f} s; every node is stopped. Its last lines "
-                     f"({logs.dir / f'node-{failure.rank}.log'}):")
-            for line in failure.tail:
+                     f"{time.monotonic() - started:.1f} s; every node is stopped; {said}")
+            for line in [failure.error] if failure.error else failure.tail:
                 err.write(f"  [node {failure.rank}] {line}\n")
             if failure.code == EXIT_USER_ERROR:
                 say(err, "not restarting: exit 2 is a problem with the build or its inputs (above), which a "
