@@ -76,6 +76,7 @@ def test_other_warnings_show_on_rank_0_only(rank, shown):
     assert ("a warning dpoc does not know" in proc.stderr) is shown, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_run_and_its_resume_print_no_warnings(tmp_path):
     """The tiny job on 2 ranks, then resumed from its checkpoint with more steps: not one library warning."""
     from dpoc.compiler.pipeline import build
