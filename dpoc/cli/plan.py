@@ -77,7 +77,8 @@ def _knobs(layout: Layout) -> dict[str, Any]:
 
 
 def _rank(result: SearchResult, own: Choice) -> int:
-    """1 + how many fitting layouts are predicted faster than the recipe's own."""
+    """1 + how many fitting layouts are predicted faster than the recipe's own (where its speed would place it;
+    it ranks among them only when it fits by the same threshold)."""
     return 1 + sum(c.throughput.samples_per_s > own.throughput.samples_per_s * (1 + 1e-9) for c in result.ranked)
 
 
@@ -95,7 +96,8 @@ def _as_data(inputs, result: SearchResult, own: Choice | None, invalid: list[Pro
              top: int) -> dict[str, Any]:
     recipe: dict[str, Any] = {"valid": own is not None, "problems": [str(p) for p in invalid]}
     if own is not None:
-        recipe.update(knobs=_knobs(own.layout), rank=_rank(result, own), memory=memory_summary(own.memory),
+        recipe.update(knobs=_knobs(own.layout), rank=_rank(result, own) if own.memory.fits else None,
+                      memory=memory_summary(own.memory),
                       throughput=throughput_summary(own.throughput),
                       warnings=[f"{w.field}: {w.message}" for w in own.warnings])
         if inputs.training.packing:
@@ -144,13 +146,14 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
             line += f", {best.samples_per_s / second.samples_per_s - 1:.1%} ahead of #2"
         console.print(f"{line}; {shares_text(best)}")
     for c in result.too_big[:3]:
-        console.print(f"Rejected: {knob_text(dict(c.knobs))} — {'; '.join(c.problems)}")
+        console.print(f"Does not fit: {knob_text(dict(c.knobs))} — {'; '.join(c.problems)}")
     if own is not None:
-        t, peak = own.throughput, own.memory.peak
-        fit = "fits" if own.memory.fits else "may not fit"
-        console.print(f"Recipe's layout: {knob_text(_knobs(own.layout))} — {t.samples_per_s:.2f} pairs/s predicted, "
-                      f"rank {_rank(result, own)} of {len(result.ranked)}; peak {peak.total / GIB:.1f} GiB on stage "
-                      f"{peak.stage} ({fit}); {shares_text(t)}")
+        t, fitting = own.throughput, len(result.ranked)
+        where = (f", rank {_rank(result, own)} of the {fitting} that fit; {own.memory.need_text()}"
+                 if own.memory.fits else f"; does not fit: {own.memory.need_text()}, so it is not among the "
+                 f"{fitting} that fit (it would rank {_rank(result, own)}); it builds with a warning (below)")
+        console.print(f"Recipe's layout: {knob_text(_knobs(own.layout))} — {t.samples_per_s:.2f} pairs/s "
+                      f"predicted{where}; {shares_text(t)}")
         if inputs.training.packing:
             p = packing_summary(own.layout, inputs.training, inputs.lengths)
             console.print(f"Packing: {p['micro_batches']} micro-batches per rank and step of up to "

@@ -31,6 +31,49 @@ def suggest(name: str, known: list[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
+# the names users bring from TRL's DPOConfig and transformers' TrainingArguments -> the recipe field, and how
+# the value changes (tests/compiler/test_malformed.py checks every target against the recipe schema)
+FOREIGN_NAMES = {
+    "learning_rate": ("training.lr", ""),
+    "lr_scheduler_type": ("training.lr_decay_style", ""),
+    "warmup_steps": ("training.warmup_iters", ""),
+    "warmup_ratio": ("training.warmup_iters", ", in steps: the ratio times training.train_iters"),
+    "max_steps": ("training.train_iters", ""),
+    "num_train_epochs": ("training.train_iters", ", in optimizer steps: epochs times pairs / global_batch_size"),
+    "per_device_train_batch_size": ("parallelism.micro_batch_size", ""),
+    "gradient_accumulation_steps": ("training.global_batch_size", ", the pairs per optimizer step: micro_batch_size "
+                                    "x data-parallel size x accumulation steps"),
+    "max_length": ("training.seq_length", ""),
+    "max_grad_norm": ("training.clip_grad", ""),
+    "adam_epsilon": ("training.adam_eps", ""),
+    "bf16": ("training.precision", ": bf16"),
+    "fp16": ("training.precision", ": fp16"),
+    "logging_steps": ("training.log_interval", ""),
+    "save_steps": ("training.save_interval", ""),
+    "save_total_limit": ("checkpoint.keep", ""),
+    "padding_free": ("training.packing", ""),
+    "beta": ("dpo.beta", ""),
+    "loss_type": ("dpo.loss", ""),
+    "rpo_alpha": ("dpo.sft_weight", ""),
+    "precompute_ref_log_probs": ("dpo.reference", ": precomputed"),
+    "model_name_or_path": ("model.hf_weights", ""),
+    "output_dir": ("run_dir", ""),
+}
+
+
+def foreign_name(name: str) -> str:
+    """`did you mean 'training.lr'? (TRL's and transformers' learning_rate) ` for a name from TRL / HF, or ''."""
+    if name not in FOREIGN_NAMES:
+        return ""
+    field, how = FOREIGN_NAMES[name]
+    return f"did you mean {field!r}{how}? ({name} is TRL's / transformers' name); "
+
+
+def counted(n: int, noun: str) -> str:
+    """`1 node`, `2 nodes`: what every message says of a count."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 class DpocError(Exception):
     """One or more problems with the user's input; never a bug in dpoc."""
 

@@ -15,9 +15,10 @@ CHECKPOINT_MARKER = "metadata.json"  # megatron-core writes it last: the distrib
 
 # a run directory: one JSON line per step
 METRICS = "metrics.jsonl"
-# a run directory: the input error (exit 2) a rank stopped on. torchrun turns every child's exit code into 1, so
-# the node script reads this file to exit 2 itself; it removes the file before starting torchrun
-INPUT_ERROR = "dpoc_input_error.txt"
+# the file a node script names to its ranks (a fresh path, outside the run directory, which an input error must
+# not create): a rank that stops on an input error (exit 2) records it there. torchrun turns every child's exit
+# code into 1, so the node script exits 2 itself when the file exists
+INPUT_ERROR_ENV = "DPOC_INPUT_ERROR"
 
 # micro-batches each rank sends through the pipeline per forward call of the precompute pass (each call pays
 # the pipeline's fill once); the planner models the pass with the same number

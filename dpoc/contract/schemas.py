@@ -11,7 +11,7 @@ from functools import cache
 from typing import Any
 
 from dpoc.contract import resources
-from dpoc.contract.errors import DpocError, Problem, suggest
+from dpoc.contract.errors import DpocError, Problem, foreign_name, suggest
 
 SCHEMA_KINDS = ("recipe", "model", "hardware", "plan", "preprocess")
 
@@ -86,7 +86,8 @@ def _describe(error, file: str, prefix: str, kind_of_schema: str) -> list[Proble
             if removed:
                 out.append(Problem(file, field, f"unknown key: removed, because {removed}; remove the key"))
             else:
-                out.append(Problem(file, field, f"unknown key ({suggest(key, allowed)}valid: {', '.join(allowed)})"))
+                hint = foreign_name(key) or suggest(key, allowed)
+                out.append(Problem(file, field, f"unknown key ({hint}valid: {', '.join(allowed)})"))
         return out
     if kind == "required":
         missing = [k for k in error.validator_value if k not in value]

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from dpoc.compiler.render import targets
-from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
+from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem, counted
 from dpoc.contract.runs import TRACKER
+from dpoc.launch.first_error import first_error
 
 POLL_S = 0.2
 TAIL_LINES = 20
+SCANNED_LINES = 2000  # of a node's output, searched for its first error when it fails
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class Failure:
     code: int  # what `dpoc launch` exits with
     why: str
     tail: list[str]
+    error: str | None = None  # the first failing rank's exception line (first_error), when there is one
 
 
 class NodeLogs:
@@ -142,7 +145,7 @@ class NodeLogs:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.files = [open(self.dir / f"node-{k}.log", "w") for k in range(job.nodes)]  # noqa: SIM115
-        self.tails = [deque(maxlen=TAIL_LINES) for _ in range(job.nodes)]
+        self.tails = [deque(maxlen=SCANNED_LINES) for _ in range(job.nodes)]
 
     def attempt(self, attempt: int, restarts: int, where: list[str]) -> None:
         for k, f in enumerate(self.files):
@@ -188,7 +191,8 @@ def supervise(running: Running, logs: NodeLogs) -> Failure | None:
     if first is None:
         return None
     code = first.code if first.code not in (None, 0) else 1
-    return Failure(first.rank, code, running.explain(first), list(logs.tails[first.rank]))
+    seen = list(logs.tails[first.rank])
+    return Failure(first.rank, code, running.explain(first), seen[-TAIL_LINES:], first_error(seen))
 
 
 def launch(executor: Executor, job: Job, max_restarts: int | None = None, err: IO[str] = sys.stderr,
@@ -202,16 +206,18 @@ def launch(executor: Executor, job: Job, max_restarts: int | None = None, err: I
             started = time.monotonic()
             running = executor.start(job, attempt)
             logs.attempt(attempt, restarts, running.where)
-            say(err, f"{job.name}: {job.nodes} nodes ({', '.join(f'{k}: {w}' for k, w in enumerate(running.where))})"
-                     f", plan {job.plan_hash[:12]}, logs in {logs.dir}")
+            where = ", ".join(f"{k}: {w}" for k, w in enumerate(running.where))
+            say(err, f"{job.name}: {counted(job.nodes, 'node')} ({where}), plan {job.plan_hash[:12]}, logs in "
+                     f"{logs.dir}")
             failure = supervise(running, logs)
             if failure is None:
                 say(err, f"{job.name}: every node finished ({time.monotonic() - started:.1f} s)")
                 return 0
+            log = logs.dir / f"node-{failure.rank}.log"
+            said = f"its first error (the whole output: {log}):" if failure.error else f"its last lines ({log}):"
             say(err, f"node {failure.rank} ({running.where[failure.rank]}) {failure.why} after "
-                     f"{time.monotonic() - started:.1f} s; every node is stopped. Its last lines "
-                     f"({logs.dir / f'node-{failure.rank}.log'}):")
-            for line in failure.tail:
+                     f"{time.monotonic() - started:.1f} s; every node is stopped; {said}")
+            for line in [failure.error] if failure.error else failure.tail:
                 err.write(f"  [node {failure.rank}] {line}\n")
             if failure.code == EXIT_USER_ERROR:
                 say(err, "not restarting: exit 2 is a problem with the build or its inputs (above), which a "
@@ -219,7 +225,7 @@ def launch(executor: Executor, job: Job, max_restarts: int | None = None, err: I
                 return failure.code
             if attempt == restarts:
                 if restarts:
-                    say(err, f"giving up after {restarts} restart{'s' if restarts > 1 else ''} (max_restarts)")
+                    say(err, f"giving up after {counted(restarts, 'restart')} (max_restarts)")
                 return failure.code
             attempt += 1
             checkpoint = job.checkpoint()

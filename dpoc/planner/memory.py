@@ -74,7 +74,14 @@ class MemoryEstimate:
 
     @property
     def fits(self) -> bool:
+        """The one threshold: `dpoc plan` ranks, counts and labels every layout by it, the recipe's own too."""
         return self.peak.total <= self.capacity
+
+    def need_text(self) -> str:
+        """`stage 3 needs 64.2 GiB of 64 GiB (+0.2)`, the excess shown only when there is one."""
+        peak, gib = self.peak, 2**30
+        over = "" if self.fits else f" (+{(peak.total - self.capacity) / gib:.1f})"
+        return f"stage {peak.stage} needs {peak.total / gib:.1f} GiB of {self.capacity / gib:.0f} GiB{over}"
 
 
 def element_bytes(training: Training) -> int:

@@ -167,12 +167,8 @@ def search(
             rule_rejected += 1
             continue
         memory = estimate_memory(model, hardware, layout, training, lengths, workload, peak_candidates_only=True)
-        peak = memory.peak
         if not memory.fits:
-            over = (peak.total - memory.capacity) / 2**30
-            too_big.append(Candidate(key, layout, memory, None,
-                                     (f"stage {peak.stage} needs {peak.total / 2**30:.1f} GiB "
-                                      f"of {memory.capacity / 2**30:.0f} GiB (+{over:.1f})",)))
+            too_big.append(Candidate(key, layout, memory, None, (memory.need_text(),)))
             continue
         throughput = predict(model, hardware, layout, training, efficiency, lengths, workload)
         ranked.append(Candidate(key, layout, memory, throughput, ()))

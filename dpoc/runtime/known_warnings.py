@@ -2,11 +2,13 @@
 
 Filtered when the runtime package is first imported — before megatron-core, whose imports raise most of them —
 each by its category and the start of its exact message, so any other warning, and these same words from
-another category, still show. Each entry says where it comes from and why it is harmless.
+another category, still show (on rank 0, once). Each entry says where it comes from and why it is harmless.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 KNOWN_HARMLESS: tuple[tuple[type[Warning], str], ...] = (
@@ -22,9 +24,22 @@ KNOWN_HARMLESS: tuple[tuple[type[Warning], str], ...] = (
     # torch 2.13 renamed the collectives megatron-core's gradient and parameter buffers call; the old names work
     (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"),
     (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
+    # on resume, megatron-core 0.16's torch_dist load strategy calls torch.distributed.checkpoint's old
+    # `load_state_dict`, which torch 2.13 still serves under its new name `load`
+    (FutureWarning, r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load`"),
+    # on resume, megatron-core's distributed checkpoints describe their shards with torch's ShardedTensor
+    # metadata (their own file format), which torch deprecates in favour of DTensor for new code
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    # convert mcore-to-hf reads a checkpoint in its one process on purpose (torch.distributed.checkpoint no_dist)
+    (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
+                  r"in a single process"),
 )
 
 
 def silence() -> None:
+    """The known ones everywhere; every other warning on rank 0 only (each once per place, Python's default):
+    all ranks run the same code, so the other ranks would repeat rank 0's. PYTHONWARNINGS / -W still rule."""
     for category, message in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    if os.environ.get("RANK", "0") != "0" and not sys.warnoptions:
+        warnings.simplefilter("ignore")

@@ -199,3 +199,32 @@ def test_real_process_exits_2_without_traceback(tmp_path):
         f"{GOOD}: parallelism.tp: tp=3 would put a tensor-parallel group across nodes over the slow inter-node link "
         "(16 devices per node); valid: tp in {1, 2, 4, 8, 16}",
     ]  # not the follow-on "parallelism.etp: etp=2: ... valid: etp in {1, 3}"
+
+
+@pytest.mark.parametrize(("override", "field", "hint"), [
+    ("learning_rate=1e-6", "learning_rate", "did you mean 'training.lr'? (learning_rate is TRL's / transformers' name)"),
+    ("training.learning_rate=1e-6", "training.learning_rate", "did you mean 'training.lr'?"),
+    ("per_device_train_batch_size=2", "per_device_train_batch_size", "did you mean 'parallelism.micro_batch_size'?"),
+    ("training.gradient_accumulation_steps=4", "training.gradient_accumulation_steps",
+     "did you mean 'training.global_batch_size', the pairs per optimizer step: micro_batch_size x data-parallel size "
+     "x accumulation steps?"),
+    ("num_train_epochs=1", "num_train_epochs", "did you mean 'training.train_iters', in optimizer steps"),
+    ("dpo.max_length=1024", "dpo.max_length", "did you mean 'training.seq_length'?"),
+    ("training.beta=0.1", "training.beta", "did you mean 'dpo.beta'?"),
+    ("training.warmup_ratio=0.1", "training.warmup_ratio", "did you mean 'training.warmup_iters', in steps"),
+])
+def test_trl_and_hugging_face_names_point_to_the_recipe_field(override, field, hint, dpoc_cli, tmp_path):
+    result = dpoc_cli("build", GOOD, override, "-o", tmp_path / "b")
+    assert result.code == 2
+    assert result.err.startswith(f"{GOOD}: {field}: unknown key ({hint}"), result.err
+
+
+def test_every_foreign_name_points_to_a_recipe_field():
+    from dpoc.contract.errors import FOREIGN_NAMES
+    from dpoc.contract.schemas import schema
+
+    recipe = schema("recipe")
+    sections = {**recipe["properties"], "parallelism": recipe["$defs"]["layout"]}
+    for name, (target, _) in FOREIGN_NAMES.items():
+        section, _, key = target.partition(".")
+        assert (key in sections[section]["properties"]) if key else section in recipe["properties"], name

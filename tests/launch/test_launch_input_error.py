@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dpoc.compiler.pipeline import build
-from dpoc.contract.runs import INPUT_ERROR, MANIFEST, TRACKER
+from dpoc.contract.runs import MANIFEST, TRACKER
 from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
 from tests.launch.helpers import left_running
 
@@ -37,13 +37,12 @@ def damaged(tmp_path) -> tuple[Path, Path, str]:
 @pytest.mark.slow
 def test_launch_sh_passes_exit_2_through_with_the_message_once(damaged):
     out, run, line = damaged
-    (run / INPUT_ERROR).parent.mkdir(parents=True)
-    (run / INPUT_ERROR).write_text("started by an earlier run\nold problem\n")  # never taken for this run's
-    done = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=script_env(), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=script_env(TMPDIR=str(run.parent)),
+                          capture_output=True, text=True, timeout=300)
     text = done.stdout + done.stderr
     assert done.returncode == 2, text[-3000:]
-    assert text.count(line) == 1 and "old problem" not in text
+    assert text.count(line) == 1
+    assert not run.exists() and not list(run.parent.glob("*input-error*"))  # nothing written, nothing left
     assert "[dpoc] node 0/1: input error (exit 2): the lines above say what to fix; a restart cannot" in text
     assert "launch.sh: input error (exit 2): a node stopped on a problem with the build or its inputs" in text
     assert "a node failed" not in text
@@ -57,5 +56,6 @@ def test_dpoc_launch_says_input_error_and_does_not_restart(damaged):
                           env=script_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stdout.count(line) == 1
+    assert "dpoc launch: b: 1 node (0: this machine), plan " in done.stderr
     assert "dpoc launch: node 0 (this machine) stopped on an input error (exit code 2) after " in done.stderr
     assert "not restarting: exit 2 is a problem with the build or its inputs" in done.stderr

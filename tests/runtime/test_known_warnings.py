@@ -25,6 +25,13 @@ SEEN = [
                     "`torch.distributed.reduce_scatter_single` instead."),
     (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
                     "`torch.distributed.all_gather_single` instead."),
+    # on resume
+    (FutureWarning, "`load_state_dict` is deprecated and will be removed in future versions. Please use `load` "
+                    "instead."),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor."),
+    # convert mcore-to-hf
+    (UserWarning, "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a "
+                  "single process."),
 ]
 
 
@@ -58,3 +65,30 @@ def test_importing_the_runtime_prints_no_library_warnings():
     proc = subprocess.run([sys.executable, "-c", "import dpoc.runtime.train"], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**env, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize(("rank", "shown"), [("0", True), ("1", False)])
+def test_other_warnings_show_on_rank_0_only(rank, shown):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    probe = "import warnings, dpoc.runtime; warnings.warn('a warning dpoc does not know', UserWarning)"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(REPO), "RANK": rank})
+    assert ("a warning dpoc does not know" in proc.stderr) is shown, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_run_and_its_resume_print_no_warnings(tmp_path):
+    """The tiny job on 2 ranks, then resumed from its checkpoint with more steps: not one library warning."""
+    from dpoc.compiler.pipeline import build
+    from tests.conftest import RECIPES, script_env, tiny_dataset
+
+    common = [f"dataset.output_prefix={tiny_dataset()}", f"run_dir={tmp_path}/run", "training.warmup_iters=1",
+              "training.save_interval=2"]
+    env = {k: v for k, v in script_env().items() if k != "PYTHONWARNINGS"}
+    for steps in (2, 4):
+        build(RECIPES / "tiny_cpu.yaml", [*common, f"training.train_iters={steps}"], out=tmp_path / "b")
+        done = subprocess.run([sys.executable, "-m", "dpoc", "launch", str(tmp_path / "b")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Warning" not in done.stdout + done.stderr, done.stdout
+    assert "resumed from" in done.stdout

@@ -130,7 +130,6 @@ def test_a_weight_the_architecture_does_not_have_is_not_dropped_silently(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="regressed when rough (input_error.py) and dedup merged: exit 2 and the line are right, but a traceback is still printed; open, see the closing note")
 def test_the_runtime_exits_2_with_the_line_and_no_traceback(tmp_path, llama):
     config = json.loads((llama / "config.json").read_text())
     other = tmp_path / "other"

@@ -119,7 +119,7 @@ def choose(i: LayoutInputs) -> Choice:
         hint = "valid: unpin knobs and let the planner choose, or see `dpoc plan` for layouts that fit"
         if max(s.static + s.reserve for s in memory.stages) > memory.capacity:
             raise LayoutError([_does_not_fit(memory, i.hardware, hint)])
-        warnings = () if memory.fits else (_may_not_fit(memory, i.lengths),)
+        warnings = () if memory.fits else (_activations_do_not_fit(memory, i.lengths),)
         throughput = predict(i.model, i.hardware, layout, i.training, FITTED, i.lengths, i.workload)
         reference = reference_plan(i, layout)
         warnings += _reference_warnings(reference)
@@ -157,7 +157,7 @@ def _reference_warnings(reference: ReferencePlan | None) -> tuple[rules.Violatio
     peak = reference.memory.peak
     return (rules.Violation(
         "dpo.reference_micro_batch_size",
-        f"may not fit: the precompute pass at {reference.estimate.micro_batch_size} pairs per forward needs up to "
+        f"does not fit: the precompute pass at {reference.estimate.micro_batch_size} pairs per forward needs up to "
         f"{peak.total / GIB:.1f} GiB on pipeline stage {peak.stage} of {reference.memory.capacity / GIB:g} GiB "
         "(valid: a smaller dpo.reference_micro_batch_size)", warning=True),)
 
@@ -184,16 +184,18 @@ def explain_failure(i: LayoutInputs, result: SearchResult) -> list[rules.Violati
     ]
 
 
-def _may_not_fit(memory: MemoryEstimate, lengths: Lengths) -> rules.Violation:
-    """Weights, gradients, optimizer and reference fit; activations and buffers (an upper bound) may not."""
+def _activations_do_not_fit(memory: MemoryEstimate, lengths: Lengths) -> rules.Violation:
+    """Weights, gradients, optimizer and reference fit; with activations and buffers (an upper bound) the peak
+    does not: a warning, in the words `dpoc plan` labels every layout with."""
     peak = memory.peak
     hint = ("set training.length_stats to the dataset's _stats.json (preprocess.sh writes it) so that the plan "
             "follows the real lengths, or add recompute") if isinstance(lengths, MeanLength) else "add recompute"
     return rules.Violation(
         "parallelism",
-        f"may not fit: pipeline stage {peak.stage} needs up to {peak.total / GIB:.1f} GiB per device "
+        f"does not fit: pipeline stage {peak.stage} needs up to {peak.total / GIB:.1f} GiB per device "
         f"of {memory.capacity / GIB:g} GiB ({peak.static / GIB:.1f} GiB static, the rest activations and buffers "
-        f"with {lengths.text()}; {hint})",
+        f"with {lengths.text()}; it builds, as the static part fits and the activations are an upper bound; "
+        f"{hint})",
         warning=True,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from dpoc.contract.errors import counted
 from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 
 
@@ -54,7 +55,7 @@ def dense_grid(c: Context) -> Iterable[Violation]:
     if world % grid == 0:
         return
     what = (f"tp·pp·cp = {lay.tp}·{lay.pp}·{lay.cp} = {grid} does not divide the world size {world} "
-            f"({c.hardware.nodes} nodes × {c.hardware.devices_per_node} devices)")
+            f"({counted(c.hardware.nodes, 'node')} × {c.hardware.devices_per_node} devices)")
     ok_tp = [t for t in divisors(world) if world % (t * lay.pp * lay.cp) == 0]
     if ok_tp:
         yield Violation("parallelism.tp", f"{what}; valid: tp in {_set(ok_tp)} at pp={lay.pp}, cp={lay.cp}")

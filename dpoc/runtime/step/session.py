@@ -47,7 +47,7 @@ def entry(argv: Sequence[str] | None, body, check=None) -> int:
         with devices.running_on(device):
             return body(args, device, args_file, weights)
     except DpocError as err:
-        input_error.report(err.problems, args.dpoc_run_dir)
+        input_error.report(err.problems)
         return EXIT_USER_ERROR
     finally:
         if dist.is_initialized():

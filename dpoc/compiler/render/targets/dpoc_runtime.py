@@ -11,7 +11,7 @@ from dpoc.contract.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from dpoc.contract.megatron_args import Arg, format_args, model_args
 from dpoc.contract.plan import DPO, Plan
 from dpoc.contract.requirements import Requirement
-from dpoc.contract.runs import INPUT_ERROR, PREEMPTED
+from dpoc.contract.runs import INPUT_ERROR_ENV, PREEMPTED
 
 if TYPE_CHECKING:
     from dpoc.planner.search import SearchSpace
@@ -40,7 +40,7 @@ def files(plan: Plan) -> dict[str, str]:
     for rank, host in templating.node_hosts(plan):
         out[node_script(rank)] = templating.template("node.sh.j2", node_rank=rank, host=host, **values,
                                                       preempted_marker=PREEMPTED, exit_preempted=EXIT_PREEMPTED,
-                                                      input_error=f"{plan.run_dir}/{INPUT_ERROR}",
+                                                      input_error_env=INPUT_ERROR_ENV,
                                                       exit_input_error=EXIT_USER_ERROR,
                                                       precomputed_reference=precomputed)
     if precomputed:

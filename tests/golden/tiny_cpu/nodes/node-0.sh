@@ -30,9 +30,10 @@ esac
 args_file="$BUILD_DIR/megatron.args"
 if [ "$mode" = resume ]; then args_file="$BUILD_DIR/resume/megatron.args"; fi
 preempted="$save_dir/"dpoc_preempted.txt
-# a rank that stops on an input error records it here (torchrun reports every failed rank as exit 1)
-input_error=runs/tiny_cpu/dpoc_input_error.txt
-rm -f "$preempted" "$input_error"
+rm -f "$preempted"
+# a rank that stops on an input error records it in this fresh file (torchrun reports every failed rank as exit 1)
+DPOC_INPUT_ERROR="$(mktemp -u "${TMPDIR:-/tmp}/dpoc-input-error.XXXXXX")"
+export DPOC_INPUT_ERROR
 
 # The launcher names the build it started (DPOC_PLAN_HASH): a node holding another build is refused.
 python -m dpoc preflight "$BUILD_DIR" --mode "$mode" --target dpoc --node-rank 0 \
@@ -56,11 +57,13 @@ while kill -0 "$trainer" 2>/dev/null; do  # wait returns early when the trap run
   status=0
   wait "$trainer" || status=$?
 done
+input_error=0
+if [ -f "$DPOC_INPUT_ERROR" ]; then input_error=1; rm -f "$DPOC_INPUT_ERROR"; fi
 if [ -f "$preempted" ]; then
   echo "[dpoc] node 0/1: preempted, resumable: checkpoint of step $(cat "$preempted") saved in $save_dir; run this script again to resume" >&2
   exit 75
 fi
-if [ "$status" -ne 0 ] && [ -f "$input_error" ]; then
+if [ "$status" -ne 0 ] && [ "$input_error" = 1 ]; then
   echo "[dpoc] node 0/1: input error (exit 2): the lines above say what to fix; a restart cannot" >&2
   exit 2
 fi
