@@ -51,6 +51,8 @@ BY_NAME = {loss.name: loss for loss in LOSSES}
 NAMES = tuple(BY_NAME)
 REFERENCE_FREE = tuple(loss.name for loss in LOSSES if not loss.reference)
 UNPAIRED = tuple(loss.name for loss in LOSSES if loss.unpaired)
+# what the dpoc runtime trains: every loss but the unpaired ones, whose data and step it does not have yet
+TRAINED = tuple(name for name in NAMES if name not in UNPAIRED)
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 

@@ -4,6 +4,10 @@ plans, renders and estimates without a reference. Bad combinations: tests/compil
 
 from __future__ import annotations
 
+import argparse
+
+import pytest
+
 from dpoc.compiler.pipeline import build, plan_recipe
 from dpoc.contract import losses, megatron_args
 from dpoc.contract.schemas import schema
@@ -16,7 +20,12 @@ GUIDE, TINY = RECIPES / "qwen3_30b.yaml", RECIPES / "tiny_cpu.yaml"
 def test_schema_and_megatron_args_take_the_contract_list():
     assert tuple(schema("recipe")["$defs"]["loss_name"]["enum"]) == losses.NAMES
     flag = megatron_args.build_parser()._option_string_actions["--dpo-loss-type"]
-    assert flag.type(",".join(losses.NAMES)) == losses.NAMES
+    assert flag.type(",".join(losses.TRAINED)) == losses.TRAINED
+    valid = ", ".join(losses.TRAINED)
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"^a loss the dpoc runtime cannot train yet 'kto' \(valid: {valid}\)$"):
+        flag.type("sigmoid,kto")
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"^unknown loss 'dpo' \(valid: {valid}\)$"):
+        flag.type("dpo")
 
 
 def _args(tmp_path, overrides):

@@ -8,6 +8,6 @@ from dpoc.runtime.losses import paired, reference_free
 from dpoc.runtime.losses.inputs import Pairs, Params
 
 FUNCTIONS = {name: getattr(paired if losses.BY_NAME[name].reference else reference_free, name)
-             for name in losses.NAMES if name not in losses.UNPAIRED}
+             for name in losses.TRAINED}
 
 __all__ = ["FUNCTIONS", "Pairs", "Params"]
