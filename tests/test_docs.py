@@ -257,3 +257,10 @@ def test_the_builds_write_every_row_and_skip_each_target(builds):
     written = set().union(*(files for files, _ in builds.values()))
     assert [p.pattern for p, _, _ in _file_rows() if not any(p.fullmatch(f) for f in written)] == []
     assert set().union(*(skipped for _, skipped in builds.values())) == {"dpoc", "mindspeed-rl"}
+
+
+def test_the_runtime_readme_names_every_runtime_module():
+    readme = (REPO / "dpoc" / "runtime" / "README.md").read_text()
+    modules = sorted(str(p.relative_to(REPO / "dpoc" / "runtime")) for p in (REPO / "dpoc" / "runtime").rglob("*.py")
+                     if p.name != "__init__.py")
+    assert [m for m in modules if f"`{m}`" not in readme] == []
