@@ -221,10 +221,10 @@ def _file_rows() -> list[tuple[re.Pattern, str | None, str]]:
 BUILDS = {  # between them: every row of the table written, and each target once skipped
     "tiny_cpu": ["recipes/tiny_cpu.yaml"],
     "guide": ["recipes/qwen3_30b.yaml"],
-    "guide a2": ["recipes/qwen3_30b_a2.yaml"],
+    "guide_a2": ["recipes/qwen3_30b_a2.yaml"],
     "precomputed": ["recipes/tiny_cpu.yaml", "dpo.reference=precomputed"],
     "converted": ["recipes/qwen3_30b.yaml", "checkpoint.init=converted"],
-    "mindspeed cp2": ["recipes/qwen3_30b.yaml", "runtime=mindspeed-rl", "parallelism.cp=2"],
+    "mindspeed_cp2": ["recipes/qwen3_30b.yaml", "runtime=mindspeed-rl", "parallelism.cp=2"],
 }
 
 
@@ -233,7 +233,7 @@ def builds(tmp_path_factory) -> dict[str, tuple[set[str], set[str]]]:
     """Each build's written files and skipped targets (`dpoc build` in-process, from the repository root)."""
     out = {}
     for name, (recipe, *overrides) in BUILDS.items():
-        target = tmp_path_factory.mktemp("build") / name.replace(" ", "_")
+        target = tmp_path_factory.mktemp("build") / name
         assert main(["build", str(REPO / recipe), *overrides, "-o", str(target)]) == 0
         written = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
         out[name] = written, set(json.loads((target / "manifest.json").read_text())["skipped_targets"])
