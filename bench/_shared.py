@@ -39,25 +39,32 @@ def write_result(args: argparse.Namespace, name: str, data: dict[str, Any], meas
     return out
 
 
-def best_seconds(work: Callable[[], object], repeats: int) -> float:
+def best_seconds(work: Callable[[], object], repeats: int, device: str = "cpu") -> float:
     """The fastest of `repeats` timed calls of `work`, after one warm-up call (the best time is the one a busy
-    moment on a shared machine did not stretch)."""
-    work()
+    moment on a shared machine did not stretch); on cuda each call is timed until its kernels finish."""
+    def call() -> None:
+        work()
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    call()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        work()
+        call()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def square_matmul_rate(n: int, repeats: int) -> float:
-    """FLOP/s of an n x n by n x n fp32 product (torch.mm into a preallocated output) at torch's current thread
-    count: the best of `repeats`."""
+def square_matmul_rate(n: int, repeats: int, device: str = "cpu") -> float:
+    """FLOP/s of an n x n by n x n fp32 product (torch.mm into a preallocated output) on `device`, at torch's
+    current thread count on the CPU: the best of `repeats`."""
     import torch
 
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b, out=c), repeats)
+    a, b, c = (torch.randn(n, n, device=device), torch.randn(n, n, device=device), torch.empty(n, n, device=device))
+    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b, out=c), repeats, device)
 
 
 def _git(*args: str) -> str:

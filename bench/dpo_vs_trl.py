@@ -1,6 +1,7 @@
-"""Pairs/s of the dpoc runtime vs TRL's DPOTrainer, best against best, on the same weights and token ids (CPU, fp32).
+"""Pairs/s of the dpoc runtime vs TRL's DPOTrainer on the same weights and token ids, both sides swept alike.
 
-    python bench/dpo_vs_trl.py [--pairs 256 --steps 6 --warmup 2 --rounds 2 --threads 2] [--smoke] [--out FILE.json]
+    python bench/dpo_vs_trl.py [--pairs 256 --steps 6 --warmup 2 --rounds 3 --threads 1,2 \
+        --micro-batches 8,4,2,1 --packed 8,2 --device cpu] [--smoke] [--out FILE.json]
 
 Equal work. One tiny Qwen3 (hidden 256, 4 layers, GQA, q/k norm, untied vocab 8000; random weights, seeded) is
 saved with `save_pretrained`: TRL loads that folder, dpoc reads the same safetensors (`--dpoc-init hf`). The pairs
@@ -14,22 +15,29 @@ checkpointing (TRL's default is on: slower), no dropout, max length 1024 (nothin
 that both sides agree on step 1 (policy log-probs of chosen and rejected, gradient norm) and on the loss after
 the first update, so the two sides really compute the same training.
 
-Each side's own knobs are swept; every configuration runs in a fresh process, once per round, the order
-reversed every other round (the machine is shared), and keeps its best round:
-  - dpoc: micro-batch 8 / 4 / 2 (accumulating to 8), padded to each micro-batch's longest pair; packing
-    (`--dpoc-packing`: pairs share token streams of 2 x micro-batch x seq_length tokens; seq_length 512).
-  - TRL: micro-batch 8 / 4 / 2 with gradient accumulation. `padding_free=True` is no configuration of its
-    own: TRL 1.16 warns and falls back to padding (the JSON records what the trainer reported).
-  - reference: live on both; precomputed on both (TRL `precompute_ref_log_probs=True`, its pass at 8 pairs per
-    batch; dpoc `--dpoc-reference precomputed`, its pass `python -m dpoc.runtime.precompute` at 8 pairs per
-    micro-batch, run as soon as the runtime has that module — the JSON says when it does not).
-Live is compared with live and precomputed with precomputed; step times never include a precompute pass,
-which is timed on its own and reported.
+The same sweep for both sides, every point in a fresh process:
+  - threads 1 and 2 (`--threads`: OMP_NUM_THREADS and torch.set_num_threads in each worker);
+  - micro-batch 8, 4, 2 and 1, accumulating to 8 pairs per optimizer step (`--micro-batches`), padded to
+    each micro-batch's longest pair;
+  - each side's own padding removal: dpoc's packing (`--dpoc-packing`: pairs share token streams of
+    2 x budget x seq_length tokens, seq_length 512; budgets `--packed`), TRL's `padding_free=True` when the
+    installed TRL honours it (1.16 logs that it is disabled and pads: the JSON records what the trainer said,
+    and no such point runs);
+  - reference live on both, and precomputed on both (TRL `precompute_ref_log_probs=True`, its pass at 8 pairs
+    per batch; dpoc `--dpoc-reference precomputed`, its pass `python -m dpoc.runtime.precompute` at 8 pairs
+    per micro-batch). Live is compared with live and precomputed with precomputed; step times never include
+    a precompute pass, which is timed on its own and reported.
 
-Threads: both sides get the same `--threads` (OMP_NUM_THREADS and torch.set_num_threads in each worker).
-Step time: dpoc's own (batch building through the optimizer step and the metrics all-reduce, as its
-metrics.jsonl reports it); TRL's is the wall clock between the ends of consecutive optimizer steps (a
-callback), so it holds everything the trainer's loop does per step. The first `--warmup` steps are left out.
+One clock for both. Each worker registers the same global post-hook on torch's optimizer step (both sides end
+an optimizer step in a torch Adam(W): megatron's distributed optimizer in its inner one, TRL in the AdamW that
+accelerate wraps); a step's time is the wall clock from the previous step's update to its own. That period
+holds everything each loop does per step: batch building, the reference and policy passes, the update, and
+each side's per-step logging (both log every step: dpoc its metrics line, TRL its log history). The first
+`--warmup` steps are left out. Rounds: every point runs once per round (`--rounds`, at least 3), the points
+interleaved (dpoc, TRL, dpoc, TRL, ... within each thread count and reference) and the order reversed every
+other round, so a shared machine's load falls on both sides alike. Each point reports the median and the best
+of its rounds; each side's best point is the one of highest median. Floors: dpoc's best median >= 1.5 x
+TRL's, live and precomputed (the ratio of best rounds is printed beside it).
 
 Model FLOPs: 6 N T per pair for the policy's forward and backward, plus 2 N T for a live reference's forward,
 N = the matmul parameters (every linear layer and the LM head: 5.19 M), T = the pair's real tokens (both
@@ -37,20 +45,22 @@ sequences, unpadded); attention's score and value products are not included (the
 4 x heads x head_dim x L^2 / 2 per causal sequence of L tokens, x3 for forward + backward). Beside them, the
 FLOPs each side executes: dpoc projects only the positions that predict a response token through the LM head
 (the other positions' log-probs are never read), so its LM-head share counts those positions only; TRL's
-fused head scores every position on the CPU (its compact path needs Triton). The rate is a
-fraction of this machine's fp32 matmul rate measured in the same run (the best of square products of 1024,
-2048 and 4096 at the same thread count); beside it, the rate the model's own products reach (every linear
-layer and the LM head, forward and both gradients, over one step's tokens), which bounds what any runtime of
-this model can reach here. `--smoke` trains a one-layer hidden-64 Qwen3 on the same vocabulary
-(CI checks the bench runs, not its figures). Needs the `bench` extra (trl, datasets).
+fused head scores every position on the CPU (its compact path needs Triton). The rates are at each point's
+median and a fraction of this machine's fp32 matmul rate at the point's thread count, measured in the same
+run (the best over rounds of square products of 1024, 2048 and 4096); beside it, the rate the model's own
+products reach (every linear layer and the LM head, forward and both gradients, over one step's tokens),
+which bounds what any runtime of this model can reach here. `--device cuda` runs both sides on the GPU (fp32;
+bench/gpu_check.sh). `--smoke` trains a one-layer hidden-64 Qwen3 on the same vocabulary, one thread,
+micro-batch 4 (CI checks the bench runs, not its figures). Needs the `bench` extra (trl, datasets).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,9 +86,10 @@ STEP_PAIRS, LR, BETA, CLIP, SEED, SEQ_LENGTH = 8, 1e-5, 0.1, 1.0, 1234, 512
 # step 1's policy log-probs and gradient norm, and the loss after the first update, agree this closely
 AGREEMENT = {"logps/chosen": 1e-5, "logps/rejected": 1e-5, "grad_norm": 1e-3, "loss after one update": 1e-4}
 MATMUL_SIZES = (1024, 2048, 4096)
+REFERENCES = ("live", "precomputed")
+FLOOR, MATMUL_FLOOR, MIN_ROUNDS = 1.5, 0.4, 3
 WORKER_TIMEOUT_S = 1800
-# the runtime's `dpo.reference: precomputed` (its pass: `python -m dpoc.runtime.precompute @megatron.args`)
-DPOC_PRECOMPUTED = importlib.util.find_spec("dpoc.runtime.precompute") is not None
+BACKEND = {"cpu": "gloo", "cuda": "nccl"}
 
 
 # the code this benchmark measures: its results' provenance (bench/_shared.provenance)
@@ -87,33 +98,45 @@ MEASURES = ("bench/dpo_vs_trl.py", "dpoc/runtime", "dpoc/data")
 
 @dataclass(frozen=True)
 class Config:
-    """One configuration of one side: what its own knobs are set to."""
+    """One point of one side's sweep."""
 
     side: str  # dpoc | trl
-    micro_batch: int  # pairs per micro-batch (accumulated to STEP_PAIRS); packed: the stream budget's pairs
+    micro_batch: int  # pairs per micro-batch (accumulated to STEP_PAIRS); dpoc packed: the stream budget's pairs
+    threads: int
     reference: str = "live"  # live | precomputed
-    packing: bool = False  # dpoc only
+    packing: bool = False  # dpoc: --dpoc-packing; TRL: padding_free=True
 
     @property
     def name(self) -> str:
         side = "dpoc" if self.side == "dpoc" else "TRL"
-        if self.packing:
+        if self.packing and self.side == "dpoc":
             layout = f"packed, budget 2 x {self.micro_batch} x {SEQ_LENGTH} tokens"
         else:
-            layout = f"micro-batch {self.micro_batch} x {STEP_PAIRS // self.micro_batch}"
-        return f"{side}, {self.reference} reference, {layout}"
+            accumulated = STEP_PAIRS // self.micro_batch
+            layout = f"{'padding-free, ' * self.packing}micro-batch {self.micro_batch} x {accumulated}"
+        return f"{side}, {self.reference} reference, {layout}, {self.threads} thread{'s' * (self.threads > 1)}"
 
 
-def configurations(smoke: bool, dpoc_precomputed: bool) -> list[Config]:
-    if smoke:
-        return [Config("dpoc", 4), Config("dpoc", 4, packing=True), Config("trl", 4), Config("trl", 4, "precomputed"),
-                *[Config("dpoc", 4, "precomputed", packing=True)] * dpoc_precomputed]
-    dpoc = [*(Config("dpoc", m) for m in (8, 4, 2)), *(Config("dpoc", m, packing=True) for m in (8, 2))]
-    trl = [Config("trl", m) for m in (8, 4, 2)]
-    precomputed = [Config("trl", m, "precomputed") for m in (8, 4, 2)]
-    if dpoc_precomputed:
-        precomputed += [Config(c.side, c.micro_batch, "precomputed", c.packing) for c in dpoc]
-    return dpoc + trl + precomputed
+def configurations(threads: list[int], micro_batches: list[int], budgets: list[int],
+                   trl_padding_free: bool) -> list[Config]:
+    """The same grid for both sides: every thread count, reference and micro-batch, and each side's own
+    padding removal (TRL's only where the installed TRL honours it)."""
+    points = []
+    for t, reference in itertools.product(threads, REFERENCES):
+        points += [Config("dpoc", m, t, reference) for m in micro_batches]
+        points += [Config("dpoc", m, t, reference, packing=True) for m in budgets]
+        points += [Config("trl", m, t, reference) for m in micro_batches]
+        points += [Config("trl", m, t, reference, packing=True) for m in micro_batches if trl_padding_free]
+    return points
+
+
+def round_order(configs: list[Config], round_: int) -> list[Config]:
+    """dpoc, TRL, dpoc, TRL, ... within each thread count and reference; reversed every other round."""
+    order = []
+    for key in dict.fromkeys((c.threads, c.reference) for c in configs):
+        sides = [[c for c in configs if (c.threads, c.reference) == key and c.side == s] for s in ("dpoc", "trl")]
+        order += [c for pair in itertools.zip_longest(*sides) for c in pair if c is not None]
+    return order if round_ % 2 == 0 else order[::-1]
 
 
 # --- the shared inputs: weights, pairs, the step order ---------------------------------------------------------
@@ -225,26 +248,28 @@ def matmul_parameters(m: dict) -> int:
     return matmul_params(architecture(m))
 
 
-# --- running one configuration in a fresh process ------------------------------------------------------------
+# --- running one point in a fresh process, timed by the one step clock -----------------------------------------
 
 def worker_env(threads: int) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads),
             "TQDM_DISABLE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _check(done: subprocess.CompletedProcess, config: Config) -> None:
+def _run(command: list[str], config: Config) -> None:
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, env=worker_env(config.threads),
+                          capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     if done.returncode:
         raise SystemExit(f"{config.name} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
 
 
-def dpoc_flags(config: Config, ws: Workspace, steps: int, run_dir: Path) -> list[tuple[str, object]]:
+def dpoc_flags(config: Config, ws: Workspace, steps: int, run_dir: Path, device: str) -> list[tuple[str, object]]:
     """megatron.args as `dpoc build` writes them for this job: the model flags from the weights' config.json."""
     from dpoc.contract import hf_config
 
     arch = hf_config.architecture(hf_config.read_config(ws.weights, "--dpoc-hf-weights", "bench"), "bench")
     return [
         *hf_config.model_flags(arch),
-        ("--dpoc-device", "cpu"), ("--distributed-backend", "gloo"), ("--use-distributed-optimizer", True),
+        ("--dpoc-device", device), ("--distributed-backend", BACKEND[device]), ("--use-distributed-optimizer", True),
         ("--stage", "dpo"), ("--is-pairwise-dataset", True), ("--dpo-loss-type", "sigmoid"), ("--dpo-beta", BETA),
         ("--micro-batch-size", config.micro_batch), ("--global-batch-size", STEP_PAIRS),
         ("--seq-length", SEQ_LENGTH), ("--no-pad-to-seq-lengths", True), *[("--dpoc-packing", True)] * config.packing,
@@ -257,59 +282,77 @@ def dpoc_flags(config: Config, ws: Workspace, steps: int, run_dir: Path) -> list
     ]
 
 
-def run_dpoc(config: Config, ws: Workspace, steps: int, threads: int, work: Path) -> dict:
-    from dpoc.contract.megatron_args import format_args
-
-    args_file = work / "megatron.args"
-    args_file.write_text(format_args(dpoc_flags(config, ws, steps, work / "run")))
+def run_point(config: Config, ws: Workspace, steps: int, work: Path, device: str) -> dict:
+    """One point in its own worker process (dpoc's precompute pass first, in its own, timed whole)."""
+    spec = {"config": asdict(config), "steps": steps, "device": device, "out": str(work / "result.json"),
+            "weights": str(ws.weights), "rows": str(ws.trl_rows), "output_dir": str(work / "trl-out"),
+            "args_file": str(work / "megatron.args"), "run_dir": str(work / "run")}
     precompute_s = None
-    if config.reference == "precomputed":  # the pass runs for every configuration: no earlier run's file
-        for stale in ws.data.parent.glob(f"{ws.data.name}_reference-*.npz"):
-            stale.unlink()
-        started = time.perf_counter()
-        _check(_module(["dpoc.runtime.precompute", f"@{args_file}"], threads), config)
-        precompute_s = time.perf_counter() - started  # the whole process, its start-up included
-    _check(_module(["dpoc.runtime.train", f"@{args_file}"], threads), config)
-    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    return {"step_s": [STEP_PAIRS / r["samples_per_s"] for r in records], "metrics": records,
-            "fill": float(np.mean([r["fill"] for r in records])), "precompute_s": precompute_s}
+    if config.side == "dpoc":
+        from dpoc.contract.megatron_args import format_args
 
-
-def _module(argv: list[str], threads: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=worker_env(threads), capture_output=True,
-                          text=True, timeout=WORKER_TIMEOUT_S)
-
-
-def run_trl(config: Config, ws: Workspace, steps: int, threads: int, work: Path) -> dict:
-    spec = {"config": asdict(config), "weights": str(ws.weights), "rows": str(ws.trl_rows), "steps": steps,
-            "threads": threads, "out": str(work / "result.json"), "output_dir": str(work / "trl-out")}
+        (work / "megatron.args").write_text(format_args(dpoc_flags(config, ws, steps, work / "run", device)))
+        if config.reference == "precomputed":  # the pass runs for every point: no earlier run's file
+            for stale in ws.data.parent.glob(f"{ws.data.name}_reference-*.npz"):
+                stale.unlink()
+            started = time.perf_counter()
+            _run(["-m", "dpoc.runtime.precompute", f"@{work / 'megatron.args'}"], config)
+            precompute_s = time.perf_counter() - started  # the whole process, its start-up included
     (work / "spec.json").write_text(json.dumps(spec))
-    done = subprocess.run([sys.executable, __file__, "--trl-worker", str(work / "spec.json")], cwd=ROOT,
-                          env=worker_env(threads), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-    _check(done, config)
-    return json.loads((work / "result.json").read_text())
+    _run([__file__, "--worker", str(work / "spec.json")], config)
+    result = json.loads((work / "result.json").read_text())
+    return {**result, "precompute_s": result["precompute_s"] or precompute_s}
 
 
-def trl_worker(spec_file: str) -> None:
-    """Train one TRL configuration (in its own process) and write its step times and logged metrics."""
+def step_clock(device: str) -> list[float]:
+    """The one clock both sides are timed by: perf_counter after every update of a torch optimizer (a wrapper
+    such as accelerate's, not from torch.optim, is not counted twice); on cuda after a synchronize."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    marks: list[float] = []
+
+    def mark(optimizer, args, kwargs) -> None:
+        if type(optimizer).__module__.startswith("torch.optim."):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+    register_optimizer_step_post_hook(mark)
+    return marks
+
+
+def worker(spec_file: str) -> None:
+    """One point of either side, in its own process: the same threads setting and the same clock for both."""
     spec = json.loads(Path(spec_file).read_text())
     config = Config(**spec["config"])
     import torch
 
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(config.threads)
+    marks = step_clock(spec["device"])
+    result = (train_dpoc if config.side == "dpoc" else train_trl)(config, spec)
+    if len(marks) != spec["steps"]:
+        raise SystemExit(f"{config.name}: the step clock saw {len(marks)} optimizer steps, not {spec['steps']}")
+    # step_s[i]: optimizer step i + 2's period, from step i + 1's update to its own
+    Path(spec["out"]).write_text(json.dumps({**result, "step_s": np.diff(marks).tolist()}))
+
+
+def train_dpoc(config: Config, spec: dict) -> dict:
+    """dpoc's training entry point as `python -m dpoc.runtime.train @megatron.args` runs it."""
+    from dpoc.runtime.train import main as train_main
+
+    code = train_main([f"@{spec['args_file']}"])
+    if code:
+        raise SystemExit(code)
+    records = [json.loads(line) for line in (Path(spec["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    return {"metrics": records, "fill": float(np.mean([r["fill"] for r in records])), "precompute_s": None}
+
+
+def train_trl(config: Config, spec: dict) -> dict:
+    """TRL's DPOTrainer on the same pairs in the same order, logging every step."""
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-
-    class StepEnds(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_train_begin(self, *args, **kwargs):
-            self.times.append(time.perf_counter())
-
-        def on_step_end(self, *args, **kwargs):
-            self.times.append(time.perf_counter())
 
     class TimedPrecompute(DPOTrainer):
         precompute_s = 0.0
@@ -328,14 +371,13 @@ def trl_worker(spec_file: str) -> None:
         gradient_accumulation_steps=STEP_PAIRS // config.micro_batch, max_steps=spec["steps"],
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999,
         adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=CLIP, beta=BETA, loss_type=["sigmoid"],
-        max_length=1024, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-        model_init_kwargs={"dtype": "float32"}, disable_dropout=True, padding_free=False,
+        max_length=1024, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=spec["device"] == "cpu",
+        model_init_kwargs={"dtype": "float32"}, disable_dropout=True, padding_free=config.packing,
         precompute_ref_log_probs=precompute, precompute_ref_batch_size=STEP_PAIRS if precompute else None,
         train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, report_to=[],
         save_strategy="no", seed=SEED)
-    clock = StepEnds()
     trainer = TimedPrecompute(model=spec["weights"], args=args, train_dataset=Dataset.from_dict(rows),
-                              processing_class=AutoTokenizer.from_pretrained(spec["weights"]), callbacks=[clock])
+                              processing_class=AutoTokenizer.from_pretrained(spec["weights"]))
     seen = trainer.train_dataset
     if [[p, c, r] for p, c, r in zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"], strict=True)] \
             != ids:
@@ -344,48 +386,45 @@ def trl_worker(spec_file: str) -> None:
         raise SystemExit("TRL's precompute pass was not timed (DPOTrainer._precompute_ref_logps renamed?)")
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-    Path(spec["out"]).write_text(json.dumps({
-        "step_s": np.diff(clock.times).tolist(), "precompute_s": trainer.precompute_s or None,
-        "metrics": [{"loss": h["loss"], "grad_norm": h["grad_norm"], "logps/chosen": h["logps/chosen"],
-                     "logps/rejected": h["logps/rejected"]} for h in logged],
-        "optimizer": args.optim, "attention": trainer.model.config._attn_implementation,
-        "fill": None}))
+    return {"precompute_s": trainer.precompute_s or None, "fill": None,
+            "metrics": [{"loss": h["loss"], "grad_norm": h["grad_norm"], "logps/chosen": h["logps/chosen"],
+                         "logps/rejected": h["logps/rejected"]} for h in logged],
+            "optimizer": args.optim, "attention": trainer.model.config._attn_implementation}
 
 
-def trl_padding_free_probe(ws: Workspace, work: Path) -> dict:
-    """What TRL does with `padding_free=True` (1.16: warns and falls back to padding): asked of the trainer."""
+def trl_padding_free_probe(ws: Workspace, work: Path, device: str) -> dict:
+    """Whether the installed TRL honours `padding_free=True` (1.16 logs that it is disabled and pads): asked of
+    the trainer, with what it logged about it."""
     code = f"""
-import json, warnings
+import json
 from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 rows = json.loads(open({str(ws.trl_rows)!r}).read()); rows.pop("ids")
 rows = {{k: v[:{STEP_PAIRS}] for k, v in rows.items()}}
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    trainer = DPOTrainer(model={str(ws.weights)!r}, train_dataset=Dataset.from_dict(rows),
-                         processing_class=AutoTokenizer.from_pretrained({str(ws.weights)!r}),
-                         args=DPOConfig(output_dir={str(work / "probe")!r}, padding_free=True, use_cpu=True,
-                                        bf16=False, report_to=[], max_steps=1))
-said = [str(w.message) for w in caught if "padding_free" in str(w.message)]
-print(json.dumps({{"requested": True, "trainer_padding_free": trainer.padding_free, "warning": said[:1]}}))
+trainer = DPOTrainer(model={str(ws.weights)!r}, train_dataset=Dataset.from_dict(rows),
+                     processing_class=AutoTokenizer.from_pretrained({str(ws.weights)!r}),
+                     args=DPOConfig(output_dir={str(work / "probe")!r}, padding_free=True, use_cpu={device == "cpu"},
+                                    bf16=False, report_to=[], max_steps=1))
+print(json.dumps({{"requested": True, "trainer_padding_free": trainer.padding_free}}))
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=worker_env(1), capture_output=True,
                           text=True, timeout=WORKER_TIMEOUT_S)
     if done.returncode:
         raise SystemExit(f"the padding_free probe failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    said = [line.strip() for line in done.stderr.splitlines() if "padding_free" in line]
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "logged": said[:1]}
 
 
-def matmul_rate(threads: int) -> dict[str, float]:
+def matmul_rate(threads: int, device: str) -> dict[str, float]:
     """This machine's fp32 matmul FLOP/s at `threads` threads: the best of a few square products per size."""
     import torch
 
     torch.set_num_threads(threads)
-    return {str(n): square_matmul_rate(n, 3 if n >= 4096 else 8) for n in MATMUL_SIZES}
+    return {str(n): square_matmul_rate(n, 3 if n >= 4096 else 8, device) for n in MATMUL_SIZES}
 
 
-def model_shapes_rate(model: dict, tokens: int, threads: int) -> float:
+def model_shapes_rate(model: dict, tokens: int, threads: int, device: str) -> float:
     """FLOP/s of the model's own products (every linear layer and the LM head: forward, input gradient and
     weight gradient) over a stream of `tokens` tokens: the most the model's matmuls reach on this machine, a
     bound below the square products' rate (their inner dimension is the hidden size)."""
@@ -397,13 +436,13 @@ def model_shapes_rate(model: dict, tokens: int, threads: int) -> float:
     h, f = m["hidden_size"], m["intermediate_size"]
     layer = [(q + 2 * kv, h), (h, q), (2 * f, h), (h, f)]  # (out, in): qkv, attention out, gate+up, down
     shapes = layer * m["num_hidden_layers"] + [(m["vocab_size"], h)]
-    tensors = [(torch.randn(tokens, i), torch.randn(o, i), torch.randn(tokens, o)) for o, i in shapes]
+    tensors = [tuple(torch.randn(*s, device=device) for s in ((tokens, i), (o, i), (tokens, o))) for o, i in shapes]
 
     def products():
         for x, w, g in tensors:
             x @ w.t(), g @ w, g.t() @ x
 
-    return sum(6 * tokens * o * i for o, i in shapes) / best_seconds(products, 3)
+    return sum(6 * tokens * o * i for o, i in shapes) / best_seconds(products, 3, device)
 
 
 # --- the sweep and the comparison -----------------------------------------------------------------------------
@@ -418,121 +457,147 @@ def agreement(result: dict, baseline: dict) -> dict[str, float]:
 
 
 def summarise(config: Config, results: list[dict], ws: Workspace, warmup: int, peak: float) -> dict:
-    """The configuration's best round: pairs/s over its timed steps, and its model-FLOPs rate."""
+    """The point's median and best round in pairs/s over its timed steps, and its FLOPs rates at the median."""
     n = matmul_parameters(ws.model)
     flops_per_param = 8 if config.reference == "live" else 6  # per token: policy 6, a live reference's forward 2
-    per_token = flops_per_param * n
     attention_factor = 4 if config.reference == "live" else 3  # forward + backward = 3 forwards, + 1 reference
-
-    def rate(r):
-        timed = r["step_s"][warmup:]
-        return STEP_PAIRS * len(timed) / sum(timed)
-
-    best = max(results, key=rate)
-    timed_steps = range(warmup, len(best["step_s"]))
-    seconds = sum(best["step_s"][warmup:])
-    model_flops = sum(per_token * ws.step_tokens[s] for s in timed_steps) / seconds
+    timed_steps = range(warmup, len(ws.step_tokens))  # step_s[s - 1] is step s's period (0-based s)
+    rates = [STEP_PAIRS * len(timed_steps) / sum(r["step_s"][warmup - 1:]) for r in results]
+    median = statistics.median(rates)
+    seconds = STEP_PAIRS * len(timed_steps) / median
+    model_flops = sum(flops_per_param * n * ws.step_tokens[s] for s in timed_steps) / seconds
     # what the side really multiplies: dpoc projects only the predicted positions through the LM head; TRL's
     # head on the CPU scores every position (its compact path needs Triton)
     unread = sum(ws.step_tokens[s] - ws.step_predicted[s] for s in timed_steps) if config.side == "dpoc" else 0
     executed = model_flops - flops_per_param * lm_head_parameters(ws.model) * unread / seconds
     attention = sum(attention_factor * ws.attention_flops[s] for s in timed_steps) / seconds
+    precomputes = [r["precompute_s"] for r in results if r["precompute_s"]]
     return {
-        "configuration": config.name, **asdict(config), "pairs_per_s": rate(best),
-        "pairs_per_s_every_round": [rate(r) for r in results], "step_s": best["step_s"],
+        "configuration": config.name, **asdict(config), "pairs_per_s_median": median,
+        "pairs_per_s_best": max(rates), "pairs_per_s_every_round": rates,
+        "step_s_every_round": [r["step_s"] for r in results],
         "model_flops_per_s": model_flops, "model_flops_fraction_of_matmul_rate": model_flops / peak,
         "executed_flops_per_s": executed, "executed_fraction_of_matmul_rate": executed / peak,
         "attention_flops_per_s": attention,
         "with_attention_fraction_of_matmul_rate": (model_flops + attention) / peak,
-        "precompute_s": best["precompute_s"], "fill": best["fill"],
-        "first_steps": best["metrics"][:2],
-        **{k: best[k] for k in ("optimizer", "attention") if k in best},
+        "precompute_s_median": statistics.median(precomputes) if precomputes else None,
+        "fill": results[0]["fill"], "first_steps": results[0]["metrics"][:2],
+        **{k: results[0][k] for k in ("optimizer", "attention") if k in results[0]},
     }
 
 
-def best_of(rows: list[dict], side: str, reference: str) -> dict | None:
-    mine = [r for r in rows if r["side"] == side and r["reference"] == reference]
-    return max(mine, key=lambda r: r["pairs_per_s"]) if mine else None
+def _best(rows: list[dict], side: str, reference: str, key: str = "pairs_per_s_median") -> dict:
+    return max((r for r in rows if r["side"] == side and r["reference"] == reference), key=lambda r: r[key])
 
 
 def comparison(rows: list[dict]) -> dict:
-    out = {}
-    for reference in ("live", "precomputed"):
-        dpoc, trl = best_of(rows, "dpoc", reference), best_of(rows, "trl", reference)
+    """Each side's best point (highest median) per reference, over every thread count and at each, against the
+    floor; and the ratio of the two sides' best rounds beside it."""
+    out: dict[str, dict] = {}
+    for reference in REFERENCES:
+        dpoc, trl = _best(rows, "dpoc", reference), _best(rows, "trl", reference)
+        at = {}
+        for threads in sorted({r["threads"] for r in rows}):
+            same = [r for r in rows if r["threads"] == threads]
+            at[str(threads)] = _best(same, "dpoc", reference)["pairs_per_s_median"] \
+                / _best(same, "trl", reference)["pairs_per_s_median"]
         out[reference] = {
-            "dpoc_best": dpoc and dpoc["configuration"], "trl_best": trl and trl["configuration"],
-            "dpoc_over_trl": dpoc["pairs_per_s"] / trl["pairs_per_s"] if dpoc and trl else None,
-            "floor": 1.5,
+            "dpoc_best": dpoc["configuration"], "trl_best": trl["configuration"],
+            "dpoc_pairs_per_s_median": dpoc["pairs_per_s_median"], "trl_pairs_per_s_median": trl["pairs_per_s_median"],
+            "dpoc_over_trl": dpoc["pairs_per_s_median"] / trl["pairs_per_s_median"],
+            "dpoc_over_trl_best_rounds": _best(rows, "dpoc", reference, "pairs_per_s_best")["pairs_per_s_best"]
+            / _best(rows, "trl", reference, "pairs_per_s_best")["pairs_per_s_best"],
+            "dpoc_over_trl_at_threads": at, "floor": FLOOR,
         }
-    dpoc_rows = [r for r in rows if r["side"] == "dpoc"]
-    fastest = max(dpoc_rows, key=lambda r: r["pairs_per_s"])
+    fastest = max((r for r in rows if r["side"] == "dpoc"), key=lambda r: r["model_flops_fraction_of_matmul_rate"])
     out["matmul_rate"] = {"dpoc_best": fastest["configuration"],
-                          "fraction": fastest["model_flops_fraction_of_matmul_rate"], "floor": 0.4,
+                          "fraction": fastest["model_flops_fraction_of_matmul_rate"], "floor": MATMUL_FLOOR,
                           "executed_fraction": fastest["executed_fraction_of_matmul_rate"]}
     for value in out.values():
-        ratio = value.get("dpoc_over_trl", value.get("fraction"))
-        value["met"] = None if ratio is None else ratio >= value["floor"]
+        value["met"] = value.get("dpoc_over_trl", value.get("fraction")) >= value["floor"]
     return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__.splitlines()[0], "dpo_vs_trl")
     parser.add_argument("--pairs", type=int, default=256, help="dataset size (--smoke: 16)")
-    parser.add_argument("--steps", type=int, default=6, help="steps per run (--smoke: 3)")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (--smoke: 1)")
-    parser.add_argument("--rounds", type=int, default=2, help="each configuration runs once per round; its best "
-                        "round is kept (--smoke: 1)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both sides "
-                        "(default: every core)")
-    parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (--smoke: 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing, at least 1 "
+                        "(--smoke: 1)")
+    parser.add_argument("--rounds", type=int, default=MIN_ROUNDS, help=f"each point runs once per round; at "
+                        f"least {MIN_ROUNDS} (--smoke: 1)")
+    parser.add_argument("--threads", type=_ints, default=[1, 2], help="thread counts swept, for both sides "
+                        "(--smoke: 1)")
+    parser.add_argument("--micro-batches", type=_ints, default=[8, 4, 2, 1], help="micro-batches swept, for both "
+                        "sides, accumulating to 8 pairs (--smoke: 4)")
+    parser.add_argument("--packed", type=_ints, default=[8, 2], help="dpoc's packed budgets, in pairs of "
+                        "2 x seq_length tokens (--smoke: 4)")
+    parser.add_argument("--device", choices=sorted(BACKEND), default="cpu")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.trl_worker:
-        trl_worker(args.trl_worker)
+    if args.worker:
+        worker(args.worker)
         return 0
     if args.smoke:
         args.pairs, args.steps, args.warmup, args.rounds = 16, 3, 1, 1
-    threads = args.threads
-    configs = configurations(args.smoke, DPOC_PRECOMPUTED)
-    results: dict[Config, list[dict]] = {c: [] for c in configs}
-    rates: list[dict[str, float]] = []
-    shaped: list[float] = []
+        args.threads, args.micro_batches, args.packed = [1], [4], [4]
+    elif args.rounds < MIN_ROUNDS or args.warmup < 1 or args.steps <= args.warmup:
+        parser.error(f"--rounds must be at least {MIN_ROUNDS}, --warmup at least 1 and --steps above --warmup")
+    uptime_before, load_before = _uptime(), os.getloadavg()
+    results: dict[Config, list[dict]] = {}
+    rates: dict[str, list[dict[str, float]]] = {str(t): [] for t in args.threads}
+    shaped: dict[str, list[float]] = {str(t): [] for t in args.threads}
     checks: dict[str, dict[str, float]] = {}
     baseline = None
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         ws = prepare(tmp, args.pairs, args.steps, SMOKE_MODEL if args.smoke else MODEL)
-        padding_free = trl_padding_free_probe(ws, tmp)
-        for round_ in range(args.rounds):  # the order reverses every other round: a shared machine's load
-            rates.append(matmul_rate(threads))  # hits every configuration alike
-            shaped.append(model_shapes_rate(ws.model, max(ws.step_tokens), threads))
-            for number, config in (list(enumerate(configs)) if round_ % 2 == 0 else list(enumerate(configs))[::-1]):
-                work = tmp / f"round{round_}-config{number}"
+        padding_free = trl_padding_free_probe(ws, tmp, args.device)
+        configs = configurations(args.threads, args.micro_batches, args.packed, padding_free["trainer_padding_free"])
+        results = {c: [] for c in configs}
+        for round_ in range(args.rounds):
+            for t in args.threads:
+                rates[str(t)].append(matmul_rate(t, args.device))
+                shaped[str(t)].append(model_shapes_rate(ws.model, max(ws.step_tokens), t, args.device))
+            for config in round_order(configs, round_):
+                work = tmp / f"round{round_}-point{configs.index(config)}"
                 work.mkdir()
-                run = run_dpoc if config.side == "dpoc" else run_trl
-                result = run(config, ws, args.steps, threads, work)
+                result = run_point(config, ws, args.steps, work, args.device)
                 baseline = baseline or result
                 checks[config.name] = agreement(result, baseline)
                 results[config].append(result)
-                timed = result["step_s"][args.warmup:]
-                print(f"round {round_ + 1}: {config.name:64s} {STEP_PAIRS * len(timed) / sum(timed):6.2f} pairs/s",
+                timed = result["step_s"][args.warmup - 1:]
+                print(f"round {round_ + 1}: {config.name:72s} {STEP_PAIRS * len(timed) / sum(timed):6.2f} pairs/s",
                       flush=True)
-    peak = max(max(r.values()) for r in rates)
-    rows = [summarise(c, results[c], ws, args.warmup, peak) for c in configs]
+    peaks = {t: max(max(r.values()) for r in every) for t, every in rates.items()}
+    rows = [summarise(c, results[c], ws, args.warmup, peaks[str(c.threads)]) for c in configs]
     worst = {k: max(c[k] for c in checks.values()) for k in AGREEMENT}
     compared = comparison(rows)
-    print_table(rows, compared, peak, threads)
-    print(f"the model's own products reach {max(shaped) / 1e9:.1f} GFLOP/s ({100 * max(shaped) / peak:.0f}% of "
-          f"the square products' rate) over {max(ws.step_tokens)} tokens")
+    print_table(rows, compared, peaks)
+    for t, every in shaped.items():
+        print(f"the model's own products reach {max(every) / 1e9:.1f} GFLOP/s at {t} thread(s) "
+              f"({100 * max(every) / peaks[t]:.0f}% of the square products' rate) over {max(ws.step_tokens)} tokens")
     summary = {
         "setup": {"model": ws.model, "matmul_parameters": matmul_parameters(ws.model), "pairs": args.pairs,
                   "step_pairs": STEP_PAIRS, "steps": args.steps, "warmup_steps_left_out": args.warmup,
-                  "rounds": args.rounds, "threads": threads, "seq_length": SEQ_LENGTH, "lr": LR, "beta": BETA,
-                  "clip_grad": CLIP, "load_average": os.getloadavg(),
-                  "dpoc_precomputed_reference": DPOC_PRECOMPUTED or "not in the dpoc runtime yet",
-                  "trl_padding_free": padding_free},
-        "matmul_flops_per_s": {"best": peak, "every_round": rates, "model_shapes_best": max(shaped),
-                               "model_shapes_every_round": shaped,
-                               "model_shapes_tokens": max(ws.step_tokens)},
+                  "rounds": args.rounds, "threads": args.threads, "micro_batches": args.micro_batches,
+                  "dpoc_packed_budgets": args.packed, "device": args.device, "seq_length": SEQ_LENGTH, "lr": LR,
+                  "beta": BETA, "clip_grad": CLIP, "trl_padding_free": padding_free,
+                  "timer": "one global torch optimizer step post-hook in both workers; step = update to update, "
+                           "per-step logging included on both sides",
+                  "uptime_before": uptime_before, "uptime_after": _uptime(),
+                  "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "matmul_flops_per_s": {"best": peaks, "every_round": rates,
+                               "model_shapes_best": {t: max(v) for t, v in shaped.items()},
+                               "model_shapes_every_round": shaped, "model_shapes_tokens": max(ws.step_tokens)},
         "configurations": rows,
         "comparison": compared,
         "agreement": {"worst_relative_difference": worst, "tolerance": AGREEMENT, "per_configuration": checks},
@@ -546,22 +611,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_table(rows: list[dict], compared: dict, peak: float, threads: int) -> None:
-    print(f"\n{'configuration':64s} {'pairs/s':>8s} {'rounds':>14s} {'model FLOPs':>11s} {'executed':>9s}  precompute")
+def print_table(rows: list[dict], compared: dict, peaks: dict[str, float]) -> None:
+    print(f"\n{'point':72s} {'median':>7s} {'best':>6s} {'rounds':>20s} {'model FLOPs':>11s} {'executed':>9s}"
+          "  precompute")
     for r in rows:
         rounds = " ".join(f"{x:.2f}" for x in r["pairs_per_s_every_round"])
-        pre = f"{r['precompute_s']:.1f} s" if r["precompute_s"] else ""
-        print(f"{r['configuration']:64s} {r['pairs_per_s']:8.2f} {rounds:>14s} "
+        pre = f"{r['precompute_s_median']:.1f} s" if r["precompute_s_median"] else ""
+        print(f"{r['configuration']:72s} {r['pairs_per_s_median']:7.2f} {r['pairs_per_s_best']:6.2f} {rounds:>20s} "
               f"{100 * r['model_flops_fraction_of_matmul_rate']:10.1f}% "
               f"{100 * r['executed_fraction_of_matmul_rate']:8.1f}%  {pre}")
-    print(f"fp32 matmul rate {peak / 1e9:.1f} GFLOP/s at {threads} threads")
-    for reference in ("live", "precomputed"):
+    print("fp32 matmul rate " + ", ".join(f"{p / 1e9:.1f} GFLOP/s at {t} thread(s)" for t, p in peaks.items()))
+    for reference in REFERENCES:
         c = compared[reference]
-        if c["dpoc_over_trl"] is not None:
-            print(f"{reference}: {c['dpoc_best']} / {c['trl_best']} = {c['dpoc_over_trl']:.2f}x "
-                  f"(floor 1.5x: {'met' if c['met'] else 'NOT met'})")
+        at = ", ".join(f"{x:.2f}x at {t} thread(s)" for t, x in c["dpoc_over_trl_at_threads"].items())
+        print(f"{reference}: {c['dpoc_best']} ({c['dpoc_pairs_per_s_median']:.2f}) / {c['trl_best']} "
+              f"({c['trl_pairs_per_s_median']:.2f}) = {c['dpoc_over_trl']:.2f}x in medians (floor {FLOOR}x: "
+              f"{'met' if c['met'] else 'NOT met'}); best rounds {c['dpoc_over_trl_best_rounds']:.2f}x; {at}")
     m = compared["matmul_rate"]
-    print(f"dpoc's best at {100 * m['fraction']:.1f}% of the matmul rate in model FLOPs (floor 40%: "
+    print(f"dpoc's best at {100 * m['fraction']:.1f}% of the matmul rate in model FLOPs (floor {MATMUL_FLOOR:.0%}: "
           f"{'met' if m['met'] else 'NOT met'}); {100 * m['executed_fraction']:.1f}% in the FLOPs it executes")
 
 

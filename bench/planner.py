@@ -34,6 +34,7 @@ from dpoc.compiler.resolve import rules
 from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 from dpoc.contract.specs import preset_hardware, preset_model
 from dpoc.planner.calibration import (
+    Published,
     assumed_orca_lengths,
     calibration_set,
     dpo_held_out,
@@ -57,18 +58,23 @@ def calibration_report() -> dict[str, Any]:
     result = fit()
     eff = result.efficiency
     singles = dict(result.per_case)
+    cases = calibration_set()
     rows = []
-    print("Calibration set (published non-DPO throughput):")
-    print(f"  {'case':<40} {'measured':>10} {'predicted':>10} {'error':>7}  own-fit eff  unit / assumed")
-    for case in calibration_set():
+    print("Calibration set (published non-DPO throughput; every row is in-sample: the efficiencies are fitted to "
+          "them, so their errors are no validation; leave-one-out: the error with the row left out of the fit):")
+    print(f"  {'case':<40} {'measured':>10} {'predicted':>10} {'error':>7} {'left out':>9}  own-fit eff  "
+          "unit / assumed")
+    for case in cases:
         p = predicted(case, eff)
         err = p / case.measured - 1
         own = singles.get(case.label)
+        left_out = predicted(case, fit(tuple(c for c in cases if c is not case)).efficiency) / case.measured - 1
         rows.append({"case": case.label, "unit": case.unit, "measured": case.measured, "predicted": p,
-                     "error": err, "own_fit_dense_efficiency": own, "source": case.source,
+                     "error": err, "in_sample": True, "fitted": fitted_as(case, cases),
+                     "leave_one_out_error": left_out, "own_fit_dense_efficiency": own, "source": case.source,
                      "assumed": case.assumed})
         own_txt = f"{own:.3f}" if own is not None else "  -  "
-        print(f"  {case.label:<40} {case.measured:>10.1f} {p:>10.1f} {err:>+7.1%}  {own_txt:>11}  "
+        print(f"  {case.label:<40} {case.measured:>10.1f} {p:>10.1f} {err:>+7.1%} {left_out:>+9.1%}  {own_txt:>11}  "
               f"{case.unit}; {case.assumed}")
     print(f"Fitted efficiency: dense {eff.dense:.3f}, routed experts {eff.experts:.3f}")
     held = []
@@ -86,7 +92,7 @@ def calibration_report() -> dict[str, Any]:
         full = estimate_memory(case.model, case.hardware, layout, training(case.seq_length)).peak
         by_length = {n: predicted(case, eff, MeanLength(n)) for n in (250, 500, 1000, 2000, 4096)}
         held.append({"case": case.label, "unit": case.unit, "measured": case.measured, "predicted": p,
-                     "predicted_by_mean_padded_tokens": by_length,
+                     "in_sample": False, "predicted_by_mean_padded_tokens": by_length,
                      "error": err, "implied_mean_padded_tokens": implied,
                      "predicted_if_padded_to_seq_length": padded,
                      "error_if_padded_to_seq_length": padded / case.measured - 1,
@@ -100,8 +106,32 @@ def calibration_report() -> dict[str, Any]:
               f"{peak.total / 2**30:.1f} GiB (dynamic), {full.total / 2**30:.1f} GiB (all padded)")
         print("    pairs/s by mean padded length: "
               + ", ".join(f"{n}: {v:.2f}" for n, v in by_length.items()))
+    summary = {"held_out_dpo": error_stats([r["error"] for r in held]),
+               "calibration_left_out": error_stats([r["leave_one_out_error"] for r in rows]),
+               "in_sample_rows": "not summarised: fitted rows say nothing about the model's error"}
+    for name, stats in (("held-out DPO", summary["held_out_dpo"]),
+                        ("calibration, each row left out of the fit", summary["calibration_left_out"])):
+        print(f"Error over {name} ({stats['rows']} rows): median |error| {stats['median_abs']:.1%}, "
+              f"worst {stats['worst']:+.1%}")
     return {"calibration": rows, "efficiency": {"dense": eff.dense, "experts": eff.experts},
-            "held_out_dpo": held, "orca_lengths_assumed": lengths.summary()}
+            "held_out_dpo": held, "error_summary": summary, "orca_lengths_assumed": lengths.summary()}
+
+
+def fitted_as(case: Published, cases: tuple[Published, ...]) -> str:
+    """What the fit takes from this row (calibration.fit): the dense geometric mean, or the experts' fit."""
+    dense, moe = sum(c.model.moe is None for c in cases), sum(c.model.moe is not None for c in cases)
+    if case.model.moe is None:
+        return f"one of the {dense} dense rows whose geometric mean is the dense efficiency"
+    if moe == 1:
+        return "the only row the routed experts' efficiency is fitted to, exactly: its error is 0 by construction"
+    return f"one of the {moe} MoE rows whose geometric mean is the routed experts' efficiency"
+
+
+def error_stats(errors: list[float]) -> dict[str, Any]:
+    """Relative errors summarised: how many, median and mean of |error|, and the worst (signed)."""
+    absolute = [abs(e) for e in errors]
+    return {"rows": len(errors), "median_abs": statistics.median(absolute), "mean_abs": statistics.fmean(absolute),
+            "worst": max(errors, key=abs)}
 
 
 DPO_LOSS = DPO(loss="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)

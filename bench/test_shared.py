@@ -23,5 +23,5 @@ def test_best_seconds_warms_up_once_then_keeps_the_fastest_call():
 def test_square_matmul_rate_counts_two_flops_per_multiply_add(monkeypatch):
     import bench._shared as shared
 
-    monkeypatch.setattr(shared, "best_seconds", lambda work, repeats: (work(), 0.5)[1])
+    monkeypatch.setattr(shared, "best_seconds", lambda work, repeats, device: (work(), 0.5)[1])
     assert square_matmul_rate(64, 3) == 2 * 64**3 / 0.5

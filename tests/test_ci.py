@@ -35,7 +35,7 @@ def test_ci_runs_the_readmes_test_command_then_ruff_then_the_bench_smokes():
     assert steps[:len(readme)] == readme
     assert steps[len(readme):] == [".venv/bin/ruff check dpoc bench tests",
                                    ".venv/bin/pip install -q torch==2.13.0 -e '.[runtime,ray,test,bench]'",
-                                   ".venv/bin/python -m pytest -q bench/test_smoke.py"]
+                                   ".venv/bin/python -m pytest -q bench/test_smoke.py bench/test_planner.py bench/test_gpu_check.py"]
 
 
 def test_no_step_is_chained():
