@@ -12,12 +12,11 @@ from collections import defaultdict
 
 import pytest
 import torch
+import trl.trainer.kto_trainer as trl_kto  # the test extra has trl: a missing one fails, never skips
 
 from dpoc.runtime.losses import Params
 from dpoc.runtime.losses.kto import Completions, kl_estimate, kl_partners, kto, kto_metrics
 from tests.conftest import RECIPES, run_subprocess
-
-trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
 
 N, LENGTH = 6, 9
 TOL = dict(rel=1e-6, abs=1e-9)
@@ -184,7 +183,8 @@ class _CharTokenizer:
 
 
 def _trl_kl_completions(completions: list[str], batch_size: int) -> list[str]:
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     dataset = datasets.Dataset.from_dict({"prompt": [f"p{i}:" for i in range(len(completions))],
                                           "completion": completions, "label": [True] * len(completions)})
     trainer = types.SimpleNamespace(_tokenizer=_CharTokenizer(), calculate_KL=True, desirable_weight=1.0,

@@ -14,14 +14,13 @@ from collections import defaultdict
 
 import pytest
 import torch
+import trl.experimental.cpo.cpo_trainer as trl_cpo  # the test extra has trl: a missing one fails, never skips
+import trl.experimental.orpo.orpo_trainer as trl_orpo
+import trl.trainer.dpo_trainer as trl_dpo
 
 from dpoc.contract import losses
 from dpoc.runtime.losses import Params
 from dpoc.runtime.step.dpo import Objective
-
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-trl_cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
-trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
 
 PAIRS, LENGTH = 4, 9
 TOL = dict(rel=1e-6, abs=1e-9)
