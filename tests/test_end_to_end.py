@@ -65,6 +65,19 @@ def test_a_failing_node_fails_the_launch(tmp_path):
            "absent)" in run.stderr
 
 
+def test_an_input_error_in_the_reference_pass_exits_2(tmp_path):
+    """reference.sh run by hand (a node script runs it the same way): torchrun reports the failed ranks as exit 1,
+    the script exits 2, as the node scripts do, with the rank's line once."""
+    out = tmp_path / "build"
+    build(RECIPES / "tiny_cpu.yaml", ["dpo.reference=precomputed", f"dataset.output_prefix={tmp_path}/none"], out=out)
+    run = subprocess.run(["bash", str(out / "reference.sh")], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.count(f"{tmp_path}/none_packed_chosen_input_ids_document.bin") == 1
+    assert run.stderr.rstrip().endswith("[dpoc] node 0/1: reference log-probs: input error (exit 2): the lines above "
+                                        "say what to fix; a restart cannot")
+
+
 @pytest.mark.slow
 def test_precomputed_reference_runs_its_pass_on_every_node_before_training(dataset, tmp_path):
     """Two local nodes: both node scripts join reference.sh's pass (rank 0 writes the file), then train from

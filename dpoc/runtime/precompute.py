@@ -56,8 +56,8 @@ def pass_groups(pair_lengths: np.ndarray, micro_batch: int, dp_rank: int, dp_siz
 
 
 def precompute(args: argparse.Namespace, device: Device, args_file: str, weights) -> int:
-
     initialize_parallel(args)
+    dataset = PairwiseDataset(args.data_path, args.seq_length, args_file, args.tokenizer_name_or_path)  # checks it
     ident = from_rank0(lambda: reference_file.identity(args))
     found = from_rank0(lambda: reference_file.status(args, ident))
     rank0 = dist.get_rank() == 0
@@ -71,7 +71,6 @@ def precompute(args: argparse.Namespace, device: Device, args_file: str, weights
         print(f"[dpoc] precomputing reference log-probs into {found.path} ({found.why})", file=sys.stderr)
     started = time.perf_counter()
     chunks = build_reference(args, transformer_config(args, device), weights[1])
-    dataset = PairwiseDataset(args.data_path, args.seq_length, args_file, args.tokenizer_name_or_path)
     micro_batch = args.dpoc_reference_micro_batch_size or args.micro_batch_size
     groups = pass_groups(dataset.pair_lengths, micro_batch, parallel_state.get_data_parallel_rank(),
                          parallel_state.get_data_parallel_world_size())

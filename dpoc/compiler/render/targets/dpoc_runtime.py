@@ -45,7 +45,8 @@ def files(plan: Plan) -> dict[str, str]:
                                                       precomputed_reference=precomputed)
     if precomputed:
         out["reference.sh"] = templating.template("reference.sh.j2", **values, data_path=plan.data.output_prefix,
-                                                  micro_batch_size=plan.dpo.reference_micro_batch_size)
+                                                  micro_batch_size=plan.dpo.reference_micro_batch_size,
+                                                  input_error_env=INPUT_ERROR_ENV, exit_input_error=EXIT_USER_ERROR)
     return out
 
 

@@ -34,7 +34,6 @@ rm -f "$preempted"
 # a rank that stops on an input error records it in this fresh file (torchrun reports every failed rank as exit 1)
 DPOC_INPUT_ERROR="$(mktemp -u "${TMPDIR:-/tmp}/dpoc-input-error.XXXXXX")"
 export DPOC_INPUT_ERROR
-
 # The launcher names the build it started (DPOC_PLAN_HASH): a node holding another build is refused.
 python -m dpoc preflight "$BUILD_DIR" --mode "$mode" --target dpoc --node-rank 0 \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --plan-hash "${DPOC_PLAN_HASH:-}"
@@ -57,14 +56,14 @@ while kill -0 "$trainer" 2>/dev/null; do  # wait returns early when the trap run
   status=0
   wait "$trainer" || status=$?
 done
-input_error=0
-if [ -f "$DPOC_INPUT_ERROR" ]; then input_error=1; rm -f "$DPOC_INPUT_ERROR"; fi
 if [ -f "$preempted" ]; then
   echo "[dpoc] node 0/1: preempted, resumable: checkpoint of step $(cat "$preempted") saved in $save_dir; run this script again to resume" >&2
   exit 75
 fi
-if [ "$status" -ne 0 ] && [ "$input_error" = 1 ]; then
+if [ "$status" -ne 0 ] && [ -f "$DPOC_INPUT_ERROR" ]; then
+  rm -f "$DPOC_INPUT_ERROR"
   echo "[dpoc] node 0/1: input error (exit 2): the lines above say what to fix; a restart cannot" >&2
   exit 2
 fi
+rm -f "$DPOC_INPUT_ERROR"
 exit "$status"
