@@ -20,6 +20,15 @@ METRICS = "metrics.jsonl"
 # code into 1, so the node script exits 2 itself when the file exists
 INPUT_ERROR_ENV = "DPOC_INPUT_ERROR"
 
+# how dpoc.runtime.torchrun ends a node's failed run; dpoc launch reads the rank from it (dpoc.launch.first_error)
+FIRST_FAILURE = "[dpoc] torchrun: rank {rank} failed first, with exit code {code}"
+
+
+def first_failure_line(rank: int, code: int, others: int) -> str:
+    also = f"; {others} other rank{'s' if others != 1 else ''} ended after it" if others else ""
+    return FIRST_FAILURE.format(rank=rank, code=code) + also
+
+
 # micro-batches each rank sends through the pipeline per forward call of the precompute pass (each call pays
 # the pipeline's fill once); the planner models the pass with the same number
 ROUND_MICRO_BATCHES = 8

@@ -1,8 +1,8 @@
 """The first error in a failed node's output: the last line of the first traceback of the rank that failed
-first, which torchrun's closing summary ("ChildFailedError ... Root Cause") names but does not quote.
+first, which the node's torchrun (`dpoc.runtime.torchrun`) names in its closing line but does not quote.
 
 torchrun passes its workers' output through; an uncaught exception's lines may carry `[rankN]:` prefixes.
-When the summary names the first failing rank, that rank's traceback is taken; else the first traceback.
+When the closing line names the first failing rank, that rank's traceback is taken; else the first traceback.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from dpoc.contract.runs import FIRST_FAILURE
+
 _TRACEBACK = "Traceback (most recent call last):"
 _PREFIX = re.compile(r"\[rank(\d+)\]:\s?")
-_ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_ROOT_RANK = re.compile(re.escape(FIRST_FAILURE.split("{rank}")[0]) + r"(\d+)")
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 
 
@@ -34,11 +36,9 @@ def first_error(lines: Iterable[str]) -> str | None:
 
 
 def _root_rank(lines: list[str]) -> str | None:
-    """The rank of torchrun's "Root Cause (first observed failure)" entry, when its summary is there."""
-    for k, line in enumerate(lines):
-        if "Root Cause" in line:
-            for later in lines[k + 1:k + 8]:
-                found = _ROOT_RANK.match(later)
-                if found:
-                    return found.group(1)
+    """The rank the closing line names as the first to fail, when the output has it."""
+    for line in lines:
+        found = _ROOT_RANK.match(line)
+        if found:
+            return found.group(1)
     return None

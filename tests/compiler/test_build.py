@@ -15,6 +15,7 @@ import yaml
 from dpoc.compiler.pipeline import build, plan_recipe
 from dpoc.contract import megatron_args, schemas
 from tests.conftest import RECIPES, REPO, run_subprocess
+from tests.launch.helpers import route_torchrun
 
 CONTRACT = ["plan.json", "megatron.args", "resume/megatron.args", "nodes/node-0.sh", "nodes/node-1.sh", "launch.sh",
             "ray-head.sh", "ray-worker.sh",
@@ -270,13 +271,14 @@ def test_shipped_scripts_pass_shellcheck(guide_build, tmp_path):
 
 
 def stub_tools(tmp_path: Path, one_arg_per_line: bool = False) -> tuple[dict[str, str], Path]:
-    """`python` and `torchrun` stand-ins that record their arguments, so node scripts run without a runtime."""
+    """`python` and torchrun stand-ins that record their arguments, so node scripts run without a runtime."""
     stubs, log = tmp_path / "bin", tmp_path / "argv.log"
     stubs.mkdir()
     record = 'for a in "$@"; do printf "%s\\n" "$a"; done' if one_arg_per_line else 'echo "$@"'
-    for tool in ("python", "torchrun"):
+    for tool in ("record", "torchrun"):
         (stubs / tool).write_text(f'#!/bin/sh\n{record} >> "{log}"\n')
         (stubs / tool).chmod(0o755)
+    route_torchrun(stubs, str(stubs / "record"))
     return {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}, log
 
 

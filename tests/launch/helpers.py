@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -64,4 +65,14 @@ def stub_torchrun(directory: Path) -> Path:
     bin_dir.mkdir(parents=True, exist_ok=True)
     (bin_dir / "torchrun").write_text(STUB_TORCHRUN)
     (bin_dir / "torchrun").chmod(0o755)
+    route_torchrun(bin_dir, sys.executable)
     return bin_dir
+
+
+def route_torchrun(bin_dir: Path, python: str) -> None:
+    """A `python` in `bin_dir` that hands the node scripts' `python -m dpoc.runtime.torchrun ...` to bin_dir's
+    torchrun stand-in and runs everything else with `python`."""
+    (bin_dir / "python").write_text(
+        f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = dpoc.runtime.torchrun ]; then shift 2; exec "{bin_dir}/torchrun" '
+        f'"$@"; fi\nexec "{python}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)

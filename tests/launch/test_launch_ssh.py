@@ -15,7 +15,7 @@ import pytest
 from dpoc.compiler.pipeline import build
 from tests.compiler.test_preflight import touch_dataset
 from tests.conftest import RECIPES, script_env
-from tests.launch.helpers import left_running, plan_hash, stub_torchrun
+from tests.launch.helpers import left_running, plan_hash, route_torchrun, stub_torchrun
 
 OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15", "-o",
            "ServerAliveCountMax=4"]
@@ -42,9 +42,10 @@ def job_dir(tmp_path):
     os.makedirs(work / "assets/tiny/tokenizer")
     bin_dir = stub_torchrun(work)
     (bin_dir / "ssh").write_text(FAKE_SSH)
-    (bin_dir / "python").write_text(FAKE_PYTHON.format(python=shlex.quote(sys.executable)))
-    for tool in ("ssh", "python"):
+    (bin_dir / "no-preflight-python").write_text(FAKE_PYTHON.format(python=shlex.quote(sys.executable)))
+    for tool in ("ssh", "no-preflight-python"):
         (bin_dir / tool).chmod(0o755)
+    route_torchrun(bin_dir, str(bin_dir / "no-preflight-python"))
     return work
 
 

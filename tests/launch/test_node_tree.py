@@ -25,7 +25,7 @@ def _argv(pid: int) -> list[str]:
 
 
 def _is_torchrun(pid: int) -> bool:
-    return any(Path(a).name == "torchrun" for a in _argv(pid)[:2])
+    return "dpoc.runtime.torchrun" in _argv(pid)[:3]  # python -m dpoc.runtime.torchrun
 
 
 @pytest.mark.slow

@@ -52,7 +52,8 @@ export DPOC_INPUT_ERROR
 python -m dpoc preflight "$BUILD_DIR" --mode "$mode" --target dpoc --node-rank 1 \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --plan-hash "${DPOC_PLAN_HASH:-}"
 echo "[dpoc] node 1/2: $mode run, master $MASTER_ADDR:$MASTER_PORT" >&2
-torchrun \
+# torchrun (dpoc.runtime.torchrun: the same launcher, ending a failure in one line that names the first rank)
+python -m dpoc.runtime.torchrun \
   --nnodes 2 \
   --node_rank 1 \
   --nproc_per_node 16 \

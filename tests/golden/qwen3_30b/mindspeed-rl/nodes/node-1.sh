@@ -53,7 +53,8 @@ python -m dpoc preflight "$HERE/.." --mode "$mode" --target mindspeed-rl --node-
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --plan-hash "${DPOC_PLAN_HASH:-}"
 
 mkdir -p logs
-torchrun \
+# torchrun (dpoc.runtime.torchrun: the same launcher, ending a failure in one line that names the first rank)
+python -m dpoc.runtime.torchrun \
   --nnodes 2 \
   --node_rank 1 \
   --nproc_per_node 16 \
