@@ -16,6 +16,7 @@ from typing import Any
 
 from dpoc.contract.architecture import Architecture
 from dpoc.contract.dotted import flatten
+from dpoc.contract.lora import Lora
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class Plan:
     dpo: DPO
     data: Data
     checkpoint: Checkpoint
+    lora: Lora | None  # the recipe's lora section; None: every parameter trains
     cluster: Cluster
     launch: Launch
     run_dir: str

@@ -152,7 +152,7 @@ RECIPE_TEXT_CASES = [
      "training.seq_length", "cannot resolve interpolation"),
     ("model: {preset: tiny-qwen3, hf_weights: ./w}\nhardware: {preset: cpu}\ndataset: {path: d.jsonl}\n"
      "training: {seq_length: 8, global_batch_size: 8, train_iters: 1, lr: 0.1}\nextra: 1\n",
-     "extra", "unknown key (valid: checkpoint, dataset, dpo, hardware, launch, model, name, parallelism, run_dir, runtime, "
+     "extra", "unknown key (valid: checkpoint, dataset, dpo, hardware, launch, lora, model, name, parallelism, run_dir, runtime, "
      "training)"),
 ]
 

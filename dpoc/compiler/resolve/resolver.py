@@ -13,7 +13,7 @@ from typing import Any
 from dpoc import __version__
 from dpoc.compiler.load import HF_CONFIG_SOURCE, LoadedRecipe
 from dpoc.compiler.render import targets
-from dpoc.compiler.resolve import autolayout, dpo_loss, rules, stale_paths
+from dpoc.compiler.resolve import autolayout, dpo_loss, lora, rules, stale_paths
 from dpoc.compiler.resolve.autolayout import LayoutInputs
 from dpoc.compiler.resolve.cluster import is_loopback
 from dpoc.contract.architecture import MoESpec
@@ -169,6 +169,7 @@ def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
         dpo=dpo,
         data=_data(v, model, run_dir),
         checkpoint=_checkpoint(v, loaded.name, layout, run_dir, runtime, dpo.reference == "none"),
+        lora=lora.lora_settings(v, model),
         cluster=cluster,
         launch=Launch(max_restarts=v.take("launch.max_restarts", 0, why="a failed node fails the job: no restarts")),
         run_dir=run_dir,

@@ -58,6 +58,8 @@ def unsupported(plan: Plan) -> list[Violation]:
     if plan.checkpoint.init == "converted" and plan.checkpoint.load is None:
         out.append(Violation("model.hf_weights", "is required to convert the initial weights (or give "
                              "checkpoint.load, or checkpoint.init=random)"))
+    if plan.lora is not None:
+        out.append(Violation("lora", "not supported yet by runtime: dpoc (valid: remove the lora section)"))
     if layout.cp > 1:
         out.append(Violation("parallelism.cp", f"{why} has no context parallelism; valid: cp=1, or "
                              "runtime=mindspeed-rl"))

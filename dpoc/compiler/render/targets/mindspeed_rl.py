@@ -73,6 +73,8 @@ def unsupported(plan: Plan) -> list[Violation]:
         out.append(Violation("checkpoint.mindspeed_load", "not given, and no model.hf_weights to convert: MindSpeed-RL "
                              "loads MindSpeed-LLM's per-rank weights (valid: checkpoint.mindspeed_load, or "
                              "model.hf_weights)"))
+    if plan.lora is not None:
+        out.append(Violation("lora", "not rendered yet for runtime: mindspeed-rl (valid: remove the lora section)"))
     if hardware.device != "npu":
         out.append(
             Violation(
