@@ -157,3 +157,66 @@ def test_an_adapter_dpoc_cannot_load_exactly_is_refused(tmp_path):
         peft.load(tmp_path / "a", arch, LORA)
     with pytest.raises(DpocError, match="not a PEFT adapter directory"):
         peft.load(tmp_path, arch, LORA)
+
+
+def _moe_model(seed: int = 0):
+    """A tiny Qwen3-MoE (transformers 5: each layer's experts are two 3D parameters), 2F != h so that a
+    transposed expert adapter cannot pass."""
+    import transformers
+
+    from tests.runtime.hf_models import COMMON
+
+    config = transformers.Qwen3MoeConfig(**{**COMMON, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                            "moe_intermediate_size": 24, "norm_topk_prob": True})
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def test_expert_adapters_are_peft_target_parameters(tmp_path):
+    model = get_peft_model(_moe_model(), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        shared: dict[str, torch.Tensor] = {}
+        for pname, p in sorted(model.named_parameters()):
+            if "lora_" in pname:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+                layer = pname.split(".self_attn.")[0]
+                if "lora_A" in pname and any(f"{x}_proj" in pname for x in "qkv"):
+                    p.copy_(shared.setdefault(layer, p.detach().clone()))
+    arch = _arch(model)
+    lora = Lora(rank=4, alpha=8.0, dropout=0.0, targets=mcore_targets(list(HF_TARGETS)), experts=True, init_from=None)
+    theirs = get_peft_model_state_dict(model)
+    ours = peft.from_peft(theirs, arch, lora, "adapter")
+    assert len(ours) == arch.num_layers * (2 + 2 * arch.num_experts)
+    a, b = ours[peft.Site(1, "linear_fc1", expert=2)]
+    assert (a.shape, b.shape) == ((4, 64), (48, 4))  # one expert's fc1: [gate; up] rows of 2 x 24
+    back = peft.to_peft(ours, arch)
+    assert back.keys() == theirs.keys() and all(torch.equal(back[k], theirs[k]) for k in theirs)
+
+    peft.write(tmp_path / "out", ours, arch, lora, base=None)
+    config = json.loads((tmp_path / "out" / peft.CONFIG).read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(_moe_model(), tmp_path / "out")
+    assert not [str(w.message) for w in caught if "peft" in w.filename]
+    tokens = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+    # dpoc's merge, per expert as the converter names the weights, is PEFT's merge of the fused parameters
+    merged_theirs = model.merge_and_unload().state_dict()
+    adapters = peft.hf_adapters(ours, arch)
+    base = _moe_model().state_dict()
+    for layer in range(arch.num_layers):
+        experts = f"model.layers.{layer}.mlp.experts."
+        for e in range(arch.num_experts):
+            gate, up, down = (peft.merged(f"{experts}{e}.{n}.weight", w, adapters, lora.scaling) for n, w in (
+                ("gate_proj", base[experts + "gate_up_proj"][e, :24]), ("up_proj", base[experts + "gate_up_proj"][e, 24:]),
+                ("down_proj", base[experts + "down_proj"][e])))
+            torch.testing.assert_close(torch.cat([gate, up]), merged_theirs[experts + "gate_up_proj"][e],
+                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(down, merged_theirs[experts + "down_proj"][e], rtol=0, atol=1e-6)

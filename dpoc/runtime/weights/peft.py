@@ -5,7 +5,9 @@ The megatron-core form is one (A, B) per `Site` (layer, megatron linear, expert)
 fused weight stacks (q/k/v per query group, `[gate; up]`), and B's rows follow the same table, so:
 - out: a fused adapter is one PEFT adapter per HF linear, all sharing A, each with its rows of B;
 - in: HF adapters that share A fuse back at rank r; ones with different A fuse exactly only stacked (A's
-  concatenated, B block-diagonal, rank k·r), never averaged or refitted.
+  concatenated, B block-diagonal, rank k·r), never averaged or refitted;
+- routed experts: transformers 5 holds a layer's experts as two 3D parameters (`gate_up_proj`, `down_proj`),
+  so their adapters are PEFT's target_parameters, every expert's A and B stacked into one pair per parameter.
 Pure functions over tensors (torch only); reading and writing the directory are at the end.
 """
 
@@ -20,7 +22,7 @@ import torch
 from dpoc.common.atomic import published_dir
 from dpoc.contract.architecture import Architecture
 from dpoc.contract.errors import DpocError, Problem
-from dpoc.contract.lora import HF_TO_MCORE, Lora
+from dpoc.contract.lora import HF_TO_MCORE, MCORE_TO_HF, Lora
 from dpoc.runtime.weights import weight_map
 from dpoc.runtime.weights.safetensors_out import StreamingSafetensors
 
@@ -106,11 +108,19 @@ def fuse(site: Site, adapters: dict[str, Pair], arch: Architecture) -> Pair:
 
 def to_peft(adapters: dict[Site, Pair], arch: Architecture) -> dict[str, torch.Tensor]:
     """PEFT's tensors (`adapter_model.safetensors`'s keys) for megatron adapters, sorted by key."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], dict[int, Pair]] = {}
     for site, pair in adapters.items():
+        if site.expert >= 0:
+            experts.setdefault((site.layer, site.target), {})[site.expert] = pair
+            continue
         for module, (a, b) in split(site, pair, arch).items():
             out[f"{PREFIX}{module}.lora_A.weight"] = a
             out[f"{PREFIX}{module}.lora_B.weight"] = b
+    for (layer, target), pairs in experts.items():
+        prefix = _expert_prefixes(layer, [t for (lay, t) in experts if lay == layer])[target]
+        a, b = _stack(pairs, arch.num_experts)
+        out[f"{PREFIX}{prefix}lora_A.weight"], out[f"{PREFIX}{prefix}lora_B.weight"] = a, b
     return dict(sorted(out.items()))
 
 
@@ -122,21 +132,60 @@ def from_peft(tensors: dict[str, torch.Tensor], arch: Architecture, lora: Lora, 
         module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
         by_module.setdefault(module, {})[part] = tensor
     out, used, problems = {}, set(), []
+    experts: dict[tuple[int, str], dict[int, Pair]] = {}
     for site in sites(arch, lora):
-        modules = [m for m, _ in hf_modules(site, arch)]
+        if site.expert >= 0:
+            modules = [_expert_prefixes(site.layer, _expert_targets(lora, arch))[site.target].removesuffix(".")]
+        else:
+            modules = [m for m, _ in hf_modules(site, arch)]
         missing = [m for m in modules if set(by_module.get(m, {})) != {"A.weight", "B.weight"}]
         if missing:
             problems.append(Problem(source, WEIGHTS, f"no lora_A/lora_B for {missing[0]} (lora.targets needs "
                                     f"{', '.join(m.rpartition('.')[2] for m in modules)} adapters)"))
             continue
-        out[site] = fuse(site, {m: (by_module[m]["A.weight"], by_module[m]["B.weight"]) for m in modules}, arch)
         used.update(modules)
+        if site.expert < 0:
+            out[site] = fuse(site, {m: (by_module[m]["A.weight"], by_module[m]["B.weight"]) for m in modules}, arch)
+            continue
+        if (site.layer, site.target) not in experts:
+            found = by_module[modules[0]]
+            experts[(site.layer, site.target)] = _unstack(found["A.weight"], found["B.weight"], arch.num_experts)
+        out[site] = experts[(site.layer, site.target)][site.expert]
     for module in sorted(set(by_module) - used):
         problems.append(Problem(source, WEIGHTS, f"{module} has an adapter that lora.targets does not select "
                                 "(loading it would drop it)"))
     if problems:
         raise DpocError(problems)
     return out
+
+
+# transformers 5 holds a MoE layer's experts as two 3D parameters, which PEFT adapts as target_parameters
+EXPERT_PARAMS = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
+
+
+def _expert_targets(lora: Lora, arch: Architecture) -> list[str]:
+    return [t for t in EXPERT_PARAMS if t in lora.targets] if lora.experts and arch.num_experts else []
+
+
+def _expert_prefixes(layer: int, targets: list[str]) -> dict[str, str]:
+    """Where PEFT keeps each expert parameter's adapter: it wraps the experts module once per target parameter,
+    in target_parameters' order, each wrapper around the last, so the first sits deepest (`base_layer.`)."""
+    order = [t for t in EXPERT_PARAMS if t in targets]
+    return {t: f"model.layers.{layer}.mlp.experts." + "base_layer." * (len(order) - 1 - i) for i, t in enumerate(order)}
+
+
+def _stack(pairs: dict[int, Pair], experts: int) -> Pair:
+    """Every expert's adapter as PEFT's one per 3D parameter: A `[E·r, in]` (expert e's rows e·r ...), B
+    `[out, r·E]` (expert e's columns e, E + e, ...: PEFT reads it as `[out, r, E]`)."""
+    a = torch.cat([pairs[e][0] for e in range(experts)])
+    b = torch.stack([pairs[e][1] for e in range(experts)], dim=-1)
+    return a, b.reshape(b.shape[0], -1)
+
+
+def _unstack(a: torch.Tensor, b: torch.Tensor, experts: int) -> dict[int, Pair]:
+    rank = a.shape[0] // experts
+    per_expert = b.reshape(b.shape[0], rank, experts)
+    return {e: (a[e * rank:(e + 1) * rank], per_expert[:, :, e].contiguous()) for e in range(experts)}
 
 
 def merged(name: str, weight: torch.Tensor, hf_adapters: dict[str, Pair], scaling: float) -> torch.Tensor:
@@ -156,12 +205,17 @@ def hf_adapters(adapters: dict[Site, Pair], arch: Architecture) -> dict[str, Pai
 # ---------------------------------------------------------------------------------------------- the directory
 
 
-def adapter_config(lora: Lora, base: str | None) -> dict:
-    """adapter_config.json: what PEFT needs to rebuild the adapters on `base`."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-            "lora_dropout": lora.dropout, "target_modules": sorted(lora.hf_targets), "bias": "none",
-            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-            "base_model_name_or_path": base, "inference_mode": True}
+def adapter_config(lora: Lora, arch: Architecture, base: str | None) -> dict:
+    """adapter_config.json: what PEFT needs to rebuild the adapters on `base` (routed experts' adapters as
+    target_parameters: transformers 5 has no per-expert modules)."""
+    experts = _expert_targets(lora, arch)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "use_dora": False, "init_lora_weights": True, "base_model_name_or_path": base, "inference_mode": True,
+              "target_modules": sorted(hf for t in lora.targets if t not in experts for hf in MCORE_TO_HF[t])}
+    if experts:
+        config["target_parameters"] = [f"mlp.experts.{EXPERT_PARAMS[t]}" for t in experts]
+    return config
 
 
 def write(out: str | Path, adapters: dict[Site, Pair], arch: Architecture, lora: Lora, base: str | None) -> None:
@@ -172,7 +226,7 @@ def write(out: str | Path, adapters: dict[Site, Pair], arch: Architecture, lora:
         for key, tensor in tensors.items():
             stream.write(key, tensor)
         stream.close()
-        (staging / CONFIG).write_text(json.dumps(adapter_config(lora, base), indent=2, sort_keys=True) + "\n")
+        (staging / CONFIG).write_text(json.dumps(adapter_config(lora, arch, base), indent=2, sort_keys=True) + "\n")
 
 
 def read(path: str | Path, field: str = "lora.init_from") -> tuple[dict, dict[str, torch.Tensor]]:
