@@ -4,7 +4,9 @@ Under LoRA the base is frozen: its linears run megatron-core's frozen-weight pat
 computes no weight gradient (only the input gradient); each adapter (A `[r, in]`, B `[out, r]`) is sharded
 as its weight is — on a column-parallel linear B is split over tp and A replicated, on a row-parallel one A
 is split and B replicated — and trains in full. An adapter saves its input (the linear's input, which the
-frozen base no longer saves; a copy and its mask when dropout applies) and A's output (r wide). MoE layers
+frozen base no longer saves; a copy and its mask when dropout applies) and A's output (r wide); on a
+column-parallel linear under sequence parallelism that input is the gathered one the adapter reads (the
+runtime's `dpoc/runtime/model/lora.py`), where a trained weight keeps its sequence shard. MoE layers
 have no dense fc1/fc2: those targets adapt the routed experts, one adapter per expert, with `experts`.
 """
 

@@ -134,20 +134,26 @@ def layer_activation_bytes(model: ModelSpec, layout: Layout, training: Training,
         """(bytes per element of the linear's input, adapter width per token) that backward keeps."""
         return adapters.input_bytes(lora, target, a, expert), adapters.rank_width(lora, target, expert)
 
-    # attention: norm input and qkv input (h each, sequence-sharded; an adapter's A output gathered); q, k, v
-    # and the flash output o (linear_proj's input); qk-norm inputs; the flash softmax statistics (fp32 per head)
-    qkv, qkv_rank = linear("linear_qkv")
+    def column_input(target: str) -> float:
+        """Bytes per hidden element a dense column-parallel linear's input keeps: the sequence-sharded input a
+        trained weight saves (gathered again for its gradient), or the gathered one an adapter's A reads."""
+        return a * tok.local if lora is None else adapters.input_bytes(lora, target, a) * tok.full
+
+    # attention: norm input and qkv input (h each, sequence-sharded; an adapter's input and A output gathered);
+    # q, k, v and the flash output o (linear_proj's input); qk-norm inputs; the flash softmax statistics (fp32
+    # per head)
+    _, qkv_rank = linear("linear_qkv")
     proj, proj_rank = linear("linear_proj")
-    attention = tok.local * h * (a + qkv) + a * tok.full * (qkv_rank + proj_rank)
+    attention = h * (a * tok.local + column_input("linear_qkv")) + a * tok.full * (qkv_rank + proj_rank)
     attention += tok.full * (a * (q + 2 * kv + (q + kv if model.qk_layernorm else 0)) + proj * q) / tp
     attention += FP32 * tok.full * model.num_attention_heads / tp
     moe = model.moe
     if moe is None:
         # norm input and fc1 input; SwiGLU input (2F) and fc2 input (F)
-        fc1, fc1_rank = linear("linear_fc1")
+        _, fc1_rank = linear("linear_fc1")
         fc2, fc2_rank = linear("linear_fc2")
         f = model.ffn_hidden_size
-        return (attention + tok.local * h * (a + fc1) + tok.full * (2 * a + fc2) * f / tp
+        return (attention + h * (a * tok.local + column_input("linear_fc1")) + tok.full * (2 * a + fc2) * f / tp
                 + a * tok.full * (fc1_rank + fc2_rank))
     mlp = a * tok.local * 2 * h + FP32 * tok.local * 2 * moe.num_experts  # router logits and probabilities
     mlp += a * tok.full * 3 * moe.shared_expert_ffn_hidden_size / tp

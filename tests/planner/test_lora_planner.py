@@ -70,10 +70,12 @@ def test_moe_frozen_experts_keep_only_their_activation_input(specs):
     lay, train = specs.layout(8, tp=2, ep=4, etp=1), specs.training()
     full = layer_activation_bytes(m, lay, train, 2)
     # 8 expert copies: without expert adapters each drops its fc1 input (2*8) and fc2 input (2*4);
-    # the attention adapters add A's outputs over the 8 gathered tokens, 2 B * 2 each
-    assert layer_activation_bytes(m, lay, train, 2, LORA) == full - 8 * (16 + 8) + 2 * 8 * 2 * 2
+    # the attention adapters add A's outputs over the 8 gathered tokens, 2 B * 2 each; qkv's adapter keeps
+    # its gathered input (8 tokens x 2*8 B) where the trained weight kept its sequence shard (4 tokens)
+    gathered = (8 - 4) * 2 * 8
+    assert layer_activation_bytes(m, lay, train, 2, LORA) == full - 8 * (16 + 8) + 2 * 8 * 2 * 2 + gathered
     experts = replace(LORA, experts=True)
-    assert layer_activation_bytes(m, lay, train, 2, experts) == full + 2 * 8 * 2 * 2 + 8 * 2 * 2 * 2
+    assert layer_activation_bytes(m, lay, train, 2, experts) == full + 2 * 8 * 2 * 2 + 8 * 2 * 2 * 2 + gathered
 
 
 def test_lora_flops_skip_the_frozen_weight_gradients(specs):
