@@ -33,7 +33,6 @@ from dpoc.planner.report import (
 )
 from dpoc.planner.search import Candidate, SearchResult
 from dpoc.planner.throughput import FITTED
-from dpoc.planner.workload import dpo_workload
 
 
 def plan_command(recipe: str, overrides: Sequence[str], as_json: bool, top: int, chart: str | None) -> int:
@@ -61,7 +60,8 @@ def plan_command(recipe: str, overrides: Sequence[str], as_json: bool, top: int,
 
         layout = own.layout if own else result.best.layout if result.best else None
         if layout is not None:
-            memory = estimate_memory(inputs.model, inputs.hardware, layout, inputs.training, inputs.lengths)
+            memory = estimate_memory(inputs.model, inputs.hardware, layout, inputs.training, inputs.lengths,
+                                     inputs.workload)
             Path(chart).write_text(memory_svg(memory, f"{loaded.name}: {knob_text(_knobs(layout))}"))
     for warning in own.warnings if own else ():
         print(f"{loaded.path}: warning: {warning.field}: {warning.message}", file=sys.stderr)
@@ -113,7 +113,13 @@ def _as_data(inputs, result: SearchResult, own: Choice | None, invalid: list[Pro
         "ranked": [_candidate_data(c) for c in result.ranked[:top]],
         "nearest_over_memory": [_candidate_data(c) for c in result.too_big],
         "no_fit": [str(p) for p in no_fit],
+        "full_parameter": _full_parameter_data(inputs) if inputs.lora is not None else None,
     }
+
+
+def _full_parameter_data(inputs) -> dict[str, Any]:
+    best, no_fit = _full_parameter(inputs)
+    return {"best": _candidate_data(best) if best is not None else None, "no_fit": no_fit}
 
 
 def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choice | None,
@@ -165,6 +171,8 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
             console.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
     for problem in no_fit:
         console.print(f"No layout fits: {problem}", highlight=False, markup=False, soft_wrap=True)
+    for line in _lora_lines(inputs, result):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     for mode, best in _mode_bests(inputs).items():
         if best is None:
             console.print(f"Reference {mode}: no layout fits")
@@ -179,10 +187,40 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
         console.print(line)
 
 
+def _full_parameter(inputs) -> tuple[Candidate | None, list[str]]:
+    """LoRA's alternative: the best layout training every parameter (pins lifted), or why none fits."""
+    full = replace(inputs, pinned={}, lora=None)
+    result = search_layouts(full)
+    if result.best is not None:
+        return result.best, []
+    return None, [v.message for v in explain_failure(full, result)]
+
+
+def _lora_lines(inputs, result: SearchResult) -> list[str]:
+    """Under LoRA: what the best layout's peak stage holds for it, and the full-parameter alternative."""
+    lora = inputs.lora
+    if lora is None:
+        return []
+    lines = []
+    if result.best is not None:
+        peak = result.best.memory.peak
+        lines.append(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}{' and the experts' if lora.experts else ''}: "
+                     f"stage {peak.stage} holds the frozen base and adapters in {peak.weights / GIB:.1f} GiB, the "
+                     f"adapters' gradients and optimizer state in {(peak.gradients + peak.optimizer) / GIB:.2f} GiB, "
+                     f"reference copy {peak.reference / GIB:.1f} GiB")
+    best, no_fit = _full_parameter(inputs)
+    if best is None:
+        lines += [f"Full-parameter alternative: {line}" for line in no_fit]
+    else:
+        lines.append(f"Full-parameter alternative: best {knob_text(dict(best.knobs))} — "
+                     f"{best.throughput.samples_per_s:.2f} pairs/s, peak {best.memory.peak.total / GIB:.1f} GiB")
+    return lines
+
+
 def _mode_bests(inputs) -> dict[str, Candidate | None]:
     """Each reference mode's best layout (pins lifted): precomputed holds no reference and runs no reference
     forward in the step, so it may fit a smaller tp/pp or a larger micro-batch."""
-    return {mode: search_layouts(replace(inputs, pinned={}), workload=dpo_workload(mode)).best
+    return {mode: search_layouts(replace(inputs, pinned={}, dpo=replace(inputs.dpo, reference=mode))).best
             for mode in ("live", "precomputed")}
 
 

@@ -16,6 +16,11 @@ live reference's forward through a layer or, on the last stage, its logits; a re
 dispatch buffers), 2 x HCCL_BUFFSIZE per communicator, and the hardware's runtime reserve. Transients are
 added to the held memory, not overlapped (an upper bound). The precompute pass (`reference_pass_memory`)
 holds weights, one layer's working set, its logits and the pipeline's in-flight tensors: nothing for backward.
+
+LoRA (`planner/lora.py`): the frozen base at training precision with no gradients or optimizer state; the
+adapters' weights, fp32 gradients and optimizer state (sharded as dense or expert state); no reference copy
+(its forward is the base's); the activations without the inputs only a frozen weight's gradient would need,
+with what the adapters save.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import math
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.planner import lora as adapters
 from dpoc.planner.lengths import Lengths, MeanLength, MicroBatchLengths
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
 from dpoc.planner.params import Shard, kv_width, q_width, real_layers_per_stage, stage_shard
@@ -88,14 +95,18 @@ def element_bytes(training: Training) -> int:
     return 4 if training.precision == "fp32" else 2
 
 
-def static_bytes(shard: Shard, layout: Layout, training: Training) -> tuple[float, float, float, float]:
-    """(weights, gradients, optimizer, reference) bytes of one shard."""
+def static_bytes(shard: Shard, layout: Layout, training: Training, trained: Shard | None = None
+                 ) -> tuple[float, float, float, float]:
+    """(weights, gradients, optimizer, reference) bytes of one shard; `trained`: LoRA's adapters, the only
+    parameters with gradients and optimizer state (held beside the frozen shard); default: the shard itself."""
     weight = element_bytes(training)
     state = 8 if training.precision == "fp32" else 12  # (master +) Adam m, v
     dense_group = layout.dp * layout.cp if layout.distributed_optimizer else 1
     expert_group = layout.edp if layout.distributed_optimizer else 1
-    optimizer = state * (shard.dense / dense_group + shard.experts / expert_group)
-    return weight * shard.total, FP32 * shard.total, optimizer, weight * shard.total
+    extra = trained or Shard(0, 0)
+    trained = trained or shard
+    optimizer = state * (trained.dense / dense_group + trained.experts / expert_group)
+    return weight * (shard.total + extra.total), FP32 * trained.total, optimizer, weight * shard.total
 
 
 @dataclass(frozen=True)
@@ -111,27 +122,49 @@ def _tokens(layout: Layout, seq_length: int, sequences: int) -> _Tokens:
     return _Tokens(full, full / layout.tp if layout.sequence_parallel else full)
 
 
-def layer_activation_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int) -> float:
-    """Bytes one layer saves for backward on one rank, no recompute, for `sequences` sequences."""
+def layer_activation_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int,
+                           lora: Lora | None = None) -> float:
+    """Bytes one layer saves for backward on one rank, no recompute, for `sequences` sequences (`lora`: the
+    frozen layer with its adapters)."""
     a = element_bytes(training)
     tok = _tokens(layout, training.seq_length, sequences)
     h, q, kv, tp = model.hidden_size, q_width(model), kv_width(model), layout.tp
-    # attention: norm input and qkv input (2h, sequence-sharded); q, k, v and the flash output o; qk-norm
-    # inputs; the flash softmax statistics (fp32 per head)
-    attention = a * tok.local * 2 * h
-    attention += a * tok.full * (q + 2 * kv + q + (q + kv if model.qk_layernorm else 0)) / tp
+
+    def linear(target: str, expert: bool = False) -> tuple[float, int]:
+        """(bytes per element of the linear's input, adapter width per token) that backward keeps."""
+        return adapters.input_bytes(lora, target, a, expert), adapters.rank_width(lora, target, expert)
+
+    def column_input(target: str) -> float:
+        """Bytes per hidden element a dense column-parallel linear's input keeps: the sequence-sharded input a
+        trained weight saves (gathered again for its gradient), or the gathered one an adapter's A reads."""
+        return a * tok.local if lora is None else adapters.input_bytes(lora, target, a) * tok.full
+
+    # attention: norm input and qkv input (h each, sequence-sharded; an adapter's input and A output gathered);
+    # q, k, v and the flash output o (linear_proj's input); qk-norm inputs; the flash softmax statistics (fp32
+    # per head)
+    _, qkv_rank = linear("linear_qkv")
+    proj, proj_rank = linear("linear_proj")
+    attention = h * (a * tok.local + column_input("linear_qkv")) + a * tok.full * (qkv_rank + proj_rank)
+    attention += tok.full * (a * (q + 2 * kv + (q + kv if model.qk_layernorm else 0)) + proj * q) / tp
     attention += FP32 * tok.full * model.num_attention_heads / tp
     moe = model.moe
     if moe is None:
         # norm input and fc1 input; SwiGLU input (2F) and fc2 input (F)
-        return attention + a * tok.local * 2 * h + a * tok.full * 3 * model.ffn_hidden_size / tp
+        _, fc1_rank = linear("linear_fc1")
+        fc2, fc2_rank = linear("linear_fc2")
+        f = model.ffn_hidden_size
+        return (attention + h * (a * tok.local + column_input("linear_fc1")) + tok.full * (2 * a + fc2) * f / tp
+                + a * tok.full * (fc1_rank + fc2_rank))
     mlp = a * tok.local * 2 * h + FP32 * tok.local * 2 * moe.num_experts  # router logits and probabilities
     mlp += a * tok.full * 3 * moe.shared_expert_ffn_hidden_size / tp
     # each local token goes to top-k experts; the experts see the copies of the whole expert-tensor group
-    # (gathered) and keep fc1 input (h) and SwiGLU and fc2 inputs (3F/etp) per copy; back on this rank,
-    # unpermute keeps each local copy's expert output (h) and routing probability
+    # (gathered) and keep fc1 input (h) and SwiGLU and fc2 inputs (2F/etp and F/etp) per copy; back on this
+    # rank, unpermute keeps each local copy's expert output (h) and routing probability
+    fc1, fc1_rank = linear("linear_fc1", expert=True)
+    fc2, fc2_rank = linear("linear_fc2", expert=True)
+    f = moe.ffn_hidden_size / layout.etp
     local_copies = moe.topk * tok.local
-    mlp += local_copies * layout.etp * a * (h + 3 * moe.ffn_hidden_size / layout.etp)
+    mlp += local_copies * layout.etp * (fc1 * h + (2 * a + fc2) * f + a * (fc1_rank + fc2_rank))
     mlp += local_copies * (a * h + FP32)
     return attention + mlp
 
@@ -173,11 +206,12 @@ class _PerLayer:
     last_stage_extra: float = 0.0  # the final norm's unfused saves (0 with fused kernels)
 
     @classmethod
-    def of(cls, model: ModelSpec, layout: Layout, training: Training, fused: bool = True) -> _PerLayer:
+    def of(cls, model: ModelSpec, layout: Layout, training: Training, fused: bool = True,
+           lora: Lora | None = None) -> _PerLayer:
         sequences = SEQUENCES_PER_PAIR * layout.micro_batch_size
         layer_extra, last_extra = (0.0, 0.0) if fused else unfused_kernel_bytes(model, layout, training, sequences)
         return cls(
-            full=layer_activation_bytes(model, layout, training, sequences) + layer_extra,
+            full=layer_activation_bytes(model, layout, training, sequences, lora) + layer_extra,
             kept=layer_input_bytes(model, layout, training, sequences),
             dispatch=dispatch_bytes(model, layout, training, sequences),
             tokens=_tokens(layout, training.seq_length, sequences),
@@ -246,8 +280,9 @@ def stage_memory(
     """`ratios`: each of the rank's micro-batches' expected length / the longest (per_layer's), in the order
     the rank runs them; `micro_batches`: per rank and step (default: the layout's)."""
     shard = stage_shard(model, layout, stage, layers)
-    weights, gradients, optimizer, reference = static_bytes(shard, layout, training)
-    if not workload.reference_forward:
+    trained = adapters.stage_adapters(model, layout, workload.lora, layers) if workload.lora is not None else None
+    weights, gradients, optimizer, reference = static_bytes(shard, layout, training, trained)
+    if not workload.reference_weights:
         reference = 0.0
     a = element_bytes(training)
     tokens = per_layer.tokens
@@ -335,7 +370,7 @@ def _estimate(model: ModelSpec, hardware: HardwareSpec, layout: Layout, training
     # fused kernels (flash attention, fused norms) on npu/cuda; SDPA and unfused local layers on cpu; every
     # per-micro-batch term at the longest length a micro-batch can have
     at_peak = replace(training, seq_length=math.ceil(rows.peak)) if rows.peak < training.seq_length else training
-    per_layer = _PerLayer.of(model, layout, at_peak, fused=hardware.device != "cpu")
+    per_layer = _PerLayer.of(model, layout, at_peak, fused=hardware.device != "cpu", lora=workload.lora)
     ratios = tuple(length / rows.peak for length in rows.lengths)
     layers = real_layers_per_stage(layout)
     indices = range(len(layers))

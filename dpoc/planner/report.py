@@ -42,6 +42,15 @@ def throughput_summary(throughput: Throughput) -> dict[str, Any]:
             "step_shares": {part: round(share, 4) for part, share in throughput.shares().items()}}
 
 
+def full_parameter_summary(memory: MemoryEstimate, throughput: Throughput) -> dict[str, Any]:
+    """LoRA's alternative at the same layout: every parameter trained (weights, gradients, optimizer state and the
+    reference copy of the whole model)."""
+    peak = memory.peak
+    return {"fits": memory.fits, "peak_gib": _gib(peak.total), "peak_stage": peak.stage,
+            "static_gib": _gib(peak.static), "samples_per_s": round(throughput.samples_per_s, 3),
+            "mfu": round(throughput.mfu, 4)}
+
+
 def shares_text(throughput: Throughput) -> str:
     """`step 0.1137 s: compute 12%, latency 80%, ...`: where the predicted step's time goes."""
     return f"step {throughput.step_s:.4g} s: " + ", ".join(

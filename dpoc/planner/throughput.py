@@ -38,7 +38,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.planner import lora as adapters
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
@@ -151,10 +153,12 @@ class _StageFlops:
     dense: float  # forward FLOPs of one micro-batch through the stage (all ranks of the stage together)
     experts: float
     attention_core: float  # part of `dense`: the s^2 term
+    adapters: float = 0.0  # LoRA's adapters (dense and expert ones), not part of `dense` or `experts`
 
 
 def _stage_forward_flops(
-    model: ModelSpec, layers: int, last: bool, seq: float, sequences: float, seq_square: float | None = None
+    model: ModelSpec, layers: int, last: bool, seq: float, sequences: float, seq_square: float | None = None,
+    lora: Lora | None = None,
 ) -> _StageFlops:
     """`seq`: mean tokens per sequence; `seq_square`: mean of their squares (default seq^2)."""
     h, q = model.hidden_size, q_width(model)
@@ -168,13 +172,30 @@ def _stage_forward_flops(
         mlp = 2 * mlp_params(h, moe.shared_expert_ffn_hidden_size)
         experts = layers * tokens * 2 * mlp_params(h, moe.ffn_hidden_size) * moe.topk
     dense = layers * tokens * (projections + mlp) + core + (tokens * 2 * h * model.vocab_size if last else 0)
-    return _StageFlops(dense, experts, core)
+    adapter = layers * sum(adapters.adapter_forward_flops(model, lora, tokens)) if lora is not None else 0.0
+    return _StageFlops(dense, experts, core, adapter)
 
 
-def training_flops_per_sequence(model: ModelSpec, seq: float, seq_square: float | None = None) -> float:
-    """Megatron-convention FLOPs to train on one sequence (forward + backward), no recompute."""
+def _trained_flops(f: _StageFlops, lora: Lora | None) -> tuple[float, float]:
+    """(dense, experts) FLOPs of a forward and backward over `f`. Full training: backward = 2 x forward (input
+    and weight gradients). LoRA: the frozen linears' backward computes only the input gradient (1 x), core
+    attention (no weights) still 2 x, and the adapters train in full (3 x, counted as dense)."""
+    if lora is None:
+        return 3 * f.dense, 3 * f.experts
+    return 2 * f.dense + f.attention_core + 3 * f.adapters, 2 * f.experts
+
+
+def training_flops_per_sequence(model: ModelSpec, seq: float, seq_square: float | None = None,
+                                lora: Lora | None = None) -> float:
+    """Megatron-convention FLOPs to train on one sequence (forward + backward), no recompute; under LoRA the
+    FLOPs LoRA training runs (no weight gradients of the frozen base)."""
+    return sum(_trained_flops(_stage_forward_flops(model, model.num_layers, True, seq, 1, seq_square, lora), lora))
+
+
+def forward_flops_per_sequence(model: ModelSpec, seq: float, seq_square: float | None = None) -> float:
+    """The base model's forward over one sequence: the live reference's work (under LoRA: adapters off)."""
     f = _stage_forward_flops(model, model.num_layers, True, seq, 1, seq_square)
-    return 3 * (f.dense + f.experts)
+    return f.dense + f.experts
 
 
 @dataclass(frozen=True)
@@ -206,11 +227,17 @@ class _Run:
 
 def _stage_compute_s(run: _Run, stage: int, layers: int) -> float:
     layout = run.layout
-    f = _stage_forward_flops(run.model, layers, stage == layout.pp - 1, run.seq, run.sequences, run.seq_square)
-    factor = (3 + (1 if run.workload.reference_forward else 0)) if run.workload.trains else 1
-    dense, experts = factor * f.dense, factor * f.experts
+    f = _stage_forward_flops(run.model, layers, stage == layout.pp - 1, run.seq, run.sequences, run.seq_square,
+                             run.workload.lora if run.workload.trains else None)
+    lora = run.workload.lora
+    if run.workload.trains:
+        dense, experts = _trained_flops(f, lora)
+        if run.workload.reference_forward:
+            dense, experts = dense + f.dense, experts + f.experts
+    else:
+        dense, experts = f.dense, f.experts
     if layout.recompute == "full" and run.workload.trains:
-        dense, experts = dense + f.dense, experts + f.experts
+        dense, experts = dense + f.dense + f.adapters, experts + f.experts
     elif layout.recompute == "selective" and run.workload.trains:
         dense += f.attention_core
     peak = run.hardware.peak_tflops * 1e12
@@ -265,13 +292,18 @@ def predict(
     slowest, compute_s, comm_s, latency_s = _slowest_stage(run)
     bubble = (layout.pp - 1) / layout.vpp * slowest
     stage, layers = _largest_stage(model, layout)
-    shard = stage_shard(model, layout, stage, layers)
+    shard, tensors = stage_shard(model, layout, stage, layers), stage_tensors(model, layout, stage, layers)
+    if workload.lora is not None:  # only the adapters have gradients to reduce and state to update
+        lora = workload.lora
+        shard = adapters.stage_adapters(model, layout, lora, layers)
+        tensors = adapters.stage_adapters(model, layout, lora, layers, tensors=True)
     data_parallel = _data_parallel_s(hardware, layout, training, shard)
-    optimizer = _optimizer_s(hardware, layout, shard, stage_tensors(model, layout, stage, layers))
+    optimizer = _optimizer_s(hardware, layout, shard, tensors)
     step = micro_batches * slowest + bubble + data_parallel + optimizer
     seqs = layout.global_batch_size * workload.sequences_per_sample
-    policy_flops = seqs * training_flops_per_sequence(model, step_mean, step_square)
-    reference_flops = policy_flops / 3 if workload.reference_forward else 0.0  # its forward, in every step
+    policy_flops = seqs * training_flops_per_sequence(model, step_mean, step_square, workload.lora)
+    reference_flops = seqs * forward_flops_per_sequence(model, step_mean, step_square) \
+        if workload.reference_forward else 0.0  # its forward, in every step
     capacity = step * hardware.world_size * hardware.peak_tflops * 1e12
     return Throughput(
         step_s=step, samples_per_s=layout.global_batch_size / step,
@@ -305,15 +337,24 @@ def _stage_latency_s(run: _Run, stage: int, layers: int) -> float:
     if not run.workload.trains:
         calls = stage_forward_calls(model, layout, stage, layers, loss=False)
     else:
-        policy = stage_forward_calls(model, layout, stage, layers, loss=True)
+        lora = run.workload.lora
+        adapter = layers * adapters.ADAPTER_CALLS * _adapter_count(model, layout, lora) if lora is not None else 0
+        policy = stage_forward_calls(model, layout, stage, layers, loss=True) + adapter
         calls = (1 + BACKWARD_CALLS_PER_FORWARD_CALL) * policy
-        if run.workload.reference_forward:
+        if run.workload.reference_forward:  # under LoRA: the base, adapters off
             calls += stage_forward_calls(model, layout, stage, layers, loss=False)
         if layout.recompute == "full":
-            calls += layers * layer_forward_calls(model, layout)
+            calls += layers * layer_forward_calls(model, layout) + adapter
         elif layout.recompute == "selective":
             calls += layers  # the core attention
     return calls * run.hardware.op_latency_us * 1e-6
+
+
+def _adapter_count(model: ModelSpec, layout: Layout, lora: Lora) -> int:
+    """Adapters one layer's forward calls: each adapted linear once, an expert linear once per local expert
+    unless a grouped GEMM runs them together."""
+    return sum(1 if not linear.expert or layout.moe_grouped_gemm else model.num_experts // layout.ep
+               for linear in adapters.adapted_linears(model, lora))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ dpoc's converter writes a megatron-core distributed checkpoint, which loads at a
 knows no layout. MindSpeed-LLM checkpoints are per rank, so that converter must be told the training
 layout: tp, pp, ep, vpp, the layer list or no-op layers, grouped GEMM and — the classic trap —
 `--moe-tp-extend-ep` exactly when training sets it (else the experts are laid out differently and the
-model produces garbage).
+model produces garbage). A LoRA run's trained checkpoint goes back merged (`--lora-*`).
 """
 
 from __future__ import annotations
@@ -56,17 +56,20 @@ def mindspeed_conversions(plan: Plan) -> list[Conversion]:
     if ck.mindspeed_load is None or ck.hf_weights is None:
         return []
     hf_out = f"{plan.run_dir}/hf"
+    lora_merge = _lora_merge(plan)
     if plan.model.converter == "v2":
         script = "convert_ckpt_v2.py"
         to_mg = ["--load-model-type hf", "--save-model-type mg", *_v2_common(plan), *_layout(plan, target=True)]
-        to_hf = ["--load-model-type mg", "--save-model-type hf", *_v2_common(plan), *_layout(plan, target=False)]
+        to_hf = ["--load-model-type mg", "--save-model-type hf", *_v2_common(plan), *_layout(plan, target=False),
+                 *lora_merge]
     else:
         script = "convert_ckpt.py"
         to_mg = ["--use-mcore-models", "--model-type GPT", "--load-model-type hf", "--save-model-type mg",
                  *_legacy_common(plan), *_layout(plan, target=True), "--params-dtype bf16"]
         # the legacy converter writes HF weights only from a tp1/pp1 checkpoint
         to_hf = ["--use-mcore-models", "--model-type GPT", "--load-model-type mg", "--save-model-type hf",
-                 *_legacy_common(plan), "--target-tensor-parallel-size 1", "--target-pipeline-parallel-size 1"]
+                 *_legacy_common(plan), "--target-tensor-parallel-size 1", "--target-pipeline-parallel-size 1",
+                 *lora_merge]
     return [
         Conversion("hf_to_mcore.sh", f"Hugging Face weights -> Megatron checkpoint for {_tag(plan)}", script,
                    tuple(to_mg), ck.hf_weights, ck.mindspeed_load),
@@ -74,6 +77,16 @@ def mindspeed_conversions(plan: Plan) -> list[Conversion]:
                    + ("" if plan.model.converter == "v2" else " (reshard to tp1/pp1 first)"), script,
                    tuple(to_hf), ck.save, hf_out),
     ]
+
+
+def _lora_merge(plan: Plan) -> list[str]:
+    """mg -> hf of a LoRA run: the checkpoint holds base and adapters together, and MindSpeed-LLM's converter
+    merges the adapters (W + alpha / r · B·A) when told their rank, alpha and targets."""
+    lora = plan.lora
+    if lora is None:
+        return []
+    return [f"--lora-r {lora.rank}", f"--lora-alpha {int(lora.alpha)}",
+            "--lora-target-modules " + " ".join(lora.targets)]
 
 
 def _tag(plan: Plan) -> str:

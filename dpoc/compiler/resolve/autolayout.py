@@ -7,11 +7,12 @@ reported by the rules; a valid one that does not fit says how many devices the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from dpoc.compiler.render import targets
 from dpoc.compiler.resolve import rules
+from dpoc.contract.lora import Lora
 from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 from dpoc.contract.runs import ROUND_MICRO_BATCHES
 from dpoc.planner.layout import make_layout
@@ -44,10 +45,14 @@ class LayoutInputs:
     global_batch_size: int
     pinned: dict[str, Any]
     lengths: Lengths
+    lora: Lora | None = None
+    own_reference: bool = False  # checkpoint.ref_model names the reference
 
     @property
     def workload(self) -> Workload:
-        return dpo_workload(self.dpo.reference)
+        """The step the planner models. Under LoRA the reference is the policy with its adapters off, except
+        where it is another model: `checkpoint.ref_model`, or MindSpeed-LLM's DPO, which builds it as one."""
+        return dpo_workload(self.dpo.reference, self.lora, self.own_reference or self.runtime == "mindspeed-rl")
 
     def build(self, knobs: dict[str, Any], hardware: HardwareSpec | None = None) -> Layout:
         return make_layout(self.model, hardware or self.hardware, self.global_batch_size, knobs)
@@ -75,6 +80,7 @@ class Choice:
     result: SearchResult | None  # None when the recipe pinned every searched knob
     warnings: tuple[rules.Violation, ...] = ()
     reference_pass: ReferencePlan | None = None  # precomputed reference only
+    full_parameter: tuple[MemoryEstimate, Throughput] | None = None  # LoRA only: the same layout training everything
 
 
 class LayoutError(Exception):
@@ -123,7 +129,7 @@ def choose(i: LayoutInputs) -> Choice:
         throughput = predict(i.model, i.hardware, layout, i.training, FITTED, i.lengths, i.workload)
         reference = reference_plan(i, layout)
         warnings += _reference_warnings(reference)
-        return Choice(layout, memory, throughput, (), None, warnings, reference)
+        return Choice(layout, memory, throughput, (), None, warnings, reference, full_parameter(i, layout))
 
     result = search_layouts(i)
     if result.best is None:
@@ -132,7 +138,17 @@ def choose(i: LayoutInputs) -> Choice:
     memory = estimate_memory(i.model, i.hardware, best.layout, i.training, i.lengths, i.workload)
     chosen = tuple(k for k, _ in best.knobs if k not in i.pinned)
     reference = reference_plan(i, best.layout)
-    return Choice(best.layout, memory, best.throughput, chosen, result, _reference_warnings(reference), reference)
+    return Choice(best.layout, memory, best.throughput, chosen, result, _reference_warnings(reference), reference,
+                  full_parameter(i, best.layout))
+
+
+def full_parameter(i: LayoutInputs, layout: Layout) -> tuple[MemoryEstimate, Throughput] | None:
+    """Under LoRA, the alternative beside it: `layout` training every parameter (None without LoRA)."""
+    if i.lora is None:
+        return None
+    full = replace(i, lora=None).workload
+    return (estimate_memory(i.model, i.hardware, layout, i.training, i.lengths, full),
+            predict(i.model, i.hardware, layout, i.training, FITTED, i.lengths, full))
 
 
 def reference_plan(i: LayoutInputs, layout: Layout) -> ReferencePlan | None:

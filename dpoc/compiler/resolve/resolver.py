@@ -117,7 +117,9 @@ def _inputs(v: _Values) -> LayoutInputs:
     runtime = v.take("runtime", "dpoc", why="dpoc's own megatron-core runtime")
     pinned = {k: v.take(f"parallelism.{k}", record=f"layout.{k}") for k in LAYOUT_KNOBS if v.has(f"parallelism.{k}")}
     gbs = v.take("training.global_batch_size", record="layout.global_batch_size")
-    return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, _lengths(v, training))
+    adapters = lora.lora_settings(v, model)
+    return LayoutInputs(model, hardware, training, dpo, runtime, gbs, pinned, _lengths(v, training), adapters,
+                        own_reference=v.has("checkpoint.ref_model"))
 
 
 def _lengths(v: _Values, training: Training) -> Lengths:
@@ -169,7 +171,7 @@ def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
         dpo=dpo,
         data=_data(v, model, run_dir),
         checkpoint=_checkpoint(v, loaded.name, layout, run_dir, runtime, dpo.reference == "none"),
-        lora=lora.lora_settings(v, model),
+        lora=inputs.lora,
         cluster=cluster,
         launch=Launch(max_restarts=v.take("launch.max_restarts", 0, why="a failed node fails the job: no restarts")),
         run_dir=run_dir,
@@ -241,6 +243,10 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], l
         estimate["packing"] = report.packing_summary(layout, inputs.training, inputs.lengths)
     elif inputs.training.dynamic_padding:
         estimate["padding"] = report.padding_summary(layout, inputs.training, inputs.lengths)
+    if choice.full_parameter is not None:
+        v.derived("estimate.full_parameter", None, "planner.memory", "LoRA's alternative: this layout training "
+                  "every parameter (its gradients, optimizer state and reference copy), beside the LoRA estimate")
+        estimate["full_parameter"] = report.full_parameter_summary(*choice.full_parameter)
     if choice.reference_pass is not None:
         v.derived("estimate.reference_pass", None, "planner.throughput", "the precompute pass of precomputed "
                   "reference log-probs (reference.sh): one forward over the dataset, sorted by length")

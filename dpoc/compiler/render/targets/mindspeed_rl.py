@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpoc.compiler.render import templating
 from dpoc.compiler.render.conversions import MINDSPEED_DIR, mindspeed_conversions
+from dpoc.compiler.render.targets import mindspeed_lora
 from dpoc.compiler.resolve.rules import Violation
 from dpoc.contract import losses
 from dpoc.contract.family import DEFAULT_TEMPLATE
@@ -73,8 +74,6 @@ def unsupported(plan: Plan) -> list[Violation]:
         out.append(Violation("checkpoint.mindspeed_load", "not given, and no model.hf_weights to convert: MindSpeed-RL "
                              "loads MindSpeed-LLM's per-rank weights (valid: checkpoint.mindspeed_load, or "
                              "model.hf_weights)"))
-    if plan.lora is not None:
-        out.append(Violation("lora", "not rendered yet for runtime: mindspeed-rl (valid: remove the lora section)"))
     if hardware.device != "npu":
         out.append(
             Violation(
@@ -98,6 +97,7 @@ def unsupported(plan: Plan) -> list[Violation]:
         out.append(Violation("training.packing", "true: MindSpeed-RL's pairwise DPO data has no packing (each "
                              "micro-batch holds whole padded pairs); valid: false, or runtime=dpoc"))
     out += _loss_violations(dpo)
+    out += mindspeed_lora.unsupported(plan)
     if dpo.reference == "precomputed":
         out.append(Violation("dpo.reference", "precomputed: MindSpeed-LLM's DPO runs the frozen reference forward "
                              "in every step and reads no precomputed log-probs; valid: live, or runtime=dpoc"))
@@ -185,6 +185,7 @@ def training_config(plan: Plan, resume: bool) -> dict[str, Any]:
         **_optimizer_config(plan),
         **_kernel_config(plan),
         **_layout_config(plan),
+        **mindspeed_lora.training_config(plan),
         "ref_model": ck.mindspeed_ref_model,
         "save": ck.save,
         "save_interval": t.save_interval,
