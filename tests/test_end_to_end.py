@@ -16,6 +16,7 @@ from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
 LAYOUTS = {  # name: build overrides (tp/pp/ep layouts against one process: tests/runtime/test_runtime_train.py)
     "1 process": ["hardware.devices_per_node=1"],
     "2 local nodes": ["hardware.hosts=[127.0.0.1,127.0.0.1]", "hardware.nodes=2", "hardware.devices_per_node=1"],
+    "cp2": ["parallelism.cp=2"],  # 2 processes on one node, each holding half of every sequence
 }
 
 

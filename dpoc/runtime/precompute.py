@@ -27,6 +27,7 @@ from megatron.core import parallel_state
 
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.runs import ROUND_MICRO_BATCHES
+from dpoc.runtime.model.context_parallel import padding_multiple
 from dpoc.runtime.model.device import Device
 from dpoc.runtime.model.gpt import transformer_config, uniform_micro_batch_length
 from dpoc.runtime.reference import reference_file
@@ -74,7 +75,7 @@ def precompute(args: argparse.Namespace, device: Device, args_file: str, weights
     micro_batch = args.dpoc_reference_micro_batch_size or args.micro_batch_size
     groups = pass_groups(dataset.pair_lengths, micro_batch, parallel_state.get_data_parallel_rank(),
                          parallel_state.get_data_parallel_world_size())
-    multiple = args.tensor_model_parallel_size * args.context_parallel_size
+    multiple = padding_multiple(args.tensor_model_parallel_size, args.context_parallel_size)
     mine: list[tuple[tuple[int, ...], np.ndarray]] = []
     for first in range(0, len(groups), ROUND_MICRO_BATCHES):
         batches = _round(dataset, groups[first: first + ROUND_MICRO_BATCHES], micro_batch, multiple,

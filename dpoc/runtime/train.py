@@ -144,7 +144,8 @@ def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, st
     log = RunLog(args.dpoc_run_dir, args.train_iters, start, args.tensorboard_dir)
     log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
-             f"ep={args.expert_model_parallel_size} dp={dp_size}, plan {args.dpoc_plan_hash or '-'}")
+             f"cp={args.context_parallel_size} ep={args.expert_model_parallel_size} dp={dp_size}, "
+             f"plan {args.dpoc_plan_hash or '-'}")
     log.line(f"kernels: attention {devices.attention_kernel(device.kind, args.dpoc_core_attention)}, "
              f"moe experts {expert_path(args)}")
     reference = "none (a reference-free loss)" if args.dpoc_reference == "none" else weights[1].describe()

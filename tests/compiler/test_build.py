@@ -193,6 +193,17 @@ def test_packing_reaches_the_runtime_and_leaves_mindspeed_out(tmp_path):
                                            "fill": 0.7324}
 
 
+def test_context_parallel_reaches_the_runtime_on_its_sdpa_attention(tmp_path):
+    build(RECIPES / "tiny_cpu.yaml", ["parallelism.cp=2"], out=tmp_path / "cpu")
+    args = megatron_args.parse([f"@{tmp_path / 'cpu' / 'megatron.args'}"])
+    assert (args.context_parallel_size, args.dpoc_core_attention) == (2, "auto")  # sdpa is the cpu's
+    # on cuda the runtime's auto would pick TransformerEngine's attention, which it does not run at cp > 1
+    build(RECIPES / "tiny_cpu.yaml", ["parallelism.cp=2", "hardware.device=cuda", "hardware.backend=nccl"],
+          out=tmp_path / "cuda")
+    args = megatron_args.parse([f"@{tmp_path / 'cuda' / 'megatron.args'}"])
+    assert (args.context_parallel_size, args.dpoc_core_attention) == (2, "sdpa")
+
+
 def test_legacy_converter_for_llama(tmp_path):
     out = tmp_path / "llama"
     build(RECIPES / "qwen3_30b_a2.yaml", ["model.preset=llama3-8b", "dataset.template=llama3"], out=out)

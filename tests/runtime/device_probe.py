@@ -54,6 +54,8 @@ checks = {
                                     ).__name__,
     "router_gemm": gating,
     "tensor_cuda": lambda: str(torch.ones(2).cuda().device),
+    # megatron-core's rotary embedding under context parallelism (get_pos_emb_on_this_cp_rank)
+    "pinned": lambda: str(torch.tensor([0, 3], device="cpu", pin_memory=True).device),
 }
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
 parallel_state.initialize_model_parallel()

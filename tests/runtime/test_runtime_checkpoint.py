@@ -73,6 +73,10 @@ def _copy(save: Path, to: Path, iterations: tuple[int, ...]) -> Path:
 @pytest.mark.parametrize(("name", "source", "layout", "moe", "rng_note"), [
     pytest.param("tp2-to-pp2", "dense-tp2", PP2, False, "RNG: the checkpoint's layout differs, so each rank keeps "
                  "its freshly seeded generators", id="tp2-to-pp2"),
+    # cp is no weight dimension: the CP ranks hold replicas of the weights (and shards of the distributed
+    # optimizer's state over dp·cp)
+    pytest.param("tp2-to-cp2", "dense-tp2", [("--context-parallel-size", 2)], False, "RNG: the checkpoint's "
+                 "layout differs, so each rank keeps its freshly seeded generators", id="tp2-to-cp2"),
     pytest.param("dp2-to-ep2", "moe-dp2", [*EP2, ("--no-load-rng", True)], True, "--no-load-rng: every rank keeps "
                  "its freshly seeded generators", id="dp2-to-ep2-moe"),
 ])

@@ -72,6 +72,11 @@ def test_tensors_moved_to_cuda_stay_on_the_cpu(probe):
     assert _value(probe, "tensor_cuda") == "cpu"
 
 
+def test_pinned_memory_is_plain_cpu_memory(probe):
+    assert "pin_memory" in _failed(probe, "pinned")
+    assert _value(probe, "pinned") == "cpu"
+
+
 def test_moe_split_sizes_become_numpy(probe):
     assert probe["before"]["moe_split_sizes"]["value"] == "Tensor"
     assert _value(probe, "moe_split_sizes") == "ndarray"

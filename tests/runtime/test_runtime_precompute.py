@@ -1,5 +1,6 @@
-"""Precomputed reference log-probs: the pass, its file's key and atomic publication, and training from it
-equal to the live reference (fp32, CPU: within 1e-6) in one process, at pp2 and with packing; resume."""
+"""Precomputed reference log-probs: the pass (also at cp2), its file's key and atomic publication, and training
+from it equal to the live reference (fp32, CPU: within 1e-6) in one process, at pp2, cp2 and with packing;
+resume."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dpoc.common import atomic
@@ -24,6 +26,7 @@ MODEL = model_flags(layers=2)
 PRECOMPUTED = [("--dpoc-reference", "precomputed"), ("--dpoc-reference-micro-batch-size", 4)]
 PP2 = [("--pipeline-model-parallel-size", 2)]
 PACKING = [("--dpoc-packing", True)]
+CP2 = [("--context-parallel-size", 2)]
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +102,24 @@ def test_one_process_from_the_file_equals_the_live_reference(single):
     _assert_equal(precomputed, live)
 
 
-@pytest.mark.parametrize(("name", "processes", "flags"), [("pp2", 2, PP2), ("packed", 1, PACKING)])
+@pytest.mark.parametrize(("name", "processes", "flags"), [("pp2", 2, PP2), ("packed", 1, PACKING), ("cp2", 2, CP2)])
 @pytest.mark.slow
 def test_other_layouts_from_the_same_file_equal_the_live_reference(workdir, table, name, processes, flags):
     """The file made in one process serves every layout: its values are keyed by pair, not by batch."""
     live, precomputed = _live_and_precomputed(workdir, name, processes, flags)
     _assert_equal(precomputed, live)
+
+
+@pytest.mark.slow
+def test_the_pass_at_cp2_writes_the_one_process_values(workdir, table):
+    """Each CP rank holds part of every sequence; the log-probs written are the whole sequences'."""
+    for part in workdir.glob("pairs_packed_*"):  # the same dataset under another prefix gets its own file
+        shutil.copy(part, workdir / part.name.replace("pairs", "cp-pairs", 1))
+    _ok(_precompute(_args(workdir, "pass-cp2", [*PRECOMPUTED, *CP2], data="cp-pairs"), 2))
+    (path,) = _files(workdir, "cp-pairs")
+    with np.load(path) as mine, np.load(table) as theirs:
+        assert mine["logps"].shape == theirs["logps"].shape == (24, 2)
+        assert np.allclose(mine["logps"], theirs["logps"], rtol=1e-6, atol=1e-5)
 
 
 def _namespace(args_file: Path):

@@ -34,9 +34,13 @@ LAYOUTS = {  # name: (processes, layout flags, reference run)
                      ("--num-layers-per-virtual-pipeline-stage", 1)], "dense"),
     "dp2": (2, [], "dense"),
     "ep2-moe": (2, [("--expert-model-parallel-size", 2)], "moe"),
+    # context parallelism: each rank holds chunks k and 3-k of every sequence, keys and values gathered
+    "cp2": (2, [("--context-parallel-size", 2)], "dense"),
     # 4 processes, and an uneven pipeline (MindSpeed's --num-layer-list) as megatron-core's stage layout
     "tp2xpp2-uneven": (4, [("--tensor-model-parallel-size", 2), ("--pipeline-model-parallel-size", 2),
                            ("--num-layer-list", "3,1")], "dense"),
+    "tp2xcp2-sp": (4, [("--tensor-model-parallel-size", 2), ("--context-parallel-size", 2),
+                       ("--sequence-parallel", True)], "dense"),
     # expert-TP gathers uneven token blocks (gloo bridge). megatron's aux loss is computed per sequence
     # shard under sequence parallelism, so it is off here to compare with one process exactly
     "ep2xtp2-sp-moe": (4, [("--expert-model-parallel-size", 2), ("--tensor-model-parallel-size", 2),
@@ -136,10 +140,10 @@ def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir):
 
 
 @pytest.mark.slow
-def test_context_parallel_is_refused_with_the_reason(workdir):
-    args_file = write_args(workdir / "cp2.args", str(workdir / "pairs"), workdir / "runs" / "cp2",
-                           layout=[("--context-parallel-size", 2)])
+def test_context_parallel_on_another_attention_kernel_is_refused_with_the_reason(workdir):
+    args_file = write_args(workdir / "cp2-local.args", str(workdir / "pairs"), workdir / "runs" / "cp2-local",
+                           layout=[("--context-parallel-size", 2)], extra=[("--dpoc-core-attention", "local")])
     done = train(args_file, 2)
-    assert done.returncode != 0
-    assert (f"{args_file}: --context-parallel-size: the dpoc runtime builds megatron-core's local attention, "
-            "which has no context parallelism (got 2; valid: 1, or runtime: mindspeed-rl)") in done.stderr
+    assert done.returncode != 0  # torchrun reports a failed worker as 1; the node script turns it into 2
+    assert (f"{args_file}: --context-parallel-size: 2: the runtime's context parallelism runs on its sdpa attention "
+            "only, not local (valid: 1, or --dpoc-core-attention sdpa on cpu or cuda)") in done.stderr

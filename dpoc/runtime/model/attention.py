@@ -37,6 +37,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from dpoc.runtime.model.context_parallel import ContextShard
+
 # npu_fusion_attention's sparse mode 3 (rightDownCausal) reads causality from this compressed mask
 NPU_CAUSAL_MASK_SIZE = 2048
 NPU_CAUSAL_SPARSE_MODE = 3
@@ -96,6 +98,7 @@ class _CoreAttention(MegatronModule):
             raise ValueError(f"dpoc's core attention is causal only (got {attn_mask_type})")
         tp = pg_collection.tp.size() if pg_collection is not None else \
             parallel_state.get_tensor_model_parallel_world_size()
+        self.cp = config.context_parallel_size
         self.heads = divide(config.num_attention_heads, tp)
         self.groups = divide(config.num_query_groups, tp)
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
@@ -106,6 +109,8 @@ class SdpaAttention(_CoreAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: PackedSequences | None = None):
+        if self.cp > 1:
+            return self._context_parallel(query, key, value, packed_seq_params)
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
         s, b = query.shape[:2]
@@ -113,9 +118,27 @@ class SdpaAttention(_CoreAttention):
         out = self._attend(q, k, v)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    def _attend(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+    def _attend(self, q, k, v, mask: torch.Tensor | None = None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                               enable_gqa=self.heads != self.groups)
+
+    def _context_parallel(self, query, key, value, packed: PackedSequences | None):
+        """This rank's queries (its two chunks of each sequence, `context_parallel.py`) against the whole
+        sequences' keys and values, gathered from the CP group; causal by the true positions."""
+        if packed is None:
+            s, b = query.shape[:2]
+            shard = ContextShard.here((s * self.cp,))
+            k, v = (shard.gather(x, 0, sum_grads=True).permute(1, 2, 0, 3) for x in (key, value))
+            out = self._attend(query.permute(1, 2, 0, 3), k, v, _causal(shard.positions[0], k.shape[2], query.device))
+            return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        shard = ContextShard.here(packed.segments)
+        whole = [packed.sequences(shard.gather(x, 0, sum_grads=True)) for x in (key, value)]
+        mine = list(query.split([n // self.cp for n in packed.segments]))
+        out = [self._attend(q.unsqueeze(0).transpose(1, 2), *(w[i].unsqueeze(0).transpose(1, 2) for w in whole),
+                            _causal(shard.positions[i], len(whole[0][i]), query.device)).transpose(1, 2)[0]
+               for i, q in enumerate(mine[: len(packed.lengths)])]
+        padding = query.new_zeros(packed.padding // self.cp, *query.shape[1:])
+        return torch.cat([*out, padding]).view(query.shape[0], -1)
 
     def _packed(self, query, key, value, packed: PackedSequences):
         """Each sequence of the stream [t, heads, d] attends to itself only: one causal call per sequence on
@@ -125,6 +148,11 @@ class SdpaAttention(_CoreAttention):
                for i in range(len(packed.lengths))]
         padding = query.new_zeros(packed.padding, *query.shape[1:])
         return torch.cat([*out, padding]).view(query.shape[0], -1)  # one copy, in stream order
+
+
+def _causal(query_positions: torch.Tensor, keys: int, device: torch.device) -> torch.Tensor:
+    """[queries, keys] True where a query at its true position may attend a key (at or before it)."""
+    return torch.arange(keys, device=device) <= query_positions.to(device).unsqueeze(1)
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,8 @@ def running_on(device: Device) -> Iterator[None]:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Tensor factories that name a CUDA device (or a bare integer device index) get the CPU.
+    """Tensor factories that name a CUDA device (or a bare integer device index) get the CPU, and no pinned
+    memory (a CUDA allocator; megatron-core's rotary embedding asks for it under context parallelism).
 
     Function modes are not active during autograd's backward; allocations there go through
     `torch.cuda.current_device()`, which the bridge maps to the CPU device.
@@ -143,6 +144,8 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs:
             kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         return func(*args, **kwargs)
 
 

@@ -102,11 +102,12 @@ def _gloo_interleaved(args: argparse.Namespace) -> bool:
 
 def check_supported(args: argparse.Namespace, args_file: str) -> None:
     problems = []
-    if args.context_parallel_size > 1:
+    kernel = attention_kernel(args.dpoc_device, args.dpoc_core_attention, args_file)
+    if args.context_parallel_size > 1 and kernel != "sdpa":
         problems.append(Problem(
             args_file, "--context-parallel-size",
-            f"the dpoc runtime builds megatron-core's local attention, which has no context parallelism "
-            f"(got {args.context_parallel_size}; valid: 1, or runtime: mindspeed-rl)"))
+            f"{args.context_parallel_size}: the runtime's context parallelism runs on its sdpa attention only, "
+            f"not {kernel} (valid: 1, or --dpoc-core-attention sdpa on cpu or cuda)"))
     if args.num_layer_list:
         counts = [int(n) for n in args.num_layer_list.split(",")]
         if (len(counts) != args.pipeline_model_parallel_size or sum(counts) != args.num_layers

@@ -23,6 +23,7 @@ from dpoc.contract.packing import pack_pairs
 from dpoc.data import identity
 from dpoc.data.pairwise import FIELDS, open_pairwise
 from dpoc.runtime.model.attention import PackedSequences
+from dpoc.runtime.model.context_parallel import padding_multiple
 
 IGNORE_INDEX = -100
 
@@ -130,16 +131,19 @@ class Batching:
     micro_batch: int  # pairs per micro-batch; packed: the token budget is 2 x micro_batch x seq_length
     seq_length: int
     seed: int
-    multiple_of: int  # tp * cp: sequence parallelism splits every micro-batch's length
+    multiple_of: int  # sequence and context parallelism split every micro-batch's length (padding_multiple)
     full_length: bool = False  # static padding: every row at seq_length (packed: every stream at its budget)
     same_length: bool = False  # one length for all micro-batches of a step (the interleaved pipeline)
     packing: bool = False
+    sequence_multiple: int = 1  # packed: each sequence padded to this (2·cp: context parallelism splits each)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, same_length: bool) -> Batching:
+        cp = args.context_parallel_size
         return cls(args.global_batch_size, args.micro_batch_size, args.seq_length, args.seed,
-                   args.tensor_model_parallel_size * args.context_parallel_size,
-                   full_length=not args.no_pad_to_seq_lengths, same_length=same_length, packing=args.dpoc_packing)
+                   padding_multiple(args.tensor_model_parallel_size, cp),
+                   full_length=not args.no_pad_to_seq_lengths, same_length=same_length, packing=args.dpoc_packing,
+                   sequence_multiple=2 * cp if cp > 1 else 1)
 
     @property
     def budget(self) -> int:
@@ -163,24 +167,27 @@ def collate(pairs: list[list[np.ndarray]], multiple_of: int, at_least: int = 0) 
     return MicroBatch(tokens, shifted, mask, positions, sum(len(x) for x in ids), len(ids) * length)
 
 
-def collate_packed(pairs: list[list[np.ndarray]], budget: int, multiple_of: int, at_least: int = 0
-                   ) -> MicroBatch:
+def collate_packed(pairs: list[list[np.ndarray]], budget: int, multiple_of: int, at_least: int = 0,
+                   sequence_multiple: int = 1) -> MicroBatch:
     """One stream [chosen_1..n, rejected_1..n] padded at its end to a multiple of `multiple_of` (and to
-    `at_least`); labels shift within each sequence, so no token predicts the next sequence's first."""
+    `at_least`), each sequence padded at its end to a multiple of `sequence_multiple` (context parallelism
+    splits each one; causal attention never reads the padding); labels shift within each sequence, so no
+    token predicts the next sequence's first."""
     ids = [p[0] for p in pairs] + [p[2] for p in pairs]
     labels = [p[1] for p in pairs] + [p[3] for p in pairs]
     real = sum(len(x) for x in ids)
-    length = -(-max(real, at_least) // multiple_of) * multiple_of
+    lengths = tuple(-(-len(x) // sequence_multiple) * sequence_multiple for x in ids)
+    length = -(-max(sum(lengths), at_least) // multiple_of) * multiple_of
     tokens = torch.zeros(1, length, dtype=torch.int64)
     shifted = torch.full((1, length), IGNORE_INDEX, dtype=torch.int64)
     positions = torch.zeros(1, length, dtype=torch.int64)
     start = 0
-    for x, y in zip(ids, labels, strict=True):
+    for x, y, n in zip(ids, labels, lengths, strict=True):
         tokens[0, start: start + len(x)] = torch.from_numpy(x)
         shifted[0, start: start + len(y) - 1] = torch.from_numpy(y[1:])
-        positions[0, start: start + len(x)] = torch.arange(len(x))
-        start += len(x)
-    packed = PackedSequences.of(tuple(len(x) for x in ids), length - real)
+        positions[0, start: start + n] = torch.arange(n)
+        start += n
+    packed = PackedSequences.of(lengths, length - sum(lengths))
     mask = packed.rows((shifted[0] != IGNORE_INDEX).float())
     return MicroBatch(tokens, shifted, mask, positions, real, budget, packed=packed)
 
@@ -224,8 +231,8 @@ def rank_micro_batches(dataset: PairwiseDataset, step: int, batching: Batching, 
     elif batching.same_length:
         at_least = max(int(own[g].sum() if batching.packing else own[g].max()) for g in mine)
     if batching.packing:
-        batches = [collate_packed([dataset[int(i)] for i in g], batching.budget, batching.multiple_of, at_least)
-                   for g in mine]
+        batches = [collate_packed([dataset[int(i)] for i in g], batching.budget, batching.multiple_of, at_least,
+                                  batching.sequence_multiple) for g in mine]
     else:
         batches = [collate([dataset[int(i)] for i in g], batching.multiple_of, at_least) for g in mine]
     return [replace(b, step_mean_pairs=mean_pairs, pair_ids=tuple(int(i) for i in g)).to(device)

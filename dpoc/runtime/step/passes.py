@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from dpoc.runtime.model.context_parallel import ContextShard
 from dpoc.runtime.step.data import MicroBatch, repeat_for_chunks
 from dpoc.runtime.step.dpo import Objective, summed_logps
 
@@ -54,29 +55,43 @@ def _run(chunks, batches, step_fn, forward_only: bool):
 
 
 def _forward(data_iterator, model):
+    """One micro-batch through the model; the closure's `rows` turns the last stage's per-token output back
+    into rows of whole sequences (with context parallelism: gathered from the CP group)."""
     batch = next(data_iterator)
+    inputs = (batch.tokens, batch.position_ids, batch.targets)
+    shard = None
+    if parallel_state.get_context_parallel_world_size() > 1:  # this rank's chunks of every sequence
+        shard = ContextShard.here(batch.packed.segments if batch.packed is not None else (batch.tokens.shape[1],))
+        inputs = tuple(shard.local(x, 1) for x in inputs)
+    tokens, positions, targets = inputs
     # with labels, GPTModel's last stage returns the per-token cross entropy [b, s] computed by
     # megatron-core's vocab-parallel cross entropy; earlier stages return hidden states
     # (a packed micro-batch also passes its sequence boundaries, megatron's thd format)
-    out = model(batch.tokens, batch.position_ids, None, labels=batch.targets, packed_seq_params=batch.packed)
-    return batch, out
+    out = model(tokens, positions, None, labels=targets, packed_seq_params=batch.packed)
+
+    def rows(token_values):
+        if shard is not None:
+            token_values = shard.gather(token_values, 1, sum_grads=False)
+        return batch.per_sequence(token_values)
+
+    return batch, out, rows
 
 
 def _reference_step(sequence_logps: Callable, data_iterator, model):
-    batch, out = _forward(data_iterator, model)
+    batch, out, rows = _forward(data_iterator, model)
 
     def store(token_nll):
-        batch.reference_logps = sequence_logps(-batch.per_sequence(token_nll), batch.mask).detach()
+        batch.reference_logps = sequence_logps(-rows(token_nll), batch.mask).detach()
         return token_nll.sum() * 0, {}
 
     return out, store
 
 
 def _policy_step(objective: Objective, data_iterator, model):
-    batch, out = _forward(data_iterator, model)
+    batch, out, rows = _forward(data_iterator, model)
 
     def loss(token_nll):
-        return objective.loss_from_tokens(batch.per_sequence(token_nll), batch.mask, batch.reference_logps,
+        return objective.loss_from_tokens(rows(token_nll), batch.mask, batch.reference_logps,
                                           batch.step_mean_pairs)
 
     return out, loss

@@ -60,9 +60,9 @@ def unsupported(plan: Plan) -> list[Violation]:
                              "checkpoint.load, or checkpoint.init=random)"))
     if plan.lora is not None:
         out.append(Violation("lora", "not supported yet by runtime: dpoc (valid: remove the lora section)"))
-    if layout.cp > 1:
-        out.append(Violation("parallelism.cp", f"{why} has no context parallelism; valid: cp=1, or "
-                             "runtime=mindspeed-rl"))
+    if layout.cp > 1 and plan.hardware.device == "npu":
+        out.append(Violation("parallelism.cp", f"{why} runs context parallelism on its SDPA attention only, not "
+                             "on the NPU's npu_fusion_attention; valid: cp=1, or runtime=mindspeed-rl"))
     if layout.moe_dispatcher == "alltoall_seq":
         out.append(Violation("parallelism.moe_dispatcher", f"{why} has no alltoall_seq dispatcher; valid: "
                              "alltoall, allgather"))
@@ -109,6 +109,8 @@ def _parallel_args(plan: Plan) -> list[Arg]:
         args.append(("--sequence-parallel", True))
     if lay.distributed_optimizer:
         args.append(("--use-distributed-optimizer", True))
+    if lay.cp > 1 and plan.hardware.device == "cuda":  # not TransformerEngine's, which auto would pick
+        args.append(("--dpoc-core-attention", "sdpa"))
     return [*args, ("--distributed-backend", plan.hardware.backend), ("--dpoc-device", plan.hardware.device)]
 
 
@@ -207,5 +209,6 @@ def loss_args(d: DPO) -> list[Arg]:
 
 
 def restrict_search(space: SearchSpace) -> SearchSpace:
-    """The planner searches only what megatron-core's local layers can run: no cp, no no-op layers."""
+    """The planner searches only what megatron-core's local layers can run: no no-op layers; and no cp, which
+    runs when pinned but whose key/value exchange the planner does not time yet."""
     return replace(space, cp=(1,), uneven=tuple(u for u in space.uneven if u != "noop_layers"))
