@@ -15,7 +15,7 @@ from dpoc.data.config import LAYOUTS, MAP_KEYS, TEMPLATES
 
 # flags that override the config key of the same name
 _OVERRIDES = ("input", "format", "layout", "tokenizer", "template", "enable_thinking", "map_keys",
-              "seq_length", "truncate", "output_prefix", "workers", "skip_bad_lines")
+              "seq_length", "truncate", "output_prefix", "workers", "skip_bad_lines", "unpaired")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-prefix")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--skip-bad-lines", action="store_true", default=None)
+    parser.add_argument("--unpaired", action="store_true", default=None,
+                        help="write the unpaired dataset KTO trains on (pairs split in two, as TRL's "
+                             "unpair_preference_dataset)")
     parser.add_argument("--show", type=int, metavar="N", default=0,
                         help="print the rendered text of the first N rows and exit without writing")
 

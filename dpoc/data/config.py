@@ -40,6 +40,7 @@ class PreprocessConfig:
     truncate: str | None = None
     workers: int = 1
     skip_bad_lines: bool = False
+    unpaired: bool = False  # write the unpaired (KTO) dataset: pairs are split, unpaired rows kept
     source: str = "command line"  # what error lines name: the config file, or "command line"
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.data.config import PreprocessConfig
-from dpoc.data.fields import BadRow, Conversation, to_conversation
+from dpoc.data.fields import BadRow, Conversation, to_conversation, to_example
 from dpoc.data.readers import Row, decode
 from dpoc.data.templates import Template
 
@@ -33,12 +33,35 @@ class EncodedPair:
         return labels
 
 
+    def examples(self) -> tuple[EncodedExample, EncodedExample]:
+        """The pair as two unpaired examples, chosen desirable and rejected not (TRL's unpair_preference_dataset)."""
+        return (EncodedExample(self.prompt_length, self.chosen, True, self.truncated),
+                EncodedExample(self.prompt_length, self.rejected, False, self.truncated))
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """One unpaired completion (KTO): prompt then completion ids, and whether it is desirable."""
+
+    prompt_length: int
+    ids: np.ndarray
+    desirable: bool
+    truncated: bool
+
+    def labels(self) -> np.ndarray:
+        labels = self.ids.copy()
+        labels[: self.prompt_length] = IGNORE_INDEX
+        return labels
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one row: a pair, a drop reason ("empty", "too_long") or a bad-row problem."""
+    """What became of one row: a pair, an unpaired example, a drop reason ("empty", "too_long") or a bad-row
+    problem."""
 
     where: str
     pair: EncodedPair | None = None
+    example: EncodedExample | None = None
     dropped: str | None = None
     problem: str | None = None
 
@@ -67,7 +90,7 @@ class PairEncoder:
 
     def encode(self, rows: list[Row]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(rows)
-        texts: list[tuple[int, str, str, str]] = []
+        texts: list[tuple[int, str, tuple[str, ...], bool | None]] = []  # row, prompt, responses, desirable
         for i, row in enumerate(rows):
             try:
                 rendered = self._render(row)
@@ -79,17 +102,24 @@ class PairEncoder:
                 continue
             texts.append((i, *rendered))
         if texts:
-            ids = self.tokenize([t for _, *parts in texts for t in parts])
-            for n, (i, *_) in enumerate(texts):
-                prompt, chosen, rejected = ids[3 * n: 3 * n + 3]
-                outcomes[i] = self._fit(rows[i].where, prompt, chosen, rejected)
+            ids = iter(self.tokenize([t for _, prompt, responses, _ in texts for t in (prompt, *responses)]))
+            for i, _, responses, desirable in texts:
+                prompt = next(ids)
+                outcomes[i] = self._fit(rows[i].where, prompt, [next(ids) for _ in responses], desirable)
         return outcomes  # type: ignore[return-value]
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _render(self, row: Row) -> tuple[str, str, str] | None:
-        """(prompt, chosen response, rejected response) texts, or None for a row to drop as empty."""
+    def _render(self, row: Row) -> tuple[str, tuple[str, ...], bool | None] | None:
+        """(prompt, response texts, desirable): a pair's two responses (desirable None) or an unpaired row's
+        completion; None for a row to drop as empty."""
+        if self.config.layout == "unpaired":
+            example = to_example(decode(row), self.config.map_keys)
+            if example is None:
+                return None
+            prompt, completion = self.template.render(example.prompt, example.completion)
+            return prompt, (completion,), example.desirable
         conversation = self._conversation(row)
         if conversation is None:
             return None
@@ -97,23 +127,24 @@ class PairEncoder:
         prompt_again, rejected = self.template.render(conversation.prompt, conversation.rejected)
         if prompt_again != prompt:  # a chat template whose prompt depends on the response
             raise BadRow("the template renders different prompts for chosen and rejected")
-        return prompt, chosen, rejected
+        return prompt, (chosen, rejected), None
 
     def _conversation(self, row: Row) -> Conversation | None:
         return to_conversation(decode(row), self.config.map_keys, self.config.layout)
 
-    def _fit(self, where: str, prompt: list[int], chosen: list[int], rejected: list[int]) -> Outcome:
+    def _fit(self, where: str, prompt: list[int], responses: list[list[int]], desirable: bool | None) -> Outcome:
         """Apply the length policy: every sequence must stay below seq_length (MindSpeed-RL drops at >=)."""
         limit = self.config.seq_length - 1
-        longest = max(len(chosen), len(rejected))
+        longest = max(len(r) for r in responses)
         truncated = len(prompt) + longest > limit
         if truncated:
             if self.config.truncate == "prompt" and longest < limit:
                 prompt = prompt[len(prompt) + longest - limit:]  # keep the end: the latest turn
             elif self.config.truncate == "response" and len(prompt) < limit:
-                chosen, rejected = chosen[: limit - len(prompt)], rejected[: limit - len(prompt)]
+                responses = [r[: limit - len(prompt)] for r in responses]
             else:
                 return Outcome(where, dropped="too_long")
-        pair = EncodedPair(len(prompt), np.asarray(prompt + chosen, dtype=np.int32),
-                           np.asarray(prompt + rejected, dtype=np.int32), truncated)
-        return Outcome(where, pair=pair)
+        sequences = [np.asarray(prompt + r, dtype=np.int32) for r in responses]
+        if desirable is not None:
+            return Outcome(where, example=EncodedExample(len(prompt), sequences[0], desirable, truncated))
+        return Outcome(where, pair=EncodedPair(len(prompt), *sequences, truncated))

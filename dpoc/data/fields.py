@@ -6,7 +6,9 @@ skipped), `system` and `history` (a list of [user, assistant] pairs) come before
 turn but the final assistant one; if they hold only that turn, the prompt comes from the `prompt` column
 (a message list, as in TRL's conversational format, or text with the pairwise fields). HH-RLHF layout:
 `chosen` and `rejected` are Anthropic transcripts ("\\n\\nHuman: … \\n\\nAssistant: …"), read as message
-lists; their shared turns are the prompt. A column mapped to `""` is disabled. Rows with an empty prompt
+lists; their shared turns are the prompt. Unpaired layout (TRL's unpaired format, for KTO): a `completion`
+(text, or a message list ending with the assistant reply) and a boolean `label` (desirable or not), the prompt
+read as in the messages layout. A column mapped to `""` is disabled. Rows with an empty prompt
 or response are dropped, as in MindSpeed-RL.
 """
 
@@ -19,13 +21,14 @@ from typing import Any
 
 # canonical field -> column used when map_keys does not name one (None: not read unless mapped)
 DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "system": None, "history": None,
-                   "chosen": "chosen", "rejected": "rejected"}
+                   "chosen": "chosen", "rejected": "rejected", "completion": "completion", "label": "label"}
 # unmapped fields whose default column may be absent (MindSpeed-RL fails there; dpoc reads it as empty)
 _OPTIONAL_DEFAULTS = {"query"}
 # what each layout means, for the hints in error messages
 LAYOUTS = {"pairwise": "prompt/chosen/rejected text columns",
            "messages": "chosen/rejected are chat message lists",
-           "hh-rlhf": 'chosen/rejected are "\\n\\nHuman: … \\n\\nAssistant: …" transcripts'}
+           "hh-rlhf": 'chosen/rejected are "\\n\\nHuman: … \\n\\nAssistant: …" transcripts',
+           "unpaired": "a completion and a boolean label, for KTO"}
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 _ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -43,6 +46,15 @@ class Conversation:
     rejected: str
 
 
+@dataclass(frozen=True)
+class Example:
+    """One row of unpaired data: a prompt, a completion, and whether the completion is desirable."""
+
+    prompt: list[Message]
+    completion: str
+    desirable: bool
+
+
 def columns_for(map_keys: Mapping[str, str]) -> dict[str, str | None]:
     return {name: map_keys.get(name, default) or None for name, default in DEFAULT_COLUMNS.items()}
 
@@ -51,8 +63,12 @@ def fitting_layout(row: Any, map_keys: Mapping[str, str]) -> str | None:
     """The layout a row's chosen column looks like (None when the row has no such column): a message list is
     `messages`, a Human/Assistant transcript `hh-rlhf`, other text `pairwise`. Only the chosen value's shape
     counts, never the file's name or a guessed prompt column."""
-    column = columns_for(map_keys)["chosen"]
-    value = row.get(column) if isinstance(row, dict) and column else None
+    columns = columns_for(map_keys)
+    if not isinstance(row, dict):
+        return None
+    if columns["chosen"] not in row and columns["completion"] in row and columns["label"] in row:
+        return "unpaired"
+    value = row.get(columns["chosen"]) if columns["chosen"] else None
     if isinstance(value, list):
         return "messages"
     if isinstance(value, str):
@@ -80,6 +96,26 @@ def to_conversation(row: Any, map_keys: Mapping[str, str], layout: str) -> Conve
     if not prompt or prompt[-1]["role"] != "user" or not prompt[-1]["content"] or not chosen or not rejected:
         return None
     return Conversation(prompt, chosen, rejected)
+
+
+def to_example(row: Any, map_keys: Mapping[str, str]) -> Example | None:
+    """The unpaired row's example, or None when its prompt or completion is empty (dropped, and counted)."""
+    if not isinstance(row, dict):
+        raise BadRow(f"is not a JSON object (got {type(row).__name__})")
+    get = _Getter(row, map_keys, "unpaired")
+    desirable = get.field("label", bool)
+    if desirable is None:
+        raise BadRow(f"{get.name('label')} must be true or false (got null)")
+    prompt = _messages_prompt(get)
+    completion = get.raw("completion")
+    if isinstance(completion, list):
+        earlier, completion = _split(completion, "completion", get)
+        prompt += earlier
+    else:
+        completion = get.field("completion", str)
+    if not prompt or prompt[-1]["role"] != "user" or not prompt[-1]["content"] or not completion:
+        return None
+    return Example(prompt, completion, desirable)
 
 
 def _turns(get: _Getter, field: str) -> list:
@@ -158,7 +194,7 @@ class _Getter:
         if column is None:
             return None
         if column not in self.row:
-            prompt_side = self.layout != "pairwise" and field not in ("chosen", "rejected")
+            prompt_side = self.layout != "pairwise" and field not in ("chosen", "rejected", "completion", "label")
             if field not in self.map_keys and (field in _OPTIONAL_DEFAULTS or prompt_side):
                 return None
             raise BadRow(f"{self.name(field)} not found (columns: {', '.join(sorted(map(str, self.row)))}; "
@@ -168,8 +204,8 @@ class _Getter:
         if value is None:
             return None
         if not isinstance(value, kind):
-            kinds = {str: "a string", list: "a list"}
-            hint = self._hint() if field in ("chosen", "rejected") else ""
+            kinds = {str: "a string", list: "a list", bool: "true or false"}
+            hint = self._hint() if field in ("chosen", "rejected", "completion") else ""
             raise BadRow(f"{self.name(field)} must be {kinds[kind]} (got {type(value).__name__}{hint})")
         return value
 

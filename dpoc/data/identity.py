@@ -18,7 +18,8 @@ from typing import Any
 from dpoc.contract.errors import Problem
 
 # preprocessing config keys that decide what the dataset holds (not: workers, format, output_prefix, ...)
-SETTINGS = ("input", "layout", "tokenizer", "template", "enable_thinking", "map_keys", "seq_length", "truncate")
+SETTINGS = ("input", "layout", "tokenizer", "template", "enable_thinking", "map_keys", "seq_length", "truncate",
+            "unpaired")
 # the files of a Hugging Face tokenizer directory that decide tokenization (never the weights next to them)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
@@ -41,7 +42,8 @@ def tokenizer_sha256(directory: str) -> str | None:
 def settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """What a preprocessing config (a PreprocessConfig's fields or a build's preprocess.yaml) makes, as it
     can be seen here: its settings, the tokenizer's fingerprint and the input's size (None where absent)."""
-    out = {key: dict(config[key]) if key == "map_keys" else config[key] for key in SETTINGS}
+    out = {key: dict(config[key]) if key == "map_keys" else config[key] for key in SETTINGS if key != "unpaired"}
+    out["unpaired"] = bool(config.get("unpaired", False))  # a build's preprocess.yaml names it only when true
     input_path = config["input"]
     out["tokenizer_sha256"] = tokenizer_sha256(config["tokenizer"])
     out["input_bytes"] = os.path.getsize(input_path) if os.path.isfile(input_path) else None

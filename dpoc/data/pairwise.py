@@ -1,9 +1,12 @@
-"""The pairwise dataset on disk: MindSpeed-RL's four Megatron indexed datasets plus dpoc's stats file.
+"""The preprocessed datasets on disk: MindSpeed-RL's four pairwise Megatron indexed datasets, or dpoc's three
+unpaired ones (KTO), plus dpoc's stats file.
 
-`{prefix}_packed_{chosen_input_ids,chosen_labels,rejected_input_ids,rejected_labels}_document.{bin,idx}`,
-int32, one document (one sequence) per preference pair, written with megatron-core's own
-`IndexedDatasetBuilder` and read back with its `IndexedDataset`. The training `data_path` is `prefix`.
-The names (`FIELDS`, `dataset_files`, `output_files`) import nothing heavy, so the compiler's preflight can use them.
+Pairwise: `{prefix}_packed_{chosen_input_ids,chosen_labels,rejected_input_ids,rejected_labels}_document.{bin,idx}`,
+one document (one sequence) per preference pair. Unpaired: `{prefix}_packed_{completion_input_ids,
+completion_labels,desirable}_document.{bin,idx}`, one document per example, `desirable` a one-token document
+(1: desirable, 0: not). All int32, written with megatron-core's own `IndexedDatasetBuilder` and read back with
+its `IndexedDataset`. The training `data_path` is `prefix`. The names (`FIELDS`, `UNPAIRED_FIELDS`,
+`dataset_files`, `output_files`) import nothing heavy, so the compiler's preflight can use them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ if TYPE_CHECKING:
     import numpy as np
 
 FIELDS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+UNPAIRED_FIELDS = ("completion_input_ids", "completion_labels", "desirable")
+
+
+def fields_of(unpaired: bool) -> tuple[str, ...]:
+    return UNPAIRED_FIELDS if unpaired else FIELDS
 
 
 def dataset_prefix(prefix: str, field: str) -> str:
@@ -32,14 +40,14 @@ def stats_path(prefix: str) -> str:
     return f"{prefix}_stats.json"
 
 
-def dataset_files(prefix: str) -> list[str]:
-    """The eight files training reads (MindSpeed-LLM's pairwise dataset: no stats file)."""
-    return [dataset_prefix(prefix, f) + ext for f in FIELDS for ext in (".bin", ".idx")]
+def dataset_files(prefix: str, unpaired: bool = False) -> list[str]:
+    """The files training reads (pairwise: MindSpeed-LLM's eight; unpaired: six; no stats file)."""
+    return [dataset_prefix(prefix, f) + ext for f in fields_of(unpaired) for ext in (".bin", ".idx")]
 
 
-def output_files(prefix: str) -> list[str]:
+def output_files(prefix: str, unpaired: bool = False) -> list[str]:
     """Every file a finished preprocessing run leaves, the stats file last (it marks completion)."""
-    return [*dataset_files(prefix), stats_path(prefix)]
+    return [*dataset_files(prefix, unpaired), stats_path(prefix)]
 
 
 class PairwiseWriter:
@@ -50,18 +58,18 @@ class PairwiseWriter:
     holds either the old set or the new one.
     """
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, unpaired: bool = False):
         import numpy as np
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-        self.prefix = prefix
+        self.prefix, self.unpaired = prefix, unpaired
         out_dir, self.stem = os.path.split(os.path.abspath(prefix))
         self.tmp = Path(out_dir) / f".{self.stem}.dpoc-tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
         self.tmp_prefix = str(self.tmp / self.stem)
         self.builders = {f: IndexedDatasetBuilder(dataset_prefix(self.tmp_prefix, f) + ".bin", dtype=np.int32)
-                         for f in FIELDS}
+                         for f in fields_of(unpaired)}
         for builder in self.builders.values():
             # typed arrays instead of the builder's Python lists: ~12 bytes per pair instead of ~70, so
             # memory stays flat on large inputs (the builder only appends/extends them and reads them once)
@@ -87,7 +95,8 @@ class PairwiseWriter:
         old = self.tmp / "previous"
         old.mkdir()
         try:
-            swap_in(list(zip(output_files(self.tmp_prefix), output_files(self.prefix), strict=True)), old)
+            swap_in(list(zip(output_files(self.tmp_prefix, self.unpaired), output_files(self.prefix, self.unpaired),
+                             strict=True)), old)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -100,20 +109,23 @@ class PairwiseWriter:
 
 
 class PairwiseDataset:
-    """The four datasets of one prefix, read with megatron-core's `IndexedDataset` (memory-mapped)."""
+    """The datasets of one prefix (pairwise, or unpaired), read with megatron-core's `IndexedDataset`
+    (memory-mapped)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, unpaired: bool = False):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-        missing = [p for p in dataset_files(prefix) if not os.path.isfile(p)]
+        kind = "unpaired" if unpaired else "pairwise"
+        missing = [p for p in dataset_files(prefix, unpaired) if not os.path.isfile(p)]
         if missing:
-            raise DpocError([Problem(prefix, "(dataset)", f"incomplete pairwise dataset: missing "
-                                     f"{', '.join(missing)} (run dpoc preprocess to write it)")])
+            hint = " with unpaired: true" if unpaired else ""
+            raise DpocError([Problem(prefix, "(dataset)", f"incomplete {kind} dataset: missing "
+                                     f"{', '.join(missing)} (run dpoc preprocess{hint} to write it)")])
         self.prefix = prefix
-        self.datasets = {f: IndexedDataset(dataset_prefix(prefix, f)) for f in FIELDS}
+        self.datasets = {f: IndexedDataset(dataset_prefix(prefix, f)) for f in fields_of(unpaired)}
         sizes = {f: len(d) for f, d in self.datasets.items()}
         if len(set(sizes.values())) != 1:
-            raise DpocError([Problem(prefix, "(dataset)", f"the four pairwise datasets differ in length "
+            raise DpocError([Problem(prefix, "(dataset)", f"the {len(sizes)} {kind} datasets differ in length "
                                      f"({sizes}); rerun dpoc preprocess")])
 
     def lengths(self, field: str) -> np.ndarray:
@@ -121,7 +133,7 @@ class PairwiseDataset:
         return self.datasets[field].sequence_lengths
 
     def __len__(self) -> int:
-        return len(self.datasets[FIELDS[0]])
+        return len(next(iter(self.datasets.values())))
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         import numpy as np
@@ -130,6 +142,7 @@ class PairwiseDataset:
         return {f: np.array(d[index]) for f, d in self.datasets.items()}
 
 
-def open_pairwise(prefix: str) -> PairwiseDataset:
-    """`open_pairwise(p)[i]` is `{chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels}`."""
-    return PairwiseDataset(prefix)
+def open_pairwise(prefix: str, unpaired: bool = False) -> PairwiseDataset:
+    """`open_pairwise(p)[i]` is `{chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels}`;
+    unpaired, `{completion_input_ids, completion_labels, desirable}` (`desirable`: one int, 1 or 0)."""
+    return PairwiseDataset(prefix, unpaired)

@@ -10,15 +10,18 @@ import os
 from collections import deque
 from collections.abc import Iterator
 
+import numpy as np
+
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.data.config import PreprocessConfig
 from dpoc.data.detect import settle
 from dpoc.data.encode import EncodedPair, Outcome, PairEncoder
 from dpoc.data.progress import Progress
 from dpoc.data.readers import Chunk, open_source, read_chunks
-from dpoc.data.stats import Stats
+from dpoc.data.stats import Stats, UnpairedStats
 
 ROWS_PER_CHUNK = 256
+UNPAIR_BATCH = 1000  # rows per batch of TRL's unpair_preference_dataset (datasets' map default)
 
 
 def preprocess(config: PreprocessConfig) -> Stats:
@@ -27,20 +30,25 @@ def preprocess(config: PreprocessConfig) -> Stats:
 
     source = open_source(config.input, config.format, config.source)
     settled = settle(config, source)
+    if settled.layout == "unpaired" and not config.unpaired:
+        raise DpocError([Problem(config.source, "layout", "unpaired rows (a completion and a label) make only the "
+                                 "unpaired dataset KTO trains on (valid: unpaired: true, or paired data)")])
     _make_output_dir(config)
-    stats = Stats(config, settled)
-    with EncoderPool(settled) as encoder, PairwiseWriter(config.output_prefix) as writer:
+    stats = (UnpairedStats if config.unpaired else Stats)(config, settled)
+    rows_per_chunk = UNPAIR_BATCH if config.unpaired else ROWS_PER_CHUNK
+    with EncoderPool(settled) as encoder, PairwiseWriter(config.output_prefix, config.unpaired) as writer:
         progress = Progress(source.total, source.unit)  # started once the tokenizer and workers are up
         position = 0
-        for position, outcomes in encoder.encode_in_order(read_chunks(source, ROWS_PER_CHUNK)):
+        for position, outcomes in encoder.encode_in_order(read_chunks(source, rows_per_chunk)):
             for outcome in outcomes:
                 _account(outcome, stats, config)
-                if outcome.pair is not None:
-                    writer.add(_arrays(outcome.pair))
-            progress.update(position, stats.pairs_kept, stats.tokens_total)
-        progress.update(position, stats.pairs_kept, stats.tokens_total, final=True)
-        if stats.pairs_kept == 0:
-            raise DpocError([Problem(config.input, "(file)", f"no pairs left to write ({stats.summary()})")])
+            for arrays in _chunk_arrays(outcomes, stats):
+                writer.add(arrays)
+            progress.update(position, stats.kept, stats.tokens_total)
+        progress.update(position, stats.kept, stats.tokens_total, final=True)
+        if stats.kept == 0:
+            what = "examples" if config.unpaired else "pairs"
+            raise DpocError([Problem(config.input, "(file)", f"no {what} left to write ({stats.summary()})")])
         writer.commit(stats.to_json())
     return stats
 
@@ -60,6 +68,20 @@ def _account(outcome: Outcome, stats: Stats, config: PreprocessConfig) -> None:
         raise DpocError([Problem(config.input, outcome.where,
                                  f"{outcome.problem} (--skip-bad-lines skips and counts such rows)")])
     stats.add(outcome)
+
+
+def _chunk_arrays(outcomes: list[Outcome], stats: Stats) -> Iterator[dict]:
+    """What one chunk writes, in order: its pairs; unpaired, its examples, where the chunk's pairs are split as
+    TRL's unpair_preference_dataset splits each batch: every chosen (desirable) first, then every rejected."""
+    if not isinstance(stats, UnpairedStats):
+        yield from (_arrays(o.pair) for o in outcomes if o.pair is not None)
+        return
+    split = [o.pair.examples() for o in outcomes if o.pair is not None]
+    examples = [o.example for o in outcomes if o.example is not None] + [c for c, _ in split] + [r for _, r in split]
+    for example in examples:
+        stats.add_example(example)
+        yield {"completion_input_ids": example.ids, "completion_labels": example.labels(),
+               "desirable": np.asarray([int(example.desirable)], dtype=np.int32)}
 
 
 def _arrays(pair: EncodedPair) -> dict:

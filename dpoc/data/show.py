@@ -26,6 +26,12 @@ def show(config: PreprocessConfig, count: int, out: TextIO) -> None:
     decode = encoder.tokenizer.decode
     for outcome in islice(encoder.encode(rows.rows if rows else []), count):
         out.write(f"{_RULE}\n{config.input}: {outcome.where}: ")
+        if outcome.example is not None:
+            ex, n = outcome.example, outcome.example.prompt_length
+            out.write(f"prompt {n} tokens (labels -100), completion +{len(ex.ids) - n}, "
+                      f"{'desirable' if ex.desirable else 'undesirable'}{' (truncated)' if ex.truncated else ''}\n"
+                      f"{decode(ex.ids[:n].tolist())}{_START}{decode(ex.ids[n:].tolist())}{_END}\n")
+            continue
         if outcome.pair is None:
             reasons = {"empty": "dropped: empty prompt or response",
                        "too_long": f"dropped: a sequence reaches seq_length {config.seq_length}"}

@@ -3,6 +3,10 @@ came in, what was kept or dropped and why, token counts, length histograms: each
 side (what a padded micro-batch pads to) and both sides' tokens (what a packed pair takes), which the planner
 reads (`training.length_stats`, `dpoc.planner.lengths`).
 
+The unpaired dataset (KTO, `UnpairedStats`) counts examples instead of pairs, desirable and undesirable ones,
+and its per-pair histograms describe what a KTO micro-batch holds per example: the example and its KL sequence
+(its prompt with another example's completion), both counted at the example's own length.
+
 Deterministic (no timings), so the same input gives the same file whatever the worker count.
 """
 
@@ -12,7 +16,7 @@ import dataclasses
 from typing import Any
 
 from dpoc.data.config import PreprocessConfig
-from dpoc.data.encode import Outcome
+from dpoc.data.encode import EncodedExample, Outcome
 from dpoc.data.identity import settings
 
 HISTOGRAM_BINS = 16
@@ -57,6 +61,10 @@ class Stats:
         self.pair_histogram["tokens"][(chosen + rejected) // (2 * self.pair_width)] += 1
 
     @property
+    def kept(self) -> int:
+        return self.pairs_kept
+
+    @property
     def tokens_total(self) -> int:
         """Tokens written to the input-id datasets (the prompt counts once per sequence)."""
         return 2 * self.tokens["prompt"] + self.tokens["chosen_response"] + self.tokens["rejected_response"]
@@ -96,3 +104,53 @@ def _bins(seq_length: int, most: int) -> tuple[int, int]:
 
 def _edges(width: int, end: int) -> list[int]:
     return [*range(0, end, width), end]
+
+
+class UnpairedStats(Stats):
+    """The unpaired dataset's stats: rows read (pairs, when pairs are split), examples kept by label."""
+
+    def __init__(self, config: PreprocessConfig, read_as: PreprocessConfig):
+        super().__init__(config, read_as)
+        self.labels = {"desirable": 0, "undesirable": 0}
+        self.tokens = {"prompt": 0, "completion": 0}
+        self.longest = {"completion": 0}
+        self.histogram = {"completion": [0] * len(self.histogram["chosen"])}
+
+    def add(self, outcome: Outcome) -> None:
+        """A row: its drop or problem is counted here, its examples by `add_example`."""
+        if outcome.pair is None and outcome.example is None:
+            super().add(outcome)
+        else:
+            self.pairs_in += 1
+            self.truncated += (outcome.pair or outcome.example).truncated
+
+    def add_example(self, example: EncodedExample) -> None:
+        self.labels["desirable" if example.desirable else "undesirable"] += 1
+        self.tokens["prompt"] += example.prompt_length
+        self.tokens["completion"] += len(example.ids) - example.prompt_length
+        self.longest["completion"] = max(self.longest["completion"], len(example.ids))
+        self.histogram["completion"][len(example.ids) // self.bin_width] += 1
+        self.pair_histogram["longer"][len(example.ids) // self.pair_width] += 1
+        self.pair_histogram["tokens"][len(example.ids) // self.pair_width] += 1
+
+    @property
+    def kept(self) -> int:
+        return sum(self.labels.values())
+
+    @property
+    def tokens_total(self) -> int:
+        return self.tokens["prompt"] + self.tokens["completion"]
+
+    def summary(self) -> str:
+        d = self.dropped
+        detected = f" (layout {self.read_as.layout}, detected)" if self.config.layout == "auto" else ""
+        split = ", pairs split in two" if self.read_as.layout != "unpaired" else ""
+        return (f"{self.pairs_in} rows read{detected}{split}, {self.kept} examples kept ({self.labels['desirable']} "
+                f"desirable, {self.labels['undesirable']} undesirable), {d['too_long']} rows dropped for length >= "
+                f"seq_length {self.config.seq_length}, {d['empty']} with an empty prompt or response, "
+                f"{d['bad_rows']} bad rows skipped, {self.truncated} truncated")
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        del out["pairs_in"], out["pairs_kept"]
+        return {**out, "rows_in": self.pairs_in, "examples_kept": self.kept, **self.labels}

@@ -55,7 +55,7 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path):
     assert sorted(done.stderr.splitlines()) == [
         "pre.yaml: output_prefix: is required",
         "pre.yaml: seq_lenght: unknown key (did you mean 'seq_length'? valid: enable_thinking, format, input, "
-        "layout, map_keys, output_prefix, seq_length, skip_bad_lines, template, tokenizer, truncate, workers)",
+        "layout, map_keys, output_prefix, seq_length, skip_bad_lines, template, tokenizer, truncate, unpaired, workers)",
         "pre.yaml: seq_length: is required",
         "pre.yaml: template: must be one of 'tokenizer', 'qwen3', 'qwen', 'chatml', 'llama3', 'default' (got 'qwen4')",
         "pre.yaml: tokenizer: is required",

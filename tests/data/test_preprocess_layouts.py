@@ -136,7 +136,7 @@ def test_detection_refuses_mixed_or_unrecognisable_rows(tmp_path, run):
     with pytest.raises(DpocError) as exc:
         run(mixed)
     assert str(exc.value) == (f"test.yaml: layout: auto: the first rows of {mixed} mix layouts (line 1: pairwise, "
-                              "line 2: hh-rlhf); valid: set layout: pairwise | messages | hh-rlhf")
+                              "line 2: hh-rlhf); valid: set layout: pairwise | messages | hh-rlhf | unpaired")
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [], "id": 1}])
     with pytest.raises(DpocError) as exc:
         run(sft)
