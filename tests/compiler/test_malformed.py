@@ -29,7 +29,7 @@ OVERRIDE_CASES = [
     (["dpo.label_smoothing=0.7"], "dpo.label_smoothing", "must be <= 0.5 (got 0.7)"),
     (["dataset.template=vicuna"], "dataset.template", "must be one of 'tokenizer', 'qwen3'"),
     (["dataset.map_keys.answer=x"], "dataset.map_keys.answer",
-     "unknown key (valid: chosen, history, prompt, query, rejected, system)"),
+     "unknown key (valid: chosen, completion, history, label, prompt, query, rejected, system)"),
     (["dataset.workers=0"], "dataset.workers", "must be >= 1 (got 0)"),
     (["model.num_layers=0"], "model.num_layers", "must be >= 1 (got 0)"),
     (["model.hidden=4096"], "model.hidden", "unknown key (did you mean"),
