@@ -338,12 +338,29 @@ def test_resume_mode_is_picked_from_the_save_directory(tmp_path):
     subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
     bad = subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env={**env, "DPOC_RESUME": "yes"},
                          capture_output=True, text=True)
-    preflight, train = ([ln for ln in log.read_text().splitlines() if key in ln]
+    preflight, train = ([ln for ln in log.read_text().splitlines() if key in ln and not ln.endswith("--device")]
                         for key in ("-m dpoc preflight", "dpoc.runtime.train"))
     assert preflight[0].startswith(f"-m dpoc preflight {out} --mode fresh --target dpoc --node-rank 0 ")
     assert preflight[1].startswith(f"-m dpoc preflight {out} --mode resume ")
     assert train[0].endswith(f"@{out}/megatron.args") and train[1].endswith(f"@{out}/resume/megatron.args")
     assert bad.returncode == 2 and "DPOC_RESUME must be auto, 1 or 0 (got yes)" in bad.stderr
+
+
+def test_the_node_script_runs_the_device_check_unless_told_not_to(tmp_path):
+    """After the preflight and before torchrun: `dpoc preflight BUILD --device`; DPOC_DEVICE_CHECK=0 skips it."""
+    out = tmp_path / "build"
+    build(RECIPES / "tiny_moe_cpu.yaml", out=out)
+    env, log = stub_tools(tmp_path)
+    subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
+    calls = log.read_text().splitlines()
+    checks = [i for i, line in enumerate(calls) if line == f"-m dpoc preflight {out} --device"]
+    preflight = next(i for i, line in enumerate(calls) if line.startswith(f"-m dpoc preflight {out} --mode"))
+    torchrun = next(i for i, line in enumerate(calls) if line.startswith("--nnodes"))
+    assert len(checks) == 1 and preflight < checks[0] < torchrun
+    log.write_text("")
+    subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env={**env, "DPOC_DEVICE_CHECK": "0"},
+                   check=True, capture_output=True)
+    assert not [line for line in log.read_text().splitlines() if line.endswith("--device")]
 
 
 def test_cpu_recipe_skips_mindspeed_with_the_reason(tmp_path, dpoc_cli):

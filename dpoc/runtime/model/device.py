@@ -6,7 +6,8 @@ the CPU (each has a test in tests/runtime/test_runtime_device.py). On npu, torch
 answers most of them and `_NpuPatches` the two it leaves (the RNG states, the tensor type names); dpoc does
 not load MindSpeed's megatron adaptor (docs/devices.md says why). On cuda nothing is patched.
 
-Every optional kernel is chosen here, per device: core attention (`ATTENTION`), the MoE experts (`EXPERTS`).
+Every optional kernel is chosen here, per device: core attention (`ATTENTION`), the MoE experts (`EXPERTS`),
+the fused norm, rotary embedding and SwiGLU (`FUSED`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ ATTENTION = {"cpu": ("sdpa", "local"), "cuda": ("te", "sdpa", "local"), "npu": (
 # the MoE experts each device computes (dpoc/runtime/model/experts.py), fastest first: grouped GEMM kernels,
 # then megatron-core's SequentialMLP loop. torch's grouped GEMM only counts when this torch has it.
 EXPERTS = {"cpu": ("sequential",), "cuda": ("torch-grouped-mm", "sequential"), "npu": ("npu-gmm", "sequential")}
+# the fused elementwise kernels each device runs (dpoc/runtime/model/fused.py): torch_npu's on npu; cuda keeps
+# megatron-core's own jit fusions (gpt.transformer_config), the cpu runs torch's unfused code
+FUSED: dict[str, tuple[str, ...]] = {"cpu": (), "cuda": (), "npu": ("rms-norm", "rotary", "swiglu")}
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class Device:
         """Wait for queued kernels, so wall-clock step times are real."""
         if self.kind != "cpu":
             getattr(torch, self.kind).synchronize()
+
+    def peak_memory(self) -> int:
+        """The most bytes this process's device held in tensors so far (0 on the cpu, where torch keeps no count)."""
+        return 0 if self.kind == "cpu" else getattr(torch, self.kind).max_memory_allocated()
 
     def rng_state(self) -> torch.Tensor | None:
         """The accelerator's default generator, for checkpoints (the cpu's is torch's own: None here)."""
@@ -263,15 +271,19 @@ class _CpuBridge:
 class _NpuPatches:
     """What `transfer_to_npu` leaves to megatron-core on npu: it copies only the names in
     `torch_npu.npu.__all__` onto torch.cuda, and `default_generators` (which megatron's RNG tracker indexes)
-    is not one of them; NPU tensors report `torch.npu.*` type names, which megatron's optimizers refuse."""
+    is not one of them; NPU tensors report `torch.npu.*` type names, which megatron's optimizers refuse. The
+    fused rotary embedding goes in here too: megatron's attention reaches it by a module-level name."""
 
     installed = False
 
     @classmethod
     def install(cls) -> None:
         if not cls.installed:
+            from dpoc.runtime.model import fused
+
             _route_rng_states(torch.npu)
             _report_cuda_type_names("torch.npu.")
+            fused.install_rotary()
             cls.installed = True
 
 

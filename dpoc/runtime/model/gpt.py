@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.runtime.model.attention import core_attention_class
-from dpoc.runtime.model.device import Device, attention_kernel, experts_kernel
+from dpoc.runtime.model.device import FUSED, Device, attention_kernel, experts_kernel
 from dpoc.runtime.model.experts import experts_class
+from dpoc.runtime.model.fused import NpuRMSNorm, NpuSwiGLU
 from dpoc.runtime.step.data import IGNORE_INDEX
 
 
@@ -28,7 +30,7 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
 def transformer_config(args: argparse.Namespace, device: Device) -> TransformerConfig:
     """Every architectural and layout knob from the args; kernel fusions only where the device has them."""
     dtype = params_dtype(args)
-    fused = device.kind == "cuda"  # megatron's fused kernels are CUDA (jit/triton)
+    jit = device.kind == "cuda"  # megatron's fused kernels are CUDA (jit/triton)
     moe = bool(args.num_experts)
     return TransformerConfig(
         num_layers=args.num_layers,
@@ -71,8 +73,10 @@ def transformer_config(args: argparse.Namespace, device: Device) -> TransformerC
         fp16=args.fp16,
         use_cpu_initialization=device.kind == "cpu",
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=fused and not moe,
-        bias_dropout_fusion=fused,
+        bias_activation_fusion=jit and not moe,
+        bias_dropout_fusion=jit,
+        # builds the MLPs' activation from the layer spec (fused.NpuSwiGLU, see block_spec); nothing of TE
+        use_te_activation_func=args.swiglu and "swiglu" in FUSED[device.kind],
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
@@ -165,10 +169,14 @@ def pipeline_layout(args: argparse.Namespace) -> list[list[str]] | None:
 
 class _TorchNorm:
     """torch's RMSNorm/LayerNorm, built whatever the sequence-parallel setting: megatron's wrapper refuses
-    sequence parallelism only because it cannot mark the weights; q/k norms act on heads, never sharded."""
+    sequence parallelism only because it cannot mark the weights; q/k norms act on heads, never sharded.
+    `fused`: RMSNorm through the device's fused kernel (fused.NpuRMSNorm, same weight)."""
+
+    fused = False
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object):
-        norm = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        rms = NpuRMSNorm if cls.fused else torch.nn.RMSNorm
+        norm = rms if config.normalization == "RMSNorm" else torch.nn.LayerNorm
         return norm(hidden_size, eps=eps)
 
 
@@ -183,24 +191,36 @@ class _SequenceShardedNorm(_TorchNorm):
         return norm
 
 
+@functools.cache
+def norm_class(sequence_sharded: bool, fused: bool) -> type:
+    """The norm the layer spec builds: over the hidden states (sharded along the sequence) or over heads."""
+    base = _SequenceShardedNorm if sequence_sharded else _TorchNorm
+    return type(f"{base.__name__}[npu_rms_norm]", (base,), {"fused": True}) if fused else base
+
+
 def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: str,
-               experts: str = "sequential") -> TransformerBlockSubmodules:
-    """megatron-core's local layer spec with torch norms, the device's core-attention kernel and its MoE experts
-    kernel (`experts.experts_class`)."""
+               experts: str = "sequential", fused: tuple[str, ...] = ()) -> TransformerBlockSubmodules:
+    """megatron-core's local layer spec with torch norms, the device's core-attention kernel, its MoE experts
+    kernel (`experts.experts_class`) and its `fused` kernels (`device.FUSED`, `fused.py`)."""
     layer = copy.deepcopy(get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm, normalization=config.normalization))
-    layer.submodules.input_layernorm = _SequenceShardedNorm
-    layer.submodules.pre_mlp_layernorm = _SequenceShardedNorm
+    hidden_norm = norm_class(True, "rms-norm" in fused)
+    layer.submodules.input_layernorm = hidden_norm
+    layer.submodules.pre_mlp_layernorm = hidden_norm
+    mlp = layer.submodules.mlp.submodules
     if config.num_moe_experts and not config.moe_grouped_gemm:
-        layer.submodules.mlp.submodules.experts.module = experts_class(experts)
+        mlp.experts.module = experts_class(experts)
+    if config.use_te_activation_func:  # set by transformer_config where `swiglu` is fused
+        mlps = [mlp.experts, mlp.shared_experts] if config.num_moe_experts else [layer.submodules.mlp]
+        for spec in filter(None, mlps):
+            spec.submodules.activation_func = NpuSwiGLU
     attention = layer.submodules.self_attention.submodules
     attention.core_attention = core_attention_class(core_attention)
     if config.qk_layernorm:
-        attention.q_layernorm = _TorchNorm
-        attention.k_layernorm = _TorchNorm
+        attention.q_layernorm = attention.k_layernorm = norm_class(False, "rms-norm" in fused)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=_SequenceShardedNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=hidden_norm)
 
 
 class ResponseLogitsGPTModel(GPTModel):
@@ -242,7 +262,7 @@ def build_chunks(config: TransformerConfig, args: argparse.Namespace, experts: s
         vp_stage = stage if vpp else None
         chunks.append(ResponseLogitsGPTModel(
             config=config,
-            transformer_layer_spec=block_spec(config, vp_stage, kernel, experts),
+            transformer_layer_spec=block_spec(config, vp_stage, kernel, experts, FUSED[args.dpoc_device]),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -51,6 +51,11 @@ export DPOC_INPUT_ERROR
 # The launcher names the build it started (DPOC_PLAN_HASH): a node holding another build is refused.
 python -m dpoc preflight "$BUILD_DIR" --mode "$mode" --target dpoc --node-rank 1 \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --plan-hash "${DPOC_PLAN_HASH:-}"
+# The device self-check: each kernel this build runs, then one layer of its model, on this node's device against
+# float32 on the CPU (seconds; a failure names the op). DPOC_DEVICE_CHECK=0 skips it.
+if [ "${DPOC_DEVICE_CHECK:-1}" != 0 ]; then
+  python -m dpoc preflight "$BUILD_DIR" --device
+fi
 echo "[dpoc] node 1/2: $mode run, master $MASTER_ADDR:$MASTER_PORT" >&2
 # torchrun (dpoc.runtime.torchrun: the same launcher, ending a failure in one line that names the first rank)
 python -m dpoc.runtime.torchrun \
