@@ -29,6 +29,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from dpoc.contract import megatron_args
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.kernels import FUSED
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model import fused
 from dpoc.runtime.model.attention import PackedSequences, core_attention_class
@@ -101,7 +102,7 @@ def ops(args: argparse.Namespace, device: devices.Device) -> Iterator[Op]:
     """The kernel paths this build runs, in the order they are checked."""
     here, dtype = device.current(), params_dtype(args)
     config = transformer_config(args, device)
-    kinds = devices.FUSED[device.kind]
+    kinds = FUSED[device.kind]
     tokens = min(TOKENS, args.seq_length)
     yield Op(f"collective all_reduce ({device.backend})", lambda: _all_reduce(here))
     norm = norm_class(True, "rms-norm" in kinds)(config, args.hidden_size, eps=args.norm_epsilon)

@@ -346,6 +346,24 @@ def test_resume_mode_is_picked_from_the_save_directory(tmp_path):
     assert bad.returncode == 2 and "DPOC_RESUME must be auto, 1 or 0 (got yes)" in bad.stderr
 
 
+@pytest.mark.parametrize("recipe, overrides, path, why", [
+    ("qwen3_30b.yaml", [], "npu-gmm", "moe_grouped_gemm on, device npu: torch_npu's npu_grouped_matmul"),
+    ("qwen3_30b.yaml", ["parallelism.moe_grouped_gemm=false"], "sequential",
+     "moe_grouped_gemm off, device npu: megatron-core's SequentialMLP"),
+    ("tiny_moe_cpu.yaml", ["hardware.device=cuda", "hardware.backend=nccl", "parallelism.moe_grouped_gemm=true"],
+     "torch-grouped-mm", "moe_grouped_gemm on, device cuda: torch._grouped_mm"),
+    ("tiny_moe_cpu.yaml", [], "sequential", "moe_grouped_gemm off, device cpu: megatron-core's SequentialMLP"),
+    ("tiny_cpu.yaml", [], None, "a dense model has no experts"),
+])
+def test_the_plan_records_the_experts_path_and_why(tmp_path, recipe, overrides, path, why):
+    """layout.moe_experts and its provenance; the runtime gets it as --dpoc-moe-experts."""
+    plan, out = build(RECIPES / recipe, overrides, out=tmp_path / "b")
+    assert plan.layout.moe_experts == path
+    source = dict(plan.provenance)["layout.moe_experts"]
+    assert source.source == "derived:layout.moe_experts" and source.why.startswith(why), source.why
+    assert megatron_args.parse([f"@{out / 'megatron.args'}"]).dpoc_moe_experts == path
+
+
 def test_the_node_script_runs_the_device_check_unless_told_not_to(tmp_path):
     """After the preflight and before torchrun: `dpoc preflight BUILD --device`; DPOC_DEVICE_CHECK=0 skips it."""
     out = tmp_path / "build"

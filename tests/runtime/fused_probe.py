@@ -1,6 +1,6 @@
 """Run in a fresh process by test_fused_kernels.py: on the npu stand-in (device_stubs.py), one forward and
 backward of a tiny model from seeded weights, with the device's fused kernels (dpoc/runtime/model/fused.py)
-and again with them off (`device.FUSED["npu"]` empty, megatron's own rotary); prints one JSON object with
+and again with them off (`kernels.FUSED["npu"]` empty, megatron's own rotary); prints one JSON object with
 each run's per-token losses, every parameter's gradient and how often each fused kernel ran.
 
     python tests/runtime/fused_probe.py ARGS_FILE
@@ -19,7 +19,7 @@ import torch_npu  # noqa: E402  (the stand-in)
 from megatron.core.models.common.embeddings import rope_utils  # noqa: E402
 from megatron.core.transformer import attention  # noqa: E402
 
-from dpoc.contract import megatron_args  # noqa: E402
+from dpoc.contract import kernels, megatron_args  # noqa: E402
 from dpoc.runtime.model import device as devices  # noqa: E402
 from dpoc.runtime.model import fused, seeded_init  # noqa: E402
 from dpoc.runtime.model.gpt import build_chunks, transformer_config  # noqa: E402
@@ -60,7 +60,7 @@ session.init_distributed(device)
 with devices.running_on(device):
     session.initialize_parallel(args)
     result = {"fused": run(args, device)}
-    devices.FUSED["npu"] = ()
+    kernels.FUSED["npu"] = ()
     attention.apply_rotary_pos_emb = rope_utils.apply_rotary_pos_emb
     result["unfused"] = run(args, device)
 print(json.dumps(result))

@@ -1,5 +1,5 @@
 """The fused elementwise kernels of a transformer layer on npu: RMSNorm, rotary embedding, SwiGLU
-(`device.FUSED` says which device runs which; docs/devices.md says why).
+(`dpoc/contract/kernels.py` `FUSED` says which device runs which; docs/devices.md says why).
 
 Each replaces one unfused megatron-core / torch path and computes the same function (tested equal on the
 stand-ins, tests/runtime/test_fused_kernels.py):

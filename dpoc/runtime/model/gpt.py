@@ -16,8 +16,9 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.kernels import EXPERTS, FUSED
 from dpoc.runtime.model.attention import core_attention_class
-from dpoc.runtime.model.device import FUSED, Device, attention_kernel, experts_kernel
+from dpoc.runtime.model.device import Device, attention_kernel, experts_kernel
 from dpoc.runtime.model.experts import experts_class
 from dpoc.runtime.model.fused import NpuRMSNorm, NpuSwiGLU
 from dpoc.runtime.step.data import IGNORE_INDEX
@@ -141,6 +142,11 @@ def check_supported(args: argparse.Namespace, args_file: str) -> None:
             args_file, "--attention-dropout",
             f"the runtime's attention kernels (SDPA, npu_fusion_attention) run without dropout "
             f"(got {args.attention_dropout:g}; valid: 0)"))
+    if args.dpoc_moe_experts and args.dpoc_moe_experts not in EXPERTS[args.dpoc_device]:
+        problems.append(Problem(
+            args_file, "--dpoc-moe-experts",
+            f"{args.dpoc_moe_experts} does not run on --dpoc-device {args.dpoc_device} "
+            f"(valid: {', '.join(EXPERTS[args.dpoc_device])})"))
     if args.num_experts and not args.disable_bias_linear:
         problems.append(Problem(
             args_file, "--disable-bias-linear",
@@ -201,7 +207,7 @@ def norm_class(sequence_sharded: bool, fused: bool) -> type:
 def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: str,
                experts: str = "sequential", fused: tuple[str, ...] = ()) -> TransformerBlockSubmodules:
     """megatron-core's local layer spec with torch norms, the device's core-attention kernel, its MoE experts
-    kernel (`experts.experts_class`) and its `fused` kernels (`device.FUSED`, `fused.py`)."""
+    kernel (`experts.experts_class`) and its `fused` kernels (`kernels.FUSED`, `fused.py`)."""
     layer = copy.deepcopy(get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm, normalization=config.normalization))
@@ -276,8 +282,11 @@ def build_chunks(config: TransformerConfig, args: argparse.Namespace, experts: s
 
 
 def expert_path(args: argparse.Namespace) -> str:
-    """The experts kernel this run uses: the device's (`device.EXPERTS`) when `--moe-grouped-gemm` asks for
-    grouped GEMM, else SequentialMLP's loop; `-` for a dense model."""
+    """The experts kernel this run uses: the Plan's (`--dpoc-moe-experts`), or without it the device's
+    (`kernels.EXPERTS`) when `--moe-grouped-gemm` asks for grouped GEMM, else SequentialMLP's loop; `-` for a
+    dense model."""
     if not args.num_experts:
         return "-"
+    if args.dpoc_moe_experts:
+        return experts_kernel(args.dpoc_device, args.dpoc_moe_experts)
     return experts_kernel(args.dpoc_device) if args.moe_grouped_gemm else "sequential"
