@@ -81,8 +81,12 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _preflight(args: argparse.Namespace) -> int:
-    from dpoc.launch.preflight import Node, preflight
+    from dpoc.launch.preflight import Node, device_check, preflight
 
+    if args.device:
+        for line in device_check(args.build_dir):
+            print(line)
+        return 0
     node = None
     if args.node_rank is not None:
         node = Node(args.node_rank, args.master_addr, args.master_port, args.plan_hash or None)
@@ -148,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--master-addr", default="127.0.0.1", help="with --node-rank: the master node 0 runs")
     p.add_argument("--master-port", type=int, default=6005, help="with --node-rank: the master's port")
     p.add_argument("--plan-hash", help="with --node-rank: the Plan hash the launcher started (empty: not checked)")
+    p.add_argument("--device", action="store_true", help="instead: the device self-check, each kernel this build "
+                   "runs and one layer of its model on this node's device, against the CPU (seconds)")
     p.set_defaults(func=_preflight)
 
     for name, (module, help_text) in EXTERNAL.items():

@@ -96,6 +96,9 @@ def _parallelism_flags(g: _Group, job: dict[str, bool]) -> None:
     g.add_argument("--dpoc-core-attention", choices=["auto", "sdpa", "npu-fusion", "te", "local"],
                    default="auto",
                    help="core-attention kernel; auto: the device's fastest (dpoc.runtime.model.device)")
+    g.add_argument("--dpoc-moe-experts", choices=["sequential", "torch-grouped-mm", "npu-gmm"], default=None,
+                   help="the MoE experts kernel the Plan chose (layout.moe_experts); default: the device's grouped "
+                   "GEMM with --moe-grouped-gemm, else sequential")
 
 
 def _training_flags(g: _Group, job: dict[str, bool]) -> None:

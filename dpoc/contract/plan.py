@@ -81,6 +81,7 @@ class Layout:
     distributed_optimizer: bool
     moe_dispatcher: str | None
     moe_grouped_gemm: bool
+    moe_experts: str | None  # derived: the experts kernel (contract/kernels.py EXPERTS); None for a dense model
     moe_permutation_async_comm: bool
     moe_alltoall_overlap_comm: bool
     moe_tp_extend_ep: bool

@@ -80,6 +80,18 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node
     return warnings
 
 
+def device_check(build_dir: str | Path) -> list[str]:
+    """`dpoc preflight BUILD --device`: the runtime's device self-check for the build's megatron.args
+    (`dpoc/runtime/device_check.py`); one line per op checked, DpocError naming the first op that fails."""
+    from dpoc.runtime import device_check as check
+
+    args_file = Path(build_dir) / "megatron.args"
+    if not args_file.is_file():
+        raise DpocError([Problem(str(args_file), "(file)", "not found: the device check runs the dpoc target's "
+                                 "megatron.args (valid: a build directory of runtime dpoc)")])
+    return check.run(str(args_file))
+
+
 def _reference_logps(build: Path) -> list[str]:
     """Precomputed reference log-probs: whether this node sees a current file (node 0 must have it when training
     starts; the node script runs reference.sh first, which computes it when it is missing or stale)."""

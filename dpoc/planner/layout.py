@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dpoc.contract.kernels import experts_path
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec
 
 # knob -> why its default is what it is (shown by `dpoc explain`)
@@ -77,6 +78,7 @@ def make_layout(model: ModelSpec, hardware: HardwareSpec, global_batch_size: int
         num_layer_list=layer_list, noop_layers=noop, stage_layers=stage_layers,
         distributed_optimizer=k["distributed_optimizer"],
         moe_dispatcher=k["moe_dispatcher"], moe_grouped_gemm=k["moe_grouped_gemm"],
+        moe_experts=experts_path(model.moe is not None, k["moe_grouped_gemm"], hardware.device),
         moe_permutation_async_comm=k["moe_permutation_async_comm"],
         moe_alltoall_overlap_comm=k["moe_alltoall_overlap_comm"],
         moe_tp_extend_ep=k["moe_tp_extend_ep"],

@@ -24,6 +24,7 @@ from megatron.core.distributed import (
 )
 
 from dpoc.contract.errors import EXIT_PREEMPTED
+from dpoc.contract.kernels import FUSED
 from dpoc.runtime.checkpoint.preemption import Preemption
 from dpoc.runtime.checkpoint.save_load import Checkpointer, check_start
 from dpoc.runtime.model import device as devices
@@ -147,7 +148,7 @@ def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, st
              f"cp={args.context_parallel_size} ep={args.expert_model_parallel_size} dp={dp_size}, "
              f"plan {args.dpoc_plan_hash or '-'}")
     log.line(f"kernels: attention {devices.attention_kernel(device.kind, args.dpoc_core_attention)}, "
-             f"moe experts {expert_path(args)}")
+             f"moe experts {expert_path(args)}, fused {' '.join(FUSED[device.kind]) or '-'}")
     reference = "none (a reference-free loss)" if args.dpoc_reference == "none" else weights[1].describe()
     log.line(f"weights: policy from {weights[0].describe()}, reference from {reference}"
              + (f" (precomputed log-probs: {precomputed.path})" if precomputed is not None else ""))

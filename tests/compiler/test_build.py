@@ -338,12 +338,47 @@ def test_resume_mode_is_picked_from_the_save_directory(tmp_path):
     subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
     bad = subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env={**env, "DPOC_RESUME": "yes"},
                          capture_output=True, text=True)
-    preflight, train = ([ln for ln in log.read_text().splitlines() if key in ln]
+    preflight, train = ([ln for ln in log.read_text().splitlines() if key in ln and not ln.endswith("--device")]
                         for key in ("-m dpoc preflight", "dpoc.runtime.train"))
     assert preflight[0].startswith(f"-m dpoc preflight {out} --mode fresh --target dpoc --node-rank 0 ")
     assert preflight[1].startswith(f"-m dpoc preflight {out} --mode resume ")
     assert train[0].endswith(f"@{out}/megatron.args") and train[1].endswith(f"@{out}/resume/megatron.args")
     assert bad.returncode == 2 and "DPOC_RESUME must be auto, 1 or 0 (got yes)" in bad.stderr
+
+
+@pytest.mark.parametrize("recipe, overrides, path, why", [
+    ("qwen3_30b.yaml", [], "npu-gmm", "moe_grouped_gemm on, device npu: torch_npu's npu_grouped_matmul"),
+    ("qwen3_30b.yaml", ["parallelism.moe_grouped_gemm=false"], "sequential",
+     "moe_grouped_gemm off, device npu: megatron-core's SequentialMLP"),
+    ("tiny_moe_cpu.yaml", ["hardware.device=cuda", "hardware.backend=nccl", "parallelism.moe_grouped_gemm=true"],
+     "torch-grouped-mm", "moe_grouped_gemm on, device cuda: torch._grouped_mm"),
+    ("tiny_moe_cpu.yaml", [], "sequential", "moe_grouped_gemm off, device cpu: megatron-core's SequentialMLP"),
+    ("tiny_cpu.yaml", [], None, "a dense model has no experts"),
+])
+def test_the_plan_records_the_experts_path_and_why(tmp_path, recipe, overrides, path, why):
+    """layout.moe_experts and its provenance; the runtime gets it as --dpoc-moe-experts."""
+    plan, out = build(RECIPES / recipe, overrides, out=tmp_path / "b")
+    assert plan.layout.moe_experts == path
+    source = dict(plan.provenance)["layout.moe_experts"]
+    assert source.source == "derived:layout.moe_experts" and source.why.startswith(why), source.why
+    assert megatron_args.parse([f"@{out / 'megatron.args'}"]).dpoc_moe_experts == path
+
+
+def test_the_node_script_runs_the_device_check_unless_told_not_to(tmp_path):
+    """After the preflight and before torchrun: `dpoc preflight BUILD --device`; DPOC_DEVICE_CHECK=0 skips it."""
+    out = tmp_path / "build"
+    build(RECIPES / "tiny_moe_cpu.yaml", out=out)
+    env, log = stub_tools(tmp_path)
+    subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
+    calls = log.read_text().splitlines()
+    checks = [i for i, line in enumerate(calls) if line == f"-m dpoc preflight {out} --device"]
+    preflight = next(i for i, line in enumerate(calls) if line.startswith(f"-m dpoc preflight {out} --mode"))
+    torchrun = next(i for i, line in enumerate(calls) if line.startswith("--nnodes"))
+    assert len(checks) == 1 and preflight < checks[0] < torchrun
+    log.write_text("")
+    subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=tmp_path, env={**env, "DPOC_DEVICE_CHECK": "0"},
+                   check=True, capture_output=True)
+    assert not [line for line in log.read_text().splitlines() if line.endswith("--device")]
 
 
 def test_cpu_recipe_skips_mindspeed_with_the_reason(tmp_path, dpoc_cli):

@@ -134,5 +134,7 @@ def test_every_shipped_recipe_builds_and_steps(tmp_path_factory, recipe, kind):
     assert [line["step"] for line in lines] == [1] and lines[0]["grad_norm"] > 0
     log = (tmp / recipe / kind / "train.log").read_text()
     assert f"2 processes on {kind}" in log
-    experts = {"npu": "npu-gmm", "cuda": "torch-grouped-mm"}[kind] if "--num-experts" in args.read_text() else "-"
+    flags = args.read_text()
+    grouped = {"npu": "npu-gmm", "cuda": "torch-grouped-mm"}[kind] if "--moe-grouped-gemm" in flags else "sequential"
+    experts = grouped if "--num-experts" in flags else "-"
     assert f"kernels: attention {'npu-fusion' if kind == 'npu' else 'sdpa'}, moe experts {experts}" in log

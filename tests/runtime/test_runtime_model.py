@@ -82,6 +82,24 @@ def test_a_pass_micro_batch_without_the_pass_is_refused(tmp_path):
         "not run (valid: drop it, or --dpoc-reference precomputed)")
 
 
+def test_an_experts_kernel_the_device_lacks_is_refused(tmp_path):
+    args = parse(tmp_path, moe=True, extra=[("--moe-grouped-gemm", True), ("--dpoc-moe-experts", "npu-gmm")])
+    with pytest.raises(DpocError) as err:
+        check_supported(args, "m.args")
+    assert str(err.value) == "m.args: --dpoc-moe-experts: npu-gmm does not run on --dpoc-device cpu (valid: sequential)"
+
+
+@pytest.mark.parametrize("kind, requested, runs", [("cuda", "torch-grouped-mm", "torch-grouped-mm"),
+                                                   ("cuda", "sequential", "sequential"), ("npu", "npu-gmm", "npu-gmm"),
+                                                   ("npu", None, "npu-gmm")])
+def test_the_runtime_runs_the_plans_experts_path(tmp_path, kind, requested, runs):
+    from dpoc.runtime.model.gpt import expert_path
+
+    extra = [("--dpoc-device", kind), ("--moe-grouped-gemm", True),
+             *([("--dpoc-moe-experts", requested)] if requested else [])]
+    assert expert_path(parse(tmp_path, moe=True, extra=extra)) == runs
+
+
 def test_moe_with_tensor_parallelism_needs_sequence_parallelism(tmp_path):
     args = parse(tmp_path, moe=True, layout=[("--tensor-model-parallel-size", 2)])
     with pytest.raises(DpocError) as err:

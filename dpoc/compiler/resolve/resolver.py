@@ -20,6 +20,7 @@ from dpoc.contract.architecture import MoESpec
 from dpoc.contract.dotted import flatten
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.family import CONVERTER, DEFAULT_TEMPLATE
+from dpoc.contract.kernels import experts_why
 from dpoc.contract.plan import (
     Checkpoint,
     Cluster,
@@ -220,6 +221,8 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], l
             v.derived(f"layout.{knob}", getattr(layout, knob), f"layout.{knob}", DEFAULT_WHY[knob])
     for name, text in DERIVED_WHY.items():
         v.derived(f"layout.{name}", getattr(layout, name), f"layout.{name}", text)
+    v.derived("layout.moe_experts", layout.moe_experts, "layout.moe_experts",
+              experts_why(layout.moe_grouped_gemm, inputs.hardware.device, layout.moe_experts))
     v.derived("estimate.efficiency", None, "planner.calibration",
               "fraction of peak FLOPs reached, fitted on published non-DPO runs (bench/planner.py)")
     reference = inputs.dpo.reference

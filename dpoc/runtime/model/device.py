@@ -6,7 +6,9 @@ the CPU (each has a test in tests/runtime/test_runtime_device.py). On npu, torch
 answers most of them and `_NpuPatches` the two it leaves (the RNG states, the tensor type names); dpoc does
 not load MindSpeed's megatron adaptor (docs/devices.md says why). On cuda nothing is patched.
 
-Every optional kernel is chosen here, per device: core attention (`ATTENTION`), the MoE experts (`EXPERTS`).
+Every optional kernel is chosen here, per device, from the tables in `dpoc/contract/kernels.py` (the compiler
+reads them too): core attention (`ATTENTION`), the MoE experts (`EXPERTS`), the fused norm, rotary embedding
+and SwiGLU (`FUSED`).
 """
 
 from __future__ import annotations
@@ -24,14 +26,9 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.kernels import ATTENTION, EXPERTS
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
-# the core-attention kernels each device can run (dpoc/runtime/attention.py), fastest first; `auto` takes the
-# first one available. TransformerEngine only counts when it is installed.
-ATTENTION = {"cpu": ("sdpa", "local"), "cuda": ("te", "sdpa", "local"), "npu": ("npu-fusion", "local")}
-# the MoE experts each device computes (dpoc/runtime/model/experts.py), fastest first: grouped GEMM kernels,
-# then megatron-core's SequentialMLP loop. torch's grouped GEMM only counts when this torch has it.
-EXPERTS = {"cpu": ("sequential",), "cuda": ("torch-grouped-mm", "sequential"), "npu": ("npu-gmm", "sequential")}
 
 
 @dataclass(frozen=True)
@@ -48,6 +45,10 @@ class Device:
         """Wait for queued kernels, so wall-clock step times are real."""
         if self.kind != "cpu":
             getattr(torch, self.kind).synchronize()
+
+    def peak_memory(self) -> int:
+        """The most bytes this process's device held in tensors so far (0 on the cpu, where torch keeps no count)."""
+        return 0 if self.kind == "cpu" else getattr(torch, self.kind).max_memory_allocated()
 
     def rng_state(self) -> torch.Tensor | None:
         """The accelerator's default generator, for checkpoints (the cpu's is torch's own: None here)."""
@@ -85,11 +86,13 @@ def select(kind: str, backend: str, args_file: str = "megatron.args", attention:
     return Device(kind, backend, experts=experts_kernel(kind))
 
 
-def experts_kernel(kind: str) -> str:
-    """The MoE experts kernel `kind` runs: its first available one (`EXPERTS`). A GPU whose torch lacks
-    `torch._grouped_mm` loops over the experts, and says so once."""
-    kernel = next(k for k in EXPERTS[kind] if k != "torch-grouped-mm" or hasattr(torch, "_grouped_mm"))
-    if kernel == "sequential" and len(EXPERTS[kind]) > 1:
+def experts_kernel(kind: str, requested: str | None = None) -> str:
+    """The MoE experts kernel `kind` runs: `requested` (the Plan's `--dpoc-moe-experts`, one of `EXPERTS[kind]`:
+    check_supported refuses others), else the device's first. A GPU whose torch lacks `torch._grouped_mm` loops
+    over the experts, and says so once."""
+    wanted = EXPERTS[kind][EXPERTS[kind].index(requested):] if requested else EXPERTS[kind]
+    kernel = next(k for k in wanted if k != "torch-grouped-mm" or hasattr(torch, "_grouped_mm"))
+    if kernel == "sequential" and wanted[0] != "sequential":
         warnings.warn(f"torch {torch.__version__} has no grouped GEMM (torch._grouped_mm): MoE experts on {kind} "
                       "run one at a time (megatron-core's SequentialMLP)", stacklevel=2)
     return kernel
@@ -263,15 +266,19 @@ class _CpuBridge:
 class _NpuPatches:
     """What `transfer_to_npu` leaves to megatron-core on npu: it copies only the names in
     `torch_npu.npu.__all__` onto torch.cuda, and `default_generators` (which megatron's RNG tracker indexes)
-    is not one of them; NPU tensors report `torch.npu.*` type names, which megatron's optimizers refuse."""
+    is not one of them; NPU tensors report `torch.npu.*` type names, which megatron's optimizers refuse. The
+    fused rotary embedding goes in here too: megatron's attention reaches it by a module-level name."""
 
     installed = False
 
     @classmethod
     def install(cls) -> None:
         if not cls.installed:
+            from dpoc.runtime.model import fused
+
             _route_rng_states(torch.npu)
             _report_cuda_type_names("torch.npu.")
+            fused.install_rotary()
             cls.installed = True
 
 

@@ -95,7 +95,9 @@ class GroupedExperts(SequentialMLP):
         fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
         hidden = grouped(permuted_local_hidden_states, fc1, tokens_per_expert)
-        hidden = _activation(config, hidden)
+        # the activation module the spec gave the experts (a fused kernel, see gpt.block_spec), else megatron's
+        hidden = self.local_experts[0].activation_func(hidden) if config.use_te_activation_func \
+            else _activation(config, hidden)
         dtype = hidden.dtype
         hidden = (hidden * permuted_probs.unsqueeze(-1)).to(dtype)
         return grouped(hidden, fc2, tokens_per_expert), None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +16,11 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.kernels import EXPERTS, FUSED
 from dpoc.runtime.model.attention import core_attention_class
 from dpoc.runtime.model.device import Device, attention_kernel, experts_kernel
 from dpoc.runtime.model.experts import experts_class
+from dpoc.runtime.model.fused import NpuRMSNorm, NpuSwiGLU
 from dpoc.runtime.step.data import IGNORE_INDEX
 
 
@@ -28,7 +31,7 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
 def transformer_config(args: argparse.Namespace, device: Device) -> TransformerConfig:
     """Every architectural and layout knob from the args; kernel fusions only where the device has them."""
     dtype = params_dtype(args)
-    fused = device.kind == "cuda"  # megatron's fused kernels are CUDA (jit/triton)
+    jit = device.kind == "cuda"  # megatron's fused kernels are CUDA (jit/triton)
     moe = bool(args.num_experts)
     return TransformerConfig(
         num_layers=args.num_layers,
@@ -71,8 +74,10 @@ def transformer_config(args: argparse.Namespace, device: Device) -> TransformerC
         fp16=args.fp16,
         use_cpu_initialization=device.kind == "cpu",
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=fused and not moe,
-        bias_dropout_fusion=fused,
+        bias_activation_fusion=jit and not moe,
+        bias_dropout_fusion=jit,
+        # builds the MLPs' activation from the layer spec (fused.NpuSwiGLU, see block_spec); nothing of TE
+        use_te_activation_func=args.swiglu and "swiglu" in FUSED[device.kind],
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
@@ -137,6 +142,11 @@ def check_supported(args: argparse.Namespace, args_file: str) -> None:
             args_file, "--attention-dropout",
             f"the runtime's attention kernels (SDPA, npu_fusion_attention) run without dropout "
             f"(got {args.attention_dropout:g}; valid: 0)"))
+    if args.dpoc_moe_experts and args.dpoc_moe_experts not in EXPERTS[args.dpoc_device]:
+        problems.append(Problem(
+            args_file, "--dpoc-moe-experts",
+            f"{args.dpoc_moe_experts} does not run on --dpoc-device {args.dpoc_device} "
+            f"(valid: {', '.join(EXPERTS[args.dpoc_device])})"))
     if args.num_experts and not args.disable_bias_linear:
         problems.append(Problem(
             args_file, "--disable-bias-linear",
@@ -165,10 +175,14 @@ def pipeline_layout(args: argparse.Namespace) -> list[list[str]] | None:
 
 class _TorchNorm:
     """torch's RMSNorm/LayerNorm, built whatever the sequence-parallel setting: megatron's wrapper refuses
-    sequence parallelism only because it cannot mark the weights; q/k norms act on heads, never sharded."""
+    sequence parallelism only because it cannot mark the weights; q/k norms act on heads, never sharded.
+    `fused`: RMSNorm through the device's fused kernel (fused.NpuRMSNorm, same weight)."""
+
+    fused = False
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object):
-        norm = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        rms = NpuRMSNorm if cls.fused else torch.nn.RMSNorm
+        norm = rms if config.normalization == "RMSNorm" else torch.nn.LayerNorm
         return norm(hidden_size, eps=eps)
 
 
@@ -183,24 +197,36 @@ class _SequenceShardedNorm(_TorchNorm):
         return norm
 
 
+@functools.cache
+def norm_class(sequence_sharded: bool, fused: bool) -> type:
+    """The norm the layer spec builds: over the hidden states (sharded along the sequence) or over heads."""
+    base = _SequenceShardedNorm if sequence_sharded else _TorchNorm
+    return type(f"{base.__name__}[npu_rms_norm]", (base,), {"fused": True}) if fused else base
+
+
 def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: str,
-               experts: str = "sequential") -> TransformerBlockSubmodules:
-    """megatron-core's local layer spec with torch norms, the device's core-attention kernel and its MoE experts
-    kernel (`experts.experts_class`)."""
+               experts: str = "sequential", fused: tuple[str, ...] = ()) -> TransformerBlockSubmodules:
+    """megatron-core's local layer spec with torch norms, the device's core-attention kernel, its MoE experts
+    kernel (`experts.experts_class`) and its `fused` kernels (`kernels.FUSED`, `fused.py`)."""
     layer = copy.deepcopy(get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm, normalization=config.normalization))
-    layer.submodules.input_layernorm = _SequenceShardedNorm
-    layer.submodules.pre_mlp_layernorm = _SequenceShardedNorm
+    hidden_norm = norm_class(True, "rms-norm" in fused)
+    layer.submodules.input_layernorm = hidden_norm
+    layer.submodules.pre_mlp_layernorm = hidden_norm
+    mlp = layer.submodules.mlp.submodules
     if config.num_moe_experts and not config.moe_grouped_gemm:
-        layer.submodules.mlp.submodules.experts.module = experts_class(experts)
+        mlp.experts.module = experts_class(experts)
+    if config.use_te_activation_func:  # set by transformer_config where `swiglu` is fused
+        mlps = [mlp.experts, mlp.shared_experts] if config.num_moe_experts else [layer.submodules.mlp]
+        for spec in filter(None, mlps):
+            spec.submodules.activation_func = NpuSwiGLU
     attention = layer.submodules.self_attention.submodules
     attention.core_attention = core_attention_class(core_attention)
     if config.qk_layernorm:
-        attention.q_layernorm = _TorchNorm
-        attention.k_layernorm = _TorchNorm
+        attention.q_layernorm = attention.k_layernorm = norm_class(False, "rms-norm" in fused)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=_SequenceShardedNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=hidden_norm)
 
 
 class ResponseLogitsGPTModel(GPTModel):
@@ -242,7 +268,7 @@ def build_chunks(config: TransformerConfig, args: argparse.Namespace, experts: s
         vp_stage = stage if vpp else None
         chunks.append(ResponseLogitsGPTModel(
             config=config,
-            transformer_layer_spec=block_spec(config, vp_stage, kernel, experts),
+            transformer_layer_spec=block_spec(config, vp_stage, kernel, experts, FUSED[args.dpoc_device]),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -256,8 +282,11 @@ def build_chunks(config: TransformerConfig, args: argparse.Namespace, experts: s
 
 
 def expert_path(args: argparse.Namespace) -> str:
-    """The experts kernel this run uses: the device's (`device.EXPERTS`) when `--moe-grouped-gemm` asks for
-    grouped GEMM, else SequentialMLP's loop; `-` for a dense model."""
+    """The experts kernel this run uses: the Plan's (`--dpoc-moe-experts`), or without it the device's
+    (`kernels.EXPERTS`) when `--moe-grouped-gemm` asks for grouped GEMM, else SequentialMLP's loop; `-` for a
+    dense model."""
     if not args.num_experts:
         return "-"
+    if args.dpoc_moe_experts:
+        return experts_kernel(args.dpoc_device, args.dpoc_moe_experts)
     return experts_kernel(args.dpoc_device) if args.moe_grouped_gemm else "sequential"

@@ -92,6 +92,7 @@ def _parallel_args(plan: Plan) -> list[Arg]:
         args.append(("--moe-token-dispatcher-type", lay.moe_dispatcher))
         if lay.moe_grouped_gemm:
             args.append(("--moe-grouped-gemm", True))
+        args.append(("--dpoc-moe-experts", lay.moe_experts))
     args += [
         ("--tensor-model-parallel-size", lay.tp),
         ("--pipeline-model-parallel-size", lay.pp),
