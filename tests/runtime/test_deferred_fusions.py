@@ -1,5 +1,5 @@
-"""megatron-core's fused kernels are compiled on first call, so importing the runtime does not import TorchDynamo:
-the same `torch.compile` of the same function, made later (dpoc/runtime/deferred_fusions.py)."""
+"""megatron-core's fused kernels are compiled on first call, so importing the runtime (or writing a dataset) does not
+import TorchDynamo: the same `torch.compile` of the same function, made later (dpoc/common/deferred_fusions.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dpoc.runtime.deferred_fusions import deferred
+from dpoc.common.deferred_fusions import deferred
 from tests.conftest import REPO
 
 
@@ -43,3 +43,19 @@ def test_importing_the_runtime_and_megatron_core_imports_no_dynamo():
                           timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == "[] True"
+
+
+_WRITER = """
+import sys
+from dpoc.data.pairwise import PairwiseWriter
+PairwiseWriter(sys.argv[1])
+print(sorted(m for m in ("dpoc.runtime", "torch._dynamo") if m in sys.modules))
+"""
+
+
+@pytest.mark.slow
+def test_the_dataset_writer_imports_megatron_core_without_dynamo(tmp_path):
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _WRITER, str(tmp_path / "pairs")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[]"

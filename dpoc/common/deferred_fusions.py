@@ -3,9 +3,10 @@
 `megatron.core.jit` sets `jit_fuser = torch.compile`, and megatron-core's package imports modules that decorate
 functions with it, so every process that imports megatron-core used to import TorchDynamo and Inductor first:
 about 3 of its 7 seconds of start on this machine, in every rank, every converter and every precompute pass,
-although a CPU run never calls one of those functions (its fusions are off). Installed when the runtime package
-is first imported, before any of its modules imports megatron-core; the hook then wraps `jit_fuser` as its module
-loads, so each fused function is the same `torch.compile` of the same function, made when first called.
+although a CPU run never calls one of those functions (its fusions are off). Installed by the runtime package
+when first imported, before any of its modules imports megatron-core, and by the dataset writer and reader
+(`dpoc.data.pairwise`) before theirs; the hook then wraps `jit_fuser` as its module loads, so each fused
+function is the same `torch.compile` of the same function, made when first called.
 """
 
 from __future__ import annotations
