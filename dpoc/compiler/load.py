@@ -29,6 +29,7 @@ HF_CONFIG_SOURCE = "hf:config.json"  # provenance of model fields read from the 
 
 @dataclass(frozen=True)
 class LoadedRecipe:
+    """A recipe with its presets and overrides merged, and where each leaf came from."""
     path: str  # as the user gave it; used in every error message
     name: str
     data: dict[str, Any]

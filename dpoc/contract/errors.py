@@ -15,6 +15,7 @@ EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on SIGTERM after saving a 
 
 @dataclass(frozen=True)
 class Problem:
+    """One bad input: the file, the dotted field (or `(file)`) and what is wrong with what would be valid."""
     file: str
     where: str
     message: str

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Loss:
+    """One preference loss: what it needs and its TRL equivalent."""
     name: str
     reference: bool  # needs the frozen reference's log-probs (live or precomputed)
     params: tuple[str, ...]  # the dpo.* fields it reads besides beta

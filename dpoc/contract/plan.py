@@ -32,6 +32,7 @@ class ModelSpec(Architecture):
 
 @dataclass(frozen=True)
 class HardwareSpec:
+    """One hardware preset as the recipe overrides it: devices, memory, links and the fitted cost constants."""
     name: str
     device: str  # npu | cuda | cpu
     backend: str  # hccl | nccl | gloo
@@ -89,6 +90,7 @@ class Layout:
 
 @dataclass(frozen=True)
 class Training:
+    """The optimizer, schedule, lengths and precision of the run."""
     seq_length: int
     train_iters: int
     lr: float
@@ -110,6 +112,7 @@ class Training:
 
 @dataclass(frozen=True)
 class DPO:
+    """The preference loss (or losses, weighted) and its parameters."""
     loss: tuple[str, ...]  # dpoc.contract.losses names, added with loss_weights
     beta: float
     label_smoothing: float
@@ -128,6 +131,7 @@ class DPO:
 
 @dataclass(frozen=True)
 class Data:
+    """The dataset: the preference file, how to read and template it, and the preprocessed prefix."""
     input: str
     format: str  # auto | jsonl | json | parquet
     layout: str  # auto | pairwise | messages | hh-rlhf
@@ -142,6 +146,7 @@ class Data:
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """Where the weights come from and where the run saves and resumes."""
     init: str  # hf (hf_weights) | converted (load) | random (policy and reference from the same seeded init)
     hf_weights: str | None  # Hugging Face weights directory (init hf, or the conversion's input)
     load: str | None  # dpoc runtime, init converted: a megatron-core distributed checkpoint (loads at any layout)
@@ -155,6 +160,7 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Cluster:
+    """The nodes and the rendezvous address the node scripts use."""
     hosts: tuple[str, ...]  # one per node, node 0 first; empty: the launcher places the nodes (Ray)
     master_addr: str | None  # None: the launcher supplies DPOC_MASTER_ADDR
     master_port: int | None  # None: the launcher supplies DPOC_MASTER_PORT
@@ -162,17 +168,20 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Launch:
+    """What `dpoc launch` does when the job fails."""
     max_restarts: int  # `dpoc launch` restarts a failed job this many times, resuming from the last checkpoint
 
 
 @dataclass(frozen=True)
 class Source:
+    """Where a resolved value came from, and why."""
     source: str  # user | preset:<name> | derived:<rule> | default
     why: str = ""
 
 
 @dataclass(frozen=True)
 class Plan:
+    """The resolved, frozen build: every stage after resolve reads only this."""
     name: str
     dpoc_version: str
     runtime: str  # the target the node scripts launch: dpoc | mindspeed-rl

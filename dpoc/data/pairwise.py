@@ -18,6 +18,7 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpoc.common import deferred_fusions
 from dpoc.common.atomic import swap_in
 from dpoc.contract.errors import DpocError, Problem
 
@@ -60,6 +61,8 @@ class PairwiseWriter:
 
     def __init__(self, prefix: str, unpaired: bool = False):
         import numpy as np
+
+        deferred_fusions.install()
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix, self.unpaired = prefix, unpaired
@@ -113,6 +116,7 @@ class PairwiseDataset:
     (memory-mapped)."""
 
     def __init__(self, prefix: str, unpaired: bool = False):
+        deferred_fusions.install()
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         kind = "unpaired" if unpaired else "pairwise"

@@ -72,6 +72,7 @@ class StageMemory:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """The predicted memory of each pipeline stage against the device's capacity."""
     stages: tuple[StageMemory, ...]
     capacity: float  # bytes of device memory
 

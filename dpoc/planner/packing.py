@@ -22,6 +22,7 @@ SEQUENCES_PER_PAIR = 2
 
 @dataclass(frozen=True)
 class PackedSteps:
+    """What packing makes of a step, on average."""
     micro_batches: float  # per data-parallel rank and step, on average
     pairs_per_micro_batch: float  # on average
     fill: float  # real tokens / (micro-batches x budget), the step's average

@@ -113,6 +113,7 @@ FITTED = Efficiency(dense=0.4762, experts=0.1691)
 
 @dataclass(frozen=True)
 class Throughput:
+    """The predicted step time and rates of one layout."""
     step_s: float
     samples_per_s: float  # pairs/s for DPO
     tokens_per_s: float  # all sequences' real tokens (as the runtime counts them; a mean alone: padded), whole job
@@ -150,6 +151,7 @@ def _transfer_s(hardware: HardwareSpec, span: int, nbytes: float, ops: float) ->
 
 @dataclass(frozen=True)
 class _StageFlops:
+    """Forward FLOPs of one micro-batch through one stage."""
     dense: float  # forward FLOPs of one micro-batch through the stage (all ranks of the stage together)
     experts: float
     attention_core: float  # part of `dense`: the s^2 term
@@ -200,6 +202,7 @@ def forward_flops_per_sequence(model: ModelSpec, seq: float, seq_square: float |
 
 @dataclass(frozen=True)
 class _Run:
+    """Everything one prediction reads."""
     model: ModelSpec
     hardware: HardwareSpec
     layout: Layout

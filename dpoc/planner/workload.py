@@ -18,6 +18,7 @@ from dpoc.contract.lora import Lora
 
 @dataclass(frozen=True)
 class Workload:
+    """What one step runs per sample: sequences, reference forward, training or forward only."""
     sequences_per_sample: int
     reference_forward: bool  # the frozen reference runs forward in every step (held: `reference_weights`)
     trains: bool = True  # forward and backward; False: forward only (the precompute pass)

@@ -21,6 +21,7 @@ DPOC_DIR, MINDSPEED_DIR = "convert", "mindspeed-rl/convert"
 
 @dataclass(frozen=True)
 class DpocConversion:
+    """One `dpoc convert` script of the build."""
     file: str  # under convert/
     title: str
     direction: str  # hf-to-mcore | mcore-to-hf (`dpoc convert DIRECTION SOURCE OUT`)
@@ -43,6 +44,7 @@ def dpoc_conversions(plan: Plan) -> list[DpocConversion]:
 
 @dataclass(frozen=True)
 class Conversion:
+    """One MindSpeed-LLM conversion script of the build."""
     file: str  # under mindspeed-rl/convert/
     title: str
     script: str  # convert_ckpt_v2.py | convert_ckpt.py

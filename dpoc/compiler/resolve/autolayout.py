@@ -73,6 +73,7 @@ class ReferencePlan:
 
 @dataclass(frozen=True)
 class Choice:
+    """A layout the planner considered, with its predicted memory and throughput."""
     layout: Layout
     memory: MemoryEstimate
     throughput: Throughput

@@ -16,6 +16,7 @@ from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 
 @dataclass(frozen=True)
 class Context:
+    """What the rules check: the resolved model, hardware, layout, training and loss."""
     model: ModelSpec
     hardware: HardwareSpec
     layout: Layout
@@ -25,6 +26,7 @@ class Context:
 
 @dataclass(frozen=True)
 class Violation:
+    """A broken rule: the recipe field to change and why (a warning still builds)."""
     field: str  # the recipe field to change
     message: str
     warning: bool = False  # runs, but slowly or riskily: reported, not fatal
