@@ -41,6 +41,10 @@ LAYOUTS = {  # name: (processes, layout flags, reference run)
                            ("--num-layer-list", "3,1")], "dense"),
     "tp2xcp2-sp": (4, [("--tensor-model-parallel-size", 2), ("--context-parallel-size", 2),
                        ("--sequence-parallel", True)], "dense"),
+    "pp2xcp2": (4, [("--pipeline-model-parallel-size", 2), ("--context-parallel-size", 2)], "dense"),
+    # the aux loss is computed over each CP rank's tokens, so off here (as for expert-TP below)
+    "ep2xcp2-moe": (4, [("--expert-model-parallel-size", 2), ("--context-parallel-size", 2), *NO_AUX],
+                    "moe-no-aux"),
     # expert-TP gathers uneven token blocks (gloo bridge). megatron's aux loss is computed per sequence
     # shard under sequence parallelism, so it is off here to compare with one process exactly
     "ep2xtp2-sp-moe": (4, [("--expert-model-parallel-size", 2), ("--tensor-model-parallel-size", 2),
