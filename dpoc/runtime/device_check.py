@@ -89,11 +89,12 @@ def run(args_file: str) -> list[str]:
 
 
 def one_layer(args: argparse.Namespace) -> argparse.Namespace:
-    """The run's model at one transformer layer, in one process: no tp, pp, ep or sequence parallelism."""
+    """The run's model at one transformer layer, in one process: no tp, pp, cp, ep or sequence parallelism."""
     one = copy.copy(args)
     one.num_layers, one.num_layer_list, one.num_layers_per_virtual_pipeline_stage = 1, None, None
     one.tensor_model_parallel_size = one.pipeline_model_parallel_size = one.expert_model_parallel_size = 1
     one.expert_tensor_parallel_size, one.sequence_parallel, one.use_distributed_optimizer = 1, False, False
+    one.context_parallel_size = 1
     one.micro_batch_size = min(args.micro_batch_size, 2)
     return one
 

@@ -315,8 +315,22 @@ def _padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 def fill_megatron_gaps() -> None:
     """megatron-core 0.16.1 refers to `te_general_gemm` in the MoE router even without TransformerEngine
-    (NameError on any device); define the name as absent, which is what the router then checks for."""
+    (NameError on any device); define the name as absent, which is what the router then checks for. Its
+    gradient norm without apex or TE waits on the device once per gradient tensor: `gradient_l2_norm` instead."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = gradient_l2_norm
+
+
+def gradient_l2_norm(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]],
+                     per_tensor: bool, *args: object) -> tuple[torch.Tensor, None]:
+    """megatron's fallback `local_multi_tensor_l2_norm` (the norm of the tensors' norms, a [1] float32 tensor),
+    kept on the device: it turns each tensor's norm into a Python number (one device-to-host wait per tensor,
+    thousands a step with 128 experts); here the norms stay tensors and nothing is read back."""
+    norms = [norm for tensors in tensor_lists if tensors for norm in torch._foreach_norm(tensors)]
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None

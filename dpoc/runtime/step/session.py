@@ -106,16 +106,25 @@ def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources
     (`weight_sources.sources`) before wrapping."""
     policy_source, reference_source = weights
     policy_config, reference_config = config, copy.copy(config)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer)
     chunks = build_chunks(policy_config, args)
     if policy_source.kind != "resume":  # a resumed policy is read from its checkpoint once the optimizer exists
         weight_sources.load(policy_source, chunks, config, args)
-    policy = [DistributedDataParallel(policy_config, ddp_config, _in_precision(policy_config, chunk),
+    policy = [DistributedDataParallel(policy_config, ddp_config(args), _in_precision(policy_config, chunk),
                                       disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     if args.dpoc_reference in ("precomputed", "none"):  # log-probs from a file, or a reference-free loss
         return policy, []
     return policy, build_reference(args, reference_config, reference_source)
+
+
+def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
+    """The policy's gradient buffers. `overlap_grad_reduce`: each bucket's reduction (a reduce-scatter with the
+    distributed optimizer) starts as soon as the last micro-batch's backward has filled it, overlapping the rest
+    of the backward; finalize_model_grads waits for them. `overlap_param_gather` stays off: it moves the
+    optimizer's parameter all-gather into the next step's forward, but the runtime reads the updated weights
+    right after `optimizer.step()` (checkpoint saves, the memory probe), which would then see stale shards."""
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+                                         overlap_param_gather=False,
+                                         use_distributed_optimizer=args.use_distributed_optimizer)
 
 
 def build_reference(args: argparse.Namespace, config, source: weight_sources.WeightSource) -> list:
