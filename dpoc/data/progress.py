@@ -17,10 +17,10 @@ def _clock(seconds: float) -> str:
 
 
 class _Line:
-    def __init__(self, stream: TextIO):
-        self.stream = stream
+    def __init__(self, stream: TextIO | None):
+        self.stream = stream if stream is not None else sys.stderr  # looked up now: it may have been replaced
         self.start = self.last = time.monotonic()
-        self.interactive = stream.isatty()
+        self.interactive = self.stream.isatty()
         self.interval = 0.5 if self.interactive else 10.0
 
     def _due(self, final: bool) -> float | None:
@@ -44,7 +44,7 @@ class _Line:
 
 
 class Progress(_Line):
-    def __init__(self, total: int, unit: str, stream: TextIO = sys.stderr):
+    def __init__(self, total: int, unit: str, stream: TextIO | None = None):
         super().__init__(stream)
         self.total, self.unit = total, unit
 
@@ -58,7 +58,7 @@ class Progress(_Line):
 
 
 class TransferProgress(_Line):
-    def __init__(self, label: str, tensors: int, total_bytes: int, stream: TextIO = sys.stderr):
+    def __init__(self, label: str, tensors: int, total_bytes: int, stream: TextIO | None = None):
         super().__init__(stream)
         self.label, self.tensors, self.total_bytes = label, tensors, total_bytes
         self.done = self.bytes = 0

@@ -9,8 +9,9 @@ source (`dpoc_weights`: its identity, config.json, generation_config.json).
 mcore-to-hf reads a converted checkpoint or a training save directory (its newest intact iteration, as
 resume picks it; optimizer and RNG entries are left alone), one model tensor at a time through the
 checkpoint's tensor metadata, and writes config.json, generation_config.json, safetensors (sharded with
-model.safetensors.index.json beyond `--max-shard-size`) and the tokenizer files. Both write OUT_DIR as a
-temporary sibling, fsynced, renamed.
+model.safetensors.index.json beyond `--max-shard-size`) and the tokenizer files; a LoRA run's checkpoint
+(adapters only) goes out as a PEFT adapter directory, or with `--merge` as its base with the adapters merged
+in (`lora_export.py`). Both write OUT_DIR as a temporary sibling, fsynced, renamed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ from dpoc.runtime.checkpoint import publish
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model.gpt import build_chunks, transformer_config
 from dpoc.runtime.step.session import initialize_parallel
-from dpoc.runtime.weights import weight_map
+from dpoc.runtime.weights import lora_export, peft, weight_map
 from dpoc.runtime.weights.hf_weights import HfWeights, read_sharded
 from dpoc.runtime.weights.safetensors_out import StreamingSafetensors
 from dpoc.runtime.weights.sharded import sharded_tensors
@@ -78,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="the build's plan.json: the architecture (default: the one the checkpoint records)")
     p.add_argument("--tokenizer", help="a directory whose tokenizer files are copied next to the weights")
     p.add_argument("--max-shard-size", default=SHARD_SIZE, help=f"per safetensors file (default {SHARD_SIZE})")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA checkpoint: write the base with the adapters merged in (default: a PEFT adapter)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         hf_to_mcore(args.source, args.out)
     else:
         mcore_to_hf(args.source, args.out, plan=args.plan, tokenizer=args.tokenizer,
-                    max_shard_bytes=parse_size(args.max_shard_size))
+                    max_shard_bytes=parse_size(args.max_shard_size), merge=args.merge)
     return 0
 
 
@@ -178,8 +182,17 @@ class _StreamingSave(SaveShardedStrategy):
 
 
 def mcore_to_hf(source: str, out: str, plan: str | None = None, tokenizer: str | None = None,
-                max_shard_bytes: int = int(1e9) * 5) -> None:
+                max_shard_bytes: int = int(1e9) * 5, merge: bool = False, transform: Transform | None = None
+                ) -> None:
+    """`transform(hf name, tensor)`: what is written for each HF tensor (a LoRA merge), default the tensor."""
     folder = _checkpoint_folder(source)
+    trained = lora_export.record(folder)
+    if trained is not None:
+        _lora_to_hf(folder, trained, out, plan, tokenizer, max_shard_bytes, merge)
+        return
+    if merge:
+        raise DpocError([Problem(folder, "--merge", "not a LoRA checkpoint: it holds the whole model already "
+                                 "(valid: leave --merge out)")])
     record = common_state(folder).get(COMMON_KEY) or {}
     reader = _Reader(folder)
     stored = {k: v for k, v in reader.metadata.state_dict_metadata.items()
@@ -202,12 +215,35 @@ def mcore_to_hf(source: str, out: str, plan: str | None = None, tokenizer: str |
         raise DpocError(problems)
     shards = _plan_shards(units, arch, stored, max_shard_bytes)
     with _single_process(), published_dir(out) as staging:
-        _write_weights(staging, shards, reader, arch)
+        _write_weights(staging, shards, reader, arch, transform or _unchanged)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (staging / "generation_config.json").write_text(json.dumps(
             _generation_config(record, tokenizer, config), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             _copy_tokenizer(tokenizer, staging)
+
+
+def _lora_to_hf(folder: str, trained: dict, out: str, plan: str | None, tokenizer: str | None, max_shard_bytes: int,
+                merge: bool) -> None:
+    """A LoRA checkpoint (adapters only): a PEFT adapter directory for its base, or (`merge`) the base with the
+    adapters merged in, written as the base's own format converts (a converted base through mcore_to_hf)."""
+    if plan is None:
+        raise DpocError([Problem(folder, "--plan", "a LoRA checkpoint holds only adapters: give --plan "
+                                 "BUILD/plan.json for the architecture they sit on")])
+    arch = Architecture.of(_plan_architecture(plan))
+    lora = lora_export.settings(trained)
+    reader = _Reader(folder)
+    with _single_process():
+        adapters = lora_export.adapters(folder, reader.metadata.state_dict_metadata, reader.read, arch, lora)
+    base = lora_export.base(folder, trained, merge)
+    if not merge:
+        peft.write(out, adapters, arch, lora, base.path if base is not None else None)
+        return
+    transform = lora_export.merging(adapters, arch, lora)
+    if base.kind == "hf":
+        lora_export.merge_into_hf(base.path, out, transform)
+    else:
+        mcore_to_hf(base.path, out, plan, tokenizer, max_shard_bytes, transform=transform)
 
 
 def _checkpoint_folder(source: str) -> str:
@@ -280,7 +316,14 @@ def _plan_shards(units: list, arch, stored: dict, max_bytes: int) -> list[_Shard
     return shards
 
 
-def _write_weights(staging: Path, shards: list[_Shard], reader: _Reader, arch) -> None:
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _unchanged(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _write_weights(staging: Path, shards: list[_Shard], reader: _Reader, arch, transform: Transform) -> None:
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] \
         if len(shards) > 1 else ["model.safetensors"]
     total = sum(math.prod(s) * d.itemsize for shard in shards for _, s, d in shard.tensors)
@@ -297,7 +340,7 @@ def _write_weights(staging: Path, shards: list[_Shard], reader: _Reader, arch) -
                 row += piece.rows
             for name, rows in parts.items():
                 tensor = torch.cat([t for _, t in sorted(rows, key=lambda r: r[0])]) if len(rows) > 1 else rows[0][1]
-                stream.write(name, tensor)
+                stream.write(name, transform(name, tensor))
                 weight_map_json[name] = file
             progress.advance(unit.numel() * unit.element_size())
         stream.close()

@@ -55,10 +55,9 @@ class HfWeights:
         return tuple(self._file(name).get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        from dpoc.runtime.weights.safetensors_out import DTYPES
+        from dpoc.runtime.weights.safetensors_out import torch_dtype
 
-        stored = self._file(name).get_slice(name).get_dtype()
-        return next(t for t, code in DTYPES.items() if code == stored)
+        return torch_dtype(self._file(name).get_slice(name).get_dtype())
 
     def read(self, name: str, where: tuple[slice, ...]) -> torch.Tensor:
         """Rows/columns `where` of tensor `name`, read without the rest of the tensor."""

@@ -189,12 +189,15 @@ def _unstack(a: torch.Tensor, b: torch.Tensor, experts: int) -> dict[int, Pair]:
 
 
 def merged(name: str, weight: torch.Tensor, hf_adapters: dict[str, Pair], scaling: float) -> torch.Tensor:
-    """HF weight `name` with its adapter folded in, W + (B @ A) · scaling, as PEFT's merge computes it."""
+    """HF weight `name` with its adapter folded in, W + (B @ A) · scaling, as PEFT's merge computes it on the
+    CPU: a 16-bit adapter's product in fp32, cast back before the add."""
     pair = hf_adapters.get(name.removesuffix(".weight"))
     if pair is None:
         return weight
     a, b = pair
-    return weight + ((b @ a) * scaling).to(weight.dtype)
+    low = a.dtype in (torch.float16, torch.bfloat16)
+    delta = (b.float() @ a.float() if low else b @ a) * scaling
+    return weight + delta.to(a.dtype).to(weight.dtype)
 
 
 def hf_adapters(adapters: dict[Site, Pair], arch: Architecture) -> dict[str, Pair]:

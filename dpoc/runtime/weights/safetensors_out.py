@@ -14,6 +14,11 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.bool: "BOOL"}
 
 
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (`BF16`)."""
+    return next(t for t, c in DTYPES.items() if c == code)
+
+
 class StreamingSafetensors:
     """`write` the planned tensors in the planned order; `close` checks that all of them came."""
 
