@@ -193,7 +193,12 @@ def test_the_metrics_keys_are_the_runtimes():
             keys.add(node.targets[0].slice.value)
     keys -= popped
     assert "step" in keys and "fill" in keys and "tokens" not in keys
-    assert set(re.findall(r"`([a-z_/]+)`", _block("metrics"))) - {"cpo", "simpo", "orpo", "dpo.loss"} == keys
+    import torch
+
+    from dpoc.runtime.losses.kto import SUM_KEYS, kto_record
+
+    keys |= set(kto_record(torch.ones(1, len(SUM_KEYS)), 1))  # a step with desirable and undesirable completions
+    assert set(re.findall(r"`([a-z_/]+)`", _block("metrics"))) - {"cpo", "simpo", "orpo", "kto", "dpo.loss"} == keys
 
 
 def test_the_checkpoint_record_is_the_runtimes():

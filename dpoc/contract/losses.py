@@ -52,8 +52,13 @@ BY_NAME = {loss.name: loss for loss in LOSSES}
 NAMES = tuple(BY_NAME)
 REFERENCE_FREE = tuple(loss.name for loss in LOSSES if not loss.reference)
 UNPAIRED = tuple(loss.name for loss in LOSSES if loss.unpaired)
-# what the dpoc runtime trains: every loss but the unpaired ones, whose data and step it does not have yet
-TRAINED = tuple(name for name in NAMES if name not in UNPAIRED)
+PAIRED = tuple(name for name in NAMES if name not in UNPAIRED)
+TRAINED = NAMES  # what the dpoc runtime trains: every loss (kto on the unpaired dataset, alone)
+
+
+def unpaired(names: tuple[str, ...]) -> bool:
+    """Whether the chosen losses train on unpaired completions (kto), hence on the unpaired dataset."""
+    return any(name in UNPAIRED for name in names)
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 

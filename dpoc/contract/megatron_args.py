@@ -169,6 +169,9 @@ def _dpo_flags(g: _Group, job: dict[str, bool]) -> None:
     g.add_argument("--dpoc-discopop-tau", type=float, default=losses.DEFAULT_DISCOPOP_TAU)
     g.add_argument("--dpoc-simpo-gamma", type=float, default=losses.DEFAULT_SIMPO_GAMMA)
     g.add_argument("--dpoc-cpo-alpha", type=float, default=0.0, help="weight of the chosen NLL of cpo and simpo")
+    g.add_argument("--dpoc-kto-desirable-weight", type=float, default=1.0, help="kto: the desirable losses' weight")
+    g.add_argument("--dpoc-kto-undesirable-weight", type=float, default=1.0,
+                   help="kto: the undesirable losses' weight")
     g.add_argument("--dpoc-reference", choices=["live", "precomputed", "none"], default="live",
                    help="live: the frozen reference's forward in every step; precomputed: its log-probs read from "
                         "<data-path>_reference-<key>.npz, written by `python -m dpoc.runtime.precompute` "
@@ -202,8 +205,10 @@ def _loss_names(text: str) -> tuple[str, ...]:
     names = tuple(text.split(","))
     unknown = [n for n in names if n not in losses.TRAINED]
     if unknown:
-        what = "a loss the dpoc runtime cannot train yet" if unknown[0] in losses.BY_NAME else "unknown loss"
-        raise argparse.ArgumentTypeError(f"{what} {unknown[0]!r} (valid: {', '.join(losses.TRAINED)})")
+        raise argparse.ArgumentTypeError(f"unknown loss {unknown[0]!r} (valid: {', '.join(losses.TRAINED)})")
+    if losses.unpaired(names) and len(names) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: kto trains on unpaired completions and cannot be added to "
+                                         "other losses (valid: kto alone)")
     return names
 
 

@@ -127,6 +127,8 @@ class DPO:
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
     cpo_alpha: float = 0.0  # weight of the chosen NLL of cpo and simpo
+    kto_desirable_weight: float = 1.0  # kto: TRL's desirable_weight / undesirable_weight
+    kto_undesirable_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class Data:
     """The dataset: the preference file, how to read and template it, and the preprocessed prefix."""
     input: str
     format: str  # auto | jsonl | json | parquet
-    layout: str  # auto | pairwise | messages | hh-rlhf
+    layout: str  # auto | pairwise | messages | hh-rlhf | unpaired (kto only)
     tokenizer: str
     template: str
     enable_thinking: bool

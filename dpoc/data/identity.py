@@ -79,7 +79,7 @@ def differences(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> lis
     """`seq_length 32 (this build: 256)` for every setting that differs; the tokenizer by its files."""
     out = []
     for key in (*SETTINGS, "input_bytes"):
-        want, got = expected.get(key), recorded.get(key)
+        want, got = expected.get(key), recorded.get(key, False if key == "unpaired" else None)
         if key == "tokenizer":
             want, got = expected.get("tokenizer_sha256"), recorded.get("tokenizer_sha256")
             then, now = recorded.get(key), expected.get(key)

@@ -182,14 +182,14 @@ def _inputs(build: Path, plan: dict[str, Any]) -> tuple[list[Problem], list[str]
     from dpoc.data.pairwise import dataset_files
 
     data, out, warnings = plan["data"], [], []
-    expected = dataset_files(data["output_prefix"])
+    config = yaml.safe_load((build / "preprocess.yaml").read_text())
+    expected = dataset_files(data["output_prefix"], bool(config.get("unpaired")))
     missing = [f for f in expected if not Path(f).is_file()]
     rebuild = f"run bash {build / 'preprocess.sh'}"
     if missing:
         out.append(Problem(missing[0], "(file)", f"missing preprocessed dataset ({len(missing)} of {len(expected)} "
                            f"files absent); {rebuild} first"))
     else:
-        config = yaml.safe_load((build / "preprocess.yaml").read_text())
         out, warnings = identity.check(data["output_prefix"], identity.settings(config), rebuild)
     if not Path(data["tokenizer"]).is_dir():
         out.append(Problem(data["tokenizer"], "(directory)", "tokenizer directory not found on this node"))

@@ -293,8 +293,10 @@ def parse_stats(data: Any, source: str) -> LengthStats:
 
     longer = histogram(pair, "longer_bin_edges", ("longer",), "pair_histogram.longer")
     tokens = histogram(pair, "tokens_bin_edges", ("tokens",), "pair_histogram.tokens")
-    sequences = histogram(sides, "bin_edges", ("chosen", "rejected"), "length_histogram")
+    # the unpaired (KTO) dataset's: one completion per example, planned as a pair with its KL sequence
+    kinds = ("completion",) if "completion" in sides else ("chosen", "rejected")
+    sequences = histogram(sides, "bin_edges", kinds, "length_histogram")
     longest = data.get("longest")
-    if not (isinstance(longest, dict) and all(isinstance(longest.get(k), int) for k in ("chosen", "rejected"))):
-        raise problem("longest", "needs the longest chosen and rejected sequence")
-    return LengthStats(source, longer.total, longer, tokens, sequences, max(longest["chosen"], longest["rejected"]))
+    if not (isinstance(longest, dict) and all(isinstance(longest.get(k), int) for k in kinds)):
+        raise problem("longest", f"needs the longest {' and '.join(kinds)} sequence")
+    return LengthStats(source, longer.total, longer, tokens, sequences, max(longest[k] for k in kinds))

@@ -32,7 +32,7 @@ from dpoc.runtime.model.device import Device
 from dpoc.runtime.model.gpt import transformer_config, uniform_micro_batch_length
 from dpoc.runtime.reference import reference_file
 from dpoc.runtime.step.agree import from_rank0
-from dpoc.runtime.step.data import MicroBatch, PairwiseDataset, collate
+from dpoc.runtime.step.data import MicroBatch, PairwiseDataset, collate, training_dataset
 from dpoc.runtime.step.passes import holds_outputs, reference_pass
 from dpoc.runtime.step.session import build_reference, entry, initialize_parallel
 
@@ -58,7 +58,7 @@ def pass_groups(pair_lengths: np.ndarray, micro_batch: int, dp_rank: int, dp_siz
 
 def precompute(args: argparse.Namespace, device: Device, args_file: str, weights) -> int:
     initialize_parallel(args)
-    dataset = PairwiseDataset(args.data_path, args.seq_length, args_file, args.tokenizer_name_or_path)  # checks it
+    dataset = training_dataset(args, args_file)  # checks it
     ident = from_rank0(lambda: reference_file.identity(args))
     found = from_rank0(lambda: reference_file.status(args, ident))
     rank0 = dist.get_rank() == 0

@@ -35,9 +35,9 @@ from dpoc.runtime.model.gpt import (
 )
 from dpoc.runtime.reference.table import shared_table
 from dpoc.runtime.step import memory_probe
-from dpoc.runtime.step.data import Batching, PairwiseDataset, rank_micro_batches
+from dpoc.runtime.step.data import Batching, rank_micro_batches, training_dataset
 from dpoc.runtime.step.dpo import Objective
-from dpoc.runtime.step.passes import policy_pass, reference_pass
+from dpoc.runtime.step.passes import holds_outputs, policy_pass, reference_pass
 from dpoc.runtime.step.run_log import RunLog
 from dpoc.runtime.step.session import build_models, build_optimizer, entry, initialize_parallel
 from dpoc.runtime.weights import weight_sources
@@ -73,7 +73,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     preemption = Preemption(enabled=args.save is not None and not args.dpoc_measure_memory)
     check_start(args, args_file)
     initialize_parallel(args)
-    dataset = PairwiseDataset(args.data_path, args.seq_length, args_file, args.tokenizer_name_or_path)
+    dataset = training_dataset(args, args_file)
     # before any model is built: a missing or stale file stops the run at once
     precomputed = shared_table(args, args_file, len(dataset)) \
         if args.dpoc_reference == "precomputed" else None
@@ -114,7 +114,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
             memory_probe.write(args.dpoc_run_dir, memory_probe.static_bytes(policy, reference, optimizer), saved)
             break
         scheduler.step(increment=1)
-        record = _step_metrics(per_micro_batch, batches, args.global_batch_size, device, objective.metric_keys)
+        record = _step_metrics(per_micro_batch, batches, objective, args.global_batch_size, dp_size, device)
         device.synchronize()
         elapsed = time.perf_counter() - started
         tokens = record.pop("tokens")
@@ -155,23 +155,21 @@ def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, st
     return log
 
 
-def _step_metrics(per_micro_batch: list[dict], batches: list, global_batch: int, device: devices.Device,
-                  keys: tuple[str, ...]) -> dict[str, float]:
-    """Means over all pairs of the step: the last pipeline stage's first tensor-parallel rank of each
-    data-parallel replica contributes its micro-batches' sums and token counts; one all-reduce over the world
-    adds them up, in float32 (torch_npu has no float64 on the device). `fill`: real tokens / tokens of the rows
-    they were given."""
-    contributes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-                   and parallel_state.get_tensor_model_parallel_rank() == 0
-                   and parallel_state.get_context_parallel_rank() == 0)
-    values = torch.zeros(len(keys) + 2, dtype=torch.float32, device=device.current())
-    if contributes:
-        for metrics in per_micro_batch:
-            values[:-2] += torch.stack([metrics[k].float() for k in keys])
+def _step_metrics(per_micro_batch: list[dict], batches: list, objective: Objective, global_batch: int, dp_size: int,
+                  device: devices.Device) -> dict[str, float]:
+    """The step's metrics (`Objective.record`): the last pipeline stage's first tensor-parallel rank of each
+    data-parallel replica contributes its micro-batches' sums, row j its j-th, and its token counts; one
+    all-reduce over the world adds them up, in float32 (torch_npu has no float64 on the device). `fill`: real
+    tokens / tokens of the rows they were given."""
+    keys = objective.metric_keys
+    values = torch.zeros(len(batches) * len(keys) + 2, dtype=torch.float32, device=device.current())
+    if holds_outputs():
+        for j, metrics in enumerate(per_micro_batch):
+            values[j * len(keys): (j + 1) * len(keys)] = torch.stack([metrics[k].float() for k in keys])
         values[-2] = sum(b.real_tokens for b in batches)
         values[-1] = sum(b.row_tokens for b in batches)
     dist.all_reduce(values)
-    record = {k: float(v) / global_batch for k, v in zip(keys, values[:-2].tolist(), strict=True)}
+    record = objective.record(values[:-2].view(len(batches), len(keys)).cpu(), global_batch, dp_size)
     record["fill"] = float(values[-2] / values[-1])
     record["tokens"] = float(values[-2])
     return record

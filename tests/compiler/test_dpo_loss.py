@@ -20,9 +20,11 @@ GUIDE, TINY = RECIPES / "qwen3_30b.yaml", RECIPES / "tiny_cpu.yaml"
 def test_schema_and_megatron_args_take_the_contract_list():
     assert tuple(schema("recipe")["$defs"]["loss_name"]["enum"]) == losses.NAMES
     flag = megatron_args.build_parser()._option_string_actions["--dpo-loss-type"]
-    assert flag.type(",".join(losses.TRAINED)) == losses.TRAINED
+    assert flag.type(",".join(losses.PAIRED)) == losses.PAIRED
+    assert flag.type("kto") == ("kto",)
     valid = ", ".join(losses.TRAINED)
-    with pytest.raises(argparse.ArgumentTypeError, match=rf"^a loss the dpoc runtime cannot train yet 'kto' \(valid: {valid}\)$"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'sigmoid,kto': kto trains on unpaired completions and "
+                       r"cannot be added to other losses \(valid: kto alone\)$"):
         flag.type("sigmoid,kto")
     with pytest.raises(argparse.ArgumentTypeError, match=rf"^unknown loss 'dpo' \(valid: {valid}\)$"):
         flag.type("dpo")

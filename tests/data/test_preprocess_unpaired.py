@@ -99,3 +99,13 @@ def test_show_prints_an_unpaired_example(tmp_path, tokenizer_dir, dpoc_cli):
     assert "line 2: prompt 18 tokens (labels -100), completion +10, undesirable\n" in result.out
     assert "undesirable\n" + CHATML_PROMPT_2 + "▶Rome, I think.<|im_end|>◀\n" in result.out
     assert not (tmp_path / "out").exists()
+
+
+def test_the_planner_reads_the_unpaired_stats(tmp_path, run):
+    """Each example is planned as a pair: its completion and its KL sequence, both at the example's length."""
+    from dpoc.planner.lengths import parse_stats
+
+    _, prefix = run(write_jsonl(tmp_path / "kto.jsonl", UNPAIRED_ROWS), map_keys=NO_KEYS, unpaired=True)
+    recorded = json.loads(Path(prefix + "_stats.json").read_text())
+    lengths = parse_stats(recorded, "kto_stats.json")
+    assert lengths.pairs == 3 and lengths.longest == recorded["longest"]["completion"]

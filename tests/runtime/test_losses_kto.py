@@ -155,19 +155,27 @@ def test_the_kl_estimate_carries_no_gradient():
     assert not kl_estimate(x).requires_grad
 
 
-def test_the_compiler_refuses_kto_until_the_runtime_trains_it(tmp_path):
-    """A loss the runtime cannot train is an error (one line, exit 2, nothing written), never silently trained
-    as something else; its weights are refused with any other loss."""
+def test_the_compiler_builds_kto_alone_on_the_unpaired_dataset(tmp_path):
+    """kto's build preprocesses into the unpaired dataset and passes its weights; kto with another loss, with a
+    pair-only option, or unpaired data with a paired loss is an error (one line, exit 2, nothing written)."""
     out = tmp_path / "b"
     result = run_subprocess("build", TINY, "dpo.loss=kto", "dpo.kto_desirable_weight=1.5", "-o", out)
-    assert (result.returncode, result.stderr) == (2, f"{TINY}: dpo.loss: kto trains on unpaired "
-                                                  "completions, which the dpoc runtime cannot train yet (valid: a "
-                                                  "paired loss, e.g. sigmoid)\n")
-    assert not out.exists()
-    result = run_subprocess("build", TINY, "dpo.kto_undesirable_weight=0.5", "-o", out)
-    assert result.returncode == 2 and result.stderr.endswith(
-        "dpo.kto_undesirable_weight: no chosen loss reads it (loss: sigmoid); valid: leave it out, or a loss in "
-        "['kto']\n")
+    assert result.returncode == 0, result.stderr
+    assert "unpaired: true\n" in (out / "preprocess.yaml").read_text()
+    args = (out / "megatron.args").read_text()
+    assert "--dpo-loss-type kto\n" in args and "--dpoc-kto-desirable-weight 1.5\n" in args
+    refusals = {("dpo.loss=[kto,sigmoid]",): "dpo.loss: ('kto', 'sigmoid'): kto trains on unpaired completions and "
+                "cannot be added to other losses (valid: kto alone, or a list of paired losses)",
+                ("dpo.loss=kto", "dpo.ld_alpha=0.5"): "dpo.ld_alpha: kto trains on unpaired completions, and this "
+                "weights pairs (valid: leave it out)",
+                ("dataset.layout=unpaired",): "dataset.layout: unpaired: unpaired completions train only with kto, "
+                "not sigmoid (valid: dpo.loss: kto, or paired data)",
+                ("dpo.kto_undesirable_weight=0.5",): "dpo.kto_undesirable_weight: no chosen loss reads it (loss: "
+                "sigmoid); valid: leave it out, or a loss in ['kto']"}
+    for overrides, message in refusals.items():
+        result = run_subprocess("build", TINY, *overrides, "-o", tmp_path / "refused")
+        assert (result.returncode, result.stderr) == (2, f"{TINY}: {message}\n")
+        assert not (tmp_path / "refused").exists()
 
 
 # --- the KL batch: TRL's KTOTrainer._prepare_dataset on a character-level stand-in tokenizer ----------------

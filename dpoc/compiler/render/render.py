@@ -16,6 +16,7 @@ from dpoc.compiler.render import targets
 from dpoc.compiler.render.conversions import DPOC_DIR, dpoc_conversions
 from dpoc.compiler.render.templating import header_values, template, yaml_text
 from dpoc.compiler.resolve.cluster import SSH_OPTIONS, ray_start_options
+from dpoc.contract import losses
 from dpoc.contract.errors import EXIT_USER_ERROR
 from dpoc.contract.plan import Plan
 
@@ -57,7 +58,7 @@ def preprocess_config(plan: Plan) -> dict[str, Any]:
     return {"input": d.input, "format": d.format, "layout": d.layout, "tokenizer": d.tokenizer,
             "template": d.template, "enable_thinking": d.enable_thinking, "map_keys": dict(d.map_keys),
             "seq_length": plan.training.seq_length, "truncate": d.truncate, "output_prefix": d.output_prefix,
-            "workers": d.workers}
+            "workers": d.workers, **({"unpaired": True} if losses.unpaired(plan.dpo.loss) else {})}
 
 
 def file_hashes(files: dict[str, str]) -> dict[str, str]:

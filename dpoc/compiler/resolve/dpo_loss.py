@@ -2,8 +2,8 @@
 
 A parameter that no chosen loss reads is refused rather than ignored (a typo'd loss would otherwise train
 something else silently), and so is a reference setting given with a reference-free loss, which builds none.
-The losses and the fields each reads come from `dpoc.contract.losses`. kto is refused: the runtime trains
-on pairs and has no unpaired dataset or KL batch yet, so accepting it would train something else.
+The losses and the fields each reads come from `dpoc.contract.losses`. kto trains alone, on the unpaired
+dataset (the build's preprocessing writes it), with none of the pair-only options.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ def dpo_settings(v: Any) -> DPO:
     given = v.take("dpo.loss", "sigmoid", why="the standard DPO loss")
     names = (given,) if isinstance(given, str) else tuple(given)
     free = [n for n in names if not losses.BY_NAME[n].reference]
-    for name in (n for n in names if n in losses.UNPAIRED):
-        v.problem("dpo.loss", f"{name} trains on unpaired completions, which the dpoc runtime cannot train yet "
-                  "(valid: a paired loss, e.g. sigmoid)")
+    if losses.unpaired(names) and len(names) > 1:
+        v.problem("dpo.loss", f"{names}: kto trains on unpaired completions and cannot be added to other losses "
+                  "(valid: kto alone, or a list of paired losses)")
     if free and len(names) > 1:
         v.problem("dpo.loss", f"{names}: {free[0]} is reference-free and cannot be added to other losses "
                   "(valid: one reference-free loss alone, or a list of reference losses)")
@@ -45,6 +45,8 @@ def dpo_settings(v: Any) -> DPO:
         discopop_tau=float(v.take("dpo.discopop_tau", losses.DEFAULT_DISCOPOP_TAU, why="TRL's default")),
         simpo_gamma=float(v.take("dpo.simpo_gamma", losses.DEFAULT_SIMPO_GAMMA, why="TRL's default")),
         cpo_alpha=float(v.take("dpo.cpo_alpha", cpo_default, why="TRL's default for this loss")),
+        kto_desirable_weight=float(v.take("dpo.kto_desirable_weight", 1.0, why="TRL's default")),
+        kto_undesirable_weight=float(v.take("dpo.kto_undesirable_weight", 1.0, why="TRL's default")),
     )
     for field, message in _problems(v, dpo):
         v.problem(field, message)
@@ -98,6 +100,10 @@ def _problems(v: Any, d: DPO) -> Iterator[tuple[str, str]]:
                                         f"(valid: reverse_kl, or losses among {having})")
     if v.has("dpo.f_alpha_divergence_coef") and d.f_divergence_type != "alpha_divergence":
         yield "dpo.f_alpha_divergence_coef", "applies to f_divergence_type alpha_divergence only (valid: leave it out)"
+    if losses.unpaired(names):
+        for field, given in (("dpo.ld_alpha", d.ld_alpha is not None), ("dpo.sft_weight", d.sft_weight != 0)):
+            if given:
+                yield field, "kto trains on unpaired completions, and this weights pairs (valid: leave it out)"
     if d.ld_alpha is not None and d.reference == "none":
         yield "dpo.ld_alpha", f"LD-DPO weights a reference loss; {shown} is reference-free (valid: leave it out)"
     if d.ld_alpha is not None and d.reference == "precomputed":

@@ -16,12 +16,14 @@ from dpoc.compiler.render import targets
 from dpoc.compiler.resolve import autolayout, dpo_loss, lora, rules, stale_paths
 from dpoc.compiler.resolve.autolayout import LayoutInputs
 from dpoc.compiler.resolve.cluster import is_loopback
+from dpoc.contract import losses
 from dpoc.contract.architecture import MoESpec
 from dpoc.contract.dotted import flatten
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.family import CONVERTER, DEFAULT_TEMPLATE
 from dpoc.contract.kernels import experts_why
 from dpoc.contract.plan import (
+    DPO,
     Checkpoint,
     Cluster,
     Data,
@@ -170,7 +172,7 @@ def resolve(loaded: LoadedRecipe, build_name: str) -> Plan:
         layout=layout,
         training=training,
         dpo=dpo,
-        data=_data(v, model, run_dir),
+        data=_data(v, model, run_dir, dpo),
         checkpoint=_checkpoint(v, loaded.name, layout, run_dir, runtime, dpo.reference == "none"),
         lora=inputs.lora,
         cluster=cluster,
@@ -387,12 +389,15 @@ def _with_save_interval(v: _Values, training: Training, layout: Layout, estimate
     return dataclasses.replace(training, save_interval=every)
 
 
-def _data(v: _Values, model: ModelSpec, run_dir: str) -> Data:
+def _data(v: _Values, model: ModelSpec, run_dir: str, dpo: DPO) -> Data:
     path = v.take("dataset.path", record="data.input")
     layout = v.take(
         "dataset.layout", record="data.layout", default="auto",
         why="detected from the data's first rows when preprocessing (never from the file's name)",
     )
+    if layout == "unpaired" and not losses.unpaired(dpo.loss):
+        v.problem("dataset.layout", f"unpaired: unpaired completions train only with kto, not {', '.join(dpo.loss)} "
+                  "(valid: dpo.loss: kto, or paired data)")
     map_keys = v.take(
         "dataset.map_keys",
         record="data.map_keys",

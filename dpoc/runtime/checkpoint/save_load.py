@@ -37,10 +37,10 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from dpoc import __version__
 from dpoc.common.atomic import write_atomically
-from dpoc.contract import megatron_args
+from dpoc.contract import losses, megatron_args
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.runs import PREEMPTED
-from dpoc.data.pairwise import FIELDS, dataset_prefix
+from dpoc.data.pairwise import dataset_prefix, fields_of
 from dpoc.runtime.checkpoint import optimizer_state, publish
 from dpoc.runtime.model.device import Device
 from dpoc.runtime.model.gpt import virtual_pipeline_size
@@ -71,7 +71,8 @@ def layout_text(lay: dict) -> str:
 def data_order(args: argparse.Namespace, pairs: int) -> dict[str, int | str]:
     """What the data order is a function of, besides the step."""
     digest = hashlib.sha256()
-    for field in FIELDS:  # the index files hold every document's length and offset: small, and telling
+    # the index files hold every document's length and offset: small, and telling
+    for field in fields_of(losses.unpaired(args.dpo_loss_type)):
         digest.update(Path(dataset_prefix(args.data_path, field) + ".idx").read_bytes())
     return {"seed": args.seed, "global_batch_size": args.global_batch_size, "pairs": pairs,
             "dataset_sha256": digest.hexdigest()}

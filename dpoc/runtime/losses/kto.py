@@ -53,15 +53,48 @@ def kto(x: Completions, p: Params, kl: torch.Tensor) -> torch.Tensor:
     return weight * (1 - torch.sigmoid(p.beta * sign * (logratios - kl)))
 
 
-def kto_metrics(x: Completions, p: Params, kl: torch.Tensor) -> dict[str, float]:
-    """TRL's KTO metrics for one batch: the KL estimate, and the mean reward and log-prob over the desirable
-    (chosen) and the undesirable (rejected) completions, each present only where the batch has some."""
+# what one micro-batch contributes to its step's metrics, summed over its completions (`kto_sums`)
+SUM_KEYS = ("loss", "kl", "rewards/chosen", "logps/chosen", "count/chosen", "rewards/rejected", "logps/rejected",
+            "count/rejected")
+
+
+def kto_sums(x: Completions, p: Params, kl: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """[len(SUM_KEYS)]: the completions' summed loss, the batch's KL estimate, and per side (chosen: desirable)
+    the summed reward, summed log-prob and count."""
     rewards = p.beta * (x.logps - x.ref_logps).detach()
-    out = {"kl": float(kl)}
-    for side, rows in (("chosen", x.desirable), ("rejected", ~x.desirable)):
-        if rows.any():
-            out[f"rewards/{side}"] = float(rewards[rows].mean())
-            out[f"logps/{side}"] = float(x.logps.detach()[rows].mean())
-    if "rewards/chosen" in out and "rewards/rejected" in out:
-        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    out = [losses.detach().sum(), kl.detach()]
+    for rows in (x.desirable, ~x.desirable):
+        out += [rewards[rows].sum(), x.logps.detach()[rows].sum(), rows.sum()]
+    return torch.stack([t.to(rewards.dtype) for t in out])
+
+
+def kto_record(sums: torch.Tensor, replicas: int) -> dict[str, float]:
+    """TRL's KTO metrics of a step from its micro-batches' `kto_sums` [J, len(SUM_KEYS)], each row added over the
+    `replicas` data-parallel ranks that ran their j-th micro-batch together (TRL's one batch per process): per
+    such batch the reward and log-prob means over all its chosen (rejected) completions, the KL (the same on
+    every rank), and their margin where both sides are present; then the mean over the batches, as TRL's log
+    averages its per-batch values. `loss` is the mean over every completion of the step."""
+    column = dict(zip(SUM_KEYS, sums.double().unbind(-1), strict=True))
+    out = {"loss": float(column["loss"].sum() / (column["count/chosen"] + column["count/rejected"]).sum()),
+           "kl": float(column["kl"].mean() / replicas)}
+    present = {}
+    for side in ("chosen", "rejected"):
+        present[side] = column[f"count/{side}"] > 0
+        count = column[f"count/{side}"].clamp(min=1)
+        for key in (f"rewards/{side}", f"logps/{side}"):
+            if present[side].any():
+                out[key] = float((column[key] / count)[present[side]].mean())
+    both = present["chosen"] & present["rejected"]
+    if both.any():
+        margins = column["rewards/chosen"] / column["count/chosen"].clamp(min=1) \
+            - column["rewards/rejected"] / column["count/rejected"].clamp(min=1)
+        out["rewards/margins"] = float(margins[both].mean())
     return out
+
+
+def kto_metrics(x: Completions, p: Params, kl: torch.Tensor) -> dict[str, float]:
+    """TRL's KTO metrics for one batch on one rank: the KL estimate, and the mean reward and log-prob over the
+    desirable (chosen) and the undesirable (rejected) completions, each present only where the batch has some."""
+    record = kto_record(kto_sums(x, p, kl, kto(x, p, kl))[None], 1)
+    del record["loss"]
+    return record

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpoc.common import atomic
+from dpoc.contract import losses
 from dpoc.contract.errors import DpocError, Problem
-from dpoc.data.pairwise import FIELDS, dataset_prefix
+from dpoc.data.pairwise import dataset_prefix, fields_of
 from dpoc.runtime.weights.weight_identity import reference_identity, sampled_digest
 
 if TYPE_CHECKING:
@@ -41,11 +42,11 @@ def precision(args: argparse.Namespace) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
-def dataset_sha256(prefix: str) -> str:
-    """The dataset's content: the four index files whole (every sequence's length and offset), the token files
+def dataset_sha256(prefix: str, unpaired: bool = False) -> str:
+    """The dataset's content: the index files whole (every sequence's length and offset), the token files
     sampled (`sampled_digest`)."""
     digest = hashlib.sha256()
-    for field in FIELDS:
+    for field in fields_of(unpaired):
         base = dataset_prefix(prefix, field)
         digest.update(Path(base + ".idx").read_bytes())
         digest.update(sampled_digest(Path(base + ".bin")))
@@ -54,8 +55,12 @@ def dataset_sha256(prefix: str) -> str:
 
 def identity(args: argparse.Namespace) -> dict[str, Any]:
     """What the file's values are a function of."""
-    return {"format": FORMAT, "reference": reference_identity(args), "dataset_sha256": dataset_sha256(args.data_path),
-            "seq_length": args.seq_length, "precision": precision(args)}
+    unpaired = losses.unpaired(args.dpo_loss_type)
+    out = {"format": FORMAT, "reference": reference_identity(args),
+           "dataset_sha256": dataset_sha256(args.data_path, unpaired), "seq_length": args.seq_length,
+           "precision": precision(args)}
+    # KTO: each example's KL sequence pairs it with a neighbour in its block of --micro-batch-size examples
+    return out | {"kl_block": args.micro_batch_size} if unpaired else out
 
 
 def key(ident: dict[str, Any]) -> str:

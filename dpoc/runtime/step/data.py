@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
+from dpoc.contract import losses
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.packing import pack_pairs
 from dpoc.data import identity
@@ -34,20 +36,12 @@ class PairwiseDataset:
     length batching, `pair_tokens` (both sides; an upper bound for a pair that is cut) packing. `warnings`
     says what rank 0 should report (no stats to check against; pairs cut to fit)."""
 
+    block = 0  # pairs are batched freely (KTO's examples come in fixed blocks: `unpaired.py`)
+    desirable = None  # KTO's labels
+
     def __init__(self, data_path: str, seq_length: int, args_file: str = "megatron.args",
                  tokenizer: str | None = None):
-        try:
-            self.data = open_pairwise(data_path)
-        except DpocError as exc:
-            raise DpocError([Problem(args_file, "--data-path", f"{data_path!r}: {p.message}")
-                             for p in exc.problems]) from None
-        expected = {"seq_length": seq_length}
-        if tokenizer is not None:
-            expected |= {"tokenizer": tokenizer, "tokenizer_sha256": identity.tokenizer_sha256(tokenizer)}
-        problems, self.warnings = identity.check(
-            data_path, expected, f"run the preprocess.sh of the build {args_file} belongs to")
-        if problems:
-            raise DpocError(problems)
+        self.data, self.warnings = open_checked(data_path, seq_length, args_file, tokenizer, unpaired=False)
         self.seq_length = seq_length
         chosen, rejected = self.data.lengths("chosen_input_ids"), self.data.lengths("rejected_input_ids")
         longest = np.maximum(chosen, rejected)
@@ -68,6 +62,36 @@ class PairwiseDataset:
         if max(len(arrays[0]), len(arrays[2])) > self.seq_length:
             arrays = fit_pair(arrays, self.seq_length)
         return arrays
+
+
+def open_checked(data_path: str, seq_length: int, args_file: str, tokenizer: str | None, unpaired: bool
+                 ) -> tuple[Any, list[str]]:
+    """The dataset at `data_path` (pairwise or unpaired) if its stats name these settings, and what rank 0
+    should warn of; problems name `--data-path` in `args_file`."""
+    try:
+        data = open_pairwise(data_path, unpaired)
+    except DpocError as exc:
+        raise DpocError([Problem(args_file, "--data-path", f"{data_path!r}: {p.message}")
+                         for p in exc.problems]) from None
+    expected = {"seq_length": seq_length, "unpaired": unpaired}
+    if tokenizer is not None:
+        expected |= {"tokenizer": tokenizer, "tokenizer_sha256": identity.tokenizer_sha256(tokenizer)}
+    problems, warnings = identity.check(data_path, expected, f"run the preprocess.sh of the build {args_file} "
+                                        "belongs to")
+    if problems:
+        raise DpocError(problems)
+    return data, warnings
+
+
+def training_dataset(args: argparse.Namespace, args_file: str):
+    """The dataset `--data-path` names for these args: KTO's unpaired one (blocks of `--micro-batch-size`), else
+    the pairwise one."""
+    if losses.unpaired(args.dpo_loss_type):
+        from dpoc.runtime.step.unpaired import UnpairedDataset  # it reads open_checked from here
+
+        return UnpairedDataset(args.data_path, args.seq_length, args.micro_batch_size, args_file,
+                               args.tokenizer_name_or_path)
+    return PairwiseDataset(args.data_path, args.seq_length, args_file, args.tokenizer_name_or_path)
 
 
 def fit_pair(arrays: list[np.ndarray], limit: int) -> list[np.ndarray]:
@@ -108,11 +132,13 @@ class MicroBatch:
     packed: PackedSequences | None = None
     pair_ids: tuple[int, ...] = ()  # each pair's index in the dataset, in row order (-1: a filler)
     reference_logps: torch.Tensor | None = field(default=None)  # [2n] summed, by the reference pass or the file
+    desirable: torch.Tensor | None = None  # KTO: [n] bool, each completion's label (its rows: completion, KL)
 
     def to(self, device: torch.device) -> MicroBatch:
         return replace(self, tokens=self.tokens.to(device), targets=self.targets.to(device),
                        mask=self.mask.to(device), position_ids=self.position_ids.to(device),
-                       packed=self.packed.to(device) if self.packed is not None else None)
+                       packed=self.packed.to(device) if self.packed is not None else None,
+                       desirable=self.desirable.to(device) if self.desirable is not None else None)
 
     @property
     def pairs(self) -> int:
@@ -207,7 +233,12 @@ def step_groups(dataset: PairwiseDataset, step: int, batching: Batching, dp_size
     """The pair indices of each micro-batch of a step, in the step's order (micro-batch k goes to rank k % dp).
 
     Unpacked: the step's pairs sorted by length, `micro_batch` at a time (pairs of similar length: little
-    padding). Packed: `packing.pack_pairs` over the step's pairs into token budgets."""
+    padding). Packed: `packing.pack_pairs` over the step's pairs into token budgets. KTO: seeded blocks of
+    `micro_batch` consecutive examples, one per micro-batch (each is its own KL batch; `unpaired.py`)."""
+    if dataset.block:
+        blocks = global_batch_indices(len(dataset) // dataset.block, batching.global_batch // dataset.block, step,
+                                      batching.seed)
+        return [np.arange(b * dataset.block, (b + 1) * dataset.block) for b in blocks]
     indices = global_batch_indices(len(dataset), batching.global_batch, step, batching.seed)
     if batching.packing:
         sizes = dataset.pair_tokens[indices].tolist()
@@ -235,7 +266,8 @@ def rank_micro_batches(dataset: PairwiseDataset, step: int, batching: Batching, 
                                   batching.sequence_multiple) for g in mine]
     else:
         batches = [collate([dataset[int(i)] for i in g], batching.multiple_of, at_least) for g in mine]
-    return [replace(b, step_mean_pairs=mean_pairs, pair_ids=tuple(int(i) for i in g)).to(device)
+    return [replace(b, step_mean_pairs=mean_pairs, pair_ids=tuple(int(i) for i in g),
+                    desirable=None if dataset.desirable is None else torch.from_numpy(dataset.desirable[g])).to(device)
             for b, g in zip(batches, mine, strict=True)]
 
 

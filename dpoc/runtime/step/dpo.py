@@ -5,6 +5,10 @@ A micro-batch holds `n` pairs as 2n sequences ordered [chosen_1..n, rejected_1..
 log-prob is the sum over its response tokens; with LD-DPO (`--dpoc-ld-alpha a`) the tokens past the pair's
 shorter response count `a` times; simpo and orpo average it over the response. `--pref-ftx w` adds TRL's
 `sft` term with weight w (RPO). The SFT and NLL terms are the mean over the micro-batch's chosen tokens.
+
+kto's micro-batch holds n unpaired completions laid out the same way, [completion_1..n, KL_1..n]
+(`unpaired.py`), with their labels; its KL estimate is averaged over the data-parallel ranks that run their
+j-th micro-batch together, as TRL averages it over its processes.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import argparse
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state
 
 from dpoc.contract import losses
-from dpoc.runtime.losses import FUNCTIONS, Pairs, Params
+from dpoc.runtime.losses import FUNCTIONS, Pairs, Params, kto
 from dpoc.runtime.losses.reference_free import log_odds
 
 REWARD_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -52,7 +58,8 @@ class Objective:
     def from_args(cls, args: argparse.Namespace) -> Objective:
         return cls(tuple(args.dpo_loss_type),
                    Params(args.dpo_beta, args.dpo_label_smoothing, args.dpoc_f_divergence, args.dpoc_f_alpha,
-                          args.dpoc_discopop_tau, args.dpoc_simpo_gamma, args.dpoc_cpo_alpha),
+                          args.dpoc_discopop_tau, args.dpoc_simpo_gamma, args.dpoc_cpo_alpha,
+                          args.dpoc_kto_desirable_weight, args.dpoc_kto_undesirable_weight),
                    tuple(args.dpoc_loss_weights), args.pref_ftx, args.dpoc_ld_alpha)
 
     @property
@@ -66,8 +73,21 @@ class Objective:
         return not losses.BY_NAME[self.losses[0]].reference
 
     @property
+    def unpaired(self) -> bool:
+        return losses.unpaired(self.losses)
+
+    @property
     def metric_keys(self) -> tuple[str, ...]:
-        return REWARD_KEYS + EXTRA_KEYS.get(self.losses[0], ())
+        """What each micro-batch's metrics hold (summed over its pairs or completions)."""
+        return kto.SUM_KEYS if self.unpaired else REWARD_KEYS + EXTRA_KEYS.get(self.losses[0], ())
+
+    def record(self, sums: torch.Tensor, global_batch: int, replicas: int) -> dict[str, float]:
+        """The step's metrics from its micro-batches' sums [J, len(metric_keys)], row j added over the
+        `replicas` data-parallel ranks' j-th micro-batches: means over the step's pairs (kto: TRL's per-batch
+        means, averaged over the batches, `kto.kto_record`)."""
+        if self.unpaired:
+            return kto.kto_record(sums, replicas)
+        return {k: float(v) / global_batch for k, v in zip(self.metric_keys, sums.sum(0).tolist(), strict=True)}
 
     def sequence_logps(self, token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[2n] sequence log-probs as the losses read them (the reference pass stores the reference's so)."""
@@ -76,7 +96,8 @@ class Objective:
         return sums / mask.sum(-1).clamp(min=1) if losses.BY_NAME[self.losses[0]].averaged else sums
 
     def loss_from_tokens(self, token_nll: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor | None,
-                         mean_pairs: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         mean_pairs: float, desirable: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss from the policy's per-token negative log-likelihoods [2n, L] (vocab-parallel cross
         entropy), the response mask and the reference's sequence log-probs (`sequence_logps`, live or
         precomputed; None for a reference-free loss).
@@ -88,12 +109,23 @@ class Objective:
         pairs each micro-batch holds (packing)."""
         n = token_nll.shape[0] // 2
         policy = self.sequence_logps(-token_nll, mask)
+        if self.unpaired:
+            return self._kto(policy, reference.detach(), desirable, mean_pairs)
         lengths = mask.sum(-1)
         ref = (None, None) if reference is None else (reference[:n].detach(), reference[n:].detach())
         x = Pairs(policy[:n], policy[n:], *ref, lengths[:n], lengths[n:],
                   (token_nll[:n] * mask[:n]).sum() / mask[:n].sum().clamp(min=1))
         per_pair = sum(weight * FUNCTIONS[name](x, self.params) for name, weight in self.terms)
         return per_pair.sum() / mean_pairs, self._metrics(x, per_pair)
+
+    def _kto(self, policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, mean_pairs: float
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = policy.shape[0] // 2
+        x = kto.Completions(policy[:n], reference[:n], desirable, policy[n:], reference[n:])
+        kl = kto.kl_estimate(x, _data_parallel_mean)
+        per_completion = kto.kto(x, self.params, kl)
+        sums = kto.kto_sums(x, self.params, kl, per_completion)
+        return per_completion.sum() / mean_pairs, dict(zip(kto.SUM_KEYS, sums.unbind(), strict=True))
 
     def _metrics(self, x: Pairs, per_pair: torch.Tensor) -> dict[str, torch.Tensor]:
         """TRL's metrics, summed over the pairs: rewards are beta x the log-ratios (reference-free: beta x the
@@ -118,3 +150,13 @@ class Objective:
             out["log_odds_ratio"] = F.logsigmoid(odds).sum()
             out["log_odds_chosen"] = odds.sum()
         return out
+
+
+def _data_parallel_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over this rank's data-parallel group (the identity on one replica)."""
+    replicas = parallel_state.get_data_parallel_world_size() if dist.is_initialized() else 1
+    if replicas == 1:
+        return value
+    total = value.clone()
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return total / replicas

@@ -92,6 +92,6 @@ def _policy_step(objective: Objective, data_iterator, model):
 
     def loss(token_nll):
         return objective.loss_from_tokens(rows(token_nll), batch.mask, batch.reference_logps,
-                                          batch.step_mean_pairs)
+                                          batch.step_mean_pairs, batch.desirable)
 
     return out, loss

@@ -18,6 +18,8 @@ from dpoc.common.atomic import write_atomically
 from dpoc.contract.runs import METRICS as METRICS_FILE
 
 LOG_FILE = "train.log"
+# the progress line's metrics besides the loss, each where the loss logs it: (label, metrics key, format)
+_SHOWN = (("acc", "rewards/accuracies", ".3f"), ("margin", "rewards/margins", ".4f"), ("kl", "kl", ".4f"))
 
 
 class RunLog:
@@ -50,9 +52,9 @@ class RunLog:
                     self.tensorboard.add_scalar(key, value, step)
         done = step - self.first_step
         eta = (time.perf_counter() - self.started) / done * (self.total_steps - step)
-        self.line(f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | "
-                  f"acc {record['rewards/accuracies']:.3f} | margin {record['rewards/margins']:.4f} | "
-                  f"lr {record['lr']:.3g} | grad norm {record['grad_norm']:.3f} | "
+        shown = [f"{name} {record[key]:{form}}" for name, key, form in _SHOWN if key in record]
+        self.line(f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | {' | '.join(shown)}"
+                  f"{' | ' if shown else ''}lr {record['lr']:.3g} | grad norm {record['grad_norm']:.3f} | "
                   f"{record['samples_per_s']:.2f} pairs/s | {record['tokens_per_s']:.0f} tokens/s | "
                   f"ETA {_clock(eta)}")
 

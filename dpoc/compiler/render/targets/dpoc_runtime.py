@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from dpoc.compiler.render import templating
 from dpoc.compiler.resolve.rules import Violation
+from dpoc.contract import losses
 from dpoc.contract.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from dpoc.contract.megatron_args import Arg, format_args, model_args
 from dpoc.contract.plan import DPO, Plan
@@ -206,6 +207,9 @@ def loss_args(d: DPO) -> list[Arg]:
         args.append(("--dpoc-simpo-gamma", d.simpo_gamma))
     if {"simpo", "cpo"} & set(d.loss):
         args.append(("--dpoc-cpo-alpha", d.cpo_alpha))
+    if losses.unpaired(d.loss):
+        args += [("--dpoc-kto-desirable-weight", d.kto_desirable_weight),
+                 ("--dpoc-kto-undesirable-weight", d.kto_undesirable_weight)]
     return args
 
 
