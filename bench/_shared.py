@@ -1,10 +1,12 @@
 """What every benchmark shares: `--smoke` (tiny sizes, so CI runs each one and none can rot), `--out` (the
 result JSON: `bench/results/<name>.json` by default; a smoke run writes none unless given `--out`, so it
-never overwrites the real results), and the one timer and matmul-rate probe the FLOPs figures divide by."""
+never overwrites the real results; every result is checked against `bench/schemas/<name>.schema.json`, field by
+field, before it is written), and the one timer and matmul-rate probe the FLOPs figures divide by."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import time
@@ -15,6 +17,7 @@ from typing import Any
 from dpoc.common.atomic import write_atomically
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCHEMAS = RESULTS.parent / "schemas"
 REPO = RESULTS.parent.parent
 
 
@@ -34,9 +37,50 @@ def write_result(args: argparse.Namespace, name: str, data: dict[str, Any], meas
     out = args.out if args.out is not None else None if args.smoke else RESULTS / f"{name}.json"
     if out is None:
         return None
+    result = {**data, **provenance(measures)}
+    check_result(name, result)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, json.dumps({**data, **provenance(measures)}, indent=2, sort_keys=True) + "\n")
+    write_atomically(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def schema_problems(name: str, result: Any) -> list[str]:
+    """Each field of `result` that `bench/schemas/<name>.schema.json` does not allow, as `FIELD: what is wrong`
+    (the schema's file name is its URI, so its `$ref`s to `provenance.schema.json` resolve offline)."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+
+    schemas = {p.name: json.loads(p.read_text()) for p in SCHEMAS.glob("*.schema.json")}
+    if f"{name}.schema.json" not in schemas:
+        return [f"(top level): no schema bench/schemas/{name}.schema.json"]
+    registry = Registry().with_resources((n, Resource.from_contents(s)) for n, s in schemas.items())
+    validator = Draft202012Validator(schemas[f"{name}.schema.json"], registry=registry)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}"
+                  for e in validator.iter_errors(result))
+
+
+def smoke_problems(name: str, result: dict[str, Any]) -> list[str]:
+    """What is wrong with a smoke run's `result`: top-level keys other than the committed result's, fields its
+    schema does not allow, or a commit other than the one checked out."""
+    committed = json.loads((RESULTS / f"{name}.json").read_text())
+    problems = [] if sorted(result) == sorted(committed) else [f"keys {sorted(result)}, committed {sorted(committed)}"]
+    head = _git("rev-parse", "HEAD").strip()
+    if result.get("measured_commit") != head:
+        problems.append(f"measured_commit: {result.get('measured_commit')} is not HEAD {head}")
+    return problems + schema_problems(name, result)
+
+
+def result_digests() -> dict[str, str]:
+    """The sha256 of every committed result, to show that a smoke run changed none."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(RESULTS.glob("*.json"))}
+
+
+def check_result(name: str, result: Any) -> None:
+    """Refuse a result its schema does not allow, naming every wrong field (nothing is written then)."""
+    problems = schema_problems(name, result)
+    if problems:
+        raise ValueError(f"bench/results/{name}.json does not match bench/schemas/{name}.schema.json: "
+                         + "; ".join(problems))
 
 
 def best_seconds(work: Callable[[], object], repeats: int, device: str = "cpu") -> float:

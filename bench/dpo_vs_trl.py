@@ -51,7 +51,8 @@ run (the best over rounds of square products of 1024, 2048 and 4096); beside it,
 products reach (every linear layer and the LM head, forward and both gradients, over one step's tokens),
 which bounds what any runtime of this model can reach here. `--device cuda` runs both sides on the GPU (fp32;
 bench/gpu_check.sh). `--smoke` trains a one-layer hidden-64 Qwen3 on the same vocabulary, one thread,
-micro-batch 4 (CI checks the bench runs, not its figures). Needs the `bench` extra (trl, datasets).
+micro-batch 4, the matmul rate of 128 and 256 only (CI checks the bench runs, not its figures). Needs the
+`bench` extra (trl, datasets).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ STEP_PAIRS, LR, BETA, CLIP, SEED, SEQ_LENGTH = 8, 1e-5, 0.1, 1.0, 1234, 512
 # step 1's policy log-probs and gradient norm, and the loss after the first update, agree this closely
 AGREEMENT = {"logps/chosen": 1e-5, "logps/rejected": 1e-5, "grad_norm": 1e-3, "loss after one update": 1e-4}
 MATMUL_SIZES = (1024, 2048, 4096)
+SMOKE_MATMUL_SIZES = (128, 256)  # --smoke: its numbers mean nothing; the full sizes cost 8.6 s of CPU per round
 REFERENCES = ("live", "precomputed")
 FLOOR, MATMUL_FLOOR, MIN_ROUNDS = 1.5, 0.4, 3
 WORKER_TIMEOUT_S = 1800
@@ -416,12 +418,12 @@ print(json.dumps({{"requested": True, "trainer_padding_free": trainer.padding_fr
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "logged": said[:1]}
 
 
-def matmul_rate(threads: int, device: str) -> dict[str, float]:
+def matmul_rate(threads: int, device: str, sizes: tuple[int, ...] = MATMUL_SIZES) -> dict[str, float]:
     """This machine's fp32 matmul FLOP/s at `threads` threads: the best of a few square products per size."""
     import torch
 
     torch.set_num_threads(threads)
-    return {str(n): square_matmul_rate(n, 3 if n >= 4096 else 8, device) for n in MATMUL_SIZES}
+    return {str(n): square_matmul_rate(n, 3 if n >= 4096 else 8, device) for n in sizes}
 
 
 def model_shapes_rate(model: dict, tokens: int, threads: int, device: str) -> float:
@@ -565,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {c: [] for c in configs}
         for round_ in range(args.rounds):
             for t in args.threads:
-                rates[str(t)].append(matmul_rate(t, args.device))
+                rates[str(t)].append(matmul_rate(t, args.device, SMOKE_MATMUL_SIZES if args.smoke else MATMUL_SIZES))
                 shaped[str(t)].append(model_shapes_rate(ws.model, max(ws.step_tokens), t, args.device))
             for config in round_order(configs, round_):
                 work = tmp / f"round{round_}-point{configs.index(config)}"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from bench import _gpu_check
+from bench._shared import result_digests, smoke_problems
 
 BENCH = Path(__file__).resolve().parent
 FIGURES = ["dpo_vs_trl.json", "dpo_vs_trl.log", "env.txt", "layouts.json", "layouts.log", "summary.json", "tiny.log"]
@@ -24,6 +25,7 @@ def test_the_scripts_pass_shellcheck():
 
 
 def test_the_dry_check_runs_every_step_on_the_cpu(tmp_path):
+    before = result_digests()
     env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry"], cwd=BENCH.parent, env=env,
                           capture_output=True, text=True, timeout=1500)
@@ -39,6 +41,8 @@ def test_the_dry_check_runs_every_step_on_the_cpu(tmp_path):
     assert all(r["agrees"] and r["steps"] == 3 for r in layouts["layouts"].values())
     bench = json.loads((tmp_path / "dpo_vs_trl.json").read_text())
     assert bench["setup"]["device"] == "cpu" and set(bench["comparison"]) == {"live", "precomputed", "matmul_rate"}
+    assert smoke_problems("dpo_vs_trl", bench) == []  # bench/test_smoke.py leaves this smoke to this check
+    assert result_digests() == before
 
 
 def test_an_unknown_argument_exits_2():

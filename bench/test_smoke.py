@@ -1,11 +1,11 @@
-"""Every benchmark runs at its `--smoke` size and writes a result shaped like its committed one, and a smoke run
-never writes bench/results. CI runs this after the tests (`.ci/run`; it needs the `bench` extra), so no
-benchmark can rot unseen: `pytest -q bench/test_smoke.py`."""
+"""Every benchmark runs at its `--smoke` size and writes a result shaped like its committed one (every field as
+its schema, bench/schemas/<name>.schema.json, says), and a smoke run never writes bench/results. CI runs this
+after the tests (`.ci/run`; it needs the `bench` extra), so no benchmark can rot unseen:
+`pytest -q bench/test_smoke.py`."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from bench._shared import result_digests as _results
+from bench._shared import smoke_problems
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
 SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith(("_", "test_")))
-
-
-def _results() -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(RESULTS.glob("*.json"))}
+# bench/gpu_check.sh --dry runs `dpo_vs_trl.py --smoke --out FILE` itself, and bench/test_gpu_check.py checks that
+# result as the test below checks the others (smoke_problems), so it is not run twice
+SMOKED = [p for p in SCRIPTS if p.stem != "dpo_vs_trl"]
 
 
 def test_every_benchmark_has_its_committed_result():
@@ -34,14 +36,17 @@ def test_a_smoke_run_writes_no_result_unless_told_where(tmp_path):
     from bench._shared import write_result
 
     assert shared_results == RESULTS
-    assert write_result(argparse.Namespace(smoke=True, out=None), "x", {"a": 1}, ["bench/_shared.py"]) is None
-    assert not (RESULTS / "x.json").exists()
-    out = write_result(argparse.Namespace(smoke=True, out=tmp_path / "r" / "x.json"), "x", {"a": 1},
+    data = {k: v for k, v in json.loads((RESULTS / "checkpoint.json").read_text()).items()
+            if not k.startswith("measured_")}
+    before = _results()
+    assert write_result(argparse.Namespace(smoke=True, out=None), "checkpoint", data, ["bench/_shared.py"]) is None
+    assert _results() == before
+    out = write_result(argparse.Namespace(smoke=True, out=tmp_path / "r" / "checkpoint.json"), "checkpoint", data,
                        ["bench/_shared.py"])
-    assert os.listdir(out.parent) == ["x.json"]  # no temporary left
+    assert os.listdir(out.parent) == ["checkpoint.json"]  # no temporary left
     head = _git("rev-parse", "HEAD").strip()
     dirty = sorted(line[3:] for line in _git("status", "--porcelain", "--", "bench/_shared.py").splitlines())
-    assert json.loads(out.read_text()) == {"a": 1, "measured_commit": head, "measured_paths": ["bench/_shared.py"],
+    assert json.loads(out.read_text()) == {**data, "measured_commit": head, "measured_paths": ["bench/_shared.py"],
                                            "measured_uncommitted": dirty}
 
 
@@ -80,7 +85,7 @@ def test_every_committed_result_says_what_it_measured_and_the_stale_ones_are_lis
                                   f"measured): {listed}"), stacklevel=1)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("script", SMOKED, ids=lambda p: p.stem)
 def test_benchmark_runs_at_its_smoke_size(script, tmp_path):
     before = _results()
     out = tmp_path / f"{script.stem}.json"
@@ -88,7 +93,6 @@ def test_benchmark_runs_at_its_smoke_size(script, tmp_path):
     done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    smoke, committed = json.loads(out.read_text()), json.loads((RESULTS / f"{script.stem}.json").read_text())
-    assert sorted(smoke) == sorted(committed)  # the same shape as the real results: nothing renamed or lost
-    assert smoke["measured_commit"] == _git("rev-parse", "HEAD").strip()
+    # the same shape as the real results (nothing renamed or lost), every nested field as its schema says
+    assert smoke_problems(script.stem, json.loads(out.read_text())) == []
     assert _results() == before

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from dpoc.common import deferred_fusions
 from dpoc.compiler.pipeline import build
+
+deferred_fusions.install()  # test modules import megatron-core in this process too: no TorchDynamo for it either
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
