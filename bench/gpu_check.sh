@@ -2,11 +2,13 @@
 # The prepared GPU check, for a session that the device tool lends an accelerator (one GPU, no internet;
 # /work/.library/device/README.md). In under 8 minutes, from the repository root:
 #   1. the tiny recipe on cuda in bf16 through its rendered files (dpoc build, preprocess.sh, launch.sh);
-#   2. the layouts that fit one GPU (micro-batch 1 and 8, recompute full and selective, packing, the
+#   2. the tiny MoE recipe on cuda with grouped GEMM (torch._grouped_mm) through its launch.sh, whose node script
+#      runs the device check (`dpoc preflight BUILD --device`: every kernel against the CPU, one layer's step);
+#   3. the layouts that fit one GPU (micro-batch 1 and 8, recompute full and selective, packing, the
 #      precomputed reference), each against step 1 and 2 of run 1 (bench/_gpu_check.py);
-#   3. bench/dpo_vs_trl.py on the same GPU (fp32; micro-batch 8 and packing, 3 rounds).
+#   4. bench/dpo_vs_trl.py on the same GPU (fp32; micro-batch 8 and packing, 3 rounds).
 # Its figures go under $OUT (or a new temporary folder): summary.json (each step's exit code and seconds),
-# env.txt, tiny.log, layouts.log, layouts.json, dpo_vs_trl.log, dpo_vs_trl.json. A failed step does not stop
+# env.txt, tiny.log, moe.log, layouts.log, layouts.json, dpo_vs_trl.log, dpo_vs_trl.json. A failed step does not stop
 # the later ones; the exit code is 1 when any failed.
 #
 #   bench/gpu_check.sh [--wheels DIR] [--dry]
@@ -43,10 +45,12 @@ fi
 
 if [ "$dry" = 1 ]; then
   device=(hardware.device=cpu hardware.backend=gloo training.precision=fp32)
+  grouped=(parallelism.moe_grouped_gemm=false)  # the cpu has no grouped GEMM
   precision=fp32
   bench=(--smoke)
 else
   device=(hardware.device=cuda hardware.backend=nccl training.precision=bf16)
+  grouped=(parallelism.moe_grouped_gemm=true)
   precision=bf16
   bench=(--device cuda --threads 4 --micro-batches 8 --packed 8 --rounds 3)
 fi
@@ -80,6 +84,13 @@ tiny() {
   bash "$work/build/preprocess/preprocess.sh" || return
   train base 10
 }
+moe() {  # the tiny MoE recipe on one device through its launch.sh (the node script runs the device check)
+  python -m dpoc build recipes/tiny_moe_cpu.yaml "${device[@]}" "${grouped[@]}" hardware.devices_per_node=1 \
+    parallelism.ep=1 training.train_iters=3 training.warmup_iters=0 "dataset.output_prefix=$work/data/orca_tiny" \
+    "run_dir=$work/runs/moe" \
+    --out "$work/build/moe" >/dev/null || return
+  bash "$work/build/moe/launch.sh"
+}
 layouts() {
   local names=() name
   train mbs1 3 parallelism.micro_batch_size=1 && names+=(mbs1)
@@ -103,6 +114,7 @@ layouts() {
   python -m pip list 2>/dev/null | grep -i -E '^(torch|transformers|megatron|trl|datasets|accelerate) ' || true
 } >"$out/env.txt" 2>&1
 step tiny tiny
+step moe moe
 step layouts layouts
 step dpo_vs_trl python bench/dpo_vs_trl.py "${bench[@]}" --out "$out/dpo_vs_trl.json"
 printf '{"dry": %s, "steps": {%s}}\n' "$dry" "$(IFS=,; echo "${steps[*]}")" >"$out/summary.json"

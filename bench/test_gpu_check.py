@@ -14,7 +14,8 @@ from bench import _gpu_check
 from bench._shared import result_digests, smoke_problems
 
 BENCH = Path(__file__).resolve().parent
-FIGURES = ["dpo_vs_trl.json", "dpo_vs_trl.log", "env.txt", "layouts.json", "layouts.log", "summary.json", "tiny.log"]
+FIGURES = ["dpo_vs_trl.json", "dpo_vs_trl.log", "env.txt", "layouts.json", "layouts.log", "moe.log", "summary.json",
+           "tiny.log"]
 
 
 def test_the_scripts_pass_shellcheck():
@@ -32,8 +33,10 @@ def test_the_dry_check_runs_every_step_on_the_cpu(tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert sorted(os.listdir(tmp_path)) == FIGURES  # what comes back from the device: at most 8 files
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["dry"] == 1 and list(summary["steps"]) == ["tiny", "layouts", "dpo_vs_trl"]
+    assert summary["dry"] == 1 and list(summary["steps"]) == ["tiny", "moe", "layouts", "dpo_vs_trl"]
     assert all(s["exit"] == 0 for s in summary["steps"].values())
+    moe = (tmp_path / "moe.log").read_text()  # the MoE run's node script ran the device check, then trained
+    assert "device check: one layer forward, backward and optimizer step (experts sequential): ok" in moe
     layouts = json.loads((tmp_path / "layouts.json").read_text())
     assert layouts["precision"] == "fp32" and layouts["base"]["steps"] == 10
     assert sorted(layouts["layouts"]) == ["mbs1", "mbs8", "packing", "precomputed", "recompute-full",

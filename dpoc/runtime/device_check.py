@@ -237,7 +237,7 @@ def _attention(module: torch.nn.Module, config, tokens: int, packed: PackedSeque
     inputs = [_randn(tokens, *batch, heads, d), _randn(tokens, *batch, groups, d), _randn(tokens, *batch, groups, d)]
 
     def on_device(q, k, v):
-        return module(q, k, v, None, packed_seq_params=packed.to(here) if packed is not None else None)
+        return module(q, k, v, None, packed_seq_params=packed)
 
     def reference(q, k, v):
         if packed is None:

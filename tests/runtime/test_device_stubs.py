@@ -82,8 +82,9 @@ ARCHITECTURE = {"--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-att
                 "--disable-bias-linear", "--qk-layernorm", "--untie-embeddings-and-output-weights",
                 "--padded-vocab-size", "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size",
                 "--moe-aux-loss-coeff", "--moe-token-dispatcher-type"}
-# what a tiny run on this machine cannot take from a shipped recipe: its files, and its size
-PLACES = {"--data-path", "--tokenizer-type", "--tokenizer-name-or-path", "--save", "--save-interval", "--load",
+# what a tiny run on this machine cannot take from a shipped recipe: its files, its size, and its device's kernels
+# (--dpoc-moe-experts: without it the stand-in's device picks its own grouped GEMM for --moe-grouped-gemm)
+PLACES = {"--dpoc-moe-experts", "--data-path", "--tokenizer-type", "--tokenizer-name-or-path", "--save", "--save-interval", "--load",
           "--dpoc-keep-checkpoints", "--dpoc-init", "--dpoc-hf-weights", "--ref-model", "--dpoc-run-dir",
           "--dpoc-device", "--distributed-backend", "--micro-batch-size", "--global-batch-size", "--seq-length",
           "--train-iters", "--lr-warmup-iters", "--lr-decay-iters", "--tensorboard-dir", "--num-layer-list", "--num-layers-per-virtual-pipeline-stage",

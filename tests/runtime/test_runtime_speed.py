@@ -4,6 +4,7 @@ one per tensor (issue 20). A read is counted where a tensor becomes a Python num
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -75,3 +76,28 @@ def test_the_policy_overlaps_its_gradient_reduction_but_not_the_parameter_gather
     config = ddp_config(args)
     assert config.overlap_grad_reduce and not config.overlap_param_gather
     assert config.use_distributed_optimizer and config.grad_reduce_in_fp32
+
+
+def test_packed_sequence_boundaries_stay_on_the_host_for_megatrons_rotary():
+    """A packed micro-batch moved to a device keeps cu_seqlens on the host, so megatron's thd rotary embedding
+    (its `.tolist()` of them, in every layer) reads no device tensor: on the meta device, where nothing can be
+    read back, it runs (a meta cu_seqlens raises) and gives each sequence positions from 0."""
+    import types
+
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from dpoc.runtime.model.attention import PackedSequences
+    from dpoc.runtime.step.data import MicroBatch
+
+    packed = PackedSequences.of((5, 9, 3), 3)
+    stream = torch.zeros(1, 20, dtype=torch.long)
+    batch = MicroBatch(stream, stream, torch.ones(6, 20), stream, real_tokens=17, row_tokens=20, packed=packed)
+    moved = batch.to(torch.device("meta"))
+    assert moved.tokens.device.type == "meta" and moved.packed.cu_seqlens_q.device.type == "cpu"
+    config = types.SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False)
+    group = types.SimpleNamespace(size=lambda: 1, rank=lambda: 0)
+    t, freqs = torch.empty(20, 2, 8, device="meta"), torch.empty(9, 1, 1, 8, device="meta")
+    out = rope_utils.apply_rotary_pos_emb(t, freqs, config, cu_seqlens=moved.packed.cu_seqlens_q, cp_group=group)
+    assert out.shape == t.shape and out.device.type == "meta"
+    with pytest.raises(NotImplementedError):  # what a device-resident cu_seqlens meets in the same call
+        rope_utils.apply_rotary_pos_emb(t, freqs, config, cu_seqlens=packed.cu_seqlens_q.to("meta"), cp_group=group)

@@ -23,6 +23,7 @@ kernels always see whole sequences. The softmax scale is 1/sqrt(d) unless the co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -48,22 +49,22 @@ NPU_CAUSAL_SPARSE_MODE = 3
 class PackedSequences(PackedSeqParams):
     """megatron's `thd` parameters of one packed micro-batch, plus what the kernels read on the host: each
     sequence's length in stream order, the last `padding` tokens forming one padding sequence (attended only
-    by itself, never by a real token)."""
+    by itself, never by a real token). `cu_seqlens_*` are made once, on the host, and stay there when the
+    micro-batch moves to the device: megatron's packed rotary embedding reads them back (`.tolist()`) in every
+    layer of every micro-batch, which on a device tensor is a wait each time; dpoc's kernels read `lengths`
+    (TransformerEngine's attention gets device copies, `_te_attention`)."""
 
     lengths: tuple[int, ...] = ()
     padding: int = 0
 
     @classmethod
-    def of(cls, lengths: tuple[int, ...], padding: int, device: torch.device | None = None) -> PackedSequences:
+    def of(cls, lengths: tuple[int, ...], padding: int) -> PackedSequences:
         packed = cls(qkv_format="thd", lengths=tuple(lengths), padding=padding)
         # megatron's thd rotary embedding restarts positions at each cu_seqlens boundary
         packed.cu_seqlens_q = packed.cu_seqlens_kv = torch.tensor(
-            [0, *accumulate(packed.segments)], dtype=torch.int32, device=device)
+            [0, *accumulate(packed.segments)], dtype=torch.int32, device="cpu")
         packed.max_seqlen_q = packed.max_seqlen_kv = max(packed.segments)
         return packed
-
-    def to(self, device: torch.device) -> PackedSequences:
-        return PackedSequences.of(self.lengths, self.padding, device)
 
     @property
     def segments(self) -> tuple[int, ...]:
@@ -220,7 +221,22 @@ class NpuFusionAttention(_CoreAttention):
 def core_attention_class(kernel: str) -> type[torch.nn.Module]:
     """The module class megatron's layer spec builds for `kernel` (`device.ATTENTION` names them)."""
     if kernel == "te":
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention
-
-        return TEDotProductAttention
+        return _te_attention()
     return {"sdpa": SdpaAttention, "npu-fusion": NpuFusionAttention, "local": DotProductAttention}[kernel]
+
+
+@functools.cache
+def _te_attention() -> type[torch.nn.Module]:
+    """megatron-core's TEDotProductAttention, given device copies of a packed micro-batch's host cu_seqlens
+    (TransformerEngine reads them on the device)."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    class TeAttention(TEDotProductAttention):
+        def forward(self, query, *args, packed_seq_params: PackedSequences | None = None, **kwargs):
+            if packed_seq_params is not None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q.to(query.device, non_blocking=True)
+                packed_seq_params = dataclasses.replace(packed_seq_params, cu_seqlens_q=cu_seqlens,
+                                                        cu_seqlens_kv=cu_seqlens)
+            return super().forward(query, *args, packed_seq_params=packed_seq_params, **kwargs)
+
+    return TeAttention

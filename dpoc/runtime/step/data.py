@@ -135,9 +135,9 @@ class MicroBatch:
     desirable: torch.Tensor | None = None  # KTO: [n] bool, each completion's label (its rows: completion, KL)
 
     def to(self, device: torch.device) -> MicroBatch:
+        """The tensors on `device`; a packed micro-batch's cu_seqlens stay on the host (PackedSequences says why)."""
         return replace(self, tokens=self.tokens.to(device), targets=self.targets.to(device),
                        mask=self.mask.to(device), position_ids=self.position_ids.to(device),
-                       packed=self.packed.to(device) if self.packed is not None else None,
                        desirable=self.desirable.to(device) if self.desirable is not None else None)
 
     @property
