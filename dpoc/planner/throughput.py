@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner import lora as adapters
+from dpoc.planner.features import SORT_AND_CUT
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
@@ -274,10 +275,11 @@ def _stage_comm_s(run: _Run, layers: int) -> float:
 
 def predict(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, efficiency: Efficiency,
-    lengths: Lengths, workload: Workload = DPO_LIVE,
+    lengths: Lengths, workload: Workload = DPO_LIVE, batching: str = SORT_AND_CUT,
 ) -> Throughput:
     """Throughput of `layout` with sequences as `lengths` says: padded micro-batches at the slowest rank's
-    expected lengths, or packed streams computing their real tokens (attention per sequence)."""
+    expected lengths as the target batches (`batching`), or packed streams computing their real tokens
+    (attention per sequence)."""
     real, real_square = lengths.sequence_moments()
     if training.packing and workload.pairwise:
         steps = lengths.packed(layout, training)
@@ -287,7 +289,7 @@ def predict(
             sequences = steps.budget / seq
         step_mean, step_square = seq, seq_square
     else:
-        rows = lengths.micro_batches(layout, training)
+        rows = lengths.micro_batches(layout, training, batching)
         seq, seq_square, micro_batches = rows.mean, rows.mean_square, layout.num_microbatches
         sequences = workload.sequences_per_sample * layout.micro_batch_size
         step_mean, step_square = rows.step_mean, rows.step_square

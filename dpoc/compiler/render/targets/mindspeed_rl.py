@@ -16,8 +16,9 @@ from dpoc.compiler.render.targets import mindspeed_lora
 from dpoc.compiler.resolve.rules import Violation
 from dpoc.contract import losses
 from dpoc.contract.family import DEFAULT_TEMPLATE
-from dpoc.contract.plan import DPO, Plan
+from dpoc.contract.plan import DPO, HardwareSpec, Plan
 from dpoc.contract.requirements import Requirement
+from dpoc.planner.features import GLOBAL_BATCH, Traits, kernel_features
 
 if TYPE_CHECKING:
     from dpoc.planner.search import SearchSpace
@@ -32,6 +33,13 @@ def requirements() -> list[Requirement]:
     return [Requirement("torch", "torch", (2, 5)), Requirement("megatron.core", "megatron-core"),
             Requirement("mindspeed", "mindspeed"), Requirement("mindspeed_rl", "mindspeed_rl"),
             Requirement("hydra", "hydra-core")]
+
+
+def traits(hardware: HardwareSpec) -> Traits:
+    """How the planner models this target: every micro-batch padded to its global batch's longest sequence
+    (its DPO data loader), and MindSpeed's fp32 parameter reuse, which this target renders
+    (`_layout_config`), on top of the NPU kernels' saved tensors."""
+    return Traits(NAME, GLOBAL_BATCH, replace(kernel_features(hardware.device), reuse_fp32_param=True))
 
 
 def node_script(rank: int) -> str:
@@ -270,7 +278,8 @@ def _layout_config(plan: Plan) -> dict[str, Any]:
         "sequence_parallel": lay.sequence_parallel,
         "use_distributed_optimizer": lay.distributed_optimizer,
         "overlap_grad_reduce": lay.distributed_optimizer,
-        "reuse_fp32_param": lay.distributed_optimizer and plan.training.precision == "bf16",
+        "reuse_fp32_param": traits(plan.hardware).features.reuses_fp32_param(lay, plan.training),
+        "swap_attention": lay.swap_attention,
         "distributed_backend": "nccl",
     }
 
