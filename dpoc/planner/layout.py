@@ -33,6 +33,8 @@ DEFAULT_WHY = {
     "moe_alltoall_overlap_comm": "off unless pinned",
     "moe_tp_extend_ep": "off unless pinned (must match the weight conversion)",
     "swap_attention": "off unless pinned (MindSpeed: attention's saved activations kept in host memory)",
+    "cp_algo": "ring: each rank's load-balanced chunks exchange keys and values around the cp group (both "
+               "targets); ulysses, MindSpeed's all-to-all over heads, on request (runtime mindspeed-rl)",
 }
 
 
@@ -57,6 +59,7 @@ def defaults(model: ModelSpec, hardware: HardwareSpec, knobs: dict[str, Any]) ->
         "moe_alltoall_overlap_comm": False,
         "moe_tp_extend_ep": False,
         "swap_attention": False,
+        "cp_algo": "ring",
     }
 
 
@@ -85,6 +88,7 @@ def make_layout(model: ModelSpec, hardware: HardwareSpec, global_batch_size: int
         moe_alltoall_overlap_comm=k["moe_alltoall_overlap_comm"],
         moe_tp_extend_ep=k["moe_tp_extend_ep"],
         swap_attention=k["swap_attention"],
+        cp_algo=k["cp_algo"],
     )
 
 

@@ -71,3 +71,55 @@ def test_plan_shows_the_same_job_under_both_targets(dpoc_cli):
     table = dpoc_cli("plan", GUIDE, "--top", "1").out
     assert "Target dpoc (sort-and-cut batching): tp=2 pp=8" in table
     assert "Target mindspeed-rl (global-batch batching): tp=2 pp=8" in table
+
+
+NODES4 = ["hardware.nodes=4", "hardware.hosts=[10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4]"]
+
+
+def _mindspeed_training(build_dir) -> dict:
+    """The megatron_training section, checked as the guide build's is: MegatronConfig fields, scalars only."""
+    from tests.compiler.test_build import MINDSPEED_FIELDS
+
+    train = yaml.safe_load((build_dir / f"mindspeed-rl/dpo_{build_dir.name}.yaml").read_text())["megatron_training"]
+    assert set(train) - {"model"} <= MINDSPEED_FIELDS, set(train) - MINDSPEED_FIELDS
+    assert all(not isinstance(v, list | dict) for v in train.values())
+    return train
+
+
+def test_mindspeed_renders_context_parallelism_and_its_algorithm(dpoc_cli, tmp_path):
+    for algo, theirs in (("ring", "megatron_cp_algo"), ("ulysses", "ulysses_cp_algo")):
+        out = tmp_path / algo
+        result = dpoc_cli("build", GUIDE, "runtime=mindspeed-rl", "parallelism.cp=2", f"parallelism.cp_algo={algo}",
+                          "-o", out)
+        assert result.code == 0, result.err
+        train = _mindspeed_training(out)
+        assert (train["context_parallel_size"], train["context_parallel_algo"]) == (2, theirs)
+        assert train["no_pad_to_seq_lengths"] is True  # MindSpeed-LLM then sets variable_seq_lengths for pp 8
+    train = _mindspeed_training(_built(dpoc_cli, tmp_path / "nocp"))
+    assert train["context_parallel_size"] == 1 and "context_parallel_algo" not in train
+
+
+def _built(dpoc_cli, out):
+    assert dpoc_cli("build", GUIDE, "runtime=mindspeed-rl", "-o", out).code == 0
+    return out
+
+
+def test_ring_with_dynamic_padding_needs_batches_divisible_by_2cp(dpoc_cli, tmp_path):
+    """tp 1, cp 8: MindSpeed-RL pads a batch to a multiple of lcm(8, 8) = 8; ring splits it into 16 chunks."""
+    ring = ["runtime=mindspeed-rl", *NODES4, "parallelism.cp=8", "parallelism.tp=1", "parallelism.etp=1"]
+    result = dpoc_cli("build", GUIDE, *ring, "-o", tmp_path / "o")
+    assert result.code == 2 and "Traceback" not in result.err
+    assert result.err.strip().splitlines()[-1] == (
+        f"{GUIDE}: parallelism.cp_algo: ring: MindSpeed's ring attention splits each sequence into 2·cp = 16 "
+        "chunks, but with dynamic padding MindSpeed-RL pads a batch only to a multiple of lcm(8, tp·cp) = 8; valid: "
+        "cp_algo=ulysses, cp <= 4 or an even tp, or training.dynamic_padding=false")
+    assert not (tmp_path / "o").exists()
+    assert dpoc_cli("build", GUIDE, *ring, "parallelism.cp_algo=ulysses", "-o", tmp_path / "u").code == 0
+    assert dpoc_cli("build", GUIDE, *ring, "training.dynamic_padding=false", "-o", tmp_path / "s").code == 0
+
+
+def test_the_dpoc_runtime_refuses_ulysses(dpoc_cli, tmp_path):
+    result = dpoc_cli("build", RECIPES / "tiny_cpu.yaml", "parallelism.cp_algo=ulysses", "-o", tmp_path / "o")
+    assert result.code == 2
+    assert ("parallelism.cp_algo: ulysses: the dpoc runtime (megatron-core, local layers) runs ring context "
+            "parallelism only; valid: ring, or runtime=mindspeed-rl") in result.err

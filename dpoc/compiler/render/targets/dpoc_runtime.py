@@ -74,6 +74,9 @@ def unsupported(plan: Plan) -> list[Violation]:
     if layout.moe_dispatcher == "alltoall_seq":
         out.append(Violation("parallelism.moe_dispatcher", f"{why} has no alltoall_seq dispatcher; valid: "
                              "alltoall, allgather"))
+    if layout.cp_algo != "ring":
+        out.append(Violation("parallelism.cp_algo", f"{layout.cp_algo}: {why} runs ring context parallelism only; "
+                             "valid: ring, or runtime=mindspeed-rl"))
     if layout.noop_layers:
         out.append(Violation("parallelism.noop_layers", f"{why} has no no-op layers; valid: num_layer_list for "
                              "an uneven pipeline"))
