@@ -194,6 +194,20 @@ def layer_activation_bytes(model: ModelSpec, layout: Layout, training: Training,
     return attention + mlp
 
 
+def exchange_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int) -> float:
+    """Context parallelism's communication buffers in a layer's attention (transient, one layer at a time).
+    Ring: the rank's key and value block being sent and the one being received, and in the backward the same
+    for their gradients (4 blocks of k + v). Ulysses: the all-to-all's output, q, k and v regrouped by heads,
+    while its input is still held."""
+    if layout.cp == 1:
+        return 0.0
+    a, tok = element_bytes(training), _tokens(layout, training.seq_length, sequences)
+    q, kv = q_width(model), kv_width(model)
+    if layout.cp_algo == "ulysses":
+        return a * tok.full * (q + 2 * kv) / layout.tp
+    return 4 * a * tok.full * 2 * kv / layout.tp
+
+
 def layer_input_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int) -> float:
     """What full recompute keeps per layer: its input."""
     return element_bytes(training) * _tokens(layout, training.seq_length, sequences).local * model.hidden_size
@@ -230,6 +244,7 @@ class _PerLayer:
     tokens: _Tokens
     last_stage_extra: float = 0.0  # the final norm's unfused saves (0 with fused kernels)
     swapped: float = 0.0  # of `full`, what swap attention keeps on the host (one layer's on the device)
+    exchange: float = 0.0  # context parallelism's buffers in one layer's attention
 
     @classmethod
     def of(cls, model: ModelSpec, layout: Layout, training: Training, fused: bool = True,
@@ -243,6 +258,7 @@ class _PerLayer:
             tokens=_tokens(layout, training.seq_length, sequences),
             last_stage_extra=last_extra,
             swapped=swapped_bytes(model, layout, training, sequences, features),
+            exchange=exchange_bytes(model, layout, training, sequences),
         )
 
 
@@ -319,7 +335,7 @@ def stage_memory(
     logits = tokens.full * model.vocab_size / layout.tp * (FP32 if a == FP32 else a + FP32) if last else 0.0
     receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
     comm = communicators(layout, model, stage) * 2 * hardware.hccl_buffsize_mb * MIB
-    dispatch = per_layer.dispatch if layers else 0.0
+    dispatch = per_layer.dispatch + per_layer.exchange if layers else 0.0  # a layer's communication buffers
     if not workload.trains:  # forward only: a layer's working set, the logits, one tensor in and one out
         return StageMemory(
             stage=stage, layers=layers, params=shard.total, weights=weights, gradients=0.0, optimizer=0.0,
