@@ -123,3 +123,12 @@ def test_the_dpoc_runtime_refuses_ulysses(dpoc_cli, tmp_path):
     assert result.code == 2
     assert ("parallelism.cp_algo: ulysses: the dpoc runtime (megatron-core, local layers) runs ring context "
             "parallelism only; valid: ring, or runtime=mindspeed-rl") in result.err
+
+
+def test_the_auto_layout_chooses_context_parallelism_for_long_sequences(dpoc_cli):
+    """32K-token pairs on the guide's 32 dies: without cp every in-flight micro-batch holds 32K tokens of
+    activations per rank; the fastest layout that fits splits the sequence."""
+    result = dpoc_cli("plan", GUIDE, "runtime=mindspeed-rl", "parallelism=auto", "training.seq_length=32768",
+                      "~training.length_stats", "--json", "--top", "1")
+    best = json.loads(result.out)["ranked"][0]["knobs"]
+    assert best["cp"] > 1, best
