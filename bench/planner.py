@@ -3,7 +3,8 @@ tiny CPU recipe's predicted pairs/s against its measured ones on this machine.
 
     python bench/planner.py [--smoke] [--out FILE]   # prints tables, writes bench/results/planner.json
 
-The held-out DPO rows assume a length distribution (no download here: `calibration.assumed_orca_lengths`,
+The held-out DPO rows are predicted under MindSpeed-RL's batching (global-batch padding), which ran them, and
+assume a length distribution (no download here: `calibration.assumed_orca_lengths`,
 stated in the output). The tiny recipe is built, preprocessed and trained for real (live and precomputed
 reference; the precompute pass timed on its own), and planned with `training.length_stats` naming its own
 `_stats.json`, with lengths unknown (every micro-batch full: the old default), and without the per-call
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._shared import arguments, write_result
 from bench.runtime_speed import ROOT, _env, prepare
 from dpoc.compiler.pipeline import build
+from dpoc.compiler.render import targets
 from dpoc.compiler.resolve import rules
 from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 from dpoc.contract.specs import preset_hardware, preset_model
@@ -79,21 +81,26 @@ def calibration_report() -> dict[str, Any]:
     print(f"Fitted efficiency: dense {eff.dense:.3f}, routed experts {eff.experts:.3f}")
     held = []
     lengths = assumed_orca_lengths()
-    print(f"Held-out DPO (lengths {lengths.source}; per-pair longer side, cut at 4096; dynamic padding as the "
-          "runtime does it: each step sorted, micro-batches padded to their longest):")
+    print(f"Held-out DPO (lengths {lengths.source}; per-pair longer side, cut at 4096), under MindSpeed-RL's "
+          "batching, as the runs were made: every micro-batch padded to the longest of its 64-pair global batch "
+          "(rounded to 8); also as the dpoc runtime would batch them (each step sorted, micro-batches padded to "
+          "their longest) and padded to seq_length:")
     for case in dpo_held_out():
-        p = predicted(case, eff)
+        traits = targets.get("mindspeed-rl").traits(case.hardware)
+        p = predicted(case, eff, batching=traits.batching)
         err = p / case.measured - 1
+        sorted_cut = predicted(case, eff)
         implied = implied_mean_length(case, eff)
         padded = predicted(case, eff, MeanLength(case.seq_length))
         layout = make_layout(case.model, case.hardware, case.global_batch_size, case.knobs)
         dynamic = replace(training(case.seq_length), dynamic_padding=True)
-        peak = estimate_memory(case.model, case.hardware, layout, dynamic, lengths).peak
-        full = estimate_memory(case.model, case.hardware, layout, training(case.seq_length)).peak
+        peak = estimate_memory(case.model, case.hardware, layout, dynamic, lengths, traits=traits).peak
+        full = estimate_memory(case.model, case.hardware, layout, training(case.seq_length), traits=traits).peak
         by_length = {n: predicted(case, eff, MeanLength(n)) for n in (250, 500, 1000, 2000, 4096)}
         held.append({"case": case.label, "unit": case.unit, "measured": case.measured, "predicted": p,
-                     "in_sample": False, "predicted_by_mean_padded_tokens": by_length,
+                     "in_sample": False, "batching": traits.batching, "predicted_by_mean_padded_tokens": by_length,
                      "error": err, "implied_mean_padded_tokens": implied,
+                     "predicted_sort_and_cut": sorted_cut, "error_sort_and_cut": sorted_cut / case.measured - 1,
                      "predicted_if_padded_to_seq_length": padded,
                      "error_if_padded_to_seq_length": padded / case.measured - 1,
                      "peak_memory_gib_dynamic": peak.total / 2**30,
@@ -101,9 +108,10 @@ def calibration_report() -> dict[str, Any]:
                      "source": case.source, "assumed": case.assumed})
         implied_text = f">= {case.seq_length}" if implied >= case.seq_length else f"{implied:.0f}"
         print(f"  {case.label:<40} {case.measured:>6.2f} pairs/s  predicted {p:>6.2f}  error {err:>+7.1%}")
-        print(f"    padded to {case.seq_length}: {padded:.2f} ({padded / case.measured - 1:+.1%}); the model "
-              f"matches at a mean padded length of {implied_text} tokens; peak memory "
-              f"{peak.total / 2**30:.1f} GiB (dynamic), {full.total / 2**30:.1f} GiB (all padded)")
+        print(f"    sort-and-cut: {sorted_cut:.2f} ({sorted_cut / case.measured - 1:+.1%}); padded to "
+              f"{case.seq_length}: {padded:.2f} ({padded / case.measured - 1:+.1%}); the model matches at a mean "
+              f"padded length of {implied_text} tokens; peak memory (MindSpeed-RL's features) "
+              f"{peak.total / 2**30:.1f} GiB (global-batch padding), {full.total / 2**30:.1f} GiB (all padded)")
         print("    pairs/s by mean padded length: "
               + ", ".join(f"{n}: {v:.2f}" for n, v in by_length.items()))
     summary = {"held_out_dpo": error_stats([r["error"] for r in held]),

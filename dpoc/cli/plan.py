@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dpoc.compiler.pipeline import load_and_check
+from dpoc.compiler.render.targets import TARGETS
 from dpoc.compiler.resolve.autolayout import (
     SEARCHED,
     Choice,
@@ -30,6 +31,7 @@ from dpoc.planner.report import (
     reference_pass_summary,
     shares_text,
     throughput_summary,
+    traits_summary,
 )
 from dpoc.planner.search import Candidate, SearchResult
 from dpoc.planner.throughput import FITTED
@@ -61,7 +63,7 @@ def plan_command(recipe: str, overrides: Sequence[str], as_json: bool, top: int,
         layout = own.layout if own else result.best.layout if result.best else None
         if layout is not None:
             memory = estimate_memory(inputs.model, inputs.hardware, layout, inputs.training, inputs.lengths,
-                                     inputs.workload)
+                                     inputs.workload, traits=inputs.traits)
             Path(chart).write_text(memory_svg(memory, f"{loaded.name}: {knob_text(_knobs(layout))}"))
     for warning in own.warnings if own else ():
         print(f"{loaded.path}: warning: {warning.field}: {warning.message}", file=sys.stderr)
@@ -108,6 +110,7 @@ def _as_data(inputs, result: SearchResult, own: Choice | None, invalid: list[Pro
         "lengths": inputs.lengths.summary(),
         "reference": inputs.dpo.reference,
         "reference_modes": _modes_data(inputs),
+        "targets": _targets_data(inputs),
         "efficiency": {"dense": FITTED.dense, "experts": FITTED.experts},
         "evaluated": result.evaluated, "rule_rejected": result.rule_rejected, "over_memory": result.over_memory,
         "ranked": [_candidate_data(c) for c in result.ranked[:top]],
@@ -171,7 +174,7 @@ def _print_table(recipe: str, inputs, result: SearchResult, top: int, own: Choic
             console.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
     for problem in no_fit:
         console.print(f"No layout fits: {problem}", highlight=False, markup=False, soft_wrap=True)
-    for line in _lora_lines(inputs, result):
+    for line in [*_lora_lines(inputs, result), *_targets_lines(inputs)]:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     for mode, best in _mode_bests(inputs).items():
         if best is None:
@@ -214,6 +217,43 @@ def _lora_lines(inputs, result: SearchResult) -> list[str]:
     else:
         lines.append(f"Full-parameter alternative: best {knob_text(dict(best.knobs))} — "
                      f"{best.throughput.samples_per_s:.2f} pairs/s, peak {best.memory.peak.total / GIB:.1f} GiB")
+    return lines
+
+
+def _target_choices(inputs) -> dict[str, Choice | str]:
+    """The recipe's own layout under each target's batching and memory features (`traits`): the same job's
+    predicted pairs/s and peak; the reason where the layout rules refuse it (what else a target cannot
+    express, `dpoc build` says)."""
+    out: dict[str, Choice | str] = {}
+    for name in TARGETS:
+        try:
+            out[name] = choose(replace(inputs, runtime=name))
+        except LayoutError as exc:
+            out[name] = "; ".join(v.message for v in exc.violations)
+    return out
+
+
+def _targets_data(inputs) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, choice in _target_choices(inputs).items():
+        if isinstance(choice, str):
+            out[name] = {"problem": choice}
+            continue
+        out[name] = {"target": traits_summary(replace(inputs, runtime=name).traits),
+                     "knobs": _knobs(choice.layout), "memory": memory_summary(choice.memory),
+                     "throughput": throughput_summary(choice.throughput)}
+    return out
+
+
+def _targets_lines(inputs) -> list[str]:
+    lines = []
+    for name, choice in _target_choices(inputs).items():
+        if isinstance(choice, str):
+            lines.append(f"Target {name}: {choice}")
+            continue
+        batching = replace(inputs, runtime=name).traits.batching
+        lines.append(f"Target {name} ({batching} batching): {knob_text(_knobs(choice.layout))} — "
+                     f"{choice.throughput.samples_per_s:.2f} pairs/s, {choice.memory.need_text()}")
     return lines
 
 

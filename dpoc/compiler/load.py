@@ -93,6 +93,9 @@ def _from_where(path: str) -> str:
     return f" (a relative path: read from the job's working directory, taken to be this one, {os.getcwd()})"
 
 
+LENGTHS_PRESET = "preset:"
+
+
 def read_length_stats(data: dict[str, Any], recipe_file: str) -> Any:
     """The JSON of the `_stats.json` that `training.length_stats` names (None when it names none)."""
     import json
@@ -101,6 +104,8 @@ def read_length_stats(data: dict[str, Any], recipe_file: str) -> Any:
     path = training.get("length_stats") if isinstance(training, dict) else None
     if not isinstance(path, str):
         return None
+    if path.startswith(LENGTHS_PRESET):
+        return _length_preset(path, recipe_file)
     try:
         return json.loads(Path(path).read_text())
     except OSError as exc:
@@ -109,6 +114,21 @@ def read_length_stats(data: dict[str, Any], recipe_file: str) -> Any:
                                  "preprocess.sh writes)")]) from None
     except ValueError as exc:
         raise DpocError([Problem(path, "(file)", f"not JSON: {exc}")]) from None
+
+
+def _length_preset(value: str, recipe_file: str) -> Any:
+    """A stated length assumption shipped with dpoc (`preset:NAME`, dpoc/presets/lengths/NAME.json): histograms
+    in the `_stats.json` layout, for a recipe whose dataset is not preprocessed yet."""
+    import json
+
+    from dpoc.contract.resources import preset_dir
+
+    name, folder = value[len(LENGTHS_PRESET):], preset_dir("lengths")
+    names = sorted(p.stem for p in folder.glob("*.json"))
+    if name not in names:
+        raise DpocError([Problem(recipe_file, "training.length_stats", f"unknown length preset {name!r} (valid: "
+                                 f"{', '.join(LENGTHS_PRESET + n for n in names)}, or a _stats.json path)")])
+    return json.loads((folder / f"{name}.json").read_text())
 
 
 def _architecture_from_weights(model: dict[str, Any]) -> bool:

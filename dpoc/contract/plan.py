@@ -86,6 +86,8 @@ class Layout:
     moe_permutation_async_comm: bool
     moe_alltoall_overlap_comm: bool
     moe_tp_extend_ep: bool
+    swap_attention: bool = False  # MindSpeed: attention's saved activations offloaded to host memory
+    cp_algo: str = "ring"  # ring | ulysses (MindSpeed's all-to-all over heads)
 
 
 @dataclass(frozen=True)

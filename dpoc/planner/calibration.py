@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -16,6 +17,7 @@ from typing import Any
 
 from dpoc.contract.plan import HardwareSpec, ModelSpec, Training
 from dpoc.contract.specs import model_spec, preset_hardware, preset_model
+from dpoc.planner.features import SORT_AND_CUT
 from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import Histogram, Lengths, LengthStats, MeanLength
 from dpoc.planner.throughput import Efficiency, predict
@@ -27,13 +29,17 @@ from dpoc.planner.workload import DPO_LIVE, PRETRAIN, Workload
 # answers of about 200 tokens, the longer of the two kept): log-normal with a mean of 500 tokens and sigma 0.5
 # (median 441; 5% of pairs above 1000 tokens), cut at the runs' seq_length 4096. The bench also reports the
 # mean length at which the model would match each published DPO number.
+# Counted over the dataset's size (about 12.9k pairs, its dataset card), and its longest pair the one such a
+# dataset would have (about 3,200 tokens), not the cut.
 ORCA_DPO_MEAN_PADDED_TOKENS = 500.0
 ORCA_DPO_SIGMA = 0.5
 ORCA_DPO_SEQ_LENGTH = 4096
+ORCA_DPO_PAIRS = 12859
+ORCA_ASSUMED = "assumed: log-normal, mean 500, sigma 0.5, 12859 pairs"
 
 
-def assumed_orca_lengths(bins: int = 64) -> LengthStats:
-    """The assumed distribution as a preprocessing histogram would hold it (both sides alike)."""
+def _orca_histogram(bins: int = 64) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(edges, counts, longest) of the assumed longer side, as preprocessing would bin it."""
     sigma = ORCA_DPO_SIGMA
     mu = math.log(ORCA_DPO_MEAN_PADDED_TOKENS) - sigma * sigma / 2
     width = ORCA_DPO_SEQ_LENGTH // bins
@@ -42,11 +48,28 @@ def assumed_orca_lengths(bins: int = 64) -> LengthStats:
         return 0.0 if x <= 0 else 0.5 * (1 + math.erf((math.log(x) - mu) / (sigma * math.sqrt(2))))
 
     edges = tuple(range(0, ORCA_DPO_SEQ_LENGTH + 1, width))
-    counts = tuple(round(1e6 * (cdf(b) - cdf(a))) for a, b in itertools.pairwise(edges))
+    counts = tuple(round(ORCA_DPO_PAIRS * (cdf(b) - cdf(a))) for a, b in itertools.pairwise(edges))
+    # the longest of n draws: about the 1 - 1/(n + 1) quantile (the histogram's rounded counts lose that tail)
+    z = statistics.NormalDist().inv_cdf(1 - 1 / (ORCA_DPO_PAIRS + 1))
+    return edges, counts, math.ceil(math.exp(mu + sigma * z))
+
+
+def assumed_orca_lengths() -> LengthStats:
+    """The assumed distribution as a preprocessing histogram would hold it (both sides alike)."""
+    edges, counts, longest = _orca_histogram()
     longer = Histogram(edges, counts)
     tokens = Histogram(tuple(2 * e for e in edges), counts)
-    longest = max(b for b, c in zip(edges[1:], counts, strict=False) if c) - 1
-    return LengthStats("assumed: log-normal, mean 500, sigma 0.5", longer.total, longer, tokens, longer, longest)
+    return LengthStats(ORCA_ASSUMED, longer.total, longer, tokens, longer, longest)
+
+
+def assumed_orca_stats() -> dict[str, Any]:
+    """The same assumption in the layout of a preprocessing `_stats.json` (`lengths.parse_stats` reads it): what
+    the guide's recipes plan with until preprocess.sh has written the dataset's own."""
+    edges, counts, longest = _orca_histogram()
+    return {"assumed": ORCA_ASSUMED, "pairs_kept": sum(counts), "longest": {"chosen": longest, "rejected": longest},
+            "length_histogram": {"bin_edges": list(edges), "chosen": list(counts), "rejected": list(counts)},
+            "pair_histogram": {"longer_bin_edges": list(edges), "longer": list(counts),
+                               "tokens_bin_edges": [2 * e for e in edges], "tokens": list(counts)}}
 
 
 # LLaMA2-7B is not a preset (no recipe trains it); its architecture from meta-llama/Llama-2-7b-hf config.json
@@ -122,8 +145,8 @@ def dpo_held_out() -> tuple[Published, ...]:
     qwen3_30b = preset_model("qwen3-30b-a3b")
     return (
         Published("Qwen3-30B-A3B DPO, A2 2x8, TP2 PP8 DP1", qwen3_30b, preset_hardware(A2, 2), 64,
-                  {"tp": 2, "pp": 8}, 4096, DPO_LIVE, 2.78, DPO_SOURCE,
-                  "swap_attention (on in the source) not modelled"),
+                  {"tp": 2, "pp": 8, "swap_attention": True}, 4096, DPO_LIVE, 2.78, DPO_SOURCE,
+                  "swap_attention on, as in the source (memory only)"),
         Published("Qwen3-30B-A3B DPO, A3 2x16, TP2 PP8 DP2", qwen3_30b, preset_hardware(A3, 2), 64,
                   {"tp": 2, "pp": 8}, 4096, DPO_LIVE, 7.19, DPO_SOURCE),
     )
@@ -139,11 +162,13 @@ def case_training(case: Published) -> Training:
     return replace(training(case.seq_length), dynamic_padding=case.workload.pairwise)
 
 
-def predicted(case: Published, efficiency: Efficiency, lengths: Lengths | None = None) -> float:
-    """The model's value of the case's published quantity."""
+def predicted(case: Published, efficiency: Efficiency, lengths: Lengths | None = None,
+              batching: str = SORT_AND_CUT) -> float:
+    """The model's value of the case's published quantity, its micro-batches padded as `batching` says (the
+    DPO rows ran on MindSpeed-RL: `GLOBAL_BATCH` is how they batched)."""
     layout = make_layout(case.model, case.hardware, case.global_batch_size, case.knobs)
     t = predict(case.model, case.hardware, layout, case_training(case), efficiency,
-                case_lengths(case) if lengths is None else lengths, case.workload)
+                case_lengths(case) if lengths is None else lengths, case.workload, batching)
     if case.workload.pairwise:
         return t.samples_per_s
     return t.tokens_per_s / case.hardware.world_size

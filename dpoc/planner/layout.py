@@ -32,6 +32,9 @@ DEFAULT_WHY = {
     "moe_permutation_async_comm": "off, as MindSpeed-RL's DPO config sets it",
     "moe_alltoall_overlap_comm": "off unless pinned",
     "moe_tp_extend_ep": "off unless pinned (must match the weight conversion)",
+    "swap_attention": "off unless pinned (MindSpeed: attention's saved activations kept in host memory)",
+    "cp_algo": "ring: each rank's load-balanced chunks exchange keys and values around the cp group (both "
+               "targets); ulysses, MindSpeed's all-to-all over heads, on request (runtime mindspeed-rl)",
 }
 
 
@@ -55,6 +58,8 @@ def defaults(model: ModelSpec, hardware: HardwareSpec, knobs: dict[str, Any]) ->
         "moe_permutation_async_comm": False,
         "moe_alltoall_overlap_comm": False,
         "moe_tp_extend_ep": False,
+        "swap_attention": False,
+        "cp_algo": "ring",
     }
 
 
@@ -82,6 +87,8 @@ def make_layout(model: ModelSpec, hardware: HardwareSpec, global_batch_size: int
         moe_permutation_async_comm=k["moe_permutation_async_comm"],
         moe_alltoall_overlap_comm=k["moe_alltoall_overlap_comm"],
         moe_tp_extend_ep=k["moe_tp_extend_ep"],
+        swap_attention=k["swap_attention"],
+        cp_algo=k["cp_algo"],
     )
 
 

@@ -13,6 +13,13 @@ every round of dp, and every step waits for it. Its j-th micro-batch starts at t
 pair of the step, whose expected length is an order statistic of G draws from the histogram: closed form
 (`order_statistics`), no sampling. The interleaved pipeline pads a rank's micro-batches to its longest.
 Packing (`packed`) runs the runtime's own `pack_pairs` on pair sizes drawn by a seeded generator.
+
+MindSpeed-RL's batching (`GLOBAL_BATCH`): its DPO loader reads a global batch of G pairs at a time and its
+collator pads them all to the longest sequence, a multiple of 8 (`mindspeed_rl/datasets/dataloader.py`,
+`PairwiseDataCollatorWithPadding(pad_to_multiple_of=8)`), which MindSpeed-LLM then needs to be a multiple of
+tp * cp: every micro-batch of a step is as long as the expected longest of the step's 2 G sequences (the
+longest of G pairs' longer sides), rounded up to lcm(8, tp * cp). The step holding the dataset's longest pair
+holds every in-flight micro-batch at that length (`MicroBatchLengths.together`).
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from typing import Any
 
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.plan import Layout, Training
+from dpoc.planner.features import GLOBAL_BATCH, SORT_AND_CUT
 from dpoc.planner.packing import SEQUENCES_PER_PAIR, PackedSteps, uniform_packed_steps
 
 PACKING_SAMPLE_PAIRS = 4096  # pairs drawn to estimate packing (at least 4 global batches)
 PACKING_SEED = 0
+GLOBAL_BATCH_MULTIPLE = 8  # MindSpeed-RL's collator: pad_to_multiple_of=8
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,7 @@ class MicroBatchLengths:
     peak: float
     step_mean: float
     step_square: float
+    together: bool = False  # every micro-batch of a step padded alike: memory holds all of them at the peak
 
     @property
     def mean(self) -> float:
@@ -154,11 +164,11 @@ class MeanLength:
     def __init__(self, mean: float):
         self.mean = float(mean)
 
-    def micro_batches(self, layout: Layout, training: Training) -> MicroBatchLengths:
+    def micro_batches(self, layout: Layout, training: Training, batching: str = SORT_AND_CUT) -> MicroBatchLengths:
         m = layout.num_microbatches
         length = self.mean if training.dynamic_padding else float(training.seq_length)
         return MicroBatchLengths((length,) * m, (length * length,) * m, self.peak(layout, training), length,
-                                 length * length)
+                                 length * length, together=batching == GLOBAL_BATCH)
 
     def peak(self, layout: Layout, training: Training) -> float:
         """The longest a micro-batch's rows can be: unknown, so `seq_length`."""
@@ -197,7 +207,7 @@ class LengthStats:
     sequences: Histogram  # every sequence (chosen and rejected)
     longest: int  # the longest sequence
 
-    def micro_batches(self, layout: Layout, training: Training) -> MicroBatchLengths:
+    def micro_batches(self, layout: Layout, training: Training, batching: str = SORT_AND_CUT) -> MicroBatchLengths:
         m = layout.num_microbatches
         if not training.dynamic_padding:
             length = float(training.seq_length)
@@ -205,6 +215,11 @@ class LengthStats:
         multiple = layout.tp * layout.cp
         firsts, squares = self.longer.order_statistics(layout.global_batch_size)
         peak = self.peak(layout, training)
+        if batching == GLOBAL_BATCH:
+            multiple = math.lcm(GLOBAL_BATCH_MULTIPLE, multiple)
+            length, square = _rounded(firsts[0], squares[0], multiple)
+            peak = float(min(training.seq_length, math.ceil(self.longest / multiple) * multiple))
+            return MicroBatchLengths((length,) * m, (square,) * m, peak, length, square, together=True)
         b, dp = layout.micro_batch_size, layout.dp
         # micro-batch k of the step starts at its (k b + 1)-th longest pair and goes to rank k % dp; the
         # interleaved pipeline pads every micro-batch of a rank to the rank's longest, its first

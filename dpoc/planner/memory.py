@@ -32,6 +32,7 @@ from functools import cached_property
 from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner import lora as adapters
+from dpoc.planner.features import DPOC_CPU, NO_FEATURES, MemoryFeatures, Traits
 from dpoc.planner.lengths import Lengths, MeanLength, MicroBatchLengths
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
 from dpoc.planner.params import Shard, kv_width, q_width, real_layers_per_stage, stage_shard
@@ -96,12 +97,13 @@ def element_bytes(training: Training) -> int:
     return 4 if training.precision == "fp32" else 2
 
 
-def static_bytes(shard: Shard, layout: Layout, training: Training, trained: Shard | None = None
-                 ) -> tuple[float, float, float, float]:
+def static_bytes(shard: Shard, layout: Layout, training: Training, trained: Shard | None = None,
+                 features: MemoryFeatures = NO_FEATURES) -> tuple[float, float, float, float]:
     """(weights, gradients, optimizer, reference) bytes of one shard; `trained`: LoRA's adapters, the only
     parameters with gradients and optimizer state (held beside the frozen shard); default: the shard itself."""
     weight = element_bytes(training)
-    state = 8 if training.precision == "fp32" else 12  # (master +) Adam m, v
+    # (master +) Adam m, v; reuse_fp32_param keeps a 2 B residual in place of the 4 B master (`features`)
+    state = 8 if training.precision == "fp32" else (10 if features.reuses_fp32_param(layout, training) else 12)
     dense_group = layout.dp * layout.cp if layout.distributed_optimizer else 1
     expert_group = layout.edp if layout.distributed_optimizer else 1
     extra = trained or Shard(0, 0)
@@ -123,10 +125,32 @@ def _tokens(layout: Layout, seq_length: int, sequences: int) -> _Tokens:
     return _Tokens(full, full / layout.tp if layout.sequence_parallel else full)
 
 
+def flash_stats_bytes(model: ModelSpec, layout: Layout, tokens: float, features: MemoryFeatures) -> float:
+    """The attention kernel's fp32 softmax statistics for `tokens` tokens (`features.flash_stats` per head)."""
+    return FP32 * features.flash_stats * tokens * model.num_attention_heads / layout.tp
+
+
+def swapped_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int,
+                  features: MemoryFeatures) -> float:
+    """Bytes per layer swap attention moves to the host (`features`): what input_norm, self_attention and
+    post_attention_norm save (`layer_activation_bytes`'s attention part, and the post-attention norm's input),
+    less the fused QKV output that its views (v; with qk-norm the key's norm input) keep on the device: the
+    two norms' and qkv's inputs (3h, sequence-sharded), the flash output o, the query norm's input, the
+    statistics."""
+    if not layout.swap_attention:
+        return 0.0
+    a = element_bytes(training)
+    tok = _tokens(layout, training.seq_length, sequences)
+    q, kv = q_width(model), kv_width(model)
+    copies = q + (q + kv if model.qk_layernorm else 0)
+    return (a * tok.local * 3 * model.hidden_size + a * tok.full * copies / layout.tp
+            + flash_stats_bytes(model, layout, tok.full, features))
+
+
 def layer_activation_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int,
-                           lora: Lora | None = None) -> float:
+                           lora: Lora | None = None, features: MemoryFeatures = NO_FEATURES) -> float:
     """Bytes one layer saves for backward on one rank, no recompute, for `sequences` sequences (`lora`: the
-    frozen layer with its adapters)."""
+    frozen layer with its adapters; `features`: the attention kernel's statistics)."""
     a = element_bytes(training)
     tok = _tokens(layout, training.seq_length, sequences)
     h, q, kv, tp = model.hidden_size, q_width(model), kv_width(model), layout.tp
@@ -142,12 +166,12 @@ def layer_activation_bytes(model: ModelSpec, layout: Layout, training: Training,
 
     # attention: norm input and qkv input (h each, sequence-sharded; an adapter's input and A output gathered);
     # q, k, v and the flash output o (linear_proj's input); qk-norm inputs; the flash softmax statistics (fp32
-    # per head)
+    # per head: `features`)
     _, qkv_rank = linear("linear_qkv")
     proj, proj_rank = linear("linear_proj")
     attention = h * (a * tok.local + column_input("linear_qkv")) + a * tok.full * (qkv_rank + proj_rank)
     attention += tok.full * (a * (q + 2 * kv + (q + kv if model.qk_layernorm else 0)) + proj * q) / tp
-    attention += FP32 * tok.full * model.num_attention_heads / tp
+    attention += flash_stats_bytes(model, layout, tok.full, features)
     moe = model.moe
     if moe is None:
         # norm input and fc1 input; SwiGLU input (2F) and fc2 input (F)
@@ -168,6 +192,20 @@ def layer_activation_bytes(model: ModelSpec, layout: Layout, training: Training,
     mlp += local_copies * layout.etp * (fc1 * h + (2 * a + fc2) * f + a * (fc1_rank + fc2_rank))
     mlp += local_copies * (a * h + FP32)
     return attention + mlp
+
+
+def exchange_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int) -> float:
+    """Context parallelism's communication buffers in a layer's attention (transient, one layer at a time).
+    Ring: the rank's key and value block being sent and the one being received, and in the backward the same
+    for their gradients (4 blocks of k + v). Ulysses: the all-to-all's output, q, k and v regrouped by heads,
+    while its input is still held."""
+    if layout.cp == 1:
+        return 0.0
+    a, tok = element_bytes(training), _tokens(layout, training.seq_length, sequences)
+    q, kv = q_width(model), kv_width(model)
+    if layout.cp_algo == "ulysses":
+        return a * tok.full * (q + 2 * kv) / layout.tp
+    return 4 * a * tok.full * 2 * kv / layout.tp
 
 
 def layer_input_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int) -> float:
@@ -205,18 +243,22 @@ class _PerLayer:
     dispatch: float  # MoE dispatch buffers
     tokens: _Tokens
     last_stage_extra: float = 0.0  # the final norm's unfused saves (0 with fused kernels)
+    swapped: float = 0.0  # of `full`, what swap attention keeps on the host (one layer's on the device)
+    exchange: float = 0.0  # context parallelism's buffers in one layer's attention
 
     @classmethod
     def of(cls, model: ModelSpec, layout: Layout, training: Training, fused: bool = True,
-           lora: Lora | None = None) -> _PerLayer:
+           lora: Lora | None = None, features: MemoryFeatures = NO_FEATURES) -> _PerLayer:
         sequences = SEQUENCES_PER_PAIR * layout.micro_batch_size
         layer_extra, last_extra = (0.0, 0.0) if fused else unfused_kernel_bytes(model, layout, training, sequences)
         return cls(
-            full=layer_activation_bytes(model, layout, training, sequences, lora) + layer_extra,
+            full=layer_activation_bytes(model, layout, training, sequences, lora, features) + layer_extra,
             kept=layer_input_bytes(model, layout, training, sequences),
             dispatch=dispatch_bytes(model, layout, training, sequences),
             tokens=_tokens(layout, training.seq_length, sequences),
             last_stage_extra=last_extra,
+            swapped=swapped_bytes(model, layout, training, sequences, features),
+            exchange=exchange_bytes(model, layout, training, sequences),
         )
 
 
@@ -252,14 +294,14 @@ def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, s
 
 def chunk_saved_bytes(layout: Layout, per_layer: _PerLayer, layers: float) -> tuple[float, float]:
     """(saved, recompute working set) bytes of one micro-batch through a chunk of `layers` layers."""
-    full = per_layer.full
+    full = per_layer.full - per_layer.swapped  # what a layer that is not recomputed keeps on the device
     if layout.recompute != "full":
         return layers * full, 0.0
     n = layout.recompute_num_layers or 1
     if layout.recompute_method == "block":
         recomputed = min(n, layers)
-        return recomputed * per_layer.kept + (layers - recomputed) * full, full
-    return math.ceil(layers / n) * per_layer.kept, min(n, layers) * full
+        return recomputed * per_layer.kept + (layers - recomputed) * full, per_layer.full
+    return math.ceil(layers / n) * per_layer.kept, min(n, layers) * per_layer.full
 
 
 def communicators(layout: Layout, model: ModelSpec, stage: int) -> int:
@@ -276,13 +318,13 @@ def communicators(layout: Layout, model: ModelSpec, stage: int) -> int:
 def stage_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, stage: int, layers: int,
     per_layer: _PerLayer, ratios: tuple[float, ...], micro_batches: int | None = None,
-    workload: Workload = DPO_LIVE,
+    workload: Workload = DPO_LIVE, features: MemoryFeatures = NO_FEATURES,
 ) -> StageMemory:
     """`ratios`: each of the rank's micro-batches' expected length / the longest (per_layer's), in the order
     the rank runs them; `micro_batches`: per rank and step (default: the layout's)."""
     shard = stage_shard(model, layout, stage, layers)
     trained = adapters.stage_adapters(model, layout, workload.lora, layers) if workload.lora is not None else None
-    weights, gradients, optimizer, reference = static_bytes(shard, layout, training, trained)
+    weights, gradients, optimizer, reference = static_bytes(shard, layout, training, trained, features)
     if not workload.reference_weights:
         reference = 0.0
     a = element_bytes(training)
@@ -293,7 +335,7 @@ def stage_memory(
     logits = tokens.full * model.vocab_size / layout.tp * (FP32 if a == FP32 else a + FP32) if last else 0.0
     receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
     comm = communicators(layout, model, stage) * 2 * hardware.hccl_buffsize_mb * MIB
-    dispatch = per_layer.dispatch if layers else 0.0
+    dispatch = per_layer.dispatch + per_layer.exchange if layers else 0.0  # a layer's communication buffers
     if not workload.trains:  # forward only: a layer's working set, the logits, one tensor in and one out
         return StageMemory(
             stage=stage, layers=layers, params=shard.total, weights=weights, gradients=0.0, optimizer=0.0,
@@ -313,7 +355,9 @@ def stage_memory(
     # the live reference's forward: one layer's working set, and on the last stage its logits (freed once its
     # log-probabilities are gathered, before the policy's own logits exist)
     reference_forward = max(per_layer.full if layers else 0.0, logits) if workload.reference_forward else 0.0
-    transient = max(recompute_set, reference_forward) + dispatch
+    # swap attention: one layer's swapped tensors are on the device while that layer runs (or is fetched back)
+    swapping = per_layer.swapped if layers and layout.recompute != "full" else 0.0
+    transient = max(recompute_set, reference_forward) + dispatch + swapping
     return StageMemory(
         stage=stage, layers=layers, params=shard.total,
         weights=weights, gradients=gradients, optimizer=optimizer, reference=reference,
@@ -325,6 +369,7 @@ def stage_memory(
 def estimate_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training,
     lengths: Lengths | None = None, workload: Workload = DPO_LIVE, peak_candidates_only: bool = False,
+    traits: Traits = DPOC_CPU,
 ) -> MemoryEstimate:
     """Memory per device for every pipeline stage of a DPO run (`workload`: live or precomputed reference).
 
@@ -349,37 +394,40 @@ def estimate_memory(
         rows = MicroBatchLengths((row,) * micro_batches, (row * row,) * micro_batches, float(training.seq_length),
                                  row, row * row)
     else:
-        rows = lengths.micro_batches(layout, training)
-    return _estimate(model, hardware, layout, training, rows, micro_batches, workload, peak_candidates_only)
+        rows = lengths.micro_batches(layout, training, traits.batching)
+    return _estimate(model, hardware, layout, training, rows, micro_batches, workload, peak_candidates_only,
+                     traits.features)
 
 
 def reference_pass_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, lengths: Lengths,
-    micro_batch: int,
+    micro_batch: int, features: MemoryFeatures = NO_FEATURES,
 ) -> MemoryEstimate:
     """Memory per device of the precompute pass: `layout`'s parallelism, `micro_batch` pairs per forward, the
     dataset sorted by length (its longest micro-batch holds its longest pairs)."""
     peak = lengths.peak(layout, replace(training, dynamic_padding=True))
     rows = MicroBatchLengths((peak,), (peak * peak,), peak, peak, peak * peak)
     return _estimate(model, hardware, replace(layout, micro_batch_size=micro_batch), training, rows, None,
-                     REFERENCE_PASS, False)
+                     REFERENCE_PASS, False, features)
 
 
 def _estimate(model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training,
-              rows: MicroBatchLengths, micro_batches: int | None, workload: Workload, peak_candidates_only: bool
-              ) -> MemoryEstimate:
+              rows: MicroBatchLengths, micro_batches: int | None, workload: Workload, peak_candidates_only: bool,
+              features: MemoryFeatures) -> MemoryEstimate:
     # fused kernels (flash attention, fused norms) on npu/cuda; SDPA and unfused local layers on cpu; every
     # per-micro-batch term at the longest length a micro-batch can have
     at_peak = replace(training, seq_length=math.ceil(rows.peak)) if rows.peak < training.seq_length else training
-    per_layer = _PerLayer.of(model, layout, at_peak, fused=hardware.device != "cpu", lora=workload.lora)
-    ratios = tuple(length / rows.peak for length in rows.lengths)
+    per_layer = _PerLayer.of(model, layout, at_peak, fused=hardware.device != "cpu", lora=workload.lora,
+                             features=features)
+    ratios = tuple(1.0 if rows.together else length / rows.peak for length in rows.lengths)
     layers = real_layers_per_stage(layout)
     indices = range(len(layers))
     if peak_candidates_only:
         first_with = {n: i for i, n in reversed(list(enumerate(layers[1:-1], 1)))}
         indices = sorted({0, len(layers) - 1, *first_with.values()})
     stages = tuple(
-        stage_memory(model, hardware, layout, at_peak, i, layers[i], per_layer, ratios, micro_batches, workload)
+        stage_memory(model, hardware, layout, at_peak, i, layers[i], per_layer, ratios, micro_batches, workload,
+                     features)
         for i in indices
     )
     return MemoryEstimate(stages, hardware.memory_gib * GIB)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dpoc.contract.plan import Layout, Training
+from dpoc.planner.features import SORT_AND_CUT, Traits
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import GIB, MemoryEstimate, StageMemory
 from dpoc.planner.throughput import ReferencePass, Throughput
@@ -64,11 +65,19 @@ def packing_summary(layout: Layout, training: Training, lengths: Lengths) -> dic
             "pairs_per_micro_batch": round(steps.pairs_per_micro_batch, 3), "fill": round(steps.fill, 4)}
 
 
-def padding_summary(layout: Layout, training: Training, lengths: Lengths) -> dict[str, Any]:
+def padding_summary(layout: Layout, training: Training, lengths: Lengths, batching: str = SORT_AND_CUT
+                    ) -> dict[str, Any]:
     """The padded tokens per sequence the plan assumes: the slowest rank's micro-batches on average, and the
     longest one (what memory is planned for)."""
-    rows = lengths.micro_batches(layout, training)
+    rows = lengths.micro_batches(layout, training, batching)
     return {"mean_padded_tokens": round(rows.mean, 2), "longest_tokens": round(rows.peak, 2)}
+
+
+def traits_summary(traits: Traits) -> dict[str, Any]:
+    """The target's batching and memory features the estimate models."""
+    f = traits.features
+    return {"name": traits.target, "batching": traits.batching, "reuse_fp32_param": f.reuse_fp32_param,
+            "flash_stats_fp32_per_head": f.flash_stats}
 
 
 def reference_pass_summary(estimate: ReferencePass, memory: MemoryEstimate) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from itertools import product
 from typing import Any
 
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.planner.features import DPOC_CPU, Traits
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import MemoryEstimate, estimate_memory
 from dpoc.planner.throughput import Efficiency, Throughput, predict
@@ -143,12 +144,13 @@ def search(
     model: ModelSpec, hardware: HardwareSpec, training: Training, build: Build, validate: Validate,
     efficiency: Efficiency, lengths: Lengths, pinned: dict[str, Any] | None = None,
     space: SearchSpace | None = None, keep_too_big: int = 5, workload: Workload = DPO_LIVE,
+    traits: Traits = DPOC_CPU,
 ) -> SearchResult:
     """Every layout of `space` (pinned knobs fixed) that `validate` accepts and that fits, ranked.
 
     `build(knobs)` is the compiler's knobs -> Layout step; `validate(layout)` its rules (problems, empty when
     valid); `lengths` the sequence lengths (throughput, and memory under dynamic padding); `workload` the live
-    or precomputed reference.
+    or precomputed reference; `traits` how the target batches and which memory features it has.
     """
     pinned = pinned or {}
     space = space or default_space(model, hardware, training)
@@ -166,11 +168,12 @@ def search(
         if problems:
             rule_rejected += 1
             continue
-        memory = estimate_memory(model, hardware, layout, training, lengths, workload, peak_candidates_only=True)
+        memory = estimate_memory(model, hardware, layout, training, lengths, workload, peak_candidates_only=True,
+                                 traits=traits)
         if not memory.fits:
             too_big.append(Candidate(key, layout, memory, None, (memory.need_text(),)))
             continue
-        throughput = predict(model, hardware, layout, training, efficiency, lengths, workload)
+        throughput = predict(model, hardware, layout, training, efficiency, lengths, workload, traits.batching)
         ranked.append(Candidate(key, layout, memory, throughput, ()))
     ranked.sort(key=lambda c: (-c.throughput.samples_per_s, c.memory.peak.total))
     too_big.sort(key=lambda c: c.memory.peak.total)
@@ -181,6 +184,7 @@ def smallest_fitting_nodes(
     model: ModelSpec, hardware: HardwareSpec, training: Training,
     prepare: Callable[[HardwareSpec], tuple[Build, Validate]], efficiency: Efficiency, lengths: Lengths,
     pinned: dict[str, Any] | None = None, max_nodes: int = 1024, workload: Workload = DPO_LIVE,
+    traits: Traits = DPOC_CPU,
 ) -> int | None:
     """The fewest nodes (doubling from the hardware's count) on which some valid layout fits, for the
     "does not fit, smallest need is N devices" message; None if even `max_nodes` is not enough.
@@ -189,7 +193,8 @@ def smallest_fitting_nodes(
     while nodes <= max_nodes:
         bigger = replace(hardware, nodes=nodes)
         build, validate = prepare(bigger)
-        found = search(model, bigger, training, build, validate, efficiency, lengths, pinned, workload=workload)
+        found = search(model, bigger, training, build, validate, efficiency, lengths, pinned, workload=workload,
+                       traits=traits)
         if found.ranked:
             return nodes
         nodes *= 2

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner import lora as adapters
+from dpoc.planner.features import SORT_AND_CUT
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
@@ -261,10 +262,7 @@ def _stage_comm_s(run: _Run, layers: int) -> float:
         ops = passes * layers * 2
         volume = ops * model.moe.topk * local * (layout.ep - 1) / layout.ep
         comm += _transfer_s(hw, layout.etp * layout.ep, volume, ops)
-    if layout.cp > 1:  # ring attention: cp - 1 KV blocks per pass, the backward also returns their gradients
-        ops = (passes + 1) * layers * (layout.cp - 1)
-        kv_block = whole / model.hidden_size * 2 * kv_width(model) / layout.tp
-        comm += _transfer_s(hw, layout.tp * layout.cp, ops * kv_block, ops)
+    comm += context_parallel_exposed_s(run, layers)
     if layout.pp > 1:  # the stage's input forward and its gradient backward, policy + reference together
         carried = run.activation_bytes(run.sequences * (2 if run.workload.reference_forward else 1))
         directions = 2 if run.workload.trains else 1
@@ -274,10 +272,11 @@ def _stage_comm_s(run: _Run, layers: int) -> float:
 
 def predict(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, efficiency: Efficiency,
-    lengths: Lengths, workload: Workload = DPO_LIVE,
+    lengths: Lengths, workload: Workload = DPO_LIVE, batching: str = SORT_AND_CUT,
 ) -> Throughput:
     """Throughput of `layout` with sequences as `lengths` says: padded micro-batches at the slowest rank's
-    expected lengths, or packed streams computing their real tokens (attention per sequence)."""
+    expected lengths as the target batches (`batching`), or packed streams computing their real tokens
+    (attention per sequence)."""
     real, real_square = lengths.sequence_moments()
     if training.packing and workload.pairwise:
         steps = lengths.packed(layout, training)
@@ -287,7 +286,7 @@ def predict(
             sequences = steps.budget / seq
         step_mean, step_square = seq, seq_square
     else:
-        rows = lengths.micro_batches(layout, training)
+        rows = lengths.micro_batches(layout, training, batching)
         seq, seq_square, micro_batches = rows.mean, rows.mean_square, layout.num_microbatches
         sequences = workload.sequences_per_sample * layout.micro_batch_size
         step_mean, step_square = rows.step_mean, rows.step_square
@@ -315,6 +314,31 @@ def predict(
         compute_s=compute_s, communication_s=comm_s, latency_s=latency_s, bubble_s=bubble,
         data_parallel_s=data_parallel, optimizer_s=optimizer, micro_batches=micro_batches,
     )
+
+
+def context_parallel_exposed_s(run: _Run, layers: int) -> float:
+    """Context parallelism's exchange through one stage per micro-batch, as far as it is not hidden.
+
+    Ring (`cp_algo: ring`): each pass sends cp - 1 blocks of the rank's keys and values around the group (the
+    backward also returns their gradients: one pass more); each block's transfer runs while the previous
+    block's attention computes (MindSpeed's and megatron-core's ring attention post the send/receive first), so
+    only what exceeds the attention core's time is exposed. Ulysses: an all-to-all of q, k, v before the core
+    and of its output after, in every pass, (cp - 1) / cp of them leaving the rank; nothing to overlap with."""
+    layout, model, hw = run.layout, run.model, run.hardware
+    if layout.cp == 1:
+        return 0.0
+    tokens = run.activation_bytes(run.sequences) / model.hidden_size / layout.tp  # bytes per width unit
+    span = layout.tp * layout.cp
+    if layout.cp_algo == "ulysses":
+        ops = run.passes * layers * 2
+        width = 2 * q_width(model) + 2 * kv_width(model)  # q, k, v in; the output back
+        volume = run.passes * layers * tokens * width * (layout.cp - 1) / layout.cp
+        return _transfer_s(hw, span, volume, ops)
+    ops = (run.passes + 1) * layers * (layout.cp - 1)
+    exchange = _transfer_s(hw, span, ops * tokens * 2 * kv_width(model), ops)
+    f = _stage_forward_flops(model, layers, False, run.seq, run.sequences, run.seq_square)
+    core = run.passes * f.attention_core / run.efficiency.dense / (span * hw.peak_tflops * 1e12)
+    return max(0.0, exchange - core)
 
 
 def _slowest_stage(run: _Run) -> tuple[float, float, float, float]:

@@ -56,7 +56,7 @@ def test_the_estimate_drops_the_reference_at_the_same_layout():
 
 
 def test_plan_shows_the_best_layout_of_each_mode(dpoc_cli):
-    result = dpoc_cli("plan", GUIDE, "parallelism=auto", "--json", "--top", "1")
+    result = dpoc_cli("plan", GUIDE, "parallelism=auto", "~training.length_stats", "--json", "--top", "1")
     modes = json.loads(result.out)["reference_modes"]
     live, pre = modes["live"], modes["precomputed"]
     assert pre["throughput"]["samples_per_s"] > live["throughput"]["samples_per_s"]
@@ -91,7 +91,7 @@ def test_length_stats_is_read_at_load_and_drives_the_estimate(tmp_path):
     assert plan.estimate["lengths"]["kind"] == "histogram" and plan.estimate["lengths"]["longest"] == 190
     padding = plan.estimate["padding"]
     assert 128 < padding["mean_padded_tokens"] < 192 and padding["longest_tokens"] == 190
-    full = plan_recipe(GUIDE).estimate
+    full = plan_recipe(GUIDE, ["~training.length_stats"]).estimate
     assert plan.estimate["throughput"]["samples_per_s"] > 5 * full["throughput"]["samples_per_s"]
 
 
@@ -112,6 +112,6 @@ def test_length_stats_problems_name_the_field_or_the_file(dpoc_cli, tmp_path):
 
 
 def test_the_may_not_fit_warning_points_at_length_stats(dpoc_cli, tmp_path):
-    result = dpoc_cli("build", GUIDE, "-o", tmp_path / "o")
+    result = dpoc_cli("build", GUIDE, "~training.length_stats", "-o", tmp_path / "o")
     assert "set training.length_stats to the dataset's _stats.json (preprocess.sh writes it)" in result.err
     assert "mean_seq_length" not in result.err

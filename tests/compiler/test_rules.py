@@ -125,3 +125,14 @@ def test_a_follow_on_violation_is_left_out_while_its_root_cause_stands():
 
 def test_shipped_guide_layouts_pass_every_rule():
     assert rules.check(context()) == []
+
+
+def test_ulysses_needs_heads_divisible_by_cp_tp_and_ring_does_not():
+    """MindSpeed's UlyssesContextParallelFeature splits heads over cp·tp; ring attention splits the sequence."""
+    heads = {"num_attention_heads": 24, "num_query_groups": 4}  # 24 % (4 * 2) = 0, 24 % (8 * 2) != 0
+    knobs = {"cp": 8, "pp": 1, "cp_algo": "ulysses"}
+    (v,) = rules.context_parallel(context(knobs=knobs, model=heads))
+    assert (v.field, v.message) == ("parallelism.cp", "cp=8: Ulysses context parallelism needs the 24 heads divisible "
+                                    "by cp·tp = 16; valid: cp in {2, 3, 4, 6, 12}, or cp_algo=ring")
+    assert list(rules.context_parallel(context(knobs={**knobs, "cp": 4}, model=heads))) == []
+    assert list(rules.context_parallel(context(knobs={**knobs, "cp_algo": "ring"}, model=heads))) == []

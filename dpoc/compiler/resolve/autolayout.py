@@ -15,6 +15,7 @@ from dpoc.compiler.resolve import rules
 from dpoc.contract.lora import Lora
 from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 from dpoc.contract.runs import ROUND_MICRO_BATCHES
+from dpoc.planner.features import Traits
 from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import Lengths, MeanLength
 from dpoc.planner.memory import GIB, MemoryEstimate, estimate_memory, reference_pass_memory
@@ -53,6 +54,11 @@ class LayoutInputs:
         """The step the planner models. Under LoRA the reference is the policy with its adapters off, except
         where it is another model: `checkpoint.ref_model`, or MindSpeed-LLM's DPO, which builds it as one."""
         return dpo_workload(self.dpo.reference, self.lora, self.own_reference or self.runtime == "mindspeed-rl")
+
+    @property
+    def traits(self) -> Traits:
+        """How the recipe's target batches and saves memory, as the planner models it."""
+        return targets.get(self.runtime).traits(self.hardware)
 
     def build(self, knobs: dict[str, Any], hardware: HardwareSpec | None = None) -> Layout:
         return make_layout(self.model, hardware or self.hardware, self.global_batch_size, knobs)
@@ -113,6 +119,7 @@ def search_layouts(i: LayoutInputs, hardware: HardwareSpec | None = None, worklo
         i.pinned,
         space,
         workload=workload or i.workload,
+        traits=i.traits,
     )
 
 
@@ -122,12 +129,13 @@ def choose(i: LayoutInputs) -> Choice:
         errors = i.errors(layout)
         if errors:
             raise LayoutError(errors)
-        memory = estimate_memory(i.model, i.hardware, layout, i.training, i.lengths, i.workload)
+        memory = estimate_memory(i.model, i.hardware, layout, i.training, i.lengths, i.workload, traits=i.traits)
         hint = "valid: unpin knobs and let the planner choose, or see `dpoc plan` for layouts that fit"
         if max(s.static + s.reserve for s in memory.stages) > memory.capacity:
             raise LayoutError([_does_not_fit(memory, i.hardware, hint)])
         warnings = () if memory.fits else (_activations_do_not_fit(memory, i.lengths),)
-        throughput = predict(i.model, i.hardware, layout, i.training, FITTED, i.lengths, i.workload)
+        throughput = predict(i.model, i.hardware, layout, i.training, FITTED, i.lengths, i.workload,
+                             i.traits.batching)
         reference = reference_plan(i, layout)
         warnings += _reference_warnings(reference)
         return Choice(layout, memory, throughput, (), None, warnings, reference, full_parameter(i, layout))
@@ -136,7 +144,7 @@ def choose(i: LayoutInputs) -> Choice:
     if result.best is None:
         raise LayoutError(explain_failure(i, result))
     best = result.best
-    memory = estimate_memory(i.model, i.hardware, best.layout, i.training, i.lengths, i.workload)
+    memory = estimate_memory(i.model, i.hardware, best.layout, i.training, i.lengths, i.workload, traits=i.traits)
     chosen = tuple(k for k, _ in best.knobs if k not in i.pinned)
     reference = reference_plan(i, best.layout)
     return Choice(best.layout, memory, best.throughput, chosen, result, _reference_warnings(reference), reference,
@@ -160,7 +168,8 @@ def reference_plan(i: LayoutInputs, layout: Layout) -> ReferencePlan | None:
     pinned = i.dpo.reference_micro_batch_size
     candidates = [pinned] if pinned else [1 << k for k in range(REFERENCE_MICRO_BATCH_CAP.bit_length() - 1, -1, -1)]
     for micro_batch in candidates:
-        memory = reference_pass_memory(i.model, i.hardware, layout, i.training, i.lengths, micro_batch)
+        memory = reference_pass_memory(i.model, i.hardware, layout, i.training, i.lengths, micro_batch,
+                                       i.traits.features)
         if memory.fits or micro_batch == candidates[-1]:
             break
     estimate = predict_reference_pass(i.model, i.hardware, layout, i.training, FITTED, i.lengths, micro_batch,
@@ -189,7 +198,7 @@ def explain_failure(i: LayoutInputs, result: SearchResult) -> list[rules.Violati
             return (lambda k: i.build(k, hw)), (lambda lay: i.errors(lay, hw))
 
         nodes = smallest_fitting_nodes(i.model, i.hardware, i.training, prepare, FITTED, i.lengths, i.pinned,
-                                       workload=i.workload)
+                                       workload=i.workload, traits=i.traits)
         need = (
             f"smallest need is {nodes * i.hardware.devices_per_node} devices ({nodes} nodes)"
             if nodes

@@ -235,19 +235,24 @@ def _layout(v: _Values, inputs: LayoutInputs) -> tuple[Layout, dict[str, Any], l
               f"efficiency, the estimate's lengths and the {reference} reference; samples are preference pairs "
               "(pairs/s)")
     v.derived("estimate.reference", None, "dpo.reference", "the reference mode the estimate models")
-    v.derived("estimate.padding", None, "planner.lengths", "dynamic padding: the slowest data-parallel rank's "
-              "expected padded tokens per sequence, and the longest micro-batch's (what memory is planned for)")
+    v.derived("estimate.target", None, "runtime", "how the target batches (sort-and-cut: each micro-batch padded "
+              "to its own longest pair; global-batch: every micro-batch to its global batch's longest) and the "
+              "memory features it turns on, as the planner models them")
+    v.derived("estimate.padding", None, "planner.lengths", "dynamic padding, as the target batches: the slowest "
+              "data-parallel rank's expected padded tokens per sequence, and the longest micro-batch's (what memory "
+              "is planned for)")
     estimate = {
         "lengths": inputs.lengths.summary(),
         "reference": reference,
         "efficiency": {"dense": autolayout.FITTED.dense, "experts": autolayout.FITTED.experts},
+        "target": report.traits_summary(inputs.traits),
         "memory": report.memory_summary(choice.memory),
         "throughput": report.throughput_summary(choice.throughput),
     }
     if inputs.training.packing:
         estimate["packing"] = report.packing_summary(layout, inputs.training, inputs.lengths)
     elif inputs.training.dynamic_padding:
-        estimate["padding"] = report.padding_summary(layout, inputs.training, inputs.lengths)
+        estimate["padding"] = report.padding_summary(layout, inputs.training, inputs.lengths, inputs.traits.batching)
     if choice.full_parameter is not None:
         v.derived("estimate.full_parameter", None, "planner.memory", "LoRA's alternative: this layout training "
                   "every parameter (its gradients, optimizer state and reference copy), beside the LoRA estimate")

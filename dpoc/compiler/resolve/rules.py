@@ -179,10 +179,10 @@ def context_parallel(c: Context) -> Iterable[Violation]:
         return
     if seq % (2 * lay.cp):
         yield Violation("parallelism.cp", f"cp={lay.cp}: seq_length {seq} must be divisible by 2·cp = {2 * lay.cp}")
-    if heads % (lay.cp * lay.tp):
+    if lay.cp_algo == "ulysses" and heads % (lay.cp * lay.tp):  # MindSpeed's UlyssesContextParallelFeature
         ok = [x for x in divisors(heads // lay.tp) if x > 1] if heads % lay.tp == 0 else []
         yield Violation("parallelism.cp", f"cp={lay.cp}: Ulysses context parallelism needs the {heads} heads "
-                        f"divisible by cp·tp = {lay.cp * lay.tp}; valid: cp in {_set(ok)}")
+                        f"divisible by cp·tp = {lay.cp * lay.tp}; valid: cp in {_set(ok)}, or cp_algo=ring")
 
 
 def sequence_parallel_needs_tp(c: Context) -> Iterable[Violation]:

@@ -10,9 +10,10 @@ from dpoc.compiler.resolve.rules import Violation
 from dpoc.contract import losses
 from dpoc.contract.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from dpoc.contract.megatron_args import Arg, format_args, model_args
-from dpoc.contract.plan import DPO, Plan
+from dpoc.contract.plan import DPO, HardwareSpec, Plan
 from dpoc.contract.requirements import Requirement
 from dpoc.contract.runs import INPUT_ERROR_ENV, PREEMPTED
+from dpoc.planner.features import SORT_AND_CUT, Traits, kernel_features
 
 if TYPE_CHECKING:
     from dpoc.planner.search import SearchSpace
@@ -24,6 +25,13 @@ def requirements() -> list[Requirement]:
     """What the runtime imports on a node, at the versions of the `runtime` extra (pyproject.toml)."""
     return [Requirement("torch", "torch", (2, 5)), Requirement("megatron.core", "megatron-core", (0, 12), (0, 20)),
             Requirement("numpy", "numpy", (1, 24))]
+
+
+def traits(hardware: HardwareSpec) -> Traits:
+    """How the planner models this target: each global batch sorted and cut into micro-batches, each padded to
+    its own longest pair (`runtime/data.py`); no optional memory feature (no fp32 reuse, no swap), only its
+    kernels' saved tensors."""
+    return Traits(NAME, SORT_AND_CUT, kernel_features(hardware.device))
 
 
 def node_script(rank: int) -> str:
@@ -67,10 +75,13 @@ def unsupported(plan: Plan) -> list[Violation]:
     if layout.moe_dispatcher == "alltoall_seq":
         out.append(Violation("parallelism.moe_dispatcher", f"{why} has no alltoall_seq dispatcher; valid: "
                              "alltoall, allgather"))
+    if layout.cp_algo != "ring":
+        out.append(Violation("parallelism.cp_algo", f"{layout.cp_algo}: {why} runs ring context parallelism only; "
+                             "valid: ring, or runtime=mindspeed-rl"))
     if layout.noop_layers:
         out.append(Violation("parallelism.noop_layers", f"{why} has no no-op layers; valid: num_layer_list for "
                              "an uneven pipeline"))
-    for knob in ("moe_tp_extend_ep", "moe_alltoall_overlap_comm", "moe_permutation_async_comm"):
+    for knob in ("moe_tp_extend_ep", "moe_alltoall_overlap_comm", "moe_permutation_async_comm", "swap_attention"):
         if getattr(layout, knob):
             out.append(Violation(f"parallelism.{knob}", f"is a MindSpeed feature {why} does not have; valid: false, "
                                  "or runtime=mindspeed-rl"))

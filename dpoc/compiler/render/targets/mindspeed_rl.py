@@ -7,6 +7,7 @@ always written (its Qwen3 model files leave it at 1e-5).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -16,13 +17,17 @@ from dpoc.compiler.render.targets import mindspeed_lora
 from dpoc.compiler.resolve.rules import Violation
 from dpoc.contract import losses
 from dpoc.contract.family import DEFAULT_TEMPLATE
-from dpoc.contract.plan import DPO, Plan
+from dpoc.contract.plan import DPO, HardwareSpec, Plan
 from dpoc.contract.requirements import Requirement
+from dpoc.planner.features import GLOBAL_BATCH, Traits, kernel_features
+from dpoc.planner.lengths import GLOBAL_BATCH_MULTIPLE
 
 if TYPE_CHECKING:
     from dpoc.planner.search import SearchSpace
 
 NAME = "mindspeed-rl"
+# parallelism.cp_algo -> MindSpeed's context_parallel_algo (MindSpeed-RL's DPO supports these two)
+CP_ALGO = {"ring": "megatron_cp_algo", "ulysses": "ulysses_cp_algo"}
 DEFAULT_BETA, DEFAULT_ADAM_EPS = 0.1, 1e-8
 
 
@@ -32,6 +37,13 @@ def requirements() -> list[Requirement]:
     return [Requirement("torch", "torch", (2, 5)), Requirement("megatron.core", "megatron-core"),
             Requirement("mindspeed", "mindspeed"), Requirement("mindspeed_rl", "mindspeed_rl"),
             Requirement("hydra", "hydra-core")]
+
+
+def traits(hardware: HardwareSpec) -> Traits:
+    """How the planner models this target: every micro-batch padded to its global batch's longest sequence
+    (its DPO data loader), and MindSpeed's fp32 parameter reuse, which this target renders
+    (`_layout_config`), on top of the NPU kernels' saved tensors."""
+    return Traits(NAME, GLOBAL_BATCH, replace(kernel_features(hardware.device), reuse_fp32_param=True))
 
 
 def node_script(rank: int) -> str:
@@ -97,6 +109,7 @@ def unsupported(plan: Plan) -> list[Violation]:
         out.append(Violation("training.packing", "true: MindSpeed-RL's pairwise DPO data has no packing (each "
                              "micro-batch holds whole padded pairs); valid: false, or runtime=dpoc"))
     out += _loss_violations(dpo)
+    out += _context_parallel_violations(plan)
     out += mindspeed_lora.unsupported(plan)
     if dpo.reference == "precomputed":
         out.append(Violation("dpo.reference", "precomputed: MindSpeed-LLM's DPO runs the frozen reference forward "
@@ -106,6 +119,25 @@ def unsupported(plan: Plan) -> list[Violation]:
     if plan.source_of("checkpoint.keep").source.startswith("user"):
         out.append(Violation("checkpoint.keep", f"{plan.checkpoint.keep}: MindSpeed-RL keeps every checkpoint it "
                              "saves; valid: leave it unset, or runtime=dpoc"))
+    return out
+
+
+def _context_parallel_violations(plan: Plan) -> list[Violation]:
+    """What MindSpeed and MindSpeed-LLM check of cp at start (the shared rules have seq_length % 2·cp and
+    Ulysses' heads % cp·tp), and what the padding they then do leaves. MindSpeed's ring attention
+    (`megatron_cp_algo`) splits every sequence into 2·cp load-balanced chunks; with `no_pad_to_seq_lengths`
+    (dynamic padding) a batch is padded only to its longest sequence rounded up to the collator's 8 and to
+    tp·cp (MindSpeed-RL sets pad_to_multiple_of = tp·cp), so that must be a multiple of 2·cp."""
+    lay, out = plan.layout, []
+    if lay.cp == 1 or not plan.training.dynamic_padding or lay.cp_algo != "ring":
+        return out
+    multiple = math.lcm(GLOBAL_BATCH_MULTIPLE, lay.tp * lay.cp)
+    if multiple % (2 * lay.cp):
+        out.append(Violation("parallelism.cp_algo", f"ring: MindSpeed's ring attention splits each sequence into "
+                             f"2·cp = {2 * lay.cp} chunks, but with dynamic padding MindSpeed-RL pads a batch only "
+                             f"to a multiple of lcm(8, tp·cp) = {multiple}; valid: cp_algo=ulysses, cp <= 4 or an "
+                             "even tp, "
+                             "or training.dynamic_padding=false"))
     return out
 
 
@@ -267,10 +299,12 @@ def _layout_config(plan: Plan) -> dict[str, Any]:
         "pipeline_model_parallel_size": lay.pp,
         "expert_model_parallel_size": lay.ep,
         "context_parallel_size": lay.cp,
+        "context_parallel_algo": CP_ALGO[lay.cp_algo] if lay.cp > 1 else None,
         "sequence_parallel": lay.sequence_parallel,
         "use_distributed_optimizer": lay.distributed_optimizer,
         "overlap_grad_reduce": lay.distributed_optimizer,
-        "reuse_fp32_param": lay.distributed_optimizer and plan.training.precision == "bf16",
+        "reuse_fp32_param": traits(plan.hardware).features.reuses_fp32_param(lay, plan.training),
+        "swap_attention": lay.swap_attention,
         "distributed_backend": "nccl",
     }
 
