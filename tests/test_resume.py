@@ -98,6 +98,14 @@ def _no_job_left_running():
         _STARTED.pop().kill()
 
 
+def kill_mid_save(script: Path, log: Path, iteration: int, flag: Path) -> None:
+    """Start the job and SIGKILL all of it in the middle of the save of `iteration`."""
+    job = Job(script, log, **{PAUSE_ENV: f"{iteration}:{flag}"})
+    job.wait_for(flag.exists, f"save of step {iteration}")
+    job.kill()
+    flag.unlink()
+
+
 def _steps(run: Path) -> list[dict]:
     path = run / METRICS
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -124,11 +132,7 @@ def test_killed_mid_save_then_preempted_the_job_resumes_exactly(tmp_path, data, 
     save = run / "checkpoints"
 
     # 1. SIGKILL in the middle of the save of step 4: step 2's checkpoint stays the one to resume from
-    flag = tmp_path / "paused"
-    job = Job(script, tmp_path / "1.log", **{PAUSE_ENV: f"4:{flag}"})
-    job.wait_for(flag.exists, "save of step 4")
-    job.kill()
-    flag.unlink()
+    kill_mid_save(script, tmp_path / "1.log", 4, tmp_path / "paused")
     assert publish.iterations(save) == [2] and (save / TRACKER).read_text() == "2\n"
     assert [p.name.split(".tmp-")[0] for p in save.glob("*.tmp-*")] == ["iter_0000004"]
     assert [r["step"] for r in _steps(run)] == [1, 2, 3, 4]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dpoc.contract import losses
+from dpoc.contract.lora import MCORE_TARGETS
 
 if TYPE_CHECKING:
     from argparse import _ArgumentGroup as _Group  # what add_argument_group returns
@@ -180,6 +181,15 @@ def _dpo_flags(g: _Group, job: dict[str, bool]) -> None:
                    help="pairs per forward of the precompute pass (default: --micro-batch-size)")
 
 
+def _lora_flags(g: _Group, job: dict[str, bool]) -> None:
+    g.add_argument("--lora-r", type=int, default=None, help="LoRA rank; given, only adapters train (base frozen)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="the adapters' update is (alpha / r) B A")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--lora-target-modules", type=_lora_targets, default=MCORE_TARGETS,
+                   help=f"megatron-core linears that get adapters, by commas (of {', '.join(MCORE_TARGETS)})")
+    g.add_argument("--dpoc-lora-experts", **_SWITCH, help="routed MoE experts get adapters too (one per expert)")
+
+
 def _logging_flags(g: _Group, job: dict[str, bool]) -> None:
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", type=str, default=None)
@@ -197,6 +207,7 @@ _GROUPS: tuple[tuple[str, Callable[[_Group, dict[str, bool]], None]], ...] = (
     ("data", _data_flags),
     ("checkpoint", _checkpoint_flags),
     ("dpo", _dpo_flags),
+    ("lora", _lora_flags),
     ("logging", _logging_flags),
 )
 
@@ -209,6 +220,14 @@ def _loss_names(text: str) -> tuple[str, ...]:
     if losses.unpaired(names) and len(names) > 1:
         raise argparse.ArgumentTypeError(f"{text!r}: kto trains on unpaired completions and cannot be added to "
                                          "other losses (valid: kto alone)")
+    return names
+
+
+def _lora_targets(text: str) -> tuple[str, ...]:
+    names = tuple(text.split(","))
+    unknown = [n for n in names if n not in MCORE_TARGETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown LoRA target {unknown[0]!r} (valid: {', '.join(MCORE_TARGETS)})")
     return names
 
 

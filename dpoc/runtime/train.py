@@ -28,6 +28,7 @@ from dpoc.contract.kernels import FUSED
 from dpoc.runtime.checkpoint.preemption import Preemption
 from dpoc.runtime.checkpoint.save_load import Checkpointer, check_start
 from dpoc.runtime.model import device as devices
+from dpoc.runtime.model import lora
 from dpoc.runtime.model.gpt import (
     expert_path,
     transformer_config,
@@ -81,7 +82,8 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     policy, reference = build_models(args, config, weights)
     optimizer, scheduler = build_optimizer(args, policy)
     config.no_sync_func = [c.no_sync for c in policy] if len(policy) > 1 else policy[0].no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = lora.finalize_with_adapters(finalize_model_grads) \
+        if lora.settings(args) else finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 
     objective = Objective.from_args(args)
@@ -91,7 +93,8 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
     # the memory probe measures step 1 of a fresh model and stops: it reads and writes no checkpoint
     start, notes = (0, ["memory probe: step 1 only, no checkpoint is read or written"]) \
         if args.dpoc_measure_memory else checkpoints.resume()
-    log = _open_log(args, device, dp_size, start, weights, precomputed) if dist.get_rank() == 0 else None
+    log = _open_log(args, device, dp_size, start, weights, precomputed, reference is policy) \
+        if dist.get_rank() == 0 else None
     say = log.line if log else None
     for note in [*(f"warning: {w}" for w in dataset.warnings), *notes] if log else ():
         log.line(note)
@@ -111,7 +114,8 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
         lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         _, grad_norm, _ = optimizer.step()
         if saved:  # after the first update, when the optimizer's state exists
-            memory_probe.write(args.dpoc_run_dir, memory_probe.static_bytes(policy, reference, optimizer), saved)
+            frozen = [] if reference is policy else reference  # a LoRA policy that is its own reference
+            memory_probe.write(args.dpoc_run_dir, memory_probe.static_bytes(policy, frozen, optimizer), saved)
             break
         scheduler.step(increment=1)
         record = _step_metrics(per_micro_batch, batches, objective, args.global_batch_size, dp_size, device)
@@ -141,7 +145,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
 
 
 def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, start: int,
-              weights: tuple[weight_sources.WeightSource, ...], precomputed) -> RunLog:
+              weights: tuple[weight_sources.WeightSource, ...], precomputed, shared_base: bool) -> RunLog:
     log = RunLog(args.dpoc_run_dir, args.train_iters, start, args.tensorboard_dir)
     log.line(f"dpoc runtime: {dist.get_world_size()} processes on {device.kind}, "
              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
@@ -150,6 +154,12 @@ def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, st
     log.line(f"kernels: attention {devices.attention_kernel(device.kind, args.dpoc_core_attention)}, "
              f"moe experts {expert_path(args)}, fused {' '.join(FUSED[device.kind]) or '-'}")
     reference = "none (a reference-free loss)" if args.dpoc_reference == "none" else weights[1].describe()
+    adapters = lora.settings(args)
+    if adapters:
+        log.line(f"lora: rank {adapters.rank}, alpha {adapters.alpha:g}, dropout {adapters.dropout:g} on "
+                 f"{', '.join(adapters.targets)}{' (experts too)' if adapters.experts else ''}; the base is frozen")
+        if shared_base:
+            reference = "the policy with its adapters off (the frozen base)"
     log.line(f"weights: policy from {weights[0].describe()}, reference from {reference}"
              + (f" (precomputed log-probs: {precomputed.path})" if precomputed is not None else ""))
     return log

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from dpoc.compiler.pipeline import load_and_check, plan_recipe
-from dpoc.compiler.resolve import lora, resolver
+from dpoc.compiler.pipeline import build, plan_recipe
+from dpoc.contract import megatron_args
 from dpoc.contract.errors import DpocError
 from dpoc.contract.lora import Lora
 from tests.conftest import RECIPES
@@ -17,9 +17,8 @@ SECTION = ["lora.rank=8", "lora.alpha=16"]
 
 
 def _settings(recipe, overrides):
-    v = resolver._Values(load_and_check(recipe, overrides))
-    model = resolver._model(v)
-    return lora.lora_settings(v, model), v
+    plan = plan_recipe(recipe, overrides)
+    return plan.lora, dict(plan.provenance)
 
 
 def _problems(recipe, overrides) -> list[str]:
@@ -33,23 +32,23 @@ def test_hf_names_resolve_to_the_fused_megatron_linears():
     assert got == Lora(rank=8, alpha=16.0, dropout=0.05, targets=("linear_qkv", "linear_fc2"), experts=False,
                        init_from=None)
     assert got.scaling == 2.0 and got.hf_targets == ("q_proj", "k_proj", "v_proj", "down_proj")
-    assert v.provenance["lora.targets"].source == "user:command line" and not v.problems
+    assert v["lora.targets"].source == "user:command line"
 
 
 def test_defaults_are_every_linear_the_model_has_outside_experts_unless_asked():
     dense, v = _settings(TINY, SECTION)
     assert dense.targets == ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2") and dense.dropout == 0.0
-    assert v.provenance["lora.targets"].source == "derived:model"
-    assert v.provenance["lora.dropout"].source == "default"
+    assert v["lora.targets"].source == "derived:model"
+    assert v["lora.dropout"].source == "default"
     moe, _ = _settings(MOE, SECTION)
     assert moe.targets == ("linear_qkv", "linear_proj") and not moe.experts
-    experts, _ = _settings(MOE, [*SECTION, "lora.experts=true"])
+    experts, _ = _settings(MOE, [*SECTION, "lora.experts=true", "parallelism.moe_grouped_gemm=false"])
     assert experts.targets == ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2") and experts.experts
 
 
 def test_no_section_no_lora():
     got, v = _settings(TINY, [])
-    assert got is None and v.provenance["lora"].source == "default"
+    assert got is None and v["lora"].source == "default"
     assert plan_recipe(TINY).lora is None
 
 
@@ -76,7 +75,24 @@ def test_an_expert_only_mlp_target_is_refused_without_experts():
                MOE, [*SECTION, "lora.targets=[gate_proj,up_proj]"])
 
 
-def test_a_target_that_cannot_train_it_refuses_it():
-    """Until the runtime's adapters exist, the dpoc target may not take a lora section (it would train every
-    parameter instead); MindSpeed-RL's is tests/compiler/test_mindspeed_lora.py."""
-    assert _problems(TINY, SECTION) == ["lora: not supported yet by runtime: dpoc (valid: remove the lora section)"]
+def test_what_the_dpoc_runtime_cannot_train_it_refuses():
+    """MindSpeed-RL's refusals are tests/compiler/test_mindspeed_lora.py."""
+    assert _problems(MOE, [*SECTION, "lora.experts=true"]) == [
+        "lora.experts: the dpoc runtime (megatron-core, local layers) puts expert adapters on SequentialMLP's loop "
+        "only, not the grouped-GEMM experts (npu-gmm) yet; valid: parallelism.moe_grouped_gemm=false, or false"]
+    assert _problems(TINY, [*SECTION, "checkpoint.init=converted", "checkpoint.load=./a", "checkpoint.ref_model=./b"]
+                     ) == ["checkpoint.ref_model: another reference than checkpoint.load with LoRA on converted weights "
+                           "is not supported yet: a resume finds the frozen base through it (valid: leave it out: the "
+                           "reference is the base, the policy with its adapters off)"]
+
+
+def test_the_adapters_reach_the_runtime_and_only_with_a_section(tmp_path):
+    _, out = build(TINY, [*SECTION, "lora.targets=[q_proj,k_proj,v_proj,o_proj]", "lora.dropout=0.1"],
+                   out=tmp_path / "b")
+    for path in ("megatron.args", "resume/megatron.args"):
+        args = megatron_args.parse([f"@{out / path}"])
+        assert (args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.dpoc_lora_experts) \
+            == (8, 16.0, 0.1, ("linear_qkv", "linear_proj"), False)
+    assert "--lora-target-modules linear_qkv,linear_proj\n" in (out / "megatron.args").read_text()
+    _, plain = build(TINY, [], out=tmp_path / "plain")
+    assert "--lora" not in (plain / "megatron.args").read_text()

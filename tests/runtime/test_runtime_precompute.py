@@ -4,6 +4,7 @@ resume."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -209,3 +210,13 @@ def test_a_resumed_precomputed_run_equals_the_uninterrupted_one(workdir, single)
     assert [r["step"] for r in resumed] == [2]
     for key in COMPARED:
         assert resumed[0][key] == whole[1][key], key
+
+
+@pytest.mark.slow
+def test_a_lora_run_reads_the_base_from_the_file_as_it_runs_it_live(workdir, table):
+    """The file is the base's log-probs (the policy's initial weights); a LoRA run's live reference is the same
+    chunks with the adapters off: both give the same steps, the first at ln 2."""
+    lora = [("--lora-r", 4), ("--lora-alpha", 8.0)]
+    live, precomputed = _live_and_precomputed(workdir, "lora", 1, lora)
+    _assert_equal(precomputed, live)
+    assert live[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)

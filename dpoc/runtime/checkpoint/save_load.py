@@ -42,10 +42,11 @@ from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.runs import PREEMPTED
 from dpoc.data.pairwise import dataset_prefix, fields_of
 from dpoc.runtime.checkpoint import optimizer_state, publish
+from dpoc.runtime.model import lora
 from dpoc.runtime.model.device import Device
 from dpoc.runtime.model.gpt import virtual_pipeline_size
 from dpoc.runtime.step.agree import from_rank0
-from dpoc.runtime.weights.weight_identity import reference_identity
+from dpoc.runtime.weights.weight_identity import lora_base_identity, reference_identity
 
 RECORDS = "dpoc_checkpoint.json"
 FORMAT = 1
@@ -85,9 +86,37 @@ def records(args: argparse.Namespace, world: int, data: dict, iteration: int = 0
         "format": FORMAT, "iteration": iteration, "consumed_samples": iteration * args.global_batch_size,
         "reason": reason, "optimizer_step": optimizer_step, "plan_hash": args.dpoc_plan_hash,
         "layout": layout(args, world), "data": data, "architecture": megatron_args.architecture(args),
-        "reference": reference_identity(args),
+        "reference": reference_identity(args), "lora": _lora_record(args),
         "versions": {"dpoc": __version__, "megatron_core": megatron.core.__version__, "torch": torch.__version__},
     }
+
+
+def _lora_record(args: argparse.Namespace) -> dict | None:
+    """A LoRA run's adapters (rank, alpha, dropout, targets, experts) and the frozen base they sit on."""
+    settings = lora.settings(args)
+    if settings is None:
+        return None
+    return {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
+            "targets": list(settings.targets), "experts": settings.experts, "base": lora_base_identity(args)}
+
+
+def _lora_problems(saved: dict | None, current: dict | None, args_file: str, folder: str) -> list[Problem]:
+    """A LoRA checkpoint holds only adapters: it resumes only LoRA runs with the same adapters on the same base."""
+    if saved == current:
+        return []
+    if saved is None or current is None:
+        what = "full-parameter" if saved is None else "LoRA (adapters only)"
+        valid = "no --lora-r" if saved is None else f"--lora-r {saved['rank']}"
+        return [Problem(args_file, "--lora-r", f"{folder} is a {what} checkpoint; it resumes only a run of the same "
+                        f"kind (valid: {valid})")]
+    old_base, base = saved["base"], current["base"]
+    if old_base["sha256"] != base["sha256"]:
+        return [Problem(args_file, "--dpoc-init", f"the LoRA base is {base['source']} (sha256 {base['sha256'][:12]}) "
+                        f"but {folder} holds adapters trained on {old_base['source']} ({old_base['sha256'][:12]}); "
+                        f"adapters resume only on their own base (valid: {old_base['source']})")]
+    changed = [f"{k} {saved[k]} -> {current[k]}" for k in saved if k != "base" and saved[k] != current[k]]
+    return [Problem(args_file, "--lora-r", f"{folder} holds other adapters ({', '.join(changed)}); a resumed run "
+                    "keeps its adapters' shape and settings")]
 
 
 def resume_problems(saved: dict, current: dict, args_file: str, folder: str, with_optimizer: bool
@@ -117,6 +146,7 @@ def resume_problems(saved: dict, current: dict, args_file: str, folder: str, wit
                                 f"{ref['sha256'][:12]}) but {folder} was trained against {old_ref['source']} "
                                 f"({old_ref['sha256'][:12]}); a resumed DPO run keeps its reference (valid: "
                                 f"{old_ref['source']})"))
+    problems += _lora_problems(saved.get("lora"), current["lora"], args_file, folder)
     if with_optimizer:
         problems += reshard_problems(saved["layout"], current["layout"], folder)
     return problems
@@ -159,6 +189,7 @@ class Checkpointer:
         self.policy, self.optimizer, self.scheduler = policy, optimizer, scheduler
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.data = data_order(args, pairs)
+        self.adapters_only = lora.settings(args) is not None  # the frozen base is read from its source
         if args.save is not None:
             _in_process_results_queue()
 
@@ -198,7 +229,7 @@ class Checkpointer:
         schedule = self.scheduler.state_dict()
         loaded = dist_checkpointing.load(self._state(True, with_optimizer, with_rng), str(folder))
         for name, chunk in self._chunks():
-            chunk.module.load_state_dict(loaded[name])
+            _load_policy(chunk.module, loaded[name], self.adapters_only)
         notes = []
         if with_optimizer:
             optimizer_state.restore(self.optimizer, loaded["optimizer"], saved["optimizer_step"],
@@ -273,8 +304,8 @@ class Checkpointer:
 
     def _state(self, is_loading: bool, with_optimizer: bool, with_rng: bool, iteration: int = 0) -> dict:
         """The sharded state dict to save, or the template to load into. Keys are the unwrapped GPTModel's."""
-        state: dict = {name: chunk.module.sharded_state_dict(metadata=optimizer_state.SHARDING)
-                       for name, chunk in self._chunks()}
+        state: dict = {name: _trained(chunk.module.sharded_state_dict(metadata=optimizer_state.SHARDING),
+                                      self.adapters_only) for name, chunk in self._chunks()}
         if with_optimizer:
             state["optimizer"] = optimizer_state.sharded_state_dict(self.optimizer, dict(state), is_loading)
             state["opt_param_scheduler"] = self.scheduler.state_dict()
@@ -284,6 +315,22 @@ class Checkpointer:
                                                (self.rank,), replica_id=0)
         state["iteration"] = iteration
         return state
+
+
+def _trained(model_state: dict, adapters_only: bool) -> dict:
+    """What a checkpoint holds of the policy: every parameter, or under LoRA only the adapters."""
+    return {k: v for k, v in model_state.items() if lora.is_adapter(k)} if adapters_only else model_state
+
+
+def _load_policy(module: torch.nn.Module, state: dict, adapters_only: bool) -> None:
+    """Load the saved parameters; under LoRA exactly the adapters (the base came from its source)."""
+    if not adapters_only:
+        module.load_state_dict(state)
+        return
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if lora.is_adapter(k)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"LoRA checkpoint mismatch: missing {missing}, unexpected {result.unexpected_keys}")
 
 
 def _in_process_results_queue() -> None:

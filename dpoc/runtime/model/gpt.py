@@ -105,6 +105,19 @@ def _gloo_interleaved(args: argparse.Namespace) -> bool:
     return args.distributed_backend == "gloo" and virtual_pipeline_size(args) is not None
 
 
+def _lora_problems(args: argparse.Namespace, args_file: str) -> list[Problem]:
+    if args.lora_r is None:
+        return []
+    out = []
+    if args.lora_r < 1 or args.lora_alpha is None or args.lora_alpha <= 0:
+        out.append(Problem(args_file, "--lora-r", f"LoRA needs a rank >= 1 and --lora-alpha > 0 (got r={args.lora_r}, "
+                           f"alpha={args.lora_alpha})"))
+    if args.dpoc_lora_experts and args.num_experts and expert_path(args) != "sequential":
+        out.append(Problem(args_file, "--dpoc-lora-experts", f"expert adapters run on SequentialMLP's loop only, not "
+                           f"the grouped-GEMM experts ({expert_path(args)}) yet (valid: drop --moe-grouped-gemm)"))
+    return out
+
+
 def check_supported(args: argparse.Namespace, args_file: str) -> None:
     problems = []
     kernel = attention_kernel(args.dpoc_device, args.dpoc_core_attention, args_file)
@@ -137,6 +150,7 @@ def check_supported(args: argparse.Namespace, args_file: str) -> None:
             args_file, "--dpoc-reference-micro-batch-size",
             f"{args.dpoc_reference_micro_batch_size}: sizes the precompute pass, which --dpoc-reference live does "
             "not run (valid: drop it, or --dpoc-reference precomputed)"))
+    problems += _lora_problems(args, args_file)
     if args.attention_dropout:
         problems.append(Problem(
             args_file, "--attention-dropout",

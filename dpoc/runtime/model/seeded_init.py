@@ -46,9 +46,13 @@ def _draw(sh: ShardedTensor, seed: int, config: TransformerConfig) -> torch.Tens
     k = weight_map.index_axes(sh.key)
 
     def block(index: tuple[int, ...], rows: range, rest: tuple[slice, ...]) -> torch.Tensor:
-        digest = hashlib.sha256(f"{seed}|{sh.key}|{index}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        full = torch.randn(sh.global_shape[k:], generator=generator, dtype=torch.float32) * std
+        full = torch.randn(sh.global_shape[k:], generator=generator(seed, sh.key, index), dtype=torch.float32) * std
         return full[(slice(rows.start, rows.stop), *rest)]
 
     return sharded.assemble(sh, block)
+
+
+def generator(seed: int, key: str, index: tuple[int, ...]) -> torch.Generator:
+    """The generator of one weight's draw at one layer/expert index: a function of its global identity only."""
+    digest = hashlib.sha256(f"{seed}|{key}|{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))

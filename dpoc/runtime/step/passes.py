@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from dpoc.runtime.model import lora
 from dpoc.runtime.model.context_parallel import ContextShard
 from dpoc.runtime.step.data import MicroBatch, repeat_for_chunks
 from dpoc.runtime.step.dpo import Objective, summed_logps
@@ -31,8 +32,9 @@ def holds_outputs() -> bool:
 def reference_pass(chunks: list[torch.nn.Module], batches: list[MicroBatch],
                    sequence_logps: Callable = summed_logps) -> None:
     """Forward only: `batch.reference_logps` = each sequence's response log-probs (last stage), summed, or as
-    the objective weights them (`Objective.sequence_logps`: LD-DPO)."""
-    with torch.no_grad():
+    the objective weights them (`Objective.sequence_logps`: LD-DPO). The reference never runs adapters: under
+    LoRA it may be the policy's own chunks (`session.build_models`)."""
+    with torch.no_grad(), lora.adapters_off(chunks):
         _run(chunks, batches, partial(_reference_step, sequence_logps), forward_only=True)
 
 

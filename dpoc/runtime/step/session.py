@@ -25,6 +25,7 @@ from dpoc.common.ports import free_port
 from dpoc.contract import megatron_args
 from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
 from dpoc.runtime.model import device as devices
+from dpoc.runtime.model import lora
 from dpoc.runtime.model.gpt import build_chunks, check_supported, params_dtype, virtual_pipeline_size
 from dpoc.runtime.step import input_error
 from dpoc.runtime.weights import weight_sources
@@ -103,16 +104,24 @@ def initialize_parallel(args: argparse.Namespace) -> None:
 def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources.WeightSource, ...]
                  ) -> tuple[list, list]:
     """Policy (DDP-wrapped chunks) and frozen reference with the same sharding, each filled from its source
-    (`weight_sources.sources`) before wrapping."""
+    (`weight_sources.sources`) before wrapping. Under LoRA the base is read at every start (a resume then loads
+    only the adapters), and a reference of the base's weights is the policy itself (the same list), run with
+    its adapters off: no second copy."""
     policy_source, reference_source = weights
     policy_config, reference_config = config, copy.copy(config)
     chunks = build_chunks(policy_config, args)
-    if policy_source.kind != "resume":  # a resumed policy is read from its checkpoint once the optimizer exists
-        weight_sources.load(policy_source, chunks, config, args)
+    adapters = lora.settings(args)
+    base = weight_sources.lora_base(args, policy_source, reference_source) if adapters else policy_source
+    if base.kind != "resume":  # a resumed policy is read from its checkpoint once the optimizer exists
+        weight_sources.load(base, chunks, config, args)
+    if adapters:
+        lora.attach(chunks, adapters, args.seed, gated=args.swiglu)
     policy = [DistributedDataParallel(policy_config, ddp_config(args), _in_precision(policy_config, chunk),
                                       disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     if args.dpoc_reference in ("precomputed", "none"):  # log-probs from a file, or a reference-free loss
         return policy, []
+    if adapters and weight_sources.same_weights(base, reference_source):
+        return policy, policy
     return policy, build_reference(args, reference_config, reference_source)
 
 

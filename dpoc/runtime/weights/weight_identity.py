@@ -129,10 +129,32 @@ def sampled_digest(file: Path) -> bytes:
 def reference_identity(args: argparse.Namespace) -> dict[str, str]:
     """The frozen reference's source and content hash: every training checkpoint records it, and a resumed run
     must have the same hash (the same weights, wherever they now lie). The seeded init's content is a pure
-    function of the seed and the architecture, so its hash covers exactly those."""
+    function of the seed and the architecture."""
     if args.dpoc_init == "random" and not args.ref_model:
-        source = f"seeded-init:seed={args.seed}"
-        text = source + "\n" + json.dumps(megatron_args.architecture(args), sort_keys=True)
-        return {"source": source, "sha256": hashlib.sha256(text.encode()).hexdigest()}
-    described = describe_weights(args.ref_model or args.dpoc_hf_weights)
+        return _seeded_identity(args)
+    return _identity(args.ref_model or args.dpoc_hf_weights)
+
+
+def lora_base_identity(args: argparse.Namespace) -> dict[str, str] | None:
+    """A LoRA run's frozen base (None without LoRA): its checkpoints hold only the adapters, so a resume must
+    find the same base. It is the policy's initial weights: the seeded init, --dpoc-hf-weights, or the
+    converted checkpoint (--load with --finetune, then --ref-model, which a converted resume requires)."""
+    if args.lora_r is None:
+        return None
+    if args.dpoc_init == "random":
+        return _seeded_identity(args)
+    if args.dpoc_init == "hf":
+        return _identity(args.dpoc_hf_weights)
+    return _identity(args.ref_model if megatron_args.resuming(args) else args.load)
+
+
+def _seeded_identity(args: argparse.Namespace) -> dict[str, str]:
+    """The seeded init's content is a pure function of the seed and the architecture: its hash covers those."""
+    source = f"seeded-init:seed={args.seed}"
+    text = source + "\n" + json.dumps(megatron_args.architecture(args), sort_keys=True)
+    return {"source": source, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _identity(path: str) -> dict[str, str]:
+    described = describe_weights(path)
     return {"source": f"{described['kind']} {described['path']}", "sha256": described["sha256"]}

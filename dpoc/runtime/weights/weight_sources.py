@@ -83,6 +83,23 @@ def sources(args: argparse.Namespace, args_file: str) -> tuple[WeightSource, Wei
     return policy, reference
 
 
+def lora_base(args: argparse.Namespace, policy: WeightSource, reference: WeightSource) -> WeightSource:
+    """LoRA: the frozen base, read at every start (a LoRA checkpoint holds only the adapters): the policy's
+    initial weights; on a resume, what --dpoc-init names (converted: --ref-model, the initial weights, which a
+    resume needs anyway)."""
+    if policy.kind != "resume":
+        return policy
+    if args.dpoc_init == "random":
+        return WeightSource("random", None, "--dpoc-init")
+    if args.dpoc_init == "hf":
+        return WeightSource("hf", args.dpoc_hf_weights, "--dpoc-hf-weights")
+    return reference
+
+
+def same_weights(a: WeightSource, b: WeightSource) -> bool:
+    return (a.kind, a.path) == (b.kind, b.path)
+
+
 _STARTS = {"random": "a seeded random init", "hf": "--dpoc-hf-weights", "converted": "--load"}
 
 

@@ -67,11 +67,18 @@ def unsupported(plan: Plan) -> list[Violation]:
     if plan.checkpoint.init == "converted" and plan.checkpoint.load is None:
         out.append(Violation("model.hf_weights", "is required to convert the initial weights (or give "
                              "checkpoint.load, or checkpoint.init=random)"))
-    if plan.lora is not None:
-        out.append(Violation("lora", "not supported yet by runtime: dpoc (valid: remove the lora section)"))
+    if plan.lora is not None and plan.lora.experts and layout.moe_experts not in (None, "sequential"):
+        out.append(Violation("lora.experts", f"{why} puts expert adapters on SequentialMLP's loop only, not the "
+                             f"grouped-GEMM experts ({layout.moe_experts}) yet; valid: "
+                             "parallelism.moe_grouped_gemm=false, or false"))
     if layout.cp > 1 and plan.hardware.device == "npu":
         out.append(Violation("parallelism.cp", f"{why} runs context parallelism on its SDPA attention only, not "
                              "on the NPU's npu_fusion_attention; valid: cp=1, or runtime=mindspeed-rl"))
+    ck = plan.checkpoint
+    if plan.lora is not None and ck.init == "converted" and ck.ref_model != ck.load:
+        out.append(Violation("checkpoint.ref_model", "another reference than checkpoint.load with LoRA on converted "
+                             "weights is not supported yet: a resume finds the frozen base through it (valid: leave "
+                             "it out: the reference is the base, the policy with its adapters off)"))
     if layout.moe_dispatcher == "alltoall_seq":
         out.append(Violation("parallelism.moe_dispatcher", f"{why} has no alltoall_seq dispatcher; valid: "
                              "alltoall, allgather"))
@@ -91,7 +98,7 @@ def unsupported(plan: Plan) -> list[Violation]:
 def megatron_args(plan: Plan, resume: bool) -> list[Arg]:
     """The runtime's arguments. `resume` loads the policy, optimizer, RNG and data position from `save`."""
     return [*model_args(plan.model), *_parallel_args(plan), *_training_args(plan), *_dpo_args(plan),
-            *_checkpoint_args(plan, resume),
+            *_lora_args(plan), *_checkpoint_args(plan, resume),
             ("--log-interval", plan.training.log_interval), ("--dpoc-run-dir", plan.run_dir),
             ("--dpoc-plan-hash", plan.hash())]
 
@@ -178,6 +185,16 @@ def _dpo_args(plan: Plan) -> list[Arg]:
     if d.reference == "precomputed":
         args.append(("--dpoc-reference-micro-batch-size", d.reference_micro_batch_size))
     return args
+
+
+def _lora_args(plan: Plan) -> list[Arg]:
+    """The adapters (MindSpeed-LLM's flag names; targets in megatron-core's): only they train."""
+    lora = plan.lora
+    if lora is None:
+        return []
+    args: list[Arg] = [("--lora-r", lora.rank), ("--lora-alpha", lora.alpha), ("--lora-dropout", lora.dropout),
+                       ("--lora-target-modules", lora.targets)]
+    return [*args, ("--dpoc-lora-experts", True)] if lora.experts else args
 
 
 def _checkpoint_args(plan: Plan, resume: bool) -> list[Arg]:
