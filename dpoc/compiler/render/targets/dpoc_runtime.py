@@ -69,9 +69,6 @@ def unsupported(plan: Plan) -> list[Violation]:
                              "checkpoint.load, or checkpoint.init=random)"))
     if plan.lora is not None:
         out.append(Violation("lora", "not supported yet by runtime: dpoc (valid: remove the lora section)"))
-    if layout.cp > 1 and plan.hardware.device == "npu":
-        out.append(Violation("parallelism.cp", f"{why} runs context parallelism on its SDPA attention only, not "
-                             "on the NPU's npu_fusion_attention; valid: cp=1, or runtime=mindspeed-rl"))
     if layout.moe_dispatcher == "alltoall_seq":
         out.append(Violation("parallelism.moe_dispatcher", f"{why} has no alltoall_seq dispatcher; valid: "
                              "alltoall, allgather"))
