@@ -126,6 +126,9 @@ RUNS = {  # name: (processes, flags, MoE, reference run)
     "packed-ep2-moe": (2, [*PACK, ("--expert-model-parallel-size", 2), *NO_AUX], True, "moe"),
     # context parallelism splits each packed sequence (each padded to a multiple of 2·cp)
     "packed-cp2": (2, [*PACK, ("--context-parallel-size", 2)], False, "dense"),
+    "packed-pp2-vpp2-cp2": (4, [*PACK, ("--pipeline-model-parallel-size", 2),
+                                ("--num-layers-per-virtual-pipeline-stage", 1), ("--context-parallel-size", 2)],
+                            False, "dense"),
 }
 
 
