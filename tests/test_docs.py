@@ -230,6 +230,7 @@ BUILDS = {  # between them: every row of the table written, and each target once
     "precomputed": ["recipes/tiny_cpu.yaml", "dpo.reference=precomputed"],
     "converted": ["recipes/qwen3_30b.yaml", "checkpoint.init=converted"],
     "mindspeed_cp2": ["recipes/qwen3_30b.yaml", "runtime=mindspeed-rl", "parallelism.cp=2"],
+    "mindspeed_only": ["recipes/qwen3_30b.yaml", "runtime=mindspeed-rl", "parallelism.moe_tp_extend_ep=true"],
 }
 
 

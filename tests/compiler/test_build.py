@@ -194,7 +194,7 @@ def test_packing_reaches_the_runtime_and_leaves_mindspeed_out(tmp_path):
                                            "fill": 0.7324}
 
 
-def test_context_parallel_reaches_the_runtime_on_its_sdpa_attention(tmp_path):
+def test_context_parallel_reaches_the_runtime_on_an_attention_that_has_it(tmp_path):
     build(RECIPES / "tiny_cpu.yaml", ["parallelism.cp=2"], out=tmp_path / "cpu")
     args = megatron_args.parse([f"@{tmp_path / 'cpu' / 'megatron.args'}"])
     assert (args.context_parallel_size, args.dpoc_core_attention) == (2, "auto")  # sdpa is the cpu's
@@ -203,6 +203,9 @@ def test_context_parallel_reaches_the_runtime_on_its_sdpa_attention(tmp_path):
           out=tmp_path / "cuda")
     args = megatron_args.parse([f"@{tmp_path / 'cuda' / 'megatron.args'}"])
     assert (args.context_parallel_size, args.dpoc_core_attention) == (2, "sdpa")
+    build(RECIPES / "qwen3_30b.yaml", ["parallelism.cp=2"], out=tmp_path / "npu")  # npu_fusion_attention's
+    args = megatron_args.parse([f"@{tmp_path / 'npu' / 'megatron.args'}"])
+    assert (args.context_parallel_size, args.dpoc_core_attention) == (2, "auto")
 
 
 def test_legacy_converter_for_llama(tmp_path):

@@ -49,9 +49,6 @@ OVERRIDE_CASES = [
     (["training.seq_length=65536"], "training.seq_length", "exceeds the model's max_position_embeddings 40960"),
     (["parallelism.sequence_parallel=false"], "parallelism.sequence_parallel", "a MoE model with tp=2 needs"),
     (["parallelism.vpp=4"], "parallelism.vpp", "vpp=4 does not divide the 6 layers per pipeline stage"),
-    (["parallelism.cp=2"], "parallelism.cp", "the dpoc runtime (megatron-core, local layers) runs context "
-     "parallelism on its SDPA attention only, not on the NPU's npu_fusion_attention; valid: cp=1, or "
-     "runtime=mindspeed-rl"),
     (["parallelism.moe_dispatcher=alltoall_seq"], "parallelism.moe_dispatcher", "has no alltoall_seq dispatcher"),
     (["runtime=mindspeed-rl", "dpo.beta=0.2"], "dpo.beta", "MindSpeed-RL's DPO config (MegatronConfig) cannot set it"),
     (["hardware.hosts=[10.0.0.1]"], "hardware.hosts", "lists 1 hosts but hardware.nodes is 2"),

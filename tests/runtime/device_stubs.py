@@ -12,7 +12,7 @@ read-from-source) behaviour of the real thing, including the parts that break me
   `npu_rotary_mul`, `npu_swiglu`) compute what the Ascend PyTorch API reference says they compute.
 
 The device's memory is the CPU's: tensor factories naming the accelerator ("npu", "cuda", an index) allocate
-on the CPU. A tensor made by a factory without a device is a host tensor (marked), as it would be on a real
+on the CPU, and pinned host memory (which the accelerator's runtime provides) is plain. A tensor made by a factory without a device is a host tensor (marked), as it would be on a real
 machine; tensors derived from it by arithmetic are not tracked, so the collective check catches tensors made
 on the host and handed straight to a collective (the defect it exists for), not every possible one.
 torch.compile (megatron-core's `jit_fuser`) is off: it would compile for a device that is not there.
@@ -110,6 +110,8 @@ class _DeviceMemory(TorchFunctionMode):
             return self._backward(*args, **{"grad_tensors" if k == "gradient" else k: v for k, v in kwargs.items()})
         if _on_device(kwargs.get("device")):
             kwargs["device"] = torch.device("cpu")
+        if kwargs.get("pin_memory"):  # the accelerator's host allocator pins; this CPU build has none
+            kwargs["pin_memory"] = False
         if func in MOVES:
             return _moved(func, args, kwargs)
         out = func(*args, **kwargs)

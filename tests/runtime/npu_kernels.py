@@ -17,28 +17,32 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, *, pse, padd
     """torch_npu.npu_fusion_attention as its documentation describes it (Ascend PyTorch API reference,
     npu_fusion_attention): SBH = [S, B, N*D]; TND = [T, N, D] with actual_seq_qlen/kvlen the cumulative
     sequence ends (lengths 2 2 2 -> 2 4 6); atten_mask True = masked; sparse_mode 3 (rightDownCausal)
-    takes the 2048 x 2048 compressed upper-triangular mask; N2 key/value heads must divide N1."""
+    takes the 2048 x 2048 compressed upper-triangular mask and aligns causality to the bottom right, so with
+    more keys than queries (Skv > Sq, S1 != S2 in SBH; actual_seq_kvlen's lengths in TND) query i sees keys up
+    to i + Skv - Sq; N2 key/value heads must divide N1."""
     assert pse is None and padding_mask is None and keep_prob == 1.0 and inner_precise == 0
     assert sparse_mode == 3 and atten_mask.dtype == torch.bool
     assert torch.equal(atten_mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1))
     if input_layout == "SBH":
-        s, b, width = query.shape
+        (s, b, width), skv = query.shape, key.shape[0]
         d = width // head_num
-        q, k, v = (x.view(s, b, -1, d).transpose(0, 1).reshape(b * s, -1, d) for x in (query, key, value))
-        ends = [s * (i + 1) for i in range(b)]
+        q = query.view(s, b, -1, d).transpose(0, 1).reshape(b * s, -1, d)
+        k, v = (x.view(skv, b, -1, d).transpose(0, 1).reshape(b * skv, -1, d) for x in (key, value))
+        q_ends, kv_ends = [s * (i + 1) for i in range(b)], [skv * (i + 1) for i in range(b)]
     else:
-        assert input_layout == "TND" and actual_seq_qlen == actual_seq_kvlen
-        assert actual_seq_qlen[-1] == query.shape[0] and actual_seq_qlen == sorted(set(actual_seq_qlen))
-        q, k, v, ends = query, key, value, actual_seq_qlen
+        assert input_layout == "TND" and len(actual_seq_qlen) == len(actual_seq_kvlen)
+        assert actual_seq_qlen[-1] == query.shape[0] and actual_seq_kvlen[-1] == key.shape[0]
+        q, k, v, q_ends, kv_ends = query, key, value, actual_seq_qlen, actual_seq_kvlen
     assert head_num == q.shape[1] and head_num % k.shape[1] == 0
     k, v = (x.repeat_interleave(head_num // x.shape[1], dim=1) for x in (k, v))
-    out, start = torch.empty_like(q), 0
-    for end in ends:
-        scores = torch.einsum("qnd,knd->nqk", q[start:end], k[start:end]) * scale
-        length = end - start  # rightDownCausal: query i sees keys up to i + (Skv - Sq) = i
-        scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
-        out[start:end] = torch.einsum("nqk,knd->qnd", scores.softmax(-1), v[start:end])
-        start = end
+    out, q_start, kv_start = torch.empty_like(q), 0, 0
+    for q_end, kv_end in zip(q_ends, kv_ends, strict=True):
+        scores = torch.einsum("qnd,knd->nqk", q[q_start:q_end], k[kv_start:kv_end]) * scale
+        sq, skv = q_end - q_start, kv_end - kv_start
+        assert 0 < sq <= skv
+        scores = scores.masked_fill(torch.ones(sq, skv, dtype=torch.bool).triu(1 + skv - sq), float("-inf"))
+        out[q_start:q_end] = torch.einsum("nqk,knd->qnd", scores.softmax(-1), v[kv_start:kv_end])
+        q_start, kv_start = q_end, kv_end
     if input_layout == "SBH":
         out = out.view(b, s, -1).transpose(0, 1)
     return out, None, None, None, 0, 0, 0

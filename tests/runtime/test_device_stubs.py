@@ -139,3 +139,27 @@ def test_every_shipped_recipe_builds_and_steps(tmp_path_factory, recipe, kind):
     grouped = {"npu": "npu-gmm", "cuda": "torch-grouped-mm"}[kind] if "--moe-grouped-gemm" in flags else "sequential"
     experts = grouped if "--num-experts" in flags else "-"
     assert f"kernels: attention {'npu-fusion' if kind == 'npu' else 'sdpa'}, moe experts {experts}" in log
+
+
+@pytest.mark.slow
+def test_context_parallel_on_the_npu_stand_in_gives_the_one_process_cpu_losses(tmp_path):
+    """cp2 through npu_fusion_attention (its documented semantics, npu_kernels.py) and the hccl stand-in, fp32,
+    against one CPU process: every metric of 2 steps within 1e-5."""
+    from dpoc.common.ports import free_port
+    from tests.runtime.test_runtime_train import COMPARED, metrics
+
+    data = write_pairs(tmp_path / "pairs", pairs=16)
+    cpu = write_args(tmp_path / "cpu.args", data, tmp_path / "cpu", steps=2)
+    npu = write_args(tmp_path / "npu.args", data, tmp_path / "npu", steps=2, layout=[("--context-parallel-size", 2)],
+                     extra=[("--dpoc-device", "npu"), ("--distributed-backend", "hccl")])
+    assert run_python("-m", "dpoc.runtime.train", f"@{cpu}").returncode == 0
+    done = run_python("-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                      f"--master-port={free_port()}", str(Path(__file__).with_name("device_stub_train.py")), "npu",
+                      f"@{npu}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kernels: attention npu-fusion" in (tmp_path / "npu" / "train.log").read_text()
+    expected, got = metrics(tmp_path / "cpu"), metrics(tmp_path / "npu")
+    assert [r["step"] for r in got] == [1, 2]
+    for mine, theirs in zip(got, expected, strict=True):
+        for key in COMPARED:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)

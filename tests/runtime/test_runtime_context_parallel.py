@@ -1,5 +1,6 @@
-"""Context parallelism: the load-balanced split, and SDPA attention over a CP group of 2 processes equal to
-one process's attention over whole sequences (forward and q/k/v gradients, padded rows and packed)."""
+"""Context parallelism: the load-balanced split, its causal blocks, and the SDPA and npu_fusion_attention
+(documented semantics, on the CPU) attentions over a CP group of 2 processes equal to one process's attention
+over whole sequences (forward and q/k/v gradients, padded rows and packed)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def test_a_packed_stream_is_split_per_sequence_and_put_back_in_order():
     assert [laid_end_to_end[i] for i in shards[0].order.tolist()] == list(range(12))
 
 
+def test_each_chunk_attends_its_sequence_up_to_its_own_end():
+    shard = ContextShard((8, 12, 4), cp=2, rank=1)  # chunks 2, 3, 1 long; rank 1 holds chunks 1 and 2
+    assert [(q.start, q.stop, kv.start, kv.stop) for q, kv in shard.blocks(2)] == [
+        (0, 2, 0, 4), (2, 4, 0, 6), (4, 7, 8, 14), (7, 10, 8, 17)]
+
+
 @pytest.mark.slow
 def test_attention_over_a_cp_group_equals_whole_sequence_attention():
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
@@ -43,7 +50,8 @@ def test_attention_over_a_cp_group_equals_whole_sequence_attention():
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rank0_positions"] == [0, 1, 6, 7]
-    for form in ("padded", "packed"):
-        assert set(result[form]) == {"out", "dq", "dk", "dv"}
-        for name, error in result[form].items():
-            assert error < 1e-5, (form, name, error)
+    for kernel in ("sdpa", "npu-fusion"):
+        for form in ("padded", "packed"):
+            assert set(result[kernel][form]) == {"out", "dq", "dk", "dv"}
+            for name, error in result[kernel][form].items():
+                assert error < 1e-5, (kernel, form, name, error)

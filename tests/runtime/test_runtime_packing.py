@@ -86,6 +86,16 @@ def test_ranks_get_equal_counts_and_static_padding_fills_the_budget(dataset):
     assert len({b.tokens.shape[1] for b in uniform}) == 1
 
 
+def test_context_parallel_pads_each_packed_sequence_and_keeps_uniform_streams_uniform(dataset):
+    batches = rank_micro_batches(dataset, 2, packing(multiple_of=8, sequence_multiple=4, same_length=True), 0, 1,
+                                 CPU)
+    assert len({b.tokens.shape[1] for b in batches}) == 1  # the interleaved pipeline's one length
+    for batch in batches:
+        assert all(n % 4 == 0 for n in batch.packed.segments) and batch.tokens.shape[1] % 8 == 0
+        assert batch.real_tokens < sum(batch.packed.lengths)  # real tokens, not the per-sequence padding
+        assert batch.mask.sum() == (batch.targets != IGNORE_INDEX).sum()  # padding predicts nothing
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packed-runs")
@@ -116,6 +126,9 @@ RUNS = {  # name: (processes, flags, MoE, reference run)
     "packed-ep2-moe": (2, [*PACK, ("--expert-model-parallel-size", 2), *NO_AUX], True, "moe"),
     # context parallelism splits each packed sequence (each padded to a multiple of 2·cp)
     "packed-cp2": (2, [*PACK, ("--context-parallel-size", 2)], False, "dense"),
+    "packed-pp2-vpp2-cp2": (4, [*PACK, ("--pipeline-model-parallel-size", 2),
+                                ("--num-layers-per-virtual-pipeline-stage", 1), ("--context-parallel-size", 2)],
+                            False, "dense"),
 }
 
 

@@ -149,5 +149,6 @@ def test_context_parallel_on_another_attention_kernel_is_refused_with_the_reason
                            layout=[("--context-parallel-size", 2)], extra=[("--dpoc-core-attention", "local")])
     done = train(args_file, 2)
     assert done.returncode != 0  # torchrun reports a failed worker as 1; the node script turns it into 2
-    assert (f"{args_file}: --context-parallel-size: 2: the runtime's context parallelism runs on its sdpa attention "
-            "only, not local (valid: 1, or --dpoc-core-attention sdpa on cpu or cuda)") in done.stderr
+    assert (f"{args_file}: --context-parallel-size: 2: the runtime's context parallelism runs on its sdpa and "
+            "npu-fusion attention, not local (valid: 1, or --dpoc-core-attention sdpa on cpu or cuda, npu-fusion on "
+            "npu)") in done.stderr

@@ -18,7 +18,9 @@ device module (`device.py`) decides which one a run uses:
 Layouts follow megatron: q [s, b, heads, d] and k, v [s, b, groups, d] (GQA: groups < heads), or, for a
 packed micro-batch (`PackedSequences`, megatron's `thd` format), [t, heads, d] and [t, groups, d]. Heads
 are this tensor-parallel rank's share; sequence parallelism gathers the sequence before attention, so the
-kernels always see whole sequences. The softmax scale is 1/sqrt(d) unless the config sets one; no dropout.
+kernels see whole sequences, except under context parallelism: then SDPA and npu-fusion hold this CP rank's
+two chunks of each sequence and gather the keys and values (`_CoreAttention._context_parallel`). The
+softmax scale is 1/sqrt(d) unless the config sets one; no dropout.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from dpoc.runtime.model.context_parallel import ContextShard
 
@@ -104,6 +107,26 @@ class _CoreAttention(MegatronModule):
         self.groups = divide(config.num_query_groups, tp)
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
+    def _context_parallel(self, query, key, value, packed: PackedSequences | None):
+        """This rank's queries (its two chunks of each sequence, `context_parallel.py`) against the keys and
+        values gathered from the CP group: each chunk attends the prefix of its sequence up to its own end,
+        causal aligned to the bottom right (`_lower_right`, the kernel's), so no mask is materialised."""
+        thd = packed is not None
+        if thd:  # [t, n, d] as [t, b=1, n, d]
+            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+        shard = ContextShard.here(packed.segments if thd else (query.shape[0] * self.cp,))
+        keys, values = (shard.gather(x, 0, sum_grads=True) for x in (key, value))
+        real = len(packed.lengths) if thd else 1  # a packed stream's padding tail attends nothing
+        out = [self._lower_right(query[q], keys[kv], values[kv]) for q, kv in shard.blocks(real)]
+        tail = query.shape[0] - sum(len(x) for x in out)
+        out = torch.cat([*out, query.new_zeros(tail, query.shape[1], query.shape[2] * query.shape[3])])
+        return out[:, 0] if thd else out
+
+    def _lower_right(self, query, key, value):
+        """Attention of q [sq, b, heads, d] over k, v [skv, b, groups, d], skv >= sq, query i seeing keys up
+        to i + skv - sq; [sq, b, heads * d]."""
+        raise NotImplementedError(f"{type(self).__name__} has no context parallelism")
+
 
 class SdpaAttention(_CoreAttention):
     """torch's scaled_dot_product_attention (flash kernel on cpu and cuda), causal."""
@@ -119,27 +142,15 @@ class SdpaAttention(_CoreAttention):
         out = self._attend(q, k, v)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    def _attend(self, q, k, v, mask: torch.Tensor | None = None):
+    def _attend(self, q, k, v, mask: CausalBias | None = None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                               enable_gqa=self.heads != self.groups)
 
-    def _context_parallel(self, query, key, value, packed: PackedSequences | None):
-        """This rank's queries (its two chunks of each sequence, `context_parallel.py`) against the whole
-        sequences' keys and values, gathered from the CP group; causal by the true positions."""
-        if packed is None:
-            s, b = query.shape[:2]
-            shard = ContextShard.here((s * self.cp,))
-            k, v = (shard.gather(x, 0, sum_grads=True).permute(1, 2, 0, 3) for x in (key, value))
-            out = self._attend(query.permute(1, 2, 0, 3), k, v, _causal(shard.positions[0], k.shape[2], query.device))
-            return out.permute(2, 0, 1, 3).reshape(s, b, -1)
-        shard = ContextShard.here(packed.segments)
-        whole = [packed.sequences(shard.gather(x, 0, sum_grads=True)) for x in (key, value)]
-        mine = list(query.split([n // self.cp for n in packed.segments]))
-        out = [self._attend(q.unsqueeze(0).transpose(1, 2), *(w[i].unsqueeze(0).transpose(1, 2) for w in whole),
-                            _causal(shard.positions[i], len(whole[0][i]), query.device)).transpose(1, 2)[0]
-               for i, q in enumerate(mine[: len(packed.lengths)])]
-        padding = query.new_zeros(packed.padding // self.cp, *query.shape[1:])
-        return torch.cat([*out, padding]).view(query.shape[0], -1)
+    def _lower_right(self, query, key, value):
+        sq, b = query.shape[:2]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        out = self._attend(q, k, v, causal_lower_right(sq, k.shape[2]))
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
     def _packed(self, query, key, value, packed: PackedSequences):
         """Each sequence of the stream [t, heads, d] attends to itself only: one causal call per sequence on
@@ -149,11 +160,6 @@ class SdpaAttention(_CoreAttention):
                for i in range(len(packed.lengths))]
         padding = query.new_zeros(packed.padding, *query.shape[1:])
         return torch.cat([*out, padding]).view(query.shape[0], -1)  # one copy, in stream order
-
-
-def _causal(query_positions: torch.Tensor, keys: int, device: torch.device) -> torch.Tensor:
-    """[queries, keys] True where a query at its true position may attend a key (at or before it)."""
-    return torch.arange(keys, device=device) <= query_positions.to(device).unsqueeze(1)
 
 
 @dataclass(frozen=True)
@@ -185,8 +191,7 @@ def fusion_attention_call(query: torch.Tensor, key: torch.Tensor, value: torch.T
     and value heads than query heads. Causality: sparse mode 3 with the 2048 x 2048 upper-triangular mask
     (True = masked), applied within each TND sequence. keep_prob 1: no dropout."""
     if packed is None:
-        s, b = query.shape[:2]
-        q, k, v = (x.reshape(s, b, -1) for x in (query, key, value))
+        q, k, v = (x.reshape(*x.shape[:2], -1) for x in (query, key, value))
         layout, lengths = "SBH", {}
     else:
         q, k, v = query, key, value
@@ -209,10 +214,17 @@ class NpuFusionAttention(_CoreAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: PackedSequences | None = None):
+        if self.cp > 1:
+            return self._context_parallel(query, key, value, packed_seq_params)
+        return self._call(query, key, value, packed_seq_params)
+
+    def _lower_right(self, query, key, value):
+        return self._call(query, key, value, None)  # sparse mode 3 is bottom-right aligned
+
+    def _call(self, query, key, value, packed: PackedSequences | None):
         import torch_npu
 
-        call = fusion_attention_call(query, key, value, self.heads, self.scale, npu_causal_mask(query.device),
-                                     packed_seq_params)
+        call = fusion_attention_call(query, key, value, self.heads, self.scale, npu_causal_mask(query.device), packed)
         out = torch_npu.npu_fusion_attention(call.query, call.key, call.value, call.head_num, call.input_layout,
                                              **call.kwargs)[0]
         return call.output(out)

@@ -7,7 +7,8 @@ segments, the padding tail included, a multiple of 2·cp), as TransformerEngine 
 megatron-core's rotary embedding already picks the true positions for both forms (`rope_utils`).
 
 Attention gathers the group's keys and values (`gather`, summing their gradients back: a reduce-scatter)
-and attends this rank's queries to them with the causal mask of the true positions (`attention.py`). The
+and attends each chunk of this rank's queries to its sequence's keys up to the chunk's end, causal aligned
+to the bottom right (`blocks`; `attention.py`). The
 per-token losses are gathered the same way before the per-sequence sums, so every CP rank computes the
 same loss; each rank's backward then keeps only its own tokens' share (megatron's schedule multiplies
 the loss by cp, and the gradients are averaged over dp·cp).
@@ -57,11 +58,6 @@ class ContextShard:
         return [chunk_positions(n, self.cp, rank) for n in self.segments]
 
     @cached_property
-    def positions(self) -> list[torch.Tensor]:
-        """Per segment, the true positions of this rank's tokens within it (for the causal mask)."""
-        return self._positions(self.rank)
-
-    @cached_property
     def index(self) -> torch.Tensor:
         """This rank's tokens as indices into the whole stream."""
         return self._stream_index(self.rank)
@@ -74,6 +70,19 @@ class ContextShard:
     def _stream_index(self, rank: int) -> torch.Tensor:
         starts = torch.tensor([0, *self.segments[:-1]]).cumsum(0).tolist()
         return torch.cat([start + p for start, p in zip(starts, self._positions(rank), strict=True)])
+
+    def blocks(self, segments: int) -> list[tuple[slice, slice]]:
+        """Causal attention of the first `segments` segments, block by block: per segment, per chunk this rank
+        holds (in its order), the chunk's place in this rank's share and the keys it attends in the whole
+        stream (its segment's start up to the chunk's end)."""
+        out, local, start = [], 0, 0
+        for n in self.segments[:segments]:
+            chunk = n // (2 * self.cp)
+            for k in (self.rank, 2 * self.cp - 1 - self.rank):
+                out.append((slice(local, local + chunk), slice(start, start + (k + 1) * chunk)))
+                local += chunk
+            start += n
+        return out
 
     def local(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's share of a whole tensor, along `dim`."""

@@ -121,11 +121,11 @@ def _lora_problems(args: argparse.Namespace, args_file: str) -> list[Problem]:
 def check_supported(args: argparse.Namespace, args_file: str) -> None:
     problems = []
     kernel = attention_kernel(args.dpoc_device, args.dpoc_core_attention, args_file)
-    if args.context_parallel_size > 1 and kernel != "sdpa":
+    if args.context_parallel_size > 1 and kernel not in ("sdpa", "npu-fusion"):
         problems.append(Problem(
             args_file, "--context-parallel-size",
-            f"{args.context_parallel_size}: the runtime's context parallelism runs on its sdpa attention only, "
-            f"not {kernel} (valid: 1, or --dpoc-core-attention sdpa on cpu or cuda)"))
+            f"{args.context_parallel_size}: the runtime's context parallelism runs on its sdpa and npu-fusion "
+            f"attention, not {kernel} (valid: 1, or --dpoc-core-attention sdpa on cpu or cuda, npu-fusion on npu)"))
     if args.num_layer_list:
         counts = [int(n) for n in args.num_layer_list.split(",")]
         if (len(counts) != args.pipeline_model_parallel_size or sum(counts) != args.num_layers

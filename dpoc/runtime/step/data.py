@@ -259,8 +259,9 @@ def rank_micro_batches(dataset: PairwiseDataset, step: int, batching: Batching, 
     at_least = 0
     if batching.full_length:
         at_least = batching.budget if batching.packing else batching.seq_length
-    elif batching.same_length:
-        at_least = max(int(own[g].sum() if batching.packing else own[g].max()) for g in mine)
+    elif batching.same_length:  # packed: at most sequence_multiple - 1 padding tokens per sequence on top
+        slack = 2 * (batching.sequence_multiple - 1)
+        at_least = max(int(own[g].sum() + slack * len(g) if batching.packing else own[g].max()) for g in mine)
     if batching.packing:
         batches = [collate_packed([dataset[int(i)] for i in g], batching.budget, batching.multiple_of, at_least,
                                   batching.sequence_multiple) for g in mine]

@@ -71,9 +71,6 @@ def unsupported(plan: Plan) -> list[Violation]:
         out.append(Violation("lora.experts", f"{why} puts expert adapters on SequentialMLP's loop only, not the "
                              f"grouped-GEMM experts ({layout.moe_experts}) yet; valid: "
                              "parallelism.moe_grouped_gemm=false, or false"))
-    if layout.cp > 1 and plan.hardware.device == "npu":
-        out.append(Violation("parallelism.cp", f"{why} runs context parallelism on its SDPA attention only, not "
-                             "on the NPU's npu_fusion_attention; valid: cp=1, or runtime=mindspeed-rl"))
     ck = plan.checkpoint
     if plan.lora is not None and ck.init == "converted" and ck.ref_model != ck.load:
         out.append(Violation("checkpoint.ref_model", "another reference than checkpoint.load with LoRA on converted "
