@@ -1,7 +1,7 @@
 """KTO end to end on CPU: a tiny kto recipe (policy and reference two different Hugging Face checkpoints, TRL's
 unpaired rows) → `dpoc build` → its preprocess.sh → its launch.sh; the first step's metrics equal TRL's own
-KTOTrainer run on the same weights and the same examples in the same batches (fp32); tp=2 and a precomputed
-reference equal 1 process with a live one."""
+KTOTrainer run on the same weights and the same examples in the same batches (fp32); tp=2, pp=2 and a
+precomputed reference equal 1 process with a live one."""
 
 from __future__ import annotations
 
@@ -61,18 +61,18 @@ def job(tmp_path_factory):
     return work, policy, reference, rows
 
 
-def _dpoc(job, name: str, tp: int, mode: str = "live") -> dict:
+def _dpoc(job, name: str, tp: int = 1, pp: int = 1, mode: str = "live") -> dict:
     work, policy, reference, _ = job
     recipe = work / "kto.yaml"
     recipe.write_text(json.dumps({
-        "model": {"hf_weights": str(policy)}, "hardware": {"preset": "cpu", "devices_per_node": tp},
+        "model": {"hf_weights": str(policy)}, "hardware": {"preset": "cpu", "devices_per_node": tp * pp},
         "dataset": {"path": str(work / "kto.jsonl"), "template": "tokenizer", "workers": 1,
                     "output_prefix": str(work / "data" / "kto")},
         "training": {"seq_length": SEQ, "global_batch_size": GLOBAL, "train_iters": 1, "lr": 1e-3,
                      "warmup_iters": 0, "lr_decay_style": "constant", "seed": 42},
         "dpo": {"loss": "kto", "beta": BETA, "kto_desirable_weight": DESIRABLE, "kto_undesirable_weight": UNDESIRABLE,
                 "reference": mode},
-        "parallelism": {"tp": tp, "pp": 1, "vpp": 1, "cp": 1, "micro_batch_size": MICRO, "recompute": "none"},
+        "parallelism": {"tp": tp, "pp": pp, "vpp": 1, "cp": 1, "micro_batch_size": MICRO, "recompute": "none"},
         "checkpoint": {"init": "hf", "ref_model": str(reference)}, "run_dir": str(work / name)}))
     out = work / f"build-{name}"
     build(recipe, out=out)
@@ -116,13 +116,13 @@ def _trl(job, order: list[int]) -> dict:
 
 
 @pytest.mark.slow
-def test_the_first_step_equals_trls_kto_trainer_and_tp2_and_precomputed_equal_it(job):
-    ours = _dpoc(job, "one", tp=1)
+def test_the_first_step_equals_trls_kto_trainer_and_tp2_pp2_and_precomputed_equal_it(job):
+    ours = _dpoc(job, "one")
     theirs = _trl(job, _step_order(job[0]))
     assert set(KEYS) <= set(ours)
     for key in (*KEYS, "grad_norm"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
     assert ours["kl"] > 0  # the two checkpoints differ: the reference point is not clamped away
-    for other in (_dpoc(job, "tp2", tp=2), _dpoc(job, "precomputed", tp=1, mode="precomputed")):
+    for other in (_dpoc(job, "tp2", tp=2), _dpoc(job, "pp2", pp=2), _dpoc(job, "precomputed", mode="precomputed")):
         for key in (*KEYS, "grad_norm"):
             assert other[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key

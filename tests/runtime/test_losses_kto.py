@@ -15,7 +15,7 @@ import torch
 import trl.trainer.kto_trainer as trl_kto  # the test extra has trl: a missing one fails, never skips
 
 from dpoc.runtime.losses import Params
-from dpoc.runtime.losses.kto import Completions, kl_estimate, kl_partners, kto, kto_metrics
+from dpoc.runtime.losses.kto import Completions, kl_estimate, kl_partners, kto, kto_metrics, kto_record, kto_sums
 from tests.conftest import RECIPES, run_subprocess
 
 N, LENGTH = 6, 9
@@ -213,3 +213,32 @@ def test_every_prompt_but_a_lone_one_gets_another_completion_of_its_batch():
     partners = kl_partners(7, 3)
     assert partners == [2, 0, 1, 5, 3, 4, 6]
     assert all(j // 3 == i // 3 for i, j in enumerate(partners))
+
+
+def test_a_step_reduces_its_batches_as_trl_logs_them():
+    """Two data-parallel ranks run their j-th micro-batches together, as TRL's processes run one batch: the row
+    added over both gives the means over the union of their completions (TRL gathers the sums and counts) with
+    the KL both ranks used; the step's value is the mean over its batches; loss is the mean over completions."""
+    g = torch.Generator().manual_seed(5)
+
+    def batch(labels: list[bool]) -> Completions:
+        n = len(labels)
+        return Completions(-torch.rand(n, generator=g, dtype=torch.float64) * 9,
+                           -torch.rand(n, generator=g, dtype=torch.float64) * 9, torch.tensor(labels),
+                           -torch.rand(n, generator=g, dtype=torch.float64), -torch.rand(n, generator=g,
+                                                                                        dtype=torch.float64))
+
+    p = Params(beta=0.3, kto_desirable_weight=1.2, kto_undesirable_weight=0.8)
+    steps = [(batch([True, False, True]), batch([True, True, True])),  # batch 1: ranks 0 and 1
+             (batch([False, False, False]), batch([False, True, False]))]  # batch 2
+    rows, expected = [], []
+    for rank0, rank1 in steps:
+        both = Completions(*(torch.cat([a, b]) for a, b in zip(vars(rank0).values(), vars(rank1).values(),
+                                                                    strict=True)))
+        kl = kl_estimate(both)  # equal row counts: the mean of the two ranks' means
+        rows.append(kto_sums(rank0, p, kl, kto(rank0, p, kl)) + kto_sums(rank1, p, kl, kto(rank1, p, kl)))
+        expected.append(kto_metrics(both, p, kl) | {"loss": float(kto(both, p, kl).mean())})
+    record = kto_record(torch.stack(rows), replicas=2)
+    assert set(record) == set(expected[0]) == set(expected[1])
+    for key in record:
+        assert record[key] == pytest.approx((expected[0][key] + expected[1][key]) / 2, **TOL), key

@@ -50,7 +50,12 @@ LAYOUTS = {  # name: (processes, layout flags, reference run)
     "ep2xtp2-sp-moe": (4, [("--expert-model-parallel-size", 2), ("--tensor-model-parallel-size", 2),
                            ("--sequence-parallel", True), *NO_AUX], "moe-no-aux"),
 }
-REFERENCE_RUNS = {"dense": dict(moe=False), "moe": dict(moe=True), "moe-no-aux": dict(moe=True, extra=NO_AUX)}
+# one loss per family besides sigmoid (the layouts above): ipo (paired, a reference), simpo (reference-free)
+LOSSES = {"ipo": [("--dpo-loss-type", "ipo")],
+          "simpo": [("--dpo-loss-type", "simpo"), ("--dpoc-reference", "none"), ("--dpoc-simpo-gamma", 0.5),
+                    ("--dpoc-cpo-alpha", 0.1)]}
+REFERENCE_RUNS = {"dense": dict(moe=False), "moe": dict(moe=True), "moe-no-aux": dict(moe=True, extra=NO_AUX),
+                  **{loss: dict(extra=flags) for loss, flags in LOSSES.items()}}
 
 
 
@@ -109,6 +114,17 @@ def test_layout_gives_the_one_process_losses(workdir, one_process, layout):
     for mine, theirs in zip(got, expected, strict=True):
         for key in COMPARED:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (layout, mine["step"], key)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.slow
+def test_each_loss_family_gives_the_one_process_losses_at_tp2_and_pp2(workdir, one_process, layout, loss):
+    processes, flags, _ = LAYOUTS[layout]
+    got = run(workdir, f"{layout}-{loss}", processes, steps=STEPS, layout=flags, extra=LOSSES[loss])
+    for mine, theirs in zip(got, one_process(loss), strict=True):
+        for key in COMPARED:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (layout, loss, mine["step"], key)
 
 
 def test_first_line_is_measured_before_the_first_update(one_process):
