@@ -49,7 +49,7 @@ class StageMemory:
 
     stage: int
     layers: int  # transformer layers with weights
-    params: int  # policy parameters on this device
+    params: int  # policy parameters on this device (under LoRA: the frozen base's and the adapters')
     weights: float
     gradients: float
     optimizer: float
@@ -363,7 +363,7 @@ def stage_memory(
     swapping = per_layer.swapped if layers and layout.recompute != "full" else 0.0
     transient = max(recompute_set, reference_forward) + dispatch + swapping
     return StageMemory(
-        stage=stage, layers=layers, params=shard.total,
+        stage=stage, layers=layers, params=shard.total + (trained.total if trained is not None else 0),
         weights=weights, gradients=gradients, optimizer=optimizer, reference=reference,
         activations=activations, pipeline_buffers=pipeline_buffers, logits=logits, transient=transient,
         comm_buffers=comm, reserve=hardware.reserved_gib * GIB,
