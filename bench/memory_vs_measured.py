@@ -44,6 +44,7 @@ from dpoc.compiler.render.targets import dpoc_runtime  # noqa: E402
 from dpoc.contract.megatron_args import format_args  # noqa: E402
 from dpoc.contract.plan import Plan  # noqa: E402
 from dpoc.planner.memory import SEQUENCES_PER_PAIR, estimate_memory  # noqa: E402
+from dpoc.planner.workload import dpo_workload  # noqa: E402
 from dpoc.runtime.step.memory_probe import MEMORY_DIR  # noqa: E402
 from tests.runtime.synthetic import write_pairs  # noqa: E402
 
@@ -62,6 +63,8 @@ LAYOUTS = {  # name: (model preset, processes, parallelism overrides[, other rec
     "ep2-moe": (MOE, 2, {"ep": 2}),
     "tp2xpp2": (DENSE, 4, {"tp": 2, "pp": 2}),
     "ep2xtp2-moe": (MOE, 4, {"ep": 2, "tp": 2}),
+    "single-lora": (DENSE, 1, {}, ["lora.rank=4", "lora.alpha=8"]),
+    "tp2-sp-lora": (DENSE, 2, {"tp": 2}, ["lora.rank=4", "lora.alpha=8"]),
 }
 
 
@@ -105,8 +108,10 @@ def compare(plan: Plan, ranks: list[dict]) -> list[dict]:
     """Predicted against measured bytes, one row per rank. `activations` is the model for this device (cpu:
     megatron-core's unfused local kernels); `fused_activations` what it predicts for npu/cuda's fused
     kernels, shown to say how much of the CPU figure is kernel-specific."""
-    estimate = estimate_memory(plan.model, plan.hardware, plan.layout, plan.training)
-    fused = estimate_memory(plan.model, replace(plan.hardware, device="npu"), plan.layout, plan.training)
+    workload = dpo_workload(plan.dpo.reference, plan.lora)
+    estimate = estimate_memory(plan.model, plan.hardware, plan.layout, plan.training, workload=workload)
+    fused = estimate_memory(plan.model, replace(plan.hardware, device="npu"), plan.layout, plan.training,
+                            workload=workload)
     rows = []
     for measured in ranks:
         stage = estimate.stages[measured["pp_rank"]]

@@ -49,7 +49,7 @@ class StageMemory:
 
     stage: int
     layers: int  # transformer layers with weights
-    params: int  # policy parameters on this device
+    params: int  # policy parameters on this device (under LoRA: the frozen base's and the adapters')
     weights: float
     gradients: float
     optimizer: float
@@ -250,7 +250,8 @@ class _PerLayer:
     def of(cls, model: ModelSpec, layout: Layout, training: Training, fused: bool = True,
            lora: Lora | None = None, features: MemoryFeatures = NO_FEATURES) -> _PerLayer:
         sequences = SEQUENCES_PER_PAIR * layout.micro_batch_size
-        layer_extra, last_extra = (0.0, 0.0) if fused else unfused_kernel_bytes(model, layout, training, sequences)
+        layer_extra, last_extra = (0.0, 0.0) if fused else unfused_kernel_bytes(model, layout, training, sequences,
+                                                                                frozen=lora is not None)
         return cls(
             full=layer_activation_bytes(model, layout, training, sequences, lora, features) + layer_extra,
             kept=layer_input_bytes(model, layout, training, sequences),
@@ -262,8 +263,8 @@ class _PerLayer:
         )
 
 
-def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int
-                         ) -> tuple[float, float]:
+def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, sequences: int,
+                         frozen: bool = False) -> tuple[float, float]:
     """(per layer, last stage) bytes that the runtime's CPU kernels save beyond the fused ones assumed above
     (flash attention, fused RMSNorm, SwiGLU and rotary): torch's SDPA flash kernel for attention, megatron-core's
     unfused local norms, SwiGLU and rotary. Each term was matched tensor by tensor against autograd's
@@ -272,14 +273,16 @@ def unfused_kernel_bytes(model: ModelSpec, layout: Layout, training: Training, s
     a, s, tp = element_bytes(training), training.seq_length, layout.tp
     tok = _tokens(layout, s, sequences)
     q, kv, heads, groups = q_width(model), kv_width(model), model.num_attention_heads, model.num_query_groups
-    hidden_norm = a * tok.local * model.hidden_size + FP32 * tok.local  # normalized output and 1/rms
+    # the normalized output (kept for the norm weight's gradient: not when it is frozen, as under LoRA) and 1/rms
+    normalized = 0 if frozen else 1
+    hidden_norm = normalized * a * tok.local * model.hidden_size + FP32 * tok.local
     extra = 2 * hidden_norm
     if model.qk_layernorm:
         # normalized q and k with their 1/rms per head; k's norm input is a view of the fused qkv output,
         # which keeps the whole [q + 2 kv] storage, and q's is a copy of its slice unless the rank holds
         # one query group (then the reshape is a view of the same storage)
         q_copy = q if groups // tp > 1 else 0
-        extra += a * tok.full / tp * (q + kv + q_copy + kv + heads + groups)
+        extra += a * tok.full / tp * (normalized * (q + kv) + q_copy + kv + heads + groups)
     extra += 4 * a * s * model.head_dim  # rotary cos and sin for q and k
     # core attention adds nothing: SDPA keeps q, k, v, its output and the log-sum-exp, as flash attention does
     # SwiGLU's silu output and product (2F per token): the dense MLP, or the shared expert and every one of
@@ -347,8 +350,9 @@ def stage_memory(
     held = min(chunks, 1) + sum(ratios[min(i, len(ratios) - 1)] for i in range(1, chunks))
     saved, recompute_set = chunk_saved_bytes(layout, per_layer, layers / layout.vpp)
     activations = held * saved
-    if last:  # final norm and head inputs
-        activations += 2 * a * tokens.local * model.hidden_size + per_layer.last_stage_extra
+    if last:  # final norm and head inputs (a frozen head, as under LoRA, keeps none: it has no weight gradient)
+        head_inputs = 1 if workload.lora is not None else 2
+        activations += head_inputs * a * tokens.local * model.hidden_size + per_layer.last_stage_extra
     # with the live reference, its hidden states travel with the policy's: [s, 4 * mbs, h] per held micro-batch
     carried = 2 if workload.reference_forward else 1
     pipeline_buffers = held * carried * a * tokens.local * model.hidden_size if receives else 0.0
@@ -359,7 +363,7 @@ def stage_memory(
     swapping = per_layer.swapped if layers and layout.recompute != "full" else 0.0
     transient = max(recompute_set, reference_forward) + dispatch + swapping
     return StageMemory(
-        stage=stage, layers=layers, params=shard.total,
+        stage=stage, layers=layers, params=shard.total + (trained.total if trained is not None else 0),
         weights=weights, gradients=gradients, optimizer=optimizer, reference=reference,
         activations=activations, pipeline_buffers=pipeline_buffers, logits=logits, transient=transient,
         comm_buffers=comm, reserve=hardware.reserved_gib * GIB,

@@ -61,3 +61,13 @@ def test_explain_shows_the_full_parameter_alternative(dpoc_cli):
     assert "LoRA's alternative: this layout training every parameter" in rows["estimate.full_parameter.peak_gib"]
     assert rows["estimate.full_parameter.fits"].split()[1] in ("true", "false")
     assert rows["lora.rank"].split()[1:3] == ["8", "user:command"]
+
+
+def test_the_shipped_235b_lora_recipe_fits_its_one_node():
+    from dpoc.compiler.pipeline import plan_recipe
+    from tests.conftest import RECIPES
+
+    plan = plan_recipe(RECIPES / "qwen3_235b_lora.yaml")
+    assert (plan.hardware.nodes, plan.hardware.devices_per_node, plan.lora.rank) == (1, 16, 16)
+    assert (plan.layout.tp, plan.layout.pp, plan.layout.ep, plan.layout.dp) == (2, 1, 8, 8)
+    assert plan.estimate["memory"]["fits"] and not plan.estimate["full_parameter"]["fits"]

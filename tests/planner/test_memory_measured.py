@@ -27,7 +27,7 @@ def pairs(tmp_path_factory) -> str:
     return write_pairs(tmp_path_factory.mktemp("memory") / "pairs", pairs=16)
 
 
-@pytest.mark.parametrize("layout", ["single", "tp2-sp", "single-packed"])
+@pytest.mark.parametrize("layout", ["single", "tp2-sp", "single-packed", "single-lora", "tp2-sp-lora"])
 @pytest.mark.slow
 def test_memory_matches_the_runtime_tensors(pairs, tmp_path, layout):
     plan = compile_layout(*LAYOUTS[layout])
