@@ -37,10 +37,10 @@ def write_result(args: argparse.Namespace, name: str, data: dict[str, Any], meas
     out = args.out if args.out is not None else None if args.smoke else RESULTS / f"{name}.json"
     if out is None:
         return None
-    result = {**data, **provenance(measures)}
-    check_result(name, result)
+    text = json.dumps({**data, **provenance(measures)}, indent=2, sort_keys=True) + "\n"
+    check_result(name, json.loads(text))  # what the file will hold: tuples as arrays, keys as strings
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_atomically(out, text)
     return out
 
 

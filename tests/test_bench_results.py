@@ -87,3 +87,13 @@ def test_a_smoke_result_must_have_the_committed_keys_and_name_the_commit_checked
         f"measured_commit: {'0' * 40} is not HEAD {head}",
         "(top level): 'saves' is a required property",
     ]
+
+
+def test_a_result_is_checked_as_its_file_will_hold_it(tmp_path):
+    """os.getloadavg() is a tuple and a dict may have int keys: the schema sees them as the JSON file has them."""
+    data = {k: v for k, v in _committed("compile_latency").items() if not k.startswith("measured_")}
+    data["load_average_before_after"] = (1.0, 2.0)
+    out = write_result(argparse.Namespace(smoke=True, out=tmp_path / "c.json"), "compile_latency", data,
+                       ["bench/compile_latency.py"])
+    assert json.loads(out.read_text())["load_average_before_after"] == [1.0, 2.0]
+

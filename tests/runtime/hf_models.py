@@ -8,12 +8,14 @@ norm) and a tied-embedding Qwen3 (no lm_head tensor in the file, as Qwen3-0.6B; 
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import torch
 import transformers
 
 from dpoc.contract import hf_config
+from tests.conftest import run_subprocess, scratch
 from tests.runtime.synthetic import VOCAB
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -61,3 +63,14 @@ def logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(tokens).logits
+
+
+@cache
+def converted_qwen2() -> tuple[Path, Path]:
+    """The tiny qwen2 model and its `dpoc convert hf-to-mcore` output, made once per session for the tests that
+    convert it unchanged (they copy, never change, them)."""
+    tmp = scratch("converted-qwen2")
+    hf = save_model("qwen2", tmp / "hf")
+    done = run_subprocess("convert", "hf-to-mcore", hf, tmp / "mcore")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return hf, tmp / "mcore"

@@ -10,19 +10,21 @@ import pytest
 
 from dpoc.runtime.checkpoint import publish
 from tests.conftest import run_subprocess
-from tests.runtime.hf_models import save_model
+from tests.runtime.hf_models import converted_qwen2
 from tests.runtime.test_runtime_convert import tensors
 
 
-def published_save(hf: Path, root: Path) -> Path:
+def published_save(hf: Path, root: Path, mcore: Path | None = None) -> Path:
     """A save directory of two published checkpoints (iterations 2 and 4, each with its manifest), both the
-    converted weights of the HF directory `hf`."""
-    done = run_subprocess("convert", "hf-to-mcore", hf, root.parent / f"{root.name}-mcore")
-    assert done.returncode == 0, done.stderr[-3000:]
+    converted weights of the HF directory `hf` (`mcore`: that conversion, when already made)."""
+    if mcore is None:
+        mcore = root.parent / f"{root.name}-mcore"
+        done = run_subprocess("convert", "hf-to-mcore", hf, mcore)
+        assert done.returncode == 0, done.stderr[-3000:]
     root.mkdir()
     for iteration in (2, 4):
         staging = publish.staging_folder(root, iteration, "t")
-        shutil.copytree(root.parent / f"{root.name}-mcore", staging)
+        shutil.copytree(mcore, staging)
         publish.publish(staging, publish.file_records(staging, publish.files_of(staging)), root, iteration)
     return root
 
@@ -30,7 +32,9 @@ def published_save(hf: Path, root: Path) -> Path:
 @pytest.fixture(scope="module")
 def save(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("damaged")
-    return published_save(save_model("qwen2", tmp / "hf"), tmp / "save")
+    hf, mcore = converted_qwen2()
+    shutil.copytree(hf, tmp / "hf")  # the test compares the output with save.parent / "hf"
+    return published_save(tmp / "hf", tmp / "save", mcore)
 
 
 @pytest.mark.slow

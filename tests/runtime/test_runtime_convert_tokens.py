@@ -11,16 +11,17 @@ import pytest
 
 from dpoc.contract.hf_config import architecture, read_config
 from tests.conftest import REPO, run_subprocess
-from tests.runtime.hf_models import save_model
+from tests.runtime.hf_models import converted_qwen2, save_model
 from tests.runtime.test_runtime_convert_damaged import published_save
 
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def converted(tmp: Path, hf: Path, *args: str) -> tuple[dict, dict]:
-    """The special token ids of config.json and generation_config.json after HF -> save directory -> HF."""
+def converted(tmp: Path, hf: Path, *args: str, mcore: Path | None = None) -> tuple[dict, dict]:
+    """The special token ids of config.json and generation_config.json after HF -> save directory -> HF
+    (`mcore`: the HF directory's conversion, when already made)."""
     (tmp / "plan.json").write_text(json.dumps({"model": architecture(read_config(hf, "", ""), str(hf))}))
-    save = published_save(hf, tmp / "save")
+    save = published_save(hf, tmp / "save", mcore)
     done = run_subprocess("convert", "mcore-to-hf", save, tmp / "out", "--plan", tmp / "plan.json", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return tuple({k: v for k, v in json.loads((tmp / "out" / name).read_text()).items() if k in SPECIAL}
@@ -39,8 +40,8 @@ def test_the_source_configs_token_ids_are_kept(tmp_path):
 
 @pytest.mark.slow
 def test_without_them_the_tokenizers_are_taken(tmp_path):
-    hf = save_model("qwen2", tmp_path / "hf")
+    hf, mcore = converted_qwen2()  # the unchanged model, converted once for this and the damaged-checkpoint test
     config = json.loads((hf / "config.json").read_text())
     assert not any(config.get(k) is not None for k in SPECIAL)
     ids = {"eos_token_id": 2, "pad_token_id": 0}  # the tiny tokenizer's <|im_end|> and <|endoftext|>; no bos
-    assert converted(tmp_path, hf, "--tokenizer", REPO / "assets/tiny/tokenizer") == (ids, ids)
+    assert converted(tmp_path, hf, "--tokenizer", REPO / "assets/tiny/tokenizer", mcore=mcore) == (ids, ids)
