@@ -188,6 +188,8 @@ def _lora_flags(g: _Group, job: dict[str, bool]) -> None:
     g.add_argument("--lora-target-modules", type=_lora_targets, default=MCORE_TARGETS,
                    help=f"megatron-core linears that get adapters, by commas (of {', '.join(MCORE_TARGETS)})")
     g.add_argument("--dpoc-lora-experts", **_SWITCH, help="routed MoE experts get adapters too (one per expert)")
+    g.add_argument("--lora-load", type=str, default=None,
+                   help="a PEFT adapter directory: the policy's initial adapters, and (frozen) the reference's")
 
 
 def _logging_flags(g: _Group, job: dict[str, bool]) -> None:

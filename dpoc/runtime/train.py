@@ -159,7 +159,8 @@ def _open_log(args: argparse.Namespace, device: devices.Device, dp_size: int, st
         log.line(f"lora: rank {adapters.rank}, alpha {adapters.alpha:g}, dropout {adapters.dropout:g} on "
                  f"{', '.join(adapters.targets)}{' (experts too)' if adapters.experts else ''}; the base is frozen")
         if shared_base:
-            reference = "the policy with its adapters off (the frozen base)"
+            reference = (f"the policy with its initial adapter ({args.lora_load}) frozen in place of the trained one"
+                         if args.lora_load else "the policy with its adapters off (the frozen base)")
     log.line(f"weights: policy from {weights[0].describe()}, reference from {reference}"
              + (f" (precomputed log-probs: {precomputed.path})" if precomputed is not None else ""))
     return log

@@ -62,8 +62,6 @@ def test_no_section_no_lora():
      "fuses q_proj, k_proj, v_proj into linear_qkv, so name all of them or 'linear_qkv'"),
     ([*SECTION, "lora.experts=true"], "lora.experts: tiny-qwen3 is a dense model (no experts); valid: false, or "
      "leave it out"),
-    ([*SECTION, "lora.init_from=./sft-adapter"], "lora.init_from: loading a PEFT adapter is not supported yet "
-     "(valid: leave it out: the adapters start fresh, B at zero)"),
 ])
 def test_bad_sections_are_refused_naming_the_field(overrides, line):
     assert line in _problems(TINY, overrides)
@@ -94,5 +92,12 @@ def test_the_adapters_reach_the_runtime_and_only_with_a_section(tmp_path):
         assert (args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.dpoc_lora_experts) \
             == (8, 16.0, 0.1, ("linear_qkv", "linear_proj"), False)
     assert "--lora-target-modules linear_qkv,linear_proj\n" in (out / "megatron.args").read_text()
+    assert megatron_args.parse([f"@{out / 'megatron.args'}"]).lora_load is None
     _, plain = build(TINY, [], out=tmp_path / "plain")
     assert "--lora" not in (plain / "megatron.args").read_text()
+
+
+def test_init_from_reaches_the_runtime_as_lora_load(tmp_path):
+    _, out = build(TINY, [*SECTION, "lora.init_from=./sft-adapter"], out=tmp_path / "b")
+    for path in ("megatron.args", "resume/megatron.args"):
+        assert megatron_args.parse([f"@{out / path}"]).lora_load == "./sft-adapter"

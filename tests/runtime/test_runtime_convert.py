@@ -181,6 +181,11 @@ def sequence_logp(model, ids: list[int], labels: list[int]) -> float:
 def transformers_first_step(policy_dir: Path, reference_dir: Path, pairs: list[dict]) -> dict[str, float]:
     policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     reference = transformers.AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    return dpo_first_step(policy, reference, pairs)
+
+
+def dpo_first_step(policy, reference, pairs: list[dict]) -> dict[str, float]:
+    """The sigmoid DPO step's metrics for two Hugging Face models, averaged over the pairs."""
     rows = []
     for pair in pairs:
         pc = sequence_logp(policy, pair["chosen_input_ids"], pair["chosen_labels"])

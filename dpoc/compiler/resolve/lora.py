@@ -28,9 +28,6 @@ def lora_settings(v: Any, model: ModelSpec) -> Lora | None:
     mlp_outside_experts = moe is None or moe.shared_expert_ffn_hidden_size > 0
     present = tuple(t for t in MCORE_TARGETS if t not in _MLP or mlp_outside_experts or experts)
     targets = _targets(v, present)
-    if v.has("lora.init_from"):
-        v.problem("lora.init_from", "loading a PEFT adapter is not supported yet (valid: leave it out: the adapters "
-                  "start fresh, B at zero)")
     return Lora(
         rank=v.take("lora.rank"),
         alpha=float(v.take("lora.alpha")),

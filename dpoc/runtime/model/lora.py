@@ -12,6 +12,10 @@ it over the linear's tp group after the data-parallel reduction. The base is fro
 megatron's DDP gives it no gradient buffer and the optimizer no state. Expert linears (one adapter per expert)
 use the expert tp group and keep megatron's `allreduce` marking, so their gradients reduce over the expert
 data-parallel group.
+
+`--lora-load` (`lora.init_from`): a PEFT adapter directory sets the policy's initial adapters and is kept again,
+frozen, as a second adapter on the same linears (plain tensors outside the state dict: never trained, saved or
+all-reduced), which the reference pass runs in place of the policy's, so the reference is base + initial adapter.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from dpoc.contract import hf_config
+from dpoc.contract.architecture import Architecture
 from dpoc.contract.lora import Lora
 from dpoc.runtime.model import seeded_init
-from dpoc.runtime.weights import sharded
+from dpoc.runtime.weights import peft, sharded
 
 ADAPTER_PARAMS = ("lora_A", "lora_B")
 
@@ -48,7 +54,8 @@ def settings(args) -> Lora | None:
     if args.lora_r is None:
         return None
     return Lora(rank=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                targets=tuple(args.lora_target_modules), experts=args.dpoc_lora_experts, init_from=None)
+                targets=tuple(args.lora_target_modules), experts=args.dpoc_lora_experts,
+                init_from=args.lora_load)
 
 
 def is_adapter(name: str) -> bool:
@@ -86,6 +93,30 @@ def attach(chunks: Iterable[torch.nn.Module], lora: Lora, seed: int, gated: bool
                     sh.data.copy_(sharded.assemble(sh, partial(_kaiming_block, sh, seed)))
 
 
+def load_initial(chunks: Iterable[torch.nn.Module], args, lora: Lora) -> None:
+    """`--lora-load`: every rank's shard of the PEFT adapter into the attached adapters, and the same values kept
+    as each linear's frozen reference adapter. A resume then overwrites the policy's with the trained ones."""
+    chunks = list(chunks)
+    values = {}
+    for site, pair in peft.load(args.lora_load, Architecture.of(hf_config.architecture_from_args(args)),
+                                lora).items():
+        key, index = site.weight()
+        for part, tensor in zip(ADAPTER_PARAMS, pair, strict=True):
+            values[(key.removesuffix("weight") + part, index)] = tensor
+
+    def read(sh: ShardedTensor) -> torch.Tensor:
+        if not is_adapter(sh.key):
+            return sh.data
+        return sharded.assemble(sh, lambda index, rows, rest: values[(sh.key, index)][
+            (slice(rows.start, rows.stop), *rest)])
+
+    sharded.fill(chunks, read)
+    for chunk in chunks:
+        for m in chunk.modules():
+            if hasattr(m, "dpoc_lora"):
+                m.dpoc_lora.reference = (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+
+
 def _kaiming_block(sh: ShardedTensor, seed: int, index: tuple[int, ...], rows: range,
                    rest: tuple[slice, ...]) -> torch.Tensor:
     """kaiming_uniform_(a=sqrt(5)) of the full [r, in] A at one layer/expert index: U(-1/sqrt(in), 1/sqrt(in))."""
@@ -115,14 +146,22 @@ def _adapt(linear: torch.nn.Module, lora: Lora, swiglu: bool) -> None:
 
 
 class _State:
-    """An adapted linear's scaling, dropout and whether its adapter is on (off: the reference pass)."""
+    """An adapted linear's scaling, dropout, whether the policy's adapter is on (off: the reference pass) and the
+    reference's frozen adapter (None: the reference is the base)."""
 
     def __init__(self, scaling: float, dropout: float):
         self.scaling, self.dropout, self.enabled = scaling, dropout, True
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def _adapter(linear, x: torch.Tensor, sharded_input: bool) -> torch.Tensor:
+def _adapter(linear, x: torch.Tensor, sharded_input: bool) -> torch.Tensor | None:
+    """The policy's adapter term, or in the reference pass the reference's (None: no adapter runs)."""
     state = linear.dpoc_lora
+    if not state.enabled:
+        if state.reference is None:
+            return None
+        a, b = state.reference
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * state.scaling
     if state.dropout and linear.training:
         # a tp-sharded input draws its mask from megatron's model-parallel RNG, a replicated one from the default
         with tensor_parallel.get_cuda_rng_tracker().fork() if sharded_input else contextlib.nullcontext():
@@ -142,8 +181,9 @@ def _column_forward(linear, input_: torch.Tensor, weight: torch.Tensor | None = 
         x = copy_to_tensor_model_parallel_region(input_, group=linear.tp_group)
     bias = linear.bias if not linear.skip_bias_add else None
     out = F.linear(x, linear.weight if weight is None else weight, bias)
-    if linear.dpoc_lora.enabled:
-        out = out + _adapter(linear, x, sharded_input=False)
+    delta = _adapter(linear, x, sharded_input=False)
+    if delta is not None:
+        out = out + delta
     gather = linear.gather_output if runtime_gather_output is None else runtime_gather_output
     if gather:
         out = gather_from_tensor_model_parallel_region(out, group=linear.tp_group)
@@ -155,8 +195,9 @@ def _row_forward(linear, input_: torch.Tensor):
     if not linear.input_is_parallel:
         input_ = tensor_parallel.scatter_to_tensor_model_parallel_region(input_, group=linear.tp_group)
     out = F.linear(input_, linear.weight)
-    if linear.dpoc_lora.enabled:
-        out = out + _adapter(linear, input_, sharded_input=True)
+    delta = _adapter(linear, input_, sharded_input=True)
+    if delta is not None:
+        out = out + delta
     if linear.explicit_expert_comm:
         pass  # the token dispatcher reduces expert outputs
     elif linear.sequence_parallel:
@@ -184,7 +225,8 @@ def _sharded_state_dict(linear, axes: dict[str, int], swiglu: bool, prefix: str 
 
 @contextlib.contextmanager
 def adapters_off(chunks: Iterable[torch.nn.Module]) -> Iterator[None]:
-    """The base model: every adapter skipped, in eval mode (the reference pass of a LoRA run)."""
+    """The reference: the policy's adapters skipped (the base, or with `--lora-load` the base and its frozen initial
+    adapter), in eval mode (the reference pass of a LoRA run)."""
     chunks = list(chunks)
     linears = [m for c in chunks for m in c.modules() if hasattr(m, "dpoc_lora")]
     modes = [c.training for c in chunks]

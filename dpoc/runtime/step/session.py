@@ -116,6 +116,8 @@ def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources
         weight_sources.load(base, chunks, config, args)
     if adapters:
         lora.attach(chunks, adapters, args.seed, gated=args.swiglu)
+        if args.lora_load:
+            lora.load_initial(chunks, args, adapters)
     policy = [DistributedDataParallel(policy_config, ddp_config(args), _in_precision(policy_config, chunk),
                                       disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     if args.dpoc_reference in ("precomputed", "none"):  # log-probs from a file, or a reference-free loss

@@ -191,6 +191,8 @@ def _lora_args(plan: Plan) -> list[Arg]:
         return []
     args: list[Arg] = [("--lora-r", lora.rank), ("--lora-alpha", lora.alpha), ("--lora-dropout", lora.dropout),
                        ("--lora-target-modules", lora.targets)]
+    if lora.init_from is not None:
+        args.append(("--lora-load", lora.init_from))
     return [*args, ("--dpoc-lora-experts", True)] if lora.experts else args
 
 

@@ -1,0 +1,81 @@
+"""`lora.init_from` (--lora-load) in the dpoc runtime: a PEFT adapter written by PEFT itself on the tiny HF base
+(non-zero A and B) starts the policy, and the reference is the base plus that adapter, frozen: the first step's
+loss is ln 2 and its policy log-probs are those of PEFT's merged model on the same tokens. With another model as
+`--ref-model`, the first step's metrics are a float64 computation with the merged model as the policy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from dpoc.contract.lora import HF_TO_MCORE
+from tests.runtime import hf_models
+from tests.runtime.synthetic import write_args, write_pairs
+from tests.runtime.test_runtime_convert import dpo_first_step, read_pairs, sequence_logp
+from tests.runtime.test_runtime_train import metrics, train
+
+
+def peft_adapter(base, out) -> None:
+    """A PEFT LoRA adapter on every linear dpoc adapts, with A and B both drawn (init_lora_weights=False). The
+    linears megatron-core fuses then share A (k, v take q's; up takes gate's), which rank 4 holds exactly (PEFT's
+    independent A's would need the stacked rank and are refused: tests/runtime/test_peft_format.py)."""
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(HF_TO_MCORE), init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for layer in peft_model.base_model.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for shared, others in ((attn.q_proj, (attn.k_proj, attn.v_proj)), (mlp.gate_proj, (mlp.up_proj,))):
+                for other in others:
+                    other.lora_A["default"].weight.copy_(shared.lora_A["default"].weight)
+    peft_model.save_pretrained(out)
+
+
+def first_metrics(tmp_path, base, reference) -> dict[str, float]:
+    """Step 1 of a LoRA run on `base` from the PEFT adapter, against `reference`."""
+    pairs = write_pairs(tmp_path / "pairs", pairs=8, seed=5)
+    args = write_args(tmp_path / "lora.args", pairs, tmp_path / "runs" / "lora", steps=1, global_batch=8,
+                      micro_batch=2, model=hf_models.model_flags(base),
+                      init=[("--dpoc-init", "hf"), ("--dpoc-hf-weights", str(base)), ("--ref-model", str(reference))],
+                      extra=[("--lora-r", 4), ("--lora-alpha", 8.0), ("--lora-load", str(tmp_path / "adapter"))])
+    done = train(args, 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return metrics(tmp_path / "runs" / "lora")[0]
+
+
+@pytest.mark.slow
+def test_init_from_starts_at_ln2_with_the_merged_models_log_probs(tmp_path):
+    base = hf_models.save_model("qwen3", tmp_path / "base")
+    peft_adapter(base, tmp_path / "adapter")
+    first = first_metrics(tmp_path, base, base)
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6) and first["rewards/margins"] == 0.0
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, tmp_path / "adapter").merge_and_unload().eval()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    data = read_pairs(tmp_path / "pairs")
+    for side in ("chosen", "rejected"):
+        got = sum(sequence_logp(merged, p[f"{side}_input_ids"], p[f"{side}_labels"]) for p in data) / len(data)
+        without = sum(sequence_logp(plain, p[f"{side}_input_ids"], p[f"{side}_labels"]) for p in data) / len(data)
+        assert got == pytest.approx(first[f"logps/{side}"], rel=1e-5, abs=1e-6), side
+        assert abs(without - got) > 1e-3  # the adapter moves the log-probs: the test sees whether it was loaded
+
+
+@pytest.mark.slow
+def test_init_from_against_another_reference_is_the_float64_merged_policy(tmp_path):
+    base = hf_models.save_model("qwen3", tmp_path / "base")
+    other = hf_models.save_model("qwen3", tmp_path / "other", seed=1)
+    peft_adapter(base, tmp_path / "adapter")
+    got = first_metrics(tmp_path, base, other)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    policy = PeftModel.from_pretrained(model, tmp_path / "adapter").double().merge_and_unload().eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(other, dtype=torch.float64).eval()
+    expected = dpo_first_step(policy, reference, read_pairs(tmp_path / "pairs"))
+    assert got["rewards/margins"] != 0
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
