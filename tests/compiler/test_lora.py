@@ -82,6 +82,9 @@ def test_what_the_dpoc_runtime_cannot_train_it_refuses():
                      ) == ["checkpoint.ref_model: another reference than checkpoint.load with LoRA on converted weights "
                            "is not supported yet: a resume finds the frozen base through it (valid: leave it out: the "
                            "reference is the base, the policy with its adapters off)"]
+    assert _problems(TINY, [*SECTION, "lora.init_from=./sft", "dpo.reference=precomputed"]) == [
+        "lora.init_from: the dpoc runtime (megatron-core, local layers)'s precompute pass does not run the initial "
+        "adapter yet, so its reference would be the base alone; valid: dpo.reference=live, or leave it out"]
 
 
 def test_the_adapters_reach_the_runtime_and_only_with_a_section(tmp_path):

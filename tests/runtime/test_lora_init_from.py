@@ -18,6 +18,8 @@ from tests.runtime.synthetic import write_args, write_pairs
 from tests.runtime.test_runtime_convert import dpo_first_step, read_pairs, sequence_logp
 from tests.runtime.test_runtime_train import metrics, train
 
+DPO = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
 
 def peft_adapter(base, out) -> None:
     """A PEFT LoRA adapter on every linear dpoc adapts, with A and B both drawn (init_lora_weights=False). The
@@ -36,23 +38,25 @@ def peft_adapter(base, out) -> None:
     peft_model.save_pretrained(out)
 
 
-def first_metrics(tmp_path, base, reference) -> dict[str, float]:
-    """Step 1 of a LoRA run on `base` from the PEFT adapter, against `reference`."""
+def lora_run(tmp_path, base, reference, name: str = "lora", steps: int = 1, processes: int = 1,
+             extra: list = ()) -> list[dict[str, float]]:
+    """A LoRA run on `base` from the PEFT adapter, against `reference`: its metrics, step by step."""
     pairs = write_pairs(tmp_path / "pairs", pairs=8, seed=5)
-    args = write_args(tmp_path / "lora.args", pairs, tmp_path / "runs" / "lora", steps=1, global_batch=8,
-                      micro_batch=2, model=hf_models.model_flags(base),
+    args = write_args(tmp_path / f"{name}.args", pairs, tmp_path / "runs" / name, steps=steps, global_batch=8,
+                      micro_batch=2, lr=2e-2, model=hf_models.model_flags(base),
                       init=[("--dpoc-init", "hf"), ("--dpoc-hf-weights", str(base)), ("--ref-model", str(reference))],
-                      extra=[("--lora-r", 4), ("--lora-alpha", 8.0), ("--lora-load", str(tmp_path / "adapter"))])
-    done = train(args, 1)
+                      extra=[("--lora-r", 4), ("--lora-alpha", 8.0), ("--lora-load", str(tmp_path / "adapter")),
+                             *extra])
+    done = train(args, processes)
     assert done.returncode == 0, done.stderr[-3000:]
-    return metrics(tmp_path / "runs" / "lora")[0]
+    return metrics(tmp_path / "runs" / name)
 
 
 @pytest.mark.slow
 def test_init_from_starts_at_ln2_with_the_merged_models_log_probs(tmp_path):
     base = hf_models.save_model("qwen3", tmp_path / "base")
     peft_adapter(base, tmp_path / "adapter")
-    first = first_metrics(tmp_path, base, base)
+    first = lora_run(tmp_path, base, base)[0]
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-6) and first["rewards/margins"] == 0.0
 
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -71,7 +75,7 @@ def test_init_from_against_another_reference_is_the_float64_merged_policy(tmp_pa
     base = hf_models.save_model("qwen3", tmp_path / "base")
     other = hf_models.save_model("qwen3", tmp_path / "other", seed=1)
     peft_adapter(base, tmp_path / "adapter")
-    got = first_metrics(tmp_path, base, other)
+    got = lora_run(tmp_path, base, other)[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
     policy = PeftModel.from_pretrained(model, tmp_path / "adapter").double().merge_and_unload().eval()
     reference = transformers.AutoModelForCausalLM.from_pretrained(other, dtype=torch.float64).eval()
@@ -79,3 +83,20 @@ def test_init_from_against_another_reference_is_the_float64_merged_policy(tmp_pa
     assert got["rewards/margins"] != 0
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_init_from_at_tp2_and_resumed_is_the_one_process_run(tmp_path):
+    """Each tp rank loads its shard of the adapter; a resume continues from the trained adapters (the checkpoint),
+    not from init_from, while the reference stays the initial adapter."""
+    base = hf_models.save_model("qwen3", tmp_path / "base")
+    peft_adapter(base, tmp_path / "adapter")
+    whole = lora_run(tmp_path, base, base, "whole", steps=3)
+    tp2 = lora_run(tmp_path, base, base, "tp2", processes=2, extra=[("--tensor-model-parallel-size", 2)])[0]
+    for key in DPO:
+        assert tp2[key] == pytest.approx(whole[0][key], rel=1e-5, abs=1e-6), key
+    save = [("--save", str(tmp_path / "ckpt")), ("--save-interval", 2)]
+    lora_run(tmp_path, base, base, "split", steps=2, extra=save)
+    resumed = lora_run(tmp_path, base, base, "split", steps=3, extra=[*save, ("--load", str(tmp_path / "ckpt"))])
+    assert [r["step"] for r in resumed] == [1, 2, 3] and whole[2]["rewards/margins"] != 0
+    assert {k: resumed[2][k] for k in DPO} == {k: whole[2][k] for k in DPO}

@@ -71,6 +71,9 @@ def unsupported(plan: Plan) -> list[Violation]:
         out.append(Violation("lora.experts", f"{why} puts expert adapters on SequentialMLP's loop only, not the "
                              f"grouped-GEMM experts ({layout.moe_experts}) yet; valid: "
                              "parallelism.moe_grouped_gemm=false, or false"))
+    if plan.lora is not None and plan.lora.init_from is not None and plan.dpo.reference == "precomputed":
+        out.append(Violation("lora.init_from", f"{why}'s precompute pass does not run the initial adapter yet, so "
+                             "its reference would be the base alone; valid: dpo.reference=live, or leave it out"))
     ck = plan.checkpoint
     if plan.lora is not None and ck.init == "converted" and ck.ref_model != ck.load:
         out.append(Violation("checkpoint.ref_model", "another reference than checkpoint.load with LoRA on converted "
