@@ -11,9 +11,11 @@ over the dataset, sorted by length.
 
 Time per micro-batch and pipeline stage = compute (FLOPs / (peak x efficiency), with one efficiency for
 dense GEMMs and attention and one for the routed experts' grouped GEMMs) + exposed communication: TP/SP
-all-gathers and reduce-scatters, expert all-to-all, context-parallel KV exchange and pipeline send/receive.
-A step is (m + (pp - 1) / vpp) x the slowest stage (1F1B with its bubble) plus the data-parallel gradient
-reduce-scatter and parameter all-gather. Overlap of communication with compute is not modelled.
+all-gathers and reduce-scatters, expert all-to-all, context-parallel KV exchange and pipeline send/receive:
+their bytes over the link, and the hardware's `collective_latency_us` per call the runtime issues
+(`collectives`). A step is (m + (pp - 1) / vpp) x the slowest stage (1F1B with its bubble) plus the
+data-parallel gradient reduce-scatter and parameter all-gather and the step's other collectives (gradient
+norm, metrics). Overlap of communication with compute is not modelled.
 
 Ranks are placed tp innermost, then cp, then dp/ep, then pp; a group spanning more devices than a node
 uses the SuperPoD fabric if it fits one, else the inter-node link.
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 
 from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.planner import collectives
 from dpoc.planner import lora as adapters
 from dpoc.planner.features import SORT_AND_CUT
 from dpoc.planner.lengths import Lengths
@@ -58,7 +61,6 @@ from dpoc.planner.params import (
 from dpoc.planner.workload import DPO_LIVE, REFERENCE_PASS, Workload
 
 COMM_EFFICIENCY = 0.7  # achieved / nominal link bandwidth (Ascend msmodeling default)
-COLLECTIVE_LATENCY_S = 10e-6  # fixed cost per communication op (Ascend msmodeling static op cost)
 GRAD_BYTES = 4  # bf16 training reduces gradients in fp32
 BACKWARD_CALLS_PER_FORWARD_CALL = 1  # autograd runs one backward node per forward call
 # Adam over fp32 main parameters: read the parameter, gradient and both moments, write the parameter and both
@@ -124,7 +126,7 @@ class Throughput:
     communication_s: float  # slowest stage's exposed communication, per micro-batch
     latency_s: float  # slowest stage's fixed per-call cost, per micro-batch
     bubble_s: float
-    data_parallel_s: float
+    data_parallel_s: float  # per step: the gradients' and parameters' collectives and the step's others
     optimizer_s: float  # per step: its calls and its sweep over the rank's shard
     micro_batches: float  # per data-parallel rank and step
 
@@ -146,8 +148,9 @@ def link_gbps(hardware: HardwareSpec, span: int) -> float:
     return hardware.inter_node_gbps
 
 
-def _transfer_s(hardware: HardwareSpec, span: int, nbytes: float, ops: float) -> float:
-    return nbytes / (link_gbps(hardware, span) * 1e9 * COMM_EFFICIENCY) + ops * COLLECTIVE_LATENCY_S
+def _transfer_s(hardware: HardwareSpec, span: int, nbytes: float) -> float:
+    """The bytes' time on the link (each call's fixed cost is `collectives.latency_s`'s)."""
+    return nbytes / (link_gbps(hardware, span) * 1e9 * COMM_EFFICIENCY)
 
 
 @dataclass(frozen=True)
@@ -248,26 +251,26 @@ def _stage_compute_s(run: _Run, stage: int, layers: int) -> float:
     return (dense / run.efficiency.dense + experts / run.efficiency.experts) / (layout.tp * layout.cp * peak)
 
 
-def _stage_comm_s(run: _Run, layers: int) -> float:
-    """Exposed communication of one micro-batch through one stage."""
+def _stage_comm_s(run: _Run, stage: int, layers: int) -> float:
+    """Exposed communication of one micro-batch through one stage: bytes, and each call's fixed cost."""
     layout, hw, model, passes = run.layout, run.hardware, run.model, run.passes
     whole = run.activation_bytes(run.sequences)
     sp = layout.tp if layout.sequence_parallel else 1
     local = whole / sp
     comm = 0.0
     if layout.tp > 1:  # 2 all-gathers + 2 reduce-scatters (or 2 all-reduces) per layer and pass
-        ops = passes * layers * 4
-        comm += _transfer_s(hw, layout.tp, ops * (layout.tp - 1) / layout.tp * whole, ops)
+        comm += _transfer_s(hw, layout.tp, passes * layers * 4 * (layout.tp - 1) / layout.tp * whole)
     if model.moe is not None and layout.ep > 1:  # dispatch + combine of the local tokens' top-k copies
-        ops = passes * layers * 2
-        volume = ops * model.moe.topk * local * (layout.ep - 1) / layout.ep
-        comm += _transfer_s(hw, layout.etp * layout.ep, volume, ops)
+        volume = passes * layers * 2 * model.moe.topk * local * (layout.ep - 1) / layout.ep
+        comm += _transfer_s(hw, layout.etp * layout.ep, volume)
     comm += context_parallel_exposed_s(run, layers)
     if layout.pp > 1:  # the stage's input forward and its gradient backward, policy + reference together
         carried = run.activation_bytes(run.sequences * (2 if run.workload.reference_forward else 1))
         directions = 2 if run.workload.trains else 1
-        comm += _transfer_s(hw, hw.world_size, directions * carried / sp, directions)
-    return comm
+        comm += _transfer_s(hw, hw.world_size, directions * carried / sp)
+    calls = collectives.micro_batch_calls(model, layout, run.workload, stage, layers, hw.backend,
+                                          recompute_forward=layout.recompute == "full" and run.workload.trains)
+    return comm + collectives.latency_s(hw, calls.total)
 
 
 def predict(
@@ -299,7 +302,8 @@ def predict(
         lora = workload.lora
         shard = adapters.stage_adapters(model, layout, lora, layers)
         tensors = adapters.stage_adapters(model, layout, lora, layers, tensors=True)
-    data_parallel = _data_parallel_s(hardware, layout, training, shard)
+    data_parallel = _data_parallel_s(hardware, layout, training, shard) + collectives.latency_s(
+        hardware, collectives.step_calls(model, layout, shard.dense, shard.experts))
     optimizer = _optimizer_s(hardware, layout, shard, tensors)
     step = micro_batches * slowest + bubble + data_parallel + optimizer
     seqs = layout.global_batch_size * workload.sequences_per_sample
@@ -333,9 +337,9 @@ def context_parallel_exposed_s(run: _Run, layers: int) -> float:
         ops = run.passes * layers * 2
         width = 2 * q_width(model) + 2 * kv_width(model)  # q, k, v in; the output back
         volume = run.passes * layers * tokens * width * (layout.cp - 1) / layout.cp
-        return _transfer_s(hw, span, volume, ops)
+        return _transfer_s(hw, span, volume) + collectives.latency_s(hw, ops)
     ops = (run.passes + 1) * layers * (layout.cp - 1)
-    exchange = _transfer_s(hw, span, ops * tokens * 2 * kv_width(model), ops)
+    exchange = _transfer_s(hw, span, ops * tokens * 2 * kv_width(model)) + collectives.latency_s(hw, ops)
     f = _stage_forward_flops(model, layers, False, run.seq, run.sequences, run.seq_square)
     core = run.passes * f.attention_core / run.efficiency.dense / (span * hw.peak_tflops * 1e12)
     return max(0.0, exchange - core)
@@ -351,7 +355,7 @@ def _slowest_stage(run: _Run) -> tuple[float, float, float, float]:
     stages = []
     for stage in {0, *representatives.values(), layout.pp - 1}:
         layers = layer_list[stage]
-        compute, comm = _stage_compute_s(run, stage, layers), _stage_comm_s(run, layers)
+        compute, comm = _stage_compute_s(run, stage, layers), _stage_comm_s(run, stage, layers)
         latency = _stage_latency_s(run, stage, layers)
         stages.append((compute + comm + latency, compute, comm, latency))
     return max(stages)
@@ -423,14 +427,14 @@ def _largest_stage(model: ModelSpec, layout: Layout) -> tuple[int, int]:
 
 
 def _data_parallel_s(hardware: HardwareSpec, layout: Layout, training: Training, shard: Shard) -> float:
-    """Gradient reduce-scatter + parameter all-gather (distributed optimizer) or all-reduce, per step, of the
-    largest stage's parameters."""
+    """The bytes of the gradient reduce-scatter + parameter all-gather (distributed optimizer) or all-reduce,
+    per step, of the largest stage's parameters (their calls' fixed cost: `collectives.step_calls`)."""
     per_param = GRAD_BYTES + element_bytes(training) if layout.distributed_optimizer else 2 * GRAD_BYTES
     span = hardware.world_size // layout.pp
     total = 0.0
     for params, group in ((shard.dense, layout.dp * layout.cp), (shard.experts, layout.edp)):
         if group > 1 and params:
-            total += _transfer_s(hardware, span, params * per_param * (group - 1) / group, 2)
+            total += _transfer_s(hardware, span, params * per_param * (group - 1) / group)
     return total
 
 
