@@ -4,7 +4,9 @@ FLOPs follow Megatron's `num_floating_point_operations` convention (formulas-and
 per multiply-add, backward = 2 x forward, causal attention (half the s^2 work), MoE experts at top-k, the
 router ignored. DPO per pair: policy forward + backward on chosen and rejected, and with the live reference
 its forward on the same two (`workload`); full recompute adds a policy forward, selective recompute (core
-attention) adds its forward. Sequence lengths come from `lengths`: the slowest data-parallel rank's expected
+attention) adds its forward. The time counts the LM head over the positions the dpoc runtime runs it on (the
+response tokens, when the dataset's stats say how many: `head`); MFU keeps the convention's full head.
+Sequence lengths come from `lengths`: the slowest data-parallel rank's expected
 padded lengths (their mean for the linear terms, their mean square for attention), or packing's real
 tokens. The precompute pass of precomputed reference log-probs (`predict_reference_pass`) is one forward
 over the dataset, sorted by length.
@@ -38,13 +40,14 @@ the backward and the output layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner import collectives
 from dpoc.planner import lora as adapters
 from dpoc.planner.features import SORT_AND_CUT
+from dpoc.planner.head import head_fraction
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
@@ -165,8 +168,10 @@ class _StageFlops:
 def _stage_forward_flops(
     model: ModelSpec, layers: int, last: bool, seq: float, sequences: float, seq_square: float | None = None,
     lora: Lora | None = None,
+    head: float = 1.0,
 ) -> _StageFlops:
-    """`seq`: mean tokens per sequence; `seq_square`: mean of their squares (default seq^2)."""
+    """`seq`: mean tokens per sequence; `seq_square`: mean of their squares (default seq^2); `head`: the share
+    of the positions the LM head runs on (the dpoc runtime's: the response tokens, `head.head_fraction`)."""
     h, q = model.hidden_size, q_width(model)
     tokens = seq * sequences
     projections = 2 * attention_projection_params(model)
@@ -177,7 +182,7 @@ def _stage_forward_flops(
     else:
         mlp = 2 * mlp_params(h, moe.shared_expert_ffn_hidden_size)
         experts = layers * tokens * 2 * mlp_params(h, moe.ffn_hidden_size) * moe.topk
-    dense = layers * tokens * (projections + mlp) + core + (tokens * 2 * h * model.vocab_size if last else 0)
+    dense = layers * tokens * (projections + mlp) + core + (head * tokens * 2 * h * model.vocab_size if last else 0)
     adapter = layers * sum(adapters.adapter_forward_flops(model, lora, tokens)) if lora is not None else 0.0
     return _StageFlops(dense, experts, core, adapter)
 
@@ -193,8 +198,9 @@ def _trained_flops(f: _StageFlops, lora: Lora | None) -> tuple[float, float]:
 
 def training_flops_per_sequence(model: ModelSpec, seq: float, seq_square: float | None = None,
                                 lora: Lora | None = None) -> float:
-    """Megatron-convention FLOPs to train on one sequence (forward + backward), no recompute; under LoRA the
-    FLOPs LoRA training runs (no weight gradients of the frozen base)."""
+    """Megatron-convention FLOPs to train on one sequence (forward + backward), no recompute: the head over
+    every position, as MFU counts it, whatever positions the runtime runs it on; under LoRA the FLOPs LoRA
+    training runs (no weight gradients of the frozen base)."""
     return sum(_trained_flops(_stage_forward_flops(model, model.num_layers, True, seq, 1, seq_square, lora), lora))
 
 
@@ -217,6 +223,7 @@ class _Run:
     seq_square: float  # mean square of the sequences' lengths
     sequences: float  # sequences one micro-batch trains on (packing: on average)
     micro_batches: float  # per data-parallel rank and step
+    head: float = 1.0  # share of the positions the LM head runs on
 
     @property
     def passes(self) -> int:
@@ -235,7 +242,7 @@ class _Run:
 def _stage_compute_s(run: _Run, stage: int, layers: int) -> float:
     layout = run.layout
     f = _stage_forward_flops(run.model, layers, stage == layout.pp - 1, run.seq, run.sequences, run.seq_square,
-                             run.workload.lora if run.workload.trains else None)
+                             run.workload.lora if run.workload.trains else None, run.head)
     lora = run.workload.lora
     if run.workload.trains:
         dense, experts = _trained_flops(f, lora)
@@ -293,7 +300,8 @@ def predict(
         seq, seq_square, micro_batches = rows.mean, rows.mean_square, layout.num_microbatches
         sequences = workload.sequences_per_sample * layout.micro_batch_size
         step_mean, step_square = rows.step_mean, rows.step_square
-    run = _Run(model, hardware, layout, training, efficiency, workload, seq, seq_square, sequences, micro_batches)
+    run = _Run(model, hardware, layout, training, efficiency, workload, seq, seq_square, sequences, micro_batches,
+               head_fraction(lengths, training, seq))
     slowest, compute_s, comm_s, latency_s = _slowest_stage(run)
     bubble = (layout.pp - 1) / layout.vpp * slowest
     stage, layers = _largest_stage(model, layout)
@@ -406,7 +414,8 @@ def predict_reference_pass(
     pays the pipeline's fill), no optimizer and no data-parallel communication."""
     seq, seq_square = lengths.sorted_dataset(layout.tp * layout.cp)
     run = _Run(model, hardware, layout, training, efficiency, REFERENCE_PASS, seq, seq_square,
-               SEQUENCES_PER_PAIR * micro_batch, round_micro_batches)
+               SEQUENCES_PER_PAIR * micro_batch, round_micro_batches,
+               head_fraction(lengths, replace(training, dynamic_padding=True), seq))
     slowest = _slowest_stage(run)[0]
     round_s = round_micro_batches * slowest + (layout.pp - 1) / layout.vpp * slowest
     pairs_per_s = layout.dp * round_micro_batches * micro_batch / round_s
