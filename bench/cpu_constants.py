@@ -1,7 +1,8 @@
 """Measure the CPU hardware preset's planner constants on this machine, one thread per process as the preset
 runs (`OMP_NUM_THREADS=1`): the fp32 matmul rate (`peak_tflops`), the memory bandwidth an optimizer sweep
 gets (`memory_gbps`), the fixed cost of one call of a pass (`op_latency_us`) and of the optimizer step per
-parameter tensor (`optimizer_tensor_us`).
+parameter tensor (`optimizer_tensor_us`), and gloo's collectives between 2 processes on 127.0.0.1
+(`collective_latency_us`, `intra_node_gbps`).
 
     OMP_NUM_THREADS=1 python bench/cpu_constants.py [--smoke] [--out FILE]  # writes bench/results/cpu_constants.json
 
@@ -17,10 +18,20 @@ parameter tensor (`optimizer_tensor_us`).
   by their parameter tensors (`params.layer_tensors`), the optimizer's cost per tensor. The same runs give
   what the planner's other counts imply here (the layer's backward, the embedding, output layer and loss),
   printed next to the counts it uses to check them, not fitted.
+- gloo: all-reduce, all-gather (into one tensor) and broadcast of fp32 messages from 4 B to 4 MiB between 2
+  processes (`torch.multiprocessing`, a TCP rendezvous on 127.0.0.1), the best mean of rounds of calls. An
+  op's latency is its time at 4 B; its bus bandwidth the extra bytes each rank moves from the smallest to
+  the largest message over the extra time, in the convention the planner charges them
+  (`collectives.moved_bytes`: an all-reduce moves 2 (p - 1) / p of the message, an all-gather (p - 1) / p of
+  its output, a broadcast all of it). The preset takes the all-reduce's (the op the runtime issues most;
+  `collective_latency_us`) and its bandwidth over the planner's `COMM_EFFICIENCY` (`intra_node_gbps`, the
+  nominal link the planner derates). The same op on a 1-rank group (megatron-core issues those too) is
+  timed for the record: the planner counts only groups of 2 or more.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -35,16 +46,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
 
 from bench._shared import arguments, best_seconds, square_matmul_rate, write_result  # noqa: E402
+from dpoc.common.ports import free_port  # noqa: E402
 from dpoc.compiler.pipeline import build  # noqa: E402
 from dpoc.contract import megatron_args  # noqa: E402
 from dpoc.contract.specs import preset_hardware, preset_model  # noqa: E402
+from dpoc.planner.collectives import moved_bytes  # noqa: E402
 from dpoc.planner.layout import make_layout  # noqa: E402
 from dpoc.planner.params import layer_tensors  # noqa: E402
 from dpoc.planner.throughput import (  # noqa: E402
     BACKWARD_CALLS_PER_FORWARD_CALL,
+    COMM_EFFICIENCY,
     DPO_LOSS_CALLS,
     EMBEDDING_CALLS,
     HEAD_CALLS,
@@ -71,6 +87,66 @@ MEASURES = ("bench/cpu_constants.py", "dpoc/runtime", "dpoc/planner")
 def memory_gbps(repeats: int) -> float:
     a, b = torch.zeros(32 * 2 ** 20), torch.ones(32 * 2 ** 20)  # 128 MiB each, past the caches
     return 3 * a.numel() * a.element_size() / best_seconds(lambda: a.add_(b), repeats) / 1e9
+
+
+GLOO_BYTES = (4, 4 * 2**10, 64 * 2**10, 2**20, 4 * 2**20)  # message sizes (all-gather: its output)
+GLOO_OPS = ("all_reduce", "all_gather", "broadcast")
+
+
+def _gloo_call(op: str, message: torch.Tensor, group: dist.ProcessGroup | None) -> Callable[[], None]:
+    size = dist.get_world_size(group)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(message, group=group)
+    if op == "all_gather":
+        shard = message[: message.numel() // size]
+        return lambda: dist.all_gather_into_tensor(message, shard, group=group)
+    return lambda: dist.broadcast(message, src=0, group=group)
+
+
+def _gloo_worker(rank: int, port: int, repeats: int, calls: int, out: str) -> None:
+    """One of the 2 processes: every op and size, `repeats` rounds of `calls` calls; rank 0 writes the best
+    mean per call (seconds) as JSON, and the all-reduce's on a group of this rank alone."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    alone = [dist.new_group([r]) for r in range(2)][rank]
+    times: dict[str, dict[str, float]] = {}
+    for op, group in ((*GLOO_OPS[:1], alone), *((op, None) for op in GLOO_OPS)):
+        key = f"{op}_1rank" if group is alone else op
+        times[key] = {}
+        for nbytes in GLOO_BYTES:
+            call = _gloo_call(op, torch.ones(max(nbytes // 4, 2)), group)
+            call()
+            best = float("inf")
+            for _ in range(repeats):
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                best = min(best, (time.perf_counter() - start) / calls)
+            times[key][str(nbytes)] = best
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def gloo_constants(repeats: int) -> dict[str, Any]:
+    """gloo's per-op latency and bus bandwidth between 2 processes on this machine (see the module doc)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "gloo.json"
+        mp.spawn(_gloo_worker, args=(free_port(), repeats, 5 if repeats < 10 else 20, str(out)), nprocs=2)
+        times = json.loads(out.read_text())
+    small, large = GLOO_BYTES[0], GLOO_BYTES[-1]
+    ops = {}
+    for key, by_size in times.items():
+        op = key.removesuffix("_1rank")
+        ranks = 1 if key != op else 2
+        extra = moved_bytes(op, large, ranks) - moved_bytes(op, small, ranks)
+        spent = by_size[str(large)] - by_size[str(small)]
+        ops[key] = {"seconds_by_bytes": by_size, "latency_us": by_size[str(small)] * 1e6,
+                    "bus_gbps": extra / spent / 1e9 if ranks > 1 else None}
+    reduce = ops["all_reduce"]
+    return {"processes": 2, "ops": ops, "collective_latency_us": reduce["latency_us"],
+            "bus_gbps": reduce["bus_gbps"], "intra_node_gbps": reduce["bus_gbps"] / COMM_EFFICIENCY}
 
 
 def _pairs(count: int, vocab: int, seed: int) -> list[list[np.ndarray]]:
@@ -184,6 +260,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     repeats = 3 if args.smoke else 50
     peak, memory = square_matmul_rate(1024, repeats) / 1e12, memory_gbps(repeats)
+    gloo = gloo_constants(repeats)
     latency = latency_constants(repeats)
     print(f"CPU constants at {torch.get_num_threads()} thread(s) (the machine may be shared: best of "
           f"{repeats}):")
@@ -197,8 +274,17 @@ def main() -> None:
         print(f"  {what:<33} implied {latency['implied_' + what]:6.1f}, planner counts {latency['model_' + what]}")
     print(f"  optimizer step beyond the layers' tensors {latency['optimizer_fixed_s'] * 1e3:.2f} ms (the embedding, "
           "final norm and head tensors, and a fixed cost the planner does not model)")
+    print(f"  gloo, 2 processes: collective_latency_us {gloo['collective_latency_us']:.1f}, intra_node_gbps "
+          f"{gloo['intra_node_gbps']:.2f} (all-reduce bus bandwidth {gloo['bus_gbps']:.2f} GB/s over "
+          f"COMM_EFFICIENCY {COMM_EFFICIENCY})")
+    for op, row in gloo["ops"].items():
+        bandwidth = f", bus {row['bus_gbps']:.2f} GB/s" if row["bus_gbps"] is not None else ""
+        print(f"    {op:<16} {row['latency_us']:7.1f} us at 4 B{bandwidth}; "
+              + ", ".join(f"{int(n) // 1024 or n} {'KiB' if int(n) >= 1024 else 'B'} {t * 1e6:.0f} us"
+                          for n, t in row["seconds_by_bytes"].items()))
     out = write_result(args, "cpu_constants", {"threads": torch.get_num_threads(), "repeats": repeats,
-                                               "peak_tflops": peak, "memory_gbps": memory, "latency": latency},
+                                               "peak_tflops": peak, "memory_gbps": memory, "latency": latency,
+                                               "gloo": gloo},
                        MEASURES)
     if out is not None:
         print(f"wrote {out}")

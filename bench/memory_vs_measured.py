@@ -9,7 +9,9 @@ What is compared, per rank:
 - static: policy weights, gradient buffers (`main_grad` storages, bucket padding included), optimizer state
   (Adam m and v; fp32 has no master copy), reference weights. Target: within 2 %.
 - activations: the bytes autograd saves during ONE micro-batch's policy forward (2 * mbs sequences of
-  `seq_length` tokens, padded: dynamic padding off) against the model's held activations for one
+  `seq_length` tokens, padded: dynamic padding off; the LM head on their response tokens only, which the model
+  takes from the synthetic dataset's stats, made by the preprocessor's `Stats`) against the model's held
+  activations for one
   micro-batch plus its logits term. The global batch is one micro-batch per data-parallel rank, so the
   model holds exactly one micro-batch (in-flight count 1) and nothing is multiplied. Target: within 15 %.
 
@@ -43,14 +45,16 @@ from dpoc.compiler.pipeline import plan_recipe  # noqa: E402
 from dpoc.compiler.render.targets import dpoc_runtime  # noqa: E402
 from dpoc.contract.megatron_args import format_args  # noqa: E402
 from dpoc.contract.plan import Plan  # noqa: E402
+from dpoc.planner.lengths import LengthStats, parse_stats  # noqa: E402
 from dpoc.planner.memory import SEQUENCES_PER_PAIR, estimate_memory  # noqa: E402
 from dpoc.planner.workload import dpo_workload  # noqa: E402
 from dpoc.runtime.step.memory_probe import MEMORY_DIR  # noqa: E402
-from tests.runtime.synthetic import write_pairs  # noqa: E402
+from tests.runtime.synthetic import pair_stats, write_pairs  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
 SEQ_LENGTH = 64
 MICRO_BATCH = 2
+PAIRS = 32
 STATIC_PARTS = ("weights", "gradients", "optimizer", "reference")
 STATIC_TARGET, ACTIVATION_TARGET = 0.02, 0.15
 DENSE, MOE = "tiny-qwen3", "tiny-qwen3-moe"
@@ -104,13 +108,14 @@ def measure(plan: Plan, data: str, run_dir: Path) -> list[dict]:
     return [json.loads(f.read_text()) for f in files]
 
 
-def compare(plan: Plan, ranks: list[dict]) -> list[dict]:
+def compare(plan: Plan, ranks: list[dict], lengths: LengthStats) -> list[dict]:
     """Predicted against measured bytes, one row per rank. `activations` is the model for this device (cpu:
     megatron-core's unfused local kernels); `fused_activations` what it predicts for npu/cuda's fused
-    kernels, shown to say how much of the CPU figure is kernel-specific."""
+    kernels, shown to say how much of the CPU figure is kernel-specific. `lengths`: the dataset's stats (the
+    response tokens the LM head runs on; every row is padded to seq_length)."""
     workload = dpo_workload(plan.dpo.reference, plan.lora)
-    estimate = estimate_memory(plan.model, plan.hardware, plan.layout, plan.training, workload=workload)
-    fused = estimate_memory(plan.model, replace(plan.hardware, device="npu"), plan.layout, plan.training,
+    estimate = estimate_memory(plan.model, plan.hardware, plan.layout, plan.training, lengths, workload=workload)
+    fused = estimate_memory(plan.model, replace(plan.hardware, device="npu"), plan.layout, plan.training, lengths,
                             workload=workload)
     rows = []
     for measured in ranks:
@@ -158,11 +163,12 @@ def main() -> int:
     layouts = {k: v for k, v in LAYOUTS.items() if k in SMOKE_LAYOUTS or not args.smoke}
     results, worst = {}, {"static": 0.0, "activations": 0.0, "fused_activations": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_pairs(Path(tmp) / "pairs", pairs=32)
+        data = write_pairs(Path(tmp) / "pairs", pairs=PAIRS)
+        lengths = parse_stats(pair_stats(PAIRS, SEQ_LENGTH), "the synthetic pairs' stats")
         for name, (preset, processes, parallelism, *other) in layouts.items():
             overrides = other[0] if other else []
             plan = compile_layout(preset, processes, parallelism, overrides)
-            rows = compare(plan, measure(plan, data, Path(tmp) / name))
+            rows = compare(plan, measure(plan, data, Path(tmp) / name), lengths)
             print_table(f"{name} ({preset})", plan, rows)
             results[name] = {"model": preset, "processes": processes, "parallelism": parallelism,
                              "overrides": overrides, "seq_length": SEQ_LENGTH, "micro_batch_size": MICRO_BATCH,

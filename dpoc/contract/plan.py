@@ -50,6 +50,7 @@ class HardwareSpec:
     op_latency_us: float  # fixed cost of one call of a forward or backward pass, whatever its FLOPs
     optimizer_tensor_us: float  # the optimizer step's fixed cost per parameter tensor it updates
     memory_gbps: float  # memory bandwidth a streaming sweep achieves (the optimizer step), GB/s
+    collective_latency_us: float  # fixed cost of one collective or point-to-point call, whatever its bytes
 
     @property
     def world_size(self) -> int:

@@ -26,7 +26,7 @@ def hardware_spec(name: str, h: dict[str, Any], nodes: int | None = None) -> Har
         superpod_nodes=h["superpod_nodes"], superpod_gbps=float(h["superpod_gbps"]),
         hccl_buffsize_mb=h["hccl_buffsize_mb"], env=tuple(sorted(h["env"].items())),
         op_latency_us=float(h["op_latency_us"]), optimizer_tensor_us=float(h["optimizer_tensor_us"]),
-        memory_gbps=float(h["memory_gbps"]),
+        memory_gbps=float(h["memory_gbps"]), collective_latency_us=float(h["collective_latency_us"]),
     )
 
 

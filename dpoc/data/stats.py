@@ -1,7 +1,8 @@
 """`{prefix}_stats.json`: the settings it was made with (`dpoc.data.identity`, checked before training), what
 came in, what was kept or dropped and why, token counts, length histograms: each side's, and per pair its longer
-side (what a padded micro-batch pads to) and both sides' tokens (what a packed pair takes), which the planner
-reads (`training.length_stats`, `dpoc.planner.lengths`).
+side (what a padded micro-batch pads to), with the response tokens of the pairs in each of its bins (the prompt /
+response split: the runtime's LM head runs on response positions only), and both sides' tokens (what a packed
+pair takes), which the planner reads (`training.length_stats`, `dpoc.planner.lengths`).
 
 The unpaired dataset (KTO, `UnpairedStats`) counts examples instead of pairs, desirable and undesirable ones,
 and its per-pair histograms describe what a KTO micro-batch holds per example: the example and its KL sequence
@@ -36,7 +37,7 @@ class Stats:
         self.bin_width, bins = _bins(config.seq_length, HISTOGRAM_BINS)
         self.histogram = {"chosen": [0] * bins, "rejected": [0] * bins}
         self.pair_width, bins = _bins(config.seq_length, PAIR_BINS)
-        self.pair_histogram = {"longer": [0] * bins, "tokens": [0] * bins}
+        self.pair_histogram = {"longer": [0] * bins, "longer_response_tokens": [0] * bins, "tokens": [0] * bins}
 
     def add(self, outcome: Outcome) -> None:
         self.pairs_in += 1
@@ -57,7 +58,9 @@ class Stats:
             self.longest[side] = max(self.longest[side], len(ids))
             self.histogram[side][len(ids) // self.bin_width] += 1
         chosen, rejected = len(pair.chosen), len(pair.rejected)
-        self.pair_histogram["longer"][max(chosen, rejected) // self.pair_width] += 1
+        longer = max(chosen, rejected) // self.pair_width
+        self.pair_histogram["longer"][longer] += 1
+        self.pair_histogram["longer_response_tokens"][longer] += chosen + rejected - 2 * pair.prompt_length
         self.pair_histogram["tokens"][(chosen + rejected) // (2 * self.pair_width)] += 1
 
     @property
@@ -91,6 +94,7 @@ class Stats:
             "pair_histogram": {
                 "longer_bin_edges": _edges(self.pair_width, c.seq_length),
                 "longer": list(self.pair_histogram["longer"]),
+                "longer_response_tokens": list(self.pair_histogram["longer_response_tokens"]),
                 "tokens_bin_edges": _edges(2 * self.pair_width, 2 * c.seq_length),
                 "tokens": list(self.pair_histogram["tokens"])},
         }

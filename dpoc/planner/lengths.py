@@ -3,7 +3,8 @@
 Two sources. One mean (`training.mean_seq_length`: a micro-batch's mean padded tokens per sequence, with
 packing the real mean; default `seq_length`, when nothing is known: every micro-batch full), or a
 preprocessing `_stats.json` (`training.length_stats`, read by `dpoc.compiler.load`): per pair, the histogram of its
-longer side (what its rows are padded to) and of both sides' tokens (what it takes in a packed stream), and
+longer side (what its rows are padded to) with its bins' response tokens (the LM head's positions: `head`) and
+of both sides' tokens (what it takes in a packed stream), and
 the histogram of every sequence's length (attention's s^2 work). Within a bin, lengths are taken as uniform.
 
 Dynamic padding, as `runtime/data.py::rank_micro_batches` does it: a step's G pairs, sorted longest first,
@@ -206,6 +207,8 @@ class LengthStats:
     pair_tokens: Histogram  # per pair, chosen + rejected tokens: its size in a packed stream
     sequences: Histogram  # every sequence (chosen and rejected)
     longest: int  # the longest sequence
+    # per bin of `longer`, the response tokens (chosen + rejected) of its pairs; None: not recorded (older stats)
+    response_tokens: tuple[int, ...] | None = None
 
     def micro_batches(self, layout: Layout, training: Training, batching: str = SORT_AND_CUT) -> MicroBatchLengths:
         m = layout.num_microbatches
@@ -314,4 +317,9 @@ def parse_stats(data: Any, source: str) -> LengthStats:
     longest = data.get("longest")
     if not (isinstance(longest, dict) and all(isinstance(longest.get(k), int) for k in kinds)):
         raise problem("longest", f"needs the longest {' and '.join(kinds)} sequence")
-    return LengthStats(source, longer.total, longer, tokens, sequences, max(longest[k] for k in kinds))
+    responses = pair.get("longer_response_tokens")
+    if responses is not None and not (isinstance(responses, list) and len(responses) == len(longer.counts)
+                                      and all(isinstance(x, int) and x >= 0 for x in responses)):
+        raise problem("pair_histogram.longer_response_tokens", "needs one non-negative integer per longer bin")
+    return LengthStats(source, longer.total, longer, tokens, sequences, max(longest[k] for k in kinds),
+                       tuple(responses) if responses is not None else None)

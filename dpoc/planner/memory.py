@@ -11,7 +11,8 @@ attention (no s^2 term, so selective recompute of core attention saves nothing),
 qk-norm, sequence and context parallelism and MoE top-k routing; times the micro-batches a 1F1B stage holds
 (pp - stage, or the interleaved warm-up count), each at its expected length (`lengths`: the first one held at
 the longest a micro-batch can be). On top: the pipeline's received tensors ([s, 4 * mbs, h] with the live
-reference's hidden states, else [s, 2 * mbs, h]), the last stage's logits, one transient working set (the
+reference's hidden states, else [s, 2 * mbs, h]), the last stage's logits over the positions its LM head runs
+on (the response tokens, when the dataset's stats say how many: `head`), one transient working set (the
 live reference's forward through a layer or, on the last stage, its logits; a recomputed layer; the MoE
 dispatch buffers), 2 x HCCL_BUFFSIZE per communicator, and the hardware's runtime reserve. Transients are
 added to the held memory, not overlapped (an upper bound). The precompute pass (`reference_pass_memory`)
@@ -33,6 +34,7 @@ from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner import lora as adapters
 from dpoc.planner.features import DPOC_CPU, NO_FEATURES, MemoryFeatures, Traits
+from dpoc.planner.head import head_fraction
 from dpoc.planner.lengths import Lengths, MeanLength, MicroBatchLengths
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
 from dpoc.planner.params import Shard, kv_width, q_width, real_layers_per_stage, stage_shard
@@ -321,10 +323,11 @@ def communicators(layout: Layout, model: ModelSpec, stage: int) -> int:
 def stage_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, stage: int, layers: int,
     per_layer: _PerLayer, ratios: tuple[float, ...], micro_batches: int | None = None,
-    workload: Workload = DPO_LIVE, features: MemoryFeatures = NO_FEATURES,
+    workload: Workload = DPO_LIVE, features: MemoryFeatures = NO_FEATURES, head: float = 1.0,
 ) -> StageMemory:
     """`ratios`: each of the rank's micro-batches' expected length / the longest (per_layer's), in the order
-    the rank runs them; `micro_batches`: per rank and step (default: the layout's)."""
+    the rank runs them; `micro_batches`: per rank and step (default: the layout's); `head`: the share of the
+    positions the LM head runs on (`head.head_fraction`)."""
     shard = stage_shard(model, layout, stage, layers)
     trained = adapters.stage_adapters(model, layout, workload.lora, layers) if workload.lora is not None else None
     weights, gradients, optimizer, reference = static_bytes(shard, layout, training, trained, features)
@@ -333,9 +336,10 @@ def stage_memory(
     a = element_bytes(training)
     tokens = per_layer.tokens
     last = stage == layout.pp - 1
-    # the vocab-parallel logits and their fp32 softmax (in fp32 training the cross entropy's float() is the
-    # logits themselves: one copy, measured on CPU)
-    logits = tokens.full * model.vocab_size / layout.tp * (FP32 if a == FP32 else a + FP32) if last else 0.0
+    # the vocab-parallel logits and their fp32 softmax over the head's positions (in fp32 training the cross
+    # entropy's float() is the logits themselves: one copy, measured on CPU)
+    head_positions = tokens.full * head
+    logits = head_positions * model.vocab_size / layout.tp * (FP32 if a == FP32 else a + FP32) if last else 0.0
     receives = layout.pp > 1 and (stage > 0 or layout.vpp > 1)
     comm = communicators(layout, model, stage) * 2 * hardware.hccl_buffsize_mb * MIB
     dispatch = per_layer.dispatch + per_layer.exchange if layers else 0.0  # a layer's communication buffers
@@ -350,9 +354,10 @@ def stage_memory(
     held = min(chunks, 1) + sum(ratios[min(i, len(ratios) - 1)] for i in range(1, chunks))
     saved, recompute_set = chunk_saved_bytes(layout, per_layer, layers / layout.vpp)
     activations = held * saved
-    if last:  # final norm and head inputs (a frozen head, as under LoRA, keeps none: it has no weight gradient)
-        head_inputs = 1 if workload.lora is not None else 2
-        activations += head_inputs * a * tokens.local * model.hidden_size + per_layer.last_stage_extra
+    if last:  # final norm input, and the head's: its positions' hidden states (gathered whole under SP); a
+        # frozen head, as under LoRA, keeps none: it has no weight gradient
+        head_input = 0.0 if workload.lora is not None else head_positions
+        activations += a * (tokens.local + head_input) * model.hidden_size + per_layer.last_stage_extra
     # with the live reference, its hidden states travel with the policy's: [s, 4 * mbs, h] per held micro-batch
     carried = 2 if workload.reference_forward else 1
     pipeline_buffers = held * carried * a * tokens.local * model.hidden_size if receives else 0.0
@@ -400,7 +405,7 @@ def estimate_memory(
     else:
         rows = lengths.micro_batches(layout, training, traits.batching)
     return _estimate(model, hardware, layout, training, rows, micro_batches, workload, peak_candidates_only,
-                     traits.features)
+                     traits.features, head_fraction(lengths, training, rows.peak))
 
 
 def reference_pass_memory(
@@ -412,12 +417,13 @@ def reference_pass_memory(
     peak = lengths.peak(layout, replace(training, dynamic_padding=True))
     rows = MicroBatchLengths((peak,), (peak * peak,), peak, peak, peak * peak)
     return _estimate(model, hardware, replace(layout, micro_batch_size=micro_batch), training, rows, None,
-                     REFERENCE_PASS, False, features)
+                     REFERENCE_PASS, False, features,
+                     head_fraction(lengths, replace(training, dynamic_padding=True), peak))
 
 
 def _estimate(model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training,
               rows: MicroBatchLengths, micro_batches: int | None, workload: Workload, peak_candidates_only: bool,
-              features: MemoryFeatures) -> MemoryEstimate:
+              features: MemoryFeatures, head: float) -> MemoryEstimate:
     # fused kernels (flash attention, fused norms) on npu/cuda; SDPA and unfused local layers on cpu; every
     # per-micro-batch term at the longest length a micro-batch can have
     at_peak = replace(training, seq_length=math.ceil(rows.peak)) if rows.peak < training.seq_length else training
@@ -431,7 +437,7 @@ def _estimate(model: ModelSpec, hardware: HardwareSpec, layout: Layout, training
         indices = sorted({0, len(layers) - 1, *first_with.values()})
     stages = tuple(
         stage_memory(model, hardware, layout, at_peak, i, layers[i], per_layer, ratios, micro_batches, workload,
-                     features)
+                     features, head)
         for i in indices
     )
     return MemoryEstimate(stages, hardware.memory_gib * GIB)

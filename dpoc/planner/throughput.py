@@ -4,16 +4,20 @@ FLOPs follow Megatron's `num_floating_point_operations` convention (formulas-and
 per multiply-add, backward = 2 x forward, causal attention (half the s^2 work), MoE experts at top-k, the
 router ignored. DPO per pair: policy forward + backward on chosen and rejected, and with the live reference
 its forward on the same two (`workload`); full recompute adds a policy forward, selective recompute (core
-attention) adds its forward. Sequence lengths come from `lengths`: the slowest data-parallel rank's expected
+attention) adds its forward. The time counts the LM head over the positions the dpoc runtime runs it on (the
+response tokens, when the dataset's stats say how many: `head`); MFU keeps the convention's full head.
+Sequence lengths come from `lengths`: the slowest data-parallel rank's expected
 padded lengths (their mean for the linear terms, their mean square for attention), or packing's real
 tokens. The precompute pass of precomputed reference log-probs (`predict_reference_pass`) is one forward
 over the dataset, sorted by length.
 
 Time per micro-batch and pipeline stage = compute (FLOPs / (peak x efficiency), with one efficiency for
 dense GEMMs and attention and one for the routed experts' grouped GEMMs) + exposed communication: TP/SP
-all-gathers and reduce-scatters, expert all-to-all, context-parallel KV exchange and pipeline send/receive.
-A step is (m + (pp - 1) / vpp) x the slowest stage (1F1B with its bubble) plus the data-parallel gradient
-reduce-scatter and parameter all-gather. Overlap of communication with compute is not modelled.
+all-gathers and reduce-scatters, expert all-to-all, context-parallel KV exchange and pipeline send/receive:
+their bytes over the link, and the hardware's `collective_latency_us` per call the runtime issues
+(`collectives`). A step is (m + (pp - 1) / vpp) x the slowest stage (1F1B with its bubble) plus the
+data-parallel gradient reduce-scatter and parameter all-gather and the step's other collectives (gradient
+norm, metrics). Overlap of communication with compute is not modelled.
 
 Ranks are placed tp innermost, then cp, then dp/ep, then pp; a group spanning more devices than a node
 uses the SuperPoD fabric if it fits one, else the inter-node link.
@@ -36,12 +40,14 @@ the backward and the output layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
+from dpoc.planner import collectives
 from dpoc.planner import lora as adapters
 from dpoc.planner.features import SORT_AND_CUT
+from dpoc.planner.head import head_fraction
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
 from dpoc.planner.packing import SEQUENCES_PER_PAIR
@@ -58,7 +64,6 @@ from dpoc.planner.params import (
 from dpoc.planner.workload import DPO_LIVE, REFERENCE_PASS, Workload
 
 COMM_EFFICIENCY = 0.7  # achieved / nominal link bandwidth (Ascend msmodeling default)
-COLLECTIVE_LATENCY_S = 10e-6  # fixed cost per communication op (Ascend msmodeling static op cost)
 GRAD_BYTES = 4  # bf16 training reduces gradients in fp32
 BACKWARD_CALLS_PER_FORWARD_CALL = 1  # autograd runs one backward node per forward call
 # Adam over fp32 main parameters: read the parameter, gradient and both moments, write the parameter and both
@@ -124,7 +129,7 @@ class Throughput:
     communication_s: float  # slowest stage's exposed communication, per micro-batch
     latency_s: float  # slowest stage's fixed per-call cost, per micro-batch
     bubble_s: float
-    data_parallel_s: float
+    data_parallel_s: float  # per step: the gradients' and parameters' collectives and the step's others
     optimizer_s: float  # per step: its calls and its sweep over the rank's shard
     micro_batches: float  # per data-parallel rank and step
 
@@ -146,8 +151,9 @@ def link_gbps(hardware: HardwareSpec, span: int) -> float:
     return hardware.inter_node_gbps
 
 
-def _transfer_s(hardware: HardwareSpec, span: int, nbytes: float, ops: float) -> float:
-    return nbytes / (link_gbps(hardware, span) * 1e9 * COMM_EFFICIENCY) + ops * COLLECTIVE_LATENCY_S
+def _transfer_s(hardware: HardwareSpec, span: int, nbytes: float) -> float:
+    """The bytes' time on the link (each call's fixed cost is `collectives.latency_s`'s)."""
+    return nbytes / (link_gbps(hardware, span) * 1e9 * COMM_EFFICIENCY)
 
 
 @dataclass(frozen=True)
@@ -162,8 +168,10 @@ class _StageFlops:
 def _stage_forward_flops(
     model: ModelSpec, layers: int, last: bool, seq: float, sequences: float, seq_square: float | None = None,
     lora: Lora | None = None,
+    head: float = 1.0,
 ) -> _StageFlops:
-    """`seq`: mean tokens per sequence; `seq_square`: mean of their squares (default seq^2)."""
+    """`seq`: mean tokens per sequence; `seq_square`: mean of their squares (default seq^2); `head`: the share
+    of the positions the LM head runs on (the dpoc runtime's: the response tokens, `head.head_fraction`)."""
     h, q = model.hidden_size, q_width(model)
     tokens = seq * sequences
     projections = 2 * attention_projection_params(model)
@@ -174,7 +182,7 @@ def _stage_forward_flops(
     else:
         mlp = 2 * mlp_params(h, moe.shared_expert_ffn_hidden_size)
         experts = layers * tokens * 2 * mlp_params(h, moe.ffn_hidden_size) * moe.topk
-    dense = layers * tokens * (projections + mlp) + core + (tokens * 2 * h * model.vocab_size if last else 0)
+    dense = layers * tokens * (projections + mlp) + core + (head * tokens * 2 * h * model.vocab_size if last else 0)
     adapter = layers * sum(adapters.adapter_forward_flops(model, lora, tokens)) if lora is not None else 0.0
     return _StageFlops(dense, experts, core, adapter)
 
@@ -190,8 +198,9 @@ def _trained_flops(f: _StageFlops, lora: Lora | None) -> tuple[float, float]:
 
 def training_flops_per_sequence(model: ModelSpec, seq: float, seq_square: float | None = None,
                                 lora: Lora | None = None) -> float:
-    """Megatron-convention FLOPs to train on one sequence (forward + backward), no recompute; under LoRA the
-    FLOPs LoRA training runs (no weight gradients of the frozen base)."""
+    """Megatron-convention FLOPs to train on one sequence (forward + backward), no recompute: the head over
+    every position, as MFU counts it, whatever positions the runtime runs it on; under LoRA the FLOPs LoRA
+    training runs (no weight gradients of the frozen base)."""
     return sum(_trained_flops(_stage_forward_flops(model, model.num_layers, True, seq, 1, seq_square, lora), lora))
 
 
@@ -214,6 +223,7 @@ class _Run:
     seq_square: float  # mean square of the sequences' lengths
     sequences: float  # sequences one micro-batch trains on (packing: on average)
     micro_batches: float  # per data-parallel rank and step
+    head: float = 1.0  # share of the positions the LM head runs on
 
     @property
     def passes(self) -> int:
@@ -232,7 +242,7 @@ class _Run:
 def _stage_compute_s(run: _Run, stage: int, layers: int) -> float:
     layout = run.layout
     f = _stage_forward_flops(run.model, layers, stage == layout.pp - 1, run.seq, run.sequences, run.seq_square,
-                             run.workload.lora if run.workload.trains else None)
+                             run.workload.lora if run.workload.trains else None, run.head)
     lora = run.workload.lora
     if run.workload.trains:
         dense, experts = _trained_flops(f, lora)
@@ -248,26 +258,26 @@ def _stage_compute_s(run: _Run, stage: int, layers: int) -> float:
     return (dense / run.efficiency.dense + experts / run.efficiency.experts) / (layout.tp * layout.cp * peak)
 
 
-def _stage_comm_s(run: _Run, layers: int) -> float:
-    """Exposed communication of one micro-batch through one stage."""
+def _stage_comm_s(run: _Run, stage: int, layers: int) -> float:
+    """Exposed communication of one micro-batch through one stage: bytes, and each call's fixed cost."""
     layout, hw, model, passes = run.layout, run.hardware, run.model, run.passes
     whole = run.activation_bytes(run.sequences)
     sp = layout.tp if layout.sequence_parallel else 1
     local = whole / sp
     comm = 0.0
     if layout.tp > 1:  # 2 all-gathers + 2 reduce-scatters (or 2 all-reduces) per layer and pass
-        ops = passes * layers * 4
-        comm += _transfer_s(hw, layout.tp, ops * (layout.tp - 1) / layout.tp * whole, ops)
+        comm += _transfer_s(hw, layout.tp, passes * layers * 4 * (layout.tp - 1) / layout.tp * whole)
     if model.moe is not None and layout.ep > 1:  # dispatch + combine of the local tokens' top-k copies
-        ops = passes * layers * 2
-        volume = ops * model.moe.topk * local * (layout.ep - 1) / layout.ep
-        comm += _transfer_s(hw, layout.etp * layout.ep, volume, ops)
+        volume = passes * layers * 2 * model.moe.topk * local * (layout.ep - 1) / layout.ep
+        comm += _transfer_s(hw, layout.etp * layout.ep, volume)
     comm += context_parallel_exposed_s(run, layers)
     if layout.pp > 1:  # the stage's input forward and its gradient backward, policy + reference together
         carried = run.activation_bytes(run.sequences * (2 if run.workload.reference_forward else 1))
         directions = 2 if run.workload.trains else 1
-        comm += _transfer_s(hw, hw.world_size, directions * carried / sp, directions)
-    return comm
+        comm += _transfer_s(hw, hw.world_size, directions * carried / sp)
+    calls = collectives.micro_batch_calls(model, layout, run.workload, stage, layers, hw.backend,
+                                          recompute_forward=layout.recompute == "full" and run.workload.trains)
+    return comm + collectives.latency_s(hw, calls.total)
 
 
 def predict(
@@ -290,7 +300,8 @@ def predict(
         seq, seq_square, micro_batches = rows.mean, rows.mean_square, layout.num_microbatches
         sequences = workload.sequences_per_sample * layout.micro_batch_size
         step_mean, step_square = rows.step_mean, rows.step_square
-    run = _Run(model, hardware, layout, training, efficiency, workload, seq, seq_square, sequences, micro_batches)
+    run = _Run(model, hardware, layout, training, efficiency, workload, seq, seq_square, sequences, micro_batches,
+               head_fraction(lengths, training, seq))
     slowest, compute_s, comm_s, latency_s = _slowest_stage(run)
     bubble = (layout.pp - 1) / layout.vpp * slowest
     stage, layers = _largest_stage(model, layout)
@@ -299,7 +310,8 @@ def predict(
         lora = workload.lora
         shard = adapters.stage_adapters(model, layout, lora, layers)
         tensors = adapters.stage_adapters(model, layout, lora, layers, tensors=True)
-    data_parallel = _data_parallel_s(hardware, layout, training, shard)
+    data_parallel = _data_parallel_s(hardware, layout, training, shard) + collectives.latency_s(
+        hardware, collectives.step_calls(model, layout, shard.dense, shard.experts))
     optimizer = _optimizer_s(hardware, layout, shard, tensors)
     step = micro_batches * slowest + bubble + data_parallel + optimizer
     seqs = layout.global_batch_size * workload.sequences_per_sample
@@ -333,9 +345,9 @@ def context_parallel_exposed_s(run: _Run, layers: int) -> float:
         ops = run.passes * layers * 2
         width = 2 * q_width(model) + 2 * kv_width(model)  # q, k, v in; the output back
         volume = run.passes * layers * tokens * width * (layout.cp - 1) / layout.cp
-        return _transfer_s(hw, span, volume, ops)
+        return _transfer_s(hw, span, volume) + collectives.latency_s(hw, ops)
     ops = (run.passes + 1) * layers * (layout.cp - 1)
-    exchange = _transfer_s(hw, span, ops * tokens * 2 * kv_width(model), ops)
+    exchange = _transfer_s(hw, span, ops * tokens * 2 * kv_width(model)) + collectives.latency_s(hw, ops)
     f = _stage_forward_flops(model, layers, False, run.seq, run.sequences, run.seq_square)
     core = run.passes * f.attention_core / run.efficiency.dense / (span * hw.peak_tflops * 1e12)
     return max(0.0, exchange - core)
@@ -351,7 +363,7 @@ def _slowest_stage(run: _Run) -> tuple[float, float, float, float]:
     stages = []
     for stage in {0, *representatives.values(), layout.pp - 1}:
         layers = layer_list[stage]
-        compute, comm = _stage_compute_s(run, stage, layers), _stage_comm_s(run, layers)
+        compute, comm = _stage_compute_s(run, stage, layers), _stage_comm_s(run, stage, layers)
         latency = _stage_latency_s(run, stage, layers)
         stages.append((compute + comm + latency, compute, comm, latency))
     return max(stages)
@@ -402,7 +414,8 @@ def predict_reference_pass(
     pays the pipeline's fill), no optimizer and no data-parallel communication."""
     seq, seq_square = lengths.sorted_dataset(layout.tp * layout.cp)
     run = _Run(model, hardware, layout, training, efficiency, REFERENCE_PASS, seq, seq_square,
-               SEQUENCES_PER_PAIR * micro_batch, round_micro_batches)
+               SEQUENCES_PER_PAIR * micro_batch, round_micro_batches,
+               head_fraction(lengths, replace(training, dynamic_padding=True), seq))
     slowest = _slowest_stage(run)[0]
     round_s = round_micro_batches * slowest + (layout.pp - 1) / layout.vpp * slowest
     pairs_per_s = layout.dp * round_micro_batches * micro_batch / round_s
@@ -423,14 +436,14 @@ def _largest_stage(model: ModelSpec, layout: Layout) -> tuple[int, int]:
 
 
 def _data_parallel_s(hardware: HardwareSpec, layout: Layout, training: Training, shard: Shard) -> float:
-    """Gradient reduce-scatter + parameter all-gather (distributed optimizer) or all-reduce, per step, of the
-    largest stage's parameters."""
+    """The bytes of the gradient reduce-scatter + parameter all-gather (distributed optimizer) or all-reduce,
+    per step, of the largest stage's parameters (their calls' fixed cost: `collectives.step_calls`)."""
     per_param = GRAD_BYTES + element_bytes(training) if layout.distributed_optimizer else 2 * GRAD_BYTES
     span = hardware.world_size // layout.pp
     total = 0.0
     for params, group in ((shard.dense, layout.dp * layout.cp), (shard.experts, layout.edp)):
         if group > 1 and params:
-            total += _transfer_s(hardware, span, params * per_param * (group - 1) / group, 2)
+            total += _transfer_s(hardware, span, params * per_param * (group - 1) / group)
     return total
 
 

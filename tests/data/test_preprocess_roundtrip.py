@@ -67,6 +67,11 @@ def test_stats_file_counts_tokens_and_lengths(orca_file, run, tokenizer):
     assert pairs["longer_bin_edges"][-1] == stats["settings"]["seq_length"] and pairs["tokens_bin_edges"][1] == 2 * width
     assert [i for i, c in enumerate(pairs["longer"]) for _ in range(c)] == sorted(max(s) // width for s in sides)
     assert [i for i, c in enumerate(pairs["tokens"]) for _ in range(c)] == sorted(sum(s) // (2 * width) for s in sides)
+    # the prompt / response split: each pair's two responses' tokens, in its longer side's bin
+    responses = [0] * len(pairs["longer"])
+    for i, s in enumerate(sides):
+        responses[max(s) // width] += sum(s) - 2 * int((pairwise[i]["chosen_labels"] == -100).sum())
+    assert pairs["longer_response_tokens"] == responses and sum(responses) == chosen + rejected - 2 * prompt
 
 
 def test_tokenizer_chat_template(orca_file, run, tokenizer):

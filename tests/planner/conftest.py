@@ -40,7 +40,7 @@ def hardware(**overrides: Any) -> HardwareSpec:
         name="test", device="npu", backend="hccl", devices_per_node=16, nodes=1, memory_gib=64,
         reserved_gib=0.0, peak_tflops=353.9, intra_node_gbps=196, inter_node_gbps=25, superpod_nodes=0,
         superpod_gbps=25, hccl_buffsize_mb=0, env=(), op_latency_us=0.0,
-        optimizer_tensor_us=0.0, memory_gbps=math.inf,
+        optimizer_tensor_us=0.0, memory_gbps=math.inf, collective_latency_us=10.0,
     )
     return HardwareSpec(**{**base, **overrides})
 

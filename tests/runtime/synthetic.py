@@ -7,6 +7,7 @@ model that learns "continue with prompt token + 1" prefers chosen, so reward acc
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +22,20 @@ from dpoc.runtime.step.data import IGNORE_INDEX
 VOCAB = 128
 
 
-def write_pairs(prefix: Path, pairs: int, seed: int = 0) -> str:
-    """Write `pairs` pairs under `prefix` in the four indexed datasets the runtime reads."""
+def _pairs(pairs: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(prompt, chosen response, rejected response) token ids of each pair."""
     rng = np.random.RandomState(seed)
-    builders = {p: IndexedDatasetBuilder(part_prefix(str(prefix), p) + ".bin", dtype=np.int32) for p in PARTS}
     for _ in range(pairs):
         prompt = rng.randint(2, VOCAB - 1, size=rng.randint(4, 12))
         length = rng.randint(6, 24)
         chosen = (np.resize(prompt, length) + 1) % VOCAB
-        rejected = rng.randint(2, VOCAB, size=rng.randint(6, 24))
+        yield prompt, chosen, rng.randint(2, VOCAB, size=rng.randint(6, 24))
+
+
+def write_pairs(prefix: Path, pairs: int, seed: int = 0) -> str:
+    """Write `pairs` pairs under `prefix` in the four indexed datasets the runtime reads."""
+    builders = {p: IndexedDatasetBuilder(part_prefix(str(prefix), p) + ".bin", dtype=np.int32) for p in PARTS}
+    for prompt, chosen, rejected in _pairs(pairs, seed):
         for side, response in (("chosen", chosen), ("rejected", rejected)):
             ids = np.concatenate([prompt, response])
             labels = ids.copy()
@@ -40,6 +46,23 @@ def write_pairs(prefix: Path, pairs: int, seed: int = 0) -> str:
     for part, builder in builders.items():
         builder.finalize(part_prefix(str(prefix), part) + ".idx")
     return str(prefix)
+
+
+def pair_stats(pairs: int, seq_length: int, seed: int = 0) -> dict:
+    """The `_stats.json` that `dpoc preprocess` would write for `write_pairs(prefix, pairs, seed)` (its
+    counts and histograms, by the preprocessor's own `Stats`), for the planner's `parse_stats`."""
+    from dpoc.data.config import PreprocessConfig
+    from dpoc.data.encode import EncodedPair, Outcome
+    from dpoc.data.stats import Stats
+
+    config = PreprocessConfig(input="synthetic", tokenizer="synthetic", output_prefix="synthetic",
+                              seq_length=seq_length)
+    stats = Stats(config, config)
+    for i, (prompt, chosen, rejected) in enumerate(_pairs(pairs, seed)):
+        encoded = EncodedPair(len(prompt), np.concatenate([prompt, chosen]), np.concatenate([prompt, rejected]),
+                              False)
+        stats.add(Outcome(f"pair {i}", pair=encoded))
+    return stats.to_json()
 
 
 def model_flags(moe: bool = False, layers: int = 4) -> list[tuple[str, object]]:
