@@ -27,7 +27,7 @@ def test_explain_states_the_numbers(dpoc_cli):
     rows = {ln.split()[0]: ln for ln in dpoc_cli("explain", RECIPES / "qwen3_30b.yaml", unknown).out.splitlines()}
     assert rows["training.save_interval"].split()[1:3] == ["192", "derived:planner"]
     assert rows["training.save_interval"].endswith(
-        "(a crash loses at most ~30 min of work: predicted 9.34 s/step (global batch 64 / 6.854 pairs/s) -> every "
+        "(a crash loses at most ~30 min of work: predicted 9.35 s/step (global batch 64 / 6.846 pairs/s) -> every "
         "192 steps (~30 min))")
     assert rows["checkpoint.keep"].split()[1:3] == ["2", "default"]
 

@@ -30,6 +30,7 @@ import functools
 import math
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +40,11 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from dpoc.runtime.model.context_parallel import ContextShard
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 # npu_fusion_attention's sparse mode 3 (rightDownCausal) reads causality from this compressed mask
 NPU_CAUSAL_MASK_SIZE = 2048
@@ -147,6 +150,9 @@ class SdpaAttention(_CoreAttention):
                                               enable_gqa=self.heads != self.groups)
 
     def _lower_right(self, query, key, value):
+        # imported here: torch.nn.attention.bias imports TorchDynamo, which the runtime defers to first use
+        from torch.nn.attention.bias import causal_lower_right
+
         sq, b = query.shape[:2]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
         out = self._attend(q, k, v, causal_lower_right(sq, k.shape[2]))
