@@ -86,11 +86,26 @@ def attach(chunks: Iterable[torch.nn.Module], lora: Lora, seed: int, gated: bool
         chunk.requires_grad_(False)
         for name, linear in list(targets(chunk, lora)):
             _adapt(linear, lora, gated and name.endswith("linear_fc1"))
+        embedding = getattr(_unwrapped(chunk), "embedding", None)
+        if embedding is not None:
+            embedding.register_forward_hook(_output_requires_grad)
     with torch.no_grad():
         for chunk in chunks:
             for sh in sharded.sharded_tensors(chunk.sharded_state_dict()):
                 if sh.key.endswith("lora_A"):
                     sh.data.copy_(sharded.assemble(sh, partial(_kaiming_block, sh, seed)))
+
+
+def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _output_requires_grad(module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """The frozen embedding's output requires grad, as the embedding's own weight would make it: full recompute's
+    reentrant checkpoint of a layer gives its parameters (the adapters) no gradient when its input has none."""
+    return output.requires_grad_(True)
 
 
 def load_initial(chunks: Iterable[torch.nn.Module], args, lora: Lora) -> None:
