@@ -87,7 +87,7 @@ def calibration_report() -> dict[str, Any]:
           "their longest) and padded to seq_length:")
     for case in dpo_held_out():
         traits = targets.get("mindspeed-rl").traits(case.hardware)
-        p = predicted(case, eff, batching=traits.batching)
+        p = predicted(case, eff, traits=traits)
         err = p / case.measured - 1
         sorted_cut = predicted(case, eff)
         implied = implied_mean_length(case, eff)

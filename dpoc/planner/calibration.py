@@ -17,7 +17,7 @@ from typing import Any
 
 from dpoc.contract.plan import HardwareSpec, ModelSpec, Training
 from dpoc.contract.specs import model_spec, preset_hardware, preset_model
-from dpoc.planner.features import SORT_AND_CUT
+from dpoc.planner.features import DPOC_CPU, Traits
 from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import Histogram, Lengths, LengthStats, MeanLength
 from dpoc.planner.throughput import Efficiency, predict
@@ -163,12 +163,12 @@ def case_training(case: Published) -> Training:
 
 
 def predicted(case: Published, efficiency: Efficiency, lengths: Lengths | None = None,
-              batching: str = SORT_AND_CUT) -> float:
-    """The model's value of the case's published quantity, its micro-batches padded as `batching` says (the
-    DPO rows ran on MindSpeed-RL: `GLOBAL_BATCH` is how they batched)."""
+              traits: Traits = DPOC_CPU) -> float:
+    """The model's value of the case's published quantity, batched and with the LM head as the target's
+    `traits` say (the MoE DPO rows ran on MindSpeed-RL: global-batch padding, the head over every position)."""
     layout = make_layout(case.model, case.hardware, case.global_batch_size, case.knobs)
     t = predict(case.model, case.hardware, layout, case_training(case), efficiency,
-                case_lengths(case) if lengths is None else lengths, case.workload, batching)
+                case_lengths(case) if lengths is None else lengths, case.workload, traits)
     if case.workload.pairwise:
         return t.samples_per_s
     return t.tokens_per_s / case.hardware.world_size

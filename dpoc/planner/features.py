@@ -50,12 +50,17 @@ def kernel_features(device: str) -> MemoryFeatures:
 
 @dataclass(frozen=True)
 class Traits:
-    """What the planner models of the target a plan is for: its batching and its memory features."""
+    """What the planner models of the target a plan is for: its batching, its memory features, and where its
+    LM head runs: `response_head` when the head (and the cross entropy) runs only on the positions that
+    predict a response token, as the dpoc runtime's does (`head.head_fraction`); else on every position of
+    the row, as MindSpeed-RL's (MindSpeed-LLM's `DPOTrainer.loss_func` takes the whole [2b, s, vocab / tp]
+    logits of policy and reference and only then slices out the response's log-probs)."""
 
     target: str
     batching: str
     features: MemoryFeatures
+    response_head: bool
 
 
 NO_FEATURES = MemoryFeatures()
-DPOC_CPU = Traits("dpoc", SORT_AND_CUT, NO_FEATURES)  # what the models assume unless told the target
+DPOC_CPU = Traits("dpoc", SORT_AND_CUT, NO_FEATURES, response_head=True)  # unless told the target
