@@ -29,6 +29,9 @@ FLASH_STATS = {"npu": 16, "cuda": 1, "cpu": 1}
 # how a target pads its micro-batches (`lengths`): the dpoc runtime sorts each global batch and pads every
 # micro-batch to its own longest pair; MindSpeed-RL pads the whole global batch to its longest sequence
 SORT_AND_CUT, GLOBAL_BATCH = "sort-and-cut", "global-batch"
+# every sequence padded to seq_length (a static-padding run: its training has dynamic_padding off, so the
+# length models hold every micro-batch at seq_length whatever the batching says)
+PADDED_TO_SEQ_LENGTH = "padded-to-seq-length"
 
 
 @dataclass(frozen=True)
