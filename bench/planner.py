@@ -3,14 +3,16 @@ tiny CPU recipe's predicted pairs/s against its measured ones on this machine.
 
     python bench/planner.py [--smoke] [--out FILE]   # prints tables, writes bench/results/planner.json
 
-The held-out DPO rows are predicted under MindSpeed-RL's batching (global-batch padding), which ran them, and
-assume a length distribution (no download here: `calibration.assumed_orca_lengths`,
-stated in the output). The tiny recipe is built, preprocessed and trained for real (live and precomputed
-reference; the precompute pass timed on its own), and planned with `training.length_stats` naming its own
-`_stats.json`, with lengths unknown (every micro-batch full: the old default), and without the per-call
-latency terms (`hardware.op_latency_us=0`, `hardware.optimizer_tensor_us=0`: FLOPs, communication and the
-optimizer's memory sweep only), each with the step's predicted shares; as shipped (2 gloo processes) and in
-one process. The CPU preset's constants come from `bench/cpu_constants.py`. `--smoke`: 4 steps, 1 process.
+The held-out DPO rows are predicted as their framework ran them, the LM head over every position in both: MindSpeed-RL's
+Qwen3-30B-A3B rows with its global-batch padding and an assumed length distribution (no download here:
+`calibration.assumed_orca_lengths`, stated in the output); MindSpeed-LLM's long-sequence Llama2-7B rows (16K, 32K)
+with every sequence padded to seq_length, which needs no length assumption. The tiny recipe is built, preprocessed
+and trained for real (live and precomputed reference; the precompute pass timed on its own), and planned with
+`training.length_stats` naming its own `_stats.json`, with lengths unknown (every micro-batch full: the old
+default), and without the per-call latency terms (`hardware.op_latency_us=0`, `hardware.optimizer_tensor_us=0`:
+FLOPs, communication and the optimizer's memory sweep only), each with the step's predicted shares; as shipped (2
+gloo processes) and in one process. The CPU preset's constants come from `bench/cpu_constants.py`. `--smoke`: 4 steps, 1
+process.
 """
 
 from __future__ import annotations
@@ -36,15 +38,20 @@ from dpoc.compiler.resolve import rules
 from dpoc.contract.plan import DPO, HardwareSpec, Layout, ModelSpec, Training
 from dpoc.contract.specs import preset_hardware, preset_model
 from dpoc.planner.calibration import (
+    MINDSPEED_LLM_TRAITS,
+    MINDSPEED_RL,
     Published,
     assumed_orca_lengths,
     calibration_set,
+    case_lengths,
+    case_training,
     dpo_held_out,
     fit,
     implied_mean_length,
     predicted,
     training,
 )
+from dpoc.planner.features import Traits
 from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import estimate_memory
@@ -81,37 +88,40 @@ def calibration_report() -> dict[str, Any]:
     print(f"Fitted efficiency: dense {eff.dense:.3f}, routed experts {eff.experts:.3f}")
     held = []
     lengths = assumed_orca_lengths()
-    print(f"Held-out DPO (lengths {lengths.source}; per-pair longer side, cut at 4096), under MindSpeed-RL's "
-          "batching, as the runs were made: every micro-batch padded to the longest of its 64-pair global batch "
-          "(rounded to 8); also as the dpoc runtime would batch them (each step sorted, micro-batches padded to "
-          "their longest) and padded to seq_length:")
+    print(f"Held-out DPO, each as its framework ran it (the head over every position in both): MindSpeed-RL's "
+          f"MoE rows (lengths {lengths.source}; per-pair longer side, cut at 4096) with every micro-batch padded "
+          "to the longest of its 64-pair global batch (rounded to 8); MindSpeed-LLM's Llama2-7B rows with every "
+          "sequence padded to seq_length (no length assumption). Also as the dpoc runtime would batch them "
+          "(each step sorted, micro-batches padded to their longest) and padded to seq_length:")
     for case in dpo_held_out():
-        traits = targets.get("mindspeed-rl").traits(case.hardware)
-        p = predicted(case, eff, batching=traits.batching)
+        traits = held_out_traits(case)
+        p = predicted(case, eff, traits=traits)
         err = p / case.measured - 1
         sorted_cut = predicted(case, eff)
-        implied = implied_mean_length(case, eff)
-        padded = predicted(case, eff, MeanLength(case.seq_length))
+        implied = implied_mean_length(case, eff, traits)
+        padded = predicted(case, eff, MeanLength(case.seq_length), traits=traits)
         layout = make_layout(case.model, case.hardware, case.global_batch_size, case.knobs)
-        dynamic = replace(training(case.seq_length), dynamic_padding=True)
-        peak = estimate_memory(case.model, case.hardware, layout, dynamic, lengths, traits=traits).peak
+        peak = estimate_memory(case.model, case.hardware, layout, case_training(case), case_lengths(case),
+                               traits=traits).peak
         full = estimate_memory(case.model, case.hardware, layout, training(case.seq_length), traits=traits).peak
-        by_length = {n: predicted(case, eff, MeanLength(n)) for n in (250, 500, 1000, 2000, 4096)}
+        by_length = {n: predicted(case, eff, MeanLength(n), traits) for n in (250, 500, 1000, 2000, 4096)
+                     if n <= case.seq_length}
         held.append({"case": case.label, "unit": case.unit, "measured": case.measured, "predicted": p,
-                     "in_sample": False, "batching": traits.batching, "predicted_by_mean_padded_tokens": by_length,
+                     "in_sample": False, "runner": case.runner, "batching": traits.batching,
+                     "predicted_by_mean_padded_tokens": by_length,
                      "error": err, "implied_mean_padded_tokens": implied,
                      "predicted_sort_and_cut": sorted_cut, "error_sort_and_cut": sorted_cut / case.measured - 1,
                      "predicted_if_padded_to_seq_length": padded,
                      "error_if_padded_to_seq_length": padded / case.measured - 1,
-                     "peak_memory_gib_dynamic": peak.total / 2**30,
+                     "peak_memory_gib_dynamic": peak.total / 2**30,  # as the row ran (see the schema)
                      "peak_memory_gib_padded": full.total / 2**30,
                      "source": case.source, "assumed": case.assumed})
         implied_text = f">= {case.seq_length}" if implied >= case.seq_length else f"{implied:.0f}"
         print(f"  {case.label:<40} {case.measured:>6.2f} pairs/s  predicted {p:>6.2f}  error {err:>+7.1%}")
         print(f"    sort-and-cut: {sorted_cut:.2f} ({sorted_cut / case.measured - 1:+.1%}); padded to "
               f"{case.seq_length}: {padded:.2f} ({padded / case.measured - 1:+.1%}); the model matches at a mean "
-              f"padded length of {implied_text} tokens; peak memory (MindSpeed-RL's features) "
-              f"{peak.total / 2**30:.1f} GiB (global-batch padding), {full.total / 2**30:.1f} GiB (all padded)")
+              f"padded length of {implied_text} tokens; peak memory ({case.runner}'s features) "
+              f"{peak.total / 2**30:.1f} GiB ({traits.batching}), {full.total / 2**30:.1f} GiB (all padded)")
         print("    pairs/s by mean padded length: "
               + ", ".join(f"{n}: {v:.2f}" for n, v in by_length.items()))
     summary = {"held_out_dpo": error_stats([r["error"] for r in held]),
@@ -123,6 +133,13 @@ def calibration_report() -> dict[str, Any]:
               f"worst {stats['worst']:+.1%}")
     return {"calibration": rows, "efficiency": {"dense": eff.dense, "experts": eff.experts},
             "held_out_dpo": held, "error_summary": summary, "orca_lengths_assumed": lengths.summary()}
+
+
+def held_out_traits(case: Published) -> Traits:
+    """How the framework that ran a held-out DPO row batched it and where its head ran."""
+    if case.runner == MINDSPEED_RL:
+        return targets.get(MINDSPEED_RL).traits(case.hardware)
+    return MINDSPEED_LLM_TRAITS
 
 
 def fitted_as(case: Published, cases: tuple[Published, ...]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 from dpoc.contract.plan import HardwareSpec, ModelSpec, Training
 from dpoc.contract.specs import model_spec, preset_hardware, preset_model
-from dpoc.planner.features import SORT_AND_CUT
+from dpoc.planner.features import DPOC_CPU, PADDED_TO_SEQ_LENGTH, Traits, kernel_features
 from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import Histogram, Lengths, LengthStats, MeanLength
 from dpoc.planner.throughput import Efficiency, predict
@@ -105,6 +105,9 @@ class Published:
     measured: float  # tokens/s per device (pretraining) or pairs/s for the job (DPO)
     source: str
     assumed: str = ""  # knobs the source does not state
+    # the DPO rows' framework, which sets their batching and head (`traits`): MindSpeed-RL pads each global
+    # batch to its longest pair; MindSpeed-LLM's own DPO pads every sequence to seq_length
+    runner: str = ""
 
     @property
     def unit(self) -> str:
@@ -117,6 +120,13 @@ PODC = "MindSpeed-LLM README @ a27b45f0 (A2 PODc table)"
 
 A2, A3 = "atlas-a2", "atlas-a3"
 DPO_SOURCE = "MindSpeed-RL docs/zh/algorithms/dpo.md"
+LLM_DPO_SOURCE = "MindSpeed-LLM README (分布式偏好对齐 table), examples/mcore/llama2/dpo_llama2_7b_full_{}.sh"
+MINDSPEED_RL, MINDSPEED_LLM = "mindspeed-rl", "mindspeed-llm"
+# MindSpeed-LLM's offline DPO (`posttrain_gpt.py --stage dpo`), as the published Llama2-7B rows ran it: every
+# sequence padded to seq_length (no --no-pad-to-seq-lengths: `legacy/data/data_samplers.py`), the head over
+# every position (`DPOTrainer.loss_func`), no reuse-fp32-param or swap-attention in their scripts; the NPU
+# attention kernel's statistics
+MINDSPEED_LLM_TRAITS = Traits(MINDSPEED_LLM, PADDED_TO_SEQ_LENGTH, kernel_features("npu"), response_head=False)
 
 
 @cache
@@ -141,34 +151,50 @@ def calibration_set() -> tuple[Published, ...]:
 
 @cache
 def dpo_held_out() -> tuple[Published, ...]:
-    """The two published DPO runs, never fitted on."""
+    """The published DPO runs, never fitted on: MindSpeed-RL's two MoE rows (dynamic lengths, the orca
+    assumption) and MindSpeed-LLM's two long-sequence Llama2-7B rows (every sequence padded to seq_length, so
+    no length assumption; layouts from their scripts: TP8 with sequence parallel, MBS 1, the distributed
+    optimizer, flash attention, no recompute, no CP)."""
     qwen3_30b = preset_model("qwen3-30b-a3b")
+    llama_16k = model_spec("llama2-7b", {**LLAMA2_7B, "max_position_embeddings": 16000})
+    llama_32k = model_spec("llama2-7b", {**LLAMA2_7B, "max_position_embeddings": 32768})
     return (
         Published("Qwen3-30B-A3B DPO, A2 2x8, TP2 PP8 DP1", qwen3_30b, preset_hardware(A2, 2), 64,
                   {"tp": 2, "pp": 8, "swap_attention": True}, 4096, DPO_LIVE, 2.78, DPO_SOURCE,
-                  "swap_attention on, as in the source (memory only)"),
+                  "swap_attention on, as in the source (memory only)", runner=MINDSPEED_RL),
         Published("Qwen3-30B-A3B DPO, A3 2x16, TP2 PP8 DP2", qwen3_30b, preset_hardware(A3, 2), 64,
-                  {"tp": 2, "pp": 8}, 4096, DPO_LIVE, 7.19, DPO_SOURCE),
+                  {"tp": 2, "pp": 8}, 4096, DPO_LIVE, 7.19, DPO_SOURCE, runner=MINDSPEED_RL),
+        Published("LLaMA2-7B DPO 16K, A2 1x8, TP8 PP1 DP1", llama_16k, preset_hardware(A2, 1), 16, {"tp": 8},
+                  16000, DPO_LIVE, 0.442, LLM_DPO_SOURCE.format("16k"),
+                  "seq_length 16000 as in the script; every sequence padded to it", runner=MINDSPEED_LLM),
+        Published("LLaMA2-7B DPO 32K, A2 2x8, TP8 PP2 DP1", llama_32k, preset_hardware(A2, 2), 8,
+                  {"tp": 8, "pp": 2}, 32768, DPO_LIVE, 0.227, LLM_DPO_SOURCE.format("32k"),
+                  "every sequence padded to 32768", runner=MINDSPEED_LLM),
     )
 
 
 def case_lengths(case: Published) -> Lengths:
-    """Pretraining rows are full length; the DPO rows follow the assumed orca distribution."""
-    return assumed_orca_lengths() if case.workload.pairwise else MeanLength(case.seq_length)
+    """Pretraining rows are full length, as are MindSpeed-LLM's DPO rows (padded to seq_length); MindSpeed-RL's
+    follow the assumed orca distribution."""
+    return assumed_orca_lengths() if case.runner == MINDSPEED_RL else MeanLength(case.seq_length)
 
 
 def case_training(case: Published) -> Training:
-    """The published DPO runs pad dynamically ("dynamic" in the source); pretraining is full length."""
-    return replace(training(case.seq_length), dynamic_padding=case.workload.pairwise)
+    """MindSpeed-RL's DPO runs pad dynamically ("dynamic" in the source); pretraining and MindSpeed-LLM's DPO
+    rows are full length."""
+    return replace(training(case.seq_length), dynamic_padding=case.runner == MINDSPEED_RL)
 
 
 def predicted(case: Published, efficiency: Efficiency, lengths: Lengths | None = None,
-              batching: str = SORT_AND_CUT) -> float:
-    """The model's value of the case's published quantity, its micro-batches padded as `batching` says (the
-    DPO rows ran on MindSpeed-RL: `GLOBAL_BATCH` is how they batched)."""
+              traits: Traits = DPOC_CPU) -> float:
+    """The model's value of the case's published quantity, batched and with the LM head as the target's
+    `traits` say (the MoE DPO rows ran on MindSpeed-RL: global-batch padding, the head over every position).
+    `lengths` given: a what-if, a DPO row's micro-batches padded to those lengths, not as the row ran."""
     layout = make_layout(case.model, case.hardware, case.global_batch_size, case.knobs)
-    t = predict(case.model, case.hardware, layout, case_training(case), efficiency,
-                case_lengths(case) if lengths is None else lengths, case.workload, batching)
+    train = case_training(case) if lengths is None else replace(training(case.seq_length),
+                                                               dynamic_padding=case.workload.pairwise)
+    t = predict(case.model, case.hardware, layout, train, efficiency,
+                case_lengths(case) if lengths is None else lengths, case.workload, traits)
     if case.workload.pairwise:
         return t.samples_per_s
     return t.tokens_per_s / case.hardware.world_size
@@ -212,8 +238,8 @@ def fit(cases: tuple[Published, ...] | None = None) -> Fit:
     return Fit(Efficiency(dense_eff, experts), tuple(singles))
 
 
-def implied_mean_length(case: Published, efficiency: Efficiency) -> float:
+def implied_mean_length(case: Published, efficiency: Efficiency, traits: Traits = DPOC_CPU) -> float:
     """The mean padded sequence length at which the model reproduces a published DPO number."""
     def excess(length: float) -> float:  # increasing in length: predicted pairs/s falls as length grows
-        return case.measured - predicted(case, efficiency, MeanLength(length))
+        return case.measured - predicted(case, efficiency, MeanLength(length), traits)
     return _bisect(excess, 16.0, float(case.seq_length))

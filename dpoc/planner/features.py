@@ -29,6 +29,9 @@ FLASH_STATS = {"npu": 16, "cuda": 1, "cpu": 1}
 # how a target pads its micro-batches (`lengths`): the dpoc runtime sorts each global batch and pads every
 # micro-batch to its own longest pair; MindSpeed-RL pads the whole global batch to its longest sequence
 SORT_AND_CUT, GLOBAL_BATCH = "sort-and-cut", "global-batch"
+# every sequence padded to seq_length (a static-padding run: its training has dynamic_padding off, so the
+# length models hold every micro-batch at seq_length whatever the batching says)
+PADDED_TO_SEQ_LENGTH = "padded-to-seq-length"
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,17 @@ def kernel_features(device: str) -> MemoryFeatures:
 
 @dataclass(frozen=True)
 class Traits:
-    """What the planner models of the target a plan is for: its batching and its memory features."""
+    """What the planner models of the target a plan is for: its batching, its memory features, and where its
+    LM head runs: `response_head` when the head (and the cross entropy) runs only on the positions that
+    predict a response token, as the dpoc runtime's does (`head.head_fraction`); else on every position of
+    the row, as MindSpeed-RL's (MindSpeed-LLM's `DPOTrainer.loss_func` takes the whole [2b, s, vocab / tp]
+    logits of policy and reference and only then slices out the response's log-probs)."""
 
     target: str
     batching: str
     features: MemoryFeatures
+    response_head: bool
 
 
 NO_FEATURES = MemoryFeatures()
-DPOC_CPU = Traits("dpoc", SORT_AND_CUT, NO_FEATURES)  # what the models assume unless told the target
+DPOC_CPU = Traits("dpoc", SORT_AND_CUT, NO_FEATURES, response_head=True)  # unless told the target

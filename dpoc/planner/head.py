@@ -1,10 +1,11 @@
-"""The share of a micro-batch's positions the dpoc runtime's LM head runs on.
+"""The share of a micro-batch's positions a target's LM head runs on.
 
 The runtime projects through the output layer, and takes the cross entropy of, only the positions that predict
 a response token (`runtime/model/gpt.py::ResponseLogitsGPTModel`): a sequence's response tokens, neither its
 prompt nor its padding. So the head's logits (memory) and its FLOPs scale with the response tokens, not the
 padded length. The dataset's stats say how many there are for pairs of each padded length
 (`pair_histogram.longer_response_tokens`); unknown (a mean length, or older stats), every position counts.
+A target whose head runs on every position (MindSpeed-RL: `Traits.response_head` False) counts every one.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ def mean_response_tokens(stats: LengthStats, row_length: float | None = None) ->
     return sum(responses) / (2 * sum(counts))
 
 
-def head_fraction(lengths: Lengths | None, training: Training, row_length: float) -> float:
-    """Of a micro-batch's `row_length` positions per sequence, the share the head runs on: with dynamic
+def head_fraction(lengths: Lengths | None, training: Training, row_length: float, response_head: bool) -> float:
+    """Of a micro-batch's `row_length` positions per sequence, the share the head runs on. A target whose head
+    runs on every position (`response_head` False, `features.Traits`): all of them. Else: with dynamic
     padding, the response tokens of pairs of that length; padded to seq_length or packed, the dataset's mean
     response over the row (packed rows: over the mean sequence, whose tokens fill the stream)."""
-    if not isinstance(lengths, LengthStats) or lengths.response_tokens is None:
+    if not response_head or not isinstance(lengths, LengthStats) or lengths.response_tokens is None:
         return 1.0
     if training.packing:
         return min(1.0, mean_response_tokens(lengths) / lengths.sequences.moments()[0])

@@ -405,20 +405,20 @@ def estimate_memory(
     else:
         rows = lengths.micro_batches(layout, training, traits.batching)
     return _estimate(model, hardware, layout, training, rows, micro_batches, workload, peak_candidates_only,
-                     traits.features, head_fraction(lengths, training, rows.peak))
+                     traits.features, head_fraction(lengths, training, rows.peak, traits.response_head))
 
 
 def reference_pass_memory(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, lengths: Lengths,
-    micro_batch: int, features: MemoryFeatures = NO_FEATURES,
+    micro_batch: int, traits: Traits = DPOC_CPU,
 ) -> MemoryEstimate:
     """Memory per device of the precompute pass: `layout`'s parallelism, `micro_batch` pairs per forward, the
-    dataset sorted by length (its longest micro-batch holds its longest pairs)."""
+    dataset sorted by length (its longest micro-batch holds its longest pairs); `traits` the target's."""
     peak = lengths.peak(layout, replace(training, dynamic_padding=True))
     rows = MicroBatchLengths((peak,), (peak * peak,), peak, peak, peak * peak)
     return _estimate(model, hardware, replace(layout, micro_batch_size=micro_batch), training, rows, None,
-                     REFERENCE_PASS, False, features,
-                     head_fraction(lengths, replace(training, dynamic_padding=True), peak))
+                     REFERENCE_PASS, False, traits.features,
+                     head_fraction(lengths, replace(training, dynamic_padding=True), peak, traits.response_head))
 
 
 def _estimate(model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training,

@@ -74,10 +74,10 @@ def padding_summary(layout: Layout, training: Training, lengths: Lengths, batchi
 
 
 def traits_summary(traits: Traits) -> dict[str, Any]:
-    """The target's batching and memory features the estimate models."""
+    """The target's batching, memory features and LM head positions the estimate models."""
     f = traits.features
     return {"name": traits.target, "batching": traits.batching, "reuse_fp32_param": f.reuse_fp32_param,
-            "flash_stats_fp32_per_head": f.flash_stats}
+            "flash_stats_fp32_per_head": f.flash_stats, "response_head": traits.response_head}
 
 
 def reference_pass_summary(estimate: ReferencePass, memory: MemoryEstimate) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def search(
         if not memory.fits:
             too_big.append(Candidate(key, layout, memory, None, (memory.need_text(),)))
             continue
-        throughput = predict(model, hardware, layout, training, efficiency, lengths, workload, traits.batching)
+        throughput = predict(model, hardware, layout, training, efficiency, lengths, workload, traits)
         ranked.append(Candidate(key, layout, memory, throughput, ()))
     ranked.sort(key=lambda c: (-c.throughput.samples_per_s, c.memory.peak.total))
     too_big.sort(key=lambda c: c.memory.peak.total)

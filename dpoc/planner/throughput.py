@@ -46,7 +46,7 @@ from dpoc.contract.lora import Lora
 from dpoc.contract.plan import HardwareSpec, Layout, ModelSpec, Training
 from dpoc.planner import collectives
 from dpoc.planner import lora as adapters
-from dpoc.planner.features import SORT_AND_CUT
+from dpoc.planner.features import DPOC_CPU, Traits
 from dpoc.planner.head import head_fraction
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import element_bytes
@@ -282,11 +282,11 @@ def _stage_comm_s(run: _Run, stage: int, layers: int) -> float:
 
 def predict(
     model: ModelSpec, hardware: HardwareSpec, layout: Layout, training: Training, efficiency: Efficiency,
-    lengths: Lengths, workload: Workload = DPO_LIVE, batching: str = SORT_AND_CUT,
+    lengths: Lengths, workload: Workload = DPO_LIVE, traits: Traits = DPOC_CPU,
 ) -> Throughput:
     """Throughput of `layout` with sequences as `lengths` says: padded micro-batches at the slowest rank's
-    expected lengths as the target batches (`batching`), or packed streams computing their real tokens
-    (attention per sequence)."""
+    expected lengths as the target batches (`traits.batching`), or packed streams computing their real tokens
+    (attention per sequence); the LM head over the positions the target runs it on (`traits.response_head`)."""
     real, real_square = lengths.sequence_moments()
     if training.packing and workload.pairwise:
         steps = lengths.packed(layout, training)
@@ -296,12 +296,12 @@ def predict(
             sequences = steps.budget / seq
         step_mean, step_square = seq, seq_square
     else:
-        rows = lengths.micro_batches(layout, training, batching)
+        rows = lengths.micro_batches(layout, training, traits.batching)
         seq, seq_square, micro_batches = rows.mean, rows.mean_square, layout.num_microbatches
         sequences = workload.sequences_per_sample * layout.micro_batch_size
         step_mean, step_square = rows.step_mean, rows.step_square
     run = _Run(model, hardware, layout, training, efficiency, workload, seq, seq_square, sequences, micro_batches,
-               head_fraction(lengths, training, seq))
+               head_fraction(lengths, training, seq, traits.response_head))
     slowest, compute_s, comm_s, latency_s = _slowest_stage(run)
     bubble = (layout.pp - 1) / layout.vpp * slowest
     stage, layers = _largest_stage(model, layout)
@@ -415,7 +415,8 @@ def predict_reference_pass(
     seq, seq_square = lengths.sorted_dataset(layout.tp * layout.cp)
     run = _Run(model, hardware, layout, training, efficiency, REFERENCE_PASS, seq, seq_square,
                SEQUENCES_PER_PAIR * micro_batch, round_micro_batches,
-               head_fraction(lengths, replace(training, dynamic_padding=True), seq))
+               # the pass is the dpoc runtime's (precomputed log-probs): its response-only head
+               head_fraction(lengths, replace(training, dynamic_padding=True), seq, response_head=True))
     slowest = _slowest_stage(run)[0]
     round_s = round_micro_batches * slowest + (layout.pp - 1) / layout.vpp * slowest
     pairs_per_s = layout.dp * round_micro_batches * micro_batch / round_s

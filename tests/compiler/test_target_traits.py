@@ -34,7 +34,8 @@ def test_mindspeed_target_plans_its_batching_and_features(dpoc_cli, tmp_path):
     assert result.code == 0 and "warning" not in result.err, result.err
     plan = json.loads((tmp_path / "o/plan.json").read_text())
     assert plan["estimate"]["target"] == {"name": "mindspeed-rl", "batching": "global-batch",
-                                          "reuse_fp32_param": True, "flash_stats_fp32_per_head": 16}
+                                          "reuse_fp32_param": True, "flash_stats_fp32_per_head": 16,
+                                          "response_head": False}
     # every micro-batch at the expected longest of 64 pairs (rounded up to 8: + 3.5 on average); memory at the
     # dataset's longest, 2924 rounded up to 8
     padding = plan["estimate"]["padding"]

@@ -16,7 +16,7 @@ from dpoc.planner.lengths import Histogram, LengthStats
 from dpoc.planner.memory import GIB, estimate_memory, flash_stats_bytes, layer_activation_bytes, swapped_bytes
 
 HIST = Histogram((0, 100, 200, 300, 400, 800), (5, 40, 30, 0, 25))
-MINDSPEED = Traits("mindspeed-rl", GLOBAL_BATCH, MemoryFeatures(reuse_fp32_param=True))
+MINDSPEED = Traits("mindspeed-rl", GLOBAL_BATCH, MemoryFeatures(reuse_fp32_param=True), response_head=False)
 
 
 def test_npu_flash_attention_keeps_16_fp32_statistics_per_head(specs):

@@ -67,13 +67,44 @@ def test_importing_the_runtime_prints_no_library_warnings():
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
-@pytest.mark.parametrize(("rank", "shown"), [("0", True), ("1", False)])
-def test_other_warnings_show_on_rank_0_only(rank, shown):
+PROBE = """
+import os, warnings, dpoc.runtime
+warnings.warn('every rank raises this', UserWarning)
+if os.environ['RANK'] == '1':
+    warnings.warn('only rank 1 raises this', UserWarning)
+for step in range(30):  # a text that changes every step: capped, not a flood
+    warnings.warn(f'step {step} on rank ' + os.environ['RANK'], RuntimeWarning)
+"""
+
+
+def test_a_warning_from_any_rank_reaches_the_log_once_with_its_rank(tmp_path):
+    """Two ranks of one torchrun agent (here: two children of this process, as torchrun's ranks are of it):
+    rank 1's own warning shows, prefixed; the one both raise shows once; each rank stops at MAX_SHOWN."""
+    from dpoc.runtime.known_warnings import MAX_SHOWN
+
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update(PYTHONPATH=str(REPO), TMPDIR=str(tmp_path), TORCHELASTIC_RUN_ID="test-run", MASTER_PORT="1")
+    ranks = [subprocess.Popen([sys.executable, "-c", PROBE], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": rank}) for rank in ("0", "1")]
+    log = "".join(rank.communicate(timeout=300)[1] for rank in ranks)
+    assert all(rank.returncode == 0 for rank in ranks), log
+    assert log.count("every rank raises this") == 1, log
+    assert "[rank 1] <string>:5: UserWarning: only rank 1 raises this" in log
+    for rank in ("0", "1"):  # the shared one comes from whichever rank raised it first: it counts for that one
+        own = [line for line in log.splitlines() if line.startswith(f"[rank {rank}] ")]
+        steps = [line for line in own if "RuntimeWarning: step " in line]
+        assert len(steps) == MAX_SHOWN - sum("UserWarning" in line for line in own), log
+        assert steps == [f"[rank {rank}] <string>:7: RuntimeWarning: step {k} on rank {rank}" for k in range(len(steps))]
+        assert f"[rank {rank}] dpoc: {MAX_SHOWN} warnings shown on this rank; its further warnings are not shown" in log
+    assert all(line.startswith("[rank ") or line.startswith("  ") for line in log.splitlines()), log
+
+
+def test_without_torchrun_warnings_print_as_python_prints_them():
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "RANK")}
     probe = "import warnings, dpoc.runtime; warnings.warn('a warning dpoc does not know', UserWarning)"
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**env, "PYTHONPATH": str(REPO), "RANK": rank})
-    assert ("a warning dpoc does not know" in proc.stderr) is shown, proc.stderr
+                          env={**env, "PYTHONPATH": str(REPO)})
+    assert proc.stderr.startswith("<string>:1: UserWarning: a warning dpoc does not know"), proc.stderr
 
 
 @pytest.mark.slow

@@ -134,8 +134,7 @@ def choose(i: LayoutInputs) -> Choice:
         if max(s.static + s.reserve for s in memory.stages) > memory.capacity:
             raise LayoutError([_does_not_fit(memory, i.hardware, hint)])
         warnings = () if memory.fits else (_activations_do_not_fit(memory, i.lengths),)
-        throughput = predict(i.model, i.hardware, layout, i.training, FITTED, i.lengths, i.workload,
-                             i.traits.batching)
+        throughput = predict(i.model, i.hardware, layout, i.training, FITTED, i.lengths, i.workload, i.traits)
         reference = reference_plan(i, layout)
         warnings += _reference_warnings(reference)
         return Choice(layout, memory, throughput, (), None, warnings, reference, full_parameter(i, layout))
@@ -156,8 +155,8 @@ def full_parameter(i: LayoutInputs, layout: Layout) -> tuple[MemoryEstimate, Thr
     if i.lora is None:
         return None
     full = replace(i, lora=None).workload
-    return (estimate_memory(i.model, i.hardware, layout, i.training, i.lengths, full),
-            predict(i.model, i.hardware, layout, i.training, FITTED, i.lengths, full))
+    return (estimate_memory(i.model, i.hardware, layout, i.training, i.lengths, full, traits=i.traits),
+            predict(i.model, i.hardware, layout, i.training, FITTED, i.lengths, full, i.traits))
 
 
 def reference_plan(i: LayoutInputs, layout: Layout) -> ReferencePlan | None:
@@ -168,8 +167,7 @@ def reference_plan(i: LayoutInputs, layout: Layout) -> ReferencePlan | None:
     pinned = i.dpo.reference_micro_batch_size
     candidates = [pinned] if pinned else [1 << k for k in range(REFERENCE_MICRO_BATCH_CAP.bit_length() - 1, -1, -1)]
     for micro_batch in candidates:
-        memory = reference_pass_memory(i.model, i.hardware, layout, i.training, i.lengths, micro_batch,
-                                       i.traits.features)
+        memory = reference_pass_memory(i.model, i.hardware, layout, i.training, i.lengths, micro_batch, i.traits)
         if memory.fits or micro_batch == candidates[-1]:
             break
     estimate = predict_reference_pass(i.model, i.hardware, layout, i.training, FITTED, i.lengths, micro_batch,

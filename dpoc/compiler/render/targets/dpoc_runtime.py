@@ -30,8 +30,8 @@ def requirements() -> list[Requirement]:
 def traits(hardware: HardwareSpec) -> Traits:
     """How the planner models this target: each global batch sorted and cut into micro-batches, each padded to
     its own longest pair (`runtime/data.py`); no optional memory feature (no fp32 reuse, no swap), only its
-    kernels' saved tensors."""
-    return Traits(NAME, SORT_AND_CUT, kernel_features(hardware.device))
+    kernels' saved tensors; the LM head on the response positions only (`runtime/model/gpt.py`)."""
+    return Traits(NAME, SORT_AND_CUT, kernel_features(hardware.device), response_head=True)
 
 
 def node_script(rank: int) -> str:

@@ -42,8 +42,10 @@ def requirements() -> list[Requirement]:
 def traits(hardware: HardwareSpec) -> Traits:
     """How the planner models this target: every micro-batch padded to its global batch's longest sequence
     (its DPO data loader), and MindSpeed's fp32 parameter reuse, which this target renders
-    (`_layout_config`), on top of the NPU kernels' saved tensors."""
-    return Traits(NAME, GLOBAL_BATCH, replace(kernel_features(hardware.device), reuse_fp32_param=True))
+    (`_layout_config`), on top of the NPU kernels' saved tensors; the LM head over every position of the row
+    (MindSpeed-LLM's `DPOTrainer.loss_func` slices the response out of the whole sequence's logits)."""
+    return Traits(NAME, GLOBAL_BATCH, replace(kernel_features(hardware.device), reuse_fp32_param=True),
+                  response_head=False)
 
 
 def node_script(rank: int) -> str:
