@@ -50,7 +50,8 @@ OVERRIDE_CASES = [
     (["parallelism.sequence_parallel=false"], "parallelism.sequence_parallel", "a MoE model with tp=2 needs"),
     (["parallelism.vpp=4"], "parallelism.vpp", "vpp=4 does not divide the 6 layers per pipeline stage"),
     (["parallelism.moe_dispatcher=alltoall_seq"], "parallelism.moe_dispatcher", "has no alltoall_seq dispatcher"),
-    (["runtime=mindspeed-rl", "dpo.beta=0.2"], "dpo.beta", "MindSpeed-RL's DPO config (MegatronConfig) cannot set it"),
+    (["runtime=mindspeed-rl", "dpo.beta=0.2"], "dpo.beta", "MindSpeed-RL's DPO config (MegatronConfig) has no dpo_beta "
+     "field"),
     (["hardware.hosts=[10.0.0.1]"], "hardware.hosts", "lists 1 hosts but hardware.nodes is 2"),
     (["parallelism.num_layer_list=[12,12,12,12]"], "parallelism.num_layer_list", "has 4 entries but pp=8"),
     (["training.warmup_iters=2000"], "training.warmup_iters", "2000 is not below train_iters 1000; valid: fewer "

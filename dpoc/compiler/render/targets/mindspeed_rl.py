@@ -97,9 +97,6 @@ def unsupported(plan: Plan) -> list[Violation]:
             )
         )
     fixed_knobs = (
-        ("dpo.beta", dpo.beta, DEFAULT_BETA),
-        ("dpo.label_smoothing", dpo.label_smoothing, 0.0),
-        ("dpo.sft_weight", dpo.sft_weight, 0.0),
         ("training.warmup_iters", training.warmup_iters, 0),
         ("training.adam_eps", training.adam_eps, DEFAULT_ADAM_EPS),
         ("parallelism.etp", layout.etp if model.moe else layout.tp, layout.tp),
@@ -143,9 +140,23 @@ def _context_parallel_violations(plan: Plan) -> list[Violation]:
     return out
 
 
+# MindSpeed-LLM's DPO knobs (dpoc field, MindSpeed-LLM's argument, its default) that MindSpeed-RL cannot pass: its
+# MegatronConfig has no such field (Ascend/MindSpeed-RL master 05a90d7 and branches 2.0.0 to 2.3.0), it stops at a
+# key it lacks, and it builds MindSpeed-LLM's whole command line from that config, so each stays at the default
+MINDSPEED_LLM_ONLY = (("dpo.beta", "dpo_beta", DEFAULT_BETA), ("dpo.label_smoothing", "dpo_label_smoothing", 0.0),
+                      ("dpo.sft_weight", "pref_ftx", 0.0))
+
+
 def _loss_violations(dpo: DPO) -> list[Violation]:
-    """MindSpeed-LLM's DPO has one loss of three, and none of TRL's generalisations."""
+    """MindSpeed-LLM's DPO has one loss of three, and none of TRL's generalisations; MindSpeed-RL passes it
+    neither beta, label smoothing nor the SFT weight (`MINDSPEED_LLM_ONLY`)."""
     out = []
+    for field, name, default in MINDSPEED_LLM_ONLY:
+        value = getattr(dpo, field.removeprefix("dpo."))
+        if value != default:
+            out.append(Violation(field, f"{value:g}: MindSpeed-RL's DPO config (MegatronConfig) has no {name} field "
+                                 f"(MindSpeed-LLM's --{name.replace('_', '-')}), so MindSpeed-LLM's default "
+                                 f"{default:g} applies; valid: {default:g}, or runtime=dpoc"))
     theirs = [loss.name for loss in losses.LOSSES if loss.mindspeed]
     if len(dpo.loss) > 1 or dpo.loss[0] not in theirs:
         out.append(Violation("dpo.loss", f"{', '.join(dpo.loss)}: MindSpeed-LLM's DPO has one loss of "
