@@ -61,11 +61,13 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -284,16 +286,20 @@ def dpoc_flags(config: Config, ws: Workspace, steps: int, run_dir: Path, device:
     ]
 
 
-def run_point(config: Config, ws: Workspace, steps: int, work: Path, device: str) -> dict:
-    """One point in its own worker process (dpoc's precompute pass first, in its own, timed whole)."""
+def run_point(config: Config, ws: Workspace, steps: int, work: Path, device: str,
+              dpoc_extra: Sequence[tuple[str, object]] = (), script: str = __file__, **spec_extra: object) -> dict:
+    """One point in its own worker process (dpoc's precompute pass first, in its own, timed whole). `script`'s
+    `--worker` runs it (bench/lora.py's trains adapters), with `dpoc_extra` after dpoc's flags and `spec_extra`
+    in the worker's spec."""
     spec = {"config": asdict(config), "steps": steps, "device": device, "out": str(work / "result.json"),
             "weights": str(ws.weights), "rows": str(ws.trl_rows), "output_dir": str(work / "trl-out"),
-            "args_file": str(work / "megatron.args"), "run_dir": str(work / "run")}
+            "args_file": str(work / "megatron.args"), "run_dir": str(work / "run"), **spec_extra}
     precompute_s = None
     if config.side == "dpoc":
         from dpoc.contract.megatron_args import format_args
 
-        (work / "megatron.args").write_text(format_args(dpoc_flags(config, ws, steps, work / "run", device)))
+        flags = [*dpoc_flags(config, ws, steps, work / "run", device), *dpoc_extra]
+        (work / "megatron.args").write_text(format_args(flags))
         if config.reference == "precomputed":  # the pass runs for every point: no earlier run's file
             for stale in ws.data.parent.glob(f"{ws.data.name}_reference-*.npz"):
                 stale.unlink()
@@ -301,7 +307,7 @@ def run_point(config: Config, ws: Workspace, steps: int, work: Path, device: str
             _run(["-m", "dpoc.runtime.precompute", f"@{work / 'megatron.args'}"], config)
             precompute_s = time.perf_counter() - started  # the whole process, its start-up included
     (work / "spec.json").write_text(json.dumps(spec))
-    _run([__file__, "--worker", str(work / "spec.json")], config)
+    _run([script, "--worker", str(work / "spec.json")], config)
     result = json.loads((work / "result.json").read_text())
     return {**result, "precompute_s": result["precompute_s"] or precompute_s}
 
@@ -324,19 +330,21 @@ def step_clock(device: str) -> list[float]:
     return marks
 
 
-def worker(spec_file: str) -> None:
-    """One point of either side, in its own process: the same threads setting and the same clock for both."""
+def worker(spec_file: str, trainers: dict[str, Callable[[Config, dict], dict]] | None = None) -> None:
+    """One point of either side, in its own process: the same threads setting and the same clock for both, and
+    the process's peak resident memory at the end (`trainers`: each side's training function)."""
     spec = json.loads(Path(spec_file).read_text())
     config = Config(**spec["config"])
     import torch
 
     torch.set_num_threads(config.threads)
     marks = step_clock(spec["device"])
-    result = (train_dpoc if config.side == "dpoc" else train_trl)(config, spec)
+    result = (trainers or {"dpoc": train_dpoc, "trl": train_trl})[config.side](config, spec)
     if len(marks) != spec["steps"]:
         raise SystemExit(f"{config.name}: the step clock saw {len(marks)} optimizer steps, not {spec['steps']}")
-    # step_s[i]: optimizer step i + 2's period, from step i + 1's update to its own
-    Path(spec["out"]).write_text(json.dumps({**result, "step_s": np.diff(marks).tolist()}))
+    # step_s[i]: optimizer step i + 2's period, from step i + 1's update to its own; ru_maxrss is in KiB on Linux
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(spec["out"]).write_text(json.dumps({**result, "step_s": np.diff(marks).tolist(), "peak_rss_bytes": peak_rss}))
 
 
 def train_dpoc(config: Config, spec: dict) -> dict:
@@ -350,8 +358,9 @@ def train_dpoc(config: Config, spec: dict) -> dict:
     return {"metrics": records, "fill": float(np.mean([r["fill"] for r in records])), "precompute_s": None}
 
 
-def train_trl(config: Config, spec: dict) -> dict:
-    """TRL's DPOTrainer on the same pairs in the same order, logging every step."""
+def train_trl(config: Config, spec: dict, peft_config: object = None, adapter: dict | None = None) -> dict:
+    """TRL's DPOTrainer on the same pairs in the same order, logging every step; with `peft_config` (a PEFT
+    LoraConfig) it trains adapters, started from `adapter`'s tensors (PEFT's key names) when given."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -379,7 +388,14 @@ def train_trl(config: Config, spec: dict) -> dict:
         train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, report_to=[],
         save_strategy="no", seed=SEED)
     trainer = TimedPrecompute(model=spec["weights"], args=args, train_dataset=Dataset.from_dict(rows),
-                              processing_class=AutoTokenizer.from_pretrained(spec["weights"]))
+                              processing_class=AutoTokenizer.from_pretrained(spec["weights"]),
+                              peft_config=peft_config)
+    if adapter is not None:  # after the precompute pass, which runs the base (B is zero: the same log-probs)
+        from peft import set_peft_model_state_dict
+
+        loaded = set_peft_model_state_dict(trainer.model, adapter)
+        if loaded.unexpected_keys or any("lora_" in k for k in loaded.missing_keys):
+            raise SystemExit(f"the initial adapter does not fit TRL's model: {loaded}")
     seen = trainer.train_dataset
     if [[p, c, r] for p, c, r in zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"], strict=True)] \
             != ids:
@@ -458,13 +474,18 @@ def agreement(result: dict, baseline: dict) -> dict[str, float]:
     return diffs
 
 
+def round_rates(results: list[dict], warmup: int) -> list[float]:
+    """Each round's pairs/s over its timed steps (the first `warmup` left out)."""
+    return [STEP_PAIRS * len(r["step_s"][warmup - 1:]) / sum(r["step_s"][warmup - 1:]) for r in results]
+
+
 def summarise(config: Config, results: list[dict], ws: Workspace, warmup: int, peak: float) -> dict:
     """The point's median and best round in pairs/s over its timed steps, and its FLOPs rates at the median."""
     n = matmul_parameters(ws.model)
     flops_per_param = 8 if config.reference == "live" else 6  # per token: policy 6, a live reference's forward 2
     attention_factor = 4 if config.reference == "live" else 3  # forward + backward = 3 forwards, + 1 reference
     timed_steps = range(warmup, len(ws.step_tokens))  # step_s[s - 1] is step s's period (0-based s)
-    rates = [STEP_PAIRS * len(timed_steps) / sum(r["step_s"][warmup - 1:]) for r in results]
+    rates = round_rates(results, warmup)
     median = statistics.median(rates)
     seconds = STEP_PAIRS * len(timed_steps) / median
     model_flops = sum(flops_per_param * n * ws.step_tokens[s] for s in timed_steps) / seconds
@@ -604,8 +625,14 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": compared,
         "agreement": {"worst_relative_difference": worst, "tolerance": AGREEMENT, "per_configuration": checks},
     }
-    out = write_result(args, "dpo_vs_trl", summary, MEASURES)
-    failed = [k for k, v in worst.items() if v > AGREEMENT[k]]
+    return finish(args, "dpo_vs_trl", summary, MEASURES, worst, AGREEMENT)
+
+
+def finish(args: argparse.Namespace, name: str, summary: dict, measures: Sequence[str], worst: dict[str, float],
+           tolerance: dict[str, float]) -> int:
+    """Write the result (it records the agreement either way), then exit 1 where the two sides disagree."""
+    out = write_result(args, name, summary, measures)
+    failed = [k for k, v in worst.items() if v > tolerance[k]]
     if failed:
         print(f"the two sides disagree on {', '.join(failed)}: {worst}", file=sys.stderr)
         return 1

@@ -44,7 +44,7 @@ from dpoc.contract import hf_config
 from dpoc.contract.architecture import Architecture
 from dpoc.contract.lora import Lora
 from dpoc.runtime.model import seeded_init
-from dpoc.runtime.weights import peft, sharded
+from dpoc.runtime.weights import peft, sharded, weight_map
 
 ADAPTER_PARAMS = ("lora_A", "lora_B")
 
@@ -132,14 +132,29 @@ def load_initial(chunks: Iterable[torch.nn.Module], args, lora: Lora) -> None:
                 m.dpoc_lora.reference = (m.lora_A.detach().clone(), m.lora_B.detach().clone())
 
 
+def initial_a(seed: int, key: str, index: tuple[int, ...], shape: tuple[int, int]) -> torch.Tensor:
+    """The full [r, in] A that `attach` gives the adapter `key` (its checkpoint key, `...lora_A`) at one
+    layer/expert index: kaiming_uniform_(a=sqrt(5)), U(-1/sqrt(in), 1/sqrt(in)), from the seed and the key alone."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=seeded_init.generator(seed, key, index), dtype=torch.float32) * 2 - 1) * bound
+
+
+def initial_adapters(arch: Architecture, lora: Lora, seed: int) -> dict[peft.Site, peft.Pair]:
+    """Every adapter as `attach` starts it under `seed` (A drawn, B zero), in global shapes: what another trainer
+    (bench/lora.py's PEFT side) loads to start from the same adapters."""
+    out = {}
+    for site in peft.sites(arch, lora):
+        key, index = site.weight()
+        out_features, in_features = weight_map.hf_shape(key, index, arch)
+        a = initial_a(seed, key.removesuffix("weight") + "lora_A", index, (lora.rank, in_features))
+        out[site] = (a, torch.zeros(out_features, lora.rank))
+    return out
+
+
 def _kaiming_block(sh: ShardedTensor, seed: int, index: tuple[int, ...], rows: range,
                    rest: tuple[slice, ...]) -> torch.Tensor:
-    """kaiming_uniform_(a=sqrt(5)) of the full [r, in] A at one layer/expert index: U(-1/sqrt(in), 1/sqrt(in))."""
-    k = len(index)
-    full_shape = sh.global_shape[k:]
-    bound = 1.0 / math.sqrt(full_shape[1])
-    full = (torch.rand(full_shape, generator=seeded_init.generator(seed, sh.key, index), dtype=torch.float32) * 2
-            - 1) * bound
+    """This rank's block of `initial_a` at one layer/expert index."""
+    full = initial_a(seed, sh.key, index, tuple(sh.global_shape[len(index):]))
     return full[(slice(rows.start, rows.stop), *rest)]
 
 
