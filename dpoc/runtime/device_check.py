@@ -379,11 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     folder, rank = os.environ[REPORT_ENV], dist_rank()
     try:
         lines = run(options.args_file, options.devices, options.planner)
-    except DpocError as exc:
-        write_failure(folder, rank, exc.problems[0])
+    except DpocError as exc:  # which process: on a node of many devices, which device
+        found = exc.problems[0]
+        write_failure(folder, rank, Problem(found.file, f"{found.where} on rank {rank}", found.message))
         return EXIT_USER_ERROR
     except Exception as exc:  # before any op: the group, the device stack
-        write_failure(folder, rank, Problem(options.args_file, "device check setup", reason(exc, options.planner)))
+        write_failure(folder, rank, Problem(options.args_file, f"device check setup on rank {rank}",
+                                            reason(exc, options.planner)))
         return EXIT_USER_ERROR
     if rank == 0:
         write_lines(folder, lines)

@@ -140,5 +140,18 @@ def test_a_process_reports_its_failure_for_the_launcher(builds, tmp_path, monkey
     assert device_check.main([args_file, "--devices", "2"]) == 2
     lines, failure = read_report(tmp_path)
     assert lines is None
-    assert str(failure) == (f"{args_file}: device check: started as 1 processes; the layer's sharding "
+    assert str(failure) == (f"{args_file}: device check on rank 0: started as 1 processes; the layer's sharding "
                             "(tp1 ep2 etp1, 2 processes) needs 2")
+
+
+def test_an_out_of_memory_failure_says_so_with_the_planners_peak():
+    import torch
+
+    from dpoc.runtime.device_check import reason
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
+    assert reason(oom, {"peak_bytes": 3 * 2**30, "held_bytes": 2**30, "step_s": 1.0}) == \
+        "out of memory (the planner expects a peak of 3.00 GiB): CUDA out of memory. Tried to allocate 2.00 GiB."
+    npu = RuntimeError("NPU out of memory. Tried to allocate 1.00 GiB")  # torch_npu's
+    assert reason(npu, None) == "out of memory: NPU out of memory. Tried to allocate 1.00 GiB"
+    assert reason(KeyError("npu_swiglu"), None) == "'npu_swiglu'"
