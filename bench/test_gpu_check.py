@@ -36,7 +36,8 @@ def test_the_dry_check_runs_every_step_on_the_cpu(tmp_path):
     assert summary["dry"] == 1 and list(summary["steps"]) == ["tiny", "moe", "layouts", "dpo_vs_trl"]
     assert all(s["exit"] == 0 for s in summary["steps"].values())
     moe = (tmp_path / "moe.log").read_text()  # the MoE run's node script ran the device check, then trained
-    assert "device check: one layer forward, backward and optimizer step (experts sequential): ok" in moe
+    assert ("device check: one layer forward, backward and optimizer step (experts sequential, tp1 ep1 etp1, "
+            "1 process): ok") in moe
     layouts = json.loads((tmp_path / "layouts.json").read_text())
     assert layouts["precision"] == "fp32" and layouts["base"]["steps"] == 10
     assert sorted(layouts["layouts"]) == ["mbs1", "mbs8", "packing", "precomputed", "recompute-full",

@@ -84,7 +84,9 @@ def _preflight(args: argparse.Namespace) -> int:
     from dpoc.launch.preflight import Node, device_check, preflight
 
     if args.device:
-        for line in device_check(args.build_dir):
+        from dpoc.planner.one_layer import estimate
+
+        for line in device_check(args.build_dir, estimate):
             print(line)
         return 0
     node = None
@@ -153,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=6005, help="with --node-rank: the master's port")
     p.add_argument("--plan-hash", help="with --node-rank: the Plan hash the launcher started (empty: not checked)")
     p.add_argument("--device", action="store_true", help="instead: the device self-check, each kernel this build "
-                   "runs and one layer of its model on this node's device, against the CPU (seconds)")
+                   "runs against the CPU, then one layer of its model sharded at its tp/ep on this node's devices, "
+                   "its time and memory beside the planner's (seconds)")
     p.set_defaults(func=_preflight)
 
     for name, (module, help_text) in EXTERNAL.items():

@@ -16,19 +16,30 @@ one line per problem.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dpoc.compiler.render import targets
 from dpoc.compiler.render.conversions import DPOC_DIR, MINDSPEED_DIR
+from dpoc.contract.check_group import REPORT_ENV, CheckGroup, plan_group, read_report
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.requirements import TORCH_NPU
-from dpoc.contract.runs import CHECKPOINT_MARKER, TRACKER
+from dpoc.contract.runs import CHECKPOINT_MARKER, FIRST_FAILURE, TRACKER
 from dpoc.launch import node_checks
 from dpoc.runtime.checkpoint.publish import earlier_run, no_checkpoint
+
+# the device check's group must answer within this (a hung collective otherwise waits for its own timeout)
+DEVICE_CHECK_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -80,16 +91,59 @@ def preflight(build_dir: str | Path, mode: str, target: str = "dpoc", node: Node
     return warnings
 
 
-def device_check(build_dir: str | Path) -> list[str]:
+def device_check(build_dir: str | Path, planner: Callable[[dict[str, Any], CheckGroup], Any] | None = None
+                 ) -> list[str]:
     """`dpoc preflight BUILD --device`: the runtime's device self-check for the build's megatron.args
-    (`dpoc/runtime/device_check.py`); one line per op checked, DpocError naming the first op that fails."""
-    from dpoc.runtime import device_check as check
-
-    args_file = Path(build_dir) / "megatron.args"
+    (`dpoc/runtime/device_check.py`) in the group `check_group.plan_group` sizes (one process here, or a torchrun
+    group of local processes); one line per op checked, DpocError with one line naming the first op that
+    failed. `planner(plan, group)`: the planner's estimate of the checked layer (the CLI's), printed beside the
+    measured figures."""
+    build = Path(build_dir)
+    args_file = build / "megatron.args"
     if not args_file.is_file():
         raise DpocError([Problem(str(args_file), "(file)", "not found: the device check runs the dpoc target's "
                                  "megatron.args (valid: a build directory of runtime dpoc)")])
-    return check.run(str(args_file))
+    plan = json.loads((build / "plan.json").read_text())
+    group, devices = plan_group(plan), plan["hardware"]["devices_per_node"]
+    figures = dataclasses.asdict(planner(plan, group)) if planner is not None else None
+    if group.processes == 1:
+        from dpoc.runtime import device_check as check
+
+        return check.run(str(args_file), devices, figures)
+    return _group_check(str(args_file), group, devices, figures)
+
+
+def _group_check(args_file: str, group: CheckGroup, devices: int, figures: dict[str, float] | None) -> list[str]:
+    """The check as `group.processes` local processes (dpoc.runtime.torchrun, a rendezvous of its own on a free
+    port); their output goes to a log, kept only when they fail without a report of their own."""
+    command = [sys.executable, "-m", "dpoc.runtime.torchrun", "--standalone", "--nproc_per_node",
+               str(group.processes), "-m", "dpoc.runtime.device_check", args_file, "--devices", str(devices)]
+    if figures is not None:
+        command += ["--planner", json.dumps(figures)]
+    with tempfile.TemporaryDirectory(prefix="dpoc-device-check-") as folder:
+        log = Path(folder) / "output.log"
+        with open(log, "w") as out:
+            torchrun = subprocess.Popen(command, env={**os.environ, REPORT_ENV: folder}, stdout=out,
+                                        stderr=subprocess.STDOUT)
+            try:
+                code = torchrun.wait(timeout=DEVICE_CHECK_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                torchrun.terminate()  # torchrun passes SIGTERM on to its workers
+                torchrun.wait()
+                code = None
+        lines, failure = read_report(folder)
+        if code == 0 and lines is not None:
+            return lines
+        if failure is not None:
+            raise DpocError([failure])
+        kept = Path(tempfile.mkstemp(prefix="dpoc-device-check-", suffix=".log")[1])
+        shutil.copyfile(log, kept)
+    said = [line for line in kept.read_text(errors="replace").splitlines()
+            if line.startswith(FIRST_FAILURE.split("{")[0])]
+    why = (f"no result within {DEVICE_CHECK_TIMEOUT_S} s" if code is None else
+           said[-1].removeprefix("[dpoc] ") if said else f"torchrun exited with code {code}")
+    raise DpocError([Problem(args_file, "device check", f"{why}, before any process reported ({group.describe()}; "
+                             f"their output: {kept}; skip the check: DPOC_DEVICE_CHECK=0)")])
 
 
 def _reference_logps(build: Path) -> list[str]:

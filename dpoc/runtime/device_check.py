@@ -1,21 +1,34 @@
 """The device self-check (`dpoc preflight BUILD --device`): proves in seconds, on the node, that this build's
 device path works, before torchrun starts the job.
 
-In one process (a one-rank group on the build's backend), inside the device bridge the runtime uses, it runs
-each kernel path the runtime will run for this build, forward and backward, on the device in the run's
-precision, and compares every output and gradient with the same function computed in float32 on the CPU:
-a collective on the group's device, the norm, the rotary embedding, SwiGLU, core attention (packed too with
-`--dpoc-packing`), the grouped experts GEMM (on a slice of up to `EXPERT_SLICE` experts at the real sizes);
-then one transformer layer of the model at its real dimensions (not sharded: tp, pp and ep 1), seeded through
-the runtime's RNG path, one micro-batch forward and backward and one optimizer step, whose loss and gradient
-norm must be finite. The first failure stops it: one line naming the op and the kernel (exit 2).
+It runs in the group `contract.check_group` sizes for the plan (one process, or a torchrun group of local
+processes started by `dpoc/launch/preflight.py`, each on its own device), inside the device bridge the runtime
+uses. Every process runs each kernel path the runtime will run for this build, forward and backward, on its
+device in the run's precision, at its rank's shapes, and compares every output and gradient with the same
+function computed in float32 on the CPU: a collective over the group on the group's device, the norm, the
+rotary embedding, SwiGLU, core attention (packed too with `--dpoc-packing`), the grouped experts GEMM (on a
+slice of up to `EXPERT_SLICE` experts at the real sizes). Then the group builds one transformer layer of the
+model at its real dimensions (with its embedding and output layer), sharded at the plan's tp / ep, seeded
+through the runtime's RNG path, and runs one micro-batch (2 x micro_batch_size sequences of seq_length
+tokens) forward and backward and one optimizer step, whose loss and gradient norm must be finite. Its line
+gives the step's time and the memory it took (the slowest and the largest rank: the device allocator's peak,
+or on the cpu, which counts no peak, what the step held: static state and saved activations) beside the
+planner's estimate of the same (`dpoc/planner/one_layer.py`, which the CLI passes in). The first failure
+stops it: one line naming the op and the kernel and why (exit 2).
+
+Run by torchrun, `python -m dpoc.runtime.device_check ARGS --devices N [--planner JSON]` is one process of
+the group: it reports through the folder in `check_group.REPORT_ENV`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,11 +37,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.transformer.enums import AttnMaskType
 
 from dpoc.contract import megatron_args
-from dpoc.contract.errors import DpocError, Problem
+from dpoc.contract.check_group import REPORT_ENV, CheckGroup, check_group, write_failure, write_lines
+from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
 from dpoc.contract.kernels import FUSED
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model import fused
@@ -42,10 +56,12 @@ from dpoc.runtime.model.gpt import (
     params_dtype,
     transformer_config,
 )
-from dpoc.runtime.step.session import build_optimizer, init_distributed, initialize_parallel
+from dpoc.runtime.step import memory_probe
+from dpoc.runtime.step.session import build_optimizer, ddp_config, init_distributed, initialize_parallel
 
 EXPERT_SLICE = 4  # experts the grouped GEMM check multiplies (one gets no tokens): the kernel, not the model
-TOKENS = 128  # sequence length of the op checks and of the layer's micro-batch (at most --seq-length)
+TOKENS = 128  # sequence length of the op checks (at most --seq-length); the layer's is --seq-length
+SEQUENCES_PER_PAIR = 2  # a micro-batch of pairs is chosen + rejected sequences
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2}  # max |error| / max |reference|
 
 
@@ -59,47 +75,72 @@ class Mismatch(Exception):
     pass
 
 
-def run(args_file: str) -> list[str]:
-    """Every check for the build whose megatron.args is `args_file`; one report line per op. DpocError on
-    the first failure (a bad args file or a device stack that cannot load fails the same way)."""
+def run(args_file: str, node_devices: int = 1, planner: dict[str, float] | None = None) -> list[str]:
+    """Every check for the build whose megatron.args is `args_file`, as one process of the group for a node of
+    `node_devices` devices; rank 0's report lines (one per op). `planner`: the planner's figures for the layer
+    (`one_layer.LayerEstimate`'s fields). DpocError on the first failure (a bad args file or a device stack
+    that cannot load fails the same way)."""
     args = megatron_args.parse([f"@{args_file}"])
     device = devices.select(args.dpoc_device, args.distributed_backend, args_file, args.dpoc_core_attention)
     check_supported(args, args_file)
-    one = one_layer(args)
+    group = check_group(args.tensor_model_parallel_size, args.expert_model_parallel_size,
+                        args.expert_tensor_parallel_size, args.num_experts or 0, args.moe_router_topk or 0,
+                        node_devices)
+    one = one_layer(args, group)
     lines = []
     try:
         init_distributed(device)
+        if dist.get_world_size() != group.processes:
+            raise DpocError([Problem(args_file, "device check", f"started as {dist.get_world_size()} processes; "
+                                     f"the layer's sharding ({group.describe()}) needs {group.processes}")])
         with devices.running_on(device):
             initialize_parallel(one)
-            for op in ops(one, device):
+            for op in ops(one, device, group, planner or {}):
                 started = time.perf_counter()
                 try:
                     note = op.run()
                     device.synchronize()
                 except Exception as exc:  # a kernel's failure of any kind is the check's finding
-                    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise DpocError([Problem(args_file, f"device check {op.name}",
-                                             f"{why} (skip the check: DPOC_DEVICE_CHECK=0)")]) from None
+                                             f"{reason(exc, planner)} (skip the check: DPOC_DEVICE_CHECK=0)")]) \
+                        from None
                 lines.append(f"device check: {op.name}: ok, {time.perf_counter() - started:.2f}s{note}")
     finally:
         if dist.is_initialized():
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
-    return lines
+    return lines if dist_rank() == 0 else []
 
 
-def one_layer(args: argparse.Namespace) -> argparse.Namespace:
-    """The run's model at one transformer layer, in one process: no tp, pp, cp, ep or sequence parallelism."""
+def dist_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def reason(exc: BaseException, planner: dict[str, float] | None) -> str:
+    """The failure's first line; an out-of-memory one says so first, with the planner's expected peak."""
+    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in why.lower():
+        expected = f" (the planner expects a peak of {_size(planner['peak_bytes'])})" if planner else ""
+        return f"out of memory{expected}: {why}"
+    return why
+
+
+def one_layer(args: argparse.Namespace, group: CheckGroup) -> argparse.Namespace:
+    """The run's model at one transformer layer, sharded as `group` says: no pipeline or context parallelism,
+    sequence parallelism as the run has it (with tp > 1), the run's micro-batch size."""
     one = copy.copy(args)
     one.num_layers, one.num_layer_list, one.num_layers_per_virtual_pipeline_stage = 1, None, None
-    one.tensor_model_parallel_size = one.pipeline_model_parallel_size = one.expert_model_parallel_size = 1
-    one.expert_tensor_parallel_size, one.sequence_parallel, one.use_distributed_optimizer = 1, False, False
-    one.context_parallel_size = 1
-    one.micro_batch_size = min(args.micro_batch_size, 2)
+    one.pipeline_model_parallel_size = one.context_parallel_size = 1
+    one.tensor_model_parallel_size, one.expert_model_parallel_size = group.tp, group.ep
+    one.expert_tensor_parallel_size = group.etp
+    one.sequence_parallel = bool(args.sequence_parallel) and group.tp > 1
+    if args.num_experts:
+        one.num_experts = group.num_experts
     return one
 
 
-def ops(args: argparse.Namespace, device: devices.Device) -> Iterator[Op]:
+def ops(args: argparse.Namespace, device: devices.Device, group: CheckGroup, planner: dict[str, float]
+        ) -> Iterator[Op]:
     """The kernel paths this build runs, in the order they are checked."""
     here, dtype = device.current(), params_dtype(args)
     config = transformer_config(args, device)
@@ -122,8 +163,8 @@ def ops(args: argparse.Namespace, device: devices.Device) -> Iterator[Op]:
     experts = expert_path(args)
     if experts in GROUPED:
         yield Op(f"moe experts ({experts})", lambda: _grouped(GROUPED[experts], args, here, dtype))
-    yield Op(f"one layer forward, backward and optimizer step (experts {experts})",
-             lambda: _layer(args, device, config, tokens))
+    yield Op(f"one layer forward, backward and optimizer step (experts {experts}, {group.describe()})",
+             lambda: _layer(args, device, config, planner))
 
 
 def _kernel(name: str, kinds: tuple[str, ...]) -> str:
@@ -230,8 +271,9 @@ def _glu(x: torch.Tensor) -> torch.Tensor:
 def _attention(module: torch.nn.Module, config, tokens: int, packed: PackedSequences | None, here: torch.device,
                dtype: torch.dtype) -> str:
     """Causal attention with grouped query heads, against softmax(q k^T scale + causal mask) v per sequence."""
-    heads, d = config.num_attention_heads, config.kv_channels
-    groups = config.num_query_groups or heads
+    tp = parallel_state.get_tensor_model_parallel_world_size()  # the module holds this rank's heads
+    heads, d = config.num_attention_heads // tp, config.kv_channels
+    groups = (config.num_query_groups or config.num_attention_heads) // tp
     scale = module.scale if hasattr(module, "scale") else 1.0 / math.sqrt(d)
     batch = () if packed is not None else (2,)
     inputs = [_randn(tokens, *batch, heads, d), _randn(tokens, *batch, groups, d), _randn(tokens, *batch, groups, d)]
@@ -273,25 +315,82 @@ def _grouped(kernel: Callable, args: argparse.Namespace, here: torch.device, dty
     return _compare(lambda x, weights: kernel(x, weights, counts), reference, inputs, here, dtype)
 
 
-def _layer(args: argparse.Namespace, device: devices.Device, config, tokens: int) -> str:
-    """One layer of the model on the device, built and stepped the runtime's way; time and peak memory."""
+def _layer(args: argparse.Namespace, device: devices.Device, config, planner: dict[str, float]) -> str:
+    """One layer of the model on the device, built and stepped the runtime's way (its DDP and optimizer
+    settings); the step's time and memory, the group's slowest and largest, beside the planner's."""
     from megatron.core.transformer.module import Float16Module
 
     here = device.current()
+    device.reset_peak_memory()
     chunk = build_chunks(config, args)[0]
     model = Float16Module(config, chunk) if config.bf16 or config.fp16 else chunk
-    policy = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    policy = DistributedDataParallel(config, ddp_config(args), model)
     optimizer, _ = build_optimizer(args, [policy])
-    batch = args.micro_batch_size
-    ids = torch.randint(0, args.padded_vocab_size, (batch, tokens), generator=_generator()).to(here)
-    positions = torch.arange(tokens).repeat(batch, 1).to(here)
+    rows, tokens = SEQUENCES_PER_PAIR * args.micro_batch_size, args.seq_length  # one micro-batch of pairs
+    ids = torch.randint(0, args.padded_vocab_size, (rows, tokens), generator=_generator()).to(here)
+    positions = torch.arange(tokens).repeat(rows, 1).to(here)
+    saved = memory_probe.SavedTensors([policy]) if device.kind == "cpu" else None
+    device.synchronize()
+    started = time.perf_counter()
     optimizer.zero_grad()
-    loss = policy(ids, positions, None, labels=ids).float().mean()
+    with saved.recording() if saved else contextlib.nullcontext():
+        loss = policy(ids, positions, None, labels=ids).float().mean()
     loss.backward()
-    loss = float(loss.detach())
     finalize_model_grads([policy])
     _, grad_norm, _ = optimizer.step()
+    device.synchronize()
+    step_s = time.perf_counter() - started
+    loss = float(loss.detach())
     if not math.isfinite(loss) or grad_norm is None or not math.isfinite(grad_norm) or grad_norm <= 0:
-        raise Mismatch(f"loss {loss:.4g}, gradient norm {grad_norm}: not finite and positive")
-    peak = device.peak_memory()
-    return f", loss {loss:.3f}, grad norm {grad_norm:.3g}" + (f", peak {peak / 2**30:.2f} GiB" if peak else "")
+        raise Mismatch(f"non-finite loss or gradient: loss {loss:.4g}, gradient norm {grad_norm} (must be finite "
+                       "and positive)")
+    if saved is not None:  # the cpu counts no peak: what the step held, as the planner counts it
+        static = memory_probe.static_bytes([policy], [], optimizer)
+        what, used = "held", static["weights"] + static["gradients"] + static["optimizer"] + \
+            saved.bytes("layers") + saved.bytes("other")
+        expected = planner.get("held_bytes")
+    else:
+        what, used, expected = "peak", device.peak_memory(), planner.get("peak_bytes")
+    step_s, used = _slowest_and_largest(step_s, used, here)
+    time_note = f" (planner {planner['step_s']:.2f}s)" if "step_s" in planner else ""
+    memory_note = f" (planner {_size(expected)}, {used / expected - 1:+.0%})" if expected else ""
+    return (f", step {step_s:.2f}s{time_note}, {what} {_size(used)}{memory_note}, loss {loss:.3f}, "
+            f"grad norm {grad_norm:.3g}")
+
+
+def _slowest_and_largest(seconds: float, nbytes: float, here: torch.device) -> tuple[float, float]:
+    """The group's longest step time and largest memory (float32 on the device: no float64 there)."""
+    both = torch.tensor([seconds, nbytes / 2**20], dtype=torch.float32, device=here)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return float(both[0]), float(both[1]) * 2**20
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One process of a torchrun group: the check, reported through the folder in REPORT_ENV."""
+    parser = argparse.ArgumentParser(prog="python -m dpoc.runtime.device_check")
+    parser.add_argument("args_file")
+    parser.add_argument("--devices", type=int, required=True, help="the node's devices, as the plan has them")
+    parser.add_argument("--planner", type=json.loads, default=None, help="the planner's figures (JSON)")
+    options = parser.parse_args(argv)
+    folder, rank = os.environ[REPORT_ENV], dist_rank()
+    try:
+        lines = run(options.args_file, options.devices, options.planner)
+    except DpocError as exc:  # which process: on a node of many devices, which device
+        found = exc.problems[0]
+        write_failure(folder, rank, Problem(found.file, f"{found.where} on rank {rank}", found.message))
+        return EXIT_USER_ERROR
+    except Exception as exc:  # before any op: the group, the device stack
+        write_failure(folder, rank, Problem(options.args_file, f"device check setup on rank {rank}",
+                                            reason(exc, options.planner)))
+        return EXIT_USER_ERROR
+    if rank == 0:
+        write_lines(folder, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,6 +50,11 @@ class Device:
         """The most bytes this process's device held in tensors so far (0 on the cpu, where torch keeps no count)."""
         return 0 if self.kind == "cpu" else getattr(torch, self.kind).max_memory_allocated()
 
+    def reset_peak_memory(self) -> None:
+        """Start `peak_memory`'s count again from what the device holds now."""
+        if self.kind != "cpu":
+            getattr(torch, self.kind).reset_peak_memory_stats()
+
     def rng_state(self) -> torch.Tensor | None:
         """The accelerator's default generator, for checkpoints (the cpu's is torch's own: None here)."""
         return None if self.kind == "cpu" else getattr(torch, self.kind).get_rng_state()

@@ -51,8 +51,9 @@ export DPOC_INPUT_ERROR
 # The launcher names the build it started (DPOC_PLAN_HASH): a node holding another build is refused.
 python -m dpoc preflight "$BUILD_DIR" --mode "$mode" --target dpoc --node-rank 1 \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --plan-hash "${DPOC_PLAN_HASH:-}"
-# The device self-check: each kernel this build runs, then one layer of its model, on this node's device against
-# float32 on the CPU (seconds; a failure names the op). DPOC_DEVICE_CHECK=0 skips it.
+# The device self-check: each kernel this build runs against float32 on the CPU, then one layer of its model
+# sharded at the plan's tp/ep on this node's devices (a local torchrun group), its time and memory beside the
+# planner's (seconds; a failure names the op and why in one line). DPOC_DEVICE_CHECK=0 skips it.
 if [ "${DPOC_DEVICE_CHECK:-1}" != 0 ]; then
   python -m dpoc preflight "$BUILD_DIR" --device
 fi
