@@ -7,6 +7,11 @@ although a CPU run never calls one of those functions (its fusions are off). Ins
 when first imported, before any of its modules imports megatron-core, and by the dataset writer and reader
 (`dpoc.data.pairwise`) before theirs; the hook then wraps `jit_fuser` as its module loads, so each fused
 function is the same `torch.compile` of the same function, made when first called.
+
+On cpu the runtime has no kernel fusions (`runtime/model/gpt.py`), and `run_eagerly()` extends that to the
+functions megatron-core calls through `jit_fuser` whatever its fusion flags say (the MoE router's
+`_apply_expert_bias` on every routing): compiling it cost every CPU MoE rank seconds of TorchDynamo and Inductor
+at its first step (28 s on a loaded 2-core machine) for a function that updates one counter.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 JIT_MODULE = "megatron.core.jit"
+_eager = False
+
+
+def run_eagerly() -> None:
+    """From now on every deferred function in this process runs as written, never compiled."""
+    global _eager
+    _eager = True
 
 
 def deferred(fuser: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
@@ -28,6 +40,8 @@ def deferred(fuser: Callable[[Callable], Callable]) -> Callable[[Callable], Call
         @functools.wraps(function)
         def call(*args: Any, **kwargs: Any) -> Any:
             nonlocal compiled
+            if _eager:
+                return function(*args, **kwargs)
             if compiled is None:
                 compiled = fuser(function)
             return compiled(*args, **kwargs)

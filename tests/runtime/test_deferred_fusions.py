@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from dpoc.common import deferred_fusions
 from dpoc.common.deferred_fusions import deferred
 from tests.conftest import REPO
 
@@ -27,6 +28,21 @@ def test_the_fuser_runs_once_on_the_first_call_and_its_result_serves_every_call(
     assert made == [] and double.__name__ == "double" and double.__doc__ == "Twice x."
     assert (double(1), double(2)) == (20, 40)
     assert len(made) == 1 and made[0](3) == 6
+
+
+def test_on_cpu_the_deferred_functions_run_as_written_and_nothing_is_compiled(monkeypatch):
+    """The runtime has no fusions on cpu; compiling megatron's MoE router helper cost each rank seconds."""
+    from dpoc.runtime.model import device
+
+    monkeypatch.setattr(deferred_fusions, "_eager", False)
+    made = []
+
+    @deferred(lambda function: made.append(function) or function)
+    def triple(x):
+        return 3 * x
+
+    device.select("cpu", "gloo")
+    assert triple(2) == 6 and made == []
 
 
 _PROBE = """

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from dpoc.common import deferred_fusions
 from dpoc.contract.errors import DpocError, Problem
 from dpoc.contract.kernels import ATTENTION, EXPERTS
 
@@ -87,6 +88,7 @@ def select(kind: str, backend: str, args_file: str = "megatron.args", attention:
                                  f"(torch {torch.__version__}; valid here: cpu)")])
     elif kind == "cpu":
         _CpuBridge.install()
+        deferred_fusions.run_eagerly()
     attention_kernel(kind, attention, args_file)  # an unknown kernel fails here, before any process waits
     return Device(kind, backend, experts=experts_kernel(kind))
 
