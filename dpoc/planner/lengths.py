@@ -96,8 +96,15 @@ def _order_statistics(hist: Histogram, n: int) -> tuple[tuple[float, ...], tuple
     (u^i times the Beta(k, n-k+1) density is a multiple of the Beta(k+i, n-k+1) density)."""
     first = [0.0] * (n + 1)
     second = [0.0] * (n + 1)
+    known: dict[tuple[int, float], list[float]] = {}  # consecutive segments share a boundary: each tail once
+
+    def tail(m: int, u: float) -> list[float]:
+        if (m, u) not in known:
+            known[m, u] = _tails(m, u)
+        return known[m, u]
+
     for start, end, a, b in hist._segments:
-        tails = [(_tails(m, end), _tails(m, start)) for m in (n, n + 1, n + 2)]
+        tails = [(tail(m, end), tail(m, start)) for m in (n, n + 1, n + 2)]
         for k in range(1, n + 1):
             p0 = tails[0][0][k] - tails[0][1][k]
             p1 = tails[1][0][k + 1] - tails[1][1][k + 1]
