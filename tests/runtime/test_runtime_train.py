@@ -1,26 +1,23 @@
 """The runtime trains from a rendered megatron.args on CPU: every parallel layout gives the one-process
 losses, and a run learns the synthetic preference.
 
-Each run is a real `python -m dpoc.runtime.train @file` (one process) or `torchrun` (2 and 4 processes,
-gloo on 127.0.0.1), reading indexed datasets written with megatron-core's IndexedDatasetBuilder.
+Each run is `dpoc.runtime.train`'s `main(["@file"])` in one process or under torchrun (2 and 4 processes, gloo
+on 127.0.0.1), reading indexed datasets written with megatron-core's IndexedDatasetBuilder. The module's runs
+are declared once (`runs`) and launched together, one launch per process count (`tests/runtime/batched.py`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
-from functools import cache
 from pathlib import Path
 
 import pytest
 
-from dpoc.common.ports import free_port
+from tests.runtime.batched import ROOT, Runs, environment, launcher
 from tests.runtime.synthetic import write_args, write_pairs
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 COMPARED = ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
             "rewards/margins", "rewards/accuracies", "grad_norm")
@@ -57,7 +54,9 @@ LOSSES = {"ipo": [("--dpo-loss-type", "ipo")],
 REFERENCE_RUNS = {"dense": dict(moe=False), "moe": dict(moe=True), "moe-no-aux": dict(moe=True, extra=NO_AUX),
                   **{loss: dict(extra=flags) for loss, flags in LOSSES.items()}}
 
-
+# one loss per family on each layout it is compared at
+LOSS_LAYOUTS = ("tp2", "pp2")
+LEARN = dict(steps=20, lr=2e-3, warmup=3, min_lr=1e-4)
 
 
 def train(args_file: Path, processes: int) -> subprocess.CompletedProcess:
@@ -65,23 +64,35 @@ def train(args_file: Path, processes: int) -> subprocess.CompletedProcess:
 
 
 def run_module(module: list[str], processes: int) -> subprocess.CompletedProcess:
-    """`python -m ...` in one process, or under torchrun on 127.0.0.1 (gloo), one thread per process."""
-    if processes == 1:
-        command = [sys.executable, *module]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-                   "--master-addr=127.0.0.1", f"--master-port={free_port()}", *module]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    """`python -m ...` in one process, or under torchrun on 127.0.0.1 (gloo), one thread per process: a launch
+    of its own (`batched.Runs` shares one between runs)."""
+    return subprocess.run([*launcher(processes), *module], cwd=ROOT, env=environment(), capture_output=True,
+                          text=True, timeout=600)
 
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def args_file(tmp: Path, name: str, **kwargs) -> Path:
+    """`name`'s megatron.args over the dataset `tmp/pairs`, its run directory `tmp/runs/name`."""
+    return write_args(tmp / f"{name}.args", str(tmp / "pairs"), tmp / "runs" / name, **kwargs)
+
+
+def declare(runs: Runs, tmp: Path, name: str, processes: int = 1, **kwargs) -> None:
+    runs.add(name, ["-m", "dpoc.runtime.train", f"@{args_file(tmp, name, **kwargs)}"], processes)
+
+
+def finished(runs: Runs, tmp: Path, name: str) -> list[dict]:
+    """A declared run's metrics, once it has exited 0."""
+    done = runs.result(name)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return metrics(tmp / "runs" / name)
+
+
 def run(tmp: Path, name: str, processes: int = 1, **kwargs) -> list[dict]:
-    args_file = write_args(tmp / f"{name}.args", str(tmp / "pairs"), tmp / "runs" / name, **kwargs)
-    done = train(args_file, processes)
+    """One run in a launch of its own."""
+    done = train(args_file(tmp, name, **kwargs), processes)
     assert done.returncode == 0, done.stderr[-4000:]
     return metrics(tmp / "runs" / name)
 
@@ -94,22 +105,39 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process(workdir):
-    """The one-process reference runs, each made once when a test first needs it."""
-    @cache
+def runs(workdir) -> Runs:
+    """Every run of this module: the one-process references, each layout, each loss family at tp2 and pp2, the
+    learning run and the refused context-parallel run."""
+    runs = Runs(workdir / "launches")
+    for name, kwargs in REFERENCE_RUNS.items():
+        declare(runs, workdir, f"single-{name}", steps=STEPS, **kwargs)
+    for layout, (processes, flags, reference) in LAYOUTS.items():
+        # later flags win, so a layout's --moe-aux-loss-coeff overrides the model's
+        declare(runs, workdir, layout, processes, steps=STEPS, layout=flags, moe=reference != "dense")
+    for layout in LOSS_LAYOUTS:
+        processes, flags, _ = LAYOUTS[layout]
+        for loss, extra in LOSSES.items():
+            declare(runs, workdir, f"{layout}-{loss}", processes, steps=STEPS, layout=flags, extra=extra)
+    declare(runs, workdir, "learn", steps=LEARN["steps"], lr=LEARN["lr"], extra=[
+        ("--lr-decay-style", "cosine"), ("--lr-warmup-iters", LEARN["warmup"]), ("--min-lr", LEARN["min_lr"])])
+    declare(runs, workdir, "cp2-local", 2, layout=[("--context-parallel-size", 2)],
+            extra=[("--dpoc-core-attention", "local")])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir, runs):
+    """The one-process reference runs."""
     def get(name: str) -> list[dict]:
-        return run(workdir, f"single-{name}", steps=STEPS, **REFERENCE_RUNS[name])
+        return finished(runs, workdir, f"single-{name}")
 
     return get
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.slow
-def test_layout_gives_the_one_process_losses(workdir, one_process, layout):
-    processes, flags, reference = LAYOUTS[layout]
-    # later flags win, so a layout's --moe-aux-loss-coeff overrides the model's
-    got = run(workdir, layout, processes, steps=STEPS, layout=flags, moe=reference != "dense")
-    expected = one_process(reference)
+def test_layout_gives_the_one_process_losses(workdir, runs, one_process, layout):
+    got, expected = finished(runs, workdir, layout), one_process(LAYOUTS[layout][2])
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for mine, theirs in zip(got, expected, strict=True):
         for key in COMPARED:
@@ -117,16 +145,16 @@ def test_layout_gives_the_one_process_losses(workdir, one_process, layout):
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", LOSS_LAYOUTS)
 @pytest.mark.slow
-def test_each_loss_family_gives_the_one_process_losses_at_tp2_and_pp2(workdir, one_process, layout, loss):
-    processes, flags, _ = LAYOUTS[layout]
-    got = run(workdir, f"{layout}-{loss}", processes, steps=STEPS, layout=flags, extra=LOSSES[loss])
+def test_each_loss_family_gives_the_one_process_losses_at_tp2_and_pp2(workdir, runs, one_process, layout, loss):
+    got = finished(runs, workdir, f"{layout}-{loss}")
     for mine, theirs in zip(got, one_process(loss), strict=True):
         for key in COMPARED:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (layout, loss, mine["step"], key)
 
 
+@pytest.mark.slow
 def test_first_line_is_measured_before_the_first_update(one_process):
     first = one_process("dense")[0]
     # policy and reference start from the same seeded weights: z = 0 for every pair
@@ -139,10 +167,9 @@ def test_first_line_is_measured_before_the_first_update(one_process):
 
 
 @pytest.mark.slow
-def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir):
-    steps, warmup, lr = 20, 3, 2e-3
-    got = run(workdir, "learn", steps=steps, lr=lr, extra=[
-        ("--lr-decay-style", "cosine"), ("--lr-warmup-iters", warmup), ("--min-lr", 1e-4)])
+def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir, runs):
+    steps, warmup, lr, min_lr = LEARN["steps"], LEARN["warmup"], LEARN["lr"], LEARN["min_lr"]
+    got = finished(runs, workdir, "learn")
     late = got[-5:]
     assert sum(r["rewards/accuracies"] for r in late) / len(late) >= 0.9
     assert max(r["loss"] for r in late) < 0.5 < got[0]["loss"]
@@ -152,7 +179,7 @@ def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir):
         if done <= warmup:
             expected = lr * done / warmup
         else:
-            expected = 1e-4 + (lr - 1e-4) * 0.5 * (1 + math.cos(math.pi * (done - warmup) / (steps - warmup)))
+            expected = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (done - warmup) / (steps - warmup)))
         assert r["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-12), r["step"]
     log = (workdir / "runs" / "learn" / "train.log").read_text().splitlines()
     assert log[-1].startswith(f"step {steps}/{steps} | loss ") and " pairs/s | " in log[-1]
@@ -160,11 +187,9 @@ def test_a_run_learns_the_preference_with_warmup_and_cosine(workdir):
 
 
 @pytest.mark.slow
-def test_context_parallel_on_another_attention_kernel_is_refused_with_the_reason(workdir):
-    args_file = write_args(workdir / "cp2-local.args", str(workdir / "pairs"), workdir / "runs" / "cp2-local",
-                           layout=[("--context-parallel-size", 2)], extra=[("--dpoc-core-attention", "local")])
-    done = train(args_file, 2)
-    assert done.returncode != 0  # torchrun reports a failed worker as 1; the node script turns it into 2
-    assert (f"{args_file}: --context-parallel-size: 2: the runtime's context parallelism runs on its sdpa and "
+def test_context_parallel_on_another_attention_kernel_is_refused_with_the_reason(workdir, runs):
+    done = runs.result("cp2-local")
+    assert done.returncode == 2  # every rank refuses it before joining the group (torchrun would report 1)
+    assert (f"{workdir / 'cp2-local.args'}: --context-parallel-size: 2: the runtime's context parallelism runs on its sdpa and "
             "npu-fusion attention, not local (valid: 1, or --dpoc-core-attention sdpa on cpu or cuda, npu-fusion on "
             "npu)") in done.stderr
