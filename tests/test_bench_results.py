@@ -22,16 +22,7 @@ def test_every_result_has_its_schema_and_every_schema_a_result():
     assert schemas == sorted([*NAMES, "provenance"])
 
 
-# committed results older than what their bench writes now: re-measure them (a quiet machine) to drop the entry
-STALE_SHAPE = {
-    "dpo_vs_trl": "measured before the bench swept thread counts (per-thread matmul rates, medians and best rounds, "
-                  "setup.device/timer/uptime); the schema follows bench/dpo_vs_trl.py as it writes now",
-}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=STALE_SHAPE[n])) if n in STALE_SHAPE else n
-    for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_the_committed_result_matches_its_schema(name):
     assert schema_problems(name, _committed(name)) == []
 
