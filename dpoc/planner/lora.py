@@ -24,7 +24,7 @@ from dpoc.planner.params import Shard, kv_width, q_width
 ADAPTER_CALLS = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
 class Linear:
     """One adapted linear of a layer, whole (before tensor parallelism)."""
 
