@@ -38,6 +38,7 @@ class Recorder:
         self.step = 0
         self.calls: list[dict] = []
         self.depth = 0  # a wrapped primitive calling another (all_gather_into_tensor's fallback) counts once
+        self.installed = False
 
     def wrap(self, name: str, func):
         @functools.wraps(func)
@@ -67,22 +68,31 @@ class Recorder:
                 setattr(dist, name, counted)
 
 
+RECORDER = Recorder()
+
+
 def main(argv: list[str]) -> int:
+    """One run counted. The wrappers go in once per process (before the runtime's first import, so a name it
+    binds at import is a wrapper too) and count into RECORDER, which each run starts afresh."""
     out, rest = Path(argv[0]), argv[1:]
-    recorder = Recorder()
-    recorder.install()
+    from_start = not RECORDER.installed
+    if from_start:
+        RECORDER.install()
+        RECORDER.installed = True
+    RECORDER.step, RECORDER.calls = 0, []
     from dpoc.runtime import train
 
-    loader = train.rank_micro_batches
+    if from_start:
+        loader = train.rank_micro_batches
 
-    def next_step(*args, **kwargs):
-        recorder.step += 1
-        return loader(*args, **kwargs)
+        def next_step(*args, **kwargs):
+            RECORDER.step += 1
+            return loader(*args, **kwargs)
 
-    train.rank_micro_batches = next_step
+        train.rank_micro_batches = next_step
     code = train.main(rest)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(recorder.calls))
+    (out / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(RECORDER.calls))
     return code
 
 

@@ -1,9 +1,9 @@
-"""Run by test_device_experts.py, alone or under torchrun on the CPU: one step's policy pass of the tiny MoE
+"""Run by test_device_experts.py (batch_driver.py), alone or under torchrun on the CPU: one step's policy pass of the tiny MoE
 model from the same seeded weights and batches under each experts kernel named; writes, as OUT_DIR/rank<N>.json,
 the micro-batch losses and every parameter's gradient under each. `npu-gmm` calls the documented
 npu_grouped_matmul (npu_kernels.py), installed as `torch_npu`.
 
-    python tests/runtime/experts_probe.py ARGS_FILE OUT_DIR KERNEL...
+    python -m tests.runtime.experts_probe ARGS_FILE OUT_DIR KERNEL...
 """
 
 import json
@@ -43,16 +43,24 @@ def gradients(args, device, kernel: str) -> dict:
             "grads": {name: p.grad.flatten().tolist() for chunk in chunks for name, p in chunk.named_parameters()}}
 
 
-def main() -> None:
+def main(argv: list[str]) -> int:
+    args_file, out_dir, *kernels = argv
     sys.modules["torch_npu"] = types.SimpleNamespace(npu_grouped_matmul=npu_kernels.npu_grouped_matmul)
-    args = megatron_args.parse([f"@{sys.argv[1]}"])
+    from megatron.core import parallel_state
+
+    args = megatron_args.parse([f"@{args_file}"])
     device = devices.select("cpu", "gloo")
     session.init_distributed(device)
-    with devices.running_on(device):
-        session.initialize_parallel(args)
-        result = {kernel: gradients(args, device, kernel) for kernel in sys.argv[3:]}
-    (Path(sys.argv[2]) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    try:
+        with devices.running_on(device):
+            session.initialize_parallel(args)
+            result = {kernel: gradients(args, device, kernel) for kernel in kernels}
+        (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    return 0
 
 
-main()
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -4,7 +4,7 @@ layout-independent values so that A's gradients are not zero, then one optimizer
 OUT_DIR/lora.json: the step's summed micro-batch loss, every adapter factor's global gradient (assembled from
 the ranks' shards by checkpoint key), and what the base and the optimizer hold.
 
-    python tests/runtime/lora_probe.py ARGS_FILE OUT_DIR
+    python -m tests.runtime.lora_probe ARGS_FILE OUT_DIR
 """
 
 import json
@@ -62,62 +62,72 @@ def global_adapters(modules) -> dict[str, list[float]]:
     return result
 
 
-def main() -> None:
-    args_file = sys.argv[1]
+def main(argv: list[str]) -> int:
+    args_file, out_dir = argv
     args = megatron_args.parse([f"@{args_file}"])
     device = devices.select("cpu", "gloo")
     session.init_distributed(device)
-    with devices.running_on(device):
-        session.initialize_parallel(args)
-        config = transformer_config(args, device)
-        weights = weight_sources.sources(args, args_file)
-        policy, reference = session.build_models(args, config, weights)
-        optimizer, _ = session.build_optimizer(args, policy)
-        config.finalize_model_grads_func = lora.finalize_with_adapters(finalize_model_grads)
-        modules = [c.module for c in policy]
-        sharded.fill(modules, seeded_b)
-        base_before = {(i, n): p.detach().clone() for i, m in enumerate(modules) for n, p in m.named_parameters()
-                       if not p.requires_grad}
-        dataset = PairwiseDataset(args.data_path, args.seq_length)
-        dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        batches = rank_micro_batches(dataset, 0, Batching.from_args(args, same_length=uniform_micro_batch_length(args)), dp_rank, dp,
-                                     device.current())
-        for batch in batches:  # any fixed reference works: the policy's gradient is what is compared
-            batch.reference_logps = torch.linspace(-30.0, -10.0, batch.tokens.shape[0])
-        for chunk in policy:
-            chunk.zero_grad_buffer()
-        metrics = policy_pass(policy, batches, Objective.from_args(args))
-        loss = torch.tensor([sum(float(m["loss"]) for m in metrics) if holds_outputs() else 0.0])
-        dist.all_reduce(loss)
-        params = [p for m in modules for p in m.parameters()]
-        adapters = [p for p in params if p.requires_grad]
-        values = [p.detach().clone() for p in adapters]
-        for p in adapters:
-            p.data.copy_(p.main_grad)
-        grads = global_adapters(modules)
-        for p, v in zip(adapters, values, strict=True):
-            p.data.copy_(v)
-        optimizer.step()
-        states = [t for o in getattr(optimizer, "chained_optimizers", [optimizer]) for s in o.optimizer.state.values()
-                  for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-        result = {
-            "loss": float(loss), "grads": grads, "shared_reference": reference is policy,
-            "adapter_names": sorted(n for m in modules for n, p in m.named_parameters() if p.requires_grad),
-            "base_with_main_grad": [n for m in modules for n, p in m.named_parameters()
-                                    if not p.requires_grad and hasattr(p, "main_grad")],
-            "base_changed": [n for i, m in enumerate(modules) for n, p in m.named_parameters()
-                             if not p.requires_grad and not torch.equal(p, base_before[i, n])],
-            "adapter_numel": sum(p.numel() for p in adapters),
-            "optimizer_state_numel": sum(t.numel() for t in states),
-            "buffer_numel": sum(p.numel() for c in policy for b in [*c.buffers, *c.expert_parallel_buffers]
-                                for p in b.params),
-        }
-        everything = [None] * dist.get_world_size()
-        dist.all_gather_object(everything, {k: v for k, v in result.items() if k != "grads"})
-        if dist.get_rank() == 0:
-            result["ranks"] = everything
-            (Path(sys.argv[2]) / "lora.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    try:
+        with devices.running_on(device):
+            probe(args, args_file, device, Path(out_dir))
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    return 0
 
 
-main()
+def probe(args, args_file: str, device: devices.Device, out_dir: Path) -> None:
+    """The policy pass, the gradients gathered and the optimizer step; rank 0 writes out_dir/lora.json."""
+    session.initialize_parallel(args)
+    config = transformer_config(args, device)
+    weights = weight_sources.sources(args, args_file)
+    policy, reference = session.build_models(args, config, weights)
+    optimizer, _ = session.build_optimizer(args, policy)
+    config.finalize_model_grads_func = lora.finalize_with_adapters(finalize_model_grads)
+    modules = [c.module for c in policy]
+    sharded.fill(modules, seeded_b)
+    base_before = {(i, n): p.detach().clone() for i, m in enumerate(modules) for n, p in m.named_parameters()
+                   if not p.requires_grad}
+    dataset = PairwiseDataset(args.data_path, args.seq_length)
+    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    batches = rank_micro_batches(dataset, 0, Batching.from_args(args, same_length=uniform_micro_batch_length(args)), dp_rank, dp,
+                                 device.current())
+    for batch in batches:  # any fixed reference works: the policy's gradient is what is compared
+        batch.reference_logps = torch.linspace(-30.0, -10.0, batch.tokens.shape[0])
+    for chunk in policy:
+        chunk.zero_grad_buffer()
+    metrics = policy_pass(policy, batches, Objective.from_args(args))
+    loss = torch.tensor([sum(float(m["loss"]) for m in metrics) if holds_outputs() else 0.0])
+    dist.all_reduce(loss)
+    params = [p for m in modules for p in m.parameters()]
+    adapters = [p for p in params if p.requires_grad]
+    values = [p.detach().clone() for p in adapters]
+    for p in adapters:
+        p.data.copy_(p.main_grad)
+    grads = global_adapters(modules)
+    for p, v in zip(adapters, values, strict=True):
+        p.data.copy_(v)
+    optimizer.step()
+    states = [t for o in getattr(optimizer, "chained_optimizers", [optimizer]) for s in o.optimizer.state.values()
+              for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    result = {
+        "loss": float(loss), "grads": grads, "shared_reference": reference is policy,
+        "adapter_names": sorted(n for m in modules for n, p in m.named_parameters() if p.requires_grad),
+        "base_with_main_grad": [n for m in modules for n, p in m.named_parameters()
+                                if not p.requires_grad and hasattr(p, "main_grad")],
+        "base_changed": [n for i, m in enumerate(modules) for n, p in m.named_parameters()
+                         if not p.requires_grad and not torch.equal(p, base_before[i, n])],
+        "adapter_numel": sum(p.numel() for p in adapters),
+        "optimizer_state_numel": sum(t.numel() for t in states),
+        "buffer_numel": sum(p.numel() for c in policy for b in [*c.buffers, *c.expert_parallel_buffers]
+                            for p in b.params),
+    }
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, {k: v for k, v in result.items() if k != "grads"})
+    if dist.get_rank() == 0:
+        result["ranks"] = everything
+        (out_dir / "lora.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -7,12 +7,12 @@ grouped GEMM (the cuda kernel; torch runs it on the CPU too) and npu_grouped_mat
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from dpoc.common.ports import free_port
+from tests.runtime.batched import Runs
 from tests.runtime.synthetic import write_args, write_pairs
-from tests.runtime.test_device_stubs import ROOT, run_python
 from tests.runtime.test_runtime_attention import relative_error
 
 KERNELS = {"torch-grouped-mm": "GroupedExperts[torch-grouped-mm]", "npu-gmm": "GroupedExperts[npu-gmm]"}
@@ -27,21 +27,27 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> str:
-    return write_pairs(tmp_path_factory.mktemp("experts") / "pairs", pairs=16)
+def runs(tmp_path_factory) -> tuple[Path, Runs]:
+    """Each layout's probe, one launch per process count."""
+    work = tmp_path_factory.mktemp("experts")
+    pairs = write_pairs(work / "pairs", pairs=16)
+    runs = Runs(work / "launches")
+    for layout, (processes, flags) in LAYOUTS.items():
+        (work / layout).mkdir()
+        args = write_args(work / f"{layout}.args", pairs, work / "runs" / layout, moe=True, layout=flags,
+                          extra=[("--moe-grouped-gemm", True)])
+        runs.add(layout, ["-m", "tests.runtime.experts_probe", args, work / layout, "sequential", *KERNELS],
+                 processes)
+    return work, runs
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_grouped_experts_equal_sequential_mlp(tmp_path, pairs, layout):
-    processes, flags = LAYOUTS[layout]
-    args = write_args(tmp_path / "e.args", pairs, tmp_path / "run", moe=True, layout=flags,
-                      extra=[("--moe-grouped-gemm", True)])
-    probe = str(ROOT / "tests" / "runtime" / "experts_probe.py")
-    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-                                          "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
-    done = run_python(*launcher, probe, str(args), str(tmp_path), "sequential", *KERNELS)
+@pytest.mark.slow
+def test_grouped_experts_equal_sequential_mlp(runs, layout):
+    work, runs = runs
+    done = runs.result(layout)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(processes)]
+    ranks = [json.loads((work / layout / f"rank{r}.json").read_text()) for r in range(LAYOUTS[layout][0])]
     for rank in ranks:
         reference = rank["sequential"]
         assert reference["experts"] == "SequentialMLP" and reference["loss"]

@@ -1,6 +1,7 @@
 """The runtime on the npu and cuda stand-ins (device_stubs.py): issue 20's defects 1-4, each checked on its own
-in a fresh process (device_stub_probe.py) for a tiny MoE run with grouped GEMM asked for, bf16, as the guide's
-job is configured.
+(device_stub_probe.py, first in its kind's launch) for a tiny MoE run with grouped GEMM asked for, bf16, as the
+guide's job is configured; every shipped recipe's step, and context parallelism on the npu stand-in. One launch
+per kind (2 processes) holds all of that kind's runs (`batched.py`; the stand-in is installed once per process).
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.runtime.batched import Runs
 from tests.runtime.synthetic import write_args, write_pairs
+from tests.runtime.test_runtime_train import COMPARED, metrics
+
+pytestmark = pytest.mark.slow  # every test here reads a launch's output
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = {"npu": "hccl", "cuda": "nccl"}
@@ -35,44 +40,74 @@ def run_python(*command: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory) -> dict:
+def work(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("stubs")
+    write_pairs(tmp / "pairs", pairs=16)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def runs(work) -> Runs:
+    """Per kind, one 2-process launch: the probe, every shipped recipe's step, and (npu) the cp2 run; and the
+    cp2 run's one-process CPU reference."""
+    runs = Runs(work / "launches")
+    for kind in BACKENDS:
+        runs.add(f"probe-{kind}", ["-m", "tests.runtime.device_stub_probe", kind, stub_args(work, kind)], 2, kind)
+        for recipe in RECIPES:
+            args = shrunk_recipe(recipe, kind, work)
+            runs.add(f"{recipe}-{kind}", ["-m", "tests.runtime.device_stub_train", kind, f"@{args}"], 2, kind)
+    cpu = write_args(work / "cpu.args", str(work / "pairs"), work / "cpu", steps=2)
+    npu = write_args(work / "npu-cp2.args", str(work / "pairs"), work / "npu-cp2", steps=2,
+                     layout=[("--context-parallel-size", 2)],
+                     extra=[("--dpoc-device", "npu"), ("--distributed-backend", "hccl")])
+    runs.add("cp2-npu", ["-m", "tests.runtime.device_stub_train", "npu", f"@{npu}"], 2, "npu")
+    runs.add("cpu", ["-m", "dpoc.runtime.train", f"@{cpu}"])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def probe(runs) -> dict[str, list[dict]]:
+    """Each kind's checks, as each of the two ranks found them."""
     out = {}
     for kind in BACKENDS:
-        done = run_python(str(Path(__file__).with_name("device_stub_probe.py")), kind, str(stub_args(tmp, kind)))
+        done = runs.result(f"probe-{kind}")
         assert done.returncode == 0, done.stderr[-3000:]
-        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+        out[kind] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        assert len(out[kind]) == 2, done.stdout[-3000:]
     return out
 
 
-def _ok(result: dict):
-    assert result["ok"], result["error"]
-    return result["value"]
+def _ok(results: list[dict]):
+    """The value every rank found (the same on each), failing with the first rank's error."""
+    for result in results:
+        assert result["ok"], result["error"]
+    assert all(r["value"] == results[0]["value"] for r in results), results
+    return results[0]["value"]
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_seeding_works(probe, kind):
     """defect 2, on npu: IndexError: tuple index out of range (torch.cuda.default_generators)."""
-    _ok(probe[kind]["seed"])
+    _ok([rank["seed"] for rank in probe[kind]])
 
 
 @pytest.mark.parametrize("kind, experts", [("npu", "GroupedExperts[npu-gmm]"),
                                            ("cuda", "GroupedExperts[torch-grouped-mm]")])
 def test_moe_experts_run_the_devices_grouped_gemm(probe, kind, experts):
     """defect 1: megatron's GroupedMLP asserted the grouped_gemm package."""
-    assert _ok(probe[kind]["experts"]) == experts
+    assert _ok([rank["experts"] for rank in probe[kind]]) == experts
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_megatron_sees_the_type_names_it_accepts(probe, kind):
     """defect 3, on npu: NPU tensors report torch.npu.FloatTensor."""
-    assert _ok(probe[kind]["type_name"]) == MEGATRON_FP32_NAME
+    assert _ok([rank["type_name"] for rank in probe[kind]]) == MEGATRON_FP32_NAME
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_the_checkpoint_problem_vote_runs_on_the_groups_device(probe, kind):
     """defect 4: No backend type associated with device type cpu."""
-    assert _ok(probe[kind]["collective"]) == []
+    assert _ok([rank["collective"] for rank in probe[kind]]) == []
 
 
 RECIPES = sorted(p.parent.name for p in (ROOT / "tests" / "golden").glob("*/megatron.args"))
@@ -105,8 +140,6 @@ def shrunk_recipe(name: str, kind: str, tmp: Path) -> Path:
     tp = min(int(flags["--tensor-model-parallel-size"]), 2)
     etp = min(int(flags.get("--expert-tensor-parallel-size", 1)), tp)
     kept = [(f, v) for f, v in flags.items() if f not in ARCHITECTURE | PLACES]
-    if not any(tmp.glob("pairs*")):
-        write_pairs(tmp / "pairs", pairs=16)
     path = tmp / f"{name}-{kind}.args"
     path.write_text(format_args([
         *model_flags(moe="--num-experts" in flags, layers=2), *kept,
@@ -120,16 +153,10 @@ def shrunk_recipe(name: str, kind: str, tmp: Path) -> Path:
 
 @pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_shipped_recipe_builds_and_steps(tmp_path_factory, recipe, kind):
+def test_every_shipped_recipe_builds_and_steps(work, runs, recipe, kind):
     """The full model and one optimizer step of each shipped recipe (tiny, 2 processes) on the stand-in."""
-    from dpoc.common.ports import free_port
-
-    tmp = tmp_path_factory.getbasetemp() / "recipes"
-    tmp.mkdir(exist_ok=True)
-    args = shrunk_recipe(recipe, kind, tmp)
-    done = run_python("-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                      f"--master-port={free_port()}", str(Path(__file__).with_name("device_stub_train.py")),
-                      kind, f"@{args}")
+    tmp, args = work, work / f"{recipe}-{kind}.args"
+    done = runs.result(f"{recipe}-{kind}")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp / recipe / kind / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1] and lines[0]["grad_norm"] > 0
@@ -141,24 +168,14 @@ def test_every_shipped_recipe_builds_and_steps(tmp_path_factory, recipe, kind):
     assert f"kernels: attention {'npu-fusion' if kind == 'npu' else 'sdpa'}, moe experts {experts}" in log
 
 
-@pytest.mark.slow
-def test_context_parallel_on_the_npu_stand_in_gives_the_one_process_cpu_losses(tmp_path):
+def test_context_parallel_on_the_npu_stand_in_gives_the_one_process_cpu_losses(work, runs):
     """cp2 through npu_fusion_attention (its documented semantics, npu_kernels.py) and the hccl stand-in, fp32,
     against one CPU process: every metric of 2 steps within 1e-5."""
-    from dpoc.common.ports import free_port
-    from tests.runtime.test_runtime_train import COMPARED, metrics
-
-    data = write_pairs(tmp_path / "pairs", pairs=16)
-    cpu = write_args(tmp_path / "cpu.args", data, tmp_path / "cpu", steps=2)
-    npu = write_args(tmp_path / "npu.args", data, tmp_path / "npu", steps=2, layout=[("--context-parallel-size", 2)],
-                     extra=[("--dpoc-device", "npu"), ("--distributed-backend", "hccl")])
-    assert run_python("-m", "dpoc.runtime.train", f"@{cpu}").returncode == 0
-    done = run_python("-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                      f"--master-port={free_port()}", str(Path(__file__).with_name("device_stub_train.py")), "npu",
-                      f"@{npu}")
+    assert runs.result("cpu").returncode == 0
+    done = runs.result("cp2-npu")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernels: attention npu-fusion" in (tmp_path / "npu" / "train.log").read_text()
-    expected, got = metrics(tmp_path / "cpu"), metrics(tmp_path / "npu")
+    assert "kernels: attention npu-fusion" in (work / "npu-cp2" / "train.log").read_text()
+    expected, got = metrics(work / "cpu"), metrics(work / "npu-cp2")
     assert [r["step"] for r in got] == [1, 2]
     for mine, theirs in zip(got, expected, strict=True):
         for key in COMPARED:

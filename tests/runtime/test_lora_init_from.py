@@ -6,6 +6,7 @@ loss is ln 2 and its policy log-probs are those of PEFT's merged model on the sa
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from dpoc.contract.lora import HF_TO_MCORE
 from tests.runtime import hf_models
+from tests.runtime.batched import Runs
 from tests.runtime.synthetic import write_args, write_pairs
 from tests.runtime.test_runtime_convert import dpo_first_step, read_pairs, sequence_logp
-from tests.runtime.test_runtime_train import metrics, train
+from tests.runtime.test_runtime_train import metrics
 
 DPO = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -38,31 +40,64 @@ def peft_adapter(base, out) -> None:
     peft_model.save_pretrained(out)
 
 
-def lora_run(tmp_path, base, reference, name: str = "lora", steps: int = 1, processes: int = 1,
-             extra: list = ()) -> list[dict[str, float]]:
-    """A LoRA run on `base` from the PEFT adapter, against `reference`: its metrics, step by step."""
-    pairs = write_pairs(tmp_path / "pairs", pairs=8, seed=5)
-    args = write_args(tmp_path / f"{name}.args", pairs, tmp_path / "runs" / name, steps=steps, global_batch=8,
-                      micro_batch=2, lr=2e-2, model=hf_models.model_flags(base),
+def _lora_args(tmp: Path, name: str, reference: Path, steps: int = 1, extra: list = (), run: str | None = None
+               ) -> Path:
+    """A LoRA run on tmp/base from the PEFT adapter tmp/adapter, against `reference` (its run directory runs/`run`,
+    default `name`)."""
+    base = tmp / "base"
+    return write_args(tmp / f"{name}.args", str(tmp / "pairs"), tmp / "runs" / (run or name), steps=steps,
+                      global_batch=8, micro_batch=2, lr=2e-2, model=hf_models.model_flags(base),
                       init=[("--dpoc-init", "hf"), ("--dpoc-hf-weights", str(base)), ("--ref-model", str(reference))],
-                      extra=[("--lora-r", 4), ("--lora-alpha", 8.0), ("--lora-load", str(tmp_path / "adapter")),
-                             *extra])
-    done = train(args, processes)
+                      extra=[("--lora-r", 4), ("--lora-alpha", 8.0), ("--lora-load", str(tmp / "adapter")), *extra])
+
+
+SAVE = [("--save", "ckpt"), ("--save-interval", 2)]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """The tiny HF base (seed 0), another model (seed 1) and the PEFT adapter on the base, the dataset."""
+    tmp = tmp_path_factory.mktemp("init-from")
+    base = hf_models.save_model("qwen3", tmp / "base")
+    hf_models.save_model("qwen3", tmp / "other", seed=1)
+    peft_adapter(base, tmp / "adapter")
+    write_pairs(tmp / "pairs", pairs=8, seed=5)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def runs(work) -> Runs:
+    """Every run of this module, one launch per process count: against the base itself and against the other
+    model (one step each), three steps, the first step at tp2, and two steps saved then resumed to three."""
+    runs = Runs(work / "launches")
+    save = [(flag, work / value if flag == "--save" else value) for flag, value in SAVE]
+    for name, reference, kwargs in (
+            ("lora", "base", {}), ("other-reference", "other", {}), ("whole", "base", dict(steps=3)),
+            ("tp2", "base", dict(extra=[("--tensor-model-parallel-size", 2)])),
+            ("split", "base", dict(steps=2, extra=save)),
+            ("split-resumed", "base", dict(steps=3, extra=[*save, ("--load", work / "ckpt")], run="split"))):
+        runs.add(name, ["-m", "dpoc.runtime.train", f"@{_lora_args(work, name, work / reference, **kwargs)}"],
+                 2 if name == "tp2" else 1)
+    return runs
+
+
+def lora_run(work: Path, runs: Runs, name: str) -> list[dict[str, float]]:
+    """A declared run's metrics, step by step (of its run directory, so a resume's are its start's too)."""
+    done = runs.result(name)
     assert done.returncode == 0, done.stderr[-3000:]
-    return metrics(tmp_path / "runs" / name)
+    return metrics(work / "runs" / ("split" if name == "split-resumed" else name))
 
 
 @pytest.mark.slow
-def test_init_from_starts_at_ln2_with_the_merged_models_log_probs(tmp_path):
-    base = hf_models.save_model("qwen3", tmp_path / "base")
-    peft_adapter(base, tmp_path / "adapter")
-    first = lora_run(tmp_path, base, base)[0]
+def test_init_from_starts_at_ln2_with_the_merged_models_log_probs(work, runs):
+    base = work / "base"
+    first = lora_run(work, runs, "lora")[0]
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-6) and first["rewards/margins"] == 0.0
 
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, tmp_path / "adapter").merge_and_unload().eval()
+    merged = PeftModel.from_pretrained(model, work / "adapter").merge_and_unload().eval()
     plain = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    data = read_pairs(tmp_path / "pairs")
+    data = read_pairs(work / "pairs")
     for side in ("chosen", "rejected"):
         got = sum(sequence_logp(merged, p[f"{side}_input_ids"], p[f"{side}_labels"]) for p in data) / len(data)
         without = sum(sequence_logp(plain, p[f"{side}_input_ids"], p[f"{side}_labels"]) for p in data) / len(data)
@@ -71,32 +106,26 @@ def test_init_from_starts_at_ln2_with_the_merged_models_log_probs(tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_against_another_reference_is_the_float64_merged_policy(tmp_path):
-    base = hf_models.save_model("qwen3", tmp_path / "base")
-    other = hf_models.save_model("qwen3", tmp_path / "other", seed=1)
-    peft_adapter(base, tmp_path / "adapter")
-    got = lora_run(tmp_path, base, other)[0]
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
-    policy = PeftModel.from_pretrained(model, tmp_path / "adapter").double().merge_and_unload().eval()
-    reference = transformers.AutoModelForCausalLM.from_pretrained(other, dtype=torch.float64).eval()
-    expected = dpo_first_step(policy, reference, read_pairs(tmp_path / "pairs"))
+def test_init_from_against_another_reference_is_the_float64_merged_policy(work, runs):
+    got = lora_run(work, runs, "other-reference")[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float64)
+    policy = PeftModel.from_pretrained(model, work / "adapter").double().merge_and_unload().eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(work / "other", dtype=torch.float64).eval()
+    expected = dpo_first_step(policy, reference, read_pairs(work / "pairs"))
     assert got["rewards/margins"] != 0
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.slow
-def test_init_from_at_tp2_and_resumed_is_the_one_process_run(tmp_path):
+def test_init_from_at_tp2_and_resumed_is_the_one_process_run(work, runs):
     """Each tp rank loads its shard of the adapter; a resume continues from the trained adapters (the checkpoint),
     not from init_from, while the reference stays the initial adapter."""
-    base = hf_models.save_model("qwen3", tmp_path / "base")
-    peft_adapter(base, tmp_path / "adapter")
-    whole = lora_run(tmp_path, base, base, "whole", steps=3)
-    tp2 = lora_run(tmp_path, base, base, "tp2", processes=2, extra=[("--tensor-model-parallel-size", 2)])[0]
+    whole = lora_run(work, runs, "whole")
+    tp2 = lora_run(work, runs, "tp2")[0]
     for key in DPO:
         assert tp2[key] == pytest.approx(whole[0][key], rel=1e-5, abs=1e-6), key
-    save = [("--save", str(tmp_path / "ckpt")), ("--save-interval", 2)]
-    lora_run(tmp_path, base, base, "split", steps=2, extra=save)
-    resumed = lora_run(tmp_path, base, base, "split", steps=3, extra=[*save, ("--load", str(tmp_path / "ckpt"))])
+    lora_run(work, runs, "split")
+    resumed = lora_run(work, runs, "split-resumed")
     assert [r["step"] for r in resumed] == [1, 2, 3] and whole[2]["rewards/margins"] != 0
     assert {k: resumed[2][k] for k in DPO} == {k: whole[2][k] for k in DPO}

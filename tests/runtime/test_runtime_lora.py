@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 from megatron.core import dist_checkpointing
 
-from dpoc.common.ports import free_port
 from dpoc.contract.lora import MCORE_TARGETS
 from tests.runtime import hf_models
+from tests.runtime.batched import Runs
 from tests.runtime.synthetic import write_args, write_pairs
-from tests.runtime.test_device_stubs import ROOT, run_python
 from tests.runtime.test_runtime_attention import relative_error
-from tests.runtime.test_runtime_train import metrics, train
+from tests.runtime.test_runtime_train import metrics
 
 LORA = [("--lora-r", 4), ("--lora-alpha", 8.0)]
 EXPERTS = [*LORA, ("--dpoc-lora-experts", True), ("--moe-aux-loss-coeff", 0.0)]
@@ -36,6 +34,9 @@ LAYOUTS = {  # name: (processes, layout flags, one-process run it equals)
 }
 
 
+RECOMPUTE = [("--recompute-granularity", "full"), ("--recompute-method", "uniform"), ("--recompute-num-layers", 1)]
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("lora")
@@ -43,26 +44,60 @@ def workdir(tmp_path_factory) -> Path:
     return tmp
 
 
-def probe(tmp: Path, name: str, processes: int, flags: list, moe: bool) -> dict:
-    out = tmp / name
-    out.mkdir(exist_ok=True)
+def _probe(runs: Runs, tmp: Path, name: str, processes: int, flags: list, moe: bool) -> None:
     args = write_args(tmp / f"{name}.args", str(tmp / "pairs"), tmp / "runs" / name, layout=flags, moe=moe,
                       distributed_optimizer=False, extra=EXPERTS if moe else LORA)
-    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-                                          "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
-    done = run_python(*launcher, str(ROOT / "tests" / "runtime" / "lora_probe.py"), str(args), str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "lora.json").read_text())
+    runs.add(name, ["-m", "tests.runtime.lora_probe", args, tmp / "probes" / name], processes)
+
+
+def _train(runs: Runs, tmp: Path, name: str, extra: list, processes: int = 1, run: str | None = None,
+           **kwargs) -> None:
+    """A LoRA training run `name` (its run directory runs/`run`, default `name`), saving to its checkpoints/."""
+    run_dir = tmp / "runs" / (run or name)
+    args = write_args(tmp / f"{name}.args", str(tmp / "pairs"), run_dir,
+                      extra=[*LORA, ("--save", str(run_dir / "checkpoints")), *extra], **kwargs)
+    runs.add(name, ["-m", "dpoc.runtime.train", f"@{args}"], processes)
 
 
 @pytest.fixture(scope="module")
-def one_process(workdir):
-    found: dict[str, dict] = {}
+def bases(workdir) -> list[Path]:
+    """Two tiny HF Qwen3 bases (seeds 0 and 1)."""
+    return [hf_models.save_model("qwen3", workdir / f"base{seed}", seed=seed) for seed in (0, 1)]
 
+
+@pytest.fixture(scope="module")
+def runs(workdir, bases) -> Runs:
+    """Every launch of this module, one per process count: the probes in one process (dense, MoE) and at each
+    layout; a fresh adapter's run, one under full recompute, and on an HF base: a start, a resume on another
+    base (refused), and one on its own (in that order)."""
+    runs = Runs(workdir / "launches")
+    for model in ("dense", "moe"):
+        (workdir / "probes" / f"single-{model}").mkdir(parents=True)
+        _probe(runs, workdir, f"single-{model}", 1, [], model == "moe")
+    for layout, (processes, flags, model) in LAYOUTS.items():
+        (workdir / "probes" / layout).mkdir(parents=True)
+        _probe(runs, workdir, layout, processes, flags, model == "moe")
+    _train(runs, workdir, "fresh", [], steps=3)
+    _train(runs, workdir, "recompute", RECOMPUTE, steps=2)
+    flags = hf_models.model_flags(bases[0])
+    for name, base, resume in (("hf-start", bases[0], False), ("hf-other-base", bases[1], True),
+                               ("hf-resume", bases[0], True)):
+        load = [("--load", str(workdir / "runs" / "hf" / "checkpoints"))] if resume else []
+        _train(runs, workdir, name, [("--dpoc-hf-weights", str(base)), ("--ref-model", str(base)), *load], run="hf",
+               steps=2 + 2 * resume, model=flags, init=[("--dpoc-init", "hf")])
+    return runs
+
+
+def probe(runs: Runs, tmp: Path, name: str) -> dict:
+    done = runs.result(name)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp / "probes" / name / "lora.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir, runs):
     def get(model: str) -> dict:
-        if model not in found:
-            found[model] = probe(workdir, f"single-{model}", 1, [], model == "moe")
-        return found[model]
+        return probe(runs, workdir, f"single-{model}")
 
     return get
 
@@ -92,9 +127,8 @@ def test_experts_get_one_adapter_each_and_the_router_none(one_process):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.slow
-def test_layout_gives_the_one_process_loss_and_adapter_gradients(workdir, one_process, layout):
-    processes, flags, model = LAYOUTS[layout]
-    got, expected = probe(workdir, layout, processes, flags, model == "moe"), one_process(model)
+def test_layout_gives_the_one_process_loss_and_adapter_gradients(workdir, runs, one_process, layout):
+    got, expected = probe(runs, workdir, layout), one_process(LAYOUTS[layout][2])
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert set(got["grads"]) == set(expected["grads"])
     for key, grad in expected["grads"].items():
@@ -105,15 +139,9 @@ def test_layout_gives_the_one_process_loss_and_adapter_gradients(workdir, one_pr
         assert rank["optimizer_state_numel"] == 2 * rank["adapter_numel"] == 2 * rank["buffer_numel"]
 
 
-def _run(tmp: Path, name: str, extra: list, processes: int = 1, **kwargs) -> subprocess.CompletedProcess:
-    args = write_args(tmp / f"{name}.args", str(tmp / "pairs"), tmp / "runs" / name,
-                      extra=[*LORA, ("--save", str(tmp / "runs" / name / "checkpoints")), *extra], **kwargs)
-    return train(args, processes)
-
-
 @pytest.mark.slow
-def test_a_fresh_adapter_starts_at_ln2_and_saves_only_adapters(workdir):
-    done = _run(workdir, "fresh", [], steps=3)
+def test_a_fresh_adapter_starts_at_ln2_and_saves_only_adapters(workdir, runs):
+    done = runs.result("fresh")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = metrics(workdir / "runs" / "fresh")
     assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-6) and rows[0]["rewards/margins"] == 0.0
@@ -131,34 +159,21 @@ def test_a_fresh_adapter_starts_at_ln2_and_saves_only_adapters(workdir):
 
 
 @pytest.mark.slow
-def test_adapters_train_under_full_recompute(workdir):
+def test_adapters_train_under_full_recompute(workdir, runs):
     """megatron's reentrant layer checkpoint gives its parameters no gradient when the layer's input has none,
     and the frozen embedding's output had none: the adapters stayed at their start (grad norm 0, loss ln 2)."""
-    recompute = [("--recompute-granularity", "full"), ("--recompute-method", "uniform"),
-                 ("--recompute-num-layers", 1)]
-    done = _run(workdir, "recompute", recompute, steps=2)
+    done = runs.result("recompute")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = metrics(workdir / "runs" / "recompute")
     assert rows[0]["grad_norm"] > 0 and rows[1]["loss"] != rows[0]["loss"]
 
 
 @pytest.mark.slow
-def test_adapters_resume_only_on_their_own_base(tmp_path):
-    write_pairs(tmp_path / "pairs", pairs=16)
-    bases = [hf_models.save_model("qwen3", tmp_path / f"base{seed}", seed=seed) for seed in (0, 1)]
-    flags = hf_models.model_flags(bases[0])
-
-    def start(base: Path, resume: bool) -> subprocess.CompletedProcess:
-        save = tmp_path / "runs" / "hf" / "checkpoints"
-        extra = [("--dpoc-hf-weights", str(base)), ("--ref-model", str(base))]
-        extra += [("--load", str(save))] if resume else []
-        return _run(tmp_path, "hf", extra, steps=2 + 2 * resume, model=flags, init=[("--dpoc-init", "hf")])
-
-    assert start(bases[0], resume=False).returncode == 0
-    refused = start(bases[1], resume=True)
+def test_adapters_resume_only_on_their_own_base(workdir, runs, bases):
+    assert runs.result("hf-start").returncode == 0
+    refused = runs.result("hf-other-base")
     assert refused.returncode == 2
     assert (f"--dpoc-init: the LoRA base is hf {bases[1]}") in refused.stderr
     assert f"holds adapters trained on hf {bases[0]}" in refused.stderr
-    assert start(bases[0], resume=True).returncode == 0
-    assert [r["step"] for r in metrics(tmp_path / "runs" / "hf")] == [1, 2, 3, 4]
-
+    assert runs.result("hf-resume").returncode == 0
+    assert [r["step"] for r in metrics(workdir / "runs" / "hf")] == [1, 2, 3, 4]

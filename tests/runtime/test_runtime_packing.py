@@ -9,16 +9,15 @@ micro-batch: the MoE comparison runs with it off (as test_runtime_train's expert
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 import pytest
 import torch
 
 from dpoc.contract.packing import pack_pairs
 from dpoc.runtime.step.data import IGNORE_INDEX, Batching, PairwiseDataset, global_batch_indices, rank_micro_batches
+from tests.runtime.batched import Runs
 from tests.runtime.synthetic import write_pairs
-from tests.runtime.test_runtime_train import COMPARED, NO_AUX, run
+from tests.runtime.test_runtime_train import COMPARED, NO_AUX, declare, finished
 
 CPU = torch.device("cpu")
 STEPS = 4
@@ -103,18 +102,6 @@ def workdir(tmp_path_factory):
     return tmp
 
 
-@pytest.fixture(scope="module")
-def reference(workdir):
-    """The unpacked one-process runs: dense with megatron-core's local attention, MoE (aux loss off)."""
-    @cache
-    def get(name: str) -> list[dict]:
-        if name == "dense":
-            return run(workdir, "local", steps=STEPS, extra=[("--dpoc-core-attention", "local")])
-        return run(workdir, "moe", steps=STEPS, moe=True, extra=NO_AUX)
-
-    return get
-
-
 # Unpacked SDPA in tp2/pp2 is covered by test_runtime_train's layouts (SDPA is the CPU default) together with
 # test_runtime_attention's one-process SDPA == local attention check.
 RUNS = {  # name: (processes, flags, MoE, reference run)
@@ -132,12 +119,22 @@ RUNS = {  # name: (processes, flags, MoE, reference run)
 }
 
 
+@pytest.fixture(scope="module")
+def runs(workdir) -> Runs:
+    """The unpacked one-process runs (dense with megatron-core's local attention, MoE with the aux loss off) and
+    the packed ones, launched together per process count."""
+    runs = Runs(workdir / "launches")
+    declare(runs, workdir, "dense", steps=STEPS, extra=[("--dpoc-core-attention", "local")])
+    declare(runs, workdir, "moe", steps=STEPS, moe=True, extra=NO_AUX)
+    for name, (processes, flags, moe, _) in RUNS.items():
+        declare(runs, workdir, name, processes, steps=STEPS, layout=flags, moe=moe)
+    return runs
+
+
 @pytest.mark.parametrize("name", RUNS)
 @pytest.mark.slow
-def test_run_equals_the_unpacked_local_attention_run(workdir, reference, name):
-    processes, flags, moe, against = RUNS[name]
-    got = run(workdir, name, processes, steps=STEPS, layout=flags, moe=moe)
-    expected = reference(against)
+def test_run_equals_the_unpacked_local_attention_run(workdir, runs, name):
+    got, expected = finished(runs, workdir, name), finished(runs, workdir, RUNS[name][3])
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for mine, theirs in zip(got, expected, strict=True):
         for key in COMPARED:

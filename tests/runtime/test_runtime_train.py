@@ -90,13 +90,6 @@ def finished(runs: Runs, tmp: Path, name: str) -> list[dict]:
     return metrics(tmp / "runs" / name)
 
 
-def run(tmp: Path, name: str, processes: int = 1, **kwargs) -> list[dict]:
-    """One run in a launch of its own."""
-    done = train(args_file(tmp, name, **kwargs), processes)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return metrics(tmp / "runs" / name)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("runtime")
