@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,9 @@ from dpoc.contract import megatron_args
 from dpoc.contract.runs import METRICS, TRACKER, folder_name
 from dpoc.runtime.checkpoint import publish
 from dpoc.runtime.checkpoint import save_load as checkpoint
+from tests.runtime.batched import Runs
 from tests.runtime.synthetic import write_args, write_pairs
-from tests.runtime.test_runtime_train import COMPARED, metrics, train
+from tests.runtime.test_runtime_train import COMPARED, metrics
 
 STEPS = 4
 TP2 = [("--tensor-model-parallel-size", 2)]
@@ -32,34 +32,41 @@ def workdir(tmp_path_factory) -> Path:
     return tmp
 
 
-def _args(workdir: Path, name: str, save: Path, load: Path | None = None, flags=(), **kwargs) -> Path:
+def _args(workdir: Path, name: str, save: Path, load: Path | None = None, flags=(), run: str | None = None,
+          **kwargs) -> Path:
+    """`name`.args, its run directory runs/`name` (or runs/`run`)."""
     extra = [("--save", save), ("--save-interval", 2), *([("--load", load)] if load else []), *flags]
-    return write_args(workdir / f"{name}.args", str(workdir / "pairs"), workdir / "runs" / name, steps=STEPS,
-                      extra=extra, **kwargs)
+    return write_args(workdir / f"{name}.args", str(workdir / "pairs"), workdir / "runs" / (run or name),
+                      steps=STEPS, extra=extra, **kwargs)
 
 
-def _run(args_file: Path, processes: int) -> str:
-    done = train(args_file, processes)
+def _add(runs: Runs, name: str, args_file: Path, processes: int) -> None:
+    runs.add(name, ["-m", "dpoc.runtime.train", f"@{args_file}"], processes)
+
+
+def _ok(done) -> str:
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout
 
 
+SAVES = {"dense-tp2": (2, dict(layout=TP2)), "moe-dp2": (2, dict(moe=True)),
+         "plain": (1, dict(distributed_optimizer=False))}
+
+
 @pytest.fixture(scope="module")
-def saved(workdir):
+def saved(workdir) -> dict[str, tuple[Path, list[dict]]]:
     """Uninterrupted 4-step runs saving at steps 2 and 4: dense at tp2, MoE at dp2, and dense in one process
-    with the plain (not distributed) optimizer."""
-    runs = {"dense-tp2": (2, dict(layout=TP2)), "moe-dp2": (2, dict(moe=True)),
-            "plain": (1, dict(distributed_optimizer=False))}
-
-    @cache
-    def get(name: str) -> tuple[Path, list[dict]]:
-        processes, kwargs = runs[name]
+    with the plain (not distributed) optimizer (one launch per process count)."""
+    runs = Runs(workdir / "saves-launches")
+    for name, (processes, kwargs) in SAVES.items():
+        _add(runs, name, _args(workdir, name, workdir / "saves" / name, **kwargs), processes)
+    out = {}
+    for name in SAVES:
+        _ok(runs.result(name))
         save = workdir / "saves" / name
-        _run(_args(workdir, name, save, **kwargs), processes)
         assert publish.iterations(save) == [4, 2]
-        return save, metrics(workdir / "runs" / name)
-
-    return get
+        out[name] = save, metrics(workdir / "runs" / name)
+    return out
 
 
 def _copy(save: Path, to: Path, iterations: tuple[int, ...]) -> Path:
@@ -70,7 +77,11 @@ def _copy(save: Path, to: Path, iterations: tuple[int, ...]) -> Path:
     return to
 
 
-@pytest.mark.parametrize(("name", "source", "layout", "moe", "rng_note"), [
+def _largest_shard(folder: Path) -> Path:
+    return max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+RESUMES = [
     pytest.param("tp2-to-pp2", "dense-tp2", PP2, False, "RNG: the checkpoint's layout differs, so each rank keeps "
                  "its freshly seeded generators", id="tp2-to-pp2"),
     # cp is no weight dimension: the CP ranks hold replicas of the weights (and shards of the distributed
@@ -79,39 +90,63 @@ def _copy(save: Path, to: Path, iterations: tuple[int, ...]) -> Path:
                  "layout differs, so each rank keeps its freshly seeded generators", id="tp2-to-cp2"),
     pytest.param("dp2-to-ep2", "moe-dp2", [*EP2, ("--no-load-rng", True)], True, "--no-load-rng: every rank keeps "
                  "its freshly seeded generators", id="dp2-to-ep2-moe"),
-])
+]
+
+
+@pytest.fixture(scope="module")
+def resumed(workdir, saved) -> tuple[Runs, Path]:
+    """Every run that starts from the saves above, launched together per process count: the resumes at another
+    layout (from step 2), without the optimizer, at a layout the checkpoint cannot reshard to, and over a save
+    whose step 4 has one byte flipped (`damaged`); and the shard flipped."""
+    runs = Runs(workdir / "resume-launches")
+    for case in RESUMES:
+        name, source, layout, moe, _ = case.values
+        target = _copy(saved[source][0], workdir / "saves" / name, (2,))
+        _add(runs, name, _args(workdir, name, target, target, layout=layout, moe=moe), 2)
+    target = _copy(saved["plain"][0], workdir / "saves" / "no-optim", (2,))
+    _add(runs, "no-optim", _args(workdir, "no-optim", target, target, distributed_optimizer=False,
+                                 flags=[("--no-load-optim", True)]), 1)
+    target = _copy(saved["dense-tp2"][0], workdir / "saves" / "to-plain", (4,))
+    _add(runs, "to-plain", _args(workdir, "to-plain", target, target, distributed_optimizer=False), 1)
+    target = _copy(saved["plain"][0], workdir / "saves" / "damaged", (2, 4))
+    shard = _largest_shard(target / "iter_0000004")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    shard.write_bytes(bytes(data))
+    _add(runs, "damaged", _args(workdir, "damaged", target, target, distributed_optimizer=False), 1)
+    return runs, shard
+
+
+@pytest.mark.parametrize(("name", "source", "layout", "moe", "rng_note"), RESUMES)
 @pytest.mark.slow
-def test_a_checkpoint_resumes_at_another_layout(workdir, saved, name, source, layout, moe, rng_note):
-    save, uninterrupted = saved(source)
-    target = _copy(save, workdir / "saves" / name, (2,))
-    out = _run(_args(workdir, name, target, target, layout=layout, moe=moe), 2)
+def test_a_checkpoint_resumes_at_another_layout(workdir, saved, resumed, name, source, layout, moe, rng_note):
+    uninterrupted = saved[source][1]
+    target = workdir / "saves" / name
+    out = _ok(resumed[0].result(name))
     assert f"resumed from {target}/iter_0000002: iteration 2, 16 samples consumed" in out
     assert "layout: resharded from tp=" in out and rng_note in out
-    resumed = metrics(workdir / "runs" / name)
-    assert [r["step"] for r in resumed] == [3, 4]
-    for mine, theirs in zip(resumed, uninterrupted[2:], strict=True):
+    resumed_metrics = metrics(workdir / "runs" / name)
+    assert [r["step"] for r in resumed_metrics] == [3, 4]
+    for mine, theirs in zip(resumed_metrics, uninterrupted[2:], strict=True):
         for key in COMPARED:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (name, mine["step"], key)
 
 
 @pytest.mark.slow
-def test_no_load_optim_keeps_megatrons_meaning(workdir, saved):
+def test_no_load_optim_keeps_megatrons_meaning(workdir, saved, resumed):
     """The weights and the step come back, the optimizer state does not: step 3's loss (measured before its
     update) is the uninterrupted run's, step 4's is not."""
-    save, uninterrupted = saved("plain")
-    target = _copy(save, workdir / "saves" / "no-optim", (2,))
-    args = _args(workdir, "no-optim", target, target, distributed_optimizer=False, flags=[("--no-load-optim", True)])
-    assert "--no-load-optim: the optimizer and the LR schedule start afresh" in _run(args, 1)
-    resumed = metrics(workdir / "runs" / "no-optim")
-    assert [r["step"] for r in resumed] == [3, 4]
-    assert resumed[0]["loss"] == uninterrupted[2]["loss"] and resumed[1]["loss"] != uninterrupted[3]["loss"]
+    uninterrupted = saved["plain"][1]
+    assert "--no-load-optim: the optimizer and the LR schedule start afresh" in _ok(resumed[0].result("no-optim"))
+    got = metrics(workdir / "runs" / "no-optim")
+    assert [r["step"] for r in got] == [3, 4]
+    assert got[0]["loss"] == uninterrupted[2]["loss"] and got[1]["loss"] != uninterrupted[3]["loss"]
 
 
 @pytest.mark.slow
-def test_a_layout_the_checkpoint_cannot_reshard_to_is_refused_before_training(workdir, saved):
-    save, _ = saved("dense-tp2")
-    target = _copy(save, workdir / "saves" / "to-plain", (4,))
-    done = train(_args(workdir, "to-plain", target, target, distributed_optimizer=False), 1)
+def test_a_layout_the_checkpoint_cannot_reshard_to_is_refused_before_training(workdir, resumed):
+    target = workdir / "saves" / "to-plain"
+    done = resumed[0].result("to-plain")
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == (
         f"{target}/iter_0000004: (layout): saved at tp=2 pp=1 vpp=1 cp=1 ep=1 etp=2 dp=1 (distributed optimizer), "
@@ -120,29 +155,22 @@ def test_a_layout_the_checkpoint_cannot_reshard_to_is_refused_before_training(wo
     assert not (workdir / "runs" / "to-plain" / METRICS).exists()
 
 
-def _largest_shard(folder: Path) -> Path:
-    return max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
-
-
 @pytest.mark.slow
-def test_damaged_checkpoints_are_named_and_never_loaded(workdir, saved):
+def test_damaged_checkpoints_are_named_and_never_loaded(workdir, saved, resumed):
     """(With the plain optimizer, whose resume this also checks: megatron-core's own load path.)"""
-    save, uninterrupted = saved("plain")
-    target = _copy(save, workdir / "saves" / "damaged", (2, 4))
-    shard = _largest_shard(target / "iter_0000004")
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
-    shard.write_bytes(bytes(data))
-    args_file = _args(workdir, "damaged", target, target, distributed_optimizer=False)
-    out = _run(args_file, 1)
+    uninterrupted = saved["plain"][1]
+    target = workdir / "saves" / "damaged"
+    runs, shard = resumed
+    out = _ok(runs.result("damaged"))
     assert (f"warning: {target}/iter_0000004 is damaged and is not loaded: {shard}: (checkpoint): corrupted: its "
             "sha256 differs from the manifest's; trying the previous checkpoint") in out
     assert f"resumed from {target}/iter_0000002" in out
     run_metrics = workdir / "runs" / "damaged" / METRICS
-    resumed = metrics(run_metrics.parent)
-    assert [{k: r[k] for k in COMPARED} for r in resumed] == [{k: r[k] for k in COMPARED} for r in uninterrupted[2:]]
+    got = metrics(run_metrics.parent)
+    assert [{k: r[k] for k in COMPARED} for r in got] == [{k: r[k] for k in COMPARED} for r in uninterrupted[2:]]
 
-    # now both: the re-saved step 4 truncated, step 2 corrupted: the run stops before training
+    # now both: the re-saved step 4 truncated, step 2 corrupted: the run stops before training; and a fresh
+    # start over this run is refused (one launch for the two)
     logged = run_metrics.read_text()
     newest = _largest_shard(target / "iter_0000004")
     size = newest.stat().st_size
@@ -151,7 +179,10 @@ def test_damaged_checkpoints_are_named_and_never_loaded(workdir, saved):
     data = bytearray(older.read_bytes())
     data[-1] ^= 0x01
     older.write_bytes(bytes(data))
-    done = train(args_file, 1)
+    again = Runs(workdir / "damaged-launches")
+    _add(again, "both-damaged", workdir / "damaged.args", 1)
+    _add(again, "fresh", _args(workdir, "damaged-fresh", target, distributed_optimizer=False, run="damaged"), 1)
+    done = again.result("both-damaged")
     assert done.returncode == 2
     assert done.stderr.splitlines()[-3:] == [
         f"{newest}: (checkpoint): truncated or overwritten: 100 bytes, the manifest lists {size}",
@@ -161,8 +192,7 @@ def test_damaged_checkpoints_are_named_and_never_loaded(workdir, saved):
         "with DPOC_RESUME=0)"]
     assert run_metrics.read_text() == logged
 
-    # and a fresh start over this run is refused
-    fresh = train(_args(workdir, "damaged", target, distributed_optimizer=False), 1)
+    fresh = again.result("fresh")
     assert fresh.returncode == 2
     assert f"{target}: (checkpoints): holds an earlier run's checkpoints (newest: iteration 4)" in fresh.stderr
     assert f"{run_metrics}: (file): holds 2 steps of an earlier run" in fresh.stderr  # steps 3 and 4

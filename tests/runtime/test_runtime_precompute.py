@@ -19,6 +19,7 @@ from dpoc.common import atomic
 from dpoc.contract.errors import DpocError
 from dpoc.contract.runs import TRACKER, folder_name
 from dpoc.runtime.reference import reference_file
+from tests.runtime.batched import Runs
 from tests.runtime.synthetic import model_flags, write_args, write_pairs
 from tests.runtime.test_runtime_train import COMPARED, ROOT, metrics, run_module
 
@@ -48,11 +49,20 @@ def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def _precompute(args_file: Path, processes: int = 1) -> subprocess.CompletedProcess:
+    """The pass in a launch of its own."""
     return run_module(["-m", "dpoc.runtime.precompute", f"@{args_file}"], processes)
 
 
-def _train(workdir: Path, name: str, processes: int = 1, flags=(), **kwargs) -> list[dict]:
-    _ok(run_module(["-m", "dpoc.runtime.train", f"@{_args(workdir, name, flags, **kwargs)}"], processes))
+def _pass(runs: Runs, name: str, args_file: Path, processes: int = 1) -> None:
+    runs.add(name, ["-m", "dpoc.runtime.precompute", f"@{args_file}"], processes)
+
+
+def _train(runs: Runs, workdir: Path, name: str, processes: int = 1, flags=(), **kwargs) -> None:
+    runs.add(name, ["-m", "dpoc.runtime.train", f"@{_args(workdir, name, flags, **kwargs)}"], processes)
+
+
+def _trained(runs: Runs, workdir: Path, name: str) -> list[dict]:
+    _ok(runs.result(name))
     return metrics(workdir / "runs" / name)
 
 
@@ -60,10 +70,36 @@ def _files(workdir: Path, data: str = "pairs") -> list[Path]:
     return sorted(workdir.glob(f"{data}_reference-*.npz"))
 
 
+LIVE_AND_PRECOMPUTED = {  # name: (processes, flags, the precomputed run's own extra flags)
+    # one process; the precomputed run saves every step (the resume test's)
+    "single": (1, [("--save-interval", 1)], [("--save", "saves/single")]),
+    "pp2": (2, PP2, []), "packed": (1, PACKING, []), "cp2": (2, CP2, []),
+    "lora": (1, [("--lora-r", 4), ("--lora-alpha", 8.0)], []),
+}
+
+
 @pytest.fixture(scope="module")
-def table(workdir) -> Path:
-    """The pass over the dataset in one process, 4 pairs per micro-batch (training's is 2)."""
-    out = _ok(_precompute(_args(workdir, "pass", PRECOMPUTED)))
+def runs(workdir) -> Runs:
+    """Every launch that needs no other's output first, in order: the pass over the dataset in one process (4
+    pairs per micro-batch, training's is 2), then each live run and its precomputed twin, the pass at cp2 (over a
+    copy of the dataset under another prefix, which gets its own file) and the refused pass of a live build."""
+    runs = Runs(workdir / "launches")
+    _pass(runs, "pass", _args(workdir, "pass", PRECOMPUTED))
+    for name, (processes, flags, extra) in LIVE_AND_PRECOMPUTED.items():
+        extra = [(flag, workdir / value) for flag, value in extra]
+        _train(runs, workdir, f"live-{name}", processes, flags)
+        _train(runs, workdir, f"precomputed-{name}", processes, [*flags, *PRECOMPUTED, *extra])
+    for part in workdir.glob("pairs_packed_*"):
+        shutil.copy(part, workdir / part.name.replace("pairs", "cp-pairs", 1))
+    _pass(runs, "pass-cp2", _args(workdir, "pass-cp2", [*PRECOMPUTED, *CP2], data="cp-pairs"), 2)
+    _pass(runs, "live", _args(workdir, "live", []))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def table(workdir, runs) -> Path:
+    """The file the one-process pass wrote."""
+    out = _ok(runs.result("pass"))
     (path,) = _files(workdir)
     assert f"wrote {path}: 24 pairs" in out.stderr
     return path
@@ -82,19 +118,32 @@ def _assert_equal(got: list[dict], expected: list[dict]) -> None:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-6), (mine["step"], key)
 
 
-def _live_and_precomputed(workdir: Path, name: str, processes: int, flags, extra=()) -> tuple[list, list]:
-    live = _train(workdir, f"live-{name}", processes, flags)
-    precomputed = _train(workdir, f"precomputed-{name}", processes, [*flags, *PRECOMPUTED, *extra])
+def _live_and_precomputed(runs: Runs, workdir: Path, table: Path, name: str) -> tuple[list, list]:
+    live = _trained(runs, workdir, f"live-{name}")
+    precomputed = _trained(runs, workdir, f"precomputed-{name}")
     log = (workdir / "runs" / f"precomputed-{name}" / "train.log").read_text()
-    assert f"precomputed log-probs: {sorted(workdir.glob('pairs_reference-*.npz'))[0]}" in log
+    assert f"precomputed log-probs: {table}" in log
     return live, precomputed
 
 
 @pytest.fixture(scope="module")
-def single(workdir, table) -> tuple[list, list]:
-    """One process, live and precomputed; the precomputed run saves every step (the resume test's)."""
-    return _live_and_precomputed(workdir, "single", 1, [("--save-interval", 1)],
-                                 [("--save", workdir / "saves" / "single")])
+def single(runs, workdir, table) -> tuple[list, list]:
+    """One process, live and precomputed."""
+    return _live_and_precomputed(runs, workdir, table, "single")
+
+
+@pytest.fixture(scope="module")
+def again(workdir, table, single) -> tuple[Runs, int]:
+    """The runs that need the first ones' files, in one launch: the pass again over a current file, and the
+    precomputed run resumed from its step-1 checkpoint; and the file's mtime before them."""
+    before = table.stat().st_mtime_ns
+    runs = Runs(workdir / "again-launches")
+    _pass(runs, "again", _args(workdir, "again", PRECOMPUTED))
+    part = workdir / "saves" / "part"
+    shutil.copytree(workdir / "saves" / "single" / folder_name(1), part / folder_name(1))
+    atomic.write_atomically(part / TRACKER, "1\n")
+    _train(runs, workdir, "resumed", flags=[*PRECOMPUTED, ("--save", part), ("--load", part)])
+    return runs, before
 
 
 @pytest.mark.slow
@@ -103,20 +152,18 @@ def test_one_process_from_the_file_equals_the_live_reference(single):
     _assert_equal(precomputed, live)
 
 
-@pytest.mark.parametrize(("name", "processes", "flags"), [("pp2", 2, PP2), ("packed", 1, PACKING), ("cp2", 2, CP2)])
+@pytest.mark.parametrize("name", ["pp2", "packed", "cp2"])
 @pytest.mark.slow
-def test_other_layouts_from_the_same_file_equal_the_live_reference(workdir, table, name, processes, flags):
+def test_other_layouts_from_the_same_file_equal_the_live_reference(runs, workdir, table, name):
     """The file made in one process serves every layout: its values are keyed by pair, not by batch."""
-    live, precomputed = _live_and_precomputed(workdir, name, processes, flags)
+    live, precomputed = _live_and_precomputed(runs, workdir, table, name)
     _assert_equal(precomputed, live)
 
 
 @pytest.mark.slow
-def test_the_pass_at_cp2_writes_the_one_process_values(workdir, table):
+def test_the_pass_at_cp2_writes_the_one_process_values(runs, workdir, table):
     """Each CP rank holds part of every sequence; the log-probs written are the whole sequences'."""
-    for part in workdir.glob("pairs_packed_*"):  # the same dataset under another prefix gets its own file
-        shutil.copy(part, workdir / part.name.replace("pairs", "cp-pairs", 1))
-    _ok(_precompute(_args(workdir, "pass-cp2", [*PRECOMPUTED, *CP2], data="cp-pairs"), 2))
+    _ok(runs.result("pass-cp2"))
     (path,) = _files(workdir, "cp-pairs")
     with np.load(path) as mine, np.load(table) as theirs:
         assert mine["logps"].shape == theirs["logps"].shape == (24, 2)
@@ -130,10 +177,9 @@ def _namespace(args_file: Path):
 
 
 @pytest.mark.slow
-def test_a_current_file_is_kept_and_another_reference_or_dataset_gets_its_own(workdir, table):
-    before = table.stat().st_mtime_ns
-    again = _ok(_precompute(_args(workdir, "again", PRECOMPUTED)))
-    assert f"reference log-probs up to date: {table}" in again.stderr
+def test_a_current_file_is_kept_and_another_reference_or_dataset_gets_its_own(workdir, table, again):
+    runs, before = again
+    assert f"reference log-probs up to date: {table}" in _ok(runs.result("again")).stderr
     assert table.stat().st_mtime_ns == before
     assert reference_file.status(_namespace(_args(workdir, "same", PRECOMPUTED))).current
     # another reference (the seeded init of another seed; other weights hash otherwise), another dataset,
@@ -151,14 +197,14 @@ def test_a_current_file_is_kept_and_another_reference_or_dataset_gets_its_own(wo
 
 
 @pytest.mark.slow
-def test_the_pass_refuses_a_live_build(workdir):
-    args_file = _args(workdir, "live", [])
-    done = _precompute(args_file)
+def test_the_pass_refuses_a_live_build(workdir, runs):
+    done = runs.result("live")
     assert done.returncode == 2
-    assert done.stderr.endswith(f"{args_file}: --dpoc-reference: live: training runs the reference itself, so the "
+    assert done.stderr.endswith(f"{workdir / 'live.args'}: --dpoc-reference: live: training runs the reference itself, so the "
                                 "precompute pass has nothing to do (valid: precomputed)\n")
 
 
+@pytest.mark.slow
 def test_training_without_a_current_file_is_refused_naming_the_remedy(workdir, table):
     """What training's rank 0 reads (`precompute.shared_table` broadcasts its answer): exit 2 with this line."""
     args_file = _args(workdir, "missing", [*PRECOMPUTED, ("--seed", 99)])
@@ -174,7 +220,8 @@ def test_training_without_a_current_file_is_refused_naming_the_remedy(workdir, t
 
 @pytest.mark.slow
 def test_an_interrupted_pass_leaves_nothing_half_written(workdir, tmp_path):
-    shutil.copytree(workdir, tmp_path / "w", ignore=shutil.ignore_patterns("runs", "*.npz", "*.args"))
+    shutil.copytree(workdir, tmp_path / "w",
+                    ignore=shutil.ignore_patterns("runs", "saves", "*launches", "*.npz", "*.args"))
     work = tmp_path / "w"
     args_file = _args(work, "killed", PRECOMPUTED)
     flag = tmp_path / "pause"
@@ -200,23 +247,19 @@ def test_an_interrupted_pass_leaves_nothing_half_written(workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resumed_precomputed_run_equals_the_uninterrupted_one(workdir, single):
+def test_a_resumed_precomputed_run_equals_the_uninterrupted_one(workdir, single, again):
     """The single-process precomputed run saved every step; resuming from step 1 gives its step 2."""
     whole = single[1]
-    part = workdir / "saves" / "part"
-    shutil.copytree(workdir / "saves" / "single" / folder_name(1), part / folder_name(1))
-    atomic.write_atomically(part / TRACKER, "1\n")
-    resumed = _train(workdir, "resumed", flags=[*PRECOMPUTED, ("--save", part), ("--load", part)])
+    resumed = _trained(again[0], workdir, "resumed")
     assert [r["step"] for r in resumed] == [2]
     for key in COMPARED:
         assert resumed[0][key] == whole[1][key], key
 
 
 @pytest.mark.slow
-def test_a_lora_run_reads_the_base_from_the_file_as_it_runs_it_live(workdir, table):
+def test_a_lora_run_reads_the_base_from_the_file_as_it_runs_it_live(runs, workdir, table):
     """The file is the base's log-probs (the policy's initial weights); a LoRA run's live reference is the same
     chunks with the adapters off: both give the same steps, the first at ln 2."""
-    lora = [("--lora-r", 4), ("--lora-alpha", 8.0)]
-    live, precomputed = _live_and_precomputed(workdir, "lora", 1, lora)
+    live, precomputed = _live_and_precomputed(runs, workdir, table, "lora")
     _assert_equal(precomputed, live)
     assert live[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)

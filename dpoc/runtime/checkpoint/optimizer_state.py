@@ -17,10 +17,16 @@ import torch
 from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-# megatron-core's sharding metadata, passed explicitly: without it the distributed optimizer defaults to a
-# format 0.16 cannot load ("flattened_range is not supported"); fully_reshardable gathers each parameter's
-# state whole, so tp/pp/ep/dp may all change; no chained-optimizer prefix, so ep1 and ep>1 keys agree
-SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
+
+def sharding() -> dict:
+    """megatron-core's sharding metadata, passed explicitly: without it the distributed optimizer defaults to a
+    format 0.16 cannot load ("flattened_range is not supported"); fully_reshardable gathers each parameter's
+    state whole, so tp/pp/ep/dp may all change; no chained-optimizer prefix, so ep1 and ep>1 keys agree.
+
+    A new dict per call: megatron-core stores the data-parallel group it shards over into the dict it is given
+    (`ensure_metadata_has_dp_cp_group`), so a shared one would hand a later process group's state dict the
+    group of the first (a second run in one process then saves with the wrong replica ids)."""
+    return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
             "singleton_local_shards": False}
 
 
@@ -61,7 +67,7 @@ def allocate(optimizer) -> None:
 
 
 def sharded_state_dict(optimizer, model_state: dict, is_loading: bool) -> dict:
-    return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=SHARDING)
+    return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=sharding())
 
 
 def grad_scaler_state(optimizer) -> dict | None:

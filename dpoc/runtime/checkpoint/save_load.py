@@ -272,7 +272,7 @@ class Checkpointer:
             staging.mkdir()
         dist.barrier()
         dist_checkpointing.save(self._state(False, True, True, iteration), str(staging),
-                                content_metadata=optimizer_state.SHARDING)
+                                content_metadata=optimizer_state.sharding())
         if self.rank == 0:
             record = records(a, self.world, self.data, iteration, reason, optimizer_state.step_count(self.optimizer))
             (staging / RECORDS).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -304,7 +304,7 @@ class Checkpointer:
 
     def _state(self, is_loading: bool, with_optimizer: bool, with_rng: bool, iteration: int = 0) -> dict:
         """The sharded state dict to save, or the template to load into. Keys are the unwrapped GPTModel's."""
-        state: dict = {name: _trained(chunk.module.sharded_state_dict(metadata=optimizer_state.SHARDING),
+        state: dict = {name: _trained(chunk.module.sharded_state_dict(metadata=optimizer_state.sharding()),
                                       self.adapters_only) for name, chunk in self._chunks()}
         if with_optimizer:
             state["optimizer"] = optimizer_state.sharded_state_dict(self.optimizer, dict(state), is_loading)
