@@ -15,6 +15,7 @@ import pytest
 
 from dpoc.common import deferred_fusions
 from dpoc.compiler.pipeline import build
+from dpoc.contract.plan import Plan
 
 deferred_fusions.install()  # test modules import megatron-core in this process too: no TorchDynamo for it either
 
@@ -73,3 +74,28 @@ def scratch(name: str) -> Path:
     path = Path(_TEMP.name) / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+
+MEMORY_PAIRS = 16
+
+
+@cache
+def memory_pairs() -> str:
+    """The synthetic pairwise dataset (16 pairs) the memory probes read, written once per session."""
+    from tests.runtime.synthetic import write_pairs
+
+    return write_pairs(scratch("memory") / "pairs", pairs=MEMORY_PAIRS)
+
+
+@cache
+def measured_memory(layout: str, *other: str) -> tuple[Plan, list[dict]]:
+    """One step of the runtime with its memory probe (`bench/memory_vs_measured.measure`) for a layout of that
+    bench plus recipe overrides: (the plan, each rank's counts). Cached for the session, so a run two tests
+    read (the planner's `single` layout is the reference-free loss test's sigmoid case) runs once."""
+    from bench.memory_vs_measured import LAYOUTS, compile_layout, measure
+
+    preset, processes, parallelism, *extra = LAYOUTS[layout]
+    plan = compile_layout(preset, processes, parallelism, other=[*(extra[0] if extra else []), *other])
+    name = "_".join([layout, *other]).replace("/", "_")
+    return plan, measure(plan, memory_pairs(), scratch("memory") / name)

@@ -76,7 +76,9 @@ def _dpoc(job, name: str, tp: int = 1, pp: int = 1, mode: str = "live") -> dict:
         "checkpoint": {"init": "hf", "ref_model": str(reference)}, "run_dir": str(work / name)}))
     out = work / f"build-{name}"
     build(recipe, out=out)
-    for script in ("preprocess.sh", "launch.sh"):
+    # every build's dataset section is the same: the first run's preprocess.sh writes the data all of them read
+    preprocessed = (work / "data").is_dir()
+    for script in ("launch.sh",) if preprocessed else ("preprocess.sh", "launch.sh"):
         run = subprocess.run(["bash", str(out / script)], cwd=REPO, env=script_env(DPOC_MASTER_PORT=str(free_port())),
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]

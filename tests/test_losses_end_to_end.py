@@ -8,11 +8,9 @@ import subprocess
 
 import pytest
 
-from bench.memory_vs_measured import LAYOUTS, compile_layout, measure
 from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
-from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
-from tests.runtime.synthetic import write_pairs
+from tests.conftest import RECIPES, REPO, measured_memory, script_env, tiny_dataset
 
 BETA = 2.0
 
@@ -44,13 +42,12 @@ def test_simpo_trains_from_its_rendered_files_without_a_reference(dataset, tmp_p
 
 
 @pytest.mark.slow
-def test_a_reference_free_step_holds_no_reference(tmp_path):
-    """The memory probe of one real step: a live-reference run holds the reference's weights, simpo none."""
-    pairs = write_pairs(tmp_path / "pairs", pairs=16)
-    counted = {}
-    for loss in ("sigmoid", "simpo"):
-        plan = compile_layout(*LAYOUTS["single"], other=[f"dpo.loss={loss}"])
-        (rank,) = measure(plan, pairs, tmp_path / loss)
-        counted[loss] = rank
+def test_a_reference_free_step_holds_no_reference():
+    """The memory probe of one real step: a live-reference run holds the reference's weights, simpo none. The
+    sigmoid run is the tiny recipe's default loss, the planner memory test's `single` run (shared)."""
+    plan, (sigmoid,) = measured_memory("single")
+    assert plan.dpo.loss == ("sigmoid",)
+    _, (simpo,) = measured_memory("single", "dpo.loss=simpo")
+    counted = {"sigmoid": sigmoid, "simpo": simpo}
     assert counted["sigmoid"]["reference"] > 0 and counted["simpo"]["reference"] == 0
     assert counted["simpo"]["weights"] == counted["sigmoid"]["weights"]

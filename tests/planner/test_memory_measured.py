@@ -10,37 +10,22 @@ from __future__ import annotations
 
 import pytest
 
-from bench.memory_vs_measured import (
-    ACTIVATION_TARGET,
-    LAYOUTS,
-    SEQ_LENGTH,
-    STATIC_PARTS,
-    STATIC_TARGET,
-    compare,
-    compile_layout,
-    measure,
-)
+from bench.memory_vs_measured import ACTIVATION_TARGET, SEQ_LENGTH, STATIC_PARTS, STATIC_TARGET, compare
 from dpoc.planner.lengths import LengthStats, parse_stats
-from tests.runtime.synthetic import pair_stats, write_pairs
-
-PAIRS = 16
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> str:
-    return write_pairs(tmp_path_factory.mktemp("memory") / "pairs", pairs=PAIRS)
+from tests.conftest import MEMORY_PAIRS, measured_memory
+from tests.runtime.synthetic import pair_stats
 
 
 @pytest.fixture(scope="module")
 def lengths() -> LengthStats:
-    return parse_stats(pair_stats(PAIRS, SEQ_LENGTH), "synthetic")
+    return parse_stats(pair_stats(MEMORY_PAIRS, SEQ_LENGTH), "synthetic")
 
 
 @pytest.mark.parametrize("layout", ["single", "tp2-sp", "single-packed", "single-lora", "tp2-sp-lora"])
 @pytest.mark.slow
-def test_memory_matches_the_runtime_tensors(pairs, lengths, tmp_path, layout):
-    plan = compile_layout(*LAYOUTS[layout])
-    rows = compare(plan, measure(plan, pairs, tmp_path / layout), lengths)
+def test_memory_matches_the_runtime_tensors(lengths, layout):
+    plan, ranks = measured_memory(layout)
+    rows = compare(plan, ranks, lengths)
     assert [row["rank"] for row in rows] == list(range(plan.layout.world_size))
     for row in rows:
         assert row["params"] == row["predicted_params"], row
