@@ -78,6 +78,7 @@ def test_tiny_recipe_trains_from_its_rendered_files_alike_in_1_process_on_2_node
         assert seen == pytest.approx(one, rel=1e-5), name
 
 
+@pytest.mark.slow
 def test_a_failing_node_fails_the_launch(tmp_path):
     out = tmp_path / "build"
     build(RECIPES / "tiny_cpu.yaml", ["hardware.hosts=[127.0.0.1,127.0.0.1]", "hardware.nodes=2",
@@ -90,6 +91,7 @@ def test_a_failing_node_fails_the_launch(tmp_path):
            "absent)" in run.stderr
 
 
+@pytest.mark.slow
 def test_an_input_error_in_the_reference_pass_exits_2(tmp_path):
     """reference.sh run by hand (a node script runs it the same way): torchrun reports the failed ranks as exit 1,
     the script exits 2, as the node scripts do, with the rank's line once."""

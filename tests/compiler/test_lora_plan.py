@@ -28,6 +28,7 @@ def q235(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_qwen3_235b_lora_fits_one_a3_node_and_full_parameter_needs_eight(dpoc_cli, q235):
     result = dpoc_cli("plan", q235, "--json", "--top", "3")
     assert result.code == 0, result.err
@@ -46,6 +47,7 @@ def test_qwen3_235b_lora_fits_one_a3_node_and_full_parameter_needs_eight(dpoc_cl
     assert full["ranked"] == [] and full["full_parameter"] is None
 
 
+@pytest.mark.slow
 def test_the_table_shows_the_lora_terms_beside_the_full_parameter_alternative(dpoc_cli, q235):
     out = dpoc_cli("plan", q235, "--top", "1").out
     assert "LoRA rank 16 on linear_qkv, linear_proj: stage 0 holds the frozen base and adapters in 34.0 GiB, the " \

@@ -49,6 +49,7 @@ def _starts(job_dir):
     return (job_dir / "starts.log").read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_a_failing_node_restarts_the_whole_job_until_it_succeeds(job_dir):
     out = _build(job_dir, "launch.max_restarts=2")
     run = _launch(job_dir, out, plan="1:1=3 1:2=3 1:3=0 0:3=0")
@@ -71,6 +72,7 @@ def test_a_failing_node_restarts_the_whole_job_until_it_succeeds(job_dir):
     assert left_running(out) == []
 
 
+@pytest.mark.slow
 def test_restarts_give_up_after_max_restarts_with_the_nodes_exit_code(job_dir):
     out = _build(job_dir)  # the recipe allows none; the command line allows one
     run = _launch(job_dir, out, "--max-restarts", "1", plan="1:1=3 1:2=3")

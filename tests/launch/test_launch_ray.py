@@ -214,6 +214,7 @@ def test_a_submitted_launch_is_followed_and_stopped_through_ray_jobs(ray_cluster
                              "--submit printed\n"
 
 
+@pytest.mark.slow
 def test_launch_without_a_ray_cluster_says_how_to_start_one(tmp_path):
     out, _ = _build(tmp_path)
     result = _dpoc("launch", str(out), "--ray", f"127.0.0.1:{free_port()}", timeout=120)
