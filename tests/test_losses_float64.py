@@ -11,8 +11,6 @@ chosen tokens) are the mean over the step's chosen tokens, and kto's KL batch is
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from dpoc.cli import main as dpoc_main
 from dpoc.compiler.pipeline import build
 from dpoc.data.pairwise import dataset_prefix
-from tests.conftest import RECIPES, REPO, script_env
+from tests.conftest import RECIPES
+from tests.runtime.batched import Runs
 from tests.runtime.synthetic import write_pairs
 from tests.runtime.test_runtime_convert import read_pairs
 from tests.test_kto_end_to_end import _checkpoint, _rows
@@ -68,9 +67,12 @@ def first_steps(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
         args_files.append(str(work / loss / "megatron.args"))
     (work / "data").mkdir()
     assert dpoc_main(["preprocess", str(work / "kto" / "preprocess.yaml")]) == 0  # what kto's preprocess.sh runs
-    done = subprocess.run([sys.executable, "-m", "tests.runtime.train_runs", *args_files], cwd=REPO,
-                          env=script_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    runs = Runs(work / "launches")  # the five runs in one process
+    for loss, args_file in zip(LOSSES, args_files, strict=True):
+        runs.add(loss, ["-m", "dpoc.runtime.train", f"@{args_file}"])
+    for loss in LOSSES:
+        done = runs.result(loss)
+        assert done.returncode == 0, done.stderr[-4000:]
     steps = {}
     for loss in LOSSES:
         (steps[loss],) = [json.loads(line) for line in (work / "runs" / loss / "metrics.jsonl").read_text()
