@@ -18,10 +18,11 @@ from typing import Any
 from dpoc.contract.check_group import CheckGroup
 from dpoc.contract.plan import ModelSpec, Training
 from dpoc.contract.specs import hardware_spec
-from dpoc.planner.features import MemoryFeatures, Traits
+from dpoc.planner.features import DPOC_CPU
 from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import estimate_memory
+from dpoc.planner.report import summary_traits
 from dpoc.planner.throughput import FITTED, Efficiency, predict
 from dpoc.planner.workload import DPO_PRECOMPUTED
 
@@ -55,10 +56,7 @@ def estimate(plan: dict[str, Any], group: CheckGroup) -> LayerEstimate:
     training = replace(Training(**plan["training"]), packing=False)
     lengths = MeanLength(training.seq_length)
     summary = (plan.get("estimate") or {}).get("target") or {}
-    traits = Traits(summary.get("name", "dpoc"), summary.get("batching", "sort-and-cut"),
-                    MemoryFeatures(reuse_fp32_param=summary.get("reuse_fp32_param", False),
-                                   flash_stats=summary.get("flash_stats_fp32_per_head", 1)),
-                    response_head=summary.get("response_head", True))
+    traits = summary_traits(summary) if summary else DPOC_CPU
     stage = estimate_memory(model, node, layout, training, lengths, DPO_PRECOMPUTED, traits=traits).peak
     fitted = (plan.get("estimate") or {}).get("efficiency")
     efficiency = Efficiency(**fitted) if fitted else FITTED

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dpoc.contract.plan import Layout, Training
-from dpoc.planner.features import SORT_AND_CUT, Traits
+from dpoc.planner.features import SORT_AND_CUT, MemoryFeatures, Traits
 from dpoc.planner.lengths import Lengths
 from dpoc.planner.memory import GIB, MemoryEstimate, StageMemory
 from dpoc.planner.throughput import ReferencePass, Throughput
@@ -78,6 +78,14 @@ def traits_summary(traits: Traits) -> dict[str, Any]:
     f = traits.features
     return {"name": traits.target, "batching": traits.batching, "reuse_fp32_param": f.reuse_fp32_param,
             "flash_stats_fp32_per_head": f.flash_stats, "response_head": traits.response_head}
+
+
+def summary_traits(summary: dict[str, Any]) -> Traits:
+    """The Traits a plan's `estimate.target` (`traits_summary`) records: what a reader of plan.json plans with."""
+    return Traits(summary["name"], summary["batching"],
+                  MemoryFeatures(reuse_fp32_param=summary["reuse_fp32_param"],
+                                 flash_stats=summary["flash_stats_fp32_per_head"]),
+                  response_head=summary["response_head"])
 
 
 def reference_pass_summary(estimate: ReferencePass, memory: MemoryEstimate) -> dict[str, Any]:

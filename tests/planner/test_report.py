@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dpoc.planner.features import MemoryFeatures, Traits
 from dpoc.planner.layout import make_layout
 from dpoc.planner.lengths import MeanLength
 from dpoc.planner.memory import estimate_memory
-from dpoc.planner.report import explain, knob_text, memory_summary
+from dpoc.planner.report import explain, knob_text, memory_summary, summary_traits, traits_summary
 from dpoc.planner.search import search
 from dpoc.planner.throughput import Efficiency
 
@@ -39,3 +40,10 @@ def test_explain_names_counts_winner_and_nearest_rejections(specs):
     assert result.over_memory > 0 and result.ranked
     assert lines[1].startswith("1. tp=") and "pairs/s" in lines[1]
     assert lines[3].startswith("over memory: ") and "GiB of 0 GiB" in lines[3]
+
+
+def test_a_plans_target_summary_reads_back_as_the_traits_it_was_written_from():
+    """plan.json's estimate.target is what the device check plans its one layer with: nothing may be lost."""
+    traits = Traits("mindspeed-rl", "global-batch", MemoryFeatures(reuse_fp32_param=True, flash_stats=16),
+                    response_head=False)
+    assert summary_traits(traits_summary(traits)) == traits
