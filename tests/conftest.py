@@ -50,6 +50,12 @@ def run_subprocess(*args: str, cwd: Path = REPO, env: dict | None = None) -> sub
 _TEMP = tempfile.TemporaryDirectory(prefix="dpoc-tests-")  # removed when the test session ends
 
 
+# The node scripts' device check (`dpoc preflight BUILD --device`, ~8 CPU-seconds: torch and megatron-core
+# imported, a layer run) is the subject of tests/runtime/test_device_check.py, its place in the node script of
+# tests/compiler/test_build.py, and it runs in the end-to-end test's launch; a test about something else skips it.
+NO_DEVICE_CHECK = {"DPOC_DEVICE_CHECK": "0"}
+
+
 def script_env(**extra: str) -> dict[str, str]:
     """Rendered scripts find this checkout's dpoc and the venv's python/torchrun; one thread per gloo process."""
     return {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),

@@ -13,7 +13,7 @@ import pytest
 
 from dpoc.compiler.pipeline import build
 from dpoc.contract.runs import MANIFEST, TRACKER
-from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
+from tests.conftest import NO_DEVICE_CHECK, RECIPES, REPO, script_env, tiny_dataset
 from tests.launch.helpers import left_running
 
 
@@ -37,7 +37,8 @@ def damaged(tmp_path) -> tuple[Path, Path, str]:
 @pytest.mark.slow
 def test_launch_sh_passes_exit_2_through_with_the_message_once(damaged):
     out, run, line = damaged
-    done = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=script_env(TMPDIR=str(run.parent)),
+    done = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO,
+                          env=script_env(TMPDIR=str(run.parent), **NO_DEVICE_CHECK),
                           capture_output=True, text=True, timeout=300)
     text = done.stdout + done.stderr
     assert done.returncode == 2, text[-3000:]
@@ -53,7 +54,7 @@ def test_launch_sh_passes_exit_2_through_with_the_message_once(damaged):
 def test_dpoc_launch_says_input_error_and_does_not_restart(damaged):
     out, _, line = damaged
     done = subprocess.run([sys.executable, "-m", "dpoc", "launch", str(out), "--max-restarts", "2"], cwd=REPO,
-                          env=script_env(), capture_output=True, text=True, timeout=300)
+                          env=script_env(**NO_DEVICE_CHECK), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stdout.count(line) == 1
     assert "dpoc launch: b: 1 node (0: this machine), plan " in done.stderr

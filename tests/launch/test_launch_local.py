@@ -17,7 +17,7 @@ from dpoc.contract.errors import DpocError
 from dpoc.launch.job import Job, launch
 from dpoc.launch.local import LocalExecutor
 from tests.compiler.test_preflight import touch_dataset
-from tests.conftest import RECIPES, REPO, script_env
+from tests.conftest import NO_DEVICE_CHECK, RECIPES, REPO, script_env
 from tests.launch.helpers import left_running, plan_hash, stub_torchrun
 
 TWO_NODES = ["hardware.nodes=2", "hardware.devices_per_node=1"]
@@ -39,7 +39,7 @@ def _build(job_dir, *overrides):
 
 
 def _launch(job_dir, out, *args, plan=""):
-    env = script_env(STUB_DIR=str(job_dir), STUB_PLAN=plan, STUB_NODES="2")
+    env = script_env(STUB_DIR=str(job_dir), STUB_PLAN=plan, STUB_NODES="2", **NO_DEVICE_CHECK)
     env["PATH"] = f"{stub_torchrun(job_dir)}:{env['PATH']}"
     return subprocess.run([sys.executable, "-m", "dpoc", "launch", str(out), *args], cwd=job_dir, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ import pytest
 from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
 from dpoc.launch import tree
-from tests.conftest import RECIPES, REPO, script_env, tiny_dataset
+from tests.conftest import NO_DEVICE_CHECK, RECIPES, REPO, script_env, tiny_dataset
 
 
 def _argv(pid: int) -> list[str]:
@@ -37,7 +37,8 @@ def test_kill_9_of_torchrun_takes_its_workers_down(tmp_path):
     log = tmp_path / "node-0.log"
     with log.open("w") as sink:
         node = subprocess.Popen(["bash", str(out / "nodes/node-0.sh")], cwd=REPO, start_new_session=True,
-                                env=script_env(DPOC_NODE_TOKEN=token, DPOC_MASTER_PORT=str(free_port())),
+                                env=script_env(DPOC_NODE_TOKEN=token, DPOC_MASTER_PORT=str(free_port()),
+                                               **NO_DEVICE_CHECK),
                                 stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
