@@ -56,7 +56,7 @@ from dpoc.runtime.model.gpt import (
     params_dtype,
     transformer_config,
 )
-from dpoc.runtime.step import memory_probe
+from dpoc.runtime.step import memory_probe, replicas
 from dpoc.runtime.step.session import build_optimizer, ddp_config, init_distributed, initialize_parallel
 
 EXPERT_SLICE = 4  # experts the grouped GEMM check multiplies (one gets no tokens): the kernel, not the model
@@ -163,8 +163,11 @@ def ops(args: argparse.Namespace, device: devices.Device, group: CheckGroup, pla
     experts = expert_path(args)
     if experts in GROUPED:
         yield Op(f"moe experts ({experts})", lambda: _grouped(GROUPED[experts], args, here, dtype))
+    stepped: list[replicas.Compared] = []
     yield Op(f"one layer forward, backward and optimizer step (experts {experts}, {group.describe()})",
-             lambda: _layer(args, device, config, planner))
+             lambda: _layer(args, device, config, planner, stepped))
+    if group.processes > 1:
+        yield Op(f"replicas agree ({group.describe()})", lambda: _replicas(stepped, dtype))
 
 
 def _kernel(name: str, kinds: tuple[str, ...]) -> str:
@@ -201,7 +204,7 @@ def _compare(on_device: Callable, reference: Callable, inputs: list[torch.Tensor
         error = _error(got, want)
         if not error <= TOLERANCE[dtype]:
             raise Mismatch(f"{what} differs from the CPU float32 result: max error {error:.3g} of the largest value "
-                           f"(tolerance {TOLERANCE[dtype]:g} in {str(dtype).removeprefix('torch.')})")
+                           f"{_tolerance(dtype)}")
         worst = max(worst, error)
     return f", max error {worst:.2g}"
 
@@ -315,9 +318,11 @@ def _grouped(kernel: Callable, args: argparse.Namespace, here: torch.device, dty
     return _compare(lambda x, weights: kernel(x, weights, counts), reference, inputs, here, dtype)
 
 
-def _layer(args: argparse.Namespace, device: devices.Device, config, planner: dict[str, float]) -> str:
+def _layer(args: argparse.Namespace, device: devices.Device, config, planner: dict[str, float],
+           stepped: list[replicas.Compared]) -> str:
     """One layer of the model on the device, built and stepped the runtime's way (its DDP and optimizer
-    settings); the step's time and memory, the group's slowest and largest, beside the planner's."""
+    settings); the step's time and memory, the group's slowest and largest, beside the planner's. Fills
+    `stepped` with what the ranks must then hold alike (every rank ran the same micro-batch)."""
     from megatron.core.transformer.module import Float16Module
 
     here = device.current()
@@ -334,7 +339,8 @@ def _layer(args: argparse.Namespace, device: devices.Device, config, planner: di
     started = time.perf_counter()
     optimizer.zero_grad()
     with saved.recording() if saved else contextlib.nullcontext():
-        loss = policy(ids, positions, None, labels=ids).float().mean()
+        losses = policy(ids, positions, None, labels=ids)
+    loss = losses.float().mean()
     loss.backward()
     finalize_model_grads([policy])
     _, grad_norm, _ = optimizer.step()
@@ -352,10 +358,26 @@ def _layer(args: argparse.Namespace, device: devices.Device, config, planner: di
     else:
         what, used, expected = "peak", device.peak_memory(), planner.get("peak_bytes")
     step_s, used = _slowest_and_largest(step_s, used, here)
+    stepped.extend(replicas.after_step([policy], losses))
     time_note = f" (planner {planner['step_s']:.2f}s)" if "step_s" in planner else ""
     memory_note = f" (planner {_size(expected)}, {used / expected - 1:+.0%})" if expected else ""
     return (f", step {step_s:.2f}s{time_note}, {what} {_size(used)}{memory_note}, loss {loss:.3f}, "
             f"grad norm {grad_norm:.3g}")
+
+
+def _replicas(stepped: list[replicas.Compared], dtype: torch.dtype) -> str:
+    """The stepped layer's replicated weights, gradients and loss, alike on every rank that holds them: the
+    first rank that differs fails, naming the tensor and the rank it differs from."""
+    found = replicas.first_disagreement(stepped, TOLERANCE[dtype])
+    compared = len(stepped)
+    stepped.clear()  # the layer is freed with its last reference
+    if found is not None and found.rank == dist.get_rank():
+        raise Mismatch(f"{found} {_tolerance(dtype)}")
+    return f", {compared} tensors compared"
+
+
+def _tolerance(dtype: torch.dtype) -> str:
+    return f"(tolerance {TOLERANCE[dtype]:g} in {str(dtype).removeprefix('torch.')})"
 
 
 def _slowest_and_largest(seconds: float, nbytes: float, here: torch.device) -> tuple[float, float]:

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from dpoc.compiler.pipeline import build
-from dpoc.contract.check_group import plan_group
+from dpoc.contract.check_group import plan_group, read_report
 from dpoc.planner.one_layer import estimate
 from tests.conftest import RECIPES, REPO
+from tests.runtime.batched import Runs
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("device_stub_preflight.py")
@@ -36,9 +37,10 @@ BUILDS = {
 LAYER = "one layer forward, backward and optimizer step"
 OPS = {  # the ops each build's check names, in order (the kernel in parentheses)
     "cpu-dense": ["collective all_reduce (gloo)", "RMSNorm (unfused)", "rotary (unfused)", "swiglu (unfused)",
-                  "attention (sdpa)", f"{LAYER} (experts -, tp2, 2 processes)"],
+                  "attention (sdpa)", f"{LAYER} (experts -, tp2, 2 processes)", "replicas agree (tp2, 2 processes)"],
     "cpu-moe": ["collective all_reduce (gloo)", "RMSNorm (unfused)", "rotary (unfused)", "swiglu (unfused)",
-                "attention (sdpa)", f"{LAYER} (experts sequential, tp1 ep2 etp1, 2 processes)"],
+                "attention (sdpa)", f"{LAYER} (experts sequential, tp1 ep2 etp1, 2 processes)",
+                "replicas agree (tp1 ep2 etp1, 2 processes)"],
     "npu": ["collective all_reduce (hccl)", "RMSNorm (torch_npu.npu_rms_norm)", "rotary (torch_npu.npu_rotary_mul)",
             "swiglu (torch_npu.npu_swiglu)", "attention (npu-fusion)", "moe experts (npu-gmm)",
             f"{LAYER} (experts npu-gmm, tp1 ep1 etp1, 1 process)"],
@@ -91,7 +93,7 @@ def test_the_cpu_check_runs_every_kernel_path_then_the_sharded_layer(cpu_checks,
 def test_the_layer_line_gives_time_and_memory_beside_the_planner(builds, cpu_checks, name):
     """The planner's figures are its estimate of the sharded one-layer job, and the memory the step held is
     within the planner's activation tolerance (bench/memory_vs_measured.py: 15%) of it."""
-    layer = cpu_checks[name].stdout.strip().splitlines()[-1]
+    layer = next(line for line in cpu_checks[name].stdout.splitlines() if LAYER in line)
     found = FIGURES.search(layer)
     assert found, layer
     plan = json.loads((builds[name] / "plan.json").read_text())
@@ -124,6 +126,41 @@ def test_a_broken_kernel_fails_the_check_naming_its_op(builds, kind, kernel, op)
     assert errors == [line for line in done.stderr.splitlines() if line.startswith(str(builds[kind]))]
     assert len(errors) == 1 and errors[0].startswith(f"{builds[kind] / 'megatron.args'}: device check {op}: ")
     assert "differs from the CPU float32 result" in errors[0], errors[0]
+
+
+# rank 1 made to disagree for real (device_check_skew.py), each in its two-process group: one launch for both
+SKEWED = {  # how, the build, the op and the tensor the one failure line names
+    "norm": ("cpu-dense", "replicas agree (tp2, 2 processes)", "decoder.final_layernorm.weight after the step"),
+    "seed": ("cpu-moe", "replicas agree (tp1 ep2 etp1, 2 processes)", "the per-token loss"),
+}
+
+
+@pytest.fixture(scope="module")
+def skewed(builds, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    root = tmp_path_factory.mktemp("skewed")
+    runs = Runs(root / "launches")
+    for how, (name, _, _) in SKEWED.items():
+        (root / how).mkdir()
+        runs.add(how, ["-m", "tests.runtime.device_check_skew", how, builds[name] / "megatron.args", root / how], 2)
+    return {how: (runs.result(how), root / how) for how in SKEWED}
+
+
+@pytest.mark.parametrize("how", SKEWED)
+def test_a_rank_that_disagrees_with_its_peers_fails_naming_the_ranks_and_the_tensor(builds, skewed, how):
+    """Every rank's ops match the CPU, but rank 1's replicated weights are not rank 0's: the check's last op
+    fails on rank 1, in one line naming rank 0 and the first tensor that differs. norm: tp2, the final norm rank 1
+    scaled. seed: ep2, rank 1 seeded apart; on the cpu megatron draws the dense weights from torch's generator
+    (the launch's, alike on both), not the seeded tracker, so they still agree, and the per-token loss of the
+    micro-batch both ranks ran is what differs."""
+    name, op, tensor = SKEWED[how]
+    done, report = skewed[how]
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines, failure = read_report(report)
+    assert lines is not None  # rank 0 agrees with itself: the first rank that differs reports
+    assert re.fullmatch(rf"{re.escape(str(builds[name] / 'megatron.args'))}: device check {re.escape(op)} on rank 1: "
+                        rf"{re.escape(tensor)} differs from rank 0's: max error [\d.e+-]+ of the largest value "
+                        r"\(tolerance 0.0001 in float32\) \(skip the check: DPOC_DEVICE_CHECK=0\)", str(failure)), \
+        str(failure)
 
 
 def test_a_process_reports_its_failure_for_the_launcher(builds, tmp_path, monkeypatch):
