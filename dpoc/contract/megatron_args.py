@@ -190,6 +190,9 @@ def _lora_flags(g: _Group, job: dict[str, bool]) -> None:
     g.add_argument("--dpoc-lora-experts", **_SWITCH, help="routed MoE experts get adapters too (one per expert)")
     g.add_argument("--lora-load", type=str, default=None,
                    help="a PEFT adapter directory: the policy's initial adapters, and (frozen) the reference's")
+    g.add_argument("--dpoc-lora-base", type=str, default=None,
+                   help="with --dpoc-init converted: the frozen base's distributed checkpoint (the --load of the "
+                        "start), which a resume reads again (--load then names the save directory)")
 
 
 def _logging_flags(g: _Group, job: dict[str, bool]) -> None:

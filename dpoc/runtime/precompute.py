@@ -1,8 +1,9 @@
 """The precompute pass of `--dpoc-reference precomputed`: `torchrun ... -m dpoc.runtime.precompute @megatron.args`
 (the build's reference.sh), and training's lookup of its values.
 
-Forward passes only, through the same pipeline schedule as the live reference pass, at the args' layout: the
-whole dataset sorted by length (little padding), `--dpoc-reference-micro-batch-size` pairs per micro-batch
+Forward passes only, through the same pipeline schedule as the live reference pass, of the same reference (a
+LoRA run's with `--lora-load`: the base with the initial adapter, `session.build_reference_alone`), at the args'
+layout: the whole dataset sorted by length (little padding), `--dpoc-reference-micro-batch-size` pairs per micro-batch
 (no activations are kept for a backward, so it can be larger than training's), micro-batch k on
 data-parallel rank k % dp, `ROUND_MICRO_BATCHES` micro-batches per schedule call. Each replica's last stage
 hands its pairs' summed log-probs to rank 0, which writes `reference_file`'s file atomically; nothing else is
@@ -34,7 +35,7 @@ from dpoc.runtime.reference import reference_file
 from dpoc.runtime.step.agree import from_rank0
 from dpoc.runtime.step.data import MicroBatch, PairwiseDataset, collate, training_dataset
 from dpoc.runtime.step.passes import holds_outputs, reference_pass
-from dpoc.runtime.step.session import build_reference, entry, initialize_parallel
+from dpoc.runtime.step.session import build_reference_alone, entry, initialize_parallel
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,7 +72,7 @@ def precompute(args: argparse.Namespace, device: Device, args_file: str, weights
             print(f"[dpoc] removed {tmp}, left by an interrupted precompute pass", file=sys.stderr)
         print(f"[dpoc] precomputing reference log-probs into {found.path} ({found.why})", file=sys.stderr)
     started = time.perf_counter()
-    chunks = build_reference(args, transformer_config(args, device), weights[1])
+    chunks = build_reference_alone(args, transformer_config(args, device), weights)
     micro_batch = args.dpoc_reference_micro_batch_size or args.micro_batch_size
     groups = pass_groups(dataset.pair_lengths, micro_batch, parallel_state.get_data_parallel_rank(),
                          parallel_state.get_data_parallel_world_size())

@@ -73,18 +73,20 @@ def test_an_expert_only_mlp_target_is_refused_without_experts():
                MOE, [*SECTION, "lora.targets=[gate_proj,up_proj]"])
 
 
-def test_what_the_dpoc_runtime_cannot_train_it_refuses():
-    """MindSpeed-RL's refusals are tests/compiler/test_mindspeed_lora.py."""
-    assert _problems(MOE, [*SECTION, "lora.experts=true"]) == [
-        "lora.experts: the dpoc runtime (megatron-core, local layers) puts expert adapters on SequentialMLP's loop "
-        "only, not the grouped-GEMM experts (npu-gmm) yet; valid: parallelism.moe_grouped_gemm=false, or false"]
-    assert _problems(TINY, [*SECTION, "checkpoint.init=converted", "checkpoint.load=./a", "checkpoint.ref_model=./b"]
-                     ) == ["checkpoint.ref_model: another reference than checkpoint.load with LoRA on converted weights "
-                           "is not supported yet: a resume finds the frozen base through it (valid: leave it out: the "
-                           "reference is the base, the policy with its adapters off)"]
-    assert _problems(TINY, [*SECTION, "lora.init_from=./sft", "dpo.reference=precomputed"]) == [
-        "lora.init_from: the dpoc runtime (megatron-core, local layers)'s precompute pass does not run the initial "
-        "adapter yet, so its reference would be the base alone; valid: dpo.reference=live, or leave it out"]
+def test_grouped_expert_adapters_a_converted_base_and_a_precomputed_init_from_build(tmp_path):
+    """Once refused as not supported yet; MindSpeed-RL's refusals are tests/compiler/test_mindspeed_lora.py."""
+    experts = plan_recipe(MOE, [*SECTION, "lora.experts=true"])
+    assert experts.lora.experts and experts.layout.moe_experts == "npu-gmm"
+    _, out = build(TINY, [*SECTION, "checkpoint.init=converted", "checkpoint.load=./a", "checkpoint.ref_model=./b"],
+                   out=tmp_path / "converted")
+    for path in ("megatron.args", "resume/megatron.args"):
+        args = megatron_args.parse([f"@{out / path}"])
+        assert (args.dpoc_lora_base, args.ref_model) == ("./a", "./b")
+    _, out = build(TINY, [*SECTION, "lora.init_from=./sft", "dpo.reference=precomputed"], out=tmp_path / "pre")
+    assert megatron_args.parse([f"@{out / 'megatron.args'}"]).lora_load == "./sft"
+    assert (out / "reference.sh").is_file()
+    _, plain = build(TINY, [*SECTION], out=tmp_path / "hf")
+    assert "--dpoc-lora-base" not in (plain / "megatron.args").read_text()
 
 
 def test_the_adapters_reach_the_runtime_and_only_with_a_section(tmp_path):

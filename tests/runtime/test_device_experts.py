@@ -1,7 +1,8 @@
 """The grouped-GEMM experts (dpoc/runtime/model/experts.py) equal megatron-core's SequentialMLP in fp32, loss
 and every gradient, alone and at ep2, tp2 with expert-TP 2 (sequence parallel), and ep2 x tp2: torch's
 grouped GEMM (the cuda kernel; torch runs it on the CPU too) and npu_grouped_matmul as documented
-(npu_kernels.py), forward and the backward dpoc writes for it.
+(npu_kernels.py), forward and the backward dpoc writes for it. With LoRA on the experts (one adapter per
+expert, `--dpoc-lora-experts`), alone and at ep2: the same loss and every adapter's gradient, the base frozen.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from tests.runtime.batched import Runs
 from tests.runtime.synthetic import write_args, write_pairs
 from tests.runtime.test_runtime_attention import relative_error
+from tests.runtime.test_runtime_lora import EXPERTS
 
 KERNELS = {"torch-grouped-mm": "GroupedExperts[torch-grouped-mm]", "npu-gmm": "GroupedExperts[npu-gmm]"}
 LAYOUTS = {
@@ -23,6 +25,8 @@ LAYOUTS = {
                         ("--sequence-parallel", True)]),
     "ep2xtp2-sp": (4, [("--expert-model-parallel-size", 2), ("--tensor-model-parallel-size", 2),
                        ("--sequence-parallel", True)]),
+    "one-lora": (1, EXPERTS),
+    "ep2-lora": (2, [("--expert-model-parallel-size", 2), *EXPERTS]),
 }
 
 
@@ -52,6 +56,9 @@ def test_grouped_experts_equal_sequential_mlp(runs, layout):
         reference = rank["sequential"]
         assert reference["experts"] == "SequentialMLP" and reference["loss"]
         assert any("local_experts" in name for name in reference["grads"])
+        if layout.endswith("-lora"):  # only the adapters train: 4 layers x 4/ep local experts x (fc1, fc2) x (A, B)
+            assert all(name.endswith(("lora_A", "lora_B")) for name in reference["grads"])
+            assert len([n for n in reference["grads"] if "local_experts" in n]) == 4 * 4 // len(ranks) * 2 * 2
         for kernel, module in KERNELS.items():
             grouped = rank[kernel]
             assert grouped["experts"] == module

@@ -10,10 +10,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from megatron.core import dist_checkpointing
 
-from dpoc.contract.lora import MCORE_TARGETS
-from tests.runtime import hf_models
+from dpoc.contract.lora import MCORE_TARGETS, Lora
+from dpoc.runtime.model import lora
+from tests.runtime import hf_models, synthetic
 from tests.runtime.batched import Runs
 from tests.runtime.synthetic import write_args, write_pairs
 from tests.runtime.test_runtime_attention import relative_error
@@ -177,3 +179,39 @@ def test_adapters_resume_only_on_their_own_base(workdir, runs, bases):
     assert f"holds adapters trained on hf {bases[0]}" in refused.stderr
     assert runs.result("hf-resume").returncode == 0
     assert [r["step"] for r in metrics(workdir / "runs" / "hf")] == [1, 2, 3, 4]
+
+
+def test_adapter_dropout_is_peft_s_on_the_same_mask():
+    """dpoc drops the adapter's input only, as PEFT's LoRA Linear does (result = base(x) + B·A·dropout(x) ·
+    scaling): from the same generator state (the same mask) a column-parallel linear gives PEFT's output, in
+    training and (no dropout) in eval mode."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear
+
+    settings = Lora(rank=2, alpha=4.0, dropout=0.5, targets=("linear_qkv",), experts=False, init_from=None)
+    with synthetic.one_process(0):
+        config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
+        ours = ColumnParallelLinear(8, 6, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                    gather_output=False)
+        lora._adapt(ours, settings, swiglu=False)
+        base = torch.nn.Linear(8, 6, bias=False)
+        theirs = Linear(base, "default", LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5), r=2, lora_alpha=4,
+                        lora_dropout=0.5)
+        with torch.no_grad():
+            ours.lora_A.normal_()
+            ours.lora_B.normal_()
+            base.weight.copy_(ours.weight)
+            theirs.lora_A["default"].weight.copy_(ours.lora_A)
+            theirs.lora_B["default"].weight.copy_(ours.lora_B)
+        x = torch.randn(5, 3, 8)
+        outputs = {}
+        for training in (True, False):
+            ours.train(training)
+            theirs.train(training)
+            torch.manual_seed(7)
+            outputs[training] = ours(x)[0]
+            torch.manual_seed(7)
+            torch.testing.assert_close(outputs[training], theirs(x), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(outputs[True], outputs[False])  # the mask dropped something

@@ -90,15 +90,6 @@ def test_initial_adapters_without_lora_are_refused(tmp_path):
                               "--lora-alpha with it, or drop it)")
 
 
-def test_initial_adapters_with_a_precomputed_reference_are_refused(tmp_path):
-    args = parse(tmp_path, extra=[("--lora-r", 4), ("--lora-alpha", 8.0), ("--lora-load", "sft-adapter"),
-                                  ("--dpoc-reference", "precomputed")])
-    with pytest.raises(DpocError) as err:
-        check_supported(args, "m.args")
-    assert str(err.value) == ("m.args: --lora-load: the precompute pass does not run the initial adapter yet, so its "
-                              "reference would be the base alone (valid: --dpoc-reference live)")
-
-
 def test_an_experts_kernel_the_device_lacks_is_refused(tmp_path):
     args = parse(tmp_path, moe=True, extra=[("--moe-grouped-gemm", True), ("--dpoc-moe-experts", "npu-gmm")])
     with pytest.raises(DpocError) as err:

@@ -56,10 +56,30 @@ def test_random_init_takes_no_weights(tmp_path, llama):
     ([("--dpoc-init", "converted"), ("--load", "LLAMA")],  # --load alone resumes: the reference needs a name
      "m.args: --ref-model: missing: a resumed run's reference is its initial weights, which --load (the save "
      "directory) no longer names"),
+    (hf("LLAMA", ("--lora-r", 4), ("--lora-alpha", 8.0), ("--dpoc-lora-base", "LLAMA")),
+     "m.args: --dpoc-lora-base: is given, but it names the frozen base of LoRA (--lora-r) on converted weights only "
+     "(got --dpoc-init hf; valid: drop it)"),
+    ([("--dpoc-init", "converted"), ("--load", "LLAMA"), ("--ref-model", "LLAMA"), ("--lora-r", 4),
+      ("--lora-alpha", 8.0)],  # a LoRA resume: the save directory holds only adapters
+     "m.args: --dpoc-lora-base: missing: a resumed LoRA run on converted weights reads its frozen base from it (the "
+     "start's --load; --load now names the save directory)"),
 ])
 def test_flags_that_cannot_be_honoured(tmp_path, llama, init, line):
     init = [(flag, str(llama) if value == "LLAMA" else value) for flag, value in init]
     assert problems(tmp_path, llama, init) == [line.replace("LLAMA", str(llama))]
+
+
+def test_a_lora_base_other_than_the_start_is_refused(tmp_path, llama):
+    """At a fresh start the base is the policy's --load; --dpoc-lora-base must name it too."""
+    start, other = tmp_path / "start", tmp_path / "other"
+    for folder in (start, other):
+        folder.mkdir()
+        (folder / "metadata.json").write_text("{}")
+    init = [("--dpoc-init", "converted"), ("--load", str(start)), ("--finetune", True), ("--lora-r", 4),
+            ("--lora-alpha", 8.0), ("--dpoc-lora-base", str(other))]
+    assert problems(tmp_path, llama, init) == [
+        f"m.args: --dpoc-lora-base: {other}, but --load starts the policy from {start}: the base is the policy's "
+        "initial weights (valid: the same path)"]
 
 
 def test_a_directory_without_weights(tmp_path, llama):

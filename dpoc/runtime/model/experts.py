@@ -7,12 +7,15 @@ and weights, so checkpoints, the Hugging Face mapping and the seeded init see th
 kernel runs; only the forward differs: the local experts' fc1 and fc2 weights are stacked ([experts, out, in],
 one copy per forward, whose backward hands each expert its gradient) and each token block is multiplied by
 its expert's weights in one kernel call. Expert linears never communicate (megatron's dispatcher moves the
-tokens), so the GEMMs on the local shards are the whole computation, at any tp/ep/etp.
+tokens), so the GEMMs on the local shards are the whole computation, at any tp/ep/etp. Under LoRA with
+`--dpoc-lora-experts` each projection adds its experts' adapters, A and B stacked the same way and run through
+the same kernel (`lora.grouped_adapter`: one adapter per expert, each token block through its expert's).
 
 Kernels, y_i = x_i @ W_i^T for the rows x_i routed to local expert i (`tokens_per_expert[i]` rows each):
 - `torch-grouped-mm`: `torch._grouped_mm(x, W^T, offs=cumulative row ends)` (cuda; differentiable in torch).
 - `npu-gmm`: torch_npu's `npu_grouped_matmul` (split M with the group sizes, group_list_type 1); its backward
-  is two more calls: dx splits M again against W, dW^T splits the reduction axis (group_type 2).
+  is two more calls: dx splits M again against W, dW^T splits the reduction axis (group_type 2; skipped for a
+  frozen weight).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import functools
 
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
+
+from dpoc.runtime.model import lora
 
 GROUP_SIZES = 1  # npu_grouped_matmul's group_list_type: group_list holds each group's size
 SPLIT_M, SPLIT_K = 0, 2  # its group_type: split x's rows / split the reduction axis
@@ -43,8 +48,9 @@ class _NpuGroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weights, counts = ctx.saved_tensors
-        grad_x = _gmm(grad, weights, counts, SPLIT_M)
-        grad_w = _gmm(x.t(), grad, counts, SPLIT_K).transpose(1, 2)  # [experts, in, out] -> [experts, out, in]
+        grad_x = _gmm(grad, weights, counts, SPLIT_M) if ctx.needs_input_grad[0] else None
+        # [experts, in, out] -> [experts, out, in]; none for frozen weights (LoRA's base)
+        grad_w = _gmm(x.t(), grad, counts, SPLIT_K).transpose(1, 2) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
@@ -92,12 +98,18 @@ class GroupedExperts(SequentialMLP):
                 or config.glu_linear_offset):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         grouped = GROUPED[self.kernel]
-        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
-        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
-        hidden = grouped(permuted_local_hidden_states, fc1, tokens_per_expert)
+        hidden = self._projection("linear_fc1", permuted_local_hidden_states, tokens_per_expert, grouped)
         # the activation module the spec gave the experts (a fused kernel, see gpt.block_spec), else megatron's
         hidden = self.local_experts[0].activation_func(hidden) if config.use_te_activation_func \
             else _activation(config, hidden)
         dtype = hidden.dtype
         hidden = (hidden * permuted_probs.unsqueeze(-1)).to(dtype)
-        return grouped(hidden, fc2, tokens_per_expert), None
+        return self._projection("linear_fc2", hidden, tokens_per_expert, grouped), None
+
+    def _projection(self, name: str, x: torch.Tensor, counts: torch.Tensor, grouped) -> torch.Tensor:
+        """One projection of every local expert: its weights stacked, plus (LoRA) its adapters', in grouped GEMMs.
+        fc2's input is split over the expert tp group like its weight's columns (`lora._row_forward`)."""
+        linears = [getattr(e, name) for e in self.local_experts]
+        out = grouped(x, torch.stack([linear.weight for linear in linears]), counts)
+        delta = lora.grouped_adapter(linears, x, counts, grouped, sharded_input=name == "linear_fc2")
+        return out if delta is None else out + delta

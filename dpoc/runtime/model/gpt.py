@@ -114,12 +114,6 @@ def _lora_problems(args: argparse.Namespace, args_file: str) -> list[Problem]:
     if args.lora_r < 1 or args.lora_alpha is None or args.lora_alpha <= 0:
         out.append(Problem(args_file, "--lora-r", f"LoRA needs a rank >= 1 and --lora-alpha > 0 (got r={args.lora_r}, "
                            f"alpha={args.lora_alpha})"))
-    if args.lora_load and args.dpoc_reference == "precomputed":
-        out.append(Problem(args_file, "--lora-load", "the precompute pass does not run the initial adapter yet, so "
-                           "its reference would be the base alone (valid: --dpoc-reference live)"))
-    if args.dpoc_lora_experts and args.num_experts and expert_path(args) != "sequential":
-        out.append(Problem(args_file, "--dpoc-lora-experts", f"expert adapters run on SequentialMLP's loop only, not "
-                           f"the grouped-GEMM experts ({expert_path(args)}) yet (valid: drop --moe-grouped-gemm)"))
     return out
 
 

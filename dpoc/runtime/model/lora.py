@@ -184,19 +184,49 @@ class _State:
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+def _factors(linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (A, B) this pass runs: the policy's, or in the reference pass the reference's (None: no adapter)."""
+    state = linear.dpoc_lora
+    if state.enabled:
+        return linear.lora_A, linear.lora_B
+    if state.reference is None:
+        return None
+    return tuple(t.to(dtype) for t in state.reference)
+
+
+def _dropped(linear, x: torch.Tensor, sharded_input: bool) -> torch.Tensor:
+    """The adapter's input: dropout on it alone (the policy's, in training)."""
+    state = linear.dpoc_lora
+    if not (state.enabled and state.dropout and linear.training):
+        return x
+    # a tp-sharded input draws its mask from megatron's model-parallel RNG, a replicated one from the default
+    with tensor_parallel.get_cuda_rng_tracker().fork() if sharded_input else contextlib.nullcontext():
+        return F.dropout(x, state.dropout)
+
+
 def _adapter(linear, x: torch.Tensor, sharded_input: bool) -> torch.Tensor | None:
     """The policy's adapter term, or in the reference pass the reference's (None: no adapter runs)."""
-    state = linear.dpoc_lora
-    if not state.enabled:
-        if state.reference is None:
-            return None
-        a, b = state.reference
-        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * state.scaling
-    if state.dropout and linear.training:
-        # a tp-sharded input draws its mask from megatron's model-parallel RNG, a replicated one from the default
-        with tensor_parallel.get_cuda_rng_tracker().fork() if sharded_input else contextlib.nullcontext():
-            x = F.dropout(x, state.dropout)
-    return F.linear(F.linear(x, linear.lora_A), linear.lora_B) * state.scaling
+    factors = _factors(linear, x.dtype)
+    if factors is None:
+        return None
+    a, b = factors
+    return F.linear(F.linear(_dropped(linear, x, sharded_input), a), b) * linear.dpoc_lora.scaling
+
+
+def grouped_adapter(linears: list[torch.nn.Module], x: torch.Tensor, counts: torch.Tensor, grouped,
+                    sharded_input: bool) -> torch.Tensor | None:
+    """The adapter term of one projection of the grouped-GEMM experts (`experts.GroupedExperts`): each local
+    expert's A and B stacked like its weight, and the tokens' rows multiplied by their expert's, with the same
+    grouped GEMM (`grouped(x, [experts, out, in], counts)`) as the base. None: no adapters (or the reference is
+    the base)."""
+    if not hasattr(linears[0], "dpoc_lora"):
+        return None
+    factors = [_factors(linear, x.dtype) for linear in linears]
+    if factors[0] is None:
+        return None
+    a, b = (torch.stack(parts) for parts in zip(*factors, strict=True))
+    low = grouped(_dropped(linears[0], x, sharded_input), a, counts)
+    return grouped(low, b, counts) * linears[0].dpoc_lora.scaling
 
 
 def _column_forward(linear, input_: torch.Tensor, weight: torch.Tensor | None = None,

@@ -24,6 +24,7 @@ from megatron.core.transformer.module import Float16Module
 from dpoc.common.ports import free_port
 from dpoc.contract import megatron_args
 from dpoc.contract.errors import EXIT_USER_ERROR, DpocError, Problem
+from dpoc.contract.lora import Lora
 from dpoc.runtime.model import device as devices
 from dpoc.runtime.model import lora
 from dpoc.runtime.model.gpt import build_chunks, check_supported, params_dtype, virtual_pipeline_size
@@ -115,9 +116,7 @@ def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources
     if base.kind != "resume":  # a resumed policy is read from its checkpoint once the optimizer exists
         weight_sources.load(base, chunks, config, args)
     if adapters:
-        lora.attach(chunks, adapters, args.seed, gated=args.swiglu)
-        if args.lora_load:
-            lora.load_initial(chunks, args, adapters)
+        _attach(chunks, args, adapters)
     policy = [DistributedDataParallel(policy_config, ddp_config(args), _in_precision(policy_config, chunk),
                                       disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     if args.dpoc_reference in ("precomputed", "none"):  # log-probs from a file, or a reference-free loss
@@ -125,6 +124,20 @@ def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources
     if adapters and weight_sources.same_weights(base, reference_source):
         return policy, policy
     return policy, build_reference(args, reference_config, reference_source)
+
+
+def build_reference_alone(args: argparse.Namespace, config, weights: tuple[weight_sources.WeightSource, ...]
+                          ) -> list:
+    """The frozen reference as training runs it, without a policy (the precompute pass): a LoRA run's reference
+    of the base's weights is the base with `--lora-load`'s initial adapter frozen in (`build_models`), any other
+    the reference's weights alone."""
+    policy_source, reference_source = weights
+    adapters = lora.settings(args)
+    if adapters and args.lora_load:
+        base = weight_sources.lora_base(args, policy_source, reference_source)
+        if weight_sources.same_weights(base, reference_source):
+            return build_reference(args, config, base, adapters)
+    return build_reference(args, config, reference_source)
 
 
 def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
@@ -138,10 +151,21 @@ def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
                                          use_distributed_optimizer=args.use_distributed_optimizer)
 
 
-def build_reference(args: argparse.Namespace, config, source: weight_sources.WeightSource) -> list:
-    """The frozen reference's chunks, filled from `source`, in eval mode and without gradients."""
+def _attach(chunks: list, args: argparse.Namespace, adapters: Lora) -> None:
+    """The adapters on the base's chunks, with `--lora-load` its initial values (and their frozen copy)."""
+    lora.attach(chunks, adapters, args.seed, gated=args.swiglu)
+    if args.lora_load:
+        lora.load_initial(chunks, args, adapters)
+
+
+def build_reference(args: argparse.Namespace, config, source: weight_sources.WeightSource,
+                    adapters: Lora | None = None) -> list:
+    """The frozen reference's chunks, filled from `source`, in eval mode and without gradients; with `adapters`
+    the base's adapters too (the reference pass runs them off: with `--lora-load`, the initial adapter)."""
     chunks = build_chunks(config, args)
     weight_sources.load(source, chunks, config, args)
+    if adapters is not None:
+        _attach(chunks, args, adapters)
     reference = []
     for chunk in chunks:
         chunk.eval()

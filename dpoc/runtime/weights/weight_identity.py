@@ -129,23 +129,41 @@ def sampled_digest(file: Path) -> bytes:
 def reference_identity(args: argparse.Namespace) -> dict[str, str]:
     """The frozen reference's source and content hash: every training checkpoint records it, and a resumed run
     must have the same hash (the same weights, wherever they now lie). The seeded init's content is a pure
-    function of the seed and the architecture."""
+    function of the seed and the architecture. A LoRA run whose reference is its base with `--lora-load`: the
+    base's and the initial adapter's (precomputed log-probs of the base alone are another file)."""
     if args.dpoc_init == "random" and not args.ref_model:
-        return _seeded_identity(args)
-    return _identity(args.ref_model or args.dpoc_hf_weights)
+        ident = _seeded_identity(args)
+    else:
+        ident = _identity(args.ref_model or args.dpoc_hf_weights)
+    if args.lora_r is not None and args.lora_load and ident["source"] == lora_base_identity(args)["source"]:
+        return _with_adapter(ident, args.lora_load)  # the base with its initial adapter (session.build_models)
+    return ident
+
+
+def _with_adapter(base: dict[str, str], adapter: str) -> dict[str, str]:
+    """A LoRA reference of base + `--lora-load`'s PEFT adapter: both named, both hashed (the adapter's config
+    whole, its safetensors sampled)."""
+    digest = hashlib.sha256(base["sha256"].encode())
+    folder = Path(adapter)  # a missing one is refused where it is read (peft.read), naming lora.init_from
+    for file in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if file.name.endswith(".json"):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        elif file.name.endswith(".safetensors"):
+            digest.update(sampled_digest(file))
+    return {"source": f"{base['source']} + lora {adapter}", "sha256": digest.hexdigest()}
 
 
 def lora_base_identity(args: argparse.Namespace) -> dict[str, str] | None:
     """A LoRA run's frozen base (None without LoRA): its checkpoints hold only the adapters, so a resume must
     find the same base. It is the policy's initial weights: the seeded init, --dpoc-hf-weights, or the
-    converted checkpoint (--load with --finetune, then --ref-model, which a converted resume requires)."""
+    converted checkpoint (--load with --finetune; on a resume --dpoc-lora-base)."""
     if args.lora_r is None:
         return None
     if args.dpoc_init == "random":
         return _seeded_identity(args)
     if args.dpoc_init == "hf":
         return _identity(args.dpoc_hf_weights)
-    return _identity(args.ref_model if megatron_args.resuming(args) else args.load)
+    return _identity(args.dpoc_lora_base if megatron_args.resuming(args) else args.load)
 
 
 def _seeded_identity(args: argparse.Namespace) -> dict[str, str]:

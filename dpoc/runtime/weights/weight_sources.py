@@ -72,28 +72,50 @@ def sources(args: argparse.Namespace, args_file: str) -> tuple[WeightSource, Wei
                                     "distributed checkpoint (with --finetune)"))
         policy = open_source(args.load, "--load", args_file, problems, kinds=("checkpoint",))
     reference = open_source(args.ref_model, "--ref-model", args_file, problems) if args.ref_model else policy
+    base = _lora_base_flag(args, args_file, policy, resuming, problems)
     if problems:
         raise DpocError(problems)
     if resuming:  # the policy's initial weights are not read: the checkpoint replaces them (its own checks)
         policy = WeightSource("resume", args.load, "--load")
-    for source in dict.fromkeys((policy, reference)):
+    for source in dict.fromkeys(s for s in (policy, reference, base) if s is not None):
         problems += architecture_problems(source, args, args_file)
     if problems:
         raise DpocError(problems)
     return policy, reference
 
 
+def _lora_base_flag(args: argparse.Namespace, args_file: str, policy: WeightSource, resuming: bool,
+                    problems: list[Problem]) -> WeightSource | None:
+    """`--dpoc-lora-base`, the converted base of a LoRA run: required to resume one (`--load` then names the save
+    directory, and `--ref-model` may be another model), at a fresh start the policy's `--load`."""
+    if not args.dpoc_lora_base:
+        if args.lora_r is not None and args.dpoc_init == "converted" and resuming:
+            problems.append(Problem(args_file, "--dpoc-lora-base", "missing: a resumed LoRA run on converted weights "
+                                    "reads its frozen base from it (the start's --load; --load now names the save "
+                                    "directory)"))
+        return None
+    if args.lora_r is None or args.dpoc_init != "converted":
+        problems.append(Problem(args_file, "--dpoc-lora-base", f"is given, but it names the frozen base of LoRA "
+                                f"(--lora-r) on converted weights only (got --dpoc-init {args.dpoc_init}"
+                                f"{'' if args.lora_r else ', no --lora-r'}; valid: drop it)"))
+        return None
+    base = open_source(args.dpoc_lora_base, "--dpoc-lora-base", args_file, problems, kinds=("checkpoint",))
+    if not resuming and base.kind == "checkpoint" and policy.kind == "checkpoint" and base.path != policy.path:
+        problems.append(Problem(args_file, "--dpoc-lora-base", f"{args.dpoc_lora_base}, but --load starts the policy "
+                                f"from {args.load}: the base is the policy's initial weights (valid: the same path)"))
+    return base if base.kind == "checkpoint" else None
+
+
 def lora_base(args: argparse.Namespace, policy: WeightSource, reference: WeightSource) -> WeightSource:
     """LoRA: the frozen base, read at every start (a LoRA checkpoint holds only the adapters): the policy's
-    initial weights; on a resume, what --dpoc-init names (converted: --ref-model, the initial weights, which a
-    resume needs anyway)."""
+    initial weights; on a resume, what --dpoc-init names (converted: --dpoc-lora-base, checked by `sources`)."""
     if policy.kind != "resume":
         return policy
     if args.dpoc_init == "random":
         return WeightSource("random", None, "--dpoc-init")
     if args.dpoc_init == "hf":
         return WeightSource("hf", args.dpoc_hf_weights, "--dpoc-hf-weights")
-    return reference
+    return open_source(args.dpoc_lora_base, "--dpoc-lora-base", "", [], kinds=("checkpoint",))
 
 
 def same_weights(a: WeightSource, b: WeightSource) -> bool:

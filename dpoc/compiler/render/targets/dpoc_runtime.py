@@ -67,18 +67,6 @@ def unsupported(plan: Plan) -> list[Violation]:
     if plan.checkpoint.init == "converted" and plan.checkpoint.load is None:
         out.append(Violation("model.hf_weights", "is required to convert the initial weights (or give "
                              "checkpoint.load, or checkpoint.init=random)"))
-    if plan.lora is not None and plan.lora.experts and layout.moe_experts not in (None, "sequential"):
-        out.append(Violation("lora.experts", f"{why} puts expert adapters on SequentialMLP's loop only, not the "
-                             f"grouped-GEMM experts ({layout.moe_experts}) yet; valid: "
-                             "parallelism.moe_grouped_gemm=false, or false"))
-    if plan.lora is not None and plan.lora.init_from is not None and plan.dpo.reference == "precomputed":
-        out.append(Violation("lora.init_from", f"{why}'s precompute pass does not run the initial adapter yet, so "
-                             "its reference would be the base alone; valid: dpo.reference=live, or leave it out"))
-    ck = plan.checkpoint
-    if plan.lora is not None and ck.init == "converted" and ck.ref_model != ck.load:
-        out.append(Violation("checkpoint.ref_model", "another reference than checkpoint.load with LoRA on converted "
-                             "weights is not supported yet: a resume finds the frozen base through it (valid: leave "
-                             "it out: the reference is the base, the policy with its adapters off)"))
     if layout.moe_dispatcher == "alltoall_seq":
         out.append(Violation("parallelism.moe_dispatcher", f"{why} has no alltoall_seq dispatcher; valid: "
                              "alltoall, allgather"))
@@ -213,6 +201,8 @@ def _checkpoint_args(plan: Plan, resume: bool) -> list[Arg]:
         args.append(("--dpoc-hf-weights", ck.hf_weights))
     if ck.ref_model is not None:
         args.append(("--ref-model", ck.ref_model))
+    if plan.lora is not None and ck.init == "converted":  # the frozen base, which a resume reads again
+        args.append(("--dpoc-lora-base", ck.load))
     if resume:
         args.append(("--load", ck.save))
     elif ck.load is not None:
