@@ -97,42 +97,41 @@ def _preflight(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpoc", description="Compile and launch DPO training jobs "
-                                     "(megatron-core / MindSpeed-RL on Ascend Atlas A2/A3).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotlist overrides, e.g. training.lr=1e-7; ~KEY deletes a recipe key")
 
-    def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="dotlist overrides, e.g. training.lr=1e-7; ~KEY deletes a recipe key")
 
-    p = sub.add_parser("build", help="compile a recipe into a build directory")
+def _build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe")
-    overrides(p)
+    _overrides(p)
     p.add_argument("-o", "--output", help="build directory; its name names the build, its run directory "
                    "and dataset (default: build/<recipe file stem>)")
     p.set_defaults(func=_build)
 
-    p = sub.add_parser("validate", help="check recipes (schema and every rule); writes nothing")
+
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipes", nargs="+")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("explain", help="every resolved value, where it came from and why")
+
+def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe")
-    overrides(p)
+    _overrides(p)
     p.set_defaults(func=_explain)
 
-    p = sub.add_parser("plan", help="rank the valid layouts: per-device memory breakdown, predicted speed, why")
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe")
-    overrides(p)
+    _overrides(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--top", type=int, default=10, help="how many ranked layouts to show")
     p.add_argument("--chart", metavar="FILE.svg", help="write the memory per pipeline stage of the best layout")
     p.set_defaults(func=_plan)
 
-    p = sub.add_parser("diff", help="what differs between two recipes or build directories: every resolved value "
-                       "(with both sources) and every file; exit 1 when they differ, 0 when equal")
+
+def _diff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A", help="a recipe file or a build directory (the old side)")
     p.add_argument("b", metavar="B", help="a recipe file or a build directory (the new side)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for B (a recipe); ~KEY deletes a key")
@@ -142,11 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--files", action="store_true", help="the changed lines of each changed file (unified diff)")
     p.set_defaults(func=_diff)
 
-    p = sub.add_parser("schema", help="print a JSON Schema")
+
+def _schema_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["recipe", "model", "hardware", "plan", "preprocess"])
     p.set_defaults(func=_schema)
 
-    p = sub.add_parser("preflight", help="check a node before launch (run by the node scripts)")
+
+def _preflight_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("build_dir")
     p.add_argument("--mode", choices=["fresh", "resume"], default="fresh")
     p.add_argument("--target", choices=["dpoc", "mindspeed-rl"], default="dpoc")
@@ -159,21 +160,45 @@ def _parser() -> argparse.ArgumentParser:
                    "its time and memory beside the planner's (seconds)")
     p.set_defaults(func=_preflight)
 
-    for name, (module, help_text) in EXTERNAL.items():
-        p = sub.add_parser(name, help=help_text)
-        p.set_defaults(external=module)
+
+# subcommands defined here: name -> (help, what adds its arguments)
+COMMANDS = {
+    "build": ("compile a recipe into a build directory", _build_arguments),
+    "validate": ("check recipes (schema and every rule); writes nothing", _validate_arguments),
+    "explain": ("every resolved value, where it came from and why", _explain_arguments),
+    "plan": ("rank the valid layouts: per-device memory breakdown, predicted speed, why", _plan_arguments),
+    "diff": ("what differs between two recipes or build directories: every resolved value (with both sources) "
+             "and every file; exit 1 when they differ, 0 when equal", _diff_arguments),
+    "schema": ("print a JSON Schema", _schema_arguments),
+    "preflight": ("check a node before launch (run by the node scripts)", _preflight_arguments),
+}
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Given a `command` it knows, only that subcommand's parser is made: each one
+    argparse creates costs about as much as parsing (a `dpoc build` need not make the other twelve); `dpoc
+    --help` and a mistyped command get them all."""
+    parser = argparse.ArgumentParser(prog="dpoc", description="Compile and launch DPO training jobs "
+                                     "(megatron-core / MindSpeed-RL on Ascend Atlas A2/A3).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        if command not in COMMANDS or command == name:
+            add_arguments(sub.add_parser(name, help=help_text))
+    if command not in COMMANDS:
+        for name, (module, help_text) in EXTERNAL.items():
+            p = sub.add_parser(name, help=help_text)
+            p.set_defaults(external=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
     if argv and argv[0] in EXTERNAL:  # these own their arguments
         module = importlib.import_module(EXTERNAL[argv[0]][0])
         sub = argparse.ArgumentParser(prog=f"dpoc {argv[0]}", description=EXTERNAL[argv[0]][1])
         module.add_arguments(sub)
         return _run(lambda: module.run(sub.parse_args(argv[1:])))
-    args = parser.parse_args(argv)
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     return _run(lambda: args.func(args))
 
 

@@ -27,7 +27,7 @@ PRESET_SECTIONS = {"model": "models", "hardware": "hardware"}
 HF_CONFIG_SOURCE = "hf:config.json"  # provenance of model fields read from the weights' config.json
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class LoadedRecipe:
     """A recipe with its presets and overrides merged, and where each leaf came from."""
     path: str  # as the user gave it; used in every error message

@@ -51,7 +51,7 @@ def moved_bytes(op: str, message: float, ranks: int) -> float:
     return message  # broadcast, send / receive
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class MicroBatchCalls:
     """Collective calls of one micro-batch through one stage, by parallelism."""
 

@@ -143,7 +143,7 @@ def _rounded(mean: float, square: float, multiple: int) -> tuple[float, float]:
     return mean + pad, square + 2 * pad * mean + (multiple - 1) * (2 * multiple - 1) / 6
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # a result: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # a result: not frozen, compared by identity, no repr (one method to compile)
 class MicroBatchLengths:
     """Padded tokens per sequence of the slowest data-parallel rank's micro-batches (rank 0's), in the order
     it runs them, as expected values (and their squares: attention's s^2); the mean over all micro-batches of

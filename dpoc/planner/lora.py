@@ -24,7 +24,7 @@ from dpoc.planner.params import Shard, kv_width, q_width
 ADAPTER_CALLS = 4
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class Linear:
     """One adapted linear of a layer, whole (before tensor parallelism)."""
 

@@ -73,7 +73,7 @@ class StageMemory:
         return self.static + dynamic + self.comm_buffers + self.reserve
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # a result: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # a result: not frozen, compared by identity, no repr (one method to compile)
 class MemoryEstimate:
     """The predicted memory of each pipeline stage against the device's capacity."""
     stages: tuple[StageMemory, ...]
@@ -114,7 +114,7 @@ def static_bytes(shard: Shard, layout: Layout, training: Training, trained: Shar
     return weight * (shard.total + extra.total), FP32 * trained.total, optimizer, weight * shard.total
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class _Tokens:
     """Tokens one rank sees in a layer for `sequences` sequences of length s."""
 
@@ -236,7 +236,7 @@ def in_flight_chunks(layout: Layout, stage: int, micro_batches: int | None = Non
     return min(layout.pp * (layout.vpp + 1) - 1 - 2 * stage, m * layout.vpp)
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class _PerLayer:
     """Per-micro-batch quantities every stage shares (computed once per layout)."""
 

@@ -20,7 +20,7 @@ from dpoc.contract.plan import Layout, Training
 SEQUENCES_PER_PAIR = 2
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # a result: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # a result: not frozen, compared by identity, no repr (one method to compile)
 class PackedSteps:
     """What packing makes of a step, on average."""
     micro_batches: float  # per data-parallel rank and step, on average

@@ -17,7 +17,7 @@ from dpoc.contract.plan import Layout
 SWIGLU_MATRICES = 3  # gate, up, down
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class LayerParams:
     """Parameters of one transformer layer, by sharding group."""
 

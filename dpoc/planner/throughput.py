@@ -117,7 +117,7 @@ class Efficiency:
 FITTED = Efficiency(dense=0.4762, experts=0.1691)
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # a result: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # a result: not frozen, compared by identity, no repr (one method to compile)
 class Throughput:
     """The predicted step time and rates of one layout."""
     step_s: float
@@ -156,7 +156,7 @@ def _transfer_s(hardware: HardwareSpec, span: int, nbytes: float) -> float:
     return nbytes / (link_gbps(hardware, span) * 1e9 * COMM_EFFICIENCY)
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class _StageFlops:
     """Forward FLOPs of one micro-batch through one stage."""
     dense: float  # forward FLOPs of one micro-batch through the stage (all ranks of the stage together)
@@ -210,7 +210,7 @@ def forward_flops_per_sequence(model: ModelSpec, seq: float, seq_square: float |
     return f.dense + f.experts
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class _Run:
     """Everything one prediction reads."""
     model: ModelSpec
@@ -396,7 +396,7 @@ def _adapter_count(model: ModelSpec, layout: Layout, lora: Lora) -> int:
                for linear in adapters.adapted_linears(model, lora))
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # a result: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # a result: not frozen, compared by identity, no repr (one method to compile)
 class ReferencePass:
     """The precompute pass of precomputed reference log-probs: one forward over the dataset."""
 

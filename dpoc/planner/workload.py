@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from dpoc.contract.lora import Lora
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class Workload:
     """What one step runs per sample: sequences, reference forward, training or forward only."""
     sequences_per_sample: int

@@ -19,7 +19,7 @@ from dpoc.contract.plan import Plan
 DPOC_DIR, MINDSPEED_DIR = "convert", "mindspeed-rl/convert"
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class DpocConversion:
     """One `dpoc convert` script of the build."""
     file: str  # under convert/
@@ -42,7 +42,7 @@ def dpoc_conversions(plan: Plan) -> list[DpocConversion]:
     return out
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class Conversion:
     """One MindSpeed-LLM conversion script of the build."""
     file: str  # under mindspeed-rl/convert/

@@ -34,7 +34,7 @@ SEARCHED = ("tp", "pp", "vpp", "cp", "ep", "etp", "micro_batch_size", "recompute
 REFERENCE_MICRO_BATCH_CAP = 16
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class LayoutInputs:
     """Everything the choice of layout depends on, resolved from the recipe."""
 
@@ -68,7 +68,7 @@ class LayoutInputs:
         return [v for v in rules.check(context) if not v.warning]
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # an intermediate: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # an intermediate: not frozen, compared by identity, no repr (one method to compile)
 class ReferencePlan:
     """The precompute pass of `dpo.reference: precomputed` at the training layout."""
 
@@ -77,7 +77,7 @@ class ReferencePlan:
     chosen: bool  # the planner picked the micro-batch (else the recipe)
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # a result: compared by identity, no repr (a cheaper import)
+@dataclass(eq=False, repr=False)  # a result: not frozen, compared by identity, no repr (one method to compile)
 class Choice:
     """A layout the planner considered, with its predicted memory and throughput."""
     layout: Layout
