@@ -3,8 +3,15 @@ with KERNEL, that stand-in kernel is broken first (its result off by 10%: `torch
 `torch._grouped_mm`), so the check must name the op that runs it:
 
     python tests/runtime/device_stub_preflight.py KIND BUILD [KERNEL]
+
+And one process of the check's group on the stand-in, for test_device_stubs.py's launches (batch_driver.py
+runs `main(argv)` in each rank: the stand-in lives in those processes, which a group the preflight started
+would not have):
+
+    python -m tests.runtime.device_stub_preflight KIND ARGS_FILE REPORT_DIR DEVICES
 """
 
+import os
 import sys
 
 from tests.runtime import device_stubs
@@ -24,6 +31,18 @@ def break_kernel(name: str) -> None:
         return type(out)([out[0] * 1.1, *out[1:]])
 
     setattr(owner, name, broken)
+
+
+def main(argv: list[str]) -> int:
+    """Install the stand-in (once per process) and run this rank's part of the check, reporting to REPORT_DIR."""
+    kind, args_file, report, node_devices = argv
+    if device_stubs.installed != [kind]:
+        device_stubs.install(kind)
+    from dpoc.contract.check_group import REPORT_ENV
+    from dpoc.runtime import device_check
+
+    os.environ[REPORT_ENV] = report
+    return device_check.main([args_file, "--devices", node_devices])
 
 
 if __name__ == "__main__":  # dist checkpointing spawns helper processes that re-import this module

@@ -39,6 +39,16 @@ def run_python(*command: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def check_args(tmp: Path, kind: str) -> Path:
+    """The tiny MoE model with grouped GEMM in bf16 at tp2 (etp2, sequence parallel): the device check's group is
+    2 processes."""
+    flags = [("--dpoc-device", kind), ("--distributed-backend", BACKENDS[kind]), ("--bf16", True),
+             ("--moe-grouped-gemm", True), ("--tensor-model-parallel-size", 2), ("--sequence-parallel", True),
+             ("--expert-model-parallel-size", 1), ("--expert-tensor-parallel-size", 2)]
+    return write_args(tmp / f"check-{kind}.args", str(tmp / "pairs"), tmp / "runs" / f"check-{kind}", moe=True,
+                      extra=flags)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("stubs")
@@ -48,8 +58,8 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(work) -> Runs:
-    """Per kind, one 2-process launch: the probe, every shipped recipe's step, and (npu) the cp2 run; and the
-    cp2 run's one-process CPU reference."""
+    """Per kind, one 2-process launch: the probe, every shipped recipe's step, (npu) the cp2 run, and the device
+    check at tp2; and the cp2 run's one-process CPU reference."""
     runs = Runs(work / "launches")
     for kind in BACKENDS:
         runs.add(f"probe-{kind}", ["-m", "tests.runtime.device_stub_probe", kind, stub_args(work, kind)], 2, kind)
@@ -61,6 +71,10 @@ def runs(work) -> Runs:
                      layout=[("--context-parallel-size", 2)],
                      extra=[("--dpoc-device", "npu"), ("--distributed-backend", "hccl")])
     runs.add("cp2-npu", ["-m", "tests.runtime.device_stub_train", "npu", f"@{npu}"], 2, "npu")
+    for kind in BACKENDS:
+        (work / f"check-{kind}").mkdir()
+        runs.add(f"check-{kind}", ["-m", "tests.runtime.device_stub_preflight", kind, check_args(work, kind),
+                                   work / f"check-{kind}", 2], 2, kind)
     runs.add("cpu", ["-m", "dpoc.runtime.train", f"@{cpu}"])
     return runs
 
@@ -166,6 +180,32 @@ def test_every_shipped_recipe_builds_and_steps(work, runs, recipe, kind):
     grouped = {"npu": "npu-gmm", "cuda": "torch-grouped-mm"}[kind] if "--moe-grouped-gemm" in flags else "sequential"
     experts = grouped if "--num-experts" in flags else "-"
     assert f"kernels: attention {'npu-fusion' if kind == 'npu' else 'sdpa'}, moe experts {experts}" in log
+
+
+CHECKED = {  # the kernels the check must name on each stand-in (tp2 etp2: the layer's group is 2 processes)
+    "npu": ["collective all_reduce (hccl)", "RMSNorm (torch_npu.npu_rms_norm)", "rotary (torch_npu.npu_rotary_mul)",
+            "swiglu (torch_npu.npu_swiglu)", "attention (npu-fusion)", "moe experts (npu-gmm)",
+            "one layer forward, backward and optimizer step (experts npu-gmm, tp2 ep1 etp2, 2 processes)",
+            "replicas agree (tp2 ep1 etp2, 2 processes)"],
+    "cuda": ["collective all_reduce (nccl)", "RMSNorm (unfused)", "rotary (unfused)", "swiglu (unfused)",
+             "attention (sdpa)", "moe experts (torch-grouped-mm)",
+             "one layer forward, backward and optimizer step (experts torch-grouped-mm, tp2 ep1 etp2, 2 processes)",
+             "replicas agree (tp2 ep1 etp2, 2 processes)"],
+}
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_the_device_check_runs_at_tp2_on_the_stand_in(work, runs, kind):
+    """The device check as two processes of its group, each with the stand-in: every kernel path at the rank's
+    tp2 shapes, the sharded layer's step on hccl / nccl (host tensors refused), and the two ranks' replicas
+    alike."""
+    from dpoc.contract.check_group import read_report
+
+    done = runs.result(f"check-{kind}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines, failure = read_report(work / f"check-{kind}")
+    assert failure is None and lines is not None, (failure, done.stderr[-3000:])
+    assert [line.removeprefix("device check: ").split(": ok")[0] for line in lines] == CHECKED[kind], lines
 
 
 def test_context_parallel_on_the_npu_stand_in_gives_the_one_process_cpu_losses(work, runs):
