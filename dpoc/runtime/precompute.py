@@ -121,9 +121,5 @@ def _table(found: list, pairs: int) -> np.ndarray:
     return logps
 
 
-
-
-
-
 if __name__ == "__main__":
     sys.exit(main())

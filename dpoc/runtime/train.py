@@ -48,26 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return entry(argv, train)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def train(args: argparse.Namespace, device: devices.Device, args_file: str,
           weights: tuple[weight_sources.WeightSource, ...]) -> int:
     """The training loop; returns the process's exit code (0, or EXIT_PREEMPTED after a SIGTERM's save)."""

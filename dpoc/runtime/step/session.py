@@ -112,7 +112,7 @@ def build_models(args: argparse.Namespace, config, weights: tuple[weight_sources
     policy_config, reference_config = config, copy.copy(config)
     chunks = build_chunks(policy_config, args)
     adapters = lora.settings(args)
-    base = weight_sources.lora_base(args, policy_source, reference_source) if adapters else policy_source
+    base = weight_sources.lora_base(args, policy_source) if adapters else policy_source
     if base.kind != "resume":  # a resumed policy is read from its checkpoint once the optimizer exists
         weight_sources.load(base, chunks, config, args)
     if adapters:
@@ -134,7 +134,7 @@ def build_reference_alone(args: argparse.Namespace, config, weights: tuple[weigh
     policy_source, reference_source = weights
     adapters = lora.settings(args)
     if adapters and args.lora_load:
-        base = weight_sources.lora_base(args, policy_source, reference_source)
+        base = weight_sources.lora_base(args, policy_source)
         if weight_sources.same_weights(base, reference_source):
             return build_reference(args, config, base, adapters)
     return build_reference(args, config, reference_source)

@@ -106,7 +106,7 @@ def _lora_base_flag(args: argparse.Namespace, args_file: str, policy: WeightSour
     return base if base.kind == "checkpoint" else None
 
 
-def lora_base(args: argparse.Namespace, policy: WeightSource, reference: WeightSource) -> WeightSource:
+def lora_base(args: argparse.Namespace, policy: WeightSource) -> WeightSource:
     """LoRA: the frozen base, read at every start (a LoRA checkpoint holds only the adapters): the policy's
     initial weights; on a resume, what --dpoc-init names (converted: --dpoc-lora-base, checked by `sources`)."""
     if policy.kind != "resume":
