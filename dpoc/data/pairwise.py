@@ -18,7 +18,7 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpoc.common import deferred_fusions
+from dpoc.common import deferred_fusions, harmless_warnings
 from dpoc.common.atomic import swap_in
 from dpoc.contract.errors import DpocError, Problem
 
@@ -51,6 +51,13 @@ def output_files(prefix: str, unpaired: bool = False) -> list[str]:
     return [*dataset_files(prefix, unpaired), stats_path(prefix)]
 
 
+def _before_megatron() -> None:
+    """What any process does before its first megatron-core import (the runtime's package does the same): its
+    fused kernels compiled on first call, and its known harmless import warnings hidden."""
+    deferred_fusions.install()
+    harmless_warnings.ignore()
+
+
 class PairwiseWriter:
     """Writes into a hidden temporary directory next to the output; `commit` swaps all files in together.
 
@@ -62,7 +69,7 @@ class PairwiseWriter:
     def __init__(self, prefix: str, unpaired: bool = False):
         import numpy as np
 
-        deferred_fusions.install()
+        _before_megatron()
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix, self.unpaired = prefix, unpaired
@@ -116,7 +123,7 @@ class PairwiseDataset:
     (memory-mapped)."""
 
     def __init__(self, prefix: str, unpaired: bool = False):
-        deferred_fusions.install()
+        _before_megatron()
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         kind = "unpaired" if unpaired else "pairwise"

@@ -1,8 +1,7 @@
 """The library warnings every run printed (~40 lines on the tiny CPU job) that say nothing about the run.
 
-Filtered when the runtime package is first imported — before megatron-core, whose imports raise most of them —
-each by its category and the start of its exact message, so any other warning, and these same words from
-another category, still show. Each entry says where it comes from and why it is harmless.
+The known ones (`dpoc.common.harmless_warnings`, shared with `dpoc preprocess`) are filtered when the runtime
+package is first imported, before megatron-core, whose imports raise most of them.
 
 Under torchrun (RANK set) every other warning reaches the log once, from whichever rank raised it first, as
 `[rank N] <the usual warning lines>`: a warning only rank 3 raises is shown (it used to be dropped with every
@@ -25,30 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-KNOWN_HARMLESS: tuple[tuple[type[Warning], str], ...] = (
-    # megatron-core at import: dpoc runs its local (non-TransformerEngine) layers and torch optimizers by design
-    (UserWarning, r"Transformer Engine and Apex are not installed\. Falling back to "),
-    (UserWarning, r"Apex is not installed\. Falling back to Torch Norm"),
-    # megatron-core 0.16's own TransformerConfig default (cuda_graph_scope="full") warns about itself; no run
-    # here captures CUDA graphs
-    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope to capture the whole layer"),
-    # megatron-core's DistributedOptimizer.zero_grad reads `.grad` of its shard views of the parameters, which
-    # are not leaves; it fills those `.grad` fields itself from main_grad before each step
-    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
-    # torch 2.13 renamed the collectives megatron-core's gradient and parameter buffers call; the old names work
-    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"),
-    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
-    # on resume, megatron-core 0.16's torch_dist load strategy calls torch.distributed.checkpoint's old
-    # `load_state_dict`, which torch 2.13 still serves under its new name `load`
-    (FutureWarning, r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load`"),
-    # on resume, megatron-core's distributed checkpoints describe their shards with torch's ShardedTensor
-    # metadata (their own file format), which torch deprecates in favour of DTensor for new code
-    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
-    # convert mcore-to-hf reads a checkpoint in its one process on purpose (torch.distributed.checkpoint no_dist)
-    (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
-                  r"in a single process"),
-)
-
+from dpoc.common import harmless_warnings
 
 MAX_SHOWN = 20  # distinct warnings one rank shows before it stops (and says so once)
 
@@ -57,8 +33,7 @@ def silence() -> None:
     """The known ones everywhere. Under torchrun every other warning once per node (per place and text, as
     Python's default shows it once per place in a process), prefixed with the rank that raised it
     (`rank_warnings`). PYTHONWARNINGS / -W still rule which warnings show; the prefix stays."""
-    for category, message in KNOWN_HARMLESS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    harmless_warnings.ignore()
     rank = os.environ.get("RANK")
     if rank is not None:
         marks = None if sys.warnoptions else marker_dir()

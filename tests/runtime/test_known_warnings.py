@@ -9,7 +9,8 @@ import warnings
 
 import pytest
 
-from dpoc.runtime.known_warnings import KNOWN_HARMLESS, silence
+from dpoc.common.harmless_warnings import KNOWN_HARMLESS
+from dpoc.runtime.known_warnings import silence
 from tests.conftest import REPO
 
 # the texts as megatron-core 0.16 and torch 2.13 print them in a run of the tiny CPU job
@@ -59,12 +60,18 @@ def test_every_filter_matches_a_warning_seen_and_nothing_else_is_silenced():
 
 
 @pytest.mark.slow
-def test_importing_the_runtime_prints_no_library_warnings():
-    """megatron-core's imports warn about TransformerEngine and Apex; the runtime imports them silently."""
+def test_importing_the_runtime_or_reading_a_dataset_prints_no_library_warnings(tmp_path):
+    """megatron-core's imports warn about TransformerEngine and Apex; the runtime imports them silently, and so
+    does `dpoc preprocess` (its indexed datasets are megatron-core's), each in a fresh process (run side by side)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    proc = subprocess.run([sys.executable, "-c", "import dpoc.runtime.train"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**env, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    codes = {"runtime": "import dpoc.runtime.train",
+             "preprocess": f"from dpoc.data.pairwise import PairwiseWriter; PairwiseWriter({str(tmp_path / 'd')!r})"}
+    procs = {name: subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env={**env, "PYTHONPATH": str(REPO)})
+             for name, code in codes.items()}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and stderr == "", (name, stderr)
 
 
 PROBE = """
