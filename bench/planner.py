@@ -274,7 +274,14 @@ def plan_of(out: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = arguments(__doc__.splitlines()[0], "planner").parse_args()
+    parser = arguments(__doc__.splitlines()[0], "planner")
+    parser.add_argument("--tiny-only", action="store_true",
+                        help="re-measure only the tiny CPU rows and print them; writes no result (its other "
+                             "parts would not be measured at the same time)")
+    args = parser.parse_args()
+    if args.tiny_only:
+        tiny_cpu_report(4, 1, (1,)) if args.smoke else tiny_cpu_report(30, 3)
+        return
     calibration = calibration_report()
     efficiency = Efficiency(**calibration["efficiency"])
     # --smoke: one search (the A2 one, the smallest space), timed once; the tiny recipe for 4 steps, 1 process
