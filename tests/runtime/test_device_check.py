@@ -23,7 +23,6 @@ from tests.conftest import RECIPES, REPO
 from tests.runtime.batched import Runs
 
 pytestmark = pytest.mark.slow
-DRIVER = Path(__file__).with_name("device_stub_preflight.py")
 # the tiny MoE recipe on each stand-in, with grouped GEMM, at ep1 (one process: the stand-ins live in it); the
 # cuda one packs its micro-batches too
 BUILDS = {
@@ -62,18 +61,17 @@ def builds(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def check(build_dir: Path, kind: str, broken: str | None = None) -> subprocess.CompletedProcess:
-    """The check as the node script runs it (cpu), or through the stand-in driver."""
+def check(build_dir: Path) -> subprocess.CompletedProcess:
+    """The cpu check as the node script runs it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = ["-m", "dpoc", "preflight", str(build_dir), "--device"] if kind == "cpu" else \
-        [str(DRIVER), kind, str(build_dir), *([broken] if broken else [])]
-    return subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "dpoc", "preflight", str(build_dir), "--device"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def cpu_checks(builds) -> dict[str, subprocess.CompletedProcess]:
     """Each cpu build's check, once: a two-process group each (tp2; ep2)."""
-    return {name: check(builds[name], "cpu") for name in ("cpu-dense", "cpu-moe")}
+    return {name: check(builds[name]) for name in ("cpu-dense", "cpu-moe")}
 
 
 def ops_checked(stdout: str) -> list[str]:
@@ -104,23 +102,37 @@ def test_the_layer_line_gives_time_and_memory_beside_the_planner(builds, cpu_che
     assert float(found["s"]) > 0 and 0 < float(found["loss"]) < 20
 
 
+BROKEN = [("npu", "npu_rms_norm", "RMSNorm (torch_npu.npu_rms_norm)"),
+          ("npu", "npu_rotary_mul", "rotary (torch_npu.npu_rotary_mul)"),
+          ("npu", "npu_swiglu", "swiglu (torch_npu.npu_swiglu)"),
+          ("npu", "npu_fusion_attention", "attention (npu-fusion)"),
+          ("npu", "npu_grouped_matmul", "moe experts (npu-gmm)"),
+          ("cuda", "_grouped_mm", "moe experts (torch-grouped-mm)")]
+
+
+@pytest.fixture(scope="module")
+def stand_in(builds, tmp_path_factory) -> Runs:
+    """The stand-in preflights (device_stub_preflight.py), each kind's in one launch: the whole check, then one
+    per broken kernel (put back after each)."""
+    runs = Runs(tmp_path_factory.mktemp("stand-in") / "launches")
+    for kind in ("npu", "cuda"):
+        runs.add(kind, ["-m", "tests.runtime.device_stub_preflight", kind, "preflight", builds[kind]], 1, kind)
+    for kind, kernel, _ in BROKEN:
+        runs.add(kernel, ["-m", "tests.runtime.device_stub_preflight", kind, "preflight", builds[kind], kernel], 1,
+                 kind)
+    return runs
+
+
 @pytest.mark.parametrize("name", ["npu", "cuda"])
-def test_the_stand_in_check_runs_every_kernel_path_of_the_build(builds, name):
-    done = check(builds[name], name)
+def test_the_stand_in_check_runs_every_kernel_path_of_the_build(stand_in, name):
+    done = stand_in.result(name)
     assert done.returncode == 0, done.stderr[-3000:]
     assert ops_checked(done.stdout) == OPS[name]
 
 
-@pytest.mark.parametrize("kind, kernel, op", [
-    ("npu", "npu_rms_norm", "RMSNorm (torch_npu.npu_rms_norm)"),
-    ("npu", "npu_rotary_mul", "rotary (torch_npu.npu_rotary_mul)"),
-    ("npu", "npu_swiglu", "swiglu (torch_npu.npu_swiglu)"),
-    ("npu", "npu_fusion_attention", "attention (npu-fusion)"),
-    ("npu", "npu_grouped_matmul", "moe experts (npu-gmm)"),
-    ("cuda", "_grouped_mm", "moe experts (torch-grouped-mm)"),
-])
-def test_a_broken_kernel_fails_the_check_naming_its_op(builds, kind, kernel, op):
-    done = check(builds[kind], kind, kernel)
+@pytest.mark.parametrize("kind, kernel, op", BROKEN)
+def test_a_broken_kernel_fails_the_check_naming_its_op(builds, stand_in, kind, kernel, op):
+    done = stand_in.result(kernel)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if "device check" in line]
     assert errors == [line for line in done.stderr.splitlines() if line.startswith(str(builds[kind]))]

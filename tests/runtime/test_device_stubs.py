@@ -73,7 +73,7 @@ def runs(work) -> Runs:
     runs.add("cp2-npu", ["-m", "tests.runtime.device_stub_train", "npu", f"@{npu}"], 2, "npu")
     for kind in BACKENDS:
         (work / f"check-{kind}").mkdir()
-        runs.add(f"check-{kind}", ["-m", "tests.runtime.device_stub_preflight", kind, check_args(work, kind),
+        runs.add(f"check-{kind}", ["-m", "tests.runtime.device_stub_preflight", kind, "rank", check_args(work, kind),
                                    work / f"check-{kind}", 2], 2, kind)
     runs.add("cpu", ["-m", "dpoc.runtime.train", f"@{cpu}"])
     return runs
