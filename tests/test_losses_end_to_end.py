@@ -10,7 +10,7 @@ import pytest
 
 from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
-from tests.conftest import RECIPES, REPO, measured_memory, script_env, tiny_dataset
+from tests.conftest import NO_DEVICE_CHECK, RECIPES, REPO, measured_memory, script_env, tiny_dataset
 
 BETA = 2.0
 
@@ -27,7 +27,8 @@ def test_simpo_trains_from_its_rendered_files_without_a_reference(dataset, tmp_p
                                       "dpo.loss=simpo",
                                       f"dpo.beta={BETA}", "dpo.simpo_gamma=0.5", "dpo.cpo_alpha=0.1",
                                       f"dataset.output_prefix={dataset}", f"run_dir={run_dir}"], out=out)
-    run = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=script_env(DPOC_MASTER_PORT=str(free_port())),
+    run = subprocess.run(["bash", str(out / "launch.sh")], cwd=REPO, env=script_env(DPOC_MASTER_PORT=str(free_port()),
+                                                                                 **NO_DEVICE_CHECK),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

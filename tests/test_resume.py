@@ -25,7 +25,7 @@ from dpoc.compiler.pipeline import build
 from dpoc.contract.runs import METRICS, PREEMPTED, TRACKER, folder_name
 from dpoc.runtime.checkpoint import publish
 from dpoc.runtime.checkpoint.save_load import PAUSE_ENV
-from tests.conftest import RECIPES, REPO
+from tests.conftest import NO_DEVICE_CHECK, RECIPES, REPO
 from tests.runtime.synthetic import write_pairs
 
 STEPS = 8
@@ -55,7 +55,7 @@ class Job:
         self._out = open(log, "w")  # noqa: SIM115 (closed in finish/kill)
         environment = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
                        "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "DPOC_MASTER_PORT": str(free_port()),
-                       **env}
+                       **NO_DEVICE_CHECK, **env}  # resume, not the device check, is under test
         self.proc = subprocess.Popen(["bash", str(script)], cwd=REPO, env=environment, stdout=self._out,
                                      stderr=subprocess.STDOUT, start_new_session=True)  # its signals only
         _STARTED.append(self)
