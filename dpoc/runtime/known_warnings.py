@@ -40,14 +40,17 @@ def silence() -> None:
         warnings.showwarning = rank_warnings(rank, marks)
 
 
+MARKS_ENV = "DPOC_WARNING_MARKS"  # the launcher's own temporary directory (`dpoc.runtime.torchrun`)
+
+
 def marker_dir() -> Path:
     """Where the ranks of this node mark the warnings shown: one directory per torchrun agent (their common
-    parent process) and run and restart, in the temp directory (a fresh one after a restart: the restarted
-    ranks' warnings show again)."""
+    parent process) and run and restart (a fresh one after a restart: the restarted ranks' warnings show
+    again), inside the directory the launcher owns and removes (`MARKS_ENV`), else in the temp directory."""
     job = "-".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
                                                      "MASTER_ADDR", "MASTER_PORT"))
     digest = hashlib.sha256(f"{os.getppid()}|{job}".encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"dpoc-warnings-{digest}"
+    return Path(os.environ.get(MARKS_ENV) or tempfile.gettempdir()) / f"dpoc-warnings-{digest}"
 
 
 def _first_on_node(marks: Path, key: str) -> bool:

@@ -116,17 +116,22 @@ def test_without_torchrun_warnings_print_as_python_prints_them():
 
 @pytest.mark.slow
 def test_a_run_and_its_resume_print_no_warnings(tmp_path):
-    """The tiny job on 2 ranks, then resumed from its checkpoint with more steps: not one library warning."""
+    """The tiny job on 2 ranks, then resumed from its checkpoint with more steps: not one library warning, and
+    nothing left in the launch's temp directory."""
     from dpoc.compiler.pipeline import build
     from tests.conftest import RECIPES, script_env, tiny_dataset
 
     common = [f"dataset.output_prefix={tiny_dataset()}", f"run_dir={tmp_path}/run", "training.warmup_iters=1",
               "training.save_interval=2"]
-    env = {k: v for k, v in script_env().items() if k != "PYTHONWARNINGS"}
+    temp = tmp_path / "tmp"  # the launch's temp directory: the ranks' warning markers must not stay in it
+    temp.mkdir()
+    env = {**{k: v for k, v in script_env().items() if k != "PYTHONWARNINGS"}, "TMPDIR": str(temp)}
     for steps in (2, 4):
         build(RECIPES / "tiny_cpu.yaml", [*common, f"training.train_iters={steps}"], out=tmp_path / "b")
         done = subprocess.run([sys.executable, "-m", "dpoc", "launch", str(tmp_path / "b")], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "Warning" not in done.stdout + done.stderr, done.stdout
+        left = sorted(p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_"))  # a lasting cache
+        assert left == [], left
     assert "resumed from" in done.stdout
