@@ -19,16 +19,15 @@ import pytest
 from dpoc.common.ports import free_port
 from dpoc.compiler.pipeline import build
 from dpoc.contract.runs import TRACKER
-from tests.conftest import RECIPES, REPO, scratch, script_env, tiny_dataset
+from tests.conftest import NO_DEVICE_CHECK, RECIPES, REPO, scratch, script_env, tiny_dataset
 from tests.launch.helpers import left_running, losses, plan_hash
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 ITERS, SAVE = 10, 2
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}  # loopback only, offline
+# loopback only, offline; no node runs the device check (tests/runtime/test_device_check.py tests it)
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **NO_DEVICE_CHECK}
 WORKER = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-
-
 
 
 @dataclass
