@@ -130,27 +130,36 @@ def _paired_step(loss: str, policy, tokens: dict, ref: dict | None) -> dict[str,
             "logps/rejected": rejected.mean(), "grad_norm": _grad_norm(total, policy)}
 
 
-def _kto_step(prefix: str, policy, reference) -> dict[str, torch.Tensor]:
-    """KTO's first step on the preprocessed completions, all 8 one batch: each prompt's KL sequence takes the
-    previous example's completion (the first the last's), as TRL's KTOTrainer pairs them; the KL point is the
-    mean policy-reference log-ratio on those, clamped at 0, and not differentiated."""
-    ids, labels, desirable = (IndexedDataset(dataset_prefix(prefix, f)) for f in
-                              ("completion_input_ids", "completion_labels", "desirable"))
-    examples = [(ids[i].tolist(), labels[i].tolist()) for i in range(len(ids))]
-    good = torch.tensor([bool(desirable[i][0]) for i in range(len(ids))])
+def _kto_step(prefix: str, policy, reference, order: list[int] | None = None, block: int | None = None,
+              beta: float = BETA, desirable: float = DESIRABLE, undesirable: float = UNDESIRABLE
+              ) -> dict[str, torch.Tensor]:
+    """KTO's first step on the preprocessed completions `order` (default: all, in order), in batches of `block`
+    (default: one batch), each batch one process of TRL's KTOTrainer: each prompt's KL sequence takes the
+    previous example's completion of its batch (the first the last's), as TRL pairs them; the KL point is the
+    mean over the batches of each one's mean policy-reference log-ratio on those (TRL's gathered mean over its
+    processes), clamped at 0 and not differentiated; the metrics are means over all the step's completions,
+    the loss too (data parallelism averages the processes' equal-sized means)."""
+    ids, labels, flags = (IndexedDataset(dataset_prefix(prefix, f)) for f in
+                          ("completion_input_ids", "completion_labels", "desirable"))
+    order = list(range(len(ids))) if order is None else order
+    block = block or len(order)
+    examples = [(ids[i].tolist(), labels[i].tolist()) for i in order]
+    good = torch.tensor([bool(flags[i][0]) for i in order])
     prompt = [sum(1 for t in lab if t == -100) for _, lab in examples]
-    mismatched = [(examples[i][0][:prompt[i]] + examples[i - 1][0][prompt[i - 1]:],
-                   examples[i][1][:prompt[i]] + examples[i - 1][1][prompt[i - 1]:]) for i in range(len(examples))]
+    previous = [i - 1 if i % block else i + block - 1 for i in range(len(order))]
+    mismatched = [(examples[i][0][:prompt[i]] + examples[j][0][prompt[j]:],
+                   examples[i][1][:prompt[i]] + examples[j][1][prompt[j]:]) for i, j in enumerate(previous)]
     logps = torch.stack([_token_logps(policy, *e).sum() for e in examples])
     with torch.no_grad():
         ref = torch.stack([_token_logps(reference, *e).sum() for e in examples])
-        kl = (torch.stack([_token_logps(policy, *e).sum() for e in mismatched])
-              - torch.stack([_token_logps(reference, *e).sum() for e in mismatched])).mean().clamp(min=0)
+        kl_ratios = (torch.stack([_token_logps(policy, *e).sum() for e in mismatched])
+                     - torch.stack([_token_logps(reference, *e).sum() for e in mismatched]))
+        kl = kl_ratios.reshape(-1, block).mean(-1).mean().clamp(min=0)
     ratio = logps - ref
-    per = torch.where(good, DESIRABLE * (1 - torch.sigmoid(BETA * (ratio - kl))),
-                      UNDESIRABLE * (1 - torch.sigmoid(BETA * (kl - ratio))))
+    per = torch.where(good, desirable * (1 - torch.sigmoid(beta * (ratio - kl))),
+                      undesirable * (1 - torch.sigmoid(beta * (kl - ratio))))
     total = per.mean()
-    rewards = BETA * ratio
+    rewards = beta * ratio
     return {"loss": total, "kl": kl, "rewards/chosen": rewards[good].mean(), "rewards/rejected": rewards[~good].mean(),
             "rewards/margins": rewards[good].mean() - rewards[~good].mean(), "logps/chosen": logps[good].mean(),
             "logps/rejected": logps[~good].mean(), "grad_norm": _grad_norm(total, policy)}

@@ -14,7 +14,8 @@ def test_the_readme_table_lists_every_loss_as_the_contract_does():
             rows[cells[0].strip("`")] = cells
     assert set(rows) == set(losses.NAMES)
     for loss in losses.LOSSES:
-        name, reference, _, params, targets, trl = rows[loss.name]
+        name, reference, data, params, targets, trl = rows[loss.name]
         assert reference == ("yes" if loss.reference else "no"), name
+        assert data == ("unpaired" if loss.unpaired else "paired"), name
         assert all(f"`dpo.{p}`" in params for p in loss.params), name
         assert ("mindspeed-rl" in targets) == loss.mindspeed and trl == loss.trl, name

@@ -31,9 +31,10 @@ MODELS = {  # name: (config class, config, save_pretrained's max_shard_size)
 }
 
 
-def make_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+def make_model(name: str, seed: int = 0, **config_overrides) -> transformers.PreTrainedModel:
+    """`name`'s model (`config_overrides` change its config, e.g. its layer count), every weight seeded."""
     cls, extra, _ = MODELS[name]
-    config = getattr(transformers, cls)(**{**COMMON, **extra})
+    config = getattr(transformers, cls)(**{**COMMON, **extra, **config_overrides})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
