@@ -11,9 +11,7 @@ node script, whose preflight accepts it with one warning.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,7 +24,7 @@ from dpoc.data.config import build_config
 from dpoc.data.pairwise import FIELDS
 from dpoc.data.pipeline import preprocess
 from dpoc.runtime.step.data import PairwiseDataset, fit_pair, kept_lengths
-from tests.conftest import RECIPES, REPO
+from tests.conftest import NO_DEVICE_CHECK, RECIPES, REPO, script_env
 
 TOKENIZER = REPO / "assets" / "tiny" / "tokenizer"
 ROWS = [json.loads(line) for line in (REPO / "assets" / "tiny" / "orca_tiny.jsonl").read_text().splitlines()[:8]]
@@ -109,8 +107,7 @@ def test_a_build_trains_on_it_from_its_node_script(mindspeed_prefix, tmp_path):
     build(RECIPES / "tiny_cpu.yaml", ["hardware.devices_per_node=1", "training.train_iters=1", "training.warmup_iters=0",
                                       "training.global_batch_size=2", "parallelism.micro_batch_size=2",
                                       f"dataset.output_prefix={mindspeed_prefix}", f"run_dir={run_dir}"], out=out)
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "DPOC_MASTER_PORT": str(free_port())}
+    env = script_env(DPOC_MASTER_PORT=str(free_port()), **NO_DEVICE_CHECK)  # the dataset, not the check, is under test
     done = subprocess.run(["bash", str(out / "nodes/node-0.sh")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
