@@ -92,6 +92,7 @@ def _parallelism_flags(g: _Group, job: dict[str, bool]) -> None:
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--sequence-parallel", **_SWITCH)
     g.add_argument("--use-distributed-optimizer", **_SWITCH)
+    g.add_argument("--overlap-param-gather", **_SWITCH)
     g.add_argument("--distributed-backend", choices=["gloo", "nccl", "hccl"], default="nccl")
     g.add_argument("--dpoc-device", choices=["cpu", "cuda", "npu"], default="cuda")
     g.add_argument("--dpoc-core-attention", choices=["auto", "sdpa", "npu-fusion", "te", "local"],

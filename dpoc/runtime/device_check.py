@@ -57,7 +57,13 @@ from dpoc.runtime.model.gpt import (
     transformer_config,
 )
 from dpoc.runtime.step import memory_probe, replicas
-from dpoc.runtime.step.session import build_optimizer, ddp_config, init_distributed, initialize_parallel
+from dpoc.runtime.step.session import (
+    build_optimizer,
+    ddp_config,
+    init_distributed,
+    initialize_parallel,
+    sync_params,
+)
 
 EXPERT_SLICE = 4  # experts the grouped GEMM check multiplies (one gets no tokens): the kernel, not the model
 TOKENS = 128  # sequence length of the op checks (at most --seq-length); the layer's is --seq-length
@@ -358,6 +364,7 @@ def _layer(args: argparse.Namespace, device: devices.Device, config, planner: di
     else:
         what, used, expected = "peak", device.peak_memory(), planner.get("peak_bytes")
     step_s, used = _slowest_and_largest(step_s, used, here)
+    sync_params([policy])  # the replicas compare the gathered weights
     stepped.extend(replicas.after_step([policy], losses))
     time_note = f" (planner {planner['step_s']:.2f}s)" if "step_s" in planner else ""
     memory_note = f" (planner {_size(expected)}, {used / expected - 1:+.0%})" if expected else ""

@@ -40,7 +40,7 @@ from dpoc.runtime.step.data import Batching, rank_micro_batches, training_datase
 from dpoc.runtime.step.dpo import Objective
 from dpoc.runtime.step.passes import holds_outputs, policy_pass, reference_pass
 from dpoc.runtime.step.run_log import RunLog
-from dpoc.runtime.step.session import build_models, build_optimizer, entry, initialize_parallel
+from dpoc.runtime.step.session import build_models, build_optimizer, entry, initialize_parallel, sync_params
 from dpoc.runtime.weights import weight_sources
 
 
@@ -95,6 +95,7 @@ def train(args: argparse.Namespace, device: devices.Device, args_file: str,
         _, grad_norm, _ = optimizer.step()
         if saved:  # after the first update, when the optimizer's state exists
             frozen = [] if reference is policy else reference  # a LoRA policy that is its own reference
+            sync_params(policy)
             memory_probe.write(args.dpoc_run_dir, memory_probe.static_bytes(policy, frozen, optimizer), saved)
             break
         scheduler.step(increment=1)

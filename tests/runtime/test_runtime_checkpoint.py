@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpoc.common import atomic
 from dpoc.contract import megatron_args
@@ -23,6 +24,7 @@ STEPS = 4
 TP2 = [("--tensor-model-parallel-size", 2)]
 PP2 = [("--pipeline-model-parallel-size", 2)]
 EP2 = [("--expert-model-parallel-size", 2)]
+OVERLAP = [("--overlap-param-gather", True)]
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +52,15 @@ def _ok(done) -> str:
 
 
 SAVES = {"dense-tp2": (2, dict(layout=TP2)), "moe-dp2": (2, dict(moe=True)),
+         "moe-dp2-overlap": (2, dict(moe=True, flags=OVERLAP)),
          "plain": (1, dict(distributed_optimizer=False))}
 
 
 @pytest.fixture(scope="module")
 def saved(workdir) -> dict[str, tuple[Path, list[dict]]]:
-    """Uninterrupted 4-step runs saving at steps 2 and 4: dense at tp2, MoE at dp2, and dense in one process
-    with the plain (not distributed) optimizer (one launch per process count)."""
+    """Uninterrupted 4-step runs saving at steps 2 and 4: dense at tp2, MoE at dp2 (also with the parameter
+    all-gather deferred to the next forward, `--overlap-param-gather`), and dense in one process with the plain
+    (not distributed) optimizer (one launch per process count)."""
     runs = Runs(workdir / "saves-launches")
     for name, (processes, kwargs) in SAVES.items():
         _add(runs, name, _args(workdir, name, workdir / "saves" / name, **kwargs), processes)
@@ -114,6 +118,8 @@ def resumed(workdir, saved) -> tuple[Runs, Path]:
     data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
     shard.write_bytes(bytes(data))
     _add(runs, "damaged", _args(workdir, "damaged", target, target, distributed_optimizer=False), 1)
+    target = _copy(saved["moe-dp2-overlap"][0], workdir / "saves" / "overlap-resume", (2,))
+    _add(runs, "overlap-resume", _args(workdir, "overlap-resume", target, target, moe=True, flags=OVERLAP), 2)
     return runs, shard
 
 
@@ -130,6 +136,48 @@ def test_a_checkpoint_resumes_at_another_layout(workdir, saved, resumed, name, s
     for mine, theirs in zip(resumed_metrics, uninterrupted[2:], strict=True):
         for key in COMPARED:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (name, mine["step"], key)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved checkpoint (the model's weights, the optimizer's state), read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = folder.parent / f"{folder.parent.name}-{folder.name}.pt"
+    dcp_to_torch_save(str(folder), str(out))
+    loaded = torch.load(out, weights_only=False)
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def _same_tensors(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert sorted(mine) == sorted(theirs)
+    assert "embedding.word_embeddings.weight" in mine and "optimizer.state.param.output_layer.weight" in mine
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+
+
+@pytest.mark.slow
+def test_the_deferred_parameter_gather_trains_and_saves_what_the_immediate_one_does(workdir, saved):
+    """`--overlap-param-gather` at dp2 with the distributed optimizer: the same losses and gradient norms as
+    without it, and checkpoints holding the same tensors bit for bit (the save gathers the shards the step
+    left ungathered; without that its weights would be this rank's shard of step k and the others' of k-1)."""
+    (overlap_save, overlap), (plain_save, plain) = saved["moe-dp2-overlap"], saved["moe-dp2"]
+    assert [{k: r[k] for k in COMPARED} for r in overlap] == [{k: r[k] for k in COMPARED} for r in plain]
+    for iteration in (2, 4):
+        _same_tensors(_tensors(overlap_save / folder_name(iteration)), _tensors(plain_save / folder_name(iteration)))
+
+
+@pytest.mark.slow
+def test_a_resume_with_the_deferred_parameter_gather_is_the_uninterrupted_run(workdir, saved, resumed):
+    """Saved at step 2 and resumed with `--overlap-param-gather`: steps 3 and 4 and the step-4 checkpoint are
+    the uninterrupted run's, bit for bit."""
+    target = workdir / "saves" / "overlap-resume"
+    assert f"resumed from {target}/iter_0000002" in _ok(resumed[0].result("overlap-resume"))
+    uninterrupted_save, uninterrupted = saved["moe-dp2-overlap"]
+    resumed_metrics = metrics(workdir / "runs" / "overlap-resume")
+    assert [r["step"] for r in resumed_metrics] == [3, 4]
+    assert [{k: r[k] for k in COMPARED} for r in resumed_metrics] == [{k: r[k] for k in COMPARED}
+                                                                      for r in uninterrupted[2:]]
+    _same_tensors(_tensors(target / folder_name(4)), _tensors(uninterrupted_save / folder_name(4)))
 
 
 @pytest.mark.slow

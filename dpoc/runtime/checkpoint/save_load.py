@@ -46,6 +46,7 @@ from dpoc.runtime.model import lora
 from dpoc.runtime.model.device import Device
 from dpoc.runtime.model.gpt import virtual_pipeline_size
 from dpoc.runtime.step.agree import from_rank0
+from dpoc.runtime.step.session import sync_params
 from dpoc.runtime.weights.weight_identity import lora_base_identity, reference_identity
 
 RECORDS = "dpoc_checkpoint.json"
@@ -265,6 +266,7 @@ class Checkpointer:
         a = self.args
         root = Path(a.save)
         started = time.perf_counter()
+        sync_params(self.policy)  # the weights as the step left them, not the stale shards of a deferred gather
         staging = publish.staging_folder(root, iteration, from_rank0(lambda: str(os.getpid())))
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)

@@ -143,12 +143,23 @@ def build_reference_alone(args: argparse.Namespace, config, weights: tuple[weigh
 def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
     """The policy's gradient buffers. `overlap_grad_reduce`: each bucket's reduction (a reduce-scatter with the
     distributed optimizer) starts as soon as the last micro-batch's backward has filled it, overlapping the rest
-    of the backward; finalize_model_grads waits for them. `overlap_param_gather` stays off: it moves the
-    optimizer's parameter all-gather into the next step's forward, but the runtime reads the updated weights
-    right after `optimizer.step()` (checkpoint saves, the memory probe), which would then see stale shards."""
+    of the backward; finalize_model_grads waits for them. `--overlap-param-gather` (with the distributed
+    optimizer, as megatron's): the optimizer's parameter all-gather moves into the next step's forward, bucket
+    by bucket; whatever reads the weights between a step and the next forward calls `sync_params` first."""
     return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
-                                         overlap_param_gather=False,
+                                         overlap_param_gather=args.overlap_param_gather
+                                         and args.use_distributed_optimizer,
                                          use_distributed_optimizer=args.use_distributed_optimizer)
+
+
+def sync_params(policy: list) -> None:
+    """Gather every rank's updated shard now. With `overlap_param_gather` megatron-core's distributed
+    optimizer leaves each rank's parameters updated only in its own shard until the next forward's pre-hooks
+    gather them, so a checkpoint save, the memory probe or the device check's replica comparison right after
+    a step would read stale shards. The next forward gathers again (the same values)."""
+    for chunk in policy:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def _attach(chunks: list, args: argparse.Namespace, adapters: Lora) -> None:
