@@ -279,15 +279,16 @@ def main() -> None:
                         help="re-measure only the tiny CPU rows and print them; writes no result (its other "
                              "parts would not be measured at the same time)")
     args = parser.parse_args()
+    # --smoke: the tiny recipe for 4 steps, 1 process; one search (the A2 one, the smallest space), timed once
+    tiny = (lambda: tiny_cpu_report(4, 1, (1,))) if args.smoke else (lambda: tiny_cpu_report(30, 3))
     if args.tiny_only:
-        tiny_cpu_report(4, 1, (1,)) if args.smoke else tiny_cpu_report(30, 3)
+        tiny()
         return
     calibration = calibration_report()
     efficiency = Efficiency(**calibration["efficiency"])
-    # --smoke: one search (the A2 one, the smallest space), timed once; the tiny recipe for 4 steps, 1 process
     searches = search_report(efficiency, SEARCHES[:1], 1) if args.smoke else search_report(efficiency)
-    tiny = tiny_cpu_report(4, 1, (1,)) if args.smoke else tiny_cpu_report(30, 3)
-    out = write_result(args, "planner", {"calibration": calibration, "search": searches, "tiny_cpu": tiny}, MEASURES)
+    out = write_result(args, "planner", {"calibration": calibration, "search": searches, "tiny_cpu": tiny()},
+                       MEASURES)
     if out is not None:
         print(f"wrote {out}")
 

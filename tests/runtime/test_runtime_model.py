@@ -82,6 +82,15 @@ def test_a_pass_micro_batch_without_the_pass_is_refused(tmp_path):
         "not run (valid: drop it, or --dpoc-reference precomputed)")
 
 
+def test_a_deferred_parameter_gather_without_the_distributed_optimizer_is_refused(tmp_path):
+    args = parse(tmp_path, distributed_optimizer=False, extra=[("--overlap-param-gather", True)])
+    with pytest.raises(DpocError) as err:
+        check_supported(args, "m.args")
+    assert str(err.value) == (
+        "m.args: --overlap-param-gather: defers the distributed optimizer's parameter all-gather, and this run has "
+        "none (valid: add --use-distributed-optimizer, or drop it)")
+
+
 def test_initial_adapters_without_lora_are_refused(tmp_path):
     args = parse(tmp_path, extra=[("--lora-load", "sft-adapter")])
     with pytest.raises(DpocError) as err:

@@ -67,8 +67,8 @@ def test_megatron_computes_its_gradient_norm_with_it():
 
 def test_the_policy_overlaps_its_gradient_reduction_and_with_the_flag_its_parameter_gather(tmp_path):
     """overlap_grad_reduce on (test_runtime_train's dp2, ep2, pp2-vpp2 and tp2xpp2 layouts run with it and give
-    the one-process losses and gradient norms); overlap_param_gather with `--overlap-param-gather` and the
-    distributed optimizer only, as megatron's (test_runtime_checkpoint runs it at dp2, saves and resumes)."""
+    the one-process losses and gradient norms); overlap_param_gather with `--overlap-param-gather` (test_runtime_checkpoint runs it at dp2,
+    saves and resumes; test_runtime_model's refusal without the distributed optimizer)."""
     from dpoc.contract import megatron_args
     from dpoc.runtime.step.session import ddp_config
     from tests.runtime.synthetic import write_args
@@ -81,8 +81,6 @@ def test_the_policy_overlaps_its_gradient_reduction_and_with_the_flag_its_parame
     assert plain.overlap_grad_reduce and not plain.overlap_param_gather
     assert plain.use_distributed_optimizer and plain.grad_reduce_in_fp32
     assert overlapped.overlap_grad_reduce and overlapped.overlap_param_gather
-    alone = config("alone", distributed_optimizer=False, extra=[("--overlap-param-gather", True)])
-    assert not alone.overlap_param_gather and not alone.use_distributed_optimizer
 
 
 def test_packed_sequence_boundaries_stay_on_the_host_for_megatrons_rotary():

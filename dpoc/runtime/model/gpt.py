@@ -150,6 +150,11 @@ def check_supported(args: argparse.Namespace, args_file: str) -> None:
             f"{args.dpoc_reference_micro_batch_size}: sizes the precompute pass, which --dpoc-reference live does "
             "not run (valid: drop it, or --dpoc-reference precomputed)"))
     problems += _lora_problems(args, args_file)
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        problems.append(Problem(
+            args_file, "--overlap-param-gather",
+            "defers the distributed optimizer's parameter all-gather, and this run has none (valid: add "
+            "--use-distributed-optimizer, or drop it)"))
     if args.attention_dropout:
         problems.append(Problem(
             args_file, "--attention-dropout",

@@ -143,12 +143,12 @@ def build_reference_alone(args: argparse.Namespace, config, weights: tuple[weigh
 def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
     """The policy's gradient buffers. `overlap_grad_reduce`: each bucket's reduction (a reduce-scatter with the
     distributed optimizer) starts as soon as the last micro-batch's backward has filled it, overlapping the rest
-    of the backward; finalize_model_grads waits for them. `--overlap-param-gather` (with the distributed
-    optimizer, as megatron's): the optimizer's parameter all-gather moves into the next step's forward, bucket
-    by bucket; whatever reads the weights between a step and the next forward calls `sync_params` first."""
+    of the backward; finalize_model_grads waits for them. `--overlap-param-gather` (only with the distributed
+    optimizer: `check_supported` refuses it alone): the optimizer's parameter all-gather moves into the next
+    step's forward, bucket by bucket; whatever reads the weights between a step and the next forward calls
+    `sync_params` first."""
     return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
-                                         overlap_param_gather=args.overlap_param_gather
-                                         and args.use_distributed_optimizer,
+                                         overlap_param_gather=args.overlap_param_gather,
                                          use_distributed_optimizer=args.use_distributed_optimizer)
 
 
